@@ -1,0 +1,1 @@
+"""bidmesh: a peer-to-peer marketplace for communications services."""

@@ -1,0 +1,83 @@
+"""Canonical msgpack: bounded decoding and the canonical-form check.
+
+Canonical means: the bytes are exactly what `packb` produces for the decoded value
+(shortest int/str/bin/array/map headers), maps have string keys in ascending UTF-8
+byte order, and there are no floats or extension types. Every decoder that reads
+peer input goes through `unpack`, so limits live in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import InvalidMessage
+
+# Generous per-item limits; the caller's total size cap is the real bound.
+_LIMITS: dict[str, int] = {
+    "max_str_len": 1 << 20,
+    "max_bin_len": 4 << 20,
+    "max_array_len": 1 << 16,
+    "max_map_len": 1 << 10,
+    "max_ext_len": 0,
+}
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise InvalidMessage("msgpack extension types are not allowed", "malformed")
+
+
+def pack(value: Any) -> bytes:
+    """Encode with sorted map keys, bin for bytes, str for text."""
+    return msgpack.packb(_sorted(value), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value, key=lambda s: s.encode())}
+    if isinstance(value, (list, tuple)):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def unpack(data: bytes, max_size: int) -> Any:
+    """Decode peer bytes with limits; raise InvalidMessage on anything odd."""
+    if len(data) > max_size:
+        raise InvalidMessage(f"message is {len(data)} bytes, limit {max_size}", "oversized")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            ext_hook=_no_ext,
+            **_LIMITS,
+        )
+    except InvalidMessage:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        # ExtraData, FormatError, StackError and invalid UTF-8 all land here.
+        raise InvalidMessage(f"not valid msgpack: {e}", "malformed") from e
+
+
+def unpack_canonical(data: bytes, max_size: int) -> Any:
+    """Decode and insist the bytes are the one canonical encoding of the value."""
+    value = unpack(data, max_size)
+    _check_plain(value, 0)
+    if pack(value) != data:
+        raise InvalidMessage("encoding is not canonical", "non_canonical")
+    return value
+
+
+def _check_plain(value: Any, depth: int) -> None:
+    if depth > 16:
+        raise InvalidMessage("nesting too deep", "malformed")
+    if isinstance(value, float):
+        raise InvalidMessage("floats are not allowed; use integer units", "malformed")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_plain(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_plain(v, depth + 1)

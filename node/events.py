@@ -1,0 +1,393 @@
+"""Events: the envelope, every body kind, the codec, signing and verification.
+
+Envelope (msgpack array): `[v, author, seq, prev, ts_ms, kind, body]`.
+`signed = packb(envelope)`, `sig = Ed25519(domain_tag(network) + signed)`,
+`id = sha256(signed)`, wire = `packb([signed, sig])`. See docs/PROTOCOL.md.
+
+Append-time checks here are self-contained (size, codec, canonical form, signature,
+schema). Rules that need other events (who may award, who may rate) live in the
+derivations (auction.py, reputation.py), so every node stores the same events.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import nacl.bindings
+import nacl.exceptions
+
+from . import codec
+from .errors import InvalidEvent, InvalidMessage
+from .schema import Bool, Bytes, Enum, Int, List, Nested, Opt, Str, Struct, bad, f
+
+VERSION = 1
+MAX_SIGNED = 16 * 1024  # envelope bytes
+MAX_WIRE = MAX_SIGNED + 128  # [signed, sig] framing adds at most a few bytes
+MAX_TS_MS = (1 << 53) - 1  # keeps timestamps exact in JSON clients
+NETWORK_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+SERVICE_RE = r"[a-z0-9][a-z0-9._:+-]{0,63}"
+
+ID = Bytes(32)
+KEY = Bytes(32)
+MONEY = Int(0, (1 << 53) - 1)
+TS = Int(0, MAX_TS_MS)
+TEXT = Str(280)
+CURRENCY = Str(8, 3, r"[A-Z][A-Z0-9]{2,7}")
+SERVICE = Str(64, 1, SERVICE_RE)
+RATE = Opt(Int(1, 1 << 48))  # bits per second
+
+
+@functools.lru_cache(maxsize=64)
+def domain_tag(network: str) -> bytes:
+    """Signatures are bound to one network, so events cannot be replayed across them."""
+    if not NETWORK_RE.fullmatch(network):
+        raise ValueError(f"network id {network!r} must match {NETWORK_RE.pattern}")
+    return b"bidmesh/event/v1/" + network.encode() + b"\n"
+
+
+# ---------------------------------------------------------------- body kinds
+
+
+class Body(Struct):
+    KIND: ClassVar[str]
+    REF: ClassVar[str | None] = None  # field holding the primary referenced event id
+
+    def ref(self) -> bytes | None:
+        return getattr(self, self.REF) if self.REF else None
+
+
+@dataclass(frozen=True)
+class Members(Struct):
+    """Who may share a lease besides the recipient."""
+
+    devices: tuple[bytes, ...] = f(List(KEY, 256, unique=True), default=())
+    phones: tuple[str, ...] = f(List(Str(16, 3, r"\+[0-9]{2,15}"), 256, unique=True), default=())
+    users: tuple[str, ...] = f(List(Str(64, 1), 256, unique=True), default=())
+    max_devices: int | None = f(Opt(Int(1, 65535)), default=None)
+
+
+@dataclass(frozen=True)
+class Request(Body):
+    """A recipient auctions a block of time of usage of a service."""
+
+    KIND = "request"
+    service: str = f(SERVICE)
+    chain: tuple[str, ...] = f(List(SERVICE, 8))  # processing services, in order
+    start_ms: int = f(TS)
+    duration_ms: int = f(Int(1, 10 * 366 * 86_400_000))
+    max_rate_bps: int | None = f(RATE)
+    min_rate_bps: int | None = f(RATE)
+    members: Members = f(Nested(Members))
+    reserve: int = f(MONEY)  # most the recipient will pay; bids above are void
+    currency: str = f(CURRENCY)
+    close_ms: int = f(TS)
+    reveal_ms: int = f(TS)  # sealed: end of the reveal window; open: equals close_ms
+    rule: str = f(Enum("lowest", "best_value", "vickrey"))
+    sealed: bool = f(Bool())
+    group: bool = f(Bool())  # awarded only once members' pledges cover the price
+    note: str = f(TEXT, default="")
+
+    def validate(self) -> None:
+        if self.min_rate_bps and self.max_rate_bps and self.min_rate_bps > self.max_rate_bps:
+            raise bad("min_rate_bps", "exceeds max_rate_bps")
+        if self.reveal_ms < self.close_ms:
+            raise bad("reveal_ms", "is before close_ms")
+        if not self.sealed and self.reveal_ms != self.close_ms:
+            raise bad("reveal_ms", "must equal close_ms for open bids")
+        if self.rule == "vickrey" and not self.sealed:
+            raise bad("rule", "vickrey needs sealed bids")
+
+
+@dataclass(frozen=True)
+class Bid(Body):
+    """An open bid: the provider's price for the whole block."""
+
+    KIND = "bid"
+    REF = "request"
+    request: bytes = f(ID)
+    price: int = f(MONEY)
+    note: str = f(TEXT, default="")
+
+
+@dataclass(frozen=True)
+class Commit(Body):
+    """Sealed bid, phase 1: `commitment = commitment_hash(request, price, nonce)`."""
+
+    KIND = "commit"
+    REF = "request"
+    request: bytes = f(ID)
+    commitment: bytes = f(ID)
+
+
+@dataclass(frozen=True)
+class Reveal(Body):
+    """Sealed bid, phase 2: opens a commit after close, before `reveal_ms`."""
+
+    KIND = "reveal"
+    REF = "commit"
+    commit: bytes = f(ID)
+    price: int = f(MONEY)
+    nonce: bytes = f(Bytes(16, 32))
+
+
+@dataclass(frozen=True)
+class Award(Body):
+    """The recipient names the bids it considered and the winner (nil: no deal)."""
+
+    KIND = "award"
+    REF = "request"
+    request: bytes = f(ID)
+    winner: bytes | None = f(Opt(ID))  # bid id, or commit id for sealed auctions
+    price: int = f(MONEY)  # the clearing price the recipient will pay
+    considered: tuple[bytes, ...] = f(List(ID, 256, unique=True))  # empty if > 256 bids
+    considered_digest: bytes = f(ID)  # considered_digest() of every considered id
+    considered_count: int = f(Int(0, 1 << 32))
+
+
+@dataclass(frozen=True)
+class Payment(Body):
+    """The recipient or a sponsor pays for a lease (award id)."""
+
+    KIND = "payment"
+    REF = "lease"
+    lease: bytes = f(ID)
+    amount: int = f(MONEY)
+    currency: str = f(CURRENCY)
+    method: str = f(Str(32, 1, r"[a-z0-9-]+"))  # card, ledger, transfer, ...
+    reference: str = f(Str(128))  # e.g. card charge id
+    on_behalf: tuple[bytes, ...] = f(List(KEY, 256, unique=True), default=())
+
+
+@dataclass(frozen=True)
+class Rating(Body):
+    """One party of a lease (or subcontract) rates the other."""
+
+    KIND = "rating"
+    REF = "lease"
+    lease: bytes = f(ID)  # award id, or subcontract event id
+    subject: bytes = f(KEY)
+    role: str = f(Enum("provider", "recipient"))  # role of the subject
+    satisfied: bool = f(Bool())  # provider: service delivered; recipient: paid
+    score: int = f(Int(1, 5))
+    text: str = f(TEXT, default="")
+
+
+@dataclass(frozen=True)
+class ServiceOffer(Struct):
+    name: str = f(SERVICE)
+    price: int = f(MONEY)  # minor units per MiB processed (or per hour for bandwidth)
+    capacity: int = f(Int(0, 1 << 40))  # KiB/s the provider commits to
+
+
+@dataclass(frozen=True)
+class Offer(Body):
+    """A provider advertises what it can do; the latest offer per provider counts."""
+
+    KIND = "offer"
+    services: tuple[ServiceOffer, ...] = f(List(Nested(ServiceOffer), 64))
+    currency: str = f(CURRENCY)
+    addrs: tuple[str, ...] = f(List(Str(256, 1), 8))  # multiaddrs to reach the dataplane
+    note: str = f(TEXT, default="")
+
+
+@dataclass(frozen=True)
+class Pledge(Body):
+    """A group member joins a group request, says if it pays, and whom it sponsors."""
+
+    KIND = "pledge"
+    REF = "request"
+    request: bytes = f(ID)
+    willing: bool = f(Bool())
+    amount: int = f(MONEY)  # most this member pays in total (own share + sponsored)
+    sponsor: tuple[bytes, ...] = f(List(KEY, 64, unique=True), default=())
+
+    def validate(self) -> None:
+        if not self.willing and (self.amount or self.sponsor):
+            raise bad("amount", "an unwilling member pledges nothing")
+
+
+@dataclass(frozen=True)
+class MemberUsage(Struct):
+    member: bytes = f(KEY)
+    bytes_in: int = f(Int(0, 1 << 62))
+    bytes_out: int = f(Int(0, 1 << 62))
+    segments: int = f(Int(0, 1 << 62))
+    active_ms: int = f(Int(0, 1 << 62))
+
+
+@dataclass(frozen=True)
+class Usage(Body):
+    """The provider's signed usage summary when a lease ends."""
+
+    KIND = "usage"
+    REF = "lease"
+    lease: bytes = f(ID)
+    members: tuple[MemberUsage, ...] = f(List(Nested(MemberUsage), 256))
+    shortfall_ms: int = f(Int(0, 1 << 62))  # time below the minimum rate
+    rate_limited: int = f(Int(0, 1 << 62))  # times a member hit the maximum rate
+    subcontracts: int = f(Int(0, 1 << 32))
+
+
+@dataclass(frozen=True)
+class Subcontract(Body):
+    """A provider records work it handed to another provider, so both can rate it."""
+
+    KIND = "subcontract"
+    REF = "lease"
+    lease: bytes = f(ID)
+    contractor: bytes = f(KEY)
+    services: tuple[str, ...] = f(List(SERVICE, 8))
+    segments: int = f(Int(0, 1 << 62))
+    bytes_in: int = f(Int(0, 1 << 62))
+    result_digest: bytes = f(ID)  # sha256 over the ordered result digests
+
+
+KINDS: dict[str, type[Body]] = {
+    cls.KIND: cls
+    for cls in (Request, Bid, Commit, Reveal, Award, Payment, Rating, Offer, Pledge, Usage,
+                Subcontract)
+}
+
+
+def commitment_hash(request: bytes, price: int, nonce: bytes) -> bytes:
+    data = b"bidmesh/commit/v1" + request + price.to_bytes(8, "big") + nonce
+    return hashlib.sha256(data).digest()
+
+
+def considered_digest(ids: list[bytes] | tuple[bytes, ...]) -> bytes:
+    return hashlib.sha256(b"bidmesh/considered/v1" + b"".join(sorted(ids))).digest()
+
+
+# ---------------------------------------------------------------- envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A verified event. Construct with `sign_event` or `decode_wire` only."""
+
+    author: bytes
+    seq: int
+    prev: bytes | None
+    ts_ms: int
+    kind: str
+    body: Body
+    signed: bytes
+    sig: bytes
+    id: bytes
+
+    @property
+    def wire(self) -> bytes:
+        return codec.pack([self.signed, self.sig])
+
+    @property
+    def ref(self) -> bytes | None:
+        return self.body.ref()
+
+    def __repr__(self) -> str:
+        return f"Event({self.kind} {self.author.hex()[:8]}#{self.seq} id={self.id.hex()[:12]})"
+
+
+def _envelope(author: bytes, seq: int, prev: bytes | None, ts_ms: int, body: Body) -> bytes:
+    return codec.pack([VERSION, author, seq, prev, ts_ms, body.KIND, body.to_map()])
+
+
+def sign_event(
+    seed_or_sk: bytes, seq: int, prev: bytes | None, ts_ms: int, body: Body, network: str
+) -> Event:
+    """Sign a body as the next event of the key's chain. `seed_or_sk`: 32-byte seed."""
+    pk, sk = nacl.bindings.crypto_sign_seed_keypair(seed_or_sk)
+    if (seq == 1) != (prev is None):
+        raise ValueError("prev must be None exactly when seq == 1")
+    if not 0 <= ts_ms <= MAX_TS_MS:
+        raise ValueError("ts_ms out of range")
+    signed = _envelope(pk, seq, prev, ts_ms, body)
+    if len(signed) > MAX_SIGNED:
+        raise ValueError(f"event is {len(signed)} bytes, limit {MAX_SIGNED}")
+    sig = nacl.bindings.crypto_sign(domain_tag(network) + signed, sk)[:64]
+    return Event(pk, seq, prev, ts_ms, body.KIND, body, signed, sig,
+                 hashlib.sha256(signed).digest())
+
+
+def decode_wire(
+    wire: bytes, network: str, *, tag: bytes | None = None, verify: bool = True
+) -> Event:
+    """Fully check one wire record; raise InvalidEvent with a precise reason."""
+    try:
+        outer = codec.unpack_canonical(wire, MAX_WIRE)
+    except InvalidMessage as e:
+        raise InvalidEvent(f"wire record: {e}", e.reason) from e
+    if type(outer) is not list or len(outer) != 2:
+        raise InvalidEvent("wire record must be [signed, sig]", "malformed")
+    signed, sig = outer
+    if type(signed) is not bytes or type(sig) is not bytes or len(sig) != 64:
+        raise InvalidEvent("wire record must be [bin signed, bin(64) sig]", "malformed")
+    return decode_signed(signed, sig, network, tag=tag, verify=verify)
+
+
+def decode_signed(
+    signed: bytes, sig: bytes, network: str, *, tag: bytes | None = None, verify: bool = True
+) -> Event:
+    """Check an envelope; `verify=False` only for bytes we stored after verifying them."""
+    if len(signed) > MAX_SIGNED:
+        raise InvalidEvent(f"event is {len(signed)} bytes, limit {MAX_SIGNED}", "oversized")
+    try:
+        env = codec.unpack_canonical(signed, MAX_SIGNED)
+    except InvalidMessage as e:
+        raise InvalidEvent(f"envelope: {e}", e.reason) from e
+    if type(env) is not list or len(env) != 7:
+        raise InvalidEvent("envelope must be a 7-element array", "malformed")
+    v, author, seq, prev, ts_ms, kind, body = env
+    if v != VERSION or type(v) is not int:
+        raise InvalidEvent(f"unsupported version {v!r}", "bad_version")
+    if type(author) is not bytes or len(author) != 32:
+        raise InvalidEvent("author must be 32 bytes", "malformed")
+    if type(seq) is not int or not 1 <= seq <= MAX_TS_MS:
+        raise InvalidEvent("seq must be an integer >= 1", "malformed")
+    if seq == 1:
+        if prev is not None:
+            raise InvalidEvent("seq 1 must have nil prev", "bad_chain")
+    elif type(prev) is not bytes or len(prev) != 32:
+        raise InvalidEvent("prev must be a 32-byte id when seq > 1", "bad_chain")
+    if type(ts_ms) is not int or not 0 <= ts_ms <= MAX_TS_MS:
+        raise InvalidEvent("ts_ms out of range", "malformed")
+    if type(kind) is not str:
+        raise InvalidEvent("kind must be a string", "malformed")
+    cls = KINDS.get(kind)
+    if cls is None:
+        raise InvalidEvent(f"unknown event kind {kind[:32]!r}", "unknown_kind")
+    # Signature before schema: an unsigned body is not worth a precise schema error.
+    if verify:
+        try:
+            nacl.bindings.crypto_sign_open(sig + (tag or domain_tag(network)) + signed, author)
+        except (nacl.exceptions.BadSignatureError, ValueError) as e:
+            raise InvalidEvent("signature does not verify", "bad_signature") from e
+    parsed = cls.from_map(body)
+    return Event(author, seq, prev, ts_ms, kind, parsed, signed, sig,
+                 hashlib.sha256(signed).digest())
+
+
+def event_to_json(ev: Event) -> dict[str, Any]:
+    """A JSON-safe view (bytes as hex) for CLI and HTTP output."""
+    return {
+        "id": ev.id.hex(),
+        "author": ev.author.hex(),
+        "seq": ev.seq,
+        "prev": ev.prev.hex() if ev.prev else None,
+        "ts_ms": ev.ts_ms,
+        "kind": ev.kind,
+        "body": jsonable(ev.body.to_map()),
+    }
+
+
+def jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v

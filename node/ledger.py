@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import InvalidEvent, UsageError
-from .events import MAX_WIRE, Event, decode_wire
+from .events import MAX_WIRE, Body, Event, decode_wire, sign_event
+from .keys import Identity
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -350,6 +351,19 @@ class Ledger:
         return self.db.execute(
             "SELECT 1 FROM forks WHERE author=? AND seq=?", (author, seq)
         ).fetchone() is not None
+
+    def publish(self, ident: Identity, body: Body, now_ms: int) -> Event:
+        """Sign `body` as the next event of `ident`'s chain and store it.
+
+        The timestamp never goes backwards along a chain (append would reject it)."""
+        head = self._heads.get(ident.public)
+        seq, prev = (head.seq + 1, head.id) if head else (1, None)
+        ts = max(now_ms, head.ts_ms if head else 0)
+        ev = sign_event(ident.seed, seq, prev, ts, body, self.network)
+        res = self.append(ev.wire)
+        if res.status is not Status.ACCEPTED:
+            raise UsageError(f"own event not accepted: {res.status} {res.reason} {res.detail}")
+        return ev
 
     def add_fork_proof(self, wire_a: bytes, wire_b: bytes) -> bool:
         """Store a fork proof received from a peer; True if valid and new."""

@@ -76,7 +76,9 @@ def _check_plain(value: Any, depth: int) -> None:
     if isinstance(value, float):
         raise InvalidMessage("floats are not allowed; use integer units", "malformed")
     if isinstance(value, dict):
-        for v in value.values():
+        for k, v in value.items():
+            if type(k) is not str:
+                raise InvalidMessage("map keys must be strings", "malformed")
             _check_plain(v, depth + 1)
     elif isinstance(value, list):
         for v in value:

@@ -1,0 +1,132 @@
+"""Processing services: the `Processor` protocol, its context, and the plugin registry.
+
+A processor turns one segment's bytes into its result. It must be a module-level,
+picklable object (an instance of a top-level class) because the dataplane runs it in a
+worker process (`node.processors.pool`). It must be deterministic: the same input and
+context give the same bytes, or results cannot be verified against a local reference.
+
+Plugins register under the entry-point group `bidmesh.processors`; the entry point names
+either a class (instantiated with no arguments) or a ready instance. `exec:*` processors
+come only from the provider's own config, never from a client.
+
+This package is pure (no trio); the pool lives in `node.processors.pool`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
+
+from ..errors import ProcessingError, UsageError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ProcessContext",
+    "Processor",
+    "load_processors",
+    "run_chain",
+]
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "bidmesh.processors"
+_NO_EXEC: Mapping[str, Sequence[str]] = MappingProxyType({})
+_PARAM_TYPES = (bool, int, float, str, bytes)
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """What a processor may know about the segment it processes.
+
+    `step` is the position of the service in the segment's chain: aes-gcm mixes it into
+    its nonce so that a chain using the same key twice never reuses a nonce. `params`
+    are provider-side settings (never taken raw from a client); values are scalars.
+    """
+
+    lease_id: bytes
+    stream_id: bytes
+    seq: int
+    key: bytes | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lease_id, bytes) or len(self.lease_id) != 32:
+            raise UsageError("ProcessContext.lease_id must be 32 bytes (the lease event id)")
+        if not isinstance(self.stream_id, bytes) or not 1 <= len(self.stream_id) <= 64:
+            raise UsageError("ProcessContext.stream_id must be 1..64 bytes")
+        if not isinstance(self.seq, int) or not 0 <= self.seq < 1 << 64:
+            raise UsageError(f"ProcessContext.seq must be a u64, got {self.seq!r}")
+        if self.key is not None and (not isinstance(self.key, bytes) or len(self.key) != 32):
+            raise UsageError("ProcessContext.key must be 32 bytes (the per-lease key) or None")
+        if not isinstance(self.step, int) or not 0 <= self.step < 1 << 16:
+            raise UsageError(f"ProcessContext.step must be 0..65535, got {self.step!r}")
+        for k, v in self.params.items():
+            if not isinstance(k, str) or not isinstance(v, _PARAM_TYPES):
+                raise UsageError(f"ProcessContext.params[{k!r}] must map str to a scalar")
+        # A plain dict copy: picklable for worker processes and immune to later mutation.
+        object.__setattr__(self, "params", dict(self.params))
+
+    def at_step(self, step: int) -> ProcessContext:
+        return ProcessContext(self.lease_id, self.stream_id, self.seq, self.key, self.params, step)
+
+
+@runtime_checkable
+class Processor(Protocol):
+    """A processing service. Module-level and picklable; raise ProcessingError on failure."""
+
+    @property
+    def name(self) -> str: ...
+
+    def process(self, data: bytes, ctx: ProcessContext) -> bytes: ...
+
+
+def run_chain(
+    processors: Mapping[str, Processor],
+    services: Sequence[str],
+    data: bytes,
+    ctx: ProcessContext,
+) -> bytes:
+    """Apply `services` in order; `ctx.step` is the chain position of the first one."""
+    for i, name in enumerate(services):
+        proc = processors.get(name)
+        if proc is None:
+            raise ProcessingError(f"no processor named {name!r} here; offer it or subcontract")
+        data = proc.process(data, ctx.at_step(ctx.step + i))
+    return data
+
+
+def load_processors(extra_exec: Mapping[str, Sequence[str]] = _NO_EXEC) -> dict[str, Processor]:
+    """Builtins, then entry-point plugins, then the provider's `exec:*` commands.
+
+    A plugin that fails to load, is not a Processor, or reuses a taken name is skipped
+    with a warning: one broken package must not take the node down.
+    """
+    from . import builtin
+
+    procs: dict[str, Processor] = {p.name: p for p in builtin.BUILTINS}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            proc = obj() if isinstance(obj, type) else obj
+        except Exception as e:  # any import/constructor error of third-party code
+            log.warning("skipping processor plugin %r (%s): %s: %s", ep.name, ep.value,
+                        type(e).__name__, e)
+            continue
+        if not isinstance(proc, Processor) or proc.name != ep.name:
+            log.warning("skipping processor plugin %r (%s): not a Processor named %r",
+                        ep.name, ep.value, ep.name)
+            continue
+        if ep.name in procs:
+            if type(procs[ep.name]) is not type(proc):
+                log.warning("skipping processor plugin %r (%s): name already taken",
+                            ep.name, ep.value)
+            continue
+        procs[ep.name] = proc
+    for name, argv in extra_exec.items():
+        procs[name] = builtin.Exec(name, tuple(argv))
+    return procs

@@ -1,0 +1,270 @@
+"""Processing services: builtins, exec, the plugin registry and the worker pool."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from importlib import metadata
+
+import pytest
+import zstandard
+from proc_helpers import Boom, Crash, Reverse, Spin
+
+from node.errors import ConfigError, ProcessingError, UsageError
+from node.processors import ProcessContext, Processor, load_processors, run_chain
+from node.processors.builtin import AesGcm, AesGcmDecrypt, Exec, ZstdDecompress, nonce_for
+from node.processors.pool import WorkerPool
+
+LEASE = hashlib.sha256(b"lease").digest()
+KEY = hashlib.sha256(b"key").digest()
+CTX = ProcessContext(LEASE, b"stream-1", 7, KEY)
+DATA = b"".join(i.to_bytes(4, "big") + b"payload %d " % i * 3 for i in range(500))
+PROCS = load_processors()
+
+
+def test_context_validation() -> None:
+    with pytest.raises(UsageError):
+        ProcessContext(b"short", b"s", 0)
+    with pytest.raises(UsageError):
+        ProcessContext(LEASE, b"", 0)
+    with pytest.raises(UsageError):
+        ProcessContext(LEASE, b"s", -1)
+    with pytest.raises(UsageError):
+        ProcessContext(LEASE, b"s", 0, key=b"k" * 16)
+    with pytest.raises(UsageError):
+        ProcessContext(LEASE, b"s", 0, params={"x": [1]})
+    params = {"zstd_level": 5}
+    ctx = ProcessContext(LEASE, b"s", 0, params=params)
+    params["zstd_level"] = 9  # the context holds a copy
+    assert ctx.params == {"zstd_level": 5} and ctx.at_step(2).step == 2
+
+
+def test_builtins_registered_and_protocol() -> None:
+    assert {"identity", "sha256", "zstd", "zstd-d", "aes-gcm", "aes-gcm-d"} <= set(PROCS)
+    assert all(isinstance(p, Processor) and p.name == n for n, p in PROCS.items())
+    names = {ep.name for ep in metadata.entry_points(group="bidmesh.processors")}
+    assert {"identity", "sha256", "zstd", "zstd-d", "aes-gcm", "aes-gcm-d"} <= names
+
+
+def test_identity_and_sha256() -> None:
+    assert PROCS["identity"].process(DATA, CTX) == DATA
+    assert PROCS["sha256"].process(DATA, CTX) == hashlib.sha256(DATA).digest()
+
+
+def test_zstd_roundtrip_and_determinism() -> None:
+    packed = PROCS["zstd"].process(DATA, CTX)
+    assert len(packed) < len(DATA) and packed == PROCS["zstd"].process(DATA, CTX)
+    assert PROCS["zstd-d"].process(packed, CTX) == DATA
+    lvl = ProcessContext(LEASE, b"s", 0, params={"zstd_level": 19})
+    assert PROCS["zstd-d"].process(PROCS["zstd"].process(DATA, lvl), lvl) == DATA
+    with pytest.raises(ProcessingError, match="zstd_level"):
+        PROCS["zstd"].process(DATA, ProcessContext(LEASE, b"s", 0, params={"zstd_level": 99}))
+
+
+def test_zstd_d_rejects_garbage_and_bombs() -> None:
+    with pytest.raises(ProcessingError, match="not valid zstd"):
+        PROCS["zstd-d"].process(b"definitely not zstd", CTX)
+    bomb = zstandard.ZstdCompressor().compress(bytes(10 << 20))
+    with pytest.raises(ProcessingError, match="bomb"):
+        ZstdDecompress(max_output=1 << 20).process(bomb, CTX)
+    small = ProcessContext(LEASE, b"s", 0, params={"max_output_bytes": 1000})
+    with pytest.raises(ProcessingError, match="exceeds 1000"):
+        PROCS["zstd-d"].process(bomb, small)
+    # A frame that omits its content size is bounded too.
+    cobj = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    sizeless = cobj.compress(bytes(5 << 20)) + cobj.flush()
+    with pytest.raises(ProcessingError, match="bomb"):
+        ZstdDecompress(max_output=1 << 20).process(sizeless, CTX)
+    exact = zstandard.ZstdCompressor().compress(bytes(1000))
+    assert PROCS["zstd-d"].process(exact, small) == bytes(1000)
+
+
+def test_aes_gcm_roundtrip_nonce_and_tamper() -> None:
+    sealed = AesGcm().process(DATA, CTX)
+    assert sealed[:12] == nonce_for(b"stream-1", 7, 0)
+    assert nonce_for(b"stream-1", 7, 0) == hashlib.sha256(
+        b"bidmesh-nonce" + b"stream-1" + (7).to_bytes(8, "big") + (0).to_bytes(2, "big")
+    ).digest()[:12]
+    assert sealed == AesGcm().process(DATA, CTX)  # reproducible
+    assert len(sealed) == len(DATA) + 28
+    # Decryption needs only the key: a different seq/stream on the decrypting side is fine.
+    other = ProcessContext(LEASE, b"other", 99, KEY)
+    assert AesGcmDecrypt().process(sealed, other) == DATA
+    # Distinct nonces for distinct seqs and for distinct chain positions.
+    assert AesGcm().process(DATA, CTX.at_step(1))[:12] != sealed[:12]
+    assert AesGcm().process(DATA, ProcessContext(LEASE, b"stream-1", 8, KEY))[:12] != sealed[:12]
+    for i in (0, 20, len(sealed) - 1):
+        tampered = bytearray(sealed)
+        tampered[i] ^= 1
+        with pytest.raises(ProcessingError, match="authentication failed"):
+            AesGcmDecrypt().process(bytes(tampered), CTX)
+    with pytest.raises(ProcessingError, match="authentication failed"):
+        AesGcmDecrypt().process(sealed, ProcessContext(LEASE, b"s", 7, bytes(32)))
+    with pytest.raises(ProcessingError, match="too short"):
+        AesGcmDecrypt().process(b"x" * 27, CTX)
+    with pytest.raises(ProcessingError, match="per-lease key"):
+        AesGcm().process(DATA, ProcessContext(LEASE, b"s", 0))
+
+
+def test_run_chain_zstd_then_aes() -> None:
+    out = run_chain(PROCS, ["zstd", "aes-gcm"], DATA, CTX)
+    assert run_chain(PROCS, ["aes-gcm-d", "zstd-d"], out, CTX) == DATA
+    with pytest.raises(ProcessingError, match="no processor named"):
+        run_chain(PROCS, ["nope"], DATA, CTX)
+
+
+# -------------------------------------------------------------------------- exec
+
+
+def _exec(name: str, *argv: str, **kw: float) -> Exec:
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} not installed")
+    return Exec(name, argv, **kw)  # type: ignore[arg-type]
+
+
+def test_exec_cat_roundtrip_large() -> None:
+    big = os.urandom(3 << 20)  # larger than any pipe buffer: checks for deadlock
+    assert _exec("exec:cat", "cat").process(big, CTX) == big
+    assert _exec("exec:cat", "cat").process(b"", CTX) == b""
+
+
+def test_exec_timeout() -> None:
+    with pytest.raises(ProcessingError, match="timed out"):
+        _exec("exec:sleep", "sleep", "30", timeout_s=0.3).process(b"x", CTX)
+    tight = ProcessContext(LEASE, b"s", 0, params={"exec_timeout_s": 0.2})
+    with pytest.raises(ProcessingError, match="timed out"):
+        _exec("exec:sleep", "sleep", "30").process(b"x", tight)
+
+
+def test_exec_output_limit() -> None:
+    head = _exec("exec:head", "head", "-c", "5000", max_output=4096)
+    with pytest.raises(ProcessingError, match="exceeds 4096"):
+        head.process(bytes(10_000), CTX)
+    assert _exec("exec:head", "head", "-c", "4096", max_output=4096).process(
+        bytes(10_000), CTX
+    ) == bytes(4096)
+
+
+def test_exec_failure_and_config() -> None:
+    with pytest.raises(ProcessingError, match="status 1"):
+        _exec("exec:false", "false").process(b"x", CTX)
+    with pytest.raises(ProcessingError, match="cannot start"):
+        Exec("exec:nope", ("/nonexistent/bidmesh-tool",)).process(b"x", CTX)
+    with pytest.raises(ConfigError):
+        Exec("gzip", ("gzip",))
+    with pytest.raises(ConfigError):
+        Exec("exec:gzip", ())
+    procs = load_processors({"exec:gzip": ["gzip", "-c", "-n"]})
+    if shutil.which("gzip"):
+        import gzip
+
+        assert gzip.decompress(procs["exec:gzip"].process(DATA, CTX)) == DATA
+
+
+# ---------------------------------------------------------------------- registry
+
+
+class _FakeEP:
+    def __init__(self, name: str, value: str, obj: object = None, exc: Exception | None = None):
+        self.name, self.value, self._obj, self._exc = name, value, obj, exc
+
+    def load(self) -> object:
+        if self._exc is not None:
+            raise self._exc
+        return self._obj
+
+
+def test_broken_plugins_are_skipped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    eps = [
+        _FakeEP("broken", "nowhere:X", exc=ImportError("No module named 'nowhere'")),
+        _FakeEP("notproc", "m:obj", obj=object()),
+        _FakeEP("misnamed", "m:Reverse", obj=Reverse),
+        _FakeEP("zstd", "evil:Zstd", obj=Reverse),
+        _FakeEP("reverse", "proc_helpers:Reverse", obj=Reverse),
+    ]
+    monkeypatch.setattr(metadata, "entry_points", lambda group: eps)
+    with caplog.at_level(logging.WARNING, logger="node.processors"):
+        procs = load_processors()
+    assert isinstance(procs["reverse"], Reverse)
+    assert "broken" not in procs and "notproc" not in procs and "misnamed" not in procs
+    assert type(procs["zstd"]).__name__ == "Zstd"  # builtins cannot be hijacked
+    text = caplog.text
+    assert "broken" in text and "notproc" in text and "misnamed" in text and "evil" in text
+
+
+# -------------------------------------------------------------------------- pool
+
+
+@pytest.fixture
+async def pool():  # type: ignore[no-untyped-def]
+    procs = {**PROCS, "crash": Crash(), "boom": Boom(), "spin": Spin(), "reverse": Reverse()}
+    p = WorkerPool(procs, workers=2)
+    try:
+        yield p
+    finally:
+        await p.aclose()
+
+
+async def test_pool_runs_cpu_heavy_jobs_in_parallel(pool: WorkerPool) -> None:
+    import trio
+
+    inputs = [os.urandom(1 << 16) * 48 + bytes([i]) * 4096 for i in range(4)]
+    results: dict[int, bytes] = {}
+    params = {"zstd_level": 15}
+
+    async def job(i: int) -> None:
+        ctx = ProcessContext(LEASE, b"s", i, params=params)
+        results[i] = await pool.run("zstd", inputs[i], ctx)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(job, i)
+    for i in range(4):
+        ctx = ProcessContext(LEASE, b"s", i, params=params)
+        assert results[i] == PROCS["zstd"].process(inputs[i], ctx)
+        assert await pool.run("zstd-d", results[i], ctx) == inputs[i]
+
+
+async def test_pool_run_chain_matches_in_process(pool: WorkerPool) -> None:
+    out = await pool.run_chain(["zstd", "aes-gcm"], DATA, CTX)
+    assert out == run_chain(PROCS, ["zstd", "aes-gcm"], DATA, CTX)
+
+
+async def test_pool_errors(pool: WorkerPool) -> None:
+    with pytest.raises(ProcessingError, match="no processor named"):
+        await pool.run("nope", b"x", CTX)
+    with pytest.raises(ProcessingError, match="KeyError"):
+        await pool.run("boom", b"x", CTX)
+    with pytest.raises(ProcessingError, match="authentication failed"):
+        await pool.run("aes-gcm-d", b"y" * 40, CTX)
+    assert await pool.run("reverse", b"abc", CTX) == b"cba"  # still healthy
+
+
+async def test_pool_recovers_after_worker_dies(pool: WorkerPool) -> None:
+    assert await pool.run("reverse", b"abc", CTX) == b"cba"
+    with pytest.raises(ProcessingError, match="worker process died"):
+        await pool.run("crash", b"x", CTX)
+    assert pool.crashes == 1
+    assert await pool.run("reverse", b"abc", CTX) == b"cba"
+    assert await pool.run("sha256", DATA, CTX) == hashlib.sha256(DATA).digest()
+
+
+async def test_pool_timeout_kills_stuck_worker(pool: WorkerPool) -> None:
+    with pytest.raises(ProcessingError, match="timed out"):
+        await pool.run("spin", b"x", CTX, timeout_s=0.5)
+    assert pool.timeouts == 1
+    assert await pool.run("reverse", b"abc", CTX) == b"cba"
+
+
+async def test_pool_closed_is_usage_error() -> None:
+    p = WorkerPool({"identity": PROCS["identity"]}, workers=1, mp_context="spawn")
+    assert await p.run("identity", b"z", CTX) == b"z"
+    await p.aclose()
+    with pytest.raises(UsageError):
+        await p.run("identity", b"z", CTX)
+    with pytest.raises(UsageError):
+        WorkerPool(workers=0)

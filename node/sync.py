@@ -1,0 +1,592 @@
+"""Pull anti-entropy: the sync protocol's messages and a sans-I/O session.
+
+Gossip is best effort; this is what makes convergence certain. A session runs
+against one peer over the request/response protocol `/bidmesh/<network>/sync/1`:
+
+1. DIGEST: compare state digests; equal means nothing to do.
+2. HEADS (paged by author, ascending): the peer's effective head per author
+   `(seq, id)` and the lowest seq at which it holds a fork proof for that author.
+3. For every author the peer is ahead on: RANGE requests from our head (one record
+   of overlap, so a diverging branch shows up as a fork proof rather than as a chain
+   error), paged by count and bytes, until we reach the peer's head. For every
+   author the peer holds an earlier fork proof for: FORKS.
+
+A session is a small state machine (`next_request` / `on_response`) over a real
+`Ledger`: it decides what to ask, appends what arrives, and never touches the
+network. `drive()` runs it with any async `send` callable, which is how both the
+libp2p shell (node/gossip.py) and the fake network in tests use it. `serve()`
+answers a peer's request from the local ledger.
+
+Every message is a msgpack array whose first element is a tag; every decoder
+bounds the input size and rejects malformed input with `InvalidMessage`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from . import codec
+from .errors import InvalidEvent, InvalidMessage
+from .events import MAX_WIRE, Event, decode_wire
+from .ledger import AppendResult, Ledger, Status
+
+# ------------------------------------------------------------------ limits
+
+MAX_REQUEST = 1024  # bytes; every request is tiny
+MAX_RESPONSE = 2 * 1024 * 1024  # bytes; bounds every response below
+HEADS_PAGE_MAX = 1024  # authors per HEADS page (~85 bytes each)
+RANGE_LIMIT_MAX = 512  # records per RANGE response
+RANGE_BYTES_MAX = 1024 * 1024  # record bytes per RANGE response (one record may exceed)
+FORKS_MAX = 8  # fork proofs per FORKS response (lowest seqs first)
+MAX_SEQ = (1 << 53) - 1
+
+# Chain rejections an honest relayer can cause when an author equivocated: the
+# relayer holds the other branch. They cost the author, not the sender.
+CHAIN_REASONS = frozenset({"prev_mismatch", "ts_regress", "bad_chain"})
+
+
+def protocol_id(network: str) -> str:
+    return f"/bidmesh/{network}/sync/1"
+
+
+def counts_against_peer(res: AppendResult) -> bool:
+    """Whether a rejection says the sender is faulty (for per-peer accounting)."""
+    return res.peer_fault and res.reason not in CHAIN_REASONS
+
+
+# ------------------------------------------------------------------ messages
+
+
+def _bad(what: str) -> InvalidMessage:
+    return InvalidMessage(f"sync message: {what}", "malformed")
+
+
+def _bytes(v: Any, n: int, what: str) -> bytes:
+    if type(v) is not bytes or len(v) != n:
+        raise _bad(f"{what} must be {n} bytes")
+    return v
+
+
+def _int(v: Any, lo: int, hi: int, what: str) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise _bad(f"{what} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _bool(v: Any, what: str) -> bool:
+    if type(v) is not bool:
+        raise _bad(f"{what} must be a boolean")
+    return v
+
+
+def _list(v: Any, hi: int, what: str) -> list[Any]:
+    if type(v) is not list or len(v) > hi:
+        raise _bad(f"{what} must be a list of at most {hi} items")
+    return v
+
+
+class Message:
+    TAG: ClassVar[int]
+
+    def to_list(self) -> list[Any]:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        return codec.pack([self.TAG, *self.to_list()])
+
+
+@dataclass(frozen=True)
+class DigestRequest(Message):
+    TAG = 1
+
+    def to_list(self) -> list[Any]:
+        return []
+
+
+@dataclass(frozen=True)
+class DigestResponse(Message):
+    TAG = 1
+    digest: bytes
+    authors: int
+    forks: int
+
+    def __post_init__(self) -> None:
+        _bytes(self.digest, 32, "digest")
+        _int(self.authors, 0, MAX_SEQ, "authors")
+        _int(self.forks, 0, MAX_SEQ, "forks")
+
+    def to_list(self) -> list[Any]:
+        return [self.digest, self.authors, self.forks]
+
+
+@dataclass(frozen=True)
+class HeadsRequest(Message):
+    """Heads of authors strictly after `after` (byte order), at most `limit`."""
+
+    TAG = 2
+    after: bytes | None
+    limit: int
+
+    def __post_init__(self) -> None:
+        if self.after is not None:
+            _bytes(self.after, 32, "after")
+        _int(self.limit, 1, HEADS_PAGE_MAX, "limit")
+
+    def to_list(self) -> list[Any]:
+        return [self.after, self.limit]
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    author: bytes
+    seq: int  # effective head: truncated before the author's first fork
+    id: bytes | None  # None only when seq == 0 (forked at seq 1)
+    fork_seq: int | None  # lowest seq with a fork proof, if any
+
+    def __post_init__(self) -> None:
+        _bytes(self.author, 32, "head author")
+        _int(self.seq, 0, MAX_SEQ, "head seq")
+        if (self.id is None) != (self.seq == 0):
+            raise _bad("head id must be nil exactly when seq is 0")
+        if self.id is not None:
+            _bytes(self.id, 32, "head id")
+        if self.fork_seq is not None:
+            _int(self.fork_seq, 1, MAX_SEQ, "fork_seq")
+            if self.seq != self.fork_seq - 1:
+                raise _bad("a forked author's head must be just before its fork")
+
+    def to_list(self) -> list[Any]:
+        return [self.author, self.seq, self.id, self.fork_seq]
+
+
+@dataclass(frozen=True)
+class HeadsResponse(Message):
+    TAG = 2
+    heads: tuple[HeadEntry, ...]
+    more: bool
+
+    def __post_init__(self) -> None:
+        if len(self.heads) > HEADS_PAGE_MAX:
+            raise _bad(f"at most {HEADS_PAGE_MAX} heads per page")
+        authors = [h.author for h in self.heads]
+        if any(a >= b for a, b in itertools.pairwise(authors)):
+            raise _bad("heads must be in strictly ascending author order")
+
+    def to_list(self) -> list[Any]:
+        return [[h.to_list() for h in self.heads], self.more]
+
+
+@dataclass(frozen=True)
+class RangeRequest(Message):
+    TAG = 3
+    author: bytes
+    from_seq: int
+    limit: int
+    max_bytes: int
+
+    def __post_init__(self) -> None:
+        _bytes(self.author, 32, "author")
+        _int(self.from_seq, 1, MAX_SEQ, "from_seq")
+        _int(self.limit, 1, RANGE_LIMIT_MAX, "limit")
+        _int(self.max_bytes, 1, RANGE_BYTES_MAX, "max_bytes")
+
+    def to_list(self) -> list[Any]:
+        return [self.author, self.from_seq, self.limit, self.max_bytes]
+
+
+@dataclass(frozen=True)
+class RangeResponse(Message):
+    """Consecutive wire records of one author from `from_seq`; `more` if cut short."""
+
+    TAG = 3
+    records: tuple[bytes, ...]
+    more: bool
+
+    def __post_init__(self) -> None:
+        if len(self.records) > RANGE_LIMIT_MAX:
+            raise _bad(f"at most {RANGE_LIMIT_MAX} records")
+        total = 0
+        for r in self.records:
+            if type(r) is not bytes or not 0 < len(r) <= MAX_WIRE:
+                raise _bad(f"records must be 1..{MAX_WIRE} bytes")
+            total += len(r)
+        if total > RANGE_BYTES_MAX + MAX_WIRE:
+            raise _bad("records exceed the byte limit")
+
+    def to_list(self) -> list[Any]:
+        return [list(self.records), self.more]
+
+
+@dataclass(frozen=True)
+class ForksRequest(Message):
+    TAG = 4
+    author: bytes
+
+    def __post_init__(self) -> None:
+        _bytes(self.author, 32, "author")
+
+    def to_list(self) -> list[Any]:
+        return [self.author]
+
+
+@dataclass(frozen=True)
+class ForksResponse(Message):
+    """Fork proofs for one author, lowest seq first: pairs of conflicting wires."""
+
+    TAG = 4
+    proofs: tuple[tuple[bytes, bytes], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.proofs) > FORKS_MAX:
+            raise _bad(f"at most {FORKS_MAX} fork proofs")
+        for a, b in self.proofs:
+            for w in (a, b):
+                if type(w) is not bytes or not 0 < len(w) <= MAX_WIRE:
+                    raise _bad(f"fork proof records must be 1..{MAX_WIRE} bytes")
+
+    def to_list(self) -> list[Any]:
+        return [[[a, b] for a, b in self.proofs]]
+
+
+@dataclass(frozen=True)
+class ErrorResponse(Message):
+    TAG = 0
+    code: str
+    message: str
+
+    def __post_init__(self) -> None:
+        if type(self.code) is not str or not 0 < len(self.code) <= 32:
+            raise _bad("error code must be a short string")
+        if type(self.message) is not str or len(self.message) > 512:
+            raise _bad("error message must be a string of at most 512 characters")
+
+    def to_list(self) -> list[Any]:
+        return [self.code, self.message]
+
+
+SyncRequest = DigestRequest | HeadsRequest | RangeRequest | ForksRequest
+SyncResponse = DigestResponse | HeadsResponse | RangeResponse | ForksResponse | ErrorResponse
+
+
+def _split(data: bytes, max_size: int) -> tuple[int, list[Any]]:
+    v = codec.unpack(data, max_size)
+    if type(v) is not list or not v or type(v[0]) is not int:
+        raise _bad("must be an array starting with an integer tag")
+    return v[0], v[1:]
+
+
+def _arity(args: list[Any], n: int, what: str) -> None:
+    if len(args) != n:
+        raise _bad(f"{what} takes {n} fields, got {len(args)}")
+
+
+def decode_request(data: bytes) -> SyncRequest:
+    tag, a = _split(data, MAX_REQUEST)
+    if tag == DigestRequest.TAG:
+        _arity(a, 0, "DIGEST request")
+        return DigestRequest()
+    if tag == HeadsRequest.TAG:
+        _arity(a, 2, "HEADS request")
+        return HeadsRequest(a[0], a[1])
+    if tag == RangeRequest.TAG:
+        _arity(a, 4, "RANGE request")
+        return RangeRequest(a[0], a[1], a[2], a[3])
+    if tag == ForksRequest.TAG:
+        _arity(a, 1, "FORKS request")
+        return ForksRequest(a[0])
+    raise InvalidMessage(f"unknown sync request tag {tag}", "unknown_request")
+
+
+def decode_response(data: bytes) -> SyncResponse:
+    tag, a = _split(data, MAX_RESPONSE)
+    if tag == ErrorResponse.TAG:
+        _arity(a, 2, "ERROR response")
+        return ErrorResponse(a[0], a[1])
+    if tag == DigestResponse.TAG:
+        _arity(a, 3, "DIGEST response")
+        return DigestResponse(a[0], a[1], a[2])
+    if tag == HeadsResponse.TAG:
+        _arity(a, 2, "HEADS response")
+        heads = []
+        for h in _list(a[0], HEADS_PAGE_MAX, "heads"):
+            h = _list(h, 4, "head entry")
+            _arity(h, 4, "head entry")
+            heads.append(HeadEntry(h[0], h[1], h[2], h[3]))
+        return HeadsResponse(tuple(heads), _bool(a[1], "more"))
+    if tag == RangeResponse.TAG:
+        _arity(a, 2, "RANGE response")
+        return RangeResponse(tuple(_list(a[0], RANGE_LIMIT_MAX, "records")),
+                             _bool(a[1], "more"))
+    if tag == ForksResponse.TAG:
+        _arity(a, 1, "FORKS response")
+        proofs = []
+        for p in _list(a[0], FORKS_MAX, "proofs"):
+            p = _list(p, 2, "proof")
+            _arity(p, 2, "proof")
+            proofs.append((p[0], p[1]))
+        return ForksResponse(tuple(proofs))
+    raise InvalidMessage(f"unknown sync response tag {tag}", "unknown_response")
+
+
+# ------------------------------------------------------------------ server side
+
+
+def serve(ledger: Ledger, req: SyncRequest) -> SyncResponse:
+    """Answer one request from the local ledger (cheap, bounded work)."""
+    if isinstance(req, DigestRequest):
+        return DigestResponse(ledger.digest(), len(ledger.heads()), len(ledger.forked()))
+    if isinstance(req, HeadsRequest):
+        sh = ledger.sync_heads()
+        forked = ledger.forked()
+        authors = sorted(a for a in sh if req.after is None or a > req.after)
+        page = authors[: req.limit]
+        heads = tuple(HeadEntry(a, sh[a][0], sh[a][1], forked.get(a)) for a in page)
+        return HeadsResponse(heads, len(authors) > len(page))
+    if isinstance(req, RangeRequest):
+        wires = ledger.range(req.author, req.from_seq, req.limit + 1)
+        out: list[bytes] = []
+        size = 0
+        for w in wires[: req.limit]:
+            if out and size + len(w) > req.max_bytes:
+                break
+            out.append(w)
+            size += len(w)
+        return RangeResponse(tuple(out), len(wires) > len(out))
+    proofs = ledger.fork_proofs(req.author)[:FORKS_MAX]
+    return ForksResponse(tuple((p.wire_a, p.wire_b) for p in proofs))
+
+
+def handle(ledger: Ledger, data: bytes) -> bytes:
+    """Decode, serve and encode; invalid requests get an ERROR response."""
+    try:
+        req = decode_request(data)
+    except InvalidMessage as e:
+        return ErrorResponse(e.reason[:32], str(e)[:512]).encode()
+    return serve(ledger, req).encode()
+
+
+# ------------------------------------------------------------------ client side
+
+
+@dataclass(frozen=True)
+class SyncLimits:
+    heads_page: int = 512
+    range_limit: int = 256
+    range_bytes: int = 512 * 1024
+    max_requests: int = 100_000  # per session; bounds a peer that keeps us busy
+
+
+@dataclass
+class _Want:
+    author: bytes
+    target: int  # fetch until our stored head reaches this seq
+    forks: bool = False  # fetch fork proofs instead of a range
+    probe: bool = False  # fetch just the record at `target` (same height, other id)
+    started: bool = False
+
+
+@dataclass
+class SessionStats:
+    requests: int = 0
+    records: int = 0
+    bytes: int = 0
+    accepted: int = 0
+    fork_proofs: int = 0
+    faults: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class SyncSession:
+    """One anti-entropy exchange with one peer, as a state machine.
+
+    Call `next_request()`; send it; feed the answer to `on_response()`; repeat until
+    `next_request()` returns None. `accepted` collects events newly stored (to
+    re-gossip); `stats.faults` counts the peer's invalid input by reason; a fault
+    also ends the session (`failed`). `gaps=` skips DIGEST/HEADS and fetches the
+    given (author, first, last) ranges at once.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        limits: SyncLimits | None = None,
+        *,
+        gaps: list[tuple[bytes, int, int]] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.limits = limits or SyncLimits()
+        self.stats = SessionStats()
+        self.accepted: list[Event] = []
+        self.failed: str | None = None
+        self.in_sync = False  # digests were equal at the start
+        self._wants: collections.deque[_Want] = collections.deque()
+        self._cursor: bytes | None = None
+        self._heads_more = True
+        self._pending: SyncRequest | None = None
+        if gaps is None:
+            self._phase = "digest"
+        else:
+            self._phase = "heads_done"
+            for author, first, last in gaps:
+                self._wants.append(_Want(author, last))
+                del first  # we always fetch from our own head: it is where the gap starts
+
+    @property
+    def done(self) -> bool:
+        return self._phase == "done"
+
+    def next_request(self) -> SyncRequest | None:
+        if self._pending is not None:
+            raise RuntimeError("next_request() called before on_response()")
+        req = self._next()
+        if req is None:
+            self._phase = "done"
+        elif self.stats.requests >= self.limits.max_requests:
+            self.failed = "request budget exhausted"
+            self._phase = "done"
+            req = None
+        else:
+            self.stats.requests += 1
+        self._pending = req
+        return req
+
+    def _next(self) -> SyncRequest | None:
+        if self._phase == "done" or self.failed:
+            return None
+        if self._phase == "digest":
+            return DigestRequest()
+        while self._wants:
+            w = self._wants[0]
+            req = self._want_request(w)
+            if req is not None:
+                return req
+            self._wants.popleft()
+        if self._phase == "heads":
+            if self._heads_more:
+                return HeadsRequest(self._cursor, self.limits.heads_page)
+            self._phase = "heads_done"
+        return None
+
+    def _want_request(self, w: _Want) -> SyncRequest | None:
+        if w.forks:
+            return None if w.started else ForksRequest(w.author)
+        forked_at = self.ledger.forked().get(w.author)
+        if w.probe:
+            if w.started or forked_at is not None:
+                return None
+            return RangeRequest(w.author, w.target, 1, self.limits.range_bytes)
+        head = self.ledger.head(w.author)
+        have = head.seq if head else 0
+        target = w.target if forked_at is None else min(w.target, forked_at - 1)
+        if have >= target:
+            return None
+        # First request: one record of overlap, so a diverging branch arrives as a
+        # fork proof rather than as a chain error.
+        from_seq = have + 1 if w.started else max(1, have)
+        return RangeRequest(w.author, from_seq, self.limits.range_limit, self.limits.range_bytes)
+
+    def on_response(self, resp: SyncResponse | None) -> None:
+        """Feed the answer to the last request; None means it was lost or timed out."""
+        req, self._pending = self._pending, None
+        if req is None:
+            raise RuntimeError("on_response() without an outstanding request")
+        if resp is None:
+            self.failed = "no response"
+            return
+        if isinstance(resp, ErrorResponse):
+            self.failed = f"peer error {resp.code}: {resp.message}"
+            return
+        if isinstance(req, DigestRequest) and isinstance(resp, DigestResponse):
+            if resp.digest == self.ledger.digest():
+                self.in_sync = True
+                self._phase = "done"
+            else:
+                self._phase = "heads"
+        elif isinstance(req, HeadsRequest) and isinstance(resp, HeadsResponse):
+            self._on_heads(req, resp)
+        elif isinstance(req, RangeRequest) and isinstance(resp, RangeResponse):
+            self._on_range(req, resp)
+        elif isinstance(req, ForksRequest) and isinstance(resp, ForksResponse):
+            self._on_forks(req, resp)
+        else:
+            self._fault("wrong_response", f"{type(resp).__name__} to {type(req).__name__}")
+
+    def _fault(self, reason: str, detail: str) -> None:
+        self.stats.faults[reason] += 1
+        self.failed = f"{reason}: {detail}"
+
+    def _on_heads(self, req: HeadsRequest, resp: HeadsResponse) -> None:
+        if len(resp.heads) > req.limit or any(
+            req.after is not None and h.author <= req.after for h in resp.heads
+        ):
+            self._fault("bad_page", "HEADS page outside the requested window")
+            return
+        self._heads_more = resp.more and bool(resp.heads)
+        if resp.heads:
+            self._cursor = resp.heads[-1].author
+        local = self.ledger.sync_heads()
+        forked = self.ledger.forked()
+        for h in resp.heads:
+            mine_fork = forked.get(h.author)
+            if h.fork_seq is not None and (mine_fork is None or h.fork_seq < mine_fork):
+                self._wants.append(_Want(h.author, 0, forks=True))
+            seq, id_ = local.get(h.author, (0, None))
+            if h.seq > seq:
+                self._wants.append(_Want(h.author, h.seq))
+            elif h.seq == seq and h.seq > 0 and h.id != id_ and mine_fork is None:
+                # Same height, different event: fetch it; the ledger records the fork.
+                self._wants.append(_Want(h.author, h.seq, probe=True))
+
+    def _on_range(self, req: RangeRequest, resp: RangeResponse) -> None:
+        w = self._wants[0]
+        w.started = True
+        if len(resp.records) > req.limit:
+            self._fault("bad_page", "RANGE response longer than requested")
+            return
+        self.stats.records += len(resp.records)
+        self.stats.bytes += sum(len(r) for r in resp.records)
+        before = self.ledger.head(w.author)
+        results = self.ledger.append_many(resp.records)
+        forked = False
+        for res in results:
+            self.accepted.extend(res.accepted)
+            self.stats.accepted += len(res.accepted)
+            if res.status is Status.FORK:
+                forked = True
+            elif res.peer_fault and not (forked and res.reason in CHAIN_REASONS):
+                self._fault(res.reason or "rejected", res.detail)
+        if self.failed:
+            return
+        if forked or w.probe or not resp.records or self.ledger.head(w.author) == before:
+            # Done, or nothing more to gain from this peer for this author this round
+            # (records we already had, e.g. gossip delivered them meanwhile).
+            self._wants.popleft()
+
+    def _on_forks(self, req: ForksRequest, resp: ForksResponse) -> None:
+        self._wants[0].started = True
+        for a, b in resp.proofs:
+            try:
+                ea, eb = decode_wire(a, self.ledger.network), decode_wire(b, self.ledger.network)
+            except InvalidEvent as e:
+                self._fault("bad_fork_proof", str(e))
+                return
+            if ea.author != req.author or eb.author != ea.author or ea.seq != eb.seq or (
+                ea.id == eb.id
+            ):
+                self._fault("bad_fork_proof", "records are not two events at one (author, seq)")
+                return
+            if self.ledger.add_fork_proof(a, b):
+                self.stats.fork_proofs += 1
+
+
+async def drive(
+    session: SyncSession,
+    send: Callable[[SyncRequest], Awaitable[SyncResponse | None]],
+) -> SyncSession:
+    """Run a session to the end with `send` (returns None for a lost request)."""
+    while (req := session.next_request()) is not None:
+        session.on_response(await send(req))
+    return session

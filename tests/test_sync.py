@@ -1,0 +1,350 @@
+"""Anti-entropy sync: message codecs, the session state machine, and convergence on a
+seeded fake network (drops, duplicates, delays) on trio's virtual clock."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from node import codec, sync
+from node.errors import InvalidMessage
+from node.events import Offer, sign_event
+from node.keys import Identity
+from node.ledger import Ledger
+from node.sync import (
+    DigestRequest,
+    DigestResponse,
+    ErrorResponse,
+    ForksRequest,
+    ForksResponse,
+    HeadEntry,
+    HeadsRequest,
+    HeadsResponse,
+    RangeRequest,
+    RangeResponse,
+    SyncLimits,
+    SyncSession,
+)
+
+NET = "test"
+A32 = bytes(range(32))
+
+
+def body(i: int) -> Offer:
+    return Offer(services=(), currency="EUR", addrs=(), note=f"e{i}")
+
+
+# ------------------------------------------------------------------ codecs
+
+
+MESSAGES = [
+    DigestRequest(),
+    DigestResponse(bytes(32), 3, 1),
+    HeadsRequest(None, 10),
+    HeadsRequest(A32, 1024),
+    HeadsResponse((HeadEntry(A32, 3, bytes(32), None), HeadEntry(bytes([99] * 32), 0, None, 1)),
+                  True),
+    RangeRequest(A32, 1, 256, 1000),
+    RangeResponse((b"\x92\xc4\x01a\xc4\x01b",), False),
+    ForksRequest(A32),
+    ForksResponse(((b"x", b"y"),)),
+    ErrorResponse("malformed", "what was wrong"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_roundtrip(msg: sync.Message) -> None:
+    data = msg.encode()
+    if isinstance(msg, (DigestRequest, HeadsRequest, RangeRequest, ForksRequest)):
+        assert sync.decode_request(data) == msg
+    else:
+        assert sync.decode_response(data) == msg
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [],
+        "x",
+        [9],
+        [1, 2],
+        [2, b"short", 10],
+        [2, None, 0],
+        [2, None, sync.HEADS_PAGE_MAX + 1],
+        [3, A32, 0, 1, 1],
+        [3, A32, 1, sync.RANGE_LIMIT_MAX + 1, 1],
+        [3, A32, 1, 1, sync.RANGE_BYTES_MAX + 1],
+        [3, A32, 1, 1],
+        [4, b"x"],
+        [3, A32, True, 1, 1],
+    ],
+)
+def test_bad_requests_rejected(value: object) -> None:
+    with pytest.raises(InvalidMessage):
+        sync.decode_request(codec.pack(value))
+
+
+def test_oversized_and_garbage_rejected() -> None:
+    with pytest.raises(InvalidMessage) as e:
+        sync.decode_request(b"\x91\x01" + b"\x00" * sync.MAX_REQUEST)
+    assert e.value.reason == "oversized"
+    with pytest.raises(InvalidMessage):
+        sync.decode_request(b"\xc1\xff\xfe")
+    with pytest.raises(InvalidMessage):
+        sync.decode_response(b"\x92\x02" + b"\x00" * sync.MAX_RESPONSE)
+    # Unsorted heads, a non-nil id at seq 0, a fork seq that disagrees with the head.
+    for heads in (
+        [[bytes([2] * 32), 1, A32, None], [bytes([1] * 32), 1, A32, None]],
+        [[A32, 0, A32, None]],
+        [[A32, 5, A32, 3]],
+    ):
+        with pytest.raises(InvalidMessage):
+            sync.decode_response(codec.pack([2, heads, False]))
+    with pytest.raises(InvalidMessage):
+        sync.decode_response(codec.pack([3, [b""], False]))
+    with pytest.raises(InvalidMessage):
+        sync.decode_response(codec.pack([4, [[b"a"]] * 2]))
+
+
+def test_handle_answers_errors(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.db", network=NET)
+    resp = sync.decode_response(sync.handle(led, b"\x91\x07"))
+    assert isinstance(resp, ErrorResponse) and resp.code == "unknown_request"
+
+
+# ------------------------------------------------------------------ sessions
+
+
+def ledger(tmp_path: Path, name: str) -> Ledger:
+    return Ledger(tmp_path / f"{name}.db", network=NET)
+
+
+def run_session(local: Ledger, remote: Ledger, limits: SyncLimits | None = None,
+                **kw: object) -> SyncSession:
+    s = SyncSession(local, limits, **kw)  # type: ignore[arg-type]
+    while (req := s.next_request()) is not None:
+        s.on_response(sync.decode_response(sync.handle(remote, req.encode())))
+    return s
+
+
+def test_session_pages_heads_and_ranges(tmp_path: Path) -> None:
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    for i in range(300):
+        a.publish(Identity.generate(), body(i), 1000)
+    long = Identity.generate()
+    for i in range(700):
+        a.publish(long, body(i), 1000 + i)
+    s = run_session(b, a, SyncLimits(heads_page=64, range_limit=50, range_bytes=4000))
+    assert s.failed is None
+    assert b.digest() == a.digest() and b.count() == 1000
+    assert s.stats.accepted == 1000 and len(s.accepted) == 1000
+    # Already in sync: one DIGEST request and done.
+    s2 = run_session(b, a)
+    assert s2.in_sync and s2.stats.requests == 1
+
+
+def test_gap_session_fetches_only_the_gap(tmp_path: Path) -> None:
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    me = Identity.generate()
+    evs = [a.publish(me, body(i), 1000 + i) for i in range(20)]
+    b.append_many([evs[0].wire, evs[19].wire])  # 19 waits for 2..18
+    assert b.gaps() == [(me.public, 2, 19)]
+    s = run_session(b, a, gaps=b.gaps())
+    assert s.failed is None and b.gaps() == [] and b.head(me.public).seq == 20  # type: ignore[union-attr]
+    assert b.digest() == a.digest()
+
+
+def fork_pair(ident: Identity, seq_prev: tuple[int, bytes | None], ts: int) -> tuple[bytes, bytes]:
+    seq, prev = seq_prev
+    x = sign_event(ident.seed, seq, prev, ts, body(-1), NET)
+    y = sign_event(ident.seed, seq, prev, ts, body(-2), NET)
+    return x.wire, y.wire
+
+
+def test_session_detects_and_spreads_forks(tmp_path: Path) -> None:
+    a, b, c = ledger(tmp_path, "a"), ledger(tmp_path, "b"), ledger(tmp_path, "c")
+    liar = Identity.generate()
+    first = a.publish(liar, body(0), 1000)
+    b.append(first.wire)
+    c.append(first.wire)
+    x, y = fork_pair(liar, (2, first.id), 1001)
+    a.append(x)
+    b.append(y)
+    # Same height, different ids: the probe fetch records the fork proof.
+    s = run_session(a, b)
+    assert s.failed is None and a.forked() == {liar.public: 2}
+    # c learns the fork from a via FORKS, b from c.
+    run_session(c, a)
+    run_session(b, c)
+    assert a.forked() == b.forked() == c.forked() == {liar.public: 2}
+    assert a.digest() == b.digest() == c.digest()
+
+
+def test_branch_longer_than_ours_is_a_fork_not_a_fault(tmp_path: Path) -> None:
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    liar = Identity.generate()
+    first = a.publish(liar, body(0), 1000)
+    b.append(first.wire)
+    x, y = fork_pair(liar, (2, first.id), 1001)
+    a.append(x)
+    b.append(y)
+    ey = sync.decode_wire(y, NET)
+    for i in range(5):  # b's branch continues
+        ev = sign_event(liar.seed, 3 + i, ey.id, 1002 + i, body(i), NET)
+        b.append(ev.wire)
+        ey = ev
+    s = run_session(a, b)
+    assert s.failed is None and not s.stats.faults and a.forked() == {liar.public: 2}
+    run_session(b, a)
+    assert a.digest() == b.digest()
+
+
+def test_garbage_from_peer_is_a_fault(tmp_path: Path) -> None:
+    a = ledger(tmp_path, "a")
+    s = SyncSession(a)
+    assert isinstance(s.next_request(), DigestRequest)
+    s.on_response(DigestResponse(bytes(32), 1, 0))
+    req = s.next_request()
+    assert isinstance(req, HeadsRequest)
+    s.on_response(HeadsResponse((HeadEntry(A32, 5, bytes(32), None),), False))
+    req = s.next_request()
+    assert isinstance(req, RangeRequest) and req.author == A32 and req.from_seq == 1
+    bogus = codec.pack([b"\x97" + b"\x00" * 10, bytes(64)])
+    s.on_response(RangeResponse((bogus,), False))
+    assert s.failed and sum(s.stats.faults.values()) == 1
+    assert s.next_request() is None
+    # A response of the wrong type is a fault too.
+    s2 = SyncSession(a)
+    s2.next_request()
+    s2.on_response(RangeResponse((), False))
+    assert s2.stats.faults["wrong_response"] == 1
+
+
+# ------------------------------------------------------------------ fake network
+
+
+class FakeNet:
+    """Nodes with real ledgers; gossip and request/response that drop, duplicate and
+    delay at random (seeded). Sync sessions use the real codecs end to end."""
+
+    def __init__(self, tmp: Path, n: int, seed: int, *, drop: float, dup: float,
+                 delay: float, req_drop: float) -> None:
+        self.rng = random.Random(seed)
+        self.ledgers = [Ledger(tmp / f"n{i}.db", network=NET) for i in range(n)]
+        self.idents = [Identity.from_seed(bytes([seed, i]) * 16) for i in range(n)]
+        self.drop, self.dup, self.delay, self.req_drop = drop, dup, delay, req_drop
+        self.published = 0
+        self.sessions = 0
+        self.faults = 0
+
+    async def _deliver(self, dst: int, src: int, wires: list[bytes]) -> None:
+        await trio.sleep(self.rng.uniform(0, self.delay))
+        led = self.ledgers[dst]
+        for res in led.append_many(wires):
+            assert not sync.counts_against_peer(res), res
+        if led.gaps():
+            await self.sync(dst, src, gaps=led.gaps())
+
+    def gossip(self, nursery: trio.Nursery, src: int, wires: list[bytes]) -> None:
+        for dst in range(len(self.ledgers)):
+            if dst == src or self.rng.random() < self.drop:
+                continue
+            for _ in range(2 if self.rng.random() < self.dup else 1):
+                nursery.start_soon(self._deliver, dst, src, wires)
+
+    async def sync(self, me: int, peer: int, **kw: object) -> None:
+        async def send(req: sync.SyncRequest) -> sync.SyncResponse | None:
+            await trio.sleep(self.rng.uniform(0, self.delay))
+            if self.rng.random() < self.req_drop:
+                await trio.sleep(5)  # the request times out
+                return None
+            data = sync.handle(self.ledgers[peer], sync.decode_request(req.encode()).encode())
+            await trio.sleep(self.rng.uniform(0, self.delay))
+            return sync.decode_response(data)
+
+        s = SyncSession(self.ledgers[me], SyncLimits(heads_page=4, range_limit=16), **kw)  # type: ignore[arg-type]
+        await sync.drive(s, send)
+        self.sessions += 1
+        self.faults += sum(s.stats.faults.values())
+
+    async def anti_entropy(self, me: int) -> None:
+        while True:
+            await trio.sleep(self.rng.uniform(0.5, 1.5))
+            peer = self.rng.choice([i for i in range(len(self.ledgers)) if i != me])
+            await self.sync(me, peer)
+
+    async def publisher(self, nursery: trio.Nursery, me: int, count: int, t0: float,
+                        fork_at: int | None = None) -> None:
+        led, ident = self.ledgers[me], self.idents[me]
+        batch: list[bytes] = []
+        for i in range(count):
+            await trio.sleep(self.rng.expovariate(count / 10))
+            ts = int((trio.current_time() - t0) * 1000) + 1
+            ev = led.publish(ident, body(i), ts)
+            batch.append(ev.wire)
+            self.published += 1
+            if fork_at == i:
+                # Equivocate: a conflicting event at the same seq goes to one other node.
+                head = ev.prev
+                alt = sign_event(ident.seed, ev.seq, head, ev.ts_ms, body(-i), NET)
+                nursery.start_soon(self._deliver, (me + 1) % len(self.ledgers), me, [alt.wire])
+            if len(batch) >= self.rng.randint(1, 8):
+                self.gossip(nursery, me, batch)
+                batch = []
+        if batch:
+            self.gossip(nursery, me, batch)
+
+    def converged(self) -> bool:
+        d = {led.digest() for led in self.ledgers}
+        return len(d) == 1
+
+
+async def run_fake(tmp: Path, seed: int, *, n: int = 5, per_node: int = 40, drop: float = 0.3,
+                   dup: float = 0.1, delay: float = 0.3, req_drop: float = 0.1,
+                   fork: bool = False) -> FakeNet:
+    net = FakeNet(tmp, n, seed, drop=drop, dup=dup, delay=delay, req_drop=req_drop)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(net.anti_entropy, i)
+        async with trio.open_nursery() as pubs:
+            for i in range(n):
+                pubs.start_soon(net.publisher, nursery, i, per_node, t0,
+                                per_node // 2 if fork and i == 0 else None)
+        end = trio.current_time()
+        with trio.fail_after(600):  # virtual seconds
+            while not net.converged():
+                await trio.sleep(0.1)
+        net.converge_s = trio.current_time() - end  # type: ignore[attr-defined]
+        nursery.cancel_scope.cancel()
+    return net
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_fake_network_converges_despite_losses(
+    tmp_path: Path, seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = await run_fake(tmp_path, seed)
+    counts = {led.count() for led in net.ledgers}
+    assert counts == {net.published}
+    assert net.faults == 0
+
+
+async def test_fake_network_converges_without_gossip(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = await run_fake(tmp_path, 7, drop=1.0, req_drop=0.3, per_node=30)
+    assert {led.count() for led in net.ledgers} == {net.published}
+
+
+async def test_fake_network_converges_on_forks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = await run_fake(tmp_path, 11, fork=True, drop=0.5)
+    forks = [led.forked() for led in net.ledgers]
+    assert all(f == {net.idents[0].public: 21} for f in forks), forks
+    assert net.faults == 0

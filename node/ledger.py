@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -88,6 +89,17 @@ class AppendResult:
         return self.status is Status.REJECTED and self.reason not in TRANSIENT_REASONS
 
 
+@dataclass
+class _Batch:
+    """What one append_many call has staged; applied to memory only after commit."""
+
+    rows: list[_Row] = field(default_factory=list)
+    staged: dict[tuple[bytes, int], _Row] = field(default_factory=dict)
+    overlay: dict[bytes, Head] = field(default_factory=dict)
+    forks: list[ForkProof] = field(default_factory=list)
+    popped: list[Event] = field(default_factory=list)
+
+
 class Head(NamedTuple):
     seq: int
     id: bytes
@@ -104,45 +116,57 @@ class ForkProof:
 
 @dataclass
 class _Pending:
-    """Events waiting for their predecessor, bounded per author and in total."""
+    """Events waiting for their predecessor, bounded per author and in total.
+
+    Several candidates may wait at one (author, seq): which of them chains is only
+    known when the gap fills, and keeping them all lets a fork be detected no matter
+    in which order its two halves arrive."""
 
     per_author: int
     total: int
-    by_author: dict[bytes, dict[int, Event]] = field(default_factory=dict)
+    by_author: dict[bytes, dict[int, dict[bytes, Event]]] = field(default_factory=dict)
+    counts: dict[bytes, int] = field(default_factory=dict)
     size: int = 0
 
     def add(self, ev: Event) -> bool:
-        slot = self.by_author.setdefault(ev.author, {})
-        if ev.seq in slot:
+        slot = self.by_author.get(ev.author)
+        if slot is not None and ev.id in slot.get(ev.seq, {}):
             return True
-        if len(slot) >= self.per_author or self.size >= self.total:
-            if not slot:
-                del self.by_author[ev.author]
+        n = self.counts.get(ev.author, 0)
+        if n >= self.per_author or self.size >= self.total:
             return False
-        slot[ev.seq] = ev
+        if slot is None:
+            slot = self.by_author[ev.author] = {}
+        slot.setdefault(ev.seq, {})[ev.id] = ev
+        self.counts[ev.author] = n + 1
         self.size += 1
         return True
 
-    def pop(self, author: bytes, seq: int) -> Event | None:
+    def pop(self, author: bytes, seq: int) -> list[Event]:
+        """Remove and return every candidate at (author, seq), in arrival order."""
         slot = self.by_author.get(author)
         if not slot or seq not in slot:
-            return None
-        ev = slot.pop(seq)
-        self.size -= 1
-        if not slot:
-            del self.by_author[author]
-        return ev
+            return []
+        evs = list(slot.pop(seq).values())
+        self._forget(author, slot, len(evs))
+        return evs
 
     def drop_upto(self, author: bytes, seq: int) -> None:
         """Forget buffered events at or below a seq we now hold."""
         slot = self.by_author.get(author)
         if not slot:
             return
+        n = 0
         for s in [s for s in slot if s <= seq]:
-            del slot[s]
-            self.size -= 1
+            n += len(slot.pop(s))
+        self._forget(author, slot, n)
+
+    def _forget(self, author: bytes, slot: dict[int, dict[bytes, Event]], n: int) -> None:
+        self.size -= n
+        self.counts[author] -= n
         if not slot:
             del self.by_author[author]
+            del self.counts[author]
 
 
 class Ledger:
@@ -163,7 +187,7 @@ class Ledger:
         if readonly:
             if not self.path.exists():
                 raise UsageError(f"no ledger at {self.path}")
-            uri = f"file:{self.path.resolve()}?mode=ro"
+            uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
             self.db = sqlite3.connect(uri, uri=True, isolation_level=None)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,57 +253,46 @@ class Ledger:
         if self.readonly:
             raise UsageError("this ledger handle is read-only")
         results: list[AppendResult] = []
-        rows: list[_Row] = []
-        forks: list[ForkProof] = []
-        heads: dict[bytes, Head] = {}  # overlay, applied only after commit
-        drained: list[tuple[bytes, int]] = []
+        b = _Batch()
         for wire in wires:
-            res = self._check_one(wire, heads, rows, forks, drained)
+            res = self._check_one(wire, b)
             self.counters[res.status.value] += 1
             if res.reason:
                 self.counters["rejected:" + res.reason] += 1
             results.append(res)
-        if rows or forks:
+        if b.rows or b.forks:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
                 self.db.executemany(
                     "INSERT INTO events(id, author, seq, ts_ms, kind, ref, wire) "
                     "VALUES(?,?,?,?,?,?,?)",
-                    rows,
+                    b.rows,
                 )
                 self.db.executemany(
                     "INSERT OR IGNORE INTO forks VALUES(?,?,?,?)",
-                    [(p.author, p.seq, p.wire_a, p.wire_b) for p in forks],
+                    [(p.author, p.seq, p.wire_a, p.wire_b) for p in b.forks],
                 )
                 self.db.execute("COMMIT")
             except sqlite3.Error:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
-                # Undo in-memory effects: buffered events drained by this batch go back.
-                for res in results:
-                    for ev in res.accepted[1:]:
-                        self._pending.add(ev)
+                # Undo in-memory effects: buffered events popped by this batch go back.
+                for ev in b.popped:
+                    self._pending.add(ev)
                 raise
-            self._heads.update(heads)
-            for p in forks:
+            self._heads.update(b.overlay)
+            for p in b.forks:
                 if p.seq < self._forks.get(p.author, 1 << 62):
                     self._forks[p.author] = p.seq
-            for author, seq in drained:
-                self._pending.drop_upto(author, seq)
+            for author, head in b.overlay.items():
+                self._pending.drop_upto(author, head.seq)
             self._digest = None
         return results
 
-    def _head(self, author: bytes, overlay: dict[bytes, Head]) -> Head | None:
-        return overlay.get(author) or self._heads.get(author)
+    def _head(self, author: bytes, b: _Batch) -> Head | None:
+        return b.overlay.get(author) or self._heads.get(author)
 
-    def _check_one(
-        self,
-        wire: bytes,
-        overlay: dict[bytes, Head],
-        rows: list[_Row],
-        forks: list[ForkProof],
-        drained: list[tuple[bytes, int]],
-    ) -> AppendResult:
+    def _check_one(self, wire: bytes, b: _Batch) -> AppendResult:
         if type(wire) is not bytes:
             return AppendResult(Status.REJECTED, reason="malformed", detail="not bytes")
         if len(wire) > MAX_WIRE:
@@ -289,15 +302,19 @@ class Ledger:
             ev = decode_wire(wire, self.network)
         except InvalidEvent as e:
             return AppendResult(Status.REJECTED, reason=e.reason, detail=str(e))
-        head = self._head(ev.author, overlay)
+        head = self._head(ev.author, b)
         have = head.seq if head else 0
         if ev.seq <= have:
-            stored = self._stored_at(ev.author, ev.seq, rows)
-            if stored is None or stored == wire:
+            stored = self._stored_at(ev.author, ev.seq, b)
+            if stored is None or stored[0] == ev.id:
+                # Same id: the same envelope (possibly with another valid signature).
                 return AppendResult(Status.DUPLICATE, ev.id)
-            proof = ForkProof(ev.author, ev.seq, stored, wire)
-            if not self._has_fork(proof.author, proof.seq, forks):
-                forks.append(proof)
+            # A different event at a seq we hold: a fork only if it chains like ours,
+            # so that what is stored never depends on arrival order.
+            err = _chain_error(ev, self._head_at(ev.author, ev.seq - 1, b))
+            if err:
+                return AppendResult(Status.REJECTED, ev.id, reason=err[0], detail=err[1])
+            self._add_fork(ForkProof(ev.author, ev.seq, stored[1], wire), b)
             return AppendResult(Status.FORK, ev.id, detail=f"equivocation at seq {ev.seq}")
         if ev.seq > have + 1:
             if self._pending.add(ev):
@@ -309,41 +326,62 @@ class Ledger:
         if err:
             return AppendResult(Status.REJECTED, ev.id, reason=err[0], detail=err[1])
         accepted = [ev]
-        self._stage(ev, wire, overlay, rows)
-        # Drain events that were waiting for this one.
-        nxt = self._pending.pop(ev.author, ev.seq + 1)
-        while nxt is not None:
-            if _chain_error(nxt, overlay[ev.author]):
-                # A buffered successor that does not chain is discarded; a peer will
-                # resend the right one during sync.
-                self.counters["pending_discarded"] += 1
+        self._stage(ev, wire, b)
+        # Drain events that were waiting for this one. Of several candidates at one seq
+        # the first that chains is stored; others that chain are fork proofs.
+        while True:
+            top = accepted[-1]
+            cands = self._pending.pop(ev.author, top.seq + 1)
+            if not cands:
                 break
-            self._stage(nxt, nxt.wire, overlay, rows)
+            b.popped.extend(cands)
+            base = b.overlay[ev.author]
+            nxt: Event | None = None
+            for cand in cands:
+                if _chain_error(cand, base):
+                    # Does not chain: discarded; a peer resends the right one in sync.
+                    self.counters["pending_discarded"] += 1
+                elif nxt is None:
+                    nxt = cand
+                    self._stage(cand, cand.wire, b)
+                else:
+                    self._add_fork(ForkProof(ev.author, cand.seq, nxt.wire, cand.wire), b)
+            if nxt is None:
+                break
             accepted.append(nxt)
-            nxt = self._pending.pop(ev.author, nxt.seq + 1)
-        drained.append((ev.author, overlay[ev.author].seq))
         return AppendResult(Status.ACCEPTED, ev.id, accepted=tuple(accepted))
 
-    def _stage(
-        self,
-        ev: Event,
-        wire: bytes,
-        overlay: dict[bytes, Head],
-        rows: list[_Row],
-    ) -> None:
-        rows.append((ev.id, ev.author, ev.seq, ev.ts_ms, ev.kind, ev.ref, wire))
-        overlay[ev.author] = Head(ev.seq, ev.id, ev.ts_ms)
+    def _stage(self, ev: Event, wire: bytes, b: _Batch) -> None:
+        row = (ev.id, ev.author, ev.seq, ev.ts_ms, ev.kind, ev.ref, wire)
+        b.rows.append(row)
+        b.staged[(ev.author, ev.seq)] = row
+        b.overlay[ev.author] = Head(ev.seq, ev.id, ev.ts_ms)
 
-    def _stored_at(
-        self, author: bytes, seq: int, rows: list[_Row]
-    ) -> bytes | None:
-        for r in rows:
-            if r[1] == author and r[2] == seq:
-                return r[6]
+    def _stored_at(self, author: bytes, seq: int, b: _Batch) -> tuple[bytes, bytes] | None:
+        """(id, wire) of the event held at (author, seq), staged or stored."""
+        r = b.staged.get((author, seq))
+        if r is not None:
+            return r[0], r[6]
         row = self.db.execute(
-            "SELECT wire FROM events WHERE author=? AND seq=?", (author, seq)
+            "SELECT id, wire FROM events WHERE author=? AND seq=?", (author, seq)
         ).fetchone()
-        return row[0] if row else None
+        return (row[0], row[1]) if row else None
+
+    def _head_at(self, author: bytes, seq: int, b: _Batch) -> Head | None:
+        """The held event at (author, seq) as a Head; None for seq 0."""
+        if seq < 1:
+            return None
+        r = b.staged.get((author, seq))
+        if r is not None:
+            return Head(r[2], r[0], r[3])
+        row = self.db.execute(
+            "SELECT seq, id, ts_ms FROM events WHERE author=? AND seq=?", (author, seq)
+        ).fetchone()
+        return Head(*row) if row else None
+
+    def _add_fork(self, proof: ForkProof, b: _Batch) -> None:
+        if not self._has_fork(proof.author, proof.seq, b.forks):
+            b.forks.append(proof)
 
     def _has_fork(self, author: bytes, seq: int, staged: list[ForkProof]) -> bool:
         if any(p.author == author and p.seq == seq for p in staged):
@@ -366,14 +404,22 @@ class Ledger:
         return ev
 
     def add_fork_proof(self, wire_a: bytes, wire_b: bytes) -> bool:
-        """Store a fork proof received from a peer; True if valid and new."""
+        """Store a fork proof received from a peer; True if valid and new.
+
+        Valid: both records verify, same author and seq, different ids, same `prev`
+        (two successors of one event), and, when we hold the author's event at
+        seq - 1, both chain onto it, exactly as a locally detected fork."""
         try:
             a = decode_wire(wire_a, self.network)
             b = decode_wire(wire_b, self.network)
         except InvalidEvent:
             self.counters["rejected:bad_fork_proof"] += 1
             return False
-        if a.author != b.author or a.seq != b.seq or a.id == b.id:
+        ok = a.author == b.author and a.seq == b.seq and a.id != b.id and a.prev == b.prev
+        if ok and a.seq > 1:
+            before = self._head_at(a.author, a.seq - 1, _Batch())
+            ok = before is None or not (_chain_error(a, before) or _chain_error(b, before))
+        if not ok:
             self.counters["rejected:bad_fork_proof"] += 1
             return False
         if self._has_fork(a.author, a.seq, []):
@@ -557,10 +603,13 @@ def read_stream(data: bytes, max_records: int = 10_000_000) -> Iterator[bytes | 
     """Split an export file (concatenated wire records) into records.
 
     Yields each record's bytes, or an InvalidEvent where the stream cannot be read
-    (after which reading stops: a broken msgpack stream has no reliable resync)."""
+    (after which reading stops: a broken msgpack stream has no reliable resync).
+    Framing only: each record's content is checked by `Ledger.append`."""
     import msgpack
 
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1, max_bin_len=MAX_WIRE)
+    unpacker = msgpack.Unpacker(raw=True, max_buffer_size=len(data) + 1, max_bin_len=MAX_WIRE,
+                                max_str_len=MAX_WIRE, max_array_len=1 << 16,
+                                max_map_len=1 << 10, max_ext_len=MAX_WIRE)
     unpacker.feed(data)
     pos = 0
     for _ in range(max_records):
@@ -573,10 +622,8 @@ def read_stream(data: bytes, max_records: int = 10_000_000) -> Iterator[bytes | 
         except (ValueError, msgpack.UnpackException) as e:
             yield InvalidEvent(f"unreadable record at byte {pos}: {e}", "malformed")
             return
-        end = unpacker.tell()
-        record = data[pos:end]
-        pos = end
+        start, pos = pos, unpacker.tell()
         if type(obj) is not list:
-            yield InvalidEvent(f"record at byte {pos} is not [signed, sig]", "malformed")
+            yield InvalidEvent(f"record at byte {start} is not [signed, sig]", "malformed")
             continue
-        yield record
+        yield data[start:pos]

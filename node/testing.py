@@ -1,0 +1,145 @@
+"""Helpers for tests, test vectors and benchmarks: fixed seeds, one sample body per
+kind, a chain builder, and raw signing of arbitrary envelope bytes.
+
+Not used by the node itself. `sign_raw` signs bytes as given, so tests can build
+events a correct encoder would never produce (non-canonical, unknown kind, bad body)
+and check that receivers reject them for the right reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import nacl.bindings
+
+from .events import (
+    KINDS,
+    Award,
+    Bid,
+    Body,
+    Commit,
+    Event,
+    Members,
+    MemberUsage,
+    Offer,
+    Payment,
+    Pledge,
+    Rating,
+    Request,
+    Reveal,
+    ServiceOffer,
+    Subcontract,
+    Usage,
+    commitment_hash,
+    considered_digest,
+    domain_tag,
+    sign_event,
+)
+
+NETWORK = "testnet"
+
+
+def seed(i: int) -> bytes:
+    """A fixed 32-byte Ed25519 seed per index."""
+    return hashlib.sha256(b"bidmesh-test-seed/" + str(i).encode()).digest()
+
+
+def public_key(seed_: bytes) -> bytes:
+    pk, _ = nacl.bindings.crypto_sign_seed_keypair(seed_)
+    return bytes(pk)
+
+
+def fake_id(label: str) -> bytes:
+    return hashlib.sha256(label.encode()).digest()
+
+
+def sample_bodies() -> dict[str, Body]:
+    """One valid body per kind, with every optional field used somewhere."""
+    req, bid, lease = fake_id("request"), fake_id("bid"), fake_id("lease")
+    nonce = bytes(range(16))
+    bodies: list[Body] = [
+        Request(
+            service="bandwidth", chain=("zstd",), start_ms=1_700_000_000_000,
+            duration_ms=3_600_000, max_rate_bps=100_000_000, min_rate_bps=1_000_000,
+            members=Members(devices=(public_key(seed(90)),), phones=("+4915112345678",),
+                            users=("alice",), max_devices=4),
+            reserve=5_000, currency="EUR", close_ms=1_699_999_000_000,
+            reveal_ms=1_699_999_600_000, rule="vickrey", sealed=True, group=False,
+            note="evening block",
+        ),
+        Bid(request=req, price=4_200, note="fibre"),
+        Commit(request=req, commitment=commitment_hash(req, 4_100, nonce)),
+        Reveal(commit=fake_id("commit"), price=4_100, nonce=nonce),
+        Award(request=req, winner=bid, price=4_200, considered=(bid,),
+              considered_digest=considered_digest([bid]), considered_count=1),
+        Payment(lease=lease, amount=4_200, currency="EUR", method="card",
+                reference="ch_123", on_behalf=(public_key(seed(91)),)),
+        Rating(lease=lease, subject=public_key(seed(92)), role="provider", satisfied=True,
+               score=5, text="smooth"),
+        Offer(services=(ServiceOffer(name="zstd", price=3, capacity=10_240),),
+              currency="EUR", addrs=("/ip4/127.0.0.1/tcp/4001",), note=""),
+        Pledge(request=req, willing=True, amount=1_000, sponsor=(public_key(seed(93)),)),
+        Usage(lease=lease, members=(MemberUsage(member=public_key(seed(90)), bytes_in=10,
+                                                bytes_out=20, segments=1, active_ms=1000),),
+              shortfall_ms=0, rate_limited=0, subcontracts=1),
+        Subcontract(lease=lease, contractor=public_key(seed(94)), services=("zstd",),
+                    segments=3, bytes_in=4096, result_digest=fake_id("result")),
+    ]
+    out = {b.KIND: b for b in bodies}
+    assert set(out) == set(KINDS), "sample_bodies must cover every kind"
+    return out
+
+
+def sign_raw(seed_: bytes, signed: bytes, network: str = NETWORK) -> bytes:
+    """Ed25519 signature over domain_tag(network) + signed, for any bytes."""
+    _, sk = nacl.bindings.crypto_sign_seed_keypair(seed_)
+    return bytes(nacl.bindings.crypto_sign(domain_tag(network) + signed, sk)[:64])
+
+
+def wire_of(signed: bytes, sig: bytes) -> bytes:
+    return bytes(msgpack.packb([signed, sig], use_bin_type=True))
+
+
+def raw_event(
+    seed_: bytes,
+    envelope: list[Any],
+    network: str = NETWORK,
+    *,
+    packed: bytes | None = None,
+) -> tuple[bytes, bytes, bytes]:
+    """Sign an envelope given as a Python list (packed as-is, keys in given order) or as
+    `packed` bytes. Returns (signed, sig, wire)."""
+    signed = packed if packed is not None else bytes(msgpack.packb(envelope, use_bin_type=True))
+    sig = sign_raw(seed_, signed, network)
+    return signed, sig, wire_of(signed, sig)
+
+
+@dataclass
+class Chain:
+    """Builds successive events of one author's chain."""
+
+    seed: bytes
+    network: str = NETWORK
+    ts_ms: int = 1_700_000_000_000
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def public(self) -> bytes:
+        return public_key(self.seed)
+
+    def next(self, body: Body | None = None, *, ts_ms: int | None = None) -> Event:
+        head = self.events[-1] if self.events else None
+        ev = self.make(len(self.events) + 1, head.id if head else None, body, ts_ms=ts_ms)
+        self.events.append(ev)
+        return ev
+
+    def make(self, seq: int, prev: bytes | None, body: Body | None = None, *,
+             ts_ms: int | None = None) -> Event:
+        """An event at any position (for forks and gaps); does not extend the chain."""
+        if body is None:
+            body = Bid(request=fake_id("request"), price=seq, note="")
+        ts = self.ts_ms + seq if ts_ms is None else ts_ms
+        return sign_event(self.seed, seq, prev, ts, body, self.network)

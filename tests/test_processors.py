@@ -230,6 +230,7 @@ async def test_pool_runs_cpu_heavy_jobs_in_parallel(pool: WorkerPool) -> None:
 
 
 async def test_pool_run_chain_matches_in_process(pool: WorkerPool) -> None:
+    await pool.start()
     out = await pool.run_chain(["zstd", "aes-gcm"], DATA, CTX)
     assert out == run_chain(PROCS, ["zstd", "aes-gcm"], DATA, CTX)
 

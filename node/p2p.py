@@ -1,0 +1,1051 @@
+"""libp2p plumbing for bidmesh: host, framed streams, request/response, gossipsub.
+
+Everything that touches py-libp2p 0.8.1 directly lives here, so that
+`node/gossip.py`, `node/dataplane.py` and `node/client.py` build on a small API
+and the upstream pitfalls are worked around once. `docs/libp2p-notes.md` has the
+background (file:line references into the installed libp2p).
+
+Host::
+
+    async with open_host(seed) as host:          # Ed25519 identity from the 32-byte seed
+        peer = await host.connect("/ip4/…/tcp/…/p2p/12D3…")
+        host.block(peer, 60)                      # close + refuse inbound for 60 s
+
+Streams (u32 big-endian length prefix; every read bounded)::
+
+    set_stream_handler(host, "/bidmesh/x/1", handler)   # exceptions reset the stream
+    stream = await host.new_stream(peer, "/bidmesh/x/1")
+    await write_frame(stream, b"…"); data = await read_frame(stream, 1 << 20, 10.0)
+
+Request/response (one stream per request over the kept connection)::
+
+    serve_requests(host, "/bidmesh/sync/1", handler, max_request=1 << 20)
+    reply = await request(host, peer, "/bidmesh/sync/1", b"…", max_response=1 << 20, timeout=10)
+
+Gossipsub::
+
+    async with make_pubsub(host) as ps:
+        topic = ps.topic("bidmesh/net-1")
+        topic.set_validator(lambda forwarder, data: True)
+        async with await topic.subscribe() as sub:
+            async for origin_pubkey, data in sub: ...
+        await topic.publish(b"…")                # waits while peers' queues are full
+
+Errors are those of `node.errors`: bad peer input raises `InvalidMessage`, misuse
+raises `UsageError`, failures raise `OperationError` (timeouts: `StreamTimeout`;
+the remote refused or reset: `RemoteError`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import Ed25519PublicKey
+from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
+from libp2p.crypto.keys import KeyPair, KeyType
+from libp2p.crypto.x25519 import create_new_key_pair as x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import IOException
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub import pubsub as _pubsub_module
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, OutBoundQueueSize
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.transport.tcp.tcp import TCP
+
+from .errors import BidmeshError, InvalidMessage, OperationError, PeerError, RemoteError, UsageError
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "P2PHost",
+    "PeerId",
+    "PubSub",
+    "RequestRefused",
+    "StreamTimeout",
+    "Subscription",
+    "Topic",
+    "make_pubsub",
+    "open_host",
+    "parse_peer_id",
+    "peer_id_from_pubkey",
+    "pubkey_from_peer_id",
+    "read_frame",
+    "remote_peer_id",
+    "remote_pubkey",
+    "request",
+    "serve_requests",
+    "set_stream_handler",
+    "write_frame",
+]
+
+log = logging.getLogger(__name__)
+
+PeerId = ID
+"""The libp2p peer id type (`libp2p.peer.id.ID`); `str(peer_id)` is its base58 form."""
+
+DEFAULT_LISTEN: Final[tuple[str, ...]] = ("/ip4/127.0.0.1/tcp/0",)
+FRAME_HEADER: Final = struct.Struct(">I")
+MAX_FRAME: Final = (1 << 32) - 1
+# Bounded shutdown: closing connections costs ~100 ms each upstream
+# (SwarmConn._cleanup sleeps), so a few seconds covers a busy node.
+SHUTDOWN_TIMEOUT: Final = 5.0
+# How long write_frame waits, after resetting a timed-out stream, for the write
+# to give up before cancelling it outright.
+WRITE_ABORT_GRACE: Final = 5.0
+
+StreamHandler = Callable[[INetStream], Awaitable[None]]
+RequestHandler = Callable[[bytes, bytes], Awaitable[bytes]]
+Validator = Callable[[ID, bytes], bool]
+
+
+class StreamTimeout(OperationError):
+    """A network operation (dial, stream open, read, write, request) ran out of time."""
+
+
+class RequestRefused(RemoteError):
+    """The remote request handler answered with an error; `reason` is its short code."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _keypair_from_seed(seed: bytes) -> KeyPair:
+    if not isinstance(seed, bytes) or len(seed) != 32:
+        raise UsageError("the node key seed must be exactly 32 bytes (an Ed25519 seed)")
+    return ed25519_key_pair(seed)
+
+
+def peer_id_from_pubkey(pub32: bytes) -> ID:
+    """The libp2p peer id of a raw 32-byte Ed25519 public key (identity multihash)."""
+    if not isinstance(pub32, bytes) or len(pub32) != 32:
+        raise UsageError("an Ed25519 public key is exactly 32 bytes")
+    return ID.from_pubkey(Ed25519PublicKey.from_bytes(pub32))
+
+
+def parse_peer_id(value: ID | str | bytes) -> ID:
+    """Accept an `ID`, its base58 string or its raw bytes; raise InvalidMessage if unusable."""
+    if isinstance(value, ID):
+        return value
+    if isinstance(value, bytes):
+        return ID(value)
+    try:
+        return ID.from_base58(value)
+    except ValueError as exc:
+        raise InvalidMessage(f"not a peer id: {value!r}", "bad_peer_id") from exc
+
+
+def pubkey_from_peer_id(peer_id: ID | str | bytes) -> bytes:
+    """The raw 32-byte Ed25519 public key inside a peer id; InvalidMessage if it has none."""
+    pid = parse_peer_id(peer_id)
+    key = pid.extract_public_key()
+    if key is None or key.get_type() != KeyType.Ed25519:
+        raise InvalidMessage(f"peer id {pid} does not embed an Ed25519 key", "bad_peer_id")
+    raw = key.to_bytes()
+    if len(raw) != 32:
+        raise InvalidMessage(f"peer id {pid} embeds a malformed key", "bad_peer_id")
+    return raw
+
+
+def remote_peer_id(stream: INetStream) -> ID:
+    """The authenticated (noise handshake) peer id at the other end of a stream."""
+    peer: ID = stream.muxed_conn.peer_id
+    return peer
+
+
+def remote_pubkey(stream: INetStream) -> bytes:
+    """The remote peer's raw 32-byte Ed25519 public key (authenticated by noise)."""
+    return pubkey_from_peer_id(remote_peer_id(stream))
+
+
+# --------------------------------------------------------------------------- host
+
+
+class _Gate(INotifee):
+    """Closes connections of blocked peers as soon as the swarm registers them.
+
+    py-libp2p 0.8.1 has no per-peer connection gater (ConnectionGate is IP-only,
+    network/connection_gate.py); `Swarm.add_conn` calls `notify_connected` after
+    registering every inbound and outbound connection (network/swarm.py:2703), so
+    a notifee is the earliest point that knows the authenticated peer id.
+    """
+
+    def __init__(self, owner: P2PHost) -> None:
+        self._owner = owner
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer: ID = conn.muxed_conn.peer_id
+        if self._owner.is_blocked(peer):
+            log.info("refusing connection from blocked peer %s", peer)
+            with trio.move_on_after(SHUTDOWN_TIMEOUT):
+                await conn.close()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class P2PHost:
+    """A running libp2p host (TCP + noise + yamux). Create it with `open_host`."""
+
+    def __init__(self, libp2p_host: IHost, pubkey: bytes, max_connections: int) -> None:
+        self.libp2p: IHost = libp2p_host
+        """The underlying py-libp2p host, for the few things this class does not wrap."""
+        self.pubkey: bytes = pubkey
+        """This node's raw 32-byte Ed25519 public key."""
+        self.max_connections = max_connections
+        self._blocked: dict[ID, float] = {}
+        self._swarm: Any = libp2p_host.get_network()  # the concrete Swarm (private knobs)
+
+    # -- identity and addresses
+
+    @property
+    def peer_id(self) -> ID:
+        """This node's peer id (derived from `pubkey`)."""
+        peer: ID = self.libp2p.get_id()
+        return peer
+
+    @property
+    def addrs(self) -> list[str]:
+        """Listen multiaddrs including the `/p2p/<peer id>` suffix, ready for `connect`."""
+        return [str(a) for a in self.libp2p.get_addrs()]
+
+    # -- connections
+
+    def connected_peers(self) -> list[ID]:
+        """Peers with at least one open connection (blocked peers excluded)."""
+        return [p for p in list(self._swarm.connections) if self.is_connected(p)]
+
+    def is_connected(self, peer_id: ID | str) -> bool:
+        """Whether a usable connection exists (closing ones and blocked peers don't count)."""
+        peer = parse_peer_id(peer_id)
+        # Upstream keeps a connection registered while it closes (~200 ms of
+        # sleeps in yamux close and SwarmConn._cleanup), so check is_closed.
+        conns = self._swarm.connections.get(peer, [])
+        return any(not c.is_closed for c in conns) and not self.is_blocked(peer)
+
+    async def connect(self, maddr: str, timeout: float = 10.0) -> ID:
+        """Dial a full multiaddr (with /p2p/...) unless already connected; return its peer id.
+
+        Connections are kept: open streams on them instead of dialing per request.
+        Raises UsageError for a malformed address, OperationError if the dial fails
+        or the peer is blocked or the connection cap refused it, StreamTimeout on timeout.
+        """
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(maddr))
+        except Exception as exc:  # multiaddr raises several unrelated types
+            raise UsageError(f"not a dialable multiaddr with /p2p/<peer id>: {maddr!r}") from exc
+        peer: ID = info.peer_id
+        if peer == self.peer_id:
+            raise UsageError(f"refusing to dial ourselves ({maddr})")
+        if self.is_blocked(peer):
+            raise OperationError(f"peer {peer} is blocked; unblock() it before dialing")
+        if self.is_connected(peer):
+            return peer
+        # Upstream keeps a 60 s negative cache of peers whose dial failed
+        # (network/swarm.py:109, checked in dial_peer); an explicit connect should dial.
+        self._swarm.unblock_peer(peer)
+        try:
+            with trio.fail_after(timeout):
+                await self.libp2p.connect(info)
+        except trio.TooSlowError:
+            raise StreamTimeout(f"dialing {maddr} took longer than {timeout} s") from None
+        except Exception as exc:  # SwarmException and friends: map at the edge
+            raise OperationError(f"could not connect to {maddr}: {exc}") from exc
+        if not self.is_connected(peer):
+            raise OperationError(
+                f"connection to {peer} was closed right after the dial "
+                "(connection cap reached on either side, or the peer refused us)"
+            )
+        return peer
+
+    async def disconnect(self, peer_id: ID | str) -> None:
+        """Close every connection to the peer (no-op if none)."""
+        peer = parse_peer_id(peer_id)
+        with trio.move_on_after(SHUTDOWN_TIMEOUT):
+            await self.libp2p.disconnect(peer)
+
+    def block(self, peer_id: ID | str, seconds: float) -> None:
+        """Refuse the peer for `seconds`: close its connections, refuse new ones.
+
+        Synchronous: the connections are closed in the background. Inbound
+        connections from the peer are closed as soon as they register, its
+        streams are reset by handlers set through `set_stream_handler`, and
+        `connect` to it raises OperationError.
+        """
+        if seconds <= 0:
+            raise UsageError("block() needs a positive number of seconds")
+        peer = parse_peer_id(peer_id)
+        self._blocked[peer] = trio.current_time() + seconds
+        if self._swarm.connections.get(peer):
+            self._swarm.manager.run_task(self.disconnect, peer)
+
+    def unblock(self, peer_id: ID | str) -> None:
+        self._blocked.pop(parse_peer_id(peer_id), None)
+
+    def is_blocked(self, peer_id: ID | str) -> bool:
+        peer = parse_peer_id(peer_id)
+        until = self._blocked.get(peer)
+        if until is None:
+            return False
+        if trio.current_time() >= until:
+            del self._blocked[peer]
+            return False
+        return True
+
+    # -- streams
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """See module-level `set_stream_handler`."""
+        set_stream_handler(self, protocol, handler)
+
+    async def new_stream(
+        self, peer_id: ID | str, protocol: str, timeout: float = 10.0
+    ) -> INetStream:
+        """Open a stream to a peer (dialing known addresses if not connected).
+
+        The caller owns the stream: close it when done, reset it on error.
+        """
+        peer = parse_peer_id(peer_id)
+        if self.is_blocked(peer):
+            raise OperationError(f"peer {peer} is blocked")
+        try:
+            with trio.fail_after(timeout):
+                stream: INetStream = await self.libp2p.new_stream(peer, [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise StreamTimeout(
+                f"opening {protocol} to {peer} took longer than {timeout} s"
+            ) from None
+        except Exception as exc:  # StreamFailure, SwarmException: map at the edge
+            raise OperationError(f"could not open {protocol} to {peer}: {exc}") from exc
+        return stream
+
+
+def _build_libp2p_host(
+    keypair: KeyPair, listen: Sequence[multiaddr.Multiaddr], max_connections: int
+) -> IHost:
+    config = ConnectionConfig(
+        max_connections=max_connections,
+        # min/low = 0 and high = max: the auto-connector has no floor to defend
+        # and the pruner never runs below the hard cap (network/config.py:140).
+        min_connections=0,
+        low_watermark=0,
+        high_watermark=max_connections,
+        # One connection per peer. Besides being what we want, this is what
+        # makes dial_peer return at once: with a per-peer limit above 1 it waits
+        # the 250 ms happy-eyeballs delay after the last address
+        # (network/swarm.py:935, cancel at :917).
+        max_connections_per_peer=1,
+    )
+    host: IHost = new_host(
+        key_pair=keypair,
+        # Noise only (new_host's default also offers TLS, secio and plaintext).
+        sec_opt={
+            NOISE_PROTOCOL_ID: NoiseTransport(keypair, noise_privkey=x25519_key_pair().private_key)
+        },
+        # Yamux only (the default adds mplex as a fallback).
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        # Explicit transport list: TCP only, never QUIC/WebSocket.
+        transports=[TCP()],
+        listen_addrs=list(listen),
+        connection_config=config,
+    )
+    swarm: Any = host.get_network()
+    # Upstream bug: the inbound handler holds its `_inbound_limiter` slot until
+    # the *swarm* stops, not until the connection closes (network/swarm.py:1976
+    # acquires, :2061 waits for manager.wait_finished()), so after
+    # max_connections - min_connections inbound connections in the node's
+    # lifetime every new inbound connection is refused. Replace the limiter by
+    # an unbounded one; the real cap is enforced at registration (add_conn,
+    # network/swarm.py:2678) which counts live connections only.
+    swarm._inbound_limiter = trio.CapacityLimiter(math.inf)
+    return host
+
+
+@asynccontextmanager
+async def open_host(
+    seed: bytes,
+    listen: Sequence[str] = DEFAULT_LISTEN,
+    *,
+    max_connections: int = 64,
+) -> AsyncIterator[P2PHost]:
+    """Run a libp2p host whose identity is the Ed25519 key of `seed` (32 bytes).
+
+    Listens on `listen` (default loopback, ephemeral port). At most
+    `max_connections` connections (both directions) are kept; beyond that new
+    ones are closed at registration. On exit every connection and listener is
+    closed within a bounded time, even when the block is cancelled.
+    """
+    if max_connections < 1:
+        raise UsageError("max_connections must be at least 1")
+    keypair = _keypair_from_seed(seed)
+    try:
+        maddrs = [multiaddr.Multiaddr(a) for a in listen]
+    except Exception as exc:
+        raise UsageError(f"bad listen multiaddr in {list(listen)!r}: {exc}") from exc
+    if not maddrs:
+        raise UsageError("open_host needs at least one listen address")
+    host = _build_libp2p_host(keypair, maddrs, max_connections)
+    node = P2PHost(host, keypair.public_key.to_bytes(), max_connections)
+    swarm: Any = host.get_network()
+    swarm.register_notifee(_Gate(node))
+    async with host.run(maddrs):
+        try:
+            # The auto-connector would re-dial any peer in the peerstore
+            # (network/auto_connector.py:262), including blocked ones; peer
+            # selection belongs to node/gossip.py, so turn it off.
+            await swarm.auto_connector.stop()
+            if not swarm.listeners:
+                # BasicHost.run ignores Swarm.listen()'s False (host/basic_host.py:590).
+                raise UsageError(f"could not listen on any of {list(listen)}")
+            yield node
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_TIMEOUT):
+                # Close connections before the service manager is torn down;
+                # otherwise sockets leak (ResourceWarning) on the cancel path.
+                await swarm.close()
+
+
+# --------------------------------------------------------------------------- frames
+
+
+async def _close_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        try:
+            await stream.close()
+        except (IOException, OSError) as exc:
+            log.debug("closing a stream failed (already gone): %r", exc)
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        try:
+            await stream.reset()
+        except (IOException, OSError) as exc:
+            log.debug("resetting a stream failed (already gone): %r", exc)
+
+
+def _was_reset(stream: INetStream) -> bool:
+    """Whether an EOF was really a reset.
+
+    Yamux finalizes a stream as soon as RST arrives (stream_muxer/yamux/yamux.py:1349,
+    :1571) and a later read of an unknown stream id raises MuxedStreamEOF
+    (:1058), so NetStream.read reports a reset as StreamEOF; the YamuxStream
+    object still carries `reset_received`.
+    """
+    return getattr(getattr(stream, "muxed_stream", None), "reset_received", False) is True
+
+
+async def _read_exactly(stream: INetStream, n: int, what: str) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await stream.read(n - len(buf))
+        except StreamEOF:
+            if _was_reset(stream):
+                raise RemoteError("the peer reset the stream") from None
+            if not buf and what == "header":
+                raise InvalidMessage("stream ended before a frame", "eof") from None
+            raise InvalidMessage(
+                f"stream ended inside a frame {what} ({len(buf)} of {n} bytes)", "truncated"
+            ) from None
+        except StreamReset:
+            raise RemoteError("the peer reset the stream") from None
+        except (IOException, OSError) as exc:
+            raise OperationError(f"reading from the stream failed: {exc!r}") from exc
+        if not chunk:  # defensive: 0.8.1 raises StreamEOF instead of returning b""
+            raise InvalidMessage(f"stream ended inside a frame {what}", "truncated")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_frame(stream: INetStream, max_size: int, timeout: float) -> bytes:
+    """Read one u32-BE-length-prefixed frame.
+
+    Raises InvalidMessage("oversized") if the announced length exceeds
+    `max_size` (nothing more is read), InvalidMessage("eof") if the stream ended
+    cleanly before the frame, InvalidMessage("truncated") if it ended inside
+    it, RemoteError if the peer reset the stream, StreamTimeout after `timeout`
+    seconds (math.inf for none).
+    """
+    try:
+        with trio.fail_after(timeout):
+            (length,) = FRAME_HEADER.unpack(
+                await _read_exactly(stream, FRAME_HEADER.size, "header")
+            )
+            if length > max_size:
+                raise InvalidMessage(
+                    f"frame of {length} bytes exceeds the limit of {max_size}", "oversized"
+                )
+            return await _read_exactly(stream, length, "body") if length else b""
+    except trio.TooSlowError:
+        raise StreamTimeout(f"no complete frame within {timeout} s") from None
+
+
+async def write_frame(stream: INetStream, data: bytes, timeout: float = math.inf) -> None:
+    """Write one u32-BE-length-prefixed frame (a single stream write).
+
+    Cancellation-safe: the write is shielded, and when `timeout` passes the
+    stream is reset instead, which makes yamux abandon the write between
+    frames. Consequently an enclosing cancel scope does *not* interrupt it:
+    pass the time you are willing to wait as `timeout`. (Cancelling a write in
+    0.8.1 can stop it between noise encryption and the socket write, which
+    desynchronises the session and kills the whole connection.)
+
+    Raises UsageError if `data` is 4 GiB or more, StreamTimeout after
+    `timeout` (the stream is then reset), RemoteError if the peer reset the
+    stream, OperationError if it is closed.
+    """
+    if len(data) > MAX_FRAME:
+        raise UsageError(f"a frame holds at most {MAX_FRAME} bytes, got {len(data)}")
+    frame = FRAME_HEADER.pack(len(data)) + data
+    timed_out = False
+
+    async def watchdog() -> None:
+        nonlocal timed_out
+        await trio.sleep(timeout)
+        timed_out = True
+        await _reset_quietly(stream)
+
+    error: BaseException | None = None
+    with trio.CancelScope(shield=True):
+        # Last resort if even the reset cannot get through (TCP send stuck):
+        # then the connection is unusable anyway.
+        with trio.move_on_after(timeout + WRITE_ABORT_GRACE):
+            async with trio.open_nursery() as nursery:
+                if timeout != math.inf:
+                    nursery.start_soon(watchdog)
+                try:
+                    await stream.write(frame)
+                except (IOException, OSError) as exc:
+                    error = exc
+                nursery.cancel_scope.cancel()
+    if timed_out:
+        raise StreamTimeout(f"writing a frame of {len(data)} bytes took longer than {timeout} s")
+    if isinstance(error, StreamReset):
+        raise RemoteError("the peer reset the stream") from None
+    if error is not None:
+        raise OperationError(f"writing to the stream failed: {error!r}") from error
+    await trio.lowlevel.checkpoint()  # deliver any cancellation held off by the shield
+
+
+def set_stream_handler(host: P2PHost, protocol_id: str, handler: StreamHandler) -> None:
+    """Serve `protocol_id` with `handler(stream)`, wrapped so every path ends the stream.
+
+    Upstream (0.8.1) neither closes a stream when the handler returns nor resets
+    it when the handler raises (host/basic_host.py:1554 just awaits it), so the
+    remote would hang. The wrapper resets the stream if the handler raises
+    (PeerError is logged at info with its reason, anything else with a
+    traceback) and closes it if the handler returns; handlers may also close or
+    reset themselves. Streams from blocked peers are reset before the handler runs.
+    """
+
+    async def wrapped(stream: INetStream) -> None:
+        peer = remote_peer_id(stream)
+        if host.is_blocked(peer):
+            await _reset_quietly(stream)
+            return
+        try:
+            await handler(stream)
+        except PeerError as exc:
+            log.info("%s from %s: invalid input (%s): %s", protocol_id, peer, exc.reason, exc)
+            await _reset_quietly(stream)
+        except BidmeshError as exc:
+            log.info("%s from %s failed: %s", protocol_id, peer, exc)
+            await _reset_quietly(stream)
+        except Exception:
+            log.exception("%s handler failed on a stream from %s", protocol_id, peer)
+            await _reset_quietly(stream)
+        except BaseException:  # cancellation: still tell the peer, then propagate
+            await _reset_quietly(stream)
+            raise
+        else:
+            await _close_quietly(stream)
+
+    host.libp2p.set_stream_handler(TProtocol(protocol_id), wrapped)
+
+
+# --------------------------------------------------------------------------- request/response
+#
+# Wire: request = one frame (the payload). Response = one frame whose first
+# byte is 0x00 (ok: the rest is the payload) or 0x01 (error: one byte n, n bytes
+# of ASCII reason code, then a UTF-8 message). A handler crash resets the stream.
+
+_OK: Final = 0
+_ERR: Final = 1
+
+
+def _error_body(reason: str, message: str) -> bytes:
+    code = reason.encode("ascii", "replace")[:255]
+    return bytes([_ERR, len(code)]) + code + message.encode("utf-8", "replace")[:1024]
+
+
+def _parse_response(peer: ID, protocol: str, frame: bytes) -> bytes:
+    if not frame:
+        raise InvalidMessage(f"{peer} sent an empty {protocol} response", "malformed")
+    if frame[0] == _OK:
+        return frame[1:]
+    if frame[0] == _ERR and len(frame) >= 2 and len(frame) >= 2 + frame[1]:
+        reason = frame[2 : 2 + frame[1]].decode("ascii", "replace")
+        message = frame[2 + frame[1] :].decode("utf-8", "replace")
+        raise RequestRefused(f"{peer} refused the {protocol} request ({reason}): {message}", reason)
+    raise InvalidMessage(f"{peer} sent a malformed {protocol} response", "malformed")
+
+
+async def request(
+    host: P2PHost,
+    peer_id: ID | str,
+    protocol: str,
+    payload: bytes,
+    max_response: int,
+    timeout: float,
+) -> bytes:
+    """Send one request on a new stream and return the response payload.
+
+    Everything (stream open, write, read) shares one `timeout`. Raises
+    StreamTimeout, RequestRefused (the handler answered with an error; has
+    `.reason`, e.g. "oversized"), RemoteError (the peer reset the stream: its
+    handler crashed or it refused the protocol), InvalidMessage (the response
+    is larger than `max_response` or malformed) or OperationError.
+    """
+    peer = parse_peer_id(peer_id)
+    deadline = trio.current_time() + timeout
+    try:
+        # Cancelling stream opens and reads is safe; writes get the deadline.
+        with trio.fail_at(deadline):
+            stream = await host.new_stream(peer, protocol, timeout=math.inf)
+            try:
+                frame = await _exchange(stream, payload, max_response + 1, deadline)
+            except BaseException:
+                await _reset_quietly(stream)
+                raise
+            await _close_quietly(stream)
+    except trio.TooSlowError:
+        raise StreamTimeout(f"{protocol} request to {peer} took longer than {timeout} s") from None
+    return _parse_response(peer, protocol, frame)
+
+
+async def _exchange(stream: INetStream, payload: bytes, max_frame: int, deadline: float) -> bytes:
+    """Write the request while reading the response.
+
+    Concurrent so that a server answering early (e.g. "oversized" after the
+    header) is heard even while our write is stalled on yamux flow control;
+    the stalled write is then ended by resetting the stream, never by
+    cancelling it (see write_frame).
+    """
+    write_error: list[BidmeshError] = []
+    read_error: list[BidmeshError] = []
+    frame = b""
+    write_done = trio.Event()
+
+    async def writer() -> None:
+        try:
+            await write_frame(stream, payload, max(0.0, deadline - trio.current_time()))
+        except BidmeshError as exc:
+            write_error.append(exc)
+        finally:
+            write_done.set()
+
+    # Errors are captured and raised after the nursery: raising inside it would
+    # wrap them in an ExceptionGroup (trio's strict exception groups).
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        try:
+            frame = await read_frame(stream, max_frame, math.inf)
+        except BidmeshError as exc:
+            read_error.append(exc)
+        if not write_done.is_set():
+            await _reset_quietly(stream)
+    if read_error:
+        # A write failure (e.g. reset while sending) explains a failed read best.
+        if write_error and not isinstance(read_error[0], InvalidMessage):
+            raise write_error[0] from read_error[0]
+        raise read_error[0]
+    return frame
+
+
+def serve_requests(
+    host: P2PHost,
+    protocol: str,
+    handler: RequestHandler,
+    max_request: int,
+    *,
+    timeout: float = 10.0,
+    max_concurrent: int = 64,
+) -> None:
+    """Answer `protocol` requests with `await handler(peer_pubkey, payload) -> bytes`.
+
+    `peer_pubkey` is the authenticated 32-byte Ed25519 key of the requester.
+    Requests over `max_request` bytes get an "oversized" error answer without
+    being read. A handler raising PeerError answers an error with its reason
+    (the requester sees RequestRefused); any other exception resets the
+    stream. Reading the request plus running the handler is bounded by
+    `timeout`; beyond `max_concurrent` requests in flight the answer is "busy".
+    """
+    limiter = trio.Semaphore(max_concurrent)
+
+    async def on_stream(stream: INetStream) -> None:
+        peer = remote_peer_id(stream)
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await write_frame(stream, _error_body("busy", "too many requests in flight"), 5.0)
+            return
+        deadline = trio.current_time() + timeout
+        try:
+            with trio.fail_at(deadline):
+                try:
+                    payload = await read_frame(stream, max_request, math.inf)
+                    response = bytes([_OK]) + await handler(pubkey_from_peer_id(peer), payload)
+                except PeerError as exc:
+                    log.info("%s request from %s refused (%s): %s", protocol, peer, exc.reason, exc)
+                    response = _error_body(exc.reason, str(exc))
+        except trio.TooSlowError:
+            raise StreamTimeout(
+                f"{protocol} request from {peer} not served within {timeout} s"
+            ) from None
+        finally:
+            limiter.release()
+        await write_frame(stream, response, max(0.0, deadline - trio.current_time()))
+
+    set_stream_handler(host, protocol, on_stream)
+
+
+# --------------------------------------------------------------------------- gossipsub
+
+
+class _SendChannel(Protocol):
+    def send_nowait(self, value: rpc_pb2.Message) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _CountingSend:
+    """Stands in for a subscription's send channel to count what upstream drops.
+
+    `Pubsub.notify_subscriptions` drops a message with only a log line when the
+    subscription channel is full (pubsub/pubsub.py:1371); we count it so the
+    owner can trigger a pull sync.
+    """
+
+    def __init__(self, inner: _SendChannel, topic: Topic) -> None:
+        self._inner = inner
+        self._topic = topic
+
+    def send_nowait(self, value: rpc_pb2.Message) -> None:
+        try:
+            self._inner.send_nowait(value)
+        except trio.WouldBlock:
+            self._topic.dropped += 1
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class Subscription:
+    """Async iterator of `(origin_pubkey, data)` for one topic; `aclose()` unsubscribes."""
+
+    def __init__(self, topic: Topic, upstream: Any) -> None:
+        self._topic = topic
+        self._upstream = upstream  # libp2p TrioSubscriptionAPI
+        self._closed = False
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> tuple[bytes, bytes]:
+        while not self._closed:
+            try:
+                msg = await self._upstream.get()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                await self.aclose()
+                break
+            try:
+                origin = pubkey_from_peer_id(ID(msg.from_id))
+            except InvalidMessage:
+                continue  # unreachable with strict signing; never yield unattributed data
+            return origin, bytes(msg.data)
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._topic._subscription = None
+        if not self._topic._owner.closing:
+            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                await self._upstream.unsubscribe()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class Topic:
+    """One gossipsub topic: publish with backpressure, subscribe, validate."""
+
+    def __init__(self, owner: PubSub, name: str) -> None:
+        self._owner = owner
+        self.name = name
+        self.dropped = 0
+        """Messages accepted by the validator but dropped because `subscribe()` lagged."""
+        self.rejected = 0
+        """Messages the validator rejected (or that made it raise)."""
+        self._validator: Validator | None = None
+        self._subscription: Subscription | None = None
+
+    def peers(self) -> set[ID]:
+        """Connected peers known to be subscribed to this topic."""
+        return set(self._owner.pubsub.peer_topics.get(self.name, set()))
+
+    def mesh_peers(self) -> set[ID]:
+        """Peers in our gossipsub mesh for this topic (empty until we subscribe)."""
+        return set(self._owner.router.mesh.get(self.name, set()))
+
+    async def publish(self, data: bytes, timeout: float = 10.0) -> None:
+        """Publish `data`, first waiting (at most `timeout` s) while any peer's queue is high.
+
+        Upstream `Pubsub.publish` never yields and each peer's outbound queue
+        (pubsub/rpc_queue.py, 32 RPCs) drops silently when full, so we wait
+        until every queue is below the high-water mark. Raises StreamTimeout if
+        a queue stays high (a stuck peer), UsageError if `data` is too large.
+        """
+        if len(data) > self._owner.max_message_size:
+            raise UsageError(
+                f"gossip message of {len(data)} bytes exceeds {self._owner.max_message_size}; "
+                "split it (upstream drops oversized RPCs silently)"
+            )
+        await self._owner.wait_for_queues(timeout)
+        await self._owner.pubsub.publish(self.name, data)
+
+    async def subscribe(self) -> Subscription:
+        """Subscribe; the returned `Subscription` yields `(origin_pubkey, data)`.
+
+        `origin_pubkey` is the 32-byte Ed25519 key of the publisher (the
+        message signature was checked against it). Our own publishes are
+        delivered too. One subscription per topic at a time; `aclose()` it (or
+        use `async with`) to unsubscribe. Iteration ends when `make_pubsub` exits.
+        """
+        if self._subscription is not None:
+            raise UsageError(f"topic {self.name!r} already has a subscriber")
+        pubsub = self._owner.pubsub
+        # SUBSCRIPTION_CHANNEL_SIZE is read when Pubsub.subscribe() creates the
+        # channel, before its first await (pubsub/pubsub.py:1404).
+        saved = _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
+        _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = self._owner.subscription_channel_size
+        try:
+            upstream = await pubsub.subscribe(self.name)
+        finally:
+            _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = saved
+        inner = pubsub.subscribed_topics_send[self.name]
+        pubsub.subscribed_topics_send[self.name] = _CountingSend(inner, self)
+        self._subscription = Subscription(self, upstream)
+        return self._subscription
+
+    def set_validator(self, fn: Validator) -> None:
+        """Check each incoming message with `fn(forwarder_peer_id, data) -> bool`.
+
+        `forwarder_peer_id` is the peer that sent it to us (ourselves for our own
+        publishes) — the one to account for invalid input. `fn` must be fast and
+        synchronous, and must not reject for a temporary reason: upstream caches
+        verdicts per message id for 300 s. If `fn` raises, the message is
+        rejected and the error logged (upstream would kill the Pubsub service).
+        Messages forwarded by blocked peers are rejected without calling `fn`.
+        """
+        self._validator = fn
+        self._owner.pubsub.set_topic_validator(self.name, self._validate, False)
+
+    def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        try:
+            if forwarder != self._owner.host.peer_id and self._owner.host.is_blocked(forwarder):
+                ok = False
+            else:
+                ok = self._validator is None or self._validator(forwarder, bytes(msg.data)) is True
+        except Exception:
+            log.exception("validator for topic %r raised; rejecting the message", self.name)
+            ok = False
+        if not ok:
+            self.rejected += 1
+        return ok
+
+
+@dataclass(frozen=True)
+class _PubSubConfig:
+    queue_high_water: int
+    subscription_channel_size: int
+    prune_interval: float
+    delivery_window: float
+
+
+class PubSub:
+    """A running gossipsub router; get topics with `ps.topic(name)`."""
+
+    def __init__(
+        self, host: P2PHost, pubsub: Pubsub, router: GossipSub, config: _PubSubConfig
+    ) -> None:
+        self.host = host
+        self.pubsub: Any = pubsub
+        """The upstream `libp2p.pubsub.pubsub.Pubsub`."""
+        self.router: Any = router
+        """The upstream `libp2p.pubsub.gossipsub.GossipSub`."""
+        self.queue_high_water = config.queue_high_water
+        self.subscription_channel_size = config.subscription_channel_size
+        self.max_message_size = DefaultMaxMessageSize - 16 * 1024  # room for signature, ids, record
+        self._config = config
+        self._topics: dict[str, Topic] = {}
+        self.closing = False
+
+    async def _end_subscriptions(self) -> None:
+        """Close every subscription channel so `subscribe()` loops end with the router."""
+        self.closing = True
+        for channel in list(self.pubsub.subscribed_topics_send.values()):
+            await channel.aclose()
+
+    def topic(self, name: str) -> Topic:
+        """The `Topic` object for `name` (one per name)."""
+        if not name:
+            raise UsageError("topic names must be non-empty")
+        if name not in self._topics:
+            self._topics[name] = Topic(self, name)
+        return self._topics[name]
+
+    def max_queue_len(self) -> int:
+        """Longest per-peer outbound queue right now."""
+        return max((len(q) for q in self.pubsub.peer_queues.values()), default=0)
+
+    async def wait_for_queues(self, timeout: float) -> None:
+        """Wait until every peer's outbound queue is below the high-water mark."""
+        if self.max_queue_len() < self.queue_high_water:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            with trio.fail_after(timeout):
+                # RpcQueue has no "drained" event; poll at a short interval.
+                while self.max_queue_len() >= self.queue_high_water:
+                    await trio.sleep(0.002)
+        except trio.TooSlowError:
+            raise StreamTimeout(
+                f"a peer's gossip queue stayed at {self.max_queue_len()} RPCs for {timeout} s"
+            ) from None
+
+    def prune(self) -> None:
+        """Drop state upstream never prunes when adaptive gossip is off.
+
+        `GossipSub.publish` appends a timestamp per message to
+        `recent_message_deliveries[topic]` (pubsub/gossipsub.py:1089); only
+        `_calculate_message_delivery_health` trims it (:2659), and that runs
+        only with adaptive gossip on. Nothing else reads it.
+        """
+        deliveries: dict[str, list[float]] = self.router.recent_message_deliveries
+        cutoff = time.time() - self._config.delivery_window  # upstream stamps use time.time()
+        for topic in list(deliveries):
+            kept = [t for t in deliveries[topic] if t > cutoff]
+            if kept:
+                deliveries[topic] = kept
+            else:
+                del deliveries[topic]
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await trio.sleep(self._config.prune_interval)
+            self.prune()
+
+
+@asynccontextmanager
+async def make_pubsub(
+    host: P2PHost,
+    *,
+    degree: int = 6,
+    degree_low: int = 4,
+    degree_high: int = 12,
+    max_messages_per_topic_per_second: float = 10_000.0,
+    queue_high_water: int = OutBoundQueueSize // 2,
+    subscription_channel_size: int = 4096,
+    prune_interval: float = 10.0,
+    delivery_window: float = 60.0,
+) -> AsyncIterator[PubSub]:
+    """Run gossipsub on `host` for the duration of the block.
+
+    Configured against the 0.8.1 defaults that lose messages: adaptive gossip
+    off (it stretches the heartbeat to 30–60 s), heartbeat 1 s, the per-peer
+    per-topic rate limit (which also counts our own publishes and drops
+    silently) raised to `max_messages_per_topic_per_second`, subscription
+    channels of `subscription_channel_size`, strict signing on. A trio task
+    prunes `recent_message_deliveries` every `prune_interval` s. Peers already
+    connected when this starts are added too.
+    """
+    if not 0 < queue_high_water <= OutBoundQueueSize:
+        raise UsageError(f"queue_high_water must be in 1..{OutBoundQueueSize}")
+    router = GossipSub(
+        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+        degree=degree,
+        degree_low=degree_low,
+        degree_high=degree_high,
+        heartbeat_interval=1,
+        adaptive_gossip_enabled=False,
+        max_messages_per_topic_per_second=max_messages_per_topic_per_second,
+    )
+    pubsub = Pubsub(host.libp2p, router, strict_signing=True)
+    config = _PubSubConfig(
+        queue_high_water, subscription_channel_size, prune_interval, delivery_window
+    )
+    ps = PubSub(host, pubsub, router, config)
+    try:
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            # The PubsubNotifee only hears about connections made after it was
+            # registered (pubsub/pubsub.py:419); register existing peers ourselves.
+            for peer in host.connected_peers():
+                pubsub.manager.run_task(pubsub._handle_new_peer_with_retry, peer)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ps._prune_forever)
+                try:
+                    yield ps
+                finally:
+                    nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await ps._end_subscriptions()
+    finally:
+        # LastSeenCache starts a sweeper *thread* per Pubsub and nothing stops
+        # it (tools/timed_cache/base_timed_cache.py:25).
+        pubsub.seen_messages.stop()

@@ -1,0 +1,374 @@
+"""node/p2p.py on real py-libp2p hosts over loopback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+import trio
+
+from node.errors import InvalidMessage, OperationError, RemoteError, UsageError
+from node.p2p import (
+    P2PHost,
+    PubSub,
+    RequestRefused,
+    StreamTimeout,
+    Subscription,
+    make_pubsub,
+    open_host,
+    peer_id_from_pubkey,
+    pubkey_from_peer_id,
+    read_frame,
+    remote_pubkey,
+    request,
+    serve_requests,
+    set_stream_handler,
+    write_frame,
+)
+
+PROTO = "/bidmesh-test/echo/1"
+
+
+def seed(i: int) -> bytes:
+    return bytes([i]) * 32
+
+
+@asynccontextmanager
+async def hosts(n: int, **kwargs: int) -> AsyncIterator[list[P2PHost]]:
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(open_host(seed(i + 1), **kwargs)) for i in range(n)]
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+async def echo(pubkey: bytes, payload: bytes) -> bytes:
+    return pubkey + payload
+
+
+# --------------------------------------------------------------------------- identity, hosts
+
+
+async def test_peer_id_derives_from_seed() -> None:
+    async with open_host(seed(7)) as h1:
+        first_id, pub = h1.peer_id, h1.pubkey
+        assert all(a.endswith(f"/p2p/{first_id}") for a in h1.addrs)
+    async with open_host(seed(7)) as h2:
+        assert h2.peer_id == first_id
+    assert len(pub) == 32
+    assert peer_id_from_pubkey(pub) == first_id
+    assert pubkey_from_peer_id(first_id) == pub
+    assert pubkey_from_peer_id(str(first_id)) == pub
+    with pytest.raises(UsageError):
+        peer_id_from_pubkey(b"short")
+    with pytest.raises(InvalidMessage):
+        pubkey_from_peer_id("not-a-peer-id-0OIl")
+
+
+async def test_bad_seed_is_usage_error() -> None:
+    with pytest.raises(UsageError):
+        async with open_host(b"x" * 31):
+            pass
+
+
+async def test_three_hosts_connect_and_disconnect() -> None:
+    async with hosts(3) as (a, b, c):
+        with trio.fail_after(5):
+            assert await b.connect(a.addrs[0]) == a.peer_id
+            await c.connect(a.addrs[0])
+            await c.connect(b.addrs[0])
+            assert await c.connect(b.addrs[0]) == b.peer_id  # already connected: no-op
+        await wait_until(lambda: set(a.connected_peers()) == {b.peer_id, c.peer_id})
+        assert set(c.connected_peers()) == {a.peer_id, b.peer_id}
+        await c.disconnect(a.peer_id)
+        await wait_until(lambda: c.peer_id not in a.connected_peers())
+        with pytest.raises(UsageError):
+            await a.connect("/ip4/127.0.0.1/tcp/1")  # no /p2p/ part
+
+
+async def test_connection_cap_refuses_extra_peers_and_frees_slots() -> None:
+    async with hosts(4, max_connections=2) as (a, b, c, d):
+        await b.connect(a.addrs[0])
+        await c.connect(a.addrs[0])
+        with pytest.raises(OperationError):
+            await d.connect(a.addrs[0])
+        assert len(a.connected_peers()) == 2
+        # Slots are freed on disconnect, repeatedly (upstream leaked inbound slots).
+        for _ in range(3):
+            await b.disconnect(a.peer_id)
+            await wait_until(lambda: b.peer_id not in a.connected_peers())
+            await d.connect(a.addrs[0])
+            await d.disconnect(a.peer_id)
+            await wait_until(lambda: d.peer_id not in a.connected_peers())
+            await b.connect(a.addrs[0])
+
+
+async def test_block_keeps_peer_out() -> None:
+    async with hosts(2) as (a, b):
+        await b.connect(a.addrs[0])
+        serve_requests(a, PROTO, echo, max_request=1024)
+        a.block(b.peer_id, 1.5)
+        await wait_until(lambda: not a.connected_peers() and not b.connected_peers())
+        # b dials again: a closes the connection as soon as it registers.
+        with pytest.raises(OperationError):
+            await b.connect(a.addrs[0])
+            await wait_until(lambda: not b.is_connected(a.peer_id), 5)
+            await request(b, a.peer_id, PROTO, b"x", max_response=1024, timeout=2)
+        await wait_until(lambda: not a._swarm.connections.get(b.peer_id))
+        with pytest.raises(OperationError):
+            await a.connect(b.addrs[0])
+        # After the block expires the peer is welcome again.
+        await wait_until(lambda: not a.is_blocked(b.peer_id), 5)
+        await b.connect(a.addrs[0])
+        reply = await request(b, a.peer_id, PROTO, b"x", max_response=1024, timeout=5)
+        assert reply == b.pubkey + b"x"
+
+
+# ------------------------------------------------------------ frames, request/response
+
+
+async def test_request_response_roundtrip() -> None:
+    async with hosts(2) as (a, b):
+        serve_requests(a, PROTO, echo, max_request=1 << 20)
+        await b.connect(a.addrs[0])
+        for size in (0, 1, 100_000, 1 << 20):
+            payload = bytes(range(256)) * (size // 256) + b"!" * (size % 256)
+            reply = await request(b, a.peer_id, PROTO, payload, max_response=2 << 20, timeout=10)
+            assert reply == b.pubkey + payload
+        with pytest.raises(InvalidMessage) as err:
+            await request(b, a.peer_id, PROTO, b"x" * 100, max_response=50, timeout=5)
+        assert err.value.reason == "oversized"
+
+
+async def test_oversized_request_rejected_server_survives() -> None:
+    async with hosts(2) as (a, b):
+        serve_requests(a, PROTO, echo, max_request=1000)
+        await b.connect(a.addrs[0])
+        # 2 MiB is far beyond yamux's 256 KiB window: the answer still arrives.
+        for size in (1001, 2 << 20):
+            with trio.fail_after(5), pytest.raises(RequestRefused) as err:
+                await request(b, a.peer_id, PROTO, b"x" * size, max_response=1024, timeout=5)
+            assert err.value.reason == "oversized"
+        assert await request(b, a.peer_id, PROTO, b"ok", max_response=1024, timeout=5)
+        assert b.is_connected(a.peer_id)
+
+
+async def test_handler_exception_resets_stream() -> None:
+    async def crash(pubkey: bytes, payload: bytes) -> bytes:
+        raise RuntimeError("boom (expected in this test)")
+
+    async def refuse(pubkey: bytes, payload: bytes) -> bytes:
+        raise InvalidMessage("no thanks", "not_today")
+
+    async with hosts(2) as (a, b):
+        serve_requests(a, "/crash/1", crash, max_request=1024)
+        serve_requests(a, "/refuse/1", refuse, max_request=1024)
+        serve_requests(a, PROTO, echo, max_request=1024)
+        await b.connect(a.addrs[0])
+        with trio.fail_after(3), pytest.raises(RemoteError) as crashed:
+            await request(b, a.peer_id, "/crash/1", b"x", max_response=1024, timeout=30)
+        assert not isinstance(crashed.value, RequestRefused)
+        with trio.fail_after(3), pytest.raises(RequestRefused) as refused:
+            await request(b, a.peer_id, "/refuse/1", b"x", max_response=1024, timeout=30)
+        assert refused.value.reason == "not_today"
+        with trio.fail_after(3), pytest.raises(OperationError):
+            await request(b, a.peer_id, "/nobody/home/1", b"x", max_response=1024, timeout=30)
+        assert await request(b, a.peer_id, PROTO, b"y", max_response=1024, timeout=5)
+
+
+async def test_raw_stream_handler_exception_resets() -> None:
+    async def bad(stream: object) -> None:
+        raise ValueError("handler bug (expected in this test)")
+
+    async with hosts(2) as (a, b):
+        set_stream_handler(a, "/raw/1", bad)  # type: ignore[arg-type]
+        await b.connect(a.addrs[0])
+        stream = await b.new_stream(a.peer_id, "/raw/1")
+        with trio.fail_after(3), pytest.raises(RemoteError):
+            await read_frame(stream, 1024, 30)
+
+
+async def test_timeouts_are_bounded() -> None:
+    async def slow(pubkey: bytes, payload: bytes) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def silent(stream: object) -> None:
+        await trio.sleep(5)
+
+    async with hosts(2) as (a, b):
+        serve_requests(a, "/slow/1", slow, max_request=1024, timeout=1.0)
+        set_stream_handler(a, "/silent/1", silent)  # type: ignore[arg-type]
+        await b.connect(a.addrs[0])
+        start = trio.current_time()
+        with pytest.raises(StreamTimeout):
+            await request(b, a.peer_id, "/slow/1", b"x", max_response=1024, timeout=0.5)
+        assert trio.current_time() - start < 2
+        # A server-side timeout also ends the exchange (the stream is reset).
+        with trio.fail_after(3), pytest.raises(RemoteError):
+            await request(b, a.peer_id, "/slow/1", b"x", max_response=1024, timeout=30)
+        stream = await b.new_stream(a.peer_id, "/silent/1")
+        start = trio.current_time()
+        with pytest.raises(StreamTimeout):
+            await read_frame(stream, 1024, 0.3)
+        assert trio.current_time() - start < 2
+        await stream.reset()
+
+
+async def test_eof_mid_frame_is_invalid_message() -> None:
+    async def truncated(stream: object) -> None:
+        await stream.write(b"\x00\x00\x00\x0a" + b"abc")  # type: ignore[attr-defined]
+
+    async def empty(stream: object) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def framed(stream: object) -> None:
+        await write_frame(stream, b"hello")  # type: ignore[arg-type]
+        assert len(remote_pubkey(stream)) == 32  # type: ignore[arg-type]
+
+    async with hosts(2) as (a, b):
+        set_stream_handler(a, "/trunc/1", truncated)  # type: ignore[arg-type]
+        set_stream_handler(a, "/empty/1", empty)  # type: ignore[arg-type]
+        set_stream_handler(a, "/framed/1", framed)  # type: ignore[arg-type]
+        await b.connect(a.addrs[0])
+        stream = await b.new_stream(a.peer_id, "/trunc/1")
+        with pytest.raises(InvalidMessage) as err:
+            await read_frame(stream, 1024, 5)
+        assert err.value.reason == "truncated"
+        stream = await b.new_stream(a.peer_id, "/empty/1")
+        with pytest.raises(InvalidMessage) as err:
+            await read_frame(stream, 1024, 5)
+        assert err.value.reason == "eof"
+        stream = await b.new_stream(a.peer_id, "/framed/1")
+        assert await read_frame(stream, 5, 5) == b"hello"
+        stream = await b.new_stream(a.peer_id, "/framed/1")
+        with pytest.raises(InvalidMessage) as err:
+            await read_frame(stream, 4, 5)
+        assert err.value.reason == "oversized"
+
+
+# --------------------------------------------------------------------------- gossipsub
+
+
+@asynccontextmanager
+async def gossip_net(n: int, **kwargs: float) -> AsyncIterator[tuple[list[P2PHost], list[PubSub]]]:
+    async with hosts(n) as hs, AsyncExitStack() as stack:
+        pss = [await stack.enter_async_context(make_pubsub(h, **kwargs)) for h in hs]  # type: ignore[arg-type]
+        for i, h in enumerate(hs):
+            for other in hs[i + 1 :]:
+                await other.connect(h.addrs[0])
+        yield hs, pss
+
+
+async def collect(sub: Subscription, into: list[tuple[bytes, bytes]]) -> None:
+    async with sub:
+        async for item in sub:
+            into.append(item)
+
+
+async def test_gossip_500_messages_three_hosts_zero_loss() -> None:
+    n_msgs = 500
+    async with gossip_net(3) as (hs, pss), trio.open_nursery() as nursery:
+        topics = [ps.topic("bidmesh/test") for ps in pss]
+        received: list[list[tuple[bytes, bytes]]] = [[] for _ in hs]
+        for t, into in zip(topics, received, strict=True):
+            nursery.start_soon(collect, await t.subscribe(), into)
+        others = {hs[1].peer_id, hs[2].peer_id}
+        await wait_until(lambda: topics[0].mesh_peers() == others)
+        for i in range(n_msgs):
+            await topics[0].publish(i.to_bytes(4, "big") + b"x" * 200)
+        await wait_until(lambda: all(len(r) == n_msgs for r in received), 20)
+        for r in received:
+            assert {origin for origin, _ in r} == {hs[0].pubkey}
+            assert sorted(int.from_bytes(d[:4], "big") for _, d in r) == list(range(n_msgs))
+        assert all(t.dropped == 0 for t in topics)
+        nursery.cancel_scope.cancel()
+
+
+async def test_raising_validator_does_not_kill_pubsub() -> None:
+    def validator(forwarder: object, data: bytes) -> bool:
+        if data.startswith(b"bad"):
+            raise ValueError("validator bug (expected in this test)")
+        return data.startswith(b"good")
+
+    async with gossip_net(2) as (hs, pss), trio.open_nursery() as nursery:
+        pub, sub = pss[0].topic("t"), pss[1].topic("t")
+        sub.set_validator(validator)
+        got: list[tuple[bytes, bytes]] = []
+        nursery.start_soon(collect, await sub.subscribe(), got)
+        await wait_until(lambda: hs[1].peer_id in pub.peers())
+        for payload in (b"bad1", b"good1", b"ugly", b"bad2", b"good2"):
+            await pub.publish(payload)
+        await wait_until(lambda: len(got) == 2)
+        assert [d for _, d in got] == [b"good1", b"good2"]
+        await wait_until(lambda: sub.rejected == 3)
+        assert pss[1].pubsub.manager.is_running
+        await pub.publish(b"good3")
+        await wait_until(lambda: len(got) == 3)
+        nursery.cancel_scope.cancel()
+
+
+async def test_recent_deliveries_stay_bounded() -> None:
+    """Upstream never prunes recent_message_deliveries with adaptive gossip off."""
+    async with (
+        gossip_net(2, prune_interval=0.05, delivery_window=0.2) as (hs, pss),
+        trio.open_nursery() as nursery,
+    ):
+        pub, sub = pss[0].topic("mem"), pss[1].topic("mem")
+        got: list[tuple[bytes, bytes]] = []
+        nursery.start_soon(collect, await sub.subscribe(), got)
+        await wait_until(lambda: hs[1].peer_id in pub.peers())
+        router = pss[0].router
+
+        def tracked() -> int:
+            return sum(len(v) for v in router.recent_message_deliveries.values())
+
+        peak = 0
+        for i in range(5000):
+            await pub.publish(i.to_bytes(4, "big"))
+            if i % 100 == 0:
+                await trio.sleep(0)  # let the prune task run between bursts
+                peak = max(peak, tracked())
+        assert 0 < peak < 5000
+        await wait_until(lambda: tracked() == 0, 5)
+        await wait_until(lambda: len(got) == 5000, 30)
+        # The other structures that grow per message are bounded upstream:
+        await wait_until(lambda: len(router.equivocation_detection) <= 1000, 5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_publish_rejects_oversized_and_subscribe_twice() -> None:
+    async with gossip_net(1) as (_, (ps,)):
+        topic = ps.topic("x")
+        with pytest.raises(UsageError):
+            await topic.publish(b"x" * (1 << 20))
+        it = await topic.subscribe()
+        with pytest.raises(UsageError):
+            await topic.subscribe()
+        await it.aclose()
+        it = await topic.subscribe()
+        await topic.publish(b"self")
+        with trio.fail_after(5):
+            origin, data = await it.__anext__()
+        assert (origin, data) == (ps.host.pubkey, b"self")
+        await it.aclose()
+
+
+async def test_read_frame_math_inf_timeout_and_write_limits() -> None:
+    async with hosts(2) as (a, b):
+        set_stream_handler(a, "/echo-frame/1", _echo_frame)  # type: ignore[arg-type]
+        await b.connect(a.addrs[0])
+        stream = await b.new_stream(a.peer_id, "/echo-frame/1")
+        await write_frame(stream, b"ping")
+        assert await read_frame(stream, 16, math.inf) == b"ping"
+        await stream.close()
+
+
+async def _echo_frame(stream: object) -> None:
+    data = await read_frame(stream, 16, 5)  # type: ignore[arg-type]
+    await write_frame(stream, data)  # type: ignore[arg-type]

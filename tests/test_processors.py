@@ -269,3 +269,15 @@ async def test_pool_closed_is_usage_error() -> None:
         await p.run("identity", b"z", CTX)
     with pytest.raises(UsageError):
         WorkerPool(workers=0)
+
+
+async def test_pool_cancelled_caller_leaves_pool_usable(pool: WorkerPool) -> None:
+    import trio
+    import trio.testing
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run, "zstd", DATA * 20, CTX)
+        await trio.testing.wait_all_tasks_blocked()  # the job is submitted and awaited
+        nursery.cancel_scope.cancel()
+    assert pool.timeouts == 0 and pool.crashes == 0
+    assert await pool.run("reverse", b"abc", CTX) == b"cba"

@@ -98,7 +98,8 @@ class WorkerPool:
     callers wait on a trio semaphore, which is the backpressure. A call that exceeds its
     timeout, or whose worker dies, raises ProcessingError. Either way the executor is
     replaced; other calls that were running on it then fail with ProcessingError too
-    (retryable: the dataplane re-dispatches).
+    (retryable: the dataplane re-dispatches). A caller that is cancelled abandons its
+    job: a queued one is dropped, a running one completes unobserved.
     """
 
     def __init__(
@@ -201,11 +202,15 @@ class WorkerPool:
                 with trio.move_on_after(timeout_s or self.timeout_s) as scope:
                     await _wait(fut)
             finally:
-                if not fut.done() and not fut.cancel():
-                    # Cancelled or timed out while running: the worker is busy for an
-                    # unknown time, so it is killed rather than left holding a core.
-                    self._retire(executor)
+                # Drop a job that has not started. One that has (the caller went away)
+                # finishes on its own: processors are bounded, and killing the executor
+                # would fail every other caller's job too.
+                fut.cancel()
             if scope.cancelled_caught:
+                if not fut.done():
+                    # Over its time limit and still running: the only way to get the
+                    # core back is to kill the worker.
+                    self._retire(executor)
                 self.timeouts += 1
                 await self._reap()
                 raise ProcessingError(f"{'→'.join(services)} timed out on segment {ctx.seq}")

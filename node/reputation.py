@@ -182,7 +182,17 @@ class Reputation:
         return Score(key, role, as_of_ms, ppm, n, sat, n - sat, stars, big_w)
 
     def ppm(self, key: bytes, role: str, as_of_ms: int) -> int:
-        return self.score(key, role, as_of_ms).ppm
+        """Just `score(...).ppm`, without building the Score (clearing calls it per bid)."""
+        h = self._hist.get((key, role))
+        pol = self.policy
+        i = bisect_right(h.ts, as_of_ms) if h is not None else 0
+        if h is None or i == 0:
+            return PPM * pol.prior_value // 8
+        e, big_w, big_v = h.snaps[i - 1][:3]
+        k = as_of_ms // self._step - e
+        prior_w = pol.prior_weight * UNIT
+        return PPM * (prior_w * pol.prior_value + decay(big_v, k)) // (
+            8 * (prior_w + decay(big_w, k)))
 
     def keys(self, role: str | None = None) -> list[bytes]:
         """Keys with at least one rating (in `role` if given), sorted."""

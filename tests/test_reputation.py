@@ -112,3 +112,14 @@ def test_raters_with_settled_leases_weigh_more(tmp_path: Path) -> None:
     assert weights == {key("veteran"): 2, key("newbie"): 1}
     assert (m.reputation.score(key("prov-veteran"), "provider").ppm
             > m.reputation.score(key("prov-newbie"), "provider").ppm)
+
+
+@given(st.lists(st.tuples(st.integers(0, 10 * DAY), st.booleans(), st.integers(1, 5),
+                          st.integers(1, 5)), max_size=30),
+       st.integers(0, 20 * DAY))
+def test_fast_ppm_equals_score(rows: list[tuple[int, bool, int, int]], at: int) -> None:
+    rep = Reputation(Policy(half_life_ms=DAY))
+    for t, sat, score, wt in sorted(rows):
+        rep.add(K, "provider", t, sat, score, wt)
+    assert rep.ppm(K, "provider", at) == rep.score(K, "provider", at).ppm
+    assert 0 <= rep.ppm(K, "provider", at) <= PPM

@@ -434,8 +434,10 @@ class Market:
 
         rule, reserve = a.request.rule, a.request.reserve
         exp_w, exp_p = clear(rule, valid, reserve, ppm)
-        c_w, c_p = clear(rule, considered, reserve, ppm) if considered is not None else (
-            exp_w, exp_p)
+        if considered is None or len(considered) == len(valid):
+            c_w, c_p = exp_w, exp_p  # the same set (or unknown: judged against all)
+        else:
+            c_w, c_p = clear(rule, considered, reserve, ppm)
         if body.winner is None:
             if exp_w is not None and not (a.request.group and a.pledged() < (exp_p or 0)):
                 problems.append("declined_valid_bids")

@@ -582,8 +582,20 @@ def _scenario(tmp: Path) -> tuple[list[bytes], dict[str, object]]:
     w.pub("p1", rating(sc.id, "good", "recipient", True, 5), 430)
     w.pub("p1", _offer(3, 3), 440)
     w.pub("bad", _offer(2, 3), 441)
+    g = w.pub("carol", request(group=True, close_ms=500, reveal_ms=500, start_ms=600), 450)
+    w.pledge("carol", g, True, 100, sponsor=("dave",), ts=460)
+    w.pledge("erin", g, True, 100, ts=461)
+    w.pledge("dave", g, False, ts=462)
+    gb = w.bid("p1", g, 150, 470)
+    w.bid("p2", g, 180, 471)
+    ga = w.pub("carol", award(g.id, gb.id, 150, [gb.id]), 501)  # omits p2: evidence only
+    w.pub("erin", payment(ga.id, 75), 510)
+    w.pub("carol", payment(ga.id, 75, on_behalf=(key("carol"), key("dave"))), 511)
+    w.pub("dave", rating(ga.id, "p1", "provider", False, 2), 600)
+    w.pub("erin", rating(ga.id, "p1", "provider", True, 5), 601)  # already rated
     m = w.market()
-    assert len(m.leases) == 2 + 4 and verify_award(m, a2.id).valid
+    assert len(m.leases) == 3 + 4 and verify_award(m, a2.id).valid
+    assert verify_award(m, ga.id).omitted and len(m.leases[ga.id].group_members) == 3
     wires = list(w.ledger.iter_wires())
     w.ledger.close()
     return wires, market_json(m)
@@ -636,3 +648,27 @@ def test_fork_excludes_equivocator_everywhere(rnd: random.Random) -> None:
     assert cheat.id not in auc.bids and other.id not in auc.bids
     assert len(m.auctions) == 2  # the cheat's seq-1 request still counts
     assert verify_award(m, aw.id).valid and aw.id in m.leases
+
+
+def test_views_are_json_and_show_status_and_evidence(w: World) -> None:
+    import json
+
+    from node.auction.views import auctions_json, offers_json, reputation_json
+
+    req = w.pub("alice", request(), 10)
+    cheap = w.bid("p1", req, 100, 20)
+    dear = w.bid("p2", req, 200, 21)
+    aw = w.pub("alice", award(req.id, cheap.id, 100, [cheap.id]), CLOSE + 1)
+    w.pub("p1", _offer(5, 5), START + 1)
+    w.pub("alice", rating(aw.id, "p1", "provider", True, 5), START + 2)
+    m = w.market()
+    json.dumps(market_json(m))
+    [summary] = auctions_json(m)
+    assert summary["status"] == "awarded" and summary["winner"] == cheap.id.hex()
+    full = auction_json(m, m.auctions[req.id])
+    assert [e["kind"] for e in full["evidence"]] == ["omitted_bid"]
+    assert full["evidence"][0]["bid"] == dear.id.hex()
+    assert [b["winner"] for b in full["bid_list"]] == [True, False]
+    [row] = reputation_json(m, key("p1"))
+    assert row["provider"]["ratings"] == 1 and row["recipient"]["ratings"] == 0
+    assert offers_json(m, "zstd")[0]["provider"] == key("p1").hex()

@@ -1,0 +1,230 @@
+"""Node configuration: a TOML file (see config/node.example.toml) read with tomllib.
+
+Every option has a default; the file names only what differs. Unknown sections or
+keys and values of the wrong type or range raise `ConfigError` naming the key
+(`gossip.batch_events`), so a typo never silently falls back to a default.
+Relative paths are resolved against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .events import NETWORK_RE
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+Check = Callable[[Any], str | None]
+
+
+def _opt(default: Any, kind: type | tuple[type, ...], check: Check | None = None) -> Any:
+    meta = {"kind": kind, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}"
+    return check
+
+
+def _network(v: Any) -> str | None:
+    return None if NETWORK_RE.fullmatch(v) else f"must match {NETWORK_RE.pattern}"
+
+
+def _level(v: Any) -> str | None:
+    return None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
+
+
+def _multiaddrs(v: Any) -> str | None:
+    for a in v:
+        if not isinstance(a, str) or not a.startswith("/"):
+            return f"must be a list of multiaddr strings like /ip4/1.2.3.4/tcp/4001, got {a!r}"
+    return None
+
+
+def _bootstrap(v: Any) -> str | None:
+    err = _multiaddrs(v)
+    if err:
+        return err
+    for a in v:
+        if "/p2p/" not in a:
+            return f"{a!r} needs a /p2p/<peer id> suffix so the node can authenticate the peer"
+    return None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    network: str = _opt("main", str, _network)
+    data_dir: Path = _opt(Path("/var/lib/bidmesh"), Path)
+    log_level: str = _opt("info", str, _level)
+    log_file: str = _opt("node.log", str)  # relative to data_dir; "" disables the file
+    status_interval_s: float = _opt(2.0, (int, float), _range(0.1, 3600))
+    control_socket: bool = _opt(True, bool)
+    stop_timeout_s: float = _opt(4.0, (int, float), _range(0.1, 60))
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], list, _multiaddrs)
+    bootstrap: list[str] = _opt([], list, _bootstrap)
+    max_connections: int = _opt(64, int, _range(1, 10_000))
+    reconnect_min_s: float = _opt(1.0, (int, float), _range(0.05, 3600))
+    reconnect_max_s: float = _opt(60.0, (int, float), _range(0.05, 86_400))
+    mdns: bool = _opt(False, bool)
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    batch_events: int = _opt(64, int, _range(1, 512))
+    batch_ms: float = _opt(10.0, (int, float), _range(0, 10_000))
+    max_batch_bytes: int = _opt(256 * 1024, int, _range(17 * 1024, 1000 * 1024))
+    queue_high_water: int = _opt(16, int, _range(1, 31))
+    fault_threshold: int = _opt(20, int, _range(1, 1_000_000))
+    fault_window_s: float = _opt(60.0, (int, float), _range(1, 86_400))
+    block_s: float = _opt(600.0, (int, float), _range(1, 30 * 86_400))
+    regossip_window_s: float = _opt(30.0, (int, float), _range(0, 86_400))
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    interval_s: float = _opt(5.0, (int, float), _range(0.05, 86_400))
+    on_connect: bool = _opt(True, bool)
+    request_timeout_s: float = _opt(10.0, (int, float), _range(0.1, 600))
+    heads_page: int = _opt(512, int, _range(1, 1024))
+    range_limit: int = _opt(256, int, _range(1, 512))
+    range_bytes: int = _opt(512 * 1024, int, _range(16 * 1024 + 128, 1024 * 1024))
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    source: Path | None = None
+
+    # Files in the data dir.
+    @property
+    def key_path(self) -> Path:
+        return self.node.data_dir / "node.key"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.node.data_dir / "ledger.db"
+
+    @property
+    def status_path(self) -> Path:
+        return self.node.data_dir / "status.json"
+
+    @property
+    def control_path(self) -> Path:
+        return self.node.data_dir / "control.sock"
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.node.data_dir / self.node.log_file if self.node.log_file else None
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "node": NodeConfig, "p2p": P2PConfig, "gossip": GossipConfig, "sync": SyncConfig,
+}
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "a list"}
+
+
+def _value(key: str, raw: Any, f: dataclasses.Field[Any], base: Path) -> Any:
+    kind = f.metadata["kind"]
+    if kind is Path:
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(f"{key}: must be a non-empty path string, got {raw!r}")
+        p = Path(raw).expanduser()
+        return p if p.is_absolute() else (base / p)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; TOML keeps them apart and so do we.
+    if isinstance(raw, bool) != (bool in kinds) or not isinstance(raw, kinds):
+        names = " or ".join(_NAMES.get(k, k.__name__) for k in kinds if k is not int or
+                            float not in kinds)
+        raise ConfigError(f"{key}: must be {names}, got {type(raw).__name__} {raw!r}")
+    check = f.metadata["check"]
+    err = check(raw) if check else None
+    if err:
+        raise ConfigError(f"{key}: {err} (got {raw!r})")
+    return float(raw) if float in kinds else raw
+
+
+def from_dict(data: dict[str, Any], *, base: Path | None = None,
+              source: Path | None = None) -> Config:
+    base = base or Path.cwd()
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        cls = SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown section [{name}]; known: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: must be a table ([{name}])")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, raw in table.items():
+            f = fields.get(key)
+            if f is None:
+                raise ConfigError(
+                    f"unknown key {name}.{key}; known keys in [{name}]: {', '.join(fields)}")
+            values[key] = _value(f"{name}.{key}", raw, f, base)
+        sections[name] = cls(**values)
+    cfg = Config(**sections, source=source)
+    if cfg.p2p.reconnect_min_s > cfg.p2p.reconnect_max_s:
+        raise ConfigError("p2p.reconnect_min_s: must not exceed p2p.reconnect_max_s")
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        data = tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    try:
+        return from_dict(data, base=path.resolve().parent, source=path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def to_toml(cfg: Config) -> str:
+    """Render a config (e.g. for tests and `bench/`); the inverse of `load`."""
+    out = []
+    for name in SECTIONS:
+        sec = getattr(cfg, name)
+        out.append(f"[{name}]")
+        for f in dataclasses.fields(sec):
+            out.append(f"{f.name} = {_toml_value(getattr(sec, f.name))}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, Path):
+        v = str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot render {v!r} as TOML")

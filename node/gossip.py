@@ -1,0 +1,507 @@
+"""Replication for a running node: gossipsub push, pull anti-entropy, discovery.
+
+* Push: one gossipsub topic per network, `bidmesh/<network>/events/1`. Events are
+  batched per pubsub message (`[1, [wire, ...]]`, up to `gossip.batch_events`
+  events or `gossip.batch_ms` of waiting) and published with backpressure
+  (`Topic.publish` waits while any peer's outbound queue is high), so py-libp2p's
+  silent queue drops never trigger. Received batches are stored by the topic
+  validator in one `append_many` transaction: the validator sees every message
+  that reaches the node, even those upstream later drops from the subscription
+  channel. It never raises and never rejects for a temporary reason; it rejects
+  batches that are undecodable or carry invalid events (so we do not forward them).
+* Pull: `node.sync` sessions over request/response `/bidmesh/<network>/sync/1`:
+  with every newly connected peer, every `sync.interval_s` with a random peer, and
+  at once for `ledger.gaps()` (preferably with the peer that sent the orphans).
+  Convergence never depends on gossip delivering everything.
+* Accounting: invalid input per peer (gossip and sync) within a sliding window;
+  at `gossip.fault_threshold` the peer is disconnected and blocked for
+  `gossip.block_s`, logged, and counted in `stats.cut_off`.
+* Discovery: bootstrap multiaddrs are dialed and redialed with exponential backoff
+  (`p2p.reconnect_min_s` .. `p2p.reconnect_max_s`); the host enforces the
+  connection cap; optional mDNS (see `Mdns`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from . import codec, p2p, sync
+from .config import Config
+from .errors import BidmeshError, InvalidMessage, OperationError, UsageError
+from .events import MAX_WIRE, Event
+from .ledger import Ledger, Status
+
+log = logging.getLogger("bidmesh.gossip")
+
+BATCH_VERSION = 1
+BATCH_MAX_EVENTS = 512
+BATCH_MAX_BYTES = 1000 * 1024
+
+
+def topic_name(network: str) -> str:
+    return f"bidmesh/{network}/events/1"
+
+
+# ------------------------------------------------------------------ batch format
+
+
+def encode_batch(wires: list[bytes]) -> bytes:
+    if not 0 < len(wires) <= BATCH_MAX_EVENTS:
+        raise UsageError(f"a gossip batch holds 1..{BATCH_MAX_EVENTS} events")
+    return codec.pack([BATCH_VERSION, wires])
+
+
+def decode_batch(data: bytes) -> list[bytes]:
+    """`[1, [wire, ...]]` with 1..512 records of at most MAX_WIRE bytes each."""
+    v = codec.unpack(data, BATCH_MAX_BYTES)
+    if type(v) is not list or len(v) != 2 or v[0] != BATCH_VERSION or type(v[0]) is not int:
+        raise InvalidMessage("gossip batch must be [1, [wire, ...]]", "malformed")
+    wires = v[1]
+    if type(wires) is not list or not 0 < len(wires) <= BATCH_MAX_EVENTS:
+        raise InvalidMessage(f"gossip batch must hold 1..{BATCH_MAX_EVENTS} events", "malformed")
+    for w in wires:
+        if type(w) is not bytes or not 0 < len(w) <= MAX_WIRE:
+            raise InvalidMessage(f"gossip records must be 1..{MAX_WIRE} bytes", "malformed")
+    return wires
+
+
+# ------------------------------------------------------------------ stats
+
+
+@dataclass
+class Stats:
+    """Counters of the replication service; `as_dict()` is JSON-safe."""
+
+    started_at: float = field(default_factory=time.time)
+    peers: int = 0
+    published: int = 0  # own events queued for gossip
+    batches_sent: int = 0
+    batches_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    # Outcomes of received events: accepted (stored: accepted_gossip + accepted_sync),
+    # duplicate, pending, rejected, fork.
+    events: collections.Counter[str] = field(default_factory=collections.Counter)
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    regossiped: int = 0
+    gossip_errors: int = 0
+    sync_rounds: int = 0
+    sync_in_sync: int = 0
+    sync_failed: int = 0
+    sync_events: int = 0
+    sync_bytes: int = 0
+    sync_served: int = 0
+    gap_syncs: int = 0
+    last_sync_at: float | None = None
+    last_sync_peer: str | None = None
+    faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    cut_off: int = 0
+    cut_off_peers: dict[str, float] = field(default_factory=dict)  # peer -> blocked until
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("events", "rejected", "faults"):
+            d[k] = dict(getattr(self, k))
+        return d
+
+
+@dataclass
+class _PeerFaults:
+    times: collections.deque[float] = field(default_factory=collections.deque)
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+AcceptedListener = Callable[[list[Event]], None]
+
+
+class Replicator:
+    """The replication service of one node. Run `run()` in a nursery."""
+
+    def __init__(self, host: p2p.P2PHost, pubsub: p2p.PubSub, ledger: Ledger,
+                 config: Config) -> None:
+        self.host = host
+        self.pubsub = pubsub
+        self.ledger = ledger
+        self.cfg = config
+        self.network = ledger.network
+        self.topic = pubsub.topic(topic_name(self.network))
+        self.protocol = sync.protocol_id(self.network)
+        self.stats = Stats()
+        self.limits = sync.SyncLimits(
+            heads_page=config.sync.heads_page,
+            range_limit=config.sync.range_limit,
+            range_bytes=config.sync.range_bytes,
+        )
+        self.listeners: list[AcceptedListener] = []
+        """Called with events newly stored from the network (gossip or sync)."""
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox_event = trio.Event()
+        self._faults: dict[p2p.PeerId, _PeerFaults] = {}
+        self._syncing: set[p2p.PeerId] = set()
+        self._sync_limiter = trio.CapacityLimiter(4)
+        self._gap_event = trio.Event()
+        self._gap_peer: p2p.PeerId | None = None
+        self._rng = random.Random()
+        self._nursery: trio.Nursery | None = None
+        self.ready = trio.Event()
+
+    # ---------------------------------------------------------- public API
+
+    def gossip(self, wires: list[bytes]) -> None:
+        """Queue stored events for gossip (batched and paced by the sender task)."""
+        self._outbox.extend(wires)
+        self._outbox_event.set()
+
+    def publish_event(self, ev: Event) -> None:
+        self.stats.published += 1
+        self.gossip([ev.wire])
+
+    @property
+    def outbox_len(self) -> int:
+        return len(self._outbox)
+
+    async def sync_with(
+        self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None
+    ) -> sync.SyncSession | None:
+        """Run one anti-entropy session with `peer` now; None if one is already running."""
+        if peer in self._syncing or self.host.is_blocked(peer):
+            return None
+        self._syncing.add(peer)
+        try:
+            async with self._sync_limiter:
+                return await self._session(peer, gaps)
+        finally:
+            self._syncing.discard(peer)
+
+    async def run(self) -> None:
+        """Serve sync, validate/store gossip, send batches, run anti-entropy; `ready` is
+        set once the topic is subscribed."""
+        p2p.serve_requests(self.host, self.protocol, self._serve, sync.MAX_REQUEST,
+                           timeout=self.cfg.sync.request_timeout_s)
+        self.topic.set_validator(self._validate)
+        messages = await self.topic.subscribe()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._drain, messages)
+            nursery.start_soon(self._sender)
+            nursery.start_soon(self._watch_peers)
+            nursery.start_soon(self._periodic_sync)
+            nursery.start_soon(self._gap_sync)
+            self.ready.set()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until the outbox is published (graceful stop); False on timeout."""
+        with trio.move_on_after(timeout):
+            while self._outbox or self._sending:
+                await trio.sleep(0.005)
+        return not (self._outbox or self._sending)
+
+    # ---------------------------------------------------------- push
+
+    _sending = False
+
+    async def _drain(self, messages: Any) -> None:
+        # Messages are handled (stored) in the validator; keep the channel empty.
+        async for _origin, _data in messages:
+            pass
+
+    async def _sender(self) -> None:
+        g = self.cfg.gossip
+        while True:
+            await self._outbox_event.wait()
+            self._outbox_event = trio.Event()
+            if len(self._outbox) < g.batch_events and g.batch_ms > 0:
+                await trio.sleep(g.batch_ms / 1000)
+            while self._outbox:
+                batch: list[bytes] = []
+                size = 16
+                while self._outbox and len(batch) < g.batch_events:
+                    w = self._outbox[0]
+                    if batch and size + len(w) + 8 > g.max_batch_bytes:
+                        break
+                    batch.append(self._outbox.popleft())
+                    size += len(w) + 8
+                data = encode_batch(batch)
+                self._sending = True
+                try:
+                    await self.topic.publish(data, timeout=10.0)
+                    self.stats.batches_sent += 1
+                    self.stats.bytes_sent += len(data)
+                except BidmeshError as e:
+                    # A stuck peer's queue or a stopping router: the events are stored,
+                    # pull sync delivers them; do not retry into a full queue forever.
+                    self.stats.gossip_errors += 1
+                    log.warning("gossip publish failed; sync will deliver the batch",
+                                extra={"error": str(e), "events": len(batch)})
+                finally:
+                    self._sending = False
+
+    def _validate(self, forwarder: p2p.PeerId, data: bytes) -> bool:
+        """Topic validator: store the batch; never raises, never rejects transiently."""
+        if forwarder == self.host.peer_id:
+            return True  # our own publish: the events are already stored
+        self.stats.batches_received += 1
+        self.stats.bytes_received += len(data)
+        try:
+            wires = decode_batch(data)
+        except InvalidMessage as e:
+            self._fault(forwarder, f"batch_{e.reason}")
+            return False
+        try:
+            results = self.ledger.append_many(wires)
+        except sqlite3.Error as e:
+            # Our disk, not the peer: accept (others may store it), fetch it by sync later.
+            log.error("storing a gossip batch failed", extra={"error": str(e)})
+            self.stats.events["store_error"] += len(wires)
+            return True
+        accepted: list[Event] = []
+        bad = 0
+        pending = False
+        for res in results:
+            if res.status is not Status.ACCEPTED:
+                self.stats.events[res.status.value] += 1
+            accepted.extend(res.accepted)
+            if res.status is Status.REJECTED:
+                self.stats.rejected[res.reason or "unknown"] += 1
+                if sync.counts_against_peer(res):
+                    bad += 1
+                    self._fault(forwarder, res.reason or "rejected")
+            elif res.status is Status.PENDING:
+                pending = True
+            elif res.status is Status.FORK:
+                self.stats.events["fork_proofs"] += 1
+        if accepted:
+            self.stats.events["accepted"] += len(accepted)
+            self.stats.events["accepted_gossip"] += len(accepted)
+            self._notify(accepted)
+        if pending:
+            self._gap_peer = forwarder
+            self._gap_event.set()
+        return bad == 0
+
+    def _notify(self, events: list[Event]) -> None:
+        for fn in self.listeners:
+            try:
+                fn(events)
+            except Exception:  # a listener's bug must not stop replication
+                log.exception("accepted-events listener failed")
+
+    # ---------------------------------------------------------- accounting
+
+    def _fault(self, peer: p2p.PeerId, reason: str) -> None:
+        g = self.cfg.gossip
+        now = trio.current_time()
+        pf = self._faults.setdefault(peer, _PeerFaults())
+        pf.times.append(now)
+        pf.reasons[reason] += 1
+        self.stats.faults[reason] += 1
+        while pf.times and pf.times[0] < now - g.fault_window_s:
+            pf.times.popleft()
+        if len(pf.times) >= g.fault_threshold and not self.host.is_blocked(peer):
+            self.host.block(peer, g.block_s)
+            self.stats.cut_off += 1
+            self.stats.cut_off_peers[str(peer)] = time.time() + g.block_s
+            log.warning("peer cut off for invalid input", extra={
+                "peer": str(peer), "faults": len(pf.times), "reasons": dict(pf.reasons),
+                "blocked_s": g.block_s})
+            del self._faults[peer]
+
+    # ---------------------------------------------------------- pull
+
+    async def _serve(self, pubkey: bytes, payload: bytes) -> bytes:
+        try:
+            req = sync.decode_request(payload)
+        except InvalidMessage:
+            self._fault(p2p.peer_id_from_pubkey(pubkey), "bad_sync_request")
+            raise
+        self.stats.sync_served += 1
+        await trio.lowlevel.checkpoint()
+        return sync.serve(self.ledger, req).encode()
+
+    async def _send(self, peer: p2p.PeerId, req: sync.SyncRequest) -> sync.SyncResponse | None:
+        try:
+            data = await p2p.request(self.host, peer, self.protocol, req.encode(),
+                                     sync.MAX_RESPONSE, self.cfg.sync.request_timeout_s)
+        except InvalidMessage as e:
+            self._fault(peer, f"sync_{e.reason}")
+            return None
+        except OperationError as e:
+            log.debug("sync request failed", extra={"peer": str(peer), "error": str(e)})
+            return None
+        self.stats.sync_bytes += len(data)
+        try:
+            return sync.decode_response(data)
+        except InvalidMessage as e:
+            self._fault(peer, f"sync_{e.reason}")
+            return None
+
+    async def _session(self, peer: p2p.PeerId,
+                       gaps: list[tuple[bytes, int, int]] | None) -> sync.SyncSession:
+        s = sync.SyncSession(self.ledger, self.limits, gaps=gaps)
+        while (req := s.next_request()) is not None:
+            s.on_response(await self._send(peer, req))
+        self.stats.sync_rounds += 1
+        self.stats.last_sync_at = time.time()
+        self.stats.last_sync_peer = str(peer)
+        self.stats.sync_in_sync += s.in_sync
+        self.stats.sync_events += s.stats.accepted
+        if s.failed:
+            self.stats.sync_failed += 1
+        for reason, n in s.stats.faults.items():
+            for _ in range(n):
+                self._fault(peer, f"sync_{reason}")
+        if s.accepted:
+            self.stats.events["accepted"] += len(s.accepted)
+            self.stats.events["accepted_sync"] += len(s.accepted)
+            self._notify(s.accepted)
+            self._regossip(s.accepted)
+            log.info("synced events", extra={"peer": str(peer), "events": len(s.accepted),
+                                             "requests": s.stats.requests})
+        return s
+
+    def _regossip(self, events: list[Event]) -> None:
+        """Push recent events we had to pull: peers that missed them get them fast."""
+        window_ms = self.cfg.gossip.regossip_window_s * 1000
+        if window_ms <= 0:
+            return
+        now_ms = time.time() * 1000
+        fresh = [ev.wire for ev in events if now_ms - ev.ts_ms <= window_ms]
+        if fresh:
+            self.stats.regossiped += len(fresh)
+            self.gossip(fresh)
+
+    def _spawn_sync(self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None,
+                    ) -> None:
+        if self._nursery is not None and peer not in self._syncing:
+            self._nursery.start_soon(self._sync_quietly, peer, gaps)
+
+    async def _sync_quietly(self, peer: p2p.PeerId,
+                            gaps: list[tuple[bytes, int, int]] | None) -> None:
+        try:
+            await self.sync_with(peer, gaps)
+        except BidmeshError as e:
+            self.stats.sync_failed += 1
+            log.info("sync failed", extra={"peer": str(peer), "error": str(e)})
+
+    async def _watch_peers(self) -> None:
+        """Sync with every newly connected peer (polls the host's connection table)."""
+        known: set[p2p.PeerId] = set()
+        while True:
+            now = set(self.host.connected_peers())
+            self.stats.peers = len(now)
+            if self.cfg.sync.on_connect:
+                for peer in now - known:
+                    self._spawn_sync(peer)
+            known = now
+            await trio.sleep(0.2)
+
+    async def _periodic_sync(self) -> None:
+        base = self.cfg.sync.interval_s
+        while True:
+            await trio.sleep(base * self._rng.uniform(0.5, 1.5))
+            peers = self.host.connected_peers()
+            if peers:
+                self._spawn_sync(self._rng.choice(peers))
+
+    async def _gap_sync(self) -> None:
+        while True:
+            await self._gap_event.wait()
+            self._gap_event = trio.Event()
+            gaps = self.ledger.gaps()
+            if not gaps:
+                continue
+            peers = self.host.connected_peers()
+            peer = self._gap_peer if self._gap_peer in peers else (
+                self._rng.choice(peers) if peers else None)
+            if peer is None:
+                continue
+            self.stats.gap_syncs += 1
+            await self._sync_quietly(peer, gaps)
+            if self.ledger.gaps():
+                # Still missing (peer lacked them or is busy): retry shortly, maybe elsewhere.
+                self._gap_peer = None
+                await trio.sleep(0.2)
+                self._gap_event.set()
+
+
+# ------------------------------------------------------------------ discovery
+
+
+class Discovery:
+    """Keeps connections to bootstrap peers (and mDNS finds) with backoff."""
+
+    def __init__(self, host: p2p.P2PHost, config: Config) -> None:
+        self.host = host
+        self.cfg = config.p2p
+        self.addrs: dict[str, float] = {}  # multiaddr -> next attempt (trio time)
+        self.failures: collections.Counter[str] = collections.Counter()
+        self._wake = trio.Event()
+        self._rng = random.Random()
+        for a in self.cfg.bootstrap:
+            self.add(a)
+
+    def add(self, maddr: str) -> None:
+        """Add an address to keep connected (bootstrap, mDNS, or an operator)."""
+        if maddr not in self.addrs:
+            self.addrs[maddr] = 0.0
+        self._wake.set()
+
+    def retry_now(self) -> None:
+        for a in self.addrs:
+            self.addrs[a] = 0.0
+            self.failures[a] = 0
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                for maddr, due in list(self.addrs.items()):
+                    if due <= now:
+                        self.addrs[maddr] = now + 1e9  # in flight
+                        nursery.start_soon(self._dial, maddr)
+                with trio.move_on_after(0.5):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _dial(self, maddr: str) -> None:
+        peer_str = maddr.rsplit("/p2p/", 1)[-1]
+        try:
+            connected = self.host.is_connected(peer_str)
+        except InvalidMessage:
+            log.error("bad bootstrap address", extra={"addr": maddr})
+            del self.addrs[maddr]
+            return
+        if connected or len(self.host.connected_peers()) >= self.cfg.max_connections:
+            self.failures[maddr] = 0
+            self.addrs[maddr] = trio.current_time() + 1.0  # check again soon
+            return
+        try:
+            await self.host.connect(maddr, timeout=10.0)
+        except UsageError as e:
+            log.error("bad bootstrap address", extra={"addr": maddr, "error": str(e)})
+            del self.addrs[maddr]
+            return
+        except OperationError as e:
+            self.failures[maddr] += 1
+            n = self.failures[maddr]
+            delay = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2 ** (n - 1))
+            delay *= self._rng.uniform(0.8, 1.2)
+            if n <= 3 or n % 10 == 0:
+                log.info("dial failed", extra={"addr": maddr, "error": str(e),
+                                               "attempt": n, "retry_s": round(delay, 2)})
+            self.addrs[maddr] = trio.current_time() + delay
+            return
+        if self.failures[maddr]:
+            log.info("connected", extra={"addr": maddr, "after_attempts": self.failures[maddr]})
+        self.failures[maddr] = 0
+        self.addrs[maddr] = trio.current_time() + 1.0

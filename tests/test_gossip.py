@@ -1,0 +1,151 @@
+"""Replication on real py-libp2p hosts over loopback (in one process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node import codec, config, gossip
+from node.errors import InvalidMessage
+from node.events import Offer
+from node.keys import Identity
+from node.ledger import Ledger
+from node.p2p import P2PHost, PubSub, make_pubsub, open_host
+
+NET = "gossiptest"
+
+
+def body(i: int) -> Offer:
+    return Offer(services=(), currency="EUR", addrs=(), note=f"e{i}")
+
+
+@dataclass
+class TNode:
+    ident: Identity
+    host: P2PHost
+    ps: PubSub
+    ledger: Ledger
+    rep: gossip.Replicator
+
+    def publish(self, n: int) -> list[bytes]:
+        out = []
+        for i in range(n):
+            ev = self.ledger.publish(self.ident, body(i), int(time.time() * 1000))
+            self.rep.publish_event(ev)
+            out.append(ev.id)
+        return out
+
+
+@asynccontextmanager
+async def tnodes(tmp: Path, n: int, **overrides: dict[str, Any]) -> AsyncIterator[list[TNode]]:
+    cfg = config.from_dict({"node": {"network": NET},
+                            "sync": {"interval_s": 0.5, "request_timeout_s": 5},
+                            **overrides})
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(n):
+            ident = Identity.from_seed(bytes([i + 1]) * 32)
+            host = await stack.enter_async_context(open_host(ident.seed))
+            ps = await stack.enter_async_context(make_pubsub(host))
+            led = Ledger(tmp / f"n{i}.db", network=NET)
+            stack.callback(led.close)
+            nodes.append(TNode(ident, host, ps, led, gossip.Replicator(host, ps, led, cfg)))
+        # Innermost, so the services stop before their hosts and ledgers close.
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(node.rep.run)
+                await node.rep.ready.wait()
+            yield nodes
+            nursery.cancel_scope.cancel()
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.02)
+
+
+async def wait_mesh(nodes: list[TNode]) -> None:
+    topic = gossip.topic_name(NET)
+    await wait_until(lambda: all(len(n.ps.topic(topic).peers()) >= 1 for n in nodes))
+
+
+def test_batch_codec() -> None:
+    data = gossip.encode_batch([b"\x01", b"\x02"])
+    assert gossip.decode_batch(data) == [b"\x01", b"\x02"]
+    for bad in (b"\xc1", codec.pack([2, [b"x"]]), codec.pack([1, []]), codec.pack([1, [b""]]),
+                codec.pack([1, ["s"]]), codec.pack([True, [b"x"]]), codec.pack([1, [b"x"] * 513])):
+        with pytest.raises(InvalidMessage):
+            gossip.decode_batch(bad)
+
+
+async def test_events_published_on_one_appear_on_all(tmp_path: Path) -> None:
+    async with tnodes(tmp_path, 3, sync={"interval_s": 3600.0, "on_connect": False}) as ns:
+        a, b, c = ns
+        await a.host.connect(b.host.addrs[0])
+        await b.host.connect(c.host.addrs[0])
+        await wait_mesh(ns)
+        a.publish(200)
+        c.publish(200)
+        await wait_until(lambda: all(n.ledger.count() == 400 for n in ns))
+        assert len({n.ledger.digest() for n in ns}) == 1
+        # Pushed by gossip alone (periodic and on-connect sync are off here).
+        assert b.rep.stats.sync_rounds == 0 and b.rep.stats.batches_received >= 2
+        assert b.rep.stats.batches_received < 400  # batched
+
+
+async def test_pull_sync_catches_up_without_gossip(tmp_path: Path) -> None:
+    async with tnodes(tmp_path, 3) as ns:
+        a, b, c = ns
+        await a.host.connect(b.host.addrs[0])
+        a.publish(100)
+        await wait_until(lambda: b.ledger.count() == 100)
+        # Stored but never gossiped (as if written while offline): only pull finds them.
+        for i in range(250):
+            a.ledger.publish(a.ident, body(1000 + i), int(time.time() * 1000))
+        await wait_until(lambda: b.ledger.digest() == a.ledger.digest())  # periodic sync
+        # c joins late: the on-connect sync fetches the whole history.
+        await c.host.connect(b.host.addrs[0])
+        await wait_until(lambda: c.ledger.digest() == a.ledger.digest())
+        assert c.ledger.count() == 350 and b.rep.stats.sync_events >= 250
+        assert c.rep.stats.events["accepted"] == 350  # each event stored exactly once
+
+
+async def test_garbage_peer_is_counted_and_cut_off(tmp_path: Path) -> None:
+    async with tnodes(tmp_path, 3, gossip={"fault_threshold": 5, "block_s": 60.0}) as ns:
+        a, b, c = ns
+        await a.host.connect(b.host.addrs[0])
+        await b.host.connect(c.host.addrs[0])
+        await wait_mesh(ns)
+        ids = a.publish(50)
+        async with open_host(bytes([66]) * 32) as evil, make_pubsub(evil) as eps:
+            await evil.connect(b.host.addrs[0])
+            topic = eps.topic(gossip.topic_name(NET))
+            sub = await topic.subscribe()  # join the mesh like an honest peer
+            del sub
+            await wait_until(lambda: evil.peer_id in b.ps.topic(topic.name).peers())
+            wire = a.ledger.get_wire(ids[0])
+            assert wire is not None
+            forged = codec.pack([codec.unpack(wire, 1 << 20)[0], bytes(64)])  # bad signature
+            for i in range(10):
+                payload = b"\xc1garbage" if i % 2 else gossip.encode_batch([forged])
+                await topic.publish(payload + bytes([i]) if i % 2 else payload)
+                if b.host.is_blocked(evil.peer_id):
+                    break
+            await wait_until(lambda: b.rep.stats.cut_off == 1)
+            assert b.host.is_blocked(evil.peer_id)
+            await wait_until(lambda: not b.host.is_connected(evil.peer_id))
+            assert sum(b.rep.stats.faults.values()) >= 5
+            assert str(evil.peer_id) in b.rep.stats.cut_off_peers
+        # Honest traffic is unaffected and nothing accepted was lost.
+        c.publish(50)
+        await wait_until(lambda: all(n.ledger.count() == 100 for n in ns))
+        assert len({n.ledger.digest() for n in ns}) == 1
+        assert a.rep.stats.cut_off == c.rep.stats.cut_off == 0

@@ -189,7 +189,7 @@ class _Gate(INotifee):
 
     py-libp2p 0.8.1 has no per-peer connection gater (ConnectionGate is IP-only,
     network/connection_gate.py); `Swarm.add_conn` calls `notify_connected` after
-    registering every inbound and outbound connection (network/swarm.py:2703), so
+    registering every inbound and outbound connection (network/swarm.py:2702), so
     a notifee is the earliest point that knows the authenticated peer id.
     """
 
@@ -370,7 +370,7 @@ def _build_libp2p_host(
         # One connection per peer. Besides being what we want, this is what
         # makes dial_peer return at once: with a per-peer limit above 1 it waits
         # the 250 ms happy-eyeballs delay after the last address
-        # (network/swarm.py:935, cancel at :917).
+        # (network/swarm.py:936, cancel at :917).
         max_connections_per_peer=1,
     )
     host: IHost = new_host(
@@ -388,8 +388,8 @@ def _build_libp2p_host(
     )
     swarm: Any = host.get_network()
     # Upstream bug: the inbound handler holds its `_inbound_limiter` slot until
-    # the *swarm* stops, not until the connection closes (network/swarm.py:1976
-    # acquires, :2061 waits for manager.wait_finished()), so after
+    # the *swarm* stops, not until the connection closes (network/swarm.py:1982
+    # acquires, :2060 waits for manager.wait_finished()), so after
     # max_connections - min_connections inbound connections in the node's
     # lifetime every new inbound connection is refused. Replace the limiter by
     # an unbounded one; the real cap is enforced at registration (add_conn,
@@ -432,7 +432,7 @@ async def open_host(
             # selection belongs to node/gossip.py, so turn it off.
             await swarm.auto_connector.stop()
             if not swarm.listeners:
-                # BasicHost.run ignores Swarm.listen()'s False (host/basic_host.py:590).
+                # BasicHost.run ignores Swarm.listen()'s False (host/basic_host.py:591).
                 raise UsageError(f"could not listen on any of {list(listen)}")
             yield node
         finally:
@@ -466,7 +466,7 @@ def _was_reset(stream: INetStream) -> bool:
 
     Yamux finalizes a stream as soon as RST arrives (stream_muxer/yamux/yamux.py:1349,
     :1571) and a later read of an unknown stream id raises MuxedStreamEOF
-    (:1058), so NetStream.read reports a reset as StreamEOF; the YamuxStream
+    (:1060), so NetStream.read reports a reset as StreamEOF; the YamuxStream
     object still carries `reset_received`.
     """
     return getattr(getattr(stream, "muxed_stream", None), "reset_received", False) is True
@@ -843,7 +843,7 @@ class Topic:
         return set(self._owner.router.mesh.get(self.name, set()))
 
     async def publish(self, data: bytes, timeout: float = 10.0) -> None:
-        """Publish `data`, first waiting (at most `timeout` s) while any peer's queue is high.
+        """Publish `data`, first waiting (at most `timeout` s) while a topic peer's queue is high.
 
         Upstream `Pubsub.publish` never yields and each peer's outbound queue
         (pubsub/rpc_queue.py, 32 RPCs) drops silently when full, so we wait
@@ -855,7 +855,8 @@ class Topic:
                 f"gossip message of {len(data)} bytes exceeds {self._owner.max_message_size}; "
                 "split it (upstream drops oversized RPCs silently)"
             )
-        await self._owner.wait_for_queues(timeout)
+        # Only peers that subscribe to the topic get the message (mesh/fanout).
+        await self._owner.wait_for_queues(timeout, self.peers() | self.mesh_peers())
         await self._owner.pubsub.publish(self.name, data)
 
     async def subscribe(self) -> Subscription:
@@ -870,7 +871,7 @@ class Topic:
             raise UsageError(f"topic {self.name!r} already has a subscriber")
         pubsub = self._owner.pubsub
         # SUBSCRIPTION_CHANNEL_SIZE is read when Pubsub.subscribe() creates the
-        # channel, before its first await (pubsub/pubsub.py:1404).
+        # channel, before its first await (pubsub/pubsub.py:1405).
         saved = _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
         _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = self._owner.subscription_channel_size
         try:
@@ -949,23 +950,26 @@ class PubSub:
             self._topics[name] = Topic(self, name)
         return self._topics[name]
 
-    def max_queue_len(self) -> int:
-        """Longest per-peer outbound queue right now."""
-        return max((len(q) for q in self.pubsub.peer_queues.values()), default=0)
+    def max_queue_len(self, peers: set[ID] | None = None) -> int:
+        """Longest outbound queue (pubsub.peer_queues) among `peers` (default: all)."""
+        queues = self.pubsub.peer_queues
+        return max(
+            (len(q) for p, q in list(queues.items()) if peers is None or p in peers), default=0
+        )
 
-    async def wait_for_queues(self, timeout: float) -> None:
-        """Wait until every peer's outbound queue is below the high-water mark."""
-        if self.max_queue_len() < self.queue_high_water:
+    async def wait_for_queues(self, timeout: float, peers: set[ID] | None = None) -> None:
+        """Wait until the outbound queues of `peers` (default all) are below the high-water mark."""
+        if self.max_queue_len(peers) < self.queue_high_water:
             await trio.lowlevel.checkpoint()
             return
         try:
             with trio.fail_after(timeout):
                 # RpcQueue has no "drained" event; poll at a short interval.
-                while self.max_queue_len() >= self.queue_high_water:
+                while self.max_queue_len(peers) >= self.queue_high_water:
                     await trio.sleep(0.002)
         except trio.TooSlowError:
             raise StreamTimeout(
-                f"a peer's gossip queue stayed at {self.max_queue_len()} RPCs for {timeout} s"
+                f"a peer's gossip queue stayed at {self.max_queue_len(peers)} RPCs for {timeout} s"
             ) from None
 
     def prune(self) -> None:
@@ -1034,7 +1038,7 @@ async def make_pubsub(
         async with background_trio_service(pubsub), background_trio_service(router):
             await pubsub.wait_until_ready()
             # The PubsubNotifee only hears about connections made after it was
-            # registered (pubsub/pubsub.py:419); register existing peers ourselves.
+            # registered (pubsub/pubsub.py:432); register existing peers ourselves.
             for peer in host.connected_peers():
                 pubsub.manager.run_task(pubsub._handle_new_peer_with_retry, peer)
             async with trio.open_nursery() as nursery:
@@ -1047,5 +1051,5 @@ async def make_pubsub(
                         await ps._end_subscriptions()
     finally:
         # LastSeenCache starts a sweeper *thread* per Pubsub and nothing stops
-        # it (tools/timed_cache/base_timed_cache.py:25).
+        # it (tools/timed_cache/base_timed_cache.py:26).
         pubsub.seen_messages.stop()

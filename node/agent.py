@@ -1,0 +1,161 @@
+"""What a provider node and a recipient do on their own, as pure decisions.
+
+`provider_actions` looks at derived market state and returns the event bodies a
+provider should publish now: an offer when its services changed, bids on requests
+for services it sells (sealed ones by commit, revealed after close with a nonce
+derived from its seed, so a restarted node can still reveal), and its rating of the
+recipient once a lease is paid or has ended unpaid. `build_award` is the recipient's
+side: the award that the request's rule yields over every valid bid. The daemon and
+the light client perform the returned actions; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .auction import Auction, Market, clear
+from .events import (
+    Award,
+    Bid,
+    Body,
+    Commit,
+    Offer,
+    Rating,
+    Reveal,
+    ServiceOffer,
+    commitment_hash,
+    considered_digest,
+)
+from .reputation import PPM
+
+HOUR_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class ProviderPolicy:
+    """A provider's price list and manners. Prices are minor units per hour of lease."""
+
+    offers: tuple[ServiceOffer, ...]
+    currency: str = "EUR"
+    addrs: tuple[str, ...] = ()
+    bid_services: frozenset[str] = field(default_factory=frozenset)  # empty: all offered
+    rate_recipients: bool = True
+    note: str = ""
+
+    def price_for(self, service: str, duration_ms: int) -> int | None:
+        for so in self.offers:
+            if so.name == service:
+                return max(1, -(-so.price * duration_ms // HOUR_MS))
+        return None
+
+    def sells(self, service: str) -> bool:
+        if self.bid_services and service not in self.bid_services:
+            return False
+        return any(so.name == service for so in self.offers)
+
+
+def sealed_nonce(seed: bytes, request_id: bytes) -> bytes:
+    """Deterministic per-request nonce: secret (keyed by the seed) and re-derivable."""
+    return hmac.new(seed, b"bidmesh/nonce/v1" + request_id, hashlib.sha256).digest()[:16]
+
+
+def provider_actions(
+    market: Market, me: bytes, seed: bytes, policy: ProviderPolicy, now_ms: int,
+    published_offer: Offer | None = None,
+) -> list[Body]:
+    """Bodies `me` should publish at wall time `now_ms`, given the market so far."""
+    out: list[Body] = []
+    offer = Offer(services=policy.offers, currency=policy.currency, addrs=policy.addrs,
+                  note=policy.note)
+    current = market.offers.get(me)
+    if (current is None or current.offer != offer) and published_offer != offer:
+        out.append(offer)
+    for a in market.auctions.values():
+        action = _bid_action(a, me, seed, policy, now_ms)
+        if action is not None:
+            out.append(action)
+    if policy.rate_recipients:
+        out.extend(_ratings(market, me, now_ms))
+    return out
+
+
+def _bid_action(a: Auction, me: bytes, seed: bytes, policy: ProviderPolicy,
+                now_ms: int) -> Body | None:
+    req = a.request
+    if a.recipient == me or me in a.pledges or not policy.sells(req.service):
+        return None
+    price = policy.price_for(req.service, req.duration_ms)
+    if price is None or price > req.reserve:
+        return None
+    mine = a.latest.get(me)
+    if now_ms <= req.close_ms:
+        if mine is not None:
+            return None
+        if req.sealed:
+            nonce = sealed_nonce(seed, a.id)
+            return Commit(request=a.id, commitment=commitment_hash(a.id, price, nonce))
+        return Bid(request=a.id, price=price)
+    if req.sealed and mine is not None and now_ms <= req.reveal_ms:
+        entry = a.bids[mine]
+        if entry.status == "committed":
+            nonce = sealed_nonce(seed, a.id)
+            if commitment_hash(a.id, price, nonce) == entry.commitment:
+                return Reveal(commit=mine, price=price, nonce=nonce)
+    return None
+
+
+def _ratings(market: Market, me: bytes, now_ms: int) -> list[Body]:
+    """Rate each recipient once: satisfied when paid in full, else after the lease ended."""
+    out: list[Body] = []
+    for lease in market.leases.values():
+        if lease.provider != me or now_ms < lease.start_ms:
+            continue
+        if any(r.rater == me for r in market.ratings.get(lease.id, ())):
+            continue
+        paid = market.paid.get(lease.id, 0) >= lease.price
+        if not paid and now_ms < lease.end_ms:
+            continue
+        out.append(Rating(lease=lease.id, subject=lease.recipient, role="recipient",
+                          satisfied=paid, score=5 if paid else 1,
+                          text="paid in full" if paid else "not paid by lease end"))
+    return out
+
+
+def build_award(market: Market, auction: Auction) -> Award:
+    """The recipient's award: the rule over every valid bid, naming them all."""
+    valid = auction.valid_bids()
+    req = auction.request
+    close = req.close_ms
+
+    def ppm(k: bytes) -> int:
+        return market.reputation.ppm(k, "provider", close)
+
+    winner, price = clear(req.rule, valid, req.reserve, ppm)
+    if req.group and winner is not None and auction.pledged() < (price or 0):
+        winner, price = None, None
+    ids = [b.id for b in valid]
+    return Award(
+        request=auction.id,
+        winner=winner.id if winner else None,
+        price=price or 0,
+        considered=tuple(sorted(ids)) if len(ids) <= 256 else (),
+        considered_digest=considered_digest(ids),
+        considered_count=len(ids),
+    )
+
+
+def reputation_label(market: Market, key: bytes, as_of_ms: int) -> str:
+    """Short human label for a provider's standing, for tables."""
+    s = market.reputation.score(key, "provider", as_of_ms)
+    return f"{s.ppm * 100 // PPM}% ({s.ratings} ratings)"
+
+
+def offers_from_config(table: Mapping[str, Mapping[str, int]]) -> tuple[ServiceOffer, ...]:
+    """`{"zstd": {"price": 5, "capacity": 1000}}` → ServiceOffer tuple (sorted by name)."""
+    return tuple(
+        ServiceOffer(name=name, price=int(v.get("price", 0)), capacity=int(v.get("capacity", 0)))
+        for name, v in sorted(table.items())
+    )

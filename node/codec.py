@@ -62,24 +62,53 @@ def unpack(data: bytes, max_size: int) -> Any:
 
 
 def unpack_canonical(data: bytes, max_size: int) -> Any:
-    """Decode and insist the bytes are the one canonical encoding of the value."""
+    """Decode and insist the bytes are the one canonical encoding of the value.
+
+    Equivalent to `pack(unpack(data)) == data` after checking for floats, non-string
+    map keys and nesting, but cheaper: map keys are checked for ascending order while
+    walking (str order is UTF-8 byte order), then the value is re-encoded as decoded,
+    which catches non-shortest headers and duplicate keys."""
     value = unpack(data, max_size)
-    _check_plain(value, 0)
-    if pack(value) != data:
+    t = type(value)
+    if t is list or t is dict:
+        in_order = _walk(value, 0)
+    elif t is float:
+        raise InvalidMessage("floats are not allowed; use integer units", "malformed")
+    else:
+        in_order = True
+    if not in_order or msgpack.packb(value, use_bin_type=True) != data:
         raise InvalidMessage("encoding is not canonical", "non_canonical")
     return value
 
 
-def _check_plain(value: Any, depth: int) -> None:
-    if depth > 16:
+MAX_DEPTH = 16  # the top-level value is at depth 0; no value may sit deeper than 16
+
+
+def _walk(value: Any, depth: int) -> bool:
+    """Check a container (at `depth`) for floats, non-str keys and depth; return whether
+    every map's keys are in strictly ascending order."""
+    if depth >= MAX_DEPTH and value:
         raise InvalidMessage("nesting too deep", "malformed")
-    if isinstance(value, float):
-        raise InvalidMessage("floats are not allowed; use integer units", "malformed")
-    if isinstance(value, dict):
-        for k, v in value.items():
+    in_order = True
+    if type(value) is dict:
+        last = None
+        items: Any = value.items()
+        for k, v in items:
             if type(k) is not str:
                 raise InvalidMessage("map keys must be strings", "malformed")
-            _check_plain(v, depth + 1)
-    elif isinstance(value, list):
+            if last is not None and k <= last:
+                in_order = False
+            last = k
+            tv = type(v)
+            if tv is list or tv is dict:
+                in_order = _walk(v, depth + 1) and in_order
+            elif tv is float:
+                raise InvalidMessage("floats are not allowed; use integer units", "malformed")
+    else:
         for v in value:
-            _check_plain(v, depth + 1)
+            tv = type(v)
+            if tv is list or tv is dict:
+                in_order = _walk(v, depth + 1) and in_order
+            elif tv is float:
+                raise InvalidMessage("floats are not allowed; use integer units", "malformed")
+    return in_order

@@ -316,6 +316,10 @@ def decode_wire(
     wire: bytes, network: str, *, tag: bytes | None = None, verify: bool = True
 ) -> Event:
     """Fully check one wire record; raise InvalidEvent with a precise reason."""
+    split = _split_canonical_wire(wire)
+    if split is not None:
+        return decode_signed(split[0], split[1], network, tag=tag, verify=verify)
+    # Not the canonical shape: the general decoder finds the precise reason.
     try:
         outer = codec.unpack_canonical(wire, MAX_WIRE)
     except InvalidMessage as e:
@@ -326,6 +330,27 @@ def decode_wire(
     if type(signed) is not bytes or type(sig) is not bytes or len(sig) != 64:
         raise InvalidEvent("wire record must be [bin signed, bin(64) sig]", "malformed")
     return decode_signed(signed, sig, network, tag=tag, verify=verify)
+
+
+def _split_canonical_wire(wire: bytes) -> tuple[bytes, bytes] | None:
+    """(signed, sig) if `wire` is byte for byte `packb([signed, sig])` with a 64-byte sig
+    and signed within limits, else None. The hot path: no generic decode, no re-encode."""
+    n = len(wire)
+    if n < 69 or n > MAX_WIRE or wire[0] != 0x92:
+        return None
+    h = wire[1]
+    if h == 0xC4:  # bin8: always the shortest form for its length
+        size, off = wire[2], 3
+    elif h == 0xC5:  # bin16: canonical only for lengths >= 256
+        size, off = (wire[2] << 8) | wire[3], 4
+        if size < 256:
+            return None
+    else:
+        return None
+    end = off + size
+    if end + 66 != n or wire[end] != 0xC4 or wire[end + 1] != 64:
+        return None
+    return wire[off:end], wire[end + 2:]
 
 
 def decode_signed(

@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS forks(
 """
 
 
+CACHE_KIB = 32 << 10  # SQLite page cache of the writer (part of the RSS budget)
+WAL_CHECKPOINT_PAGES = 10_000  # ~40 MiB of WAL between automatic checkpoints
+
 _Row = tuple[bytes, bytes, int, int, str, bytes | None, bytes]
 
 
@@ -194,6 +197,11 @@ class Ledger:
             self.db = sqlite3.connect(self.path, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            # Batches from many authors dirty one index page per author; a larger cache
+            # and fewer, larger checkpoints roughly halve the cost per stored event.
+            self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            self.db.execute(f"PRAGMA journal_size_limit={64 << 20}")
             self.db.executescript(SCHEMA)
         self.db.execute("PRAGMA busy_timeout=5000")
         self._check_network()

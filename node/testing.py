@@ -9,6 +9,8 @@ and check that receivers reject them for the right reason.
 from __future__ import annotations
 
 import hashlib
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,3 +145,49 @@ class Chain:
             body = Bid(request=fake_id("request"), price=seq, note="")
         ts = self.ts_ms + seq if ts_ms is None else ts_ms
         return sign_event(self.seed, seq, prev, ts, body, self.network)
+
+
+_INTS = [(0xCC, ">B", 0, 255), (0xCD, ">H", 0, 65535), (0xCE, ">I", 0, 2**32 - 1),
+         (0xCF, ">Q", 0, 2**64 - 1), (0xD0, ">b", -128, 127), (0xD1, ">h", -2**15, 2**15 - 1),
+         (0xD2, ">i", -2**31, 2**31 - 1), (0xD3, ">q", -2**63, 2**63 - 1)]
+
+
+def any_encoding(v: Any, choose: Callable[[Sequence[bytes]], bytes]) -> bytes:
+    """Some valid msgpack encoding of `v`, letting `choose` pick among every header width
+    that fits and every order of map entries: the canonical one and all the others.
+    For differential tests of the canonical check."""
+
+    def hdr(n: int, fix: tuple[int, int] | None, wide: list[tuple[int, int]]) -> bytes:
+        opts = [bytes([fix[0] | n])] if fix is not None and n < fix[1] else []
+        opts += [bytes([code]) + n.to_bytes(w, "big") for code, w in wide if n < 1 << (8 * w)]
+        return choose(opts)
+
+    if v is None:
+        return b"\xc0"
+    if v is True or v is False:
+        return b"\xc3" if v else b"\xc2"
+    if isinstance(v, int):
+        opts = []
+        if -32 <= v < 128:
+            opts.append(struct.pack(">b", v) if v < 0 else bytes([v]))
+        opts += [bytes([c]) + struct.pack(fmt, v) for c, fmt, lo, hi in _INTS if lo <= v <= hi]
+        return choose(opts)
+    if isinstance(v, float):
+        return choose([b"\xcb" + struct.pack(">d", v)])
+    if isinstance(v, str):
+        b = v.encode()
+        return hdr(len(b), (0xA0, 32), [(0xD9, 1), (0xDA, 2), (0xDB, 4)]) + b
+    if isinstance(v, bytes):
+        return hdr(len(v), None, [(0xC4, 1), (0xC5, 2), (0xC6, 4)]) + v
+    if isinstance(v, (list, tuple)):
+        return hdr(len(v), (0x90, 16), [(0xDC, 2), (0xDD, 4)]) + b"".join(
+            any_encoding(x, choose) for x in v)
+    if isinstance(v, dict):
+        entries = [any_encoding(k, choose) + any_encoding(x, choose) for k, x in v.items()]
+        out = []
+        while entries:  # any order: choose the next entry among those left
+            e = choose(entries)
+            entries.remove(e)
+            out.append(e)
+        return hdr(len(v), (0x80, 16), [(0xDE, 2), (0xDF, 4)]) + b"".join(out)
+    raise TypeError(f"cannot encode {type(v).__name__}")

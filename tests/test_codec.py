@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from node import codec
 from node.errors import InvalidMessage
+from node.testing import any_encoding
 
 LIMIT = 1 << 16
 
@@ -118,3 +119,65 @@ def test_pack_output_is_canonical(value: object) -> None:
     data = codec.pack(value)
     assert codec.unpack_canonical(data, LIMIT) == value
     assert codec.pack(codec.unpack(data, LIMIT)) == data
+
+
+def _reference_canonical(data: bytes) -> object:
+    """The straightforward definition: decode, refuse floats / non-str keys / depth,
+    and require pack(sorted(value)) == data."""
+    value = codec.unpack(data, LIMIT)
+
+    def plain(v: object, depth: int) -> None:
+        if depth > codec.MAX_DEPTH:
+            raise InvalidMessage("deep", "malformed")
+        if isinstance(v, float):
+            raise InvalidMessage("float", "malformed")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if type(k) is not str:
+                    raise InvalidMessage("key", "malformed")
+                plain(x, depth + 1)
+        elif isinstance(v, list):
+            for x in v:
+                plain(x, depth + 1)
+
+    plain(value, 0)
+    if codec.pack(value) != data:
+        raise InvalidMessage("nc", "non_canonical")
+    return value
+
+
+anyvalue = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.text(max_size=3)
+    | st.binary(max_size=3) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=2) | st.binary(max_size=2), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(anyvalue, st.data())
+def test_fast_canonical_check_equals_definition(value: object, data: st.DataObject) -> None:
+    enc = any_encoding(value, lambda opts: data.draw(st.sampled_from(opts)))
+    try:
+        want: object = _reference_canonical(enc)
+    except InvalidMessage as e:
+        want = e.reason
+    try:
+        got: object = codec.unpack_canonical(enc, LIMIT)
+    except InvalidMessage as e:
+        got = e.reason
+    assert got == want
+
+
+@pytest.mark.parametrize("depth", [15, 16, 17])
+def test_depth_limit(depth: int) -> None:
+    empty = b"\x91" * depth + b"\x90"  # innermost empty list sits at `depth`
+    full = b"\x91" * depth + b"\x91\x00"  # ... and holds a value at depth + 1
+    if depth > codec.MAX_DEPTH:
+        assert reason_of(empty) == "malformed"
+    else:
+        assert codec.unpack_canonical(empty, LIMIT) is not None
+    if depth + 1 > codec.MAX_DEPTH:
+        assert reason_of(full) == "malformed"
+    else:
+        assert codec.unpack_canonical(full, LIMIT)

@@ -6,6 +6,8 @@ import dataclasses
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from node import codec
 from node.errors import InvalidEvent
@@ -176,3 +178,23 @@ def test_body_registry_is_complete() -> None:
     for kind, cls in KINDS.items():
         assert issubclass(cls, Body) and kind == cls.KIND
         assert dataclasses.is_dataclass(cls)
+
+
+@given(st.binary(min_size=0, max_size=700), st.binary(min_size=62, max_size=66), st.data())
+def test_fast_wire_split_equals_generic_decode(signed: bytes, sig: bytes,
+                                               data: st.DataObject) -> None:
+    from node.errors import InvalidMessage
+    from node.events import MAX_WIRE, _split_canonical_wire
+    from node.testing import any_encoding
+
+    wire = any_encoding([signed, sig], lambda opts: data.draw(st.sampled_from(opts)))
+    if data.draw(st.booleans()):
+        wire += data.draw(st.binary(max_size=2))
+    try:
+        v = codec.unpack_canonical(wire, MAX_WIRE)
+        ok = type(v) is list and len(v) == 2 and all(type(x) is bytes for x in v) and len(
+            v[1]) == 64
+        want = (v[0], v[1]) if ok else None
+    except InvalidMessage:
+        want = None
+    assert _split_canonical_wire(wire) == want

@@ -149,3 +149,16 @@ async def test_garbage_peer_is_counted_and_cut_off(tmp_path: Path) -> None:
         await wait_until(lambda: all(n.ledger.count() == 100 for n in ns))
         assert len({n.ledger.digest() for n in ns}) == 1
         assert a.rep.stats.cut_off == c.rep.stats.cut_off == 0
+
+
+async def test_mdns_discovers_lan_peers(tmp_path: Path) -> None:
+    cfg = config.from_dict({"p2p": {"reconnect_min_s": 0.2, "reconnect_max_s": 1.0}})
+    async with open_host(bytes([71]) * 32, ["/ip4/0.0.0.0/tcp/0"]) as a, \
+            open_host(bytes([72]) * 32, ["/ip4/0.0.0.0/tcp/0"]) as b, \
+            trio.open_nursery() as nursery:
+        for h in (a, b):
+            disc = gossip.Discovery(h, cfg)
+            nursery.start_soon(disc.run)
+            nursery.start_soon(gossip.run_mdns, h, disc, NET)
+        await wait_until(lambda: a.is_connected(b.peer_id) or b.is_connected(a.peer_id), 20)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,98 @@
+"""Real `bidmesh run` processes on loopback: convergence, crash recovery, partitions,
+late joiners, graceful stop."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from daemon_helpers import NETWORK, cluster, wait_for
+
+from node.daemon import read_status
+from node.ledger import Ledger
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
+
+
+def test_converge_late_joiner_and_sigterm(tmp_path: Path) -> None:
+    with cluster(tmp_path, 5) as c:
+        first, late = c.procs[:4], c.procs[4]
+        c.start_all(first)
+        acked: dict[int, list[bytes]] = {}
+        for p in first:
+            acked[p.index] = c.publish(p, 60)
+        digest = c.wait_converged(first)
+        assert all(c.status(p)["events"] == 240 for p in first)
+        # A node that joins late syncs the whole history.
+        c.start(late)
+        assert c.wait_converged() == digest
+        acked[late.index] = c.publish(late, 10)
+        # The read-only side (status.json, rewritten every 0.5 s here) shows the peers.
+        final = c.wait_converged()
+
+        def status_shows_it() -> bool:
+            st = read_status(late.data_dir)
+            return st["state"] == "running" and len(st["peers"]) == 4 and st["digest"] == final
+
+        wait_for(status_shows_it, 10, "status.json to show peers and the digest")
+        # SIGTERM: each stops within 5 s; everything acknowledged is on disk.
+        for p in c.procs:
+            took = c.terminate(p)
+            assert took < 5.0, f"node {p.index} took {took:.1f} s to stop"
+            assert p.popen is not None and p.popen.returncode == 0
+            assert read_status(p.data_dir)["state"] == "stopped"
+        for p in c.procs:
+            with Ledger(p.data_dir / "ledger.db", network=NETWORK, readonly=True) as led:
+                assert led.count() == 250
+                assert all(led.has(i) for ids in acked.values() for i in ids)
+
+
+def test_sigkilled_node_catches_up_after_restart(tmp_path: Path) -> None:
+    with cluster(tmp_path, 5) as c:
+        c.start_all()
+        for p in c.procs:
+            c.publish(p, 20)
+        c.wait_converged()
+        victim = c.procs[2]
+        peer_id = c.status(victim)["peer_id"]
+        mine = c.publish(victim, 30)  # acknowledged, then killed without warning
+        c.terminate(victim, signal.SIGKILL)
+        for p in c.procs:
+            if p is not victim:
+                c.publish(p, 40)
+        survivors = [p for p in c.procs if p is not victim]
+        c.wait_converged(survivors)
+        c.start(victim)
+        st = c.status(victim)
+        assert st["peer_id"] == peer_id  # same identity
+        digest = c.wait_converged()
+        assert c.status(victim)["events"] == 5 * 20 + 30 + 4 * 40
+        with Ledger(c.procs[0].data_dir / "ledger.db", network=NETWORK, readonly=True) as led:
+            assert all(led.has(i) for i in mine)
+            assert led.digest().hex() == digest
+
+
+def test_partitioned_halves_diverge_then_converge(tmp_path: Path) -> None:
+    with cluster(tmp_path, 5) as c:
+        c.start_all()
+        c.publish(c.procs[0], 10)
+        c.wait_converged()
+        left, right = c.procs[:2], c.procs[2:]
+        for side, other in ((left, right), (right, left)):
+            for p in side:
+                p.call({"op": "block", "peers": [q.peer_id for q in other], "seconds": 300})
+        for p in left:
+            c.publish(p, 30, "L")
+        for p in right:
+            c.publish(p, 20, "R")
+        dl = c.wait_converged(left)
+        dr = c.wait_converged(right)
+        assert dl != dr
+        assert {c.status(p)["events"] for p in left} == {10 + 60}
+        assert {c.status(p)["events"] for p in right} == {10 + 60}
+        for side, other in ((left, right), (right, left)):
+            for p in side:
+                p.call({"op": "unblock", "peers": [q.peer_id for q in other]})
+        c.wait_converged(timeout=30)
+        assert {c.status(p)["events"] for p in c.procs} == {10 + 60 + 60}

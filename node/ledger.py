@@ -238,6 +238,23 @@ class Ledger:
             self._forks[author] = seq
         self._digest = None
 
+    @staticmethod
+    def stored_network(path: str | Path) -> str | None:
+        """The network id a ledger file was created for; None if there is no ledger."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+        try:
+            db = sqlite3.connect(uri, uri=True)
+            try:
+                row = db.execute("SELECT v FROM meta WHERE k='network'").fetchone()
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            raise UsageError(f"{path} is not a bidmesh ledger ({e})") from e
+        return str(row[0]) if row else None
+
     def refresh(self) -> None:
         """Re-read heads (read-only handles watching a live daemon's ledger)."""
         self._load_heads()
@@ -521,6 +538,14 @@ class Ledger:
         w = self.get_wire(event_id)
         return self._decode(w) if w is not None else None
 
+    def ids_with_prefix(self, prefix: bytes, limit: int = 2) -> list[bytes]:
+        """Stored event ids starting with `prefix` (to resolve abbreviated ids)."""
+        hi = _prefix_end(prefix)
+        q, args = "SELECT id FROM events WHERE id >= ?", [prefix]
+        if hi is not None:
+            q, args = q + " AND id < ?", [prefix, hi]
+        return [r[0] for r in self.db.execute(q + " ORDER BY id LIMIT ?", [*args, limit])]
+
     def range(self, author: bytes, from_seq: int, limit: int = 256) -> list[bytes]:
         """Wire records of one author's chain from `from_seq`, at most `limit`."""
         rows = self.db.execute(
@@ -575,12 +600,16 @@ class Ledger:
         """Re-check every signature and chain link; list (event id, problem)."""
         problems: list[tuple[bytes, str]] = []
         prev: dict[bytes, Head] = {}
-        cur = self.db.execute("SELECT id, author, seq, wire FROM events ORDER BY author, seq")
-        for id_, author, seq, wire in cur:
+        cur = self.db.execute(
+            "SELECT id, author, seq, ts_ms, wire FROM events ORDER BY author, seq")
+        for id_, author, seq, ts_ms, wire in cur:
             try:
                 ev = decode_wire(wire, self.network)
             except InvalidEvent as e:
                 problems.append((id_, f"{e.reason}: {e}"))
+                # Check the successor against what this row claims, so one damaged
+                # record is reported once, not again as a break in the chain.
+                prev[author] = Head(seq, id_, ts_ms)
                 continue
             if ev.id != id_ or ev.author != author or ev.seq != seq:
                 problems.append((id_, "row does not match its record"))
@@ -593,6 +622,12 @@ class Ledger:
     def _decode(self, wire: bytes) -> Event:
         # Stored records were verified on append; skip the signature on reads.
         return decode_wire(wire, self.network, verify=False)
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string starting with `prefix`."""
+    p = prefix.rstrip(b"\xff")
+    return p[:-1] + bytes([p[-1] + 1]) if p else None
 
 
 def _chain_error(ev: Event, head: Head | None) -> tuple[str, str] | None:

@@ -605,6 +605,19 @@ def test_readonly_handle_sees_writer(tmp_path: Path) -> None:
         Ledger(tmp_path / "missing.db", network=NETWORK, readonly=True)
 
 
+def test_verify_all_reports_a_damaged_record_once(ledger: Ledger) -> None:
+    c = Chain(seed(43))
+    evs = [c.next() for _ in range(4)]
+    ledger.append_many([e.wire for e in evs])
+    w = bytearray(evs[1].wire)
+    w[-1] ^= 1
+    ledger.db.execute("UPDATE events SET wire=? WHERE id=?", (bytes(w), evs[1].id))
+    assert [(id_, why.split(":")[0]) for id_, why in ledger.verify_all()] == [
+        (evs[1].id, "bad_signature")]
+    ledger.db.execute("UPDATE events SET wire=? WHERE id=?", (evs[3].wire, evs[2].id))
+    assert {id_ for id_, _ in ledger.verify_all()} == {evs[1].id, evs[2].id}
+
+
 def test_readonly_path_with_uri_characters(tmp_path: Path) -> None:
     path = tmp_path / "we?ird #dir%20" / "ledger.db"
     with Ledger(path, network=NETWORK) as w:

@@ -616,7 +616,7 @@ class Ledger:
             err = _chain_error(ev, prev.get(author))
             if err:
                 problems.append((id_, f"{err[0]}: {err[1]}"))
-            prev[author] = Head(ev.seq, ev.id, ev.ts_ms)
+            prev[author] = Head(seq, id_, ts_ms)
         return problems
 
     def _decode(self, wire: bytes) -> Event:

@@ -1,0 +1,530 @@
+"""The `bidmesh` command.
+
+Structure, so that command groups can be added without touching each other:
+
+* A *group* is a function `register(subparsers)` that adds one top-level command
+  (with its own sub-subcommands if it wants). Add yours to `GROUPS` (or call
+  `add_group` from your module before `main` runs). Each command sets
+  `func=handler` via `set_defaults`; a handler takes the parsed `Namespace` and an
+  `Output` and returns the exit status.
+* `bidmesh ledger ...` subcommands are registered with `@ledger_command(...)`: the
+  handler gets the opened `Ledger` (read-only unless `write=True`, so it works next
+  to a running daemon) and an `Output`. Other modules add e.g. `ledger auctions` the
+  same way; `_LEDGER_PLUGINS` lists the modules imported for that.
+* Every data command accepts `--json`. Errors are `BidmeshError`s, mapped to one line
+  on stderr and a non-zero exit status in `main()`; nothing else prints tracebacks
+  for expected failures.
+
+Exit status: 0 success; 1 the command ran and found problems (rejected records,
+failed verification) or an operation failed; 2 usage errors (bad arguments, missing
+files, wrong network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import errno
+import importlib
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .errors import BidmeshError, InvalidEvent, UsageError
+from .events import KINDS, decode_wire, event_to_json
+from .keys import Identity, load_key, save_key
+from .ledger import Ledger, Status, read_stream
+from .output import Output
+
+DEFAULT_NETWORK = "main"
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace, Output], int]
+LedgerHandler = Callable[[argparse.Namespace, Ledger, Output], int]
+Group = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+# ---------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class LedgerCommand:
+    name: str
+    help: str
+    handler: LedgerHandler
+    add_args: Callable[[argparse.ArgumentParser], object] | None
+    write: bool
+
+
+_LEDGER_COMMANDS: dict[str, LedgerCommand] = {}
+# Modules that register more `ledger` subcommands; imported when the parser is built,
+# skipped if they do not exist yet.
+_LEDGER_PLUGINS: list[str] = []
+
+
+def ledger_command(
+    name: str,
+    help: str,
+    *,
+    args: Callable[[argparse.ArgumentParser], object] | None = None,
+    write: bool = False,
+) -> Callable[[LedgerHandler], LedgerHandler]:
+    """Register `bidmesh ledger NAME`. The handler gets (args, ledger, out)."""
+
+    def deco(fn: LedgerHandler) -> LedgerHandler:
+        _LEDGER_COMMANDS[name] = LedgerCommand(name, help, fn, args, write)
+        return fn
+
+    return deco
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON to stdout")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def parse_time_ms(text: str) -> int:
+    """Milliseconds since the epoch, or an ISO 8601 time (UTC unless it says otherwise)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r}: give milliseconds since the epoch or an ISO time "
+            "such as 2025-01-31T12:00:00Z"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+def fmt_time(ms: int) -> str:
+    try:
+        return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[
+            :-4] + "Z"
+    except (OverflowError, ValueError, OSError):
+        return str(ms)
+
+
+def parse_hex(text: str, what: str, *, exact: int | None = None) -> bytes:
+    try:
+        b = bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not hex") from None
+    if exact is not None and len(b) != exact:
+        raise UsageError(f"{what} must be {exact} bytes ({exact * 2} hex digits)")
+    return b
+
+
+def resolve_id(led: Ledger, text: str) -> bytes:
+    """A full event id, or a unique prefix of at least 4 bytes (8 hex digits)."""
+    if len(text) % 2:
+        text = text[:-1]  # an odd prefix: match on the whole bytes before it
+    raw = parse_hex(text, "event id")
+    if len(raw) == 32:
+        return raw
+    if len(raw) < 4:
+        raise UsageError("give at least 8 hex digits of the event id")
+    found = led.ids_with_prefix(raw)
+    if not found:
+        raise UsageError(f"no event with id starting {text}")
+    if len(found) > 1:
+        raise UsageError(f"id prefix {text} is ambiguous; give more digits")
+    return found[0]
+
+
+def resolve_author(led: Ledger, text: str) -> bytes:
+    """A full author key or a unique prefix of the authors in this ledger."""
+    raw = parse_hex(text[: len(text) // 2 * 2], "author")
+    if len(raw) == 32:
+        return raw
+    found = [a for a in led.heads() if a.hex().startswith(text.lower())]
+    if len(found) != 1:
+        raise UsageError(f"author prefix {text!r} matches {len(found)} authors; give more digits")
+    return found[0]
+
+
+def network_for(data_dir: Path, given: str | None) -> str:
+    """--network if given, else the network the ledger was created for, else the default."""
+    if given:
+        return given
+    return Ledger.stored_network(paths.ledger_path(data_dir)) or DEFAULT_NETWORK
+
+
+def node_running(data_dir: Path) -> bool:
+    """True when a daemon is listening on this data dir's control socket."""
+    sock_path = data_dir / "control.sock"
+    if not sock_path.exists():
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(str(sock_path))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def short(b: bytes | None, n: int = 8) -> str:
+    return b.hex()[: 2 * n] if b else "-"
+
+
+# ---------------------------------------------------------------- keygen
+
+
+def register_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("keygen", help="create a node/client key file (Ed25519 seed, mode 0600)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, help="key file to write")
+    where.add_argument("--data-dir", type=Path,
+                       help=f"write DIR/{paths.KEY_FILE} (default: {paths.default_data_dir()})")
+    p.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_keygen)
+
+
+def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
+    path = args.out or paths.key_path(args.data_dir or paths.default_data_dir())
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} already exists; pass --force to replace it (the old "
+                         "identity and its reputation are lost)")
+    ident = Identity.generate()
+    save_key(path, ident, overwrite=args.force)
+    ident = load_key(path)  # prove it reads back
+    data: dict[str, Any] = {"key_file": str(path), "public_key": ident.public.hex()}
+    peer = peer_id(ident.public)
+    if peer is not None:
+        data["peer_id"] = peer
+    out.emit(data)
+    return EXIT_OK
+
+
+def peer_id(public: bytes) -> str | None:
+    """The libp2p peer id of a key, when the p2p layer is installed and importable."""
+    try:
+        p2p = importlib.import_module("node.p2p")
+    except ImportError:
+        return None
+    fn = getattr(p2p, "peer_id_from_pubkey", None)
+    return str(fn(public).to_base58()) if fn else None
+
+
+# ---------------------------------------------------------------- ledger group
+
+
+def register_ledger(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ledger", help="inspect, verify, export and import a node's ledger")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"node data directory (default: {paths.default_data_dir()})")
+    p.add_argument("--network", help="network id (default: the ledger's own, else "
+                                     f"{DEFAULT_NETWORK!r})")
+    lsub = p.add_subparsers(dest="ledger_cmd", metavar="COMMAND", required=True)
+    for mod in _LEDGER_PLUGINS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    for cmd in _LEDGER_COMMANDS.values():
+        cp = lsub.add_parser(cmd.name, help=cmd.help)
+        if cmd.add_args:
+            cmd.add_args(cp)
+        add_json_flag(cp)
+        cp.set_defaults(func=_run_ledger_command, ledger_command=cmd)
+
+
+def _run_ledger_command(args: argparse.Namespace, out: Output) -> int:
+    cmd: LedgerCommand = args.ledger_command
+    data_dir = args.data_dir or paths.default_data_dir()
+    network = network_for(data_dir, args.network)
+    path = paths.ledger_path(data_dir)
+    if cmd.write and node_running(data_dir):
+        raise UsageError(f"a node is running with data dir {data_dir}; stop it before "
+                         f"`ledger {cmd.name}` (it keeps chain heads in memory)")
+    if not cmd.write and not path.exists():
+        raise UsageError(f"no ledger at {path}; check --data-dir")
+    with Ledger(path, network=network, readonly=not cmd.write) as led:
+        return cmd.handler(args, led, out)
+
+
+@ledger_command("summary", "counts by kind, authors, forks and the state digest")
+def cmd_summary(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    kinds = led.count_by_kind()
+    forks = led.forked()
+    heads = led.heads()
+    row = led.db.execute("SELECT MIN(ts_ms), MAX(ts_ms) FROM events").fetchone()
+    data: dict[str, Any] = {
+        "network": led.network,
+        "events": sum(kinds.values()),
+        "authors": len(heads),
+        "kinds": {k: kinds.get(k, 0) for k in sorted(set(KINDS) | set(kinds))},
+        "forked_authors": len(forks),
+        "fork_proofs": len(led.fork_proofs()),
+        "pending": None,  # lives in the running node's memory only
+        "first_ts_ms": row[0],
+        "last_ts_ms": row[1],
+        "digest": led.digest().hex(),
+    }
+    if out.json_mode:
+        out.json(data)
+        return EXIT_OK
+    items: list[tuple[str, Any]] = [
+        ("network", led.network), ("events", data["events"]), ("authors", data["authors"]),
+        ("forked authors", data["forked_authors"]), ("fork proofs", data["fork_proofs"]),
+        ("pending", "none (held in the running node's memory only)"),
+        ("first event", fmt_time(row[0]) if row[0] is not None else None),
+        ("last event", fmt_time(row[1]) if row[1] is not None else None),
+        ("digest", data["digest"]),
+    ]
+    from .output import pairs, table
+
+    kind_rows = [{"kind": k, "events": n} for k, n in data["kinds"].items()]
+    out.emit(data, pairs(items) + "\n\n" + table(kind_rows, [("kind", "KIND"),
+                                                             ("events", "EVENTS")]))
+    return EXIT_OK
+
+
+def _events_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=sorted(KINDS), help="only this kind")
+    p.add_argument("--author", help="only this author (hex key or unique prefix)")
+    p.add_argument("--ref", help="only events referring to this event id (hex)")
+    p.add_argument("--since", help="only events with ts at or after this time "
+                                   "(ms since the epoch, or ISO 8601)")
+    p.add_argument("--limit", type=int, default=100, help="at most N events (default 100)")
+    p.add_argument("--after", type=int, default=0, help="cursor: only events stored after N")
+
+
+@ledger_command("events", "list events (filters: --kind, --author, --since)", args=_events_args)
+def cmd_events(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    found = led.events(
+        kind=args.kind,
+        author=resolve_author(led, args.author) if args.author else None,
+        ref=parse_hex(args.ref, "--ref", exact=32) if args.ref else None,
+        since_ms=parse_time_ms(args.since) if args.since else None,
+        after=args.after,
+        limit=args.limit,
+    )
+    if out.json_mode:
+        out.json([{"cursor": n, **event_to_json(ev)} for n, ev in found])
+        return EXIT_OK
+    rows = [{"n": n, "time": fmt_time(ev.ts_ms), "kind": ev.kind, "author": short(ev.author),
+             "seq": ev.seq, "id": short(ev.id), "ref": short(ev.ref)} for n, ev in found]
+    out.rows(rows, [("n", "#"), ("time", "TIME (UTC)"), ("kind", "KIND"),
+                    ("author", "AUTHOR"), ("seq", "SEQ"), ("id", "ID"), ("ref", "REF")],
+             empty="(no events)")
+    return EXIT_OK
+
+
+@ledger_command("show", "one event in full", args=lambda p: p.add_argument(
+    "id", help="event id (hex, or a unique prefix of 8+ digits)"))
+def cmd_show(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    id_ = resolve_id(led, args.id)
+    wire = led.get_wire(id_)
+    if wire is None:
+        raise UsageError(f"no event {id_.hex()} in this ledger")
+    ev = decode_wire(wire, led.network, verify=False)
+    fork_from = led.forked().get(ev.author)
+    counts = fork_from is None or ev.seq < fork_from
+    data = {**event_to_json(ev), "sig": ev.sig.hex(), "wire": wire.hex(), "counts": counts}
+    if out.json_mode:
+        out.json(data)
+        return EXIT_OK
+    from .output import pairs
+
+    items: list[tuple[str, Any]] = [
+        ("id", ev.id), ("kind", ev.kind), ("author", ev.author), ("seq", ev.seq),
+        ("prev", ev.prev), ("time", f"{fmt_time(ev.ts_ms)} ({ev.ts_ms})"), ("sig", ev.sig),
+        ("counts", "yes" if counts else f"no: author forked at seq {fork_from}"),
+    ]
+    items += [(f"body.{k}", v) for k, v in ev.body.to_map().items()]
+    out.emit(data, pairs(items))
+    return EXIT_OK
+
+
+@ledger_command("verify", "re-check every signature and chain link; exit 1 on problems")
+def cmd_verify(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    problems: list[dict[str, Any]] = [{"id": id_.hex(), "problem": why}
+                                      for id_, why in led.verify_all()]
+    for proof in led.fork_proofs():
+        for w in (proof.wire_a, proof.wire_b):
+            try:
+                decode_wire(w, led.network)
+            except InvalidEvent as e:
+                problems.append({"id": None, "problem": f"fork proof record: {e.reason}: {e}"})
+    data = {"events": led.count(), "fork_proofs": len(led.fork_proofs()),
+            "problems": problems, "ok": not problems}
+    if out.json_mode:
+        out.json(data)
+    elif problems:
+        out.rows(problems, [("id", "EVENT"), ("problem", "PROBLEM")])
+        out.say(f"{len(problems)} problem(s) in {data['events']} events")
+    else:
+        out.say(f"ok: {data['events']} events, {data['fork_proofs']} fork proofs verified")
+    return EXIT_OK if not problems else EXIT_PROBLEMS
+
+
+@ledger_command("digest", "the state digest (equal on nodes that agree)")
+def cmd_digest(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    out.emit({"digest": led.digest().hex(), "events": led.count(), "authors": len(led.heads())},
+             led.digest().hex())
+    return EXIT_OK
+
+
+@ledger_command("export", "write every record to FILE (concatenated wire records)",
+                args=lambda p: p.add_argument("file", type=Path))
+def cmd_export(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    path: Path = args.file
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "wb") as f:
+        for w in led.iter_wires():
+            f.write(w)
+            n += 1
+        # Fork proofs after the events, so an importer re-detects every fork.
+        proofs = led.fork_proofs()
+        for p in proofs:
+            f.write(p.wire_a)
+            f.write(p.wire_b)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    out.emit({"file": str(path), "records": n + 2 * len(proofs), "events": n,
+              "fork_proofs": len(proofs)},
+             f"exported {n} events and {len(proofs)} fork proofs to {path}")
+    return EXIT_OK
+
+
+IMPORT_BATCH = 1000
+
+
+@ledger_command("import", "append the records of FILE; report each bad one",
+                args=lambda p: p.add_argument("file", type=Path), write=True)
+def cmd_import(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    data = Path(args.file).read_bytes()
+    counts = {s.value: 0 for s in Status}
+    problems: list[dict[str, Any]] = []
+    pending: dict[bytes, int] = {}  # event id -> record number
+    batch: list[tuple[int, bytes]] = []
+
+    def flush() -> None:
+        results = led.append_many([w for _, w in batch])
+        for (i, _), res in zip(batch, results, strict=True):
+            counts[res.status.value] += 1
+            if res.status is Status.REJECTED:
+                problems.append({"record": i, "status": "rejected", "reason": res.reason,
+                                 "detail": res.detail})
+            elif res.status is Status.PENDING and res.event_id:
+                pending[res.event_id] = i
+            elif res.status is Status.FORK:
+                problems.append({"record": i, "status": "fork", "reason": "fork",
+                                 "detail": res.detail})
+        batch.clear()
+
+    n = 0
+    for item in read_stream(data):
+        n += 1
+        if isinstance(item, InvalidEvent):
+            counts["rejected"] += 1
+            problems.append({"record": n, "status": "rejected", "reason": item.reason,
+                             "detail": str(item)})
+            continue
+        batch.append((n, item))
+        if len(batch) >= IMPORT_BATCH:
+            flush()
+    if batch:
+        flush()
+    for id_, i in pending.items():
+        if not led.has(id_):
+            problems.append({"record": i, "status": "pending", "reason": "missing_prev",
+                             "detail": "its predecessor is not in the ledger or the file"})
+    problems.sort(key=lambda p: p["record"])
+    still_pending = sum(p["status"] == "pending" for p in problems)
+    summary = {"file": str(args.file), "records": n, **counts, "still_pending": still_pending,
+               "problems": problems, "digest": led.digest().hex()}
+    failed = counts["rejected"] + still_pending
+    if out.json_mode:
+        out.json(summary)
+    else:
+        for p in problems:
+            sys.stderr.write(f"record {p['record']}: {p['status']}: {p['reason']}: "
+                             f"{p['detail']}\n")
+        out.say(f"{n} records: {counts['accepted']} accepted, {counts['duplicate']} duplicate, "
+                f"{counts['rejected']} rejected, {still_pending} pending (missing predecessor), "
+                f"{counts['fork']} fork")
+    if failed and counts["rejected"] == n and all(p["reason"] == "bad_signature"
+                                                   for p in problems):
+        sys.stderr.write(f"hint: every signature failed; is the file from another network "
+                         f"than {led.network!r}? pass --network\n")
+    return EXIT_PROBLEMS if failed else EXIT_OK
+
+
+# ---------------------------------------------------------------- main
+
+GROUPS: list[Group] = [register_keygen, register_ledger]
+
+
+def add_group(register: Group) -> None:
+    """Add a top-level command group (call before `main`)."""
+    if register not in GROUPS:
+        GROUPS.append(register)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bidmesh",
+        description="bidmesh: a peer-to-peer marketplace for communications services",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in GROUPS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Output(json_mode=bool(getattr(args, "json", False)))
+    try:
+        status: int = args.func(args, out)
+        return status
+    except UsageError as e:
+        return _fail(str(e), EXIT_USAGE)
+    except BidmeshError as e:
+        reason = getattr(e, "reason", None)
+        return _fail(f"{reason}: {e}" if reason else str(e), EXIT_PROBLEMS)
+    except FileNotFoundError as e:
+        return _fail(f"{e.filename}: no such file", EXIT_USAGE)
+    except PermissionError as e:
+        return _fail(f"{e.filename}: permission denied", EXIT_USAGE)
+    except BrokenPipeError:
+        # `bidmesh ledger events | head`: the reader went away; not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            return _fail("no space left on device", EXIT_PROBLEMS)
+        return _fail(f"{e.filename or ''}: {e.strerror}", EXIT_PROBLEMS)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, status: int) -> int:
+    line = " ".join(message.split())  # one line, always
+    sys.stderr.write(f"bidmesh: error: {line}\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

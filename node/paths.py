@@ -1,0 +1,33 @@
+"""Where a node keeps its files inside a data directory. One place, so the CLI, the
+daemon and the tests agree.
+
+    DIR/node.key    the identity seed (mode 0600; see keys.py)
+    DIR/ledger.db   the SQLite ledger (plus ledger.db-wal / ledger.db-shm while open)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+KEY_FILE = "node.key"
+LEDGER_FILE = "ledger.db"
+DATA_DIR_ENV = "BIDMESH_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """$BIDMESH_DATA_DIR, else $XDG_DATA_HOME/bidmesh, else ~/.local/share/bidmesh."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "bidmesh"
+
+
+def key_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / KEY_FILE
+
+
+def ledger_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / LEDGER_FILE

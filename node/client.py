@@ -1,0 +1,1247 @@
+"""The light client: a recipient's (or member device's) view of the market, trusting no node.
+
+A light client keeps only its key and a small state file (its own chain head) in a
+client directory, and talks to one or more nodes over the query protocol
+(node/query.py). It never takes a node's word for anything:
+
+* every event a node returns is decoded with full signature verification (and must
+  match what was asked: the requested ids, filters or bundle);
+* its own events are checked as a chain (author, consecutive seq, `prev` links)
+  before it moves its head forward;
+* derived views (auction standing and winner, leases, reputation) are recomputed
+  locally from the returned events with the same pure `Market` fold every node uses;
+* with two or more nodes configured, each answer set is compared by digest and any
+  disagreement is reported (`LightClient.disagreements`); the client folds the union
+  of the verified events, so a node can only hide events, not add false ones.
+
+    async with LightClient.open(client_dir, ["/ip4/…/tcp/4001/p2p/12D3…"]) as c:
+        req = await c.request("bandwidth", duration_ms=3_600_000, reserve=500,
+                              close_in_ms=30_000)
+        async for bids in c.watch_bids(req.id): ...
+        award = await c.award(req.id)
+
+The Python API and the `bidmesh client` command are documented in docs/client.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from . import p2p, query
+from .agent import build_award
+from .auction import Auction, Lease, Market, derive
+from .auction.views import lease_json
+from .errors import (
+    BidmeshError,
+    InvalidEvent,
+    OperationError,
+    PeerError,
+    RemoteError,
+    UsageError,
+)
+from .events import (
+    NETWORK_RE,
+    Award,
+    Body,
+    Event,
+    Members,
+    Payment,
+    Pledge,
+    Rating,
+    Request,
+    decode_wire,
+    event_to_json,
+    sign_event,
+)
+from .keys import Identity, load_or_create_key
+from .reputation import Score
+
+log = logging.getLogger("bidmesh.client")
+
+KEY_FILE = "client.key"
+STATE_FILE = "state.json"
+MAX_PAGES = 10_000  # per query and node: bounds a node that keeps answering "more"
+T = TypeVar("T")
+
+
+class UntrustedAnswer(PeerError):
+    """A node returned something that does not verify: a forged or altered event, an
+    event that was not asked for, or a chain of our own events that does not link."""
+
+    reason = "untrusted_answer"
+
+
+@dataclass(frozen=True)
+class NodeFault:
+    node: str
+    reason: str
+    detail: str
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """Nodes answered one query with different event sets."""
+
+    query: str
+    digests: dict[str, str]  # node -> digest of its answer set
+    missing: dict[str, list[str]]  # node -> ids (hex) other nodes returned but it did not
+
+
+@dataclass(frozen=True)
+class BidInfo:
+    """One bid (or sealed commit) with its provider's reputation as of the close."""
+
+    id: bytes
+    provider: bytes
+    price: int | None
+    status: str
+    reason: str
+    sealed: bool
+    ts_ms: int
+    winner: bool
+    reputation: Score
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id.hex(), "provider": self.provider.hex(), "price": self.price,
+                "status": self.status, "reason": self.reason, "sealed": self.sealed,
+                "ts_ms": self.ts_ms, "winner": self.winner,
+                "reputation": self.reputation.to_json()}
+
+
+@dataclass(frozen=True)
+class AuctionInfo:
+    """An auction as re-derived locally: the market folded over the returned events."""
+
+    market: Market
+    auction: Auction
+    bids: tuple[BidInfo, ...]
+    status: str
+
+    def to_json(self) -> dict[str, Any]:
+        from .auction.views import auction_json
+
+        d = auction_json(self.market, self.auction, int(time.time() * 1000))
+        d["bid_list"] = [b.to_json() for b in self.bids]
+        d["status"] = self.status
+        return d
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    lease: Lease
+    paid: int
+    role: str  # our role: recipient | provider | member
+    data: dict[str, Any]  # views.lease_json
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.data, "role": self.role}
+
+
+@dataclass(frozen=True)
+class ReputationInfo:
+    key: bytes
+    as_of_ms: int
+    provider: Score
+    recipient: Score
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key.hex(), "as_of_ms": self.as_of_ms,
+                "provider": self.provider.to_json(), "recipient": self.recipient.to_json()}
+
+
+@dataclass
+class ChainHead:
+    seq: int = 0
+    id: bytes | None = None
+    ts_ms: int = 0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ------------------------------------------------------------------ local state
+
+
+class ClientState:
+    """`state.json` in the client dir: the network and our own chain head, plus the
+    wire of our last signed event until a node confirmed it (so it is resent, never
+    re-signed differently at the same seq)."""
+
+    def __init__(self, path: Path, network: str) -> None:
+        self.path = path
+        self.network = network
+        self.head = ChainHead()
+        self.unconfirmed: list[bytes] = []
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            d = json.loads(self.path.read_text())
+            net = d["network"]
+            h = d.get("head") or {}
+            head = ChainHead(int(h.get("seq", 0)),
+                             bytes.fromhex(h["id"]) if h.get("id") else None,
+                             int(h.get("ts_ms", 0)))
+            unconfirmed = [bytes.fromhex(w) for w in d.get("unconfirmed", [])]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"client state {self.path} is unreadable ({e}); move it away "
+                             "and the client re-syncs its head from the nodes") from e
+        if net != self.network:
+            raise UsageError(f"client dir {self.path.parent} belongs to network {net!r}, not "
+                             f"{self.network!r}; pass --network {net} or use another --dir")
+        self.head, self.unconfirmed = head, unconfirmed
+
+    def save(self) -> None:
+        d = {"network": self.network,
+             "head": {"seq": self.head.seq, "id": self.head.id.hex() if self.head.id else None,
+                      "ts_ms": self.head.ts_ms},
+             "unconfirmed": [w.hex() for w in self.unconfirmed]}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(d, indent=1).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+
+
+# ------------------------------------------------------------------ answer checks
+
+
+def _check_events(node: str, records: Iterable[bytes], network: str) -> list[Event]:
+    out = []
+    for r in records:
+        try:
+            out.append(decode_wire(r, network))  # full signature verification
+        except InvalidEvent as e:
+            raise UntrustedAnswer(f"node {node} returned an event that does not verify "
+                                  f"({e.reason}): {e}", "forged_event") from e
+    return out
+
+
+def set_digest(events: Iterable[Event]) -> bytes:
+    """Digest of an answer set (sorted ids): what cross-checking compares."""
+    h = hashlib.sha256(b"bidmesh/answer/v1")
+    for i in sorted(ev.id for ev in events):
+        h.update(i)
+    return h.digest()
+
+
+def fold(events: Iterable[Event]) -> tuple[Market, list[tuple[bytes, int]]]:
+    """Derive a Market from events in any order: dedupe, drop every author's events
+    from a seq where two different events exist (a fork, as the ledger does), fold in
+    canonical order. Returns the market and the (author, seq) forks seen."""
+    by_id = {ev.id: ev for ev in events}
+    slots: dict[tuple[bytes, int], bytes] = {}
+    fork_at: dict[bytes, int] = {}
+    for ev in by_id.values():
+        other = slots.setdefault((ev.author, ev.seq), ev.id)
+        if other != ev.id:
+            fork_at[ev.author] = min(fork_at.get(ev.author, 1 << 62), ev.seq)
+    keep = [ev for ev in by_id.values() if ev.seq < fork_at.get(ev.author, 1 << 62)]
+    keep.sort(key=lambda e: (e.ts_ms, e.author, e.seq))
+    return derive(keep), sorted(fork_at.items())
+
+
+def _auction_member(ev: Event, request: bytes, commits: set[bytes]) -> bool:
+    if ev.id == request:
+        return ev.kind == "request"
+    if ev.kind == "reveal":
+        return ev.ref in commits
+    return ev.ref == request and ev.kind in ("bid", "commit", "pledge", "award")
+
+
+# ------------------------------------------------------------------ the client
+
+
+@dataclass
+class _Node:
+    addr: str
+    peer: p2p.PeerId | None = None
+    cursor: dict[str, int] = field(default_factory=dict)  # watch cursors
+
+
+class LightClient:
+    """A recipient's client. Create with `LightClient.open(...)` (an async context)."""
+
+    def __init__(self, identity: Identity, network: str, state: ClientState,
+                 host: p2p.P2PHost, nodes: Sequence[str], *, timeout: float = 10.0) -> None:
+        self.identity = identity
+        self.key = identity.public
+        self.network = network
+        self.state = state
+        self.host = host
+        self.nodes = [_Node(a) for a in nodes]
+        self.timeout = timeout
+        self.faults: list[NodeFault] = []
+        self.disagreements: list[Disagreement] = []
+        self.forks: list[tuple[bytes, int]] = []
+        self._lock = trio.Lock()
+        self._head_checked = False
+        self._protocol = query.protocol_id(network)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, client_dir: str | Path, nodes: Sequence[str], *, network: str = "main",
+                   timeout: float = 10.0, key_file: str | Path | None = None,
+                   listen: Sequence[str] = p2p.DEFAULT_LISTEN) -> AsyncIterator[LightClient]:
+        """Load (or create) the key and state in `client_dir`, connect to `nodes`."""
+        if not nodes:
+            raise UsageError("give at least one node multiaddr (--node /ip4/…/tcp/…/p2p/…)")
+        if not NETWORK_RE.fullmatch(network):
+            raise UsageError(f"network id {network!r} must match {NETWORK_RE.pattern}")
+        d = Path(client_dir)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ident = load_or_create_key(Path(key_file) if key_file else d / KEY_FILE)
+        state = ClientState(d / STATE_FILE, network)
+        try:
+            async with p2p.open_host(ident.seed, listen,
+                                     max_connections=max(8, 2 * len(nodes))) as host:
+                c = cls(ident, network, state, host, nodes, timeout=timeout)
+                await c.connect()
+                yield c
+        except BaseExceptionGroup as eg:
+            # libp2p's host runs our body inside its nurseries: give callers the one
+            # error that happened, not a group around it.
+            leaf = _single_leaf(eg)
+            if leaf is None:
+                raise
+            raise leaf from None
+
+    # -------------------------------------------------------------- transport
+
+    async def connect(self) -> None:
+        """Dial every configured node; at least one must answer."""
+        errors: list[str] = []
+
+        async def dial(n: _Node) -> None:
+            try:
+                n.peer = await self.host.connect(n.addr, timeout=self.timeout)
+            except OperationError as e:
+                errors.append(f"{n.addr}: {e}")
+                self._fault(n.addr, "unreachable", str(e))
+
+        async with trio.open_nursery() as nursery:
+            for n in self.nodes:
+                nursery.start_soon(dial, n)
+        if not any(n.peer for n in self.nodes):
+            raise OperationError("no node reachable: " + "; ".join(errors))
+
+    def _fault(self, node: str, reason: str, detail: str) -> None:
+        self.faults.append(NodeFault(node, reason, detail))
+        del self.faults[:-1000]
+        log.warning("node fault", extra={"node": node, "reason": reason, "detail": detail})
+
+    async def _call(self, n: _Node, req: query.QueryRequest) -> query.QueryResponse:
+        if n.peer is None or not self.host.is_connected(n.peer):
+            n.peer = await self.host.connect(n.addr, timeout=self.timeout)
+        data = await p2p.request(self.host, n.peer, self._protocol, req.encode(),
+                                 query.MAX_RESPONSE, self.timeout)
+        return query.decode_response(data)
+
+    async def _each(self, fn: Callable[[_Node], Any]) -> list[tuple[_Node, Any]]:
+        """Run `fn(node)` on every node concurrently; keep successes, record faults."""
+        results: list[tuple[_Node, Any]] = []
+        failures: list[BidmeshError] = []
+
+        async def one(n: _Node) -> None:
+            try:
+                results.append((n, await fn(n)))
+            except UntrustedAnswer as e:
+                self._fault(n.addr, e.reason, str(e))
+                failures.insert(0, e)
+            except (PeerError, OperationError) as e:
+                self._fault(n.addr, getattr(e, "reason", type(e).__name__), str(e))
+                failures.append(e)
+
+        async with trio.open_nursery() as nursery:
+            for n in self.nodes:
+                nursery.start_soon(one, n)
+        if not results:
+            if failures:
+                raise failures[0]
+            raise OperationError("no node configured")
+        order = {id(n): i for i, n in enumerate(self.nodes)}
+        results.sort(key=lambda r: order[id(r[0])])
+        return results
+
+    async def _pages(self, n: _Node, make: Callable[[query.Page], query.QueryRequest],
+                     after: int = 0) -> tuple[list[Event], int]:
+        """Every page of an events query from one node, verified; (events, cursor)."""
+        events: list[Event] = []
+        cursor = after
+        for _ in range(MAX_PAGES):
+            resp = await self._call(n, make(query.Page(cursor)))
+            if not isinstance(resp, query.EventsPage):
+                raise UntrustedAnswer(f"node {n.addr} answered an events query with "
+                                      f"{type(resp).__name__}", "wrong_answer")
+            if resp.cursor < cursor:
+                raise UntrustedAnswer(f"node {n.addr} moved the cursor backwards",
+                                      "bad_cursor")
+            events.extend(_check_events(n.addr, resp.records, self.network))
+            if not resp.more:
+                return events, resp.cursor
+            if resp.cursor == cursor and not resp.records:
+                raise UntrustedAnswer(f"node {n.addr} says there is more but sends nothing",
+                                      "bad_cursor")
+            cursor = resp.cursor
+        raise UntrustedAnswer(f"node {n.addr} kept paging past {MAX_PAGES} pages", "bad_cursor")
+
+    async def _gather(self, what: str, make: Callable[[query.Page], query.QueryRequest],
+                      check: Callable[[str, list[Event]], None] | None = None,
+                      ) -> list[Event]:
+        """Ask every node, verify each answer, cross-check, return the union."""
+
+        async def fetch(n: _Node) -> list[Event]:
+            evs, _ = await self._pages(n, make)
+            if check is not None:
+                check(n.addr, evs)
+            return evs
+
+        answers = await self._each(fetch)
+        return self._union(what, [(n.addr, evs) for n, evs in answers])
+
+    def _union(self, what: str, answers: list[tuple[str, list[Event]]]) -> list[Event]:
+        union: dict[bytes, Event] = {}
+        for _, evs in answers:
+            for ev in evs:
+                union.setdefault(ev.id, ev)
+        if len(answers) >= 2:
+            digests = {node: set_digest(evs).hex() for node, evs in answers}
+            if len(set(digests.values())) > 1:
+                missing = {node: sorted(i.hex() for i in set(union) - {e.id for e in evs})
+                           for node, evs in answers}
+                d = Disagreement(what, digests, {k: v for k, v in missing.items() if v})
+                self.disagreements.append(d)
+                del self.disagreements[:-1000]
+                log.warning("nodes disagree", extra={"query": what, "digests": digests})
+        self._check_own(union.values())
+        return list(union.values())
+
+    def _check_own(self, events: Iterable[Event]) -> None:
+        """Our own events must agree with our head: another event at our head's seq
+        means our key signed two chains (a fork of our own identity)."""
+        h = self.state.head
+        for ev in events:
+            if ev.author == self.key and ev.seq == h.seq and ev.id != h.id:
+                raise UntrustedAnswer(
+                    f"the network holds another event at our seq {h.seq}: this key is used "
+                    "elsewhere (or the state file was restored from an old copy)", "own_fork")
+
+    # -------------------------------------------------------------- raw queries
+
+    async def digest(self) -> dict[str, dict[str, Any]]:
+        """Each node's network, state digest and counts."""
+        answers = await self._each(lambda n: self._call(n, query.GetDigest()))
+        out = {}
+        for n, resp in answers:
+            if not isinstance(resp, query.Digest):
+                raise UntrustedAnswer(f"node {n.addr} answered DIGEST with "
+                                      f"{type(resp).__name__}", "wrong_answer")
+            if resp.network != self.network:
+                raise UsageError(f"node {n.addr} serves network {resp.network!r}, not "
+                                 f"{self.network!r}")
+            out[n.addr] = {"digest": resp.digest.hex(), "events": resp.events,
+                           "authors": resp.authors, "forks": resp.forks}
+        return out
+
+    async def get_events(self, ids: Sequence[bytes]) -> list[Event]:
+        """Events by id (verified; ids no node has are absent)."""
+        want = set(ids)
+        out: dict[bytes, Event] = {}
+        chunks = [list(ids)[i:i + query.MAX_IDS] for i in range(0, len(ids), query.MAX_IDS)]
+        for chunk in chunks:
+            def check(node: str, evs: list[Event]) -> None:
+                for ev in evs:
+                    if ev.id not in want:
+                        raise UntrustedAnswer(f"node {node} returned event {ev.id.hex()[:16]}"
+                                              " that was not asked for", "unasked_event")
+
+            async def fetch(n: _Node, chunk: list[bytes] = chunk) -> list[Event]:
+                got: dict[bytes, Event] = {}
+                rest = list(chunk)
+                while rest:
+                    resp = await self._call(n, query.GetEvents(tuple(rest)))
+                    if not isinstance(resp, query.EventsPage):
+                        raise UntrustedAnswer(f"node {n.addr} answered GET with "
+                                              f"{type(resp).__name__}", "wrong_answer")
+                    evs = _check_events(n.addr, resp.records, self.network)
+                    check(n.addr, evs)
+                    got.update((e.id, e) for e in evs)
+                    if not resp.more or not evs:
+                        break
+                    rest = [i for i in rest if i not in got]
+                return list(got.values())
+
+            answers = await self._each(fetch)
+            for ev in self._union("get", [(n.addr, evs) for n, evs in answers]):
+                out[ev.id] = ev
+        return list(out.values())
+
+    async def find_events(self, *, kind: str | None = None, author: bytes | None = None,
+                          ref: bytes | None = None) -> list[Event]:
+        """Events matching every filter given, from every node, verified."""
+
+        def check(node: str, evs: list[Event]) -> None:
+            for ev in evs:
+                if ((kind and ev.kind != kind) or (author and ev.author != author)
+                        or (ref and ev.ref != ref)):
+                    raise UntrustedAnswer(f"node {node} returned {ev!r}, which does not match "
+                                          "the query", "unasked_event")
+
+        return await self._gather(f"find:{kind}:{author and author.hex()}:{ref and ref.hex()}",
+                                  lambda p: query.FindEvents(kind, author, ref, p), check)
+
+    async def auction_events(self, request_id: bytes) -> list[Event]:
+        return await self._gather(f"auction:{request_id.hex()}",
+                                  lambda p: query.AuctionBundle(request_id, p),
+                                  self._auction_check(request_id))
+
+    def _auction_check(self, request_id: bytes) -> Callable[[str, list[Event]], None]:
+        def check(node: str, evs: list[Event]) -> None:
+            commits = {e.id for e in evs if e.kind == "commit" and e.ref == request_id}
+            for ev in evs:
+                if not _auction_member(ev, request_id, commits):
+                    raise UntrustedAnswer(f"node {node} put {ev!r} in the bundle of auction "
+                                          f"{request_id.hex()[:16]}", "unasked_event")
+        return check
+
+    async def reputation_events(self, keys: Iterable[bytes]) -> list[Event]:
+        ks = sorted(set(keys))
+        out: dict[bytes, Event] = {}
+        for i in range(0, len(ks), query.MAX_KEYS):
+            chunk = tuple(ks[i:i + query.MAX_KEYS])
+
+            def make(p: query.Page, c: tuple[bytes, ...] = chunk) -> query.QueryRequest:
+                return query.ReputationBundle(c, p)
+
+            for ev in await self._gather("reputation", make):
+                out[ev.id] = ev
+        return list(out.values())
+
+    async def lease_events(self, key: bytes | None = None) -> list[Event]:
+        k = key or self.key
+        return await self._gather(f"leases:{k.hex()}", lambda p: query.LeasesOf(k, p))
+
+    # -------------------------------------------------------------- derived views
+
+    def _fold(self, events: Iterable[Event]) -> Market:
+        market, forks = fold(events)
+        for f in forks:
+            if f not in self.forks:
+                self.forks.append(f)
+        return market
+
+    async def auction(self, request_id: bytes) -> AuctionInfo:
+        """The auction re-derived from verified events, bids with reputation."""
+        evs = await self.auction_events(request_id)
+        return await self._auction_info(request_id, evs)
+
+    async def _auction_info(self, request_id: bytes, evs: list[Event],
+                            rep: list[Event] | None = None) -> AuctionInfo:
+        if not any(e.id == request_id for e in evs):
+            raise UsageError(f"no node knows a request {request_id.hex()}")
+        if rep is None:
+            bidders = {e.author for e in evs if e.kind in ("bid", "commit")}
+            rep = await self.reputation_events(bidders) if bidders else []
+        market = self._fold([*evs, *rep])
+        a = market.auctions.get(request_id)
+        if a is None:
+            reason = next((i.reason for i in market.ignored if i.event_id == request_id), "?")
+            raise UsageError(f"request {request_id.hex()[:16]} does not open an auction "
+                             f"({reason})")
+        return AuctionInfo(market, a, tuple(_bid_infos(market, a)), a.status(now_ms()))
+
+    async def bids(self, request_id: bytes) -> list[BidInfo]:
+        """Bids of an auction: price, provider, status, reputation score and counts."""
+        return list((await self.auction(request_id)).bids)
+
+    async def watch_bids(self, request_id: bytes, *, interval: float = 1.0,
+                         until_ms: int | None = None) -> AsyncIterator[AuctionInfo]:
+        """Yield the auction now and again whenever its bids change. Ends once the
+        auction has an outcome, or `until_ms` (default: the bid deadline plus 2
+        intervals) has passed. Each poll fetches only what arrived since the last."""
+        events: dict[bytes, Event] = {}
+        cursors: dict[str, int] = {}
+        rep: dict[bytes, Event] = {}
+        have_rep: set[bytes] = set()
+        last: tuple[Any, ...] | None = None
+        check = self._auction_check(request_id)
+        while True:
+            async def fetch(n: _Node) -> list[Event]:
+                evs, cur = await self._pages(
+                    n, lambda p: query.AuctionBundle(request_id, p), cursors.get(n.addr, 0))
+                cursors[n.addr] = cur
+                check(n.addr, [*events.values(), *evs])
+                return evs
+
+            answers = await self._each(fetch)
+            for _, evs in answers:
+                for ev in evs:
+                    events.setdefault(ev.id, ev)
+            self._check_own(events.values())
+            bidders = {e.author for e in events.values() if e.kind in ("bid", "commit")}
+            if bidders - have_rep:
+                for ev in await self.reputation_events(bidders - have_rep):
+                    rep[ev.id] = ev
+                have_rep |= bidders
+            if request_id in events:
+                info = await self._auction_info(request_id, list(events.values()),
+                                                list(rep.values()))
+                sig = (info.status, tuple((b.id, b.status, b.price) for b in info.bids))
+                if sig != last:
+                    last = sig
+                    yield info
+                deadline = until_ms if until_ms is not None else (
+                    info.auction.deadline_ms + int(2000 * interval))
+                if info.auction.outcome is not None or now_ms() > deadline:
+                    return
+            elif until_ms is not None and now_ms() > until_ms:
+                raise UsageError(f"no node knows a request {request_id.hex()}")
+            await trio.sleep(interval)
+
+    async def leases(self) -> list[LeaseInfo]:
+        """Leases we are a party to (recipient, provider, member device, group member)."""
+        market = self._fold(await self.lease_events())
+        out = []
+        for lease in market.leases.values():
+            role = ("recipient" if lease.recipient == self.key else
+                    "provider" if lease.provider == self.key else
+                    "member" if self.key in lease.keys else None)
+            if role is not None:
+                out.append(LeaseInfo(lease, market.paid.get(lease.id, 0), role,
+                                     lease_json(market, lease)))
+        return out
+
+    async def lease(self, lease_id: bytes) -> tuple[Market, Lease]:
+        market = self._fold(await self.lease_events())
+        lease = market.leases.get(lease_id)
+        if lease is None:
+            raise UsageError(f"no lease {lease_id.hex()[:16]} of ours is known to the nodes "
+                             "(is the award accepted? see `bidmesh client leases`)")
+        return market, lease
+
+    async def reputation(self, key: bytes, as_of_ms: int | None = None) -> ReputationInfo:
+        """A key's reputation in both roles, re-derived from its rating bundle."""
+        market = self._fold(await self.reputation_events([key]))
+        t = now_ms() if as_of_ms is None else as_of_ms
+        return ReputationInfo(key, t, market.reputation.score(key, "provider", t),
+                              market.reputation.score(key, "recipient", t))
+
+    # -------------------------------------------------------------- own chain
+
+    async def sync_head(self) -> ChainHead:
+        """Move our head forward to the highest chain of ours any node can prove."""
+        async def heads(n: _Node) -> query.HeadInfo:
+            resp = await self._call(n, query.GetHeads((self.key,)))
+            if not isinstance(resp, query.Heads) or len(resp.heads) != 1 \
+                    or resp.heads[0].author != self.key:
+                raise UntrustedAnswer(f"node {n.addr} answered HEADS wrongly", "wrong_answer")
+            return resp.heads[0]
+
+        answers = await self._each(heads)
+        h = self.state.head
+        best = max(answers, key=lambda a: a[1].seq)
+        if best[1].seq > h.seq:
+            n = best[0]
+            evs, _ = await self._pages(n, lambda p: query.FindEvents(None, self.key, None, p))
+            chain = sorted((e for e in evs if e.author == self.key and e.seq > h.seq),
+                           key=lambda e: e.seq)
+            prev, seq, ts = h.id, h.seq, h.ts_ms
+            for ev in chain:
+                if ev.seq != seq + 1 or ev.prev != prev:
+                    raise UntrustedAnswer(f"node {n.addr} returned our events with a broken "
+                                          f"chain at seq {ev.seq}", "bad_chain")
+                prev, seq, ts = ev.id, ev.seq, ev.ts_ms
+            if seq < best[1].seq:
+                raise UntrustedAnswer(f"node {n.addr} claims our head is seq {best[1].seq} "
+                                      f"but proves only {seq}", "bad_chain")
+            self.state.head = ChainHead(seq, prev, ts)
+            self.state.save()
+        self._head_checked = True
+        return self.state.head
+
+    async def _submit(self, wires: Sequence[bytes]) -> list[tuple[str, query.SubmitResult]]:
+        async def send(n: _Node) -> list[query.SubmitResult]:
+            resp = await self._call(n, query.Submit(tuple(wires)))
+            if not isinstance(resp, query.Submitted) or len(resp.results) != len(wires):
+                raise UntrustedAnswer(f"node {n.addr} answered SUBMIT wrongly", "wrong_answer")
+            return list(resp.results)
+
+        out: list[tuple[str, query.SubmitResult]] = []
+        for n, results in await self._each(send):
+            out.extend((n.addr, r) for r in results)
+        return out
+
+    async def _flush_unconfirmed(self) -> None:
+        if not self.state.unconfirmed:
+            return
+        results = await self._submit(self.state.unconfirmed)
+        if any(r.status in ("accepted", "duplicate") for _, r in results):
+            self.state.unconfirmed = []
+            self.state.save()
+
+    async def publish(self, body: Body) -> Event:
+        """Sign `body` as our next event and submit it to every node."""
+        async with self._lock:
+            await self._flush_unconfirmed()
+            await self.sync_head()
+            h = self.state.head
+            ts = max(now_ms(), h.ts_ms)
+            ev = sign_event(self.identity.seed, h.seq + 1, h.id, ts, body, self.network)
+            before = ChainHead(h.seq, h.id, h.ts_ms)
+            # Write ahead: once signed and sent, this is our event at this seq forever.
+            self.state.head = ChainHead(ev.seq, ev.id, ev.ts_ms)
+            self.state.unconfirmed = [ev.wire]
+            self.state.save()
+            try:
+                results = await self._submit([ev.wire])
+            except OperationError:
+                raise OperationError("no node took the event; it is kept and resent by the "
+                                     "next command") from None
+            if any(r.status in ("accepted", "duplicate") for _, r in results):
+                self.state.unconfirmed = []
+                self.state.save()
+                for node, r in results:
+                    if not r.ok:
+                        self._fault(node, r.reason or r.status, f"refused our event: {r.detail}")
+                return ev
+            if all(r.status == "rejected" for _, r in results):
+                self.state.head, self.state.unconfirmed = before, []
+                self.state.save()
+                node, r = results[0]
+                raise RemoteError(f"node {node} rejected the {body.KIND} ({r.reason}): "
+                                  f"{r.detail}")
+            return ev  # pending somewhere: kept in `unconfirmed` and resent next time
+
+    # -------------------------------------------------------------- recipient actions
+
+    async def request(
+        self, service: str, *, duration_ms: int, reserve: int, currency: str = "EUR",
+        close_ms: int | None = None, close_in_ms: int = 60_000, start_ms: int | None = None,
+        chain: Sequence[str] = (), max_rate_bps: int | None = None,
+        min_rate_bps: int | None = None, devices: Sequence[bytes] = (),
+        phones: Sequence[str] = (), users: Sequence[str] = (), max_devices: int | None = None,
+        rule: str = "lowest", sealed: bool = False, reveal_ms: int | None = None,
+        reveal_window_ms: int = 30_000, group: bool = False, note: str = "",
+    ) -> Event:
+        """Post a request (an auction). Times are ms since the epoch; by default bids
+        close `close_in_ms` from now, sealed bids are revealed within
+        `reveal_window_ms` after that, and the lease starts at the bid deadline."""
+        close = close_ms if close_ms is not None else now_ms() + close_in_ms
+        reveal = reveal_ms if reveal_ms is not None else (
+            close + reveal_window_ms if sealed else close)
+        try:
+            body = Request(
+                service=service, chain=tuple(chain),
+                start_ms=start_ms if start_ms is not None else reveal,
+                duration_ms=duration_ms, max_rate_bps=max_rate_bps, min_rate_bps=min_rate_bps,
+                members=Members(devices=tuple(devices), phones=tuple(phones),
+                                users=tuple(users), max_devices=max_devices),
+                reserve=reserve, currency=currency, close_ms=close, reveal_ms=reveal,
+                rule=rule, sealed=sealed, group=group, note=note)
+        except InvalidEvent as e:
+            raise UsageError(f"invalid request: {e}") from e
+        return await self.publish(body)
+
+    async def award(self, request_id: bytes) -> tuple[Event, Award]:
+        """Award our auction to the winner the rule gives over every valid bid (as
+        re-derived here), naming every bid considered."""
+        info = await self.auction(request_id)
+        a = info.auction
+        if a.recipient != self.key:
+            raise UsageError("only the recipient who posted the request can award it")
+        if a.outcome is not None:
+            raise UsageError(f"auction already decided ({a.status(now_ms())})")
+        if now_ms() <= a.deadline_ms:
+            raise UsageError(f"bids are final only after {a.deadline_ms} "
+                             f"(in {(a.deadline_ms - now_ms()) / 1000:.1f} s); award then")
+        body = build_award(info.market, a)
+        return await self.publish(body), body
+
+    async def pledge(self, request_id: bytes, *, willing: bool = True, amount: int = 0,
+                     sponsor: Sequence[bytes] = ()) -> Event:
+        """Join a group request: whether we pay, at most how much, and whom we sponsor."""
+        info = await self.auction(request_id)
+        if not info.auction.request.group:
+            raise UsageError("that request is not a group request")
+        try:
+            body = Pledge(request=request_id, willing=willing, amount=amount,
+                          sponsor=tuple(sponsor))
+        except InvalidEvent as e:
+            raise UsageError(f"invalid pledge: {e}") from e
+        return await self.publish(body)
+
+    async def pay(self, lease_id: bytes, amount: int | None = None, method: str = "ledger",
+                  reference: str = "", on_behalf: Sequence[bytes] = ()) -> Event:
+        """Pay for a lease. Default amount: our share (group) or what is still owed."""
+        market, lease = await self.lease(lease_id)
+        if self.key != lease.recipient and self.key not in lease.group_members:
+            raise UsageError("only the recipient or a group member pays for a lease")
+        if amount is None:
+            share = lease.shares().get(self.key) if lease.group_members else None
+            mine = sum(p.amount for p in market.payments.get(lease.id, ())
+                       if p.payer == self.key)
+            owed = lease.price - market.paid.get(lease.id, 0)
+            amount = max(0, (share - mine) if share is not None else owed)
+        try:
+            body = Payment(lease=lease.id, amount=amount, currency=lease.currency,
+                           method=method, reference=reference, on_behalf=tuple(on_behalf))
+        except InvalidEvent as e:
+            raise UsageError(f"invalid payment: {e}") from e
+        return await self.publish(body)
+
+    async def rate(self, lease_id: bytes, *, satisfied: bool, score: int,
+                   text: str = "") -> Event:
+        """Rate the other party of a lease (a member device rates the provider)."""
+        _, lease = await self.lease(lease_id)
+        if self.key == lease.provider:
+            subject, role = lease.recipient, "recipient"
+        elif self.key in lease.keys:
+            subject, role = lease.provider, "provider"
+        else:
+            raise UsageError("only the parties of a lease can rate it")
+        try:
+            body = Rating(lease=lease.id, subject=subject, role=role, satisfied=satisfied,
+                          score=score, text=text)
+        except InvalidEvent as e:
+            raise UsageError(f"invalid rating: {e}") from e
+        return await self.publish(body)
+
+    # -------------------------------------------------------------- dataplane
+
+    async def provider_addrs(self, provider: bytes) -> list[str]:
+        """Dataplane multiaddrs from the provider's latest offer (verified)."""
+        offers = await self.find_events(kind="offer", author=provider)
+        if not offers:
+            return []
+        latest = max(offers, key=lambda e: e.seq)
+        return list(getattr(latest.body, "addrs", ()))
+
+    async def stream(self, lease_id: bytes, source: Any, *,
+                     sink: Callable[[bytes], Any] | None = None,
+                     chains: Sequence[Sequence[str]] | None = None, protocol: str = "lp",
+                     delegation: bytes | None = None, timeout: float = 60.0) -> Any:
+        """Send `source` (bytes chunks of `protocol` packets) through the provider of
+        our lease and receive the processed stream (see node/dataplane/client.py).
+        A member device streams with its own key. Returns the dataplane's result."""
+        from .dataplane.client import stream_through_lease
+
+        _, lease = await self.lease(lease_id)
+        peer = p2p.peer_id_from_pubkey(lease.provider)
+        if not self.host.is_connected(peer):
+            addrs = await self.provider_addrs(lease.provider)
+            for a in [*addrs, *(n.addr for n in self.nodes)]:
+                if a.endswith(str(peer)):
+                    with contextlib.suppress(OperationError):
+                        await self.host.connect(a, timeout=self.timeout)
+                        break
+            else:
+                if not self.host.is_connected(peer):
+                    raise OperationError(f"cannot reach provider {lease.provider.hex()[:16]}: "
+                                         "no dialable address in its offer")
+        use_chains = chains or ([list(lease.chain)] if lease.chain else [[lease.service]])
+        return await stream_through_lease(
+            self.host, peer, lease, self.identity, source, protocol, use_chains,
+            network=self.network, delegation=delegation, sink=sink, timeout=timeout)
+
+
+def _single_leaf(eg: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    e: BaseException = eg
+    while isinstance(e, BaseExceptionGroup):
+        if len(e.exceptions) != 1:
+            return None
+        e = e.exceptions[0]
+    return e
+
+
+def _bid_infos(market: Market, a: Auction) -> list[BidInfo]:
+    out = []
+    won = a.outcome.winner if a.outcome is not None else None
+    for b in a.bids.values():
+        rep = market.reputation.score(b.provider, "provider", a.request.close_ms)
+        out.append(BidInfo(b.id, b.provider, b.price, b.status, b.reason, b.sealed, b.ts_ms,
+                           won == b.id, rep))
+    return out
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _hex_arg(text: str, what: str = "id") -> bytes:
+    try:
+        b = bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not hex") from None
+    if len(b) != 32:
+        raise UsageError(f"{what} must be 32 bytes (64 hex digits)")
+    return b
+
+
+def _bool_arg(text: str) -> bool:
+    t = text.lower()
+    if t in ("yes", "y", "true", "1"):
+        return True
+    if t in ("no", "n", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError("give yes or no")
+
+
+def _duration_ms(text: str) -> int:
+    """`90`, `90s`, `15m`, `2h`, `1d` (no unit: seconds)."""
+    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    for u in sorted(units, key=len, reverse=True):
+        if text.endswith(u) and text[: -len(u)].isdigit():
+            return int(text[: -len(u)]) * units[u]
+    if text.isdigit():
+        return int(text) * 1000
+    raise argparse.ArgumentTypeError(f"{text!r}: give a duration such as 90s, 15m, 2h")
+
+
+def register(sub: Any) -> None:
+    """`bidmesh client ...` (a node/cli.py group)."""
+    p = sub.add_parser("client", help="light client for recipients: auctions, leases, ratings",
+                       description="Talk to one or more nodes as a recipient; every answer is "
+                                   "verified and re-derived locally (docs/client.md).")
+    p.add_argument("--dir", type=Path, required=True, help="client directory (key and state)")
+    p.add_argument("--node", action="append", required=True, metavar="MADDR",
+                   help="node multiaddr with /p2p/<peer id>; repeat to cross-check nodes")
+    p.add_argument("--network", default="main", help="network id (default main)")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
+    cs = p.add_subparsers(dest="client_cmd", metavar="COMMAND", required=True)
+
+    def cmd(name: str, fn: Callable[..., Any], help: str) -> argparse.ArgumentParser:
+        c: argparse.ArgumentParser = cs.add_parser(name, help=help)
+        c.add_argument("--json", action="store_true", help="print JSON to stdout")
+        c.set_defaults(func=_runner(fn))
+        return c
+
+    c = cmd("request", _cmd_request, "post a request (open an auction)")
+    c.add_argument("service", help="service, e.g. bandwidth or zstd")
+    c.add_argument("--duration", type=_duration_ms, required=True, help="block length, e.g. 1h")
+    c.add_argument("--reserve", type=int, required=True, help="most you pay (minor units)")
+    c.add_argument("--currency", default="EUR")
+    c.add_argument("--close-in", type=_duration_ms, default=60_000,
+                   help="bids close after this long (default 60s)")
+    c.add_argument("--start", type=int, help="lease start, ms since the epoch (default: when "
+                                             "bids are final)")
+    c.add_argument("--chain", action="append", default=[], help="processing service, in order")
+    c.add_argument("--max-rate", type=int, help="max rate, bits/s")
+    c.add_argument("--min-rate", type=int, help="min rate, bits/s")
+    c.add_argument("--device", action="append", default=[], help="member device key (hex)")
+    c.add_argument("--phone", action="append", default=[], help="member phone (+49...)")
+    c.add_argument("--user", action="append", default=[], help="member user id")
+    c.add_argument("--max-devices", type=int, help="at most N delegated client devices")
+    c.add_argument("--rule", choices=["lowest", "best_value", "vickrey"], default="lowest")
+    c.add_argument("--sealed", action="store_true", help="sealed bids (commit, then reveal)")
+    c.add_argument("--reveal-window", type=_duration_ms, default=30_000,
+                   help="sealed: reveal window after close (default 30s)")
+    c.add_argument("--group", action="store_true", help="group request (members pledge)")
+    c.add_argument("--note", default="")
+
+    c = cmd("bids", _cmd_bids, "bids of an auction with providers' reputation")
+    c.add_argument("request", help="request id (hex)")
+    c.add_argument("--watch", action="store_true", help="live view until the auction ends")
+    c.add_argument("--interval", type=float, default=1.0, help="--watch poll interval, s")
+
+    c = cmd("award", _cmd_award, "award your auction to the rule's winner")
+    c.add_argument("request", help="request id (hex)")
+
+    c = cmd("pay", _cmd_pay, "pay for a lease")
+    c.add_argument("lease", help="lease id (= award id, hex)")
+    c.add_argument("--amount", type=int, help="default: your share / what is owed")
+    c.add_argument("--method", default="ledger")
+    c.add_argument("--reference", default="")
+    c.add_argument("--on-behalf", action="append", default=[], help="member key (hex)")
+
+    c = cmd("pledge", _cmd_pledge, "join a group request")
+    c.add_argument("request", help="request id (hex)")
+    c.add_argument("--amount", type=int, default=0, help="most you pay in total")
+    c.add_argument("--unwilling", action="store_true", help="join without paying")
+    c.add_argument("--sponsor", action="append", default=[], help="member key you pay for")
+
+    c = cmd("stream", _cmd_stream, "stream a file or stdin through a lease")
+    c.add_argument("lease", help="lease id (hex)")
+    c.add_argument("--in", dest="infile", default="-", help="input file (default stdin)")
+    c.add_argument("--out", dest="outfile", default="-", help="output file (default stdout)")
+    c.add_argument("--packet", type=int, default=64 * 1024, help="packet size in bytes")
+    c.add_argument("--progress", choices=["auto", "yes", "no"], default="auto")
+
+    c = cmd("rate", _cmd_rate, "rate the other party of a lease")
+    c.add_argument("lease", help="lease id (hex)")
+    c.add_argument("--satisfied", type=_bool_arg, required=True, help="yes or no")
+    c.add_argument("--score", type=int, required=True, choices=range(1, 6))
+    c.add_argument("--text", default="")
+
+    cmd("leases", _cmd_leases, "leases you are a party to")
+    c = cmd("reputation", _cmd_reputation, "a key's reputation (default: yours)")
+    c.add_argument("key", nargs="?", help="public key (hex)")
+    cmd("whoami", _cmd_whoami, "your public key, peer id and chain head")
+
+
+def _runner(fn: Callable[..., Any]) -> Callable[[argparse.Namespace, Any], int]:
+    def run(args: argparse.Namespace, out: Any) -> int:
+        async def main() -> int:
+            async with LightClient.open(args.dir, args.node, network=args.network,
+                                        timeout=args.timeout) as c:
+                status: int = await fn(c, args, out)
+                for d in c.disagreements:
+                    sys.stderr.write(f"warning: nodes disagree on {d.query}: "
+                                     + ", ".join(f"{k} lacks {len(v)}" for k, v in
+                                                 d.missing.items()) + "\n")
+                for f in c.faults:
+                    sys.stderr.write(f"warning: node {f.node}: {f.reason}: {f.detail}\n")
+                return status
+        return trio.run(main)
+    return run
+
+
+def _short(b: bytes | None) -> str:
+    return b.hex()[:16] if b else "-"
+
+
+def _fmt_rep(s: Score) -> str:
+    stars = f"{s.mean_stars:.1f}★" if s.mean_stars is not None else "-"
+    return f"{s.ppm / 10_000:.1f}% ({s.ratings} ratings, {s.satisfied} ok, {stars})"
+
+
+def _event_out(out: Any, ev: Event, extra: dict[str, Any] | None = None) -> None:
+    data = {**event_to_json(ev), **(extra or {})}
+    out.emit(data, f"{ev.kind} {ev.id.hex()} (seq {ev.seq})")
+
+
+async def _cmd_request(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    ev = await c.request(
+        a.service, duration_ms=a.duration, reserve=a.reserve, currency=a.currency,
+        close_in_ms=a.close_in, start_ms=a.start, chain=a.chain, max_rate_bps=a.max_rate,
+        min_rate_bps=a.min_rate, devices=[_hex_arg(d, "device key") for d in a.device],
+        phones=a.phone, users=a.user, max_devices=a.max_devices, rule=a.rule,
+        sealed=a.sealed, reveal_window_ms=a.reveal_window, group=a.group, note=a.note)
+    _event_out(out, ev)
+    return 0
+
+
+BID_COLUMNS = [("id", "BID"), ("provider", "PROVIDER"), ("price", "PRICE"),
+               ("status", "STATUS"), ("score", "REPUTATION"), ("ratings", "RATINGS"),
+               ("winner", "WIN")]
+
+
+def _bid_rows(info: AuctionInfo) -> list[dict[str, Any]]:
+    return [{"id": _short(b.id), "provider": _short(b.provider), "price": b.price,
+             "status": b.status + (f" ({b.reason})" if b.reason and b.status != "valid" else ""),
+             "score": f"{b.reputation.ppm / 10_000:.1f}%",
+             "ratings": f"{b.reputation.ratings} ({b.reputation.satisfied} ok)",
+             "winner": "*" if b.winner else ""}
+            for b in sorted(info.bids, key=lambda b: (b.price is None, b.price or 0, b.ts_ms))]
+
+
+def _auction_header(info: AuctionInfo) -> str:
+    r = info.auction.request
+    left = (r.reveal_ms - now_ms()) / 1000
+    when = f"closes in {left:.0f}s" if left > 0 else "bids final"
+    return (f"auction {info.auction.id.hex()[:16]}  {r.service}  {r.rule}"
+            f"{' sealed' if r.sealed else ''}  reserve {r.reserve} {r.currency}  "
+            f"{info.status}, {when}, {len(info.bids)} bid(s)")
+
+
+async def _cmd_bids(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    from .output import table
+
+    rid = _hex_arg(a.request, "request id")
+    if not a.watch:
+        info = await c.auction(rid)
+        if out.json_mode:
+            out.json(info.to_json())
+        else:
+            out.say(_auction_header(info))
+            out.rows(_bid_rows(info), BID_COLUMNS, empty="(no bids yet)")
+        return 0
+    tty = sys.stdout.isatty() and not out.json_mode
+    async for info in c.watch_bids(rid, interval=a.interval):
+        if out.json_mode:
+            sys.stdout.write(json.dumps(info.to_json()) + "\n")
+        else:
+            text = _auction_header(info) + "\n" + (
+                table(_bid_rows(info), BID_COLUMNS) if info.bids else "(no bids yet)")
+            sys.stdout.write(("\x1b[H\x1b[2J" if tty else "\n") + text + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+async def _cmd_award(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    ev, body = await c.award(_hex_arg(a.request, "request id"))
+    data = {**event_to_json(ev), "lease": ev.id.hex() if body.winner else None}
+    out.emit(data, f"award {ev.id.hex()}: winner {_short(body.winner)} at {body.price}"
+             + (f"; lease id {ev.id.hex()}" if body.winner else " (no deal)"))
+    return 0
+
+
+async def _cmd_pay(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    ev = await c.pay(_hex_arg(a.lease, "lease id"), a.amount, a.method, a.reference,
+                     [_hex_arg(k, "member key") for k in a.on_behalf])
+    _event_out(out, ev)
+    return 0
+
+
+async def _cmd_pledge(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    ev = await c.pledge(_hex_arg(a.request, "request id"), willing=not a.unwilling,
+                        amount=a.amount, sponsor=[_hex_arg(k, "member key") for k in a.sponsor])
+    _event_out(out, ev)
+    return 0
+
+
+async def _cmd_rate(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    ev = await c.rate(_hex_arg(a.lease, "lease id"), satisfied=a.satisfied, score=a.score,
+                      text=a.text)
+    _event_out(out, ev)
+    return 0
+
+
+async def _cmd_leases(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    infos = await c.leases()
+    if out.json_mode:
+        out.json([i.to_json() for i in infos])
+        return 0
+    rows = [{"id": _short(i.lease.id), "role": i.role, "service": i.lease.service,
+             "provider": _short(i.lease.provider), "price": i.lease.price, "paid": i.paid,
+             "window": f"{(i.lease.end_ms - i.lease.start_ms) // 1000}s",
+             "active": i.lease.active(now_ms()), "ratings": len(i.data["ratings"])}
+            for i in infos]
+    out.rows(rows, [("id", "LEASE"), ("role", "ROLE"), ("service", "SERVICE"),
+                    ("provider", "PROVIDER"), ("price", "PRICE"), ("paid", "PAID"),
+                    ("window", "WINDOW"), ("active", "ACTIVE"), ("ratings", "RATINGS")],
+             empty="(no leases)")
+    return 0
+
+
+async def _cmd_reputation(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    key = _hex_arg(a.key, "key") if a.key else c.key
+    info = await c.reputation(key)
+    out.emit(info.to_json(), f"{key.hex()}\n  as provider:  {_fmt_rep(info.provider)}\n"
+             f"  as recipient: {_fmt_rep(info.recipient)}")
+    return 0
+
+
+async def _cmd_whoami(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    h = await c.sync_head()
+    out.emit({"public_key": c.key.hex(), "peer_id": str(p2p.peer_id_from_pubkey(c.key)),
+              "network": c.network, "head": {"seq": h.seq, "id": h.id.hex() if h.id else None,
+                                             "ts_ms": h.ts_ms}})
+    return 0
+
+
+class Progress:
+    """A one-line progress bar on stderr: bytes, rate, and the lease's limits."""
+
+    def __init__(self, lease: Lease, enabled: bool, total: int | None) -> None:
+        self.lease, self.enabled, self.total = lease, enabled, total
+        self.sent = 0
+        self.received = 0
+        self.t0 = time.monotonic()
+        self._last = 0.0
+
+    def update(self, sent: int = 0, received: int = 0, final: bool = False) -> None:
+        self.sent += sent
+        self.received += received
+        t = time.monotonic()
+        if not self.enabled or (not final and t - self._last < 0.2):
+            return
+        self._last = t
+        rate = self.sent * 8 / max(t - self.t0, 1e-6)
+        lim = self.lease
+        limits = (f"max {_bps(lim.max_rate_bps)}" if lim.max_rate_bps else "no max") + (
+            f", min {_bps(lim.min_rate_bps)}" if lim.min_rate_bps else "")
+        left = max(0, (lim.end_ms - now_ms()) // 1000)
+        bar = ""
+        if self.total:
+            frac = min(1.0, self.sent / self.total)
+            n = int(frac * 20)
+            bar = "[" + "#" * n + "." * (20 - n) + f"] {frac * 100:3.0f}% "
+        sys.stderr.write(f"\r{bar}sent {_size(self.sent)} recv {_size(self.received)} "
+                         f"at {_bps(int(rate))} ({limits}; lease ends in {left}s)\x1b[K")
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _bps(v: int | None) -> str:
+    if not v:
+        return "-"
+    for unit, f in (("Gb/s", 1e9), ("Mb/s", 1e6), ("kb/s", 1e3)):
+        if v >= f:
+            return f"{v / f:.1f} {unit}"
+    return f"{v} b/s"
+
+
+def _size(n: int) -> str:
+    for unit, f in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= f:
+            return f"{n / f:.1f} {unit}"
+    return f"{n} B"
+
+
+async def _cmd_stream(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    import struct
+
+    from .dataplane.client import split_results
+
+    lease_id = _hex_arg(a.lease, "lease id")
+    _, lease = await c.lease(lease_id)
+    if a.packet < 1 or a.packet > 1 << 20:
+        raise UsageError("--packet must be 1..1048576 bytes")
+    inp = sys.stdin.buffer if a.infile == "-" else open(a.infile, "rb")  # noqa: SIM115
+    total = None if a.infile == "-" else os.path.getsize(a.infile)
+    show = a.progress == "yes" or (a.progress == "auto" and sys.stderr.isatty())
+    prog = Progress(lease, show, total)
+    dst = sys.stdout.buffer if a.outfile == "-" else open(a.outfile, "wb")  # noqa: SIM115
+    head = struct.Struct(">IB")
+
+    async def source() -> AsyncIterator[bytes]:
+        while True:
+            chunk = await trio.to_thread.run_sync(inp.read, a.packet)
+            if not chunk:
+                return
+            prog.update(sent=len(chunk))
+            yield head.pack(len(chunk), 0) + chunk
+
+    async def sink(frame: bytes) -> None:
+        for _, result in split_results(frame):
+            dst.write(result)
+            prog.update(received=len(result))
+
+    try:
+        res = await c.stream(lease_id, source(), sink=sink)
+    finally:
+        prog.update(final=True)
+        if inp is not sys.stdin.buffer:
+            inp.close()
+        dst.flush()
+        if dst is not sys.stdout.buffer:
+            dst.close()
+    t = res.trailer
+    summary = {"lease": lease_id.hex(), "segments": t.segments, "packets": t.packets,
+               "bytes_in": t.bytes_in, "bytes_out": t.bytes_out,
+               "subcontracted": t.subcontracted, "seconds": round(time.monotonic() - prog.t0, 3)}
+    if out.json_mode:
+        sys.stderr.write(json.dumps(summary) + "\n")
+    elif show:
+        sys.stderr.write(f"done: {t.segments} segments, {_size(t.bytes_in)} in, "
+                         f"{_size(t.bytes_out)} out\n")
+    return 0

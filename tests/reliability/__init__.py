@@ -1,0 +1,1 @@
+"""Reliability tier: fuzzing of every decoder, hostile input, keys and exposure."""

@@ -64,7 +64,7 @@ class LedgerCommand:
 _LEDGER_COMMANDS: dict[str, LedgerCommand] = {}
 # Modules that register more `ledger` subcommands; imported when the parser is built,
 # skipped if they do not exist yet.
-_LEDGER_PLUGINS: list[str] = []
+_LEDGER_PLUGINS: list[str] = ["node.auction.cli"]
 
 
 def ledger_command(
@@ -527,4 +527,8 @@ def _fail(message: str, status: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable `node.cli`, not this `__main__` copy: plugins register their
+    # commands into `node.cli`'s registry.
+    from node.cli import main as _main
+
+    sys.exit(_main())

@@ -75,8 +75,8 @@ def payment(lease: bytes, amount: int, on_behalf: tuple[bytes, ...] = (),
 class World:
     """A ledger plus named actors; `pub` signs and stores, `market` derives."""
 
-    def __init__(self, path: Path) -> None:
-        self.ledger = Ledger(path / "ledger.db", network="test")
+    def __init__(self, path: Path, file: str = "ledger.db") -> None:
+        self.ledger = Ledger(path / file, network="test")
         self.events: list[Event] = []
 
     def pub(self, who: str, body: Any, ts: int) -> Event:

@@ -9,7 +9,8 @@ verified signatures on append). Timed: `Market.apply` of the request, every bid 
 the award (whose verification recomputes the winner over all bids and the considered
 digest), `Reputation.add` per rating, and `Reputation.score` lookups at random
 as-of times. Baselines from the same run: `min()` over the bare (price, ts, id)
-tuples, and a bare dict-of-sums update per rating. Last line: JSON figures.
+tuples, and a bare dict-of-sums update per rating. Clearing and lookups report the
+best of 3 runs (the machine is shared). Last line: JSON figures.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node.auction import Market, verify_award
 from node.events import Award, Bid, Event, Members, Request, considered_digest
 from node.reputation import Reputation
+
+REPEAT = 3
 
 
 def _id(*parts: object) -> bytes:
@@ -59,22 +62,27 @@ def bench_clear(n: int, rule: str, rnd: random.Random) -> tuple[float, float, fl
     award = _ev(recipient, 2, 1_000_001,
                 Award(request=req.id, winner=best.id, price=price, considered=(),
                       considered_digest=considered_digest(ids), considered_count=len(ids)))
-    t0 = time.perf_counter()
-    m = Market()
-    m.apply(req)
-    for e in bids:
-        m.apply(e)
-    t1 = time.perf_counter()
-    m.apply(award)
-    t2 = time.perf_counter()
-    check = verify_award(m, award.id)
-    if rule == "lowest":
-        assert check.valid and award.id in m.leases, check
+    best = (float("inf"), 0.0)
+    for _ in range(REPEAT):  # best of REPEAT: the machine is shared
+        t0 = time.perf_counter()
+        m = Market()
+        m.apply(req)
+        for e in bids:
+            m.apply(e)
+        t1 = time.perf_counter()
+        m.apply(award)
+        t2 = time.perf_counter()
+        best = min(best, (t2 - t0, t2 - t1))
+        check = verify_award(m, award.id)
+        if rule == "lowest":
+            assert check.valid and award.id in m.leases, check
     raw = [(e.body.price, e.ts_ms, e.id) for e in bids]  # type: ignore[attr-defined]
-    t3 = time.perf_counter()
-    min(raw)
-    t4 = time.perf_counter()
-    return t2 - t0, t2 - t1, t4 - t3
+    raw_s = float("inf")
+    for _ in range(REPEAT):
+        t3 = time.perf_counter()
+        min(raw)
+        raw_s = min(raw_s, time.perf_counter() - t3)
+    return best[0], best[1], raw_s
 
 
 def bench_ratings(n: int, keys: int, rnd: random.Random) -> tuple[float, float, float, Reputation]:
@@ -110,10 +118,13 @@ def bench_lookup(rep: Reputation, span: float, lookups: int, keys: int,
     qs = [(_id("subject", rnd.randrange(keys)), rnd.randrange(int(span) + 1))
           for _ in range(lookups)]
     score = rep.score
-    t0 = time.perf_counter()
-    for k, t in qs:
-        score(k, "provider", t)
-    return (time.perf_counter() - t0) / lookups
+    best = float("inf")
+    for _ in range(REPEAT):
+        t0 = time.perf_counter()
+        for k, t in qs:
+            score(k, "provider", t)
+        best = min(best, time.perf_counter() - t0)
+    return best / lookups
 
 
 def main() -> None:

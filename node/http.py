@@ -1,0 +1,529 @@
+"""The node's read-only HTTP API, web dashboard and Prometheus metrics.
+
+Served by the daemon when enabled in its config (see `HttpSettings`; bind
+127.0.0.1 by default). GET only: any other method gets 405.
+
+    GET /api/health              {"ok": true, "state", "events", "digest", ...}
+    GET /api/digest              state digest and counts
+    GET /api/events?kind=&author=&ref=&after=&limit=   events in arrival order (paged)
+    GET /api/auctions            auction summaries (newest first)
+    GET /api/auctions/ID         one auction: bids with reputation, awards, evidence
+    GET /api/leases              leases, with live usage from the dataplane when running
+    GET /api/reputation[?key=]   reputation of every rated key (or one)
+    GET /api/peers               connected peers, blocked peers, sync state
+    GET /api/growth              ledger size over time (sampled)
+    GET /metrics                 Prometheus text format
+    GET /                        the dashboard (node/web/)
+
+The protocol is h11 (sans-I/O) over trio sockets: request heads and bodies are
+bounded, every read and write has a timeout, and connections beyond the cap get a
+503 at once. `HttpApi.handle(method, target)` is pure routing, testable without
+sockets; `serve()` is the I/O shell.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import h11
+import trio
+
+from .auction.views import auction_json, auctions_json, leases_json, reputation_json
+from .errors import UsageError
+from .events import KINDS, event_to_json
+from .ledger import Ledger
+from .query import LiveMarket
+
+log = logging.getLogger("bidmesh.http")
+
+JSON_TYPE = "application/json"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy",
+     b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+     b"connect-src 'self'; frame-ancestors 'none'"),
+]
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = False
+    listen: str = "127.0.0.1"
+    port: int = 8080
+    max_connections: int = 64
+    request_timeout_s: float = 10.0
+    max_request_bytes: int = 16 * 1024  # request line + headers (GET has no body)
+    growth_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UsageError("http.port must be 0..65535")
+        if self.max_connections < 1 or self.request_timeout_s <= 0:
+            raise UsageError("http.max_connections >= 1 and http.request_timeout_s > 0")
+        if not 1024 <= self.max_request_bytes <= 1 << 20:
+            raise UsageError("http.max_request_bytes must be 1024..1048576")
+
+    @classmethod
+    def from_config(cls, section: Any) -> HttpSettings:
+        """From a config object/section with the same attribute names (or None)."""
+        if section is None:
+            return cls()
+        kw = {k: getattr(section, k) for k in cls.__dataclass_fields__ if hasattr(section, k)}
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(data, separators=(",", ":"), default=str).encode())
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message, "status": status}, status)
+
+
+class HttpApi:
+    """Routing and rendering over a node's state (no I/O)."""
+
+    def __init__(self, ledger: Ledger, live: LiveMarket, status: Callable[[], dict[str, Any]],
+                 *, growth_size: int = 720) -> None:
+        self.ledger = ledger
+        self.live = live
+        self.status = status
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.growth: collections.deque[tuple[float, int]] = collections.deque(maxlen=growth_size)
+        self._static: dict[str, bytes] = {}
+
+    def sample_growth(self) -> None:
+        self.growth.append((round(time.time(), 3), self.ledger.count()))
+
+    def handle(self, method: str, target: str) -> Response:
+        parsed = urllib.parse.urlsplit(target)
+        path = parsed.path
+        if method != "GET":
+            self.requests["405"] += 1
+            return _error(405, f"{method} not allowed: this API is read-only (GET)")
+        q = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
+        try:
+            resp = self._route(path, q)
+        except UsageError as e:
+            resp = _error(400, str(e))
+        self.requests[str(resp.status)] += 1
+        return resp
+
+    def _route(self, path: str, q: dict[str, str]) -> Response:
+        if path in STATIC:
+            name, ctype = STATIC[path]
+            return Response(200, self._asset(name), ctype)
+        if path == "/metrics":
+            return Response(200, self.metrics().encode(), METRICS_TYPE)
+        if path == "/api/health":
+            st = self.status()
+            return _json({"ok": st.get("state") == "running", "state": st.get("state"),
+                          "events": self.ledger.count(), "peers": len(st.get("peers", [])),
+                          "digest": self.ledger.digest().hex(), "time": time.time()})
+        if path == "/api/digest":
+            led = self.ledger
+            return _json({"network": led.network, "digest": led.digest().hex(),
+                          "events": led.count(), "authors": len(led.heads()),
+                          "forked_authors": len(led.forked()), "kinds": led.count_by_kind()})
+        if path == "/api/events":
+            return self._events(q)
+        if path == "/api/auctions":
+            m = self.live.market()
+            now = int(time.time() * 1000)
+            items = sorted(auctions_json(m, now), key=lambda a: -a["ts_ms"])
+            limit = _int(q, "limit", 200, 1, 5000)
+            return _json(items[:limit])
+        if path.startswith("/api/auctions/"):
+            return self._auction(path.removeprefix("/api/auctions/"))
+        if path == "/api/leases":
+            return self._leases()
+        if path == "/api/reputation":
+            m = self.live.market()
+            key = _hex(q["key"], "key") if "key" in q else None
+            return _json(reputation_json(m, key, int(time.time() * 1000)))
+        if path == "/api/peers":
+            st = self.status()
+            return _json({"peer_id": st.get("peer_id"), "listen_addrs": st.get("listen_addrs"),
+                          "peers": st.get("peers", []), "blocked": st.get("blocked", {}),
+                          "sync": st.get("sync", {}), "outbox": st.get("outbox"),
+                          "pending": st.get("pending"), "gaps": st.get("gaps")})
+        if path == "/api/growth":
+            return _json([{"time": t, "events": n} for t, n in self.growth])
+        return _error(404, f"no such resource {path}")
+
+    def _asset(self, name: str) -> bytes:
+        data = self._static.get(name)
+        if data is None:
+            data = resources.files("node").joinpath("web", name).read_bytes()
+            self._static[name] = data
+        return data
+
+    def _events(self, q: dict[str, str]) -> Response:
+        kind = q.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise UsageError(f"unknown kind {kind!r}; known: {', '.join(sorted(KINDS))}")
+        rows = self.ledger.events(
+            kind=kind,
+            author=_hex(q["author"], "author") if "author" in q else None,
+            ref=_hex(q["ref"], "ref") if "ref" in q else None,
+            after=_int(q, "after", 0, 0, 1 << 62),
+            limit=_int(q, "limit", 100, 1, 1000))
+        return _json({"events": [{"cursor": n, **event_to_json(ev)} for n, ev in rows],
+                      "cursor": rows[-1][0] if rows else _int(q, "after", 0, 0, 1 << 62)})
+
+    def _auction(self, ident: str) -> Response:
+        rid = _hex(ident, "auction id")
+        m = self.live.market()
+        a = m.auctions.get(rid)
+        if a is None:
+            return _error(404, f"no auction {ident}")
+        return _json(auction_json(m, a, int(time.time() * 1000)))
+
+    def _leases(self) -> Response:
+        m = self.live.market()
+        now = int(time.time() * 1000)
+        live = _live_usage(self.status().get("services", {}))
+        out = []
+        for d in sorted(leases_json(m), key=lambda d: -d["start_ms"]):
+            d["active"] = d["start_ms"] <= now < d["end_ms"]
+            d["live"] = live.get(d["id"])
+            out.append(d)
+        return _json(out)
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics(self) -> str:
+        st = self.status()
+        w = _Metrics()
+        gossip = st.get("gossip", {}) or {}
+        w.gauge("bidmesh_up", "1 while the node is running", 1 if st.get("state") == "running"
+                else 0)
+        w.gauge("bidmesh_ledger_events", "events stored", self.ledger.count())
+        w.gauge("bidmesh_ledger_authors", "authors with at least one event",
+                len(self.ledger.heads()))
+        w.gauge("bidmesh_ledger_forked_authors", "authors with a fork proof",
+                len(self.ledger.forked()))
+        w.gauge("bidmesh_ledger_pending", "events waiting for a predecessor",
+                st.get("pending", 0))
+        w.gauge("bidmesh_peers", "connected peers", len(st.get("peers", [])))
+        w.gauge("bidmesh_peers_blocked", "peers cut off for invalid input",
+                len(st.get("blocked", {})))
+        led = self.ledger.counters
+        w.counter("bidmesh_events_total", "append outcomes (all sources)",
+                  [({"outcome": k}, v) for k, v in sorted(led.items())
+                   if not k.startswith("rejected:")])
+        w.counter("bidmesh_events_rejected_total", "rejected events by reason",
+                  [({"reason": k.removeprefix("rejected:")}, v) for k, v in sorted(led.items())
+                   if k.startswith("rejected:")])
+        sync = st.get("sync", {}) or {}
+        w.counter("bidmesh_sync_rounds_total", "anti-entropy sessions", sync.get("rounds", 0))
+        w.counter("bidmesh_sync_failed_total", "failed anti-entropy sessions",
+                  sync.get("failed", 0))
+        w.counter("bidmesh_sync_events_total", "events fetched by sync", sync.get("events", 0))
+        for k in ("batches_sent", "batches_received", "bytes_sent", "bytes_received",
+                  "gossip_errors", "cut_off"):
+            if isinstance(gossip.get(k), int):
+                w.counter(f"bidmesh_gossip_{k}_total", f"gossip {k.replace('_', ' ')}",
+                          gossip[k])
+        if isinstance(gossip.get("faults"), dict):
+            w.counter("bidmesh_peer_faults_total", "invalid input from peers by reason",
+                      [({"reason": k}, v) for k, v in sorted(gossip["faults"].items())])
+        services = st.get("services", {}) or {}
+        q = services.get("query") or {}
+        if q:
+            w.counter("bidmesh_query_requests_total", "query protocol requests by kind",
+                      [({"kind": k}, v) for k, v in sorted(q.get("requests", {}).items())])
+            w.counter("bidmesh_query_submitted_total", "client-submitted events by outcome",
+                      [({"outcome": k}, v) for k, v in sorted(q.get("submitted", {}).items())])
+        dp = _dataplane_totals(services)
+        w.counter("bidmesh_stream_bytes_total", "dataplane bytes by direction",
+                  [({"direction": "in"}, dp["bytes_in"]), ({"direction": "out"},
+                                                            dp["bytes_out"])])
+        w.counter("bidmesh_segments_total", "segments processed", dp["segments"])
+        w.counter("bidmesh_subcontracts_total", "segments subcontracted", dp["subcontracts"])
+        w.counter("bidmesh_rate_limit_hits_total",
+                  "times a peer hit a rate limit (dataplane and query submits)",
+                  [({"where": "dataplane"}, dp["rate_limited"]),
+                   ({"where": "query"}, int(q.get("rate_limited", 0) or 0))])
+        w.gauge("bidmesh_streams_active", "open dataplane streams", dp["active_streams"])
+        w.counter("bidmesh_http_requests_total", "HTTP requests by status",
+                  [({"status": k}, v) for k, v in sorted(self.requests.items())])
+        return w.text()
+
+
+def _live_usage(services: dict[str, Any]) -> dict[str, Any]:
+    """Per lease id (hex): live dataplane counters, from any service status shaped like
+    the dataplane's (`leases: {id: {members: {key: {bytes_in, ...}}}}`)."""
+    out: dict[str, Any] = {}
+    for st in services.values():
+        leases = st.get("leases") if isinstance(st, dict) else None
+        if not isinstance(leases, dict):
+            continue
+        for lid, ls in leases.items():
+            if not isinstance(ls, dict):
+                continue
+            raw = ls.get("members")
+            members: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            tot = {"bytes_in": 0, "bytes_out": 0, "segments": 0}
+            for m in members.values():
+                for k in tot:
+                    v = m.get(k) if isinstance(m, dict) else None
+                    tot[k] += v if isinstance(v, int) else 0
+            out[lid] = {**tot, "streams": ls.get("streams", 0), "members": len(members),
+                        "rate_limited": ls.get("rate_limited", 0),
+                        "subcontracts": ls.get("subcontracts", 0), "closed": ls.get("closed")}
+    return out
+
+
+def _dataplane_totals(services: dict[str, Any]) -> dict[str, int]:
+    tot = {"bytes_in": 0, "bytes_out": 0, "segments": 0, "subcontracts": 0, "rate_limited": 0,
+           "active_streams": 0}
+    for u in _live_usage(services).values():
+        for k in ("bytes_in", "bytes_out", "segments", "subcontracts", "rate_limited"):
+            tot[k] += int(u.get(k) or 0)
+    for st in services.values():
+        if isinstance(st, dict) and isinstance(st.get("active_streams"), int):
+            tot["active_streams"] += st["active_streams"]
+    return tot
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def _series(self, name: str, kind: str, help: str,
+                value: int | float | list[tuple[dict[str, str], int]]) -> None:
+        self.lines.append(f"# HELP {name} {help}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        if isinstance(value, list):
+            for labels, v in value:
+                lab = ",".join(f'{k}="{_esc(str(x))}"' for k, x in labels.items())
+                self.lines.append(f"{name}{{{lab}}} {v}")
+        else:
+            self.lines.append(f"{name} {value}")
+
+    def gauge(self, name: str, help: str, value: int | float) -> None:
+        self._series(name, "gauge", help, value)
+
+    def counter(self, name: str, help: str,
+                value: int | list[tuple[dict[str, str], int]]) -> None:
+        self._series(name, "counter", help, value)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _esc(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _hex(text: str, what: str) -> bytes:
+    try:
+        b = bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{what} {text[:80]!r} is not hex") from None
+    if len(b) != 32:
+        raise UsageError(f"{what} must be 32 bytes (64 hex digits)")
+    return b
+
+
+def _int(q: dict[str, str], k: str, default: int, lo: int, hi: int) -> int:
+    if k not in q:
+        return default
+    try:
+        v = int(q[k])
+    except ValueError:
+        raise UsageError(f"{k} must be an integer") from None
+    if not lo <= v <= hi:
+        raise UsageError(f"{k} must be within {lo}..{hi}")
+    return v
+
+
+# ------------------------------------------------------------------ the server
+
+
+async def _send(stream: trio.SocketStream, conn: h11.Connection, events: list[Any],
+                timeout: float) -> None:
+    data = b"".join(conn.send(ev) or b"" for ev in events)
+    with trio.fail_after(timeout):
+        await stream.send_all(data)
+
+
+def _head(resp: Response, close: bool) -> h11.Response:
+    headers = [(b"content-type", resp.content_type.encode()),
+               (b"content-length", str(len(resp.body)).encode()),
+               (b"cache-control", b"no-store"), *SECURITY_HEADERS]
+    if resp.status == 405:
+        headers.append((b"allow", b"GET"))
+    if close:
+        headers.append((b"connection", b"close"))
+    return h11.Response(status_code=resp.status, headers=headers)
+
+
+async def _serve_conn(api: HttpApi, stream: trio.SocketStream, settings: HttpSettings) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_request_bytes)
+    t = settings.request_timeout_s
+    while True:
+        budget = [settings.max_request_bytes]
+        try:
+            with trio.fail_after(t):
+                ev = await _next_event(stream, conn, budget)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except (h11.RemoteProtocolError, _TooLarge) as e:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                if isinstance(e, _TooLarge):
+                    resp = _error(431, f"request head over {settings.max_request_bytes} bytes")
+                else:
+                    resp = _error(e.error_status_hint, f"bad request: {e}")
+                api.requests[str(resp.status)] += 1
+                with contextlib.suppress(trio.TooSlowError, trio.BrokenResourceError,
+                                         h11.LocalProtocolError):
+                    await _send(stream, conn, [_head(resp, True), h11.Data(data=resp.body),
+                                               h11.EndOfMessage()], t)
+            return
+        if isinstance(ev, h11.ConnectionClosed) or ev is None:
+            return
+        if not isinstance(ev, h11.Request):
+            return
+        method = ev.method.decode("ascii", "replace")
+        target = ev.target.decode("ascii", "replace")
+        # A GET carries no body; drain (bounded) whatever a client sent anyway.
+        try:
+            with trio.fail_after(t):
+                while isinstance(await _next_event(stream, conn, budget), h11.Data):
+                    pass
+        except (trio.TooSlowError, trio.BrokenResourceError, h11.RemoteProtocolError,
+                _TooLarge):
+            return
+        try:
+            resp = api.handle(method, target)
+        except Exception:  # a bug must answer 500, not kill the server
+            log.exception("HTTP handler failed", extra={"target": target[:200]})
+            resp = _error(500, "internal error; see the node log")
+        close = method != "GET"
+        try:
+            await _send(stream, conn, [_head(resp, close), h11.Data(data=resp.body),
+                                       h11.EndOfMessage()], t)
+        except (trio.TooSlowError, trio.BrokenResourceError):
+            return
+        if close or conn.our_state is h11.MUST_CLOSE:
+            return
+        try:
+            conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
+
+
+class _TooLarge(Exception):
+    """The request (head plus any body) exceeds `max_request_bytes`."""
+
+
+async def _next_event(stream: trio.SocketStream, conn: h11.Connection,
+                      budget: list[int] | None = None) -> Any:
+    """The next h11 event; `budget[0]` is how many more bytes this request may use."""
+    while True:
+        ev = conn.next_event()
+        if ev is h11.NEED_DATA:
+            data = await stream.receive_some(16 * 1024)
+            if budget is not None:
+                budget[0] -= len(data)
+                if budget[0] < 0:
+                    raise _TooLarge
+            conn.receive_data(data)
+            continue
+        if ev is h11.PAUSED:
+            return None
+        return ev
+
+
+async def serve(api: HttpApi, settings: HttpSettings, *,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; `task_status.started(port)` once listening."""
+    listeners = await trio.open_tcp_listeners(settings.port, host=settings.listen)
+    port = int(listeners[0].socket.getsockname()[1])
+    limiter = trio.CapacityLimiter(settings.max_connections)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                # Answer at once without reading the request; the client sees 503.
+                body = _error(503, "too many connections; retry shortly").body
+                data = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json"
+                        b"\r\ncontent-length: " + str(len(body)).encode()
+                        + b"\r\nconnection: close\r\n\r\n" + body)
+                with trio.move_on_after(2), contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(data)  # the client may already be gone
+                api.requests["503"] += 1
+                return
+            try:
+                await _serve_conn(api, stream, settings)
+            finally:
+                limiter.release()
+
+    log.info("http api listening", extra={"addr": f"{settings.listen}:{port}"})
+    async with trio.open_nursery() as nursery:
+        task_status.started(port)
+        await nursery.start(trio.serve_listeners, handler, listeners)
+
+
+class HttpService:
+    """The daemon service: `name`, `run(node)`, `status()`."""
+
+    name = "http"
+
+    def __init__(self, settings: HttpSettings) -> None:
+        self.settings = settings
+        self.api: HttpApi | None = None
+        self.port: int | None = None
+
+    async def run(self, node: Any) -> None:
+        if not self.settings.enabled:
+            log.info("http api disabled (http.enabled = false)")
+            return
+        qs = node.services.get("query")
+        live = getattr(qs, "live", None)
+        if not isinstance(live, LiveMarket):
+            live = LiveMarket(node.ledger)
+        self.api = HttpApi(node.ledger, live, node.status)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(serve, self.api, self.settings)
+            while True:
+                self.api.sample_growth()
+                await trio.sleep(self.settings.growth_interval_s)
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": self.settings.enabled, "port": self.port,
+                "listen": self.settings.listen,
+                "requests": dict(self.api.requests) if self.api else {}}
+
+
+def node_service(node: Any) -> HttpService:
+    """Factory for the daemon: settings from the config's `[http]` section, if any."""
+    return HttpService(HttpSettings.from_config(getattr(node.config, "http", None)))

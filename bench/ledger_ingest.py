@@ -42,9 +42,11 @@ NETWORK = "bench"
 LEN = struct.Struct(">I")
 
 
-def _gen(args: tuple[str, int, int, int]) -> int:
-    """Write `per_author` events for each author in [first, first + n), round-robin."""
-    path, first, n, per_author = args
+def _gen(args: tuple[str, int, int, int, int]) -> int:
+    """Write `per_author` events for each author in [first, first + n): runs of `run`
+    consecutive events of one author, authors taken round-robin (as pull sync delivers
+    per-author ranges; run=1 is the worst case, one event per author per batch)."""
+    path, first, n, per_author, run = args
     tag = domain_tag(NETWORK)
     keys = [nacl.bindings.crypto_sign_seed_keypair(seed(first + i)) for i in range(n)]
     prev: list[bytes | None] = [None] * n
@@ -53,14 +55,16 @@ def _gen(args: tuple[str, int, int, int]) -> int:
     import hashlib
 
     with open(path, "wb") as f:
-        for s in range(1, per_author + 1):
+        for s0 in range(1, per_author + 1, run):
             out = []
             for i, (pk, sk) in enumerate(keys):
-                signed = _envelope(pk, s, prev[i], 1_700_000_000_000 + s, bodies[(i + s) % 64])
-                sig = nacl.bindings.crypto_sign(tag + signed, sk)[:64]
-                prev[i] = hashlib.sha256(signed).digest()
-                wire = codec.pack([signed, sig])
-                out.append(LEN.pack(len(wire)) + wire)
+                for s in range(s0, min(s0 + run, per_author + 1)):
+                    signed = _envelope(pk, s, prev[i], 1_700_000_000_000 + s,
+                                       bodies[(i + s) % 64])
+                    sig = nacl.bindings.crypto_sign(tag + signed, sk)[:64]
+                    prev[i] = hashlib.sha256(signed).digest()
+                    wire = codec.pack([signed, sig])
+                    out.append(LEN.pack(len(wire)) + wire)
             f.write(b"".join(out))
     return n * per_author
 
@@ -133,6 +137,9 @@ def main() -> None:
     ap.add_argument("--events", type=int, help="events to ingest (default 1,000,000)")
     ap.add_argument("--batch", type=int, default=1000, help="events per append_many")
     ap.add_argument("--authors", type=int, default=1000)
+    ap.add_argument("--run", type=int, default=100,
+                    help="consecutive events per author in the stream (sync delivers "
+                         "per-author ranges; 1 = every batch spans 1000 authors)")
     ap.add_argument("--singles", type=int, default=2000, help="single appends timed")
     ap.add_argument("--verify-every", type=int, default=2,
                     help="time the raw verifier on every n-th batch")
@@ -151,10 +158,10 @@ def main() -> None:
         share = [authors // nw + (1 if i < authors % nw else 0) for i in range(nw)]
         jobs, first = [], 1
         for i, n in enumerate(share):
-            jobs.append((str(tmpd / f"gen{i}.bin"), first, n, per_author))
+            jobs.append((str(tmpd / f"gen{i}.bin"), first, n, per_author, a.run))
             first += n
         # Single-event appends use fresh authors beyond the bulk set.
-        jobs.append((str(tmpd / "singles.bin"), first, singles, 1))
+        jobs.append((str(tmpd / "singles.bin"), first, singles, 1, 1))
         with mp.get_context("spawn").Pool(nw) as pool:
             pool.map(_gen, jobs)
         gen_s = time.perf_counter() - t0
@@ -186,7 +193,8 @@ def main() -> None:
         ingest_per_s = total / busy
         verify_per_s = vdone / vbusy
         print(f"ingest: {total:,} events in {busy:.1f} s = {ingest_per_s:,.0f}/s "
-              f"(batches of {a.batch}); raw {verifier} verify of the same events "
+              f"(batches of {a.batch}, runs of {a.run} per author); "
+              f"raw {verifier} verify of the same events "
               f"{verify_per_s:,.0f}/s")
 
         lat = []
@@ -206,6 +214,7 @@ def main() -> None:
     print(json.dumps({
         "events": total,
         "batch": a.batch,
+        "run": a.run,
         "ingest_per_s": round(ingest_per_s),
         "verify_per_s": round(verify_per_s),
         "verifier": verifier,

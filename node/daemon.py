@@ -59,10 +59,10 @@ from .errors import (
     RemoteError,
     UsageError,
 )
-from .events import KINDS, Body, Event
+from .events import KINDS, Body, Event, sign_event
 from .gossip import Discovery, Replicator
 from .keys import Identity, load_or_create_key
-from .ledger import Ledger
+from .ledger import Ledger, Status
 
 log = logging.getLogger("bidmesh.daemon")
 
@@ -142,6 +142,7 @@ class Node:
         self.control_ops: dict[str, ControlOp] = dict(BUILTIN_OPS)
         self.started_at = time.time()
         self.stopping = False
+        self.loop_lag_max_s = 0.0
 
     def add_service(self, service: Service) -> None:
         if service.name in self.services:
@@ -155,11 +156,28 @@ class Node:
 
     def publish(self, body: Body) -> Event:
         """Sign `body` with the node key, store it (committed), and queue it for gossip."""
+        return self.publish_many([body])[0]
+
+    def publish_many(self, bodies: list[Body]) -> list[Event]:
+        """Sign bodies as the next events of the node's chain and store them in one
+        transaction (committed before this returns); then queue them for gossip."""
         if self.stopping:
             raise OperationError("the node is stopping; not taking new events")
-        ev = self.ledger.publish(self.identity, body, int(time.time() * 1000))
-        self.replicator.publish_event(ev)
-        return ev
+        head = self.ledger.head(self.identity.public)
+        seq, prev, ts = (head.seq, head.id, head.ts_ms) if head else (0, None, 0)
+        ts = max(ts, int(time.time() * 1000))  # never backwards along the chain
+        events = []
+        for body in bodies:
+            seq += 1
+            ev = sign_event(self.identity.seed, seq, prev, ts, body, self.ledger.network)
+            events.append(ev)
+            prev = ev.id
+        for res in self.ledger.append_many([e.wire for e in events]):
+            if res.status is not Status.ACCEPTED:
+                raise UsageError(f"own event not accepted: {res.status} {res.reason} {res.detail}")
+        for ev in events:
+            self.replicator.publish_event(ev)
+        return events
 
     def status(self) -> dict[str, Any]:
         led = self.ledger
@@ -188,6 +206,7 @@ class Node:
             "pending": led.pending_count,
             "gaps": len(gaps),
             "outbox": rep.outbox_len,
+            "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
             "sync": {
                 "rounds": rep.stats.sync_rounds,
                 "in_sync_rounds": rep.stats.sync_in_sync,
@@ -228,10 +247,7 @@ async def _op_publish(node: Node, req: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(it, list) or len(it) != 2:
             raise InvalidMessage("each event is [kind, body]", "malformed")
         bodies.append(_body(it[0], it[1]))
-    ids = []
-    for b in bodies:
-        ids.append(node.publish(b).id)
-    return {"ids": ids}
+    return {"ids": [ev.id for ev in node.publish_many(bodies)]}
 
 
 async def _op_connect(node: Node, req: dict[str, Any]) -> dict[str, Any]:
@@ -423,6 +439,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+async def _lag_monitor(node: Node) -> None:
+    """Measure event-loop stalls (a stalled loop stops reading peers' streams)."""
+    worst = 0.0
+    while True:
+        t0 = time.perf_counter()
+        await trio.sleep(0.05)
+        lag = time.perf_counter() - t0 - 0.05
+        node.loop_lag_max_s = max(node.loop_lag_max_s, lag)
+        if lag > 0.25 and lag > worst / 2:
+            worst = max(worst, lag)
+            log.warning("event loop stalled", extra={"lag_s": round(lag, 3)})
+
+
 async def _status_loop(node: Node) -> None:
     while True:
         try:
@@ -465,6 +494,7 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
                     nursery.start_soon(_mdns, node)
                 _load_services(node)
                 nursery.start_soon(_status_loop, node)
+                nursery.start_soon(_lag_monitor, node)
                 log.info("node started", extra={
                     "peer_id": str(host.peer_id), "addrs": host.addrs,
                     "network": cfg.node.network, "data_dir": str(data_dir),

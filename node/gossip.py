@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import random
 import sqlite3
@@ -45,6 +46,7 @@ log = logging.getLogger("bidmesh.gossip")
 BATCH_VERSION = 1
 BATCH_MAX_EVENTS = 512
 BATCH_MAX_BYTES = 1000 * 1024
+REGOSSIP_MIN_AGE_MS = 2000
 
 
 def topic_name(network: str) -> str:
@@ -94,6 +96,9 @@ class Stats:
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     regossiped: int = 0
     gossip_errors: int = 0
+    outbox_max: int = 0  # most events ever waiting to be gossiped
+    publish_wait_s: float = 0.0  # total time spent in backpressured publishes
+    validate_s: float = 0.0  # total time spent storing received batches
     sync_rounds: int = 0
     sync_in_sync: int = 0
     sync_failed: int = 0
@@ -159,6 +164,7 @@ class Replicator:
     def gossip(self, wires: list[bytes]) -> None:
         """Queue stored events for gossip (batched and paced by the sender task)."""
         self._outbox.extend(wires)
+        self.stats.outbox_max = max(self.stats.outbox_max, len(self._outbox))
         self._outbox_event.set()
 
     def publish_event(self, ev: Event) -> None:
@@ -232,8 +238,16 @@ class Replicator:
                     size += len(w) + 8
                 data = encode_batch(batch)
                 self._sending = True
+                t0 = time.perf_counter()
                 try:
                     await self.topic.publish(data, timeout=10.0)
+                    waited = time.perf_counter() - t0
+                    self.stats.publish_wait_s += waited
+                    if waited > 0.5:
+                        log.warning("gossip publish waited for peers' queues", extra={
+                            "waited_s": round(waited, 2), "outbox": len(self._outbox),
+                            "queues": {str(p)[-8:]: len(q) for p, q in
+                                       self.pubsub.pubsub.peer_queues.items()}})
                     self.stats.batches_sent += 1
                     self.stats.bytes_sent += len(data)
                 except BidmeshError as e:
@@ -249,6 +263,13 @@ class Replicator:
         """Topic validator: store the batch; never raises, never rejects transiently."""
         if forwarder == self.host.peer_id:
             return True  # our own publish: the events are already stored
+        t0 = time.perf_counter()
+        try:
+            return self._store_batch(forwarder, data)
+        finally:
+            self.stats.validate_s += time.perf_counter() - t0
+
+    def _store_batch(self, forwarder: p2p.PeerId, data: bytes) -> bool:
         self.stats.batches_received += 1
         self.stats.bytes_received += len(data)
         try:
@@ -256,8 +277,13 @@ class Replicator:
         except InvalidMessage as e:
             self._fault(forwarder, f"batch_{e.reason}")
             return False
+        # Events we already hold (re-gossip, sync overlap) skip the signature check.
+        fresh = [w for w in wires if not self._known(w)]
+        self.stats.events["duplicate"] += len(wires) - len(fresh)
+        if not fresh:
+            return True
         try:
-            results = self.ledger.append_many(wires)
+            results = self.ledger.append_many(fresh)
         except sqlite3.Error as e:
             # Our disk, not the peer: accept (others may store it), fetch it by sync later.
             log.error("storing a gossip batch failed", extra={"error": str(e)})
@@ -287,6 +313,17 @@ class Replicator:
             self._gap_peer = forwarder
             self._gap_event.set()
         return bad == 0
+
+    def _known(self, wire: bytes) -> bool:
+        """Cheap duplicate test: id = sha256(signed) of a well-formed record we store."""
+        try:
+            outer = codec.unpack(wire, MAX_WIRE)
+        except InvalidMessage:
+            return False
+        if type(outer) is not list or len(outer) != 2 or type(outer[0]) is not bytes:
+            return False
+        event_id = hashlib.sha256(outer[0]).digest()
+        return self.ledger.get_wire(event_id) == wire
 
     def _notify(self, events: list[Event]) -> None:
         for fn in self.listeners:
@@ -374,7 +411,9 @@ class Replicator:
         if window_ms <= 0:
             return
         now_ms = time.time() * 1000
-        fresh = [ev.wire for ev in events if now_ms - ev.ts_ms <= window_ms]
+        # Younger than REGOSSIP_MIN_AGE_MS: probably still in flight by gossip to others.
+        fresh = [ev.wire for ev in events
+                 if REGOSSIP_MIN_AGE_MS <= now_ms - ev.ts_ms <= window_ms]
         if fresh:
             self.stats.regossiped += len(fresh)
             self.gossip(fresh)

@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""Replication convergence: N real node processes on loopback under a steady load.
+
+    .venv/bin/python bench/convergence.py [--quick] [--nodes N] [--rate R] [--seconds S]
+
+Phase 1 (bidmesh): N `bidmesh run` daemons, full bootstrap mesh. Every node gets
+`publish` calls over its control socket (each call a burst of `rate/N/ticks`
+events every 1/ticks s, so the daemon gossips them as one batch), for S seconds.
+The bench polls every node's ledger read-only (SQLite, every 20 ms) to timestamp
+when each event is stored there. Latency = last node's store time - the event's
+ts_ms (set by the publishing node when it signed it; same machine clock).
+`events_per_s` = events acknowledged / publishing seconds, counted only if none is
+lost; `converge_s` = from the last acknowledgement until all state digests are
+equal; `rss_mb_max` = the largest node RSS sampled during the run.
+
+Phase 2 (raw): the same load as raw gossipsub payloads of the same size and
+batching, between N processes running only node/p2p.py's gossipsub (no ledger, no
+signatures): `raw_events_per_s` (delivered to all / seconds) and its latency.
+`vs_raw_gossip_ratio` = events_per_s / raw_events_per_s.
+
+Last line: JSON figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import psutil  # noqa: E402
+from daemon_helpers import Cluster, Proc, free_port, wait_for  # noqa: E402
+
+from node.errors import OperationError, RemoteError  # noqa: E402
+
+EVENT_NOTE = "x" * 40  # makes an event ~210 bytes on the wire
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+class Poller(threading.Thread):
+    """Timestamps when each event id appears in each node's ledger (read-only)."""
+
+    def __init__(self, procs: list[Proc]) -> None:
+        super().__init__(daemon=True)
+        self.procs = procs
+        self.seen: list[dict[bytes, float]] = [{} for _ in procs]
+        self.ts: dict[bytes, int] = {}
+        self.stop = threading.Event()
+        self.rss: dict[int, float] = {}
+
+    def run(self) -> None:
+        conns: list[sqlite3.Connection | None] = [None] * len(self.procs)
+        cursors = [0] * len(self.procs)
+        ps = {p.index: psutil.Process(p.popen.pid) for p in self.procs if p.popen}
+        last_rss = 0.0
+        while not self.stop.is_set():
+            now = time.time()
+            for i, p in enumerate(self.procs):
+                if conns[i] is None:
+                    db = p.data_dir / "ledger.db"
+                    if not db.exists():
+                        continue
+                    conns[i] = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                c = conns[i]
+                assert c is not None
+                try:
+                    rows = c.execute("SELECT n, id, ts_ms FROM events WHERE n > ? ORDER BY n",
+                                     (cursors[i],)).fetchall()
+                except sqlite3.OperationalError:
+                    continue
+                seen = self.seen[i]
+                for n, id_, ts in rows:
+                    seen[id_] = now
+                    self.ts[id_] = ts
+                    cursors[i] = n
+            if now - last_rss > 0.5:
+                last_rss = now
+                for idx, proc in ps.items():
+                    try:
+                        self.rss[idx] = max(self.rss.get(idx, 0), proc.memory_info().rss / 2**20)
+                    except psutil.NoSuchProcess:
+                        continue  # exited (or was killed); its peak so far is kept
+            time.sleep(0.02)
+
+
+def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int) -> dict[str, Any]:
+    c = Cluster(base, n, overrides={
+        "node": {"log_level": "warning", "status_interval_s": 2.0},
+    })
+    try:
+        c.start_all()
+        wait_for(lambda: all(len(c.status(p)["peers"]) >= min(n - 1, 3) for p in c.procs), 30,
+                 "peers connected")
+        time.sleep(2.0)  # let gossipsub form its mesh (heartbeat 1 s) before the clock starts
+        poller = Poller(c.procs)
+        poller.start()
+        per_call = max(1, round(rate / n / ticks))
+        acked: list[bytes] = []
+        lock = threading.Lock()
+        errors: list[str] = []
+        t_start = time.time()
+        t_end = t_start + seconds
+
+        def publisher(p: Proc) -> None:
+            k = 0
+            nxt = t_start + (p.index / n) / ticks  # spread nodes across the tick
+            while nxt < t_end:
+                delay = nxt - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                events = [["offer", {"services": [], "currency": "EUR", "addrs": [],
+                                     "note": f"{p.index}-{k}-{j}-{EVENT_NOTE}"}]
+                          for j in range(per_call)]
+                try:
+                    ids = p.call({"op": "publish", "events": events})["ids"]
+                except (OperationError, RemoteError) as e:  # a failed publish is a finding
+                    errors.append(f"node {p.index}: {e}")
+                    return
+                with lock:
+                    acked.extend(ids)
+                k += 1
+                nxt += 1 / ticks
+
+        threads = [threading.Thread(target=publisher, args=(p,)) for p in c.procs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        t_last = time.time()
+        publish_s = t_last - t_start
+        conv_deadline = t_last + 60
+
+        def converged() -> bool:
+            return len(set(c.digests())) == 1
+
+        while not converged() and time.time() < conv_deadline:
+            time.sleep(0.05)
+        converge_s = time.time() - t_last
+        # Let the poller see the final rows.
+        wait_for(lambda: all(all(i in s for i in acked) for s in poller.seen), 30,
+                 "poller to see every event") if converged() else None
+        poller.stop.set()
+        poller.join()
+        lost = sum(1 for i in acked if not all(i in s for s in poller.seen))
+        lats = []
+        for i in acked:
+            if all(i in s for s in poller.seen):
+                lats.append(max(s[i] for s in poller.seen) - poller.ts[i] / 1000)
+        stats = [c.status(p)["gossip"] for p in c.procs]
+        cpu = []
+        for p in c.procs:
+            assert p.popen is not None
+            t = psutil.Process(p.popen.pid).cpu_times()
+            cpu.append(round(t.user + t.system, 1))
+        return {
+            "events": len(acked),
+            "publish_s": publish_s,
+            "events_per_s": len(acked) / publish_s if not lost else 0.0,
+            "p50_ms": pct(lats, 50) * 1000,
+            "p99_ms": pct(lats, 99) * 1000,
+            "lost": lost,
+            "converge_s": converge_s,
+            "rss_mb_max": max(poller.rss.values(), default=0.0),
+            "errors": errors,
+            "gossip_batches_sent": sum(s["batches_sent"] for s in stats),
+            "accepted_via_sync": sum(s["events"].get("accepted_sync", 0) for s in stats),
+            "gossip_errors": sum(s["gossip_errors"] for s in stats),
+            "cpu_s": cpu,
+            "per_node": [{k: s[k] for k in ("batches_sent", "batches_received", "events",
+                                            "sync_rounds", "gap_syncs", "peers", "outbox_max",
+                                            "publish_wait_s", "validate_s")}
+                         for s in stats],
+        }
+    finally:
+        c.stop_all()
+
+
+# ------------------------------------------------------------------ raw baseline
+
+
+RAW_NODE = r"""
+import json, sys, time, trio
+sys.path.insert(0, sys.argv[1])
+from node import p2p
+idx, n, port, peers, rate_per_tick, ticks, t_start, seconds, out, size = (
+    int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]),
+    int(sys.argv[6]), int(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]), sys.argv[10],
+    int(sys.argv[11]))
+import msgpack
+async def main():
+    seen = {}
+    async with p2p.open_host(bytes([150, idx]) * 16, [f"/ip4/127.0.0.1/tcp/{port}"]) as h, \
+            p2p.make_pubsub(h) as ps:
+        topic = ps.topic("raw/bench")
+        def validate(fwd, data):
+            now = time.time()
+            for item in msgpack.unpackb(data)[1]:
+                key = item[:16]
+                if key not in seen:
+                    seen[key] = now
+            return True
+        topic.set_validator(validate)
+        sub = await topic.subscribe()
+        async with trio.open_nursery() as nursery:
+            async def drain():
+                async for _ in sub:
+                    pass
+            nursery.start_soon(drain)
+            for a in peers:
+                for _ in range(50):
+                    try:
+                        await h.connect(a)
+                        break
+                    except Exception:
+                        await trio.sleep(0.2)
+            await trio.sleep(max(0, t_start - time.time()))
+            k = 0
+            nxt = t_start + (idx / n) / ticks
+            while nxt < t_start + seconds:
+                await trio.sleep(max(0, nxt - time.time()))
+                now = time.time()
+                items = []
+                for j in range(rate_per_tick):
+                    key = (b"%04d%06d%06d" % (idx, k, j))[:16]
+                    items.append(key + int(now * 1000).to_bytes(8, "big") + bytes(size - 24))
+                    seen[key] = now
+                await topic.publish(msgpack.packb([1, items]))
+                k += 1
+                nxt += 1 / ticks
+            await trio.sleep(8)
+            nursery.cancel_scope.cancel()
+    with open(out, "w") as f:
+        json.dump({k.hex(): v for k, v in seen.items()}, f)
+trio.run(main)
+"""
+
+
+def run_raw(base: Path, n: int, rate: float, seconds: float, ticks: int,
+            size: int) -> dict[str, Any]:
+    ports = [free_port() for _ in range(n)]
+    script = base / "raw_node.py"
+    script.write_text(RAW_NODE)
+    from node.keys import Identity
+    from node.p2p import peer_id_from_pubkey
+
+    addrs = [f"/ip4/127.0.0.1/tcp/{ports[i]}/p2p/"
+             f"{peer_id_from_pubkey(Identity.from_seed(bytes([150, i]) * 16).public)}"
+             for i in range(n)]
+    per_call = max(1, round(rate / n / ticks))
+    t_start = time.time() + 6 + n * 0.3
+    procs = []
+    outs = []
+    for i in range(n):
+        out = base / f"raw{i}.json"
+        outs.append(out)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), str(ROOT), str(i), str(n), str(ports[i]),
+             json.dumps(addrs[:i]), str(per_call), str(ticks), str(t_start), str(seconds),
+             str(out), str(size)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+    rss = 0.0
+    for p in procs:
+        try:
+            p.wait(seconds + 60 + n)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    seen = [json.loads(o.read_text()) if o.exists() else {} for o in outs]
+    published = set().union(*[set(s) for s in seen]) if seen else set()
+    delivered = [k for k in published if all(k in s for s in seen)]
+    lats = [max(s[k] for s in seen) - min(s[k] for s in seen) for k in delivered]
+    return {
+        "raw_events": len(published),
+        "raw_delivered": len(delivered),
+        "raw_events_per_s": len(delivered) / seconds,
+        "raw_p50_ms": pct(lats, 50) * 1000,
+        "raw_p99_ms": pct(lats, 99) * 1000,
+        "raw_rss_mb": rss,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4 nodes, 8 s (< 60 s total)")
+    ap.add_argument("--nodes", type=int)
+    ap.add_argument("--rate", type=float, help="events/s offered network-wide (default 1200)")
+    ap.add_argument("--seconds", type=float)
+    ap.add_argument("--ticks", type=int, default=10, help="publish bursts per node per second")
+    ap.add_argument("--no-raw", action="store_true")
+    a = ap.parse_args()
+    n = a.nodes or (4 if a.quick else 10)
+    seconds = a.seconds or (8.0 if a.quick else 20.0)
+    rate = a.rate or (600.0 if a.quick else 1200.0)
+    base = Path(tempfile.mkdtemp(prefix="bm-conv-"))
+    load = os.getloadavg()[0]
+    print(f"load average before the run: {load:.2f} on {os.cpu_count()} CPUs "
+          "(other work on the machine skews every figure)", flush=True)
+    print(f"bidmesh: {n} nodes, {rate:.0f} events/s offered for {seconds:.0f} s ...", flush=True)
+    r = run_bidmesh(base / "b", n, rate, seconds, a.ticks)
+    print(f"  {r['events']} events, {r['events_per_s']:.0f}/s, p50 {r['p50_ms']:.0f} ms, "
+          f"p99 {r['p99_ms']:.0f} ms, lost {r['lost']}, converged {r['converge_s']:.2f} s "
+          f"after the last publish, max RSS {r['rss_mb_max']:.0f} MB; "
+          f"{r['gossip_batches_sent']} gossip batches, {r['accepted_via_sync']} events via sync",
+          flush=True)
+    for e in r["errors"][:5]:
+        print("  publish error:", e)
+    raw: dict[str, Any] = {"raw_events_per_s": float("nan")}
+    if not a.no_raw:
+        print("raw gossipsub baseline, same load ...", flush=True)
+        (base / "r").mkdir()
+        raw = run_raw(base / "r", n, rate, seconds, a.ticks, 210)
+        print(f"  {raw['raw_delivered']}/{raw['raw_events']} delivered to all, "
+              f"{raw['raw_events_per_s']:.0f}/s, p50 {raw['raw_p50_ms']:.0f} ms, "
+              f"p99 {raw['raw_p99_ms']:.0f} ms", flush=True)
+    ratio = (r["events_per_s"] / raw["raw_events_per_s"]
+             if raw["raw_events_per_s"] and raw["raw_events_per_s"] == raw["raw_events_per_s"]
+             else float("nan"))
+    out = {
+        "nodes": n,
+        "events": r["events"],
+        "events_per_s": round(r["events_per_s"], 1),
+        "p50_ms": round(r["p50_ms"], 1),
+        "p99_ms": round(r["p99_ms"], 1),
+        "lost": r["lost"],
+        "converge_s": round(r["converge_s"], 2),
+        "raw_events_per_s": round(raw["raw_events_per_s"], 1),
+        "vs_raw_gossip_ratio": round(ratio, 3),
+        "rss_mb_max": round(r["rss_mb_max"], 1),
+        "raw_p99_ms": round(raw.get("raw_p99_ms", float("nan")), 1),
+        "offered_events_per_s": rate,
+        "loadavg_before": round(load, 2),
+        "targets_met": bool(r["events_per_s"] >= 1000 and r["p99_ms"] <= 1000 and r["lost"] == 0
+                            and r["converge_s"] <= 5 and ratio >= 0.5 and r["rss_mb_max"] < 150),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -470,9 +470,135 @@ def cmd_import(args: argparse.Namespace, led: Ledger, out: Output) -> int:
     return EXIT_PROBLEMS if failed else EXIT_OK
 
 
+# ---------------------------------------------------------------- operator tools
+# `ledger peers | sync | forks | watch` (peers/sync read the daemon's status.json).
+
+
+def _status(args: argparse.Namespace) -> dict[str, Any]:
+    from .daemon import read_status
+
+    return read_status(args.data_dir or paths.default_data_dir())
+
+
+@ledger_command("peers", "the running node's peers (from its status file)")
+def cmd_peers(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    st = _status(args)
+    blocked = st.get("blocked", {})
+    rows = [{"peer": p, "state": "connected"} for p in st.get("peers", [])]
+    rows += [{"peer": p, "state": f"blocked until {fmt_time(int(t * 1000))}"}
+             for p, t in blocked.items()]
+    data = {"state": st.get("state"), "age_s": st.get("age_s"), "peer_id": st.get("peer_id"),
+            "listen_addrs": st.get("listen_addrs", []), "peers": st.get("peers", []),
+            "blocked": blocked}
+    if out.json_mode:
+        out.json(data)
+        return EXIT_OK
+    out.say(f"node {st.get('peer_id')} ({st.get('state')}, status {st.get('age_s')} s old)")
+    out.rows(rows, [("peer", "PEER"), ("state", "STATE")], empty="(no peers)")
+    return EXIT_OK
+
+
+def _sync_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--now", action="store_true",
+                   help="ask the running node to sync with every peer now (control socket)")
+
+
+@ledger_command("sync", "replication state of the running node (--now: sync at once)",
+                args=_sync_args)
+def cmd_sync(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    data: dict[str, Any] = {}
+    if args.now:
+        from .daemon import control_call
+
+        data["sync_now"] = control_call(args.data_dir or paths.default_data_dir(),
+                                        {"op": "sync"}, timeout=120)
+    st = _status(args)
+    sync = st.get("sync", {})
+    data.update({"state": st.get("state"), "digest": st.get("digest"), "events": st.get("events"),
+                 "pending": st.get("pending"), "gaps": st.get("gaps"), "outbox": st.get("outbox"),
+                 "peers": len(st.get("peers", [])), **{f"sync_{k}": v for k, v in sync.items()}})
+    if "sync_now" in data:
+        data["digest"] = data["sync_now"].get("digest", data["digest"])
+    from .output import pairs
+
+    last = sync.get("last_at")
+    items = [(k.replace("_", " "), v) for k, v in data.items() if k not in ("sync_last_at",
+                                                                            "sync_now")]
+    items.append(("last sync", fmt_time(int(last * 1000)) if last else None))
+    out.emit(data, pairs(items))
+    return EXIT_OK
+
+
+@ledger_command("forks", "fork proofs: authors who signed two events at one seq")
+def cmd_forks(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    rows: list[dict[str, Any]] = []
+    for p in led.fork_proofs():
+        a = decode_wire(p.wire_a, led.network, verify=False)
+        b = decode_wire(p.wire_b, led.network, verify=False)
+        rows.append({"author": p.author.hex(), "seq": p.seq, "event_a": a.id.hex(),
+                     "event_b": b.id.hex(), "kind_a": a.kind, "kind_b": b.kind})
+    if out.json_mode:
+        out.json(rows)
+        return EXIT_OK
+    out.rows([{**r, "author": r["author"][:16], "event_a": r["event_a"][:16],
+               "event_b": r["event_b"][:16]} for r in rows],
+             [("author", "AUTHOR"), ("seq", "FROM SEQ"), ("event_a", "EVENT A"),
+              ("kind_a", "KIND"), ("event_b", "EVENT B"), ("kind_b", "KIND")],
+             empty="(no forks)")
+    return EXIT_OK
+
+
+def _watch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=sorted(KINDS), help="only this kind")
+    p.add_argument("--interval", type=float, default=1.0, help="poll interval, seconds")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: until ^C)")
+    p.add_argument("--count", type=int, help="stop after N events")
+    p.add_argument("--from-start", action="store_true", help="show existing events first")
+
+
+@ledger_command("watch", "follow new events live (JSON lines with --json)", args=_watch_args)
+def cmd_watch(args: argparse.Namespace, led: Ledger, out: Output) -> int:
+    import json
+    import time
+
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
+    after = 0
+    if not args.from_start:
+        row = led.db.execute("SELECT MAX(n) FROM events").fetchone()
+        after = int(row[0] or 0)
+    deadline = time.monotonic() + args.seconds if args.seconds is not None else None
+    seen = 0
+    if not out.json_mode:
+        out.say(f"watching {led.path} (network {led.network}, {led.count()} events); ^C stops")
+    while deadline is None or time.monotonic() < deadline:
+        for n, ev in led.events(kind=args.kind, after=after, limit=1000):
+            after = n
+            seen += 1
+            if out.json_mode:
+                out.stream.write(json.dumps({"cursor": n, **event_to_json(ev)}) + "\n")
+            else:
+                out.stream.write(f"{fmt_time(ev.ts_ms)}  {ev.kind:<11} {short(ev.author)} "
+                                 f"#{ev.seq:<5} {short(ev.id)}  ref {short(ev.ref)}\n")
+            if args.count is not None and seen >= args.count:
+                out.stream.flush()
+                return EXIT_OK
+        out.stream.flush()
+        time.sleep(args.interval if deadline is None
+                   else max(0.0, min(args.interval, deadline - time.monotonic())))
+    return EXIT_OK
+
+
+def register_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`bidmesh client ...`: the light client (node/client.py)."""
+    from .client import register
+
+    register(sub)
+
+
 # ---------------------------------------------------------------- main
 
-GROUPS: list[Group] = [register_keygen, register_ledger]
+GROUPS: list[Group] = [register_keygen, register_ledger, register_client]
 
 
 def add_group(register: Group) -> None:

@@ -56,21 +56,45 @@ def save_key(path: Path, ident: Identity, *, overwrite: bool = False) -> None:
     os.replace(tmp, path)
 
 
+MAX_KEY_FILE = 4096  # a key file is ~90 bytes; never read more than this
+
+
 def load_key(path: Path) -> Identity:
-    """Load a key file; refuse one that group or others can read or write."""
+    """Load a key file; refuse one that group or others can read or write, and
+    anything that is not a small regular file (a FIFO would block forever)."""
     path = Path(path)
     try:
-        st = path.stat()
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer. The checks below
+        # look at the opened file itself, so what is checked is what is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise KeyFileError(f"no key file at {path}; create one with `bidmesh keygen`") from None
     except OSError as e:
         raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from e
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"key file {path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run `chmod 600 {path}`"
-        )
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {path} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFileError(
+                f"key file {path} is accessible by group/others "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); run `chmod 600 {path}`"
+            )
+        chunks = []
+        size = 0
+        while size <= MAX_KEY_FILE:
+            chunk = os.read(fd, MAX_KEY_FILE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as e:
+        raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE:
+        raise KeyFileError(f"{path} is too large to be a bidmesh key file")
     if not data.startswith(KEY_MAGIC):
         raise KeyFileError(f"{path} is not a bidmesh key file")
     try:

@@ -590,15 +590,140 @@ def cmd_watch(args: argparse.Namespace, led: Ledger, out: Output) -> int:
 
 
 def register_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`bidmesh client ...`: the light client (node/client.py)."""
-    from .client import register
+    """`bidmesh client ...`: the light client (node/client.py, imported only when run)."""
+    _client_parsers(sub)
 
-    register(sub)
+
+def _client_handler(name: str) -> Handler:
+    def run(args: argparse.Namespace, out: Output) -> int:
+        from .client import run_command
+
+        return run_command(name, args, out)
+    return run
+
+
+def _yes_no(text: str) -> bool:
+    t = text.lower()
+    if t in ("yes", "y", "true", "1"):
+        return True
+    if t in ("no", "n", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError("give yes or no")
+
+
+def _duration_ms(text: str) -> int:
+    """`90`, `90s`, `15m`, `2h`, `1d` (no unit: seconds)."""
+    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    for u in sorted(units, key=len, reverse=True):
+        if text.endswith(u) and text[: -len(u)].isdigit():
+            return int(text[: -len(u)]) * units[u]
+    if text.isdigit():
+        return int(text) * 1000
+    raise argparse.ArgumentTypeError(f"{text!r}: give a duration such as 90s, 15m, 2h")
+
+
+def _client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("client", help="light client for recipients: auctions, leases, ratings",
+                       description="Talk to one or more nodes as a recipient; every answer is "
+                                   "verified and re-derived locally (docs/client.md).")
+    p.add_argument("--dir", type=Path, required=True, help="client directory (key and state)")
+    p.add_argument("--node", action="append", required=True, metavar="MADDR",
+                   help="node multiaddr with /p2p/<peer id>; repeat to cross-check nodes")
+    p.add_argument("--network", default="main", help="network id (default main)")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
+    cs = p.add_subparsers(dest="client_cmd", metavar="COMMAND", required=True)
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c: argparse.ArgumentParser = cs.add_parser(name, help=help)
+        add_json_flag(c)
+        c.set_defaults(func=_client_handler(name))
+        return c
+
+    c = cmd("request", "post a request (open an auction)")
+    c.add_argument("service", help="service, e.g. bandwidth or zstd")
+    c.add_argument("--duration", type=_duration_ms, required=True, help="block length, e.g. 1h")
+    c.add_argument("--reserve", type=int, required=True, help="most you pay (minor units)")
+    c.add_argument("--currency", default="EUR")
+    c.add_argument("--close-in", type=_duration_ms, default=60_000,
+                   help="bids close after this long (default 60s)")
+    c.add_argument("--start", type=int, help="lease start, ms since the epoch (default: when "
+                                             "bids are final)")
+    c.add_argument("--chain", action="append", default=[], help="processing service, in order")
+    c.add_argument("--max-rate", type=int, help="max rate, bits/s")
+    c.add_argument("--min-rate", type=int, help="min rate, bits/s")
+    c.add_argument("--device", action="append", default=[], help="member device key (hex)")
+    c.add_argument("--phone", action="append", default=[], help="member phone (+49...)")
+    c.add_argument("--user", action="append", default=[], help="member user id")
+    c.add_argument("--max-devices", type=int, help="at most N delegated client devices")
+    c.add_argument("--rule", choices=["lowest", "best_value", "vickrey"], default="lowest")
+    c.add_argument("--sealed", action="store_true", help="sealed bids (commit, then reveal)")
+    c.add_argument("--reveal-window", type=_duration_ms, default=30_000,
+                   help="sealed: reveal window after close (default 30s)")
+    c.add_argument("--group", action="store_true", help="group request (members pledge)")
+    c.add_argument("--note", default="")
+
+    c = cmd("bids", "bids of an auction with providers' reputation")
+    c.add_argument("request", help="request id (hex)")
+    c.add_argument("--watch", action="store_true", help="live view until the auction ends")
+    c.add_argument("--interval", type=float, default=1.0, help="--watch poll interval, s")
+
+    c = cmd("award", "award your auction to the rule's winner")
+    c.add_argument("request", help="request id (hex)")
+
+    c = cmd("pay", "pay for a lease")
+    c.add_argument("lease", help="lease id (= award id, hex)")
+    c.add_argument("--amount", type=int, help="default: your share / what is owed")
+    c.add_argument("--method", default="ledger")
+    c.add_argument("--reference", default="")
+    c.add_argument("--on-behalf", action="append", default=[], help="member key (hex)")
+
+    c = cmd("pledge", "join a group request")
+    c.add_argument("request", help="request id (hex)")
+    c.add_argument("--amount", type=int, default=0, help="most you pay in total")
+    c.add_argument("--unwilling", action="store_true", help="join without paying")
+    c.add_argument("--sponsor", action="append", default=[], help="member key you pay for")
+
+    c = cmd("stream", "stream a file or stdin through a lease")
+    c.add_argument("lease", help="lease id (hex)")
+    c.add_argument("--in", dest="infile", default="-", help="input file (default stdin)")
+    c.add_argument("--out", dest="outfile", default="-", help="output file (default stdout)")
+    c.add_argument("--packet", type=int, default=64 * 1024, help="packet size in bytes")
+    c.add_argument("--progress", choices=["auto", "yes", "no"], default="auto")
+
+    c = cmd("rate", "rate the other party of a lease")
+    c.add_argument("lease", help="lease id (hex)")
+    c.add_argument("--satisfied", type=_yes_no, required=True, help="yes or no")
+    c.add_argument("--score", type=int, required=True, choices=range(1, 6))
+    c.add_argument("--text", default="")
+
+    cmd("leases", "leases you are a party to")
+    c = cmd("reputation", "a key's reputation (default: yours)")
+    c.add_argument("key", nargs="?", help="public key (hex)")
+    cmd("whoami", "your public key, peer id and chain head")
+
+
+
+
+# ---------------------------------------------------------------- run (node/daemon.py)
+
+
+def register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run a node daemon from a TOML config",
+                       description="Run a bidmesh node until SIGTERM/SIGINT. Every option is "
+                       "documented in config/node.example.toml.")
+    p.add_argument("--config", required=True, type=Path, help="node TOML config file")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace, out: Output) -> int:
+    from .daemon import cmd_run  # imports trio and libp2p: only for this command
+
+    return cmd_run(args)
 
 
 # ---------------------------------------------------------------- main
 
-GROUPS: list[Group] = [register_keygen, register_ledger, register_client]
+GROUPS: list[Group] = [register_keygen, register_ledger, register_client, register_run]
 
 
 def add_group(register: Group) -> None:

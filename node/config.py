@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import paths
 from .errors import ConfigError
 from .events import NETWORK_RE
 
@@ -116,11 +117,11 @@ class Config:
     # Files in the data dir.
     @property
     def key_path(self) -> Path:
-        return self.node.data_dir / "node.key"
+        return paths.key_path(self.node.data_dir)
 
     @property
     def ledger_path(self) -> Path:
-        return self.node.data_dir / "ledger.db"
+        return paths.ledger_path(self.node.data_dir)
 
     @property
     def status_path(self) -> Path:

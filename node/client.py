@@ -36,11 +36,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from . import p2p, query
+from . import query
 from .agent import build_award
 from .auction import Auction, Lease, Market, derive
 from .auction.views import lease_json
@@ -68,6 +68,9 @@ from .events import (
 )
 from .keys import Identity, load_or_create_key
 from .reputation import Score
+
+if TYPE_CHECKING:  # libp2p costs ~1 s to import: loaded when a client actually connects
+    from . import p2p
 
 log = logging.getLogger("bidmesh.client")
 
@@ -301,7 +304,7 @@ class LightClient:
     @contextlib.asynccontextmanager
     async def open(cls, client_dir: str | Path, nodes: Sequence[str], *, network: str = "main",
                    timeout: float = 10.0, key_file: str | Path | None = None,
-                   listen: Sequence[str] = p2p.DEFAULT_LISTEN) -> AsyncIterator[LightClient]:
+                   listen: Sequence[str] | None = None) -> AsyncIterator[LightClient]:
         """Load (or create) the key and state in `client_dir`, connect to `nodes`."""
         if not nodes:
             raise UsageError("give at least one node multiaddr (--node /ip4/…/tcp/…/p2p/…)")
@@ -311,8 +314,10 @@ class LightClient:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         ident = load_or_create_key(Path(key_file) if key_file else d / KEY_FILE)
         state = ClientState(d / STATE_FILE, network)
+        from . import p2p
+
         try:
-            async with p2p.open_host(ident.seed, listen,
+            async with p2p.open_host(ident.seed, listen or p2p.DEFAULT_LISTEN,
                                      max_connections=max(8, 2 * len(nodes))) as host:
                 c = cls(ident, network, state, host, nodes, timeout=timeout)
                 await c.connect()
@@ -352,7 +357,9 @@ class LightClient:
     async def _call(self, n: _Node, req: query.QueryRequest) -> query.QueryResponse:
         if n.peer is None or not self.host.is_connected(n.peer):
             n.peer = await self.host.connect(n.addr, timeout=self.timeout)
-        data = await p2p.request(self.host, n.peer, self._protocol, req.encode(),
+        from .p2p import request
+
+        data = await request(self.host, n.peer, self._protocol, req.encode(),
                                  query.MAX_RESPONSE, self.timeout)
         return query.decode_response(data)
 
@@ -845,7 +852,9 @@ class LightClient:
         from .dataplane.client import stream_through_lease
 
         _, lease = await self.lease(lease_id)
-        peer = p2p.peer_id_from_pubkey(lease.provider)
+        from .p2p import peer_id_from_pubkey
+
+        peer = peer_id_from_pubkey(lease.provider)
         if not self.host.is_connected(peer):
             addrs = await self.provider_addrs(lease.provider)
             for a in [*addrs, *(n.addr for n in self.nodes)]:
@@ -895,105 +904,12 @@ def _hex_arg(text: str, what: str = "id") -> bytes:
     return b
 
 
-def _bool_arg(text: str) -> bool:
-    t = text.lower()
-    if t in ("yes", "y", "true", "1"):
-        return True
-    if t in ("no", "n", "false", "0"):
-        return False
-    raise argparse.ArgumentTypeError("give yes or no")
-
-
-def _duration_ms(text: str) -> int:
-    """`90`, `90s`, `15m`, `2h`, `1d` (no unit: seconds)."""
-    units = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-    for u in sorted(units, key=len, reverse=True):
-        if text.endswith(u) and text[: -len(u)].isdigit():
-            return int(text[: -len(u)]) * units[u]
-    if text.isdigit():
-        return int(text) * 1000
-    raise argparse.ArgumentTypeError(f"{text!r}: give a duration such as 90s, 15m, 2h")
-
-
-def register(sub: Any) -> None:
-    """`bidmesh client ...` (a node/cli.py group)."""
-    p = sub.add_parser("client", help="light client for recipients: auctions, leases, ratings",
-                       description="Talk to one or more nodes as a recipient; every answer is "
-                                   "verified and re-derived locally (docs/client.md).")
-    p.add_argument("--dir", type=Path, required=True, help="client directory (key and state)")
-    p.add_argument("--node", action="append", required=True, metavar="MADDR",
-                   help="node multiaddr with /p2p/<peer id>; repeat to cross-check nodes")
-    p.add_argument("--network", default="main", help="network id (default main)")
-    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
-    cs = p.add_subparsers(dest="client_cmd", metavar="COMMAND", required=True)
-
-    def cmd(name: str, fn: Callable[..., Any], help: str) -> argparse.ArgumentParser:
-        c: argparse.ArgumentParser = cs.add_parser(name, help=help)
-        c.add_argument("--json", action="store_true", help="print JSON to stdout")
-        c.set_defaults(func=_runner(fn))
-        return c
-
-    c = cmd("request", _cmd_request, "post a request (open an auction)")
-    c.add_argument("service", help="service, e.g. bandwidth or zstd")
-    c.add_argument("--duration", type=_duration_ms, required=True, help="block length, e.g. 1h")
-    c.add_argument("--reserve", type=int, required=True, help="most you pay (minor units)")
-    c.add_argument("--currency", default="EUR")
-    c.add_argument("--close-in", type=_duration_ms, default=60_000,
-                   help="bids close after this long (default 60s)")
-    c.add_argument("--start", type=int, help="lease start, ms since the epoch (default: when "
-                                             "bids are final)")
-    c.add_argument("--chain", action="append", default=[], help="processing service, in order")
-    c.add_argument("--max-rate", type=int, help="max rate, bits/s")
-    c.add_argument("--min-rate", type=int, help="min rate, bits/s")
-    c.add_argument("--device", action="append", default=[], help="member device key (hex)")
-    c.add_argument("--phone", action="append", default=[], help="member phone (+49...)")
-    c.add_argument("--user", action="append", default=[], help="member user id")
-    c.add_argument("--max-devices", type=int, help="at most N delegated client devices")
-    c.add_argument("--rule", choices=["lowest", "best_value", "vickrey"], default="lowest")
-    c.add_argument("--sealed", action="store_true", help="sealed bids (commit, then reveal)")
-    c.add_argument("--reveal-window", type=_duration_ms, default=30_000,
-                   help="sealed: reveal window after close (default 30s)")
-    c.add_argument("--group", action="store_true", help="group request (members pledge)")
-    c.add_argument("--note", default="")
-
-    c = cmd("bids", _cmd_bids, "bids of an auction with providers' reputation")
-    c.add_argument("request", help="request id (hex)")
-    c.add_argument("--watch", action="store_true", help="live view until the auction ends")
-    c.add_argument("--interval", type=float, default=1.0, help="--watch poll interval, s")
-
-    c = cmd("award", _cmd_award, "award your auction to the rule's winner")
-    c.add_argument("request", help="request id (hex)")
-
-    c = cmd("pay", _cmd_pay, "pay for a lease")
-    c.add_argument("lease", help="lease id (= award id, hex)")
-    c.add_argument("--amount", type=int, help="default: your share / what is owed")
-    c.add_argument("--method", default="ledger")
-    c.add_argument("--reference", default="")
-    c.add_argument("--on-behalf", action="append", default=[], help="member key (hex)")
-
-    c = cmd("pledge", _cmd_pledge, "join a group request")
-    c.add_argument("request", help="request id (hex)")
-    c.add_argument("--amount", type=int, default=0, help="most you pay in total")
-    c.add_argument("--unwilling", action="store_true", help="join without paying")
-    c.add_argument("--sponsor", action="append", default=[], help="member key you pay for")
-
-    c = cmd("stream", _cmd_stream, "stream a file or stdin through a lease")
-    c.add_argument("lease", help="lease id (hex)")
-    c.add_argument("--in", dest="infile", default="-", help="input file (default stdin)")
-    c.add_argument("--out", dest="outfile", default="-", help="output file (default stdout)")
-    c.add_argument("--packet", type=int, default=64 * 1024, help="packet size in bytes")
-    c.add_argument("--progress", choices=["auto", "yes", "no"], default="auto")
-
-    c = cmd("rate", _cmd_rate, "rate the other party of a lease")
-    c.add_argument("lease", help="lease id (hex)")
-    c.add_argument("--satisfied", type=_bool_arg, required=True, help="yes or no")
-    c.add_argument("--score", type=int, required=True, choices=range(1, 6))
-    c.add_argument("--text", default="")
-
-    cmd("leases", _cmd_leases, "leases you are a party to")
-    c = cmd("reputation", _cmd_reputation, "a key's reputation (default: yours)")
-    c.add_argument("key", nargs="?", help="public key (hex)")
-    cmd("whoami", _cmd_whoami, "your public key, peer id and chain head")
+def run_command(name: str, args: argparse.Namespace, out: Any) -> int:
+    """Run `bidmesh client NAME` (parsed by node/cli.py's `register_client`)."""
+    fn = COMMANDS.get(name)
+    if fn is None:
+        raise UsageError(f"unknown client command {name!r}")
+    return _runner(fn)(args, out)
 
 
 def _runner(fn: Callable[..., Any]) -> Callable[[argparse.Namespace, Any], int]:
@@ -1141,7 +1057,9 @@ async def _cmd_reputation(c: LightClient, a: argparse.Namespace, out: Any) -> in
 
 async def _cmd_whoami(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     h = await c.sync_head()
-    out.emit({"public_key": c.key.hex(), "peer_id": str(p2p.peer_id_from_pubkey(c.key)),
+    from .p2p import peer_id_from_pubkey
+
+    out.emit({"public_key": c.key.hex(), "peer_id": str(peer_id_from_pubkey(c.key)),
               "network": c.network, "head": {"seq": h.seq, "id": h.id.hex() if h.id else None,
                                              "ts_ms": h.ts_ms}})
     return 0
@@ -1245,3 +1163,10 @@ async def _cmd_stream(c: LightClient, a: argparse.Namespace, out: Any) -> int:
         sys.stderr.write(f"done: {t.segments} segments, {_size(t.bytes_in)} in, "
                          f"{_size(t.bytes_out)} out\n")
     return 0
+
+
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "request": _cmd_request, "bids": _cmd_bids, "award": _cmd_award, "pay": _cmd_pay,
+    "pledge": _cmd_pledge, "stream": _cmd_stream, "rate": _cmd_rate, "leases": _cmd_leases,
+    "reputation": _cmd_reputation, "whoami": _cmd_whoami,
+}

@@ -30,16 +30,19 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
-from . import codec, p2p
+from . import codec
 from .auction import Market
 from .errors import InvalidMessage, RateLimited
 from .events import KINDS, MAX_WIRE, NETWORK_RE, Event
 from .ledger import AppendResult, Ledger, Status
 from .marketview import MarketView
+
+if TYPE_CHECKING:  # p2p pulls in libp2p (~1 s): only the node side needs it
+    from . import p2p
 
 log = logging.getLogger("bidmesh.query")
 
@@ -750,7 +753,9 @@ class QueryService:
         return self.stats.as_dict()
 
     def register(self, host: p2p.P2PHost) -> None:
-        p2p.serve_requests(host, self.protocol, self.handle, MAX_REQUEST, timeout=self.timeout)
+        from .p2p import serve_requests
+
+        serve_requests(host, self.protocol, self.handle, MAX_REQUEST, timeout=self.timeout)
 
     # -- requests
 

@@ -172,3 +172,60 @@ async def test_unreachable_nodes_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(OperationError):
         async with LightClient.open(tmp_path / "a", [dead], network=NET, timeout=2):
             pass
+
+
+async def test_member_device_streams_and_rates_with_its_own_key(tmp_path: Path) -> None:
+    """Request with a member device; the provider node also runs the dataplane. The
+    device (not the recipient) streams through the lease and rates the provider."""
+    from node.dataplane import DataplaneConfig, DataplaneService, split_results
+    from node.processors import ProcessContext, load_processors, run_chain
+    from node.processors.pool import WorkerPool
+    from node.segments import decode_packets, encode_lp
+
+    provider = ident(7)
+    led = Ledger(tmp_path / "provider.db", network=NET)
+    try:
+        async with WorkerPool(load_processors(), 1) as pool, \
+                open_host(provider.seed) as host, trio.open_nursery() as nursery:
+            svc = query.QueryService(led, None, led.append, NET)
+            svc.register(host)
+            dp = DataplaneService(host, provider, NET, lambda i: svc.live.market().leases.get(i),
+                                  svc.live.market, pool, lambda b: led.publish(provider, b,
+                                                                               now_ms()),
+                                  config=DataplaneConfig(services=frozenset({"zstd"})))
+            nursery.start_soon(dp.run)
+            addr = host.addrs[0]
+            async with LightClient.open(tmp_path / "phone", [addr], network=NET) as phone:
+                device = phone.key
+            async with LightClient.open(tmp_path / "alice", [addr], network=NET) as alice:
+                req = await alice.request("zstd", chain=["zstd"], duration_ms=60_000,
+                                          reserve=100, close_in_ms=500, devices=[device])
+                led.publish(provider, Bid(request=req.id, price=40), now_ms())
+                await wait_past(req.body.reveal_ms)  # type: ignore[attr-defined]
+                award_ev, _ = await alice.award(req.id)
+            pkts = [bytes([i]) * (100 + i) for i in range(50)]
+            got: list[bytes] = []
+            async with LightClient.open(tmp_path / "phone", [addr], network=NET) as phone:
+                (info,) = await phone.leases()
+                assert info.role == "member" and info.lease.id == award_ev.id
+
+                async def sink(frame: bytes) -> None:
+                    got.append(frame)
+
+                with trio.fail_after(60):
+                    res = await phone.stream(award_ev.id, [encode_lp(pkts)], sink=sink)
+                assert res.trailer.ok and res.trailer.packets == 50
+                procs = load_processors()
+                back: list[bytes] = []
+                for seq, result in split_results(b"".join(got)):
+                    ctx = ProcessContext(award_ev.id, res.stream_id, seq, res.key)
+                    back += decode_packets(run_chain(procs, ("zstd-d",), result, ctx))
+                assert back == pkts
+                rating = await phone.rate(award_ev.id, satisfied=True, score=5)
+                assert rating.author == device
+            m = svc.live.market()
+            assert [r.rater for r in m.ratings[award_ev.id]] == [device]
+            assert m.reputation.score(provider.public, "provider").ratings == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        led.close()

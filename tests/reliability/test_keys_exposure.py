@@ -5,18 +5,20 @@ and bound to localhost by default."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.errors import KeyFileError
+from node.errors import KeyFileError, RemoteError
 from node.keys import KEY_MAGIC, Identity, load_key, load_or_create_key, save_key
 from node.testing import seed
 
@@ -152,3 +154,184 @@ def test_save_key_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="refusing"):
         save_key(path, Identity.from_seed(seed(701)))
     assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------ CLI output
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    from node import cli
+
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_keygen_writes_0600_and_refuses_to_overwrite(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], umask_zero: None) -> None:
+    path = tmp_path / "sub" / "node.key"
+    code, out = _cli(capsys, "keygen", "--out", str(path), "--json")
+    assert code == 0, out
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    made = load_key(path)
+    assert json.loads(out)["public_key"] == made.public.hex()
+    assert made.seed.hex() not in out.lower()
+    before = path.read_bytes()
+    for flags in ((), ("--json",)):
+        code, out = _cli(capsys, "keygen", "--out", str(path), *flags)
+        assert code == 2 and "already exists" in out
+        assert path.read_bytes() == before
+        assert made.seed.hex() not in out.lower()
+    code, out = _cli(capsys, "keygen", "--out", str(path), "--force")  # human output
+    assert code == 0 and load_key(path) != made
+    assert load_key(path).seed.hex() not in out.lower()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def _data_dir(tmp_path: Path) -> tuple[Path, list[Any]]:
+    """A node data dir whose key is IDENT and whose ledger holds IDENT's events."""
+    from market_helpers import award, payment, rating, request
+
+    from node.events import Bid
+    from node.ledger import Ledger
+
+    data = tmp_path / "state"
+    data.mkdir(mode=0o700)
+    save_key(data / "node.key", IDENT)
+    events = []
+    other = Identity.from_seed(seed(702))
+    with Ledger(data / "ledger.db", network="test") as led:
+        req = led.publish(IDENT, request(), 10)
+        bid = led.publish(other, Bid(request=req.id, price=500), 20)
+        aw = led.publish(IDENT, award(req.id, bid.id, 500, [bid.id]), 200)
+        events = [req, bid, aw, led.publish(IDENT, payment(aw.id, 500), 201),
+                  led.publish(IDENT, rating(aw.id, other.public, "provider"), 400)]
+    return data, events
+
+
+def test_no_secret_in_any_ledger_command_output(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from node import cli
+
+    data, events = _data_dir(tmp_path)
+    cli.build_parser()  # registers the ledger plugins
+    req_id, aw_id = events[0].id.hex(), events[2].id.hex()
+    export = tmp_path / "export.bin"
+    args: dict[str, list[str]] = {
+        "show": [aw_id], "auction": [req_id], "export": [str(export)],
+        "import": [str(export)], "reputation": [IDENT.public.hex()],
+        "watch": ["--from-start", "--count", "3", "--interval", "0.01"],
+    }
+    (data / "status.json").write_text(json.dumps({"state": "stopped", "peers": [],
+                                                  "peer_id": "x", "sync": {}}))
+    ran = []
+    for name in sorted(cli._LEDGER_COMMANDS):
+        for flags in ((), ("--json",)):
+            code, out = _cli(capsys, "ledger", "--data-dir", str(data), name,
+                             *args.get(name, []), *flags)
+            assert_no_secret(out, f"`bidmesh ledger {name} {' '.join(flags)}`")
+            ran.append((name, code))
+    assert {n for n, _ in ran} >= {"summary", "events", "show", "verify", "digest", "export",
+                                   "import", "forks", "auctions", "auction", "leases",
+                                   "reputation", "ignored", "watch"}
+    failed = [(n, c) for n, c in ran if c != 0]
+    assert not failed, f"commands failed (add their arguments to `args` above): {failed}"
+    assert_no_secret(export.read_bytes().hex(), "the export file")
+
+
+# ------------------------------------------------------------------ daemon logs
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("procs")
+def test_daemon_logs_status_and_control_hold_no_secret(tmp_path: Path) -> None:
+    from daemon_helpers import cluster, wait_for
+
+    with cluster(tmp_path, 1, overrides={"node": {"log_level": "debug"}}) as c:
+        p = c.procs[0]
+        secrets = (p.ident.seed.hex(), p.ident.seed.hex().upper())
+        c.start(p)
+        assert stat.S_IMODE(p.data_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE((p.data_dir / "node.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE((p.data_dir / "control.sock").stat().st_mode) == 0o600
+        c.publish(p, 3)
+        answers: list[Any] = [p.call({"op": "status"})]
+        with pytest.raises(RemoteError) as ei:
+            p.call({"op": "nonsense"})
+        answers.append(str(ei.value))
+        wait_for(lambda: (p.data_dir / "status.json").exists(), 10, "status.json")
+        c.terminate(p)
+        texts = {"stderr": c.stderr(p), "answers": json.dumps(answers, default=str),
+                 "status.json": (p.data_dir / "status.json").read_text()}
+        for f in p.data_dir.glob("*.log"):
+            texts[f.name] = f.read_text(errors="replace")
+        assert any("node started" in t for t in texts.values()), texts["stderr"][-2000:]
+        for where, text in texts.items():
+            for s in secrets:
+                assert s not in text, f"the node seed appears in {where}"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("procs")
+def test_daemon_refuses_a_readable_key(tmp_path: Path) -> None:
+    from daemon_helpers import cluster
+
+    with cluster(tmp_path, 1) as c:
+        p = c.procs[0]
+        (p.data_dir / "node.key").chmod(0o644)
+        c.start(p, wait=False)
+        assert p.popen is not None
+        assert p.popen.wait(60) != 0
+        err = c.stderr(p)
+        assert "chmod 600" in err
+        assert p.ident.seed.hex() not in err
+        assert not (p.data_dir / "control.sock").exists()
+
+
+# ------------------------------------------------------------------ HTTP API
+
+
+def test_http_defaults_are_off_and_localhost() -> None:
+    from node.http import HttpSettings
+
+    s = HttpSettings()
+    assert s.enabled is False and s.listen == "127.0.0.1"
+    assert HttpSettings.from_config(None) == s
+
+
+def test_http_api_is_read_only_and_leaks_nothing(tmp_path: Path) -> None:
+    from node.http import HttpApi
+    from node.ledger import Ledger
+    from node.query import LiveMarket
+
+    data, events = _data_dir(tmp_path)
+    led = Ledger(data / "ledger.db", network="test")
+    status = {"state": "running", "peer_id": "12D3Koo-test", "public_key": IDENT.public.hex(),
+              "peers": [], "blocked": {}, "sync": {}, "services": {}}
+    api = HttpApi(led, LiveMarket(led), lambda: status)
+    digest, count = led.digest(), led.count()
+    ids = [e.id.hex() for e in events]
+    paths = ["/", "/index.html", "/app.js", "/style.css", "/metrics", "/api/health",
+             "/api/digest", "/api/events", "/api/auctions", f"/api/auctions/{ids[0]}",
+             "/api/leases", "/api/reputation", f"/api/reputation?key={IDENT.public.hex()}",
+             "/api/peers", "/api/growth", f"/api/events?author={IDENT.public.hex()}&limit=5",
+             "/api/nothing", "/../etc/passwd", "/api/auctions/zz", "/api/events?limit=x"]
+    for method in ("POST", "PUT", "DELETE", "PATCH", "CONNECT", "get"):
+        for path in [*paths[:4], "/api/events"]:
+            assert api.handle(method, path).status == 405
+    try:
+        @FUZZ
+        @given(st.one_of(st.sampled_from(paths),
+                         st.tuples(st.sampled_from(paths), st.text(max_size=30)).map(
+                             lambda t: t[0] + ("&" if "?" in t[0] else "?") + t[1]),
+                         st.text(max_size=60).map(lambda t: "/api/" + t)))
+        def inner(target: str) -> None:
+            resp = api.handle("GET", target)
+            assert resp.status in (200, 400, 404), (target, resp.status)
+            assert_no_secret(resp.body.decode("utf-8", "replace"), f"GET {target}")
+
+        inner()
+    finally:
+        led.close()
+    with Ledger(data / "ledger.db", network="test", readonly=True) as again:
+        assert (again.digest(), again.count()) == (digest, count)

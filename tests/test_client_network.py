@@ -11,6 +11,7 @@ import textwrap
 import urllib.request
 from collections.abc import Iterator
 from contextlib import aclosing
+from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,16 @@ import pytest
 import trio
 from daemon_helpers import NETWORK, ROOT, Cluster, Proc, free_port
 
+from node import config
 from node.client import LightClient, UntrustedAnswer, now_ms
 from node.events import Bid, Rating
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
 
 SHIM = '''
-"""Test-only daemon services: the query and HTTP services, configured per node from
-DATA_DIR/test-services.json; `tamper` makes the query service alter bids it returns."""
+"""Test-only daemon services. `query`/`http` stand in for the real entry points until the
+package registers them (configured from DATA_DIR/test-services.json); `tamper_test`
+makes a node's query service alter every bid it returns."""
 import json
 
 from node import codec, query
@@ -34,59 +37,82 @@ from node.events import decode_wire
 from node.http import HttpService, HttpSettings
 
 
-class Tampering(query.QueryService):
-    def answer(self, peer, req):
-        resp = super().answer(peer, req)
-        if not isinstance(resp, query.EventsPage):
-            return resp
-        out = []
-        for r in resp.records:
-            ev = decode_wire(r, self.network, verify=False)
-            if ev.kind == "bid":
-                env = codec.unpack(ev.signed, 1 << 16)
-                env[6]["price"] = 1
-                r = codec.pack([codec.pack(env), ev.sig])
-            out.append(r)
-        return query.EventsPage(tuple(out), resp.cursor, resp.more)
-
-
 def _conf(node):
     return json.loads((node.config.node.data_dir / "test-services.json").read_text())
 
 
 def query_service(node):
-    cls = Tampering if _conf(node).get("tamper") else query.QueryService
-    return cls(node.ledger, None, query.node_submit(node), node.ledger.network)
+    return query.node_service(node)
 
 
 def http_service(node):
     return HttpService(HttpSettings(enabled=True, port=_conf(node)["http_port"],
                                     growth_interval_s=0.5))
+
+
+class Tamper:
+    name = "tamper-test"
+
+    async def run(self, node):
+        if not _conf(node).get("tamper"):
+            return
+        svc = node.services["query"]
+        honest = svc.answer
+
+        def answer(peer, req):
+            resp = honest(peer, req)
+            if not isinstance(resp, query.EventsPage):
+                return resp
+            out = []
+            for r in resp.records:
+                ev = decode_wire(r, svc.network, verify=False)
+                if ev.kind == "bid":
+                    env = codec.unpack(ev.signed, 1 << 16)
+                    env[6]["price"] = 1
+                    r = codec.pack([codec.pack(env), ev.sig])
+                out.append(r)
+            return query.EventsPage(tuple(out), resp.cursor, resp.more)
+
+        svc.answer = answer
+
+
+def tamper_test_service(node):
+    return Tamper()
 '''
+
+INSTALLED = {ep.name for ep in entry_points(group="bidmesh.services")}
+HTTP_IN_CONFIG = hasattr(config.Config(), "http")
 
 
 def make_shim(base: Path) -> Path:
-    """A directory with a dist-info registering the services under `bidmesh.services`
-    (skipping names the installed package already registers)."""
-    have = {ep.name for ep in entry_points(group="bidmesh.services")}
+    """A directory with a dist-info registering the test services under
+    `bidmesh.services` (the real ones only when the package does not already)."""
     shim = base / "shim"
     dist = shim / "bidmesh_test_services-0.dist-info"
     dist.mkdir(parents=True)
     (shim / "bidmesh_test_services.py").write_text(textwrap.dedent(SHIM))
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bidmesh-test-services\n"
                                    "Version: 0\n")
-    eps = [f"{n} = bidmesh_test_services:{n}_service" for n in ("query", "http")
-           if n not in have]
+    names = [n for n in ("query", "http") if n not in INSTALLED] + ["tamper_test"]
+    eps = [f"{n} = bidmesh_test_services:{n}_service" for n in names]
     (dist / "entry_points.txt").write_text("[bidmesh.services]\n" + "\n".join(eps) + "\n")
     return shim
 
 
 class ServiceCluster(Cluster):
     def __init__(self, base: Path, n: int, tamper: set[int]) -> None:
+        ports = [free_port() for _ in range(n)]
         super().__init__(base, n)
+        if "http" in INSTALLED:
+            if not HTTP_IN_CONFIG:
+                pytest.fail("an installed `http` service needs an [http] config section")
+            for p, port in zip(self.procs, ports, strict=True):
+                cfg: Any = config.load(p.cfg_path)
+                cfg = replace(cfg, http=replace(cfg.http, enabled=True, port=port))
+                p.cfg_path.write_text(config.to_toml(cfg))
         self.shim = make_shim(base)
-        for p in self.procs:
-            p.extra["http_port"] = free_port()
+        for p, port in zip(self.procs, ports, strict=True):
+            p.extra["http_port"] = port
             (p.data_dir / "test-services.json").write_text(json.dumps(
                 {"http_port": p.extra["http_port"], "tamper": p.index in tamper}))
 

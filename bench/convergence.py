@@ -208,7 +208,9 @@ import msgpack
 async def main():
     seen = {}
     async with p2p.open_host(bytes([150, idx]) * 16, [f"/ip4/127.0.0.1/tcp/{port}"]) as h, \
-            p2p.make_pubsub(h) as ps:
+            p2p.make_pubsub(h, degree=4, degree_low=3, degree_high=8) as ps:
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+        ps.router.protocols = [PROTOCOL_ID_V11]  # as node/daemon.py does
         topic = ps.topic("raw/bench")
         def validate(fwd, data):
             now = time.time()
@@ -274,11 +276,12 @@ def run_raw(base: Path, n: int, rate: float, seconds: float, ticks: int,
         procs.append(subprocess.Popen(
             [sys.executable, str(script), str(ROOT), str(i), str(n), str(ports[i]),
              json.dumps(addrs[:i]), str(per_call), str(ticks), str(t_start), str(seconds),
-             str(out), str(size)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+             str(out), str(size)], stderr=open(base / f"raw{i}.err", "wb"),  # noqa: SIM115
+            stdout=subprocess.DEVNULL))
     rss = 0.0
     for p in procs:
         try:
-            p.wait(seconds + 60 + n)
+            p.wait(seconds + 120 + n)
         except subprocess.TimeoutExpired:
             p.kill()
     seen = [json.loads(o.read_text()) if o.exists() else {} for o in outs]

@@ -480,7 +480,11 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
     try:
         async with p2p.open_host(identity.seed, cfg.p2p.listen,
                                  max_connections=cfg.p2p.max_connections) as host, \
-                p2p.make_pubsub(host, queue_high_water=cfg.gossip.queue_high_water) as ps:
+                p2p.make_pubsub(host, queue_high_water=cfg.gossip.queue_high_water,
+                                degree=cfg.gossip.mesh_degree,
+                                degree_low=max(1, cfg.gossip.mesh_degree - 1),
+                                degree_high=2 * cfg.gossip.mesh_degree) as ps:
+            _gossipsub_v11_only(ps)
             replicator = Replicator(host, ps, ledger, cfg)
             discovery = Discovery(host, cfg)
             async with trio.open_nursery() as nursery:
@@ -520,6 +524,22 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
     finally:
         ledger.close()
     log.info("node stopped", extra={"events": _count(cfg)})
+
+
+def _gossipsub_v11_only(ps: p2p.PubSub) -> None:
+    """Dial pubsub streams with gossipsub v1.1 only.
+
+    Upstream (0.8.1) `GossipSub.publish` sends an IDONTWANT control RPC to every
+    v1.2 mesh peer for *every* message it publishes or forwards
+    (pubsub/gossipsub.py `_emit_idontwant_for_message`), each carrying a signed
+    peer record the receiver verifies (`maybe_consume_signed_record`). With small
+    batched messages that doubles the RPCs in the per-peer queues and costs a
+    signature check per RPC, for no saving. Peers negotiating v1.1 get none.
+    Inbound v1.2 streams from other implementations are still accepted.
+    """
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+
+    ps.router.protocols = [PROTOCOL_ID_V11]
 
 
 def _count(cfg: config.Config) -> int | str:

@@ -408,8 +408,8 @@ class Replicator:
     def _regossip(self, events: list[Event]) -> None:
         """Push recent events we had to pull: peers that missed them get them fast."""
         window_ms = self.cfg.gossip.regossip_window_s * 1000
-        if window_ms <= 0:
-            return
+        if window_ms <= 0 or len(self._outbox) > self.cfg.gossip.batch_events:
+            return  # off, or gossip is already behind: pushing more would only add load
         now_ms = time.time() * 1000
         # Younger than REGOSSIP_MIN_AGE_MS: probably still in flight by gossip to others.
         fresh = [ev.wire for ev in events

@@ -5,6 +5,7 @@ that disagree reported, its own chain re-synced from the nodes."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import zstandard
 
 from node import codec, query
 from node.client import ClientState, LightClient, UntrustedAnswer, now_ms
@@ -223,6 +225,21 @@ async def test_member_device_streams_and_rates_with_its_own_key(tmp_path: Path) 
                 assert back == pkts
                 rating = await phone.rate(award_ev.id, satisfied=True, score=5)
                 assert rating.author == device
+            # The same through `bidmesh client stream`: a file in, results out in order.
+            data = bytes(range(256)) * 1000
+            (tmp_path / "in.bin").write_bytes(data)
+            with trio.fail_after(60):
+                proc = await trio.run_process(
+                    [sys.executable, "-m", "node.cli", "client", "--dir", str(tmp_path / "phone"),
+                     "--node", addr, "--network", NET, "stream", award_ev.id.hex(),
+                     "--in", str(tmp_path / "in.bin"), "--out", str(tmp_path / "out.bin"),
+                     "--packet", "10000", "--progress", "yes"],
+                    capture_stdout=True, capture_stderr=True, check=False)
+            assert proc.returncode == 0, proc.stderr.decode()
+            assert b"lease ends in" in proc.stderr  # the progress bar shows the lease
+            out = zstandard.ZstdDecompressor().decompressobj().decompress(
+                (tmp_path / "out.bin").read_bytes())
+            assert b"".join(decode_packets(out)) == data
             m = svc.live.market()
             assert [r.rater for r in m.ratings[award_ev.id]] == [device]
             assert m.reputation.score(provider.public, "provider").ratings == 1

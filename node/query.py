@@ -193,7 +193,8 @@ class FindEvents(Message):
     page: Page = field(default_factory=Page)
 
     def __post_init__(self) -> None:
-        if self.kind is not None and self.kind not in KIND_NAMES:
+        if self.kind is not None and (type(self.kind) is not str
+                                      or self.kind not in KIND_NAMES):
             raise InvalidMessage(f"query message: unknown event kind {str(self.kind)[:32]!r}",
                                  "unknown_kind")
         _opt_bytes(self.author, 32, "author")
@@ -381,7 +382,7 @@ class SubmitResult:
     detail: str
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
+        if type(self.status) is not str or self.status not in STATUSES:
             raise _bad(f"unknown submit status {str(self.status)[:32]!r}")
         _opt_bytes(self.event_id, 32, "event_id")
         if self.reason is not None:

@@ -239,3 +239,14 @@ def test_live_market_sees_every_path(tmp_path: Path) -> None:
     assert not svc.live.market().auctions
     req = w.pub("alice", request(), 10)
     assert req.id in svc.live.market().auctions
+
+
+@pytest.mark.parametrize("status", [[], {}, 3, None])
+def test_submit_result_with_a_non_string_status_is_invalid(status: object) -> None:
+    """A hostile node must not crash the client's submit path with a TypeError."""
+    with pytest.raises(InvalidMessage):
+        query.decode_response(codec.pack([query.Submitted.TAG, [[status, None, None, ""]]]))
+    if status is not None:  # a nil kind means "any kind"
+        with pytest.raises(InvalidMessage):
+            query.decode_request(codec.pack([query.FindEvents.TAG, status, None, None,
+                                             [0, 1, 2048]]))

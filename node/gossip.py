@@ -343,6 +343,7 @@ class Replicator:
         self.stats.faults[reason] += 1
         while pf.times and pf.times[0] < now - g.fault_window_s:
             pf.times.popleft()
+        self._prune_accounts(now)
         if len(pf.times) >= g.fault_threshold and not self.host.is_blocked(peer):
             self.host.block(peer, g.block_s)
             self.stats.cut_off += 1
@@ -351,6 +352,17 @@ class Replicator:
                 "peer": str(peer), "faults": len(pf.times), "reasons": dict(pf.reasons),
                 "blocked_s": g.block_s})
             del self._faults[peer]
+
+    def _prune_accounts(self, now: float) -> None:
+        """Keep accounting state bounded on a long-running node."""
+        if len(self._faults) > 1024:
+            cutoff = now - self.cfg.gossip.fault_window_s
+            for peer in [p for p, pf in self._faults.items() if not pf.times or
+                         pf.times[-1] < cutoff]:
+                del self._faults[peer]
+        wall = time.time()
+        for name in [p for p, until in self.stats.cut_off_peers.items() if until < wall]:
+            del self.stats.cut_off_peers[name]
 
     # ---------------------------------------------------------- pull
 

@@ -530,3 +530,66 @@ def test_random_hostile_programs_never_raise(events: list[Event], data: st.DataO
         for event_id in data.draw(st.lists(st.sampled_from(dropped), max_size=2, unique=True)):
             assert fingerprint(without(ordered, by_id[event_id])) == fingerprint(m), \
                 [i.reason for i in m.ignored if i.event_id == event_id]
+
+
+# ------------------------------------------------------------------ equivocation and replay
+
+
+def test_equivocating_bidder_is_excluded_everywhere(tmp_path: Path) -> None:
+    """P1 signs two different events at one seq (a cheap bid to some, an expensive
+    one to others). Any node holding both has a fork proof; the author's events from
+    that seq on count for nothing, and a node that saw only one branch converges to
+    the same digest and the same market after one sync."""
+    from node import sync
+    from node.ledger import Ledger, Status
+
+    w = World(tmp_path)
+    req = w.pub("R", request(), 10)
+    cheap = w.bid("P1", req, 100, 20)
+    w.bid("P2", req, 600, 30)
+    twin = sign_event(ident("P1").seed, cheap.seq, cheap.prev, cheap.ts_ms,
+                      Bid(request=req.id, price=900), "test")
+    assert w.ledger.append(twin.wire).status is Status.FORK
+    assert w.ledger.forked() == {key("P1"): cheap.seq}
+    m = w.market()
+    a = m.auctions[req.id]
+    assert [b.provider for b in a.valid_bids()] == [key("P2")]
+    # A later honest-looking award to the equivocator is not a lease.
+    aw = w.pub("R", award(req.id, cheap.id, 100, [cheap.id]), 200)
+    assert reasons(w.market(), aw) == ["invalid_award:winner_not_valid_bid"]
+    # Another node saw only the other branch; one sync spreads the proof.
+    other = Ledger(tmp_path / "other.db", network="test")
+    try:
+        other.append_many([e.wire for e in w.events if e.id != cheap.id] + [twin.wire])
+        session = sync.SyncSession(other)
+        while (r := session.next_request()) is not None:
+            session.on_response(sync.decode_response(sync.handle(w.ledger, r.encode())))
+        assert other.forked() == w.ledger.forked()
+        assert other.digest() == w.ledger.digest()
+        assert fingerprint(derive(other.iter_canonical())) == fingerprint(w.market())
+        # The relayer of the other branch is not penalised; the author is.
+        res = other.append(cheap.wire)
+        assert res.status in (Status.DUPLICATE, Status.REJECTED, Status.FORK)
+        assert not sync.counts_against_peer(res)
+    finally:
+        other.close()
+
+
+def test_replayed_records_change_nothing(tmp_path: Path) -> None:
+    """Every stored record and fork proof sent again (in order, reversed, batched):
+    duplicates, no state change, nothing counted against the sender."""
+    from node import sync
+    from node.ledger import Status
+
+    w = World(tmp_path)
+    Base(w)
+    wires = [e.wire for e in w.events]
+    before = (w.ledger.digest(), w.ledger.count(), w.ledger.heads())
+    fp = fingerprint(w.market())
+    for batch in ([*wires], wires[::-1], [*wires, *wires]):
+        for res in w.ledger.append_many(batch):
+            assert res.status is Status.DUPLICATE and not sync.counts_against_peer(res)
+    for wire in wires:
+        assert w.ledger.append(wire).status is Status.DUPLICATE
+    assert (w.ledger.digest(), w.ledger.count(), w.ledger.heads()) == before
+    assert fingerprint(w.market()) == fp

@@ -197,7 +197,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int) -> 
 
 
 RAW_NODE = r"""
-import json, sys, time, trio
+import json, os, sys, time, trio
 sys.path.insert(0, sys.argv[1])
 from node import p2p
 idx, n, port, peers, rate_per_tick, ticks, t_start, seconds, out, size = (
@@ -225,7 +225,14 @@ async def main():
             async def drain():
                 async for _ in sub:
                     pass
+            async def dump():  # periodically: upstream teardown may crash the process
+                while True:
+                    await trio.sleep(1.0)
+                    with open(out + ".tmp", "w") as f:
+                        json.dump({k.hex(): v for k, v in seen.items()}, f)
+                    os.replace(out + ".tmp", out)
             nursery.start_soon(drain)
+            nursery.start_soon(dump)
             for a in peers:
                 for _ in range(50):
                     try:
@@ -248,9 +255,10 @@ async def main():
                 k += 1
                 nxt += 1 / ticks
             await trio.sleep(8)
-            nursery.cancel_scope.cancel()
-    with open(out, "w") as f:
-        json.dump({k.hex(): v for k, v in seen.items()}, f)
+            # Write before teardown: upstream shutdown with peers leaving can raise.
+            with open(out, "w") as f:
+                json.dump({k.hex(): v for k, v in seen.items()}, f)
+            os._exit(0)
 trio.run(main)
 """
 

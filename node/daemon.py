@@ -51,6 +51,7 @@ from typing import Any, Protocol
 import trio
 
 from . import codec, config, p2p
+from .auction import Market
 from .errors import (
     BidmeshError,
     InvalidEvent,
@@ -62,7 +63,8 @@ from .errors import (
 from .events import KINDS, Body, Event, sign_event
 from .gossip import Discovery, Replicator
 from .keys import Identity, load_or_create_key
-from .ledger import Ledger, Status
+from .ledger import AppendResult, Ledger, Status
+from .marketview import LiveMarket
 
 log = logging.getLogger("bidmesh.daemon")
 
@@ -143,6 +145,25 @@ class Node:
         self.started_at = time.time()
         self.stopping = False
         self.loop_lag_max_s = 0.0
+        # One derived market for every service (provider agent, query, HTTP, dataplane).
+        self.live = LiveMarket(ledger)
+
+    def market(self) -> Market:
+        """The market derived from everything stored so far."""
+        return self.live.market()
+
+    def submit(self, wire: bytes) -> AppendResult:
+        """Store a record that came from a local client, gossip what was stored, and
+        tell the replication listeners, exactly as for events from the network."""
+        if self.stopping:
+            return AppendResult(Status.REJECTED, reason="stopping",
+                                detail="the node is stopping; submit to another node")
+        res = self.ledger.append(wire)
+        if res.accepted:
+            events = list(res.accepted)
+            self.replicator.gossip([ev.wire for ev in events])
+            self.replicator.notify(events)
+        return res
 
     def add_service(self, service: Service) -> None:
         if service.name in self.services:

@@ -308,7 +308,7 @@ class Replicator:
         if accepted:
             self.stats.events["accepted"] += len(accepted)
             self.stats.events["accepted_gossip"] += len(accepted)
-            self._notify(accepted)
+            self.notify(accepted)
         if pending:
             self._gap_peer = forwarder
             self._gap_event.set()
@@ -325,7 +325,7 @@ class Replicator:
         event_id = hashlib.sha256(outer[0]).digest()
         return self.ledger.get_wire(event_id) == wire
 
-    def _notify(self, events: list[Event]) -> None:
+    def notify(self, events: list[Event]) -> None:
         for fn in self.listeners:
             try:
                 fn(events)
@@ -411,7 +411,7 @@ class Replicator:
         if s.accepted:
             self.stats.events["accepted"] += len(s.accepted)
             self.stats.events["accepted_sync"] += len(s.accepted)
-            self._notify(s.accepted)
+            self.notify(s.accepted)
             self._regossip(s.accepted)
             log.info("synced events", extra={"peer": str(peer), "events": len(s.accepted),
                                              "requests": s.stats.requests})

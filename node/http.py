@@ -41,7 +41,7 @@ from .auction.views import auction_json, auctions_json, leases_json, reputation_
 from .errors import UsageError
 from .events import KINDS, event_to_json
 from .ledger import Ledger
-from .query import LiveMarket
+from .marketview import LiveMarket
 
 log = logging.getLogger("bidmesh.http")
 
@@ -507,11 +507,7 @@ class HttpService:
         if not self.settings.enabled:
             log.info("http api disabled (http.enabled = false)")
             return
-        qs = node.services.get("query")
-        live = getattr(qs, "live", None)
-        if not isinstance(live, LiveMarket):
-            live = LiveMarket(node.ledger)
-        self.api = HttpApi(node.ledger, live, node.status)
+        self.api = HttpApi(node.ledger, node.live, node.status)
         async with trio.open_nursery() as nursery:
             self.port = await nursery.start(serve, self.api, self.settings)
             while True:

@@ -61,3 +61,34 @@ class MarketView:
         self._market = derive(self._tracked(self.ledger.iter_canonical()), self.policy)
         self.refolds += 1
         return self._market
+
+
+class LiveMarket:
+    """A `MarketView` kept current from the ledger's arrival cursor.
+
+    Every event stored by any path (gossip, sync, the node's own publishes, client
+    submits) has a higher arrival number, so `market()` first notes whatever arrived
+    since the last call. Give it a view nobody else notes to (or None for a new one)."""
+
+    def __init__(self, ledger: Ledger, view: MarketView | None = None) -> None:
+        self.ledger = ledger
+        self._cursor = _last_arrival(ledger)
+        if view is None:
+            view = MarketView(ledger)
+        else:
+            view.refold()  # it may have missed events before our cursor
+        self.view = view
+
+    def market(self) -> Market:
+        while True:
+            rows = self.ledger.events(after=self._cursor, limit=4096)
+            if not rows:
+                break
+            self._cursor = rows[-1][0]
+            self.view.note(ev for _, ev in rows)
+        return self.view.market()
+
+
+def _last_arrival(ledger: Ledger) -> int:
+    row = ledger.db.execute("SELECT MAX(n) FROM events").fetchone()
+    return int(row[0] or 0)

@@ -37,9 +37,9 @@ import trio
 from . import codec
 from .auction import Market
 from .errors import InvalidMessage, RateLimited
-from .events import KINDS, MAX_WIRE, NETWORK_RE, Event
+from .events import KINDS, MAX_WIRE, NETWORK_RE
 from .ledger import AppendResult, Ledger, Status
-from .marketview import MarketView
+from .marketview import LiveMarket, MarketView
 
 if TYPE_CHECKING:  # p2p pulls in libp2p (~1 s): only the node side needs it
     from . import p2p
@@ -490,37 +490,6 @@ def decode_response(data: bytes) -> QueryResponse:
 # ------------------------------------------------------------------ derived state, kept current
 
 
-class LiveMarket:
-    """A `MarketView` kept current from the ledger's arrival cursor.
-
-    Every event stored by any path (gossip, sync, the node's own publishes, client
-    submits) has a higher arrival number, so `market()` first notes whatever arrived
-    since the last call. Give it a view nobody else notes to (or None for a new one)."""
-
-    def __init__(self, ledger: Ledger, view: MarketView | None = None) -> None:
-        self.ledger = ledger
-        self._cursor = _last_arrival(ledger)
-        if view is None:
-            view = MarketView(ledger)
-        else:
-            view.refold()  # it may have missed events before our cursor
-        self.view = view
-
-    def market(self) -> Market:
-        while True:
-            rows = self.ledger.events(after=self._cursor, limit=4096)
-            if not rows:
-                break
-            self._cursor = rows[-1][0]
-            self.view.note(ev for _, ev in rows)
-        return self.view.market()
-
-
-def _last_arrival(ledger: Ledger) -> int:
-    row = ledger.db.execute("SELECT MAX(n) FROM events").fetchone()
-    return int(row[0] or 0)
-
-
 # ------------------------------------------------------------------ answering
 
 
@@ -723,17 +692,17 @@ class _Bucket:
 
 class QueryService:
     """Answers the query protocol from a ledger. `submit(wire)` stores and gossips a
-    record (see `node_submit`); `view` is the derived market (None: build one)."""
+    record (the daemon passes `Node.submit`); `view` is the derived market (None: build one)."""
 
     name = "query"
 
-    def __init__(self, ledger: Ledger, view: MarketView | None, submit: SubmitFn,
+    def __init__(self, ledger: Ledger, view: LiveMarket | MarketView | None, submit: SubmitFn,
                  network: str, *, submit_rate: float = 50.0, submit_burst: float = 200.0,
                  timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         if network != ledger.network:
             raise ValueError(f"network {network!r} is not the ledger's {ledger.network!r}")
         self.ledger = ledger
-        self.live = LiveMarket(ledger, view)
+        self.live = view if isinstance(view, LiveMarket) else LiveMarket(ledger, view)
         self.submit_fn = submit
         self.network = network
         self.protocol = protocol_id(network)
@@ -841,28 +810,6 @@ class QueryService:
 # ------------------------------------------------------------------ daemon integration
 
 
-def node_submit(node: Any) -> SubmitFn:
-    """`submit` for a running daemon `Node`: append, gossip what was stored, and tell
-    the replicator's listeners (as for events arriving from the network)."""
-
-    def submit(wire: bytes) -> AppendResult:
-        if getattr(node, "stopping", False):
-            return AppendResult(Status.REJECTED, reason="stopping",
-                                detail="the node is stopping; submit to another node")
-        res: AppendResult = node.ledger.append(wire)
-        if res.accepted:
-            events: list[Event] = list(res.accepted)
-            node.replicator.gossip([ev.wire for ev in events])
-            for fn in list(node.replicator.listeners):
-                try:
-                    fn(events)
-                except Exception:  # a listener's bug must not fail the submit
-                    log.exception("accepted-events listener failed on a submitted event")
-        return res
-
-    return submit
-
-
 def node_service(node: Any) -> QueryService:
     """Factory for the daemon (`bidmesh.services` entry point or `node.add_service`)."""
-    return QueryService(node.ledger, None, node_submit(node), node.ledger.network)
+    return QueryService(node.ledger, node.live, node.submit, node.ledger.network)

@@ -20,7 +20,7 @@ from market_helpers import World, award, ident, key, payment, rating, request
 
 from node.events import Bid
 from node.http import HttpApi, HttpSettings, serve
-from node.query import LiveMarket
+from node.marketview import LiveMarket
 
 NOW = int(time.time() * 1000)
 

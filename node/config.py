@@ -9,6 +9,7 @@ Relative paths are resolved against the directory of the config file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 from . import paths
 from .errors import ConfigError
-from .events import NETWORK_RE
+from .events import NETWORK_RE, SERVICE_RE
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -27,8 +28,8 @@ Check = Callable[[Any], str | None]
 
 def _opt(default: Any, kind: type | tuple[type, ...], check: Check | None = None) -> Any:
     meta = {"kind": kind, "check": check}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -107,12 +108,58 @@ class SyncConfig:
     range_bytes: int = _opt(512 * 1024, int, _range(16 * 1024 + 128, 1024 * 1024))
 
 
+def _offers(v: Any) -> str | None:
+    for name, spec in v.items():
+        if not re.fullmatch(SERVICE_RE, name):
+            return f"service name {name!r} must match {SERVICE_RE}"
+        if not isinstance(spec, dict) or set(spec) - {"price", "capacity"}:
+            return f"{name}: must be a table with price and capacity"
+        for k in ("price", "capacity"):
+            x = spec.get(k, 0)
+            if type(x) is not int or not 0 <= x < 1 << 40:
+                return f"{name}.{k}: must be a non-negative integer"
+    return None
+
+
+def _services(v: Any) -> str | None:
+    bad = [x for x in v if not isinstance(x, str) or not re.fullmatch(SERVICE_RE, x)]
+    return f"not service names: {bad!r}" if bad else None
+
+
+def _currency(v: Any) -> str | None:
+    return None if re.fullmatch(r"[A-Z][A-Z0-9]{2,7}", v) else "must be like EUR or USD"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    enabled: bool = _opt(False, bool)
+    offers: dict[str, dict[str, int]] = _opt({}, dict, _offers)
+    currency: str = _opt("EUR", str, _currency)
+    bid_services: list[str] = _opt([], list, _services)
+    rate_recipients: bool = _opt(True, bool)
+    interval_s: float = _opt(0.5, (int, float), _range(0.05, 3600))
+    note: str = _opt("", str, lambda v: None if len(v) <= 280 else "at most 280 characters")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = _opt(False, bool)
+    listen: str = _opt("127.0.0.1", str)
+    port: int = _opt(8080, int, _range(0, 65535))
+    max_connections: int = _opt(64, int, _range(1, 10_000))
+    request_timeout_s: float = _opt(10.0, (int, float), _range(0.1, 600))
+    max_request_bytes: int = _opt(16 * 1024, int, _range(1024, 1 << 20))
+    growth_interval_s: float = _opt(5.0, (int, float), _range(0.1, 3600))
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     p2p: P2PConfig = field(default_factory=P2PConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    provider: ProviderConfig = field(default_factory=ProviderConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     source: Path | None = None
 
     # Files in the data dir.
@@ -139,18 +186,23 @@ class Config:
 
 SECTIONS: dict[str, type[Any]] = {
     "node": NodeConfig, "p2p": P2PConfig, "gossip": GossipConfig, "sync": SyncConfig,
+    "provider": ProviderConfig, "http": HttpConfig,
 }
 
 
-_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", list: "a list"}
+_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
+          list: "a list", dict: "a table"}
 
 
 def _value(key: str, raw: Any, f: dataclasses.Field[Any], base: Path) -> Any:
     kind = f.metadata["kind"]
     if kind is Path:
-        if not isinstance(raw, str) or not raw:
+        if not isinstance(raw, str) or not raw or "\0" in raw:
             raise ConfigError(f"{key}: must be a non-empty path string, got {raw!r}")
-        p = Path(raw).expanduser()
+        try:
+            p = Path(raw).expanduser()
+        except RuntimeError as e:  # "~user" of a user that does not exist
+            raise ConfigError(f"{key}: cannot expand {raw!r}: {e}") from e
         return p if p.is_absolute() else (base / p)
     kinds = kind if isinstance(kind, tuple) else (kind,)
     # bool is an int in Python; TOML keeps them apart and so do we.
@@ -200,6 +252,8 @@ def load(path: str | Path) -> Config:
         data = tomllib.loads(text.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise ConfigError(f"{path}: nested too deeply to be a bidmesh config") from None
     try:
         return from_dict(data, base=path.resolve().parent, source=path)
     except ConfigError as e:
@@ -229,4 +283,10 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot render {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)

@@ -12,9 +12,12 @@ API, ...):
 * `Node` holds the config, identity, ledger, libp2p host, pubsub, the replication
   service (`node.replicator`), discovery and the node's nursery.
 * A service is any object with `name` and `async def run(self, node)`; optionally
-  `status(self) -> dict` (merged into status.json under `services.<name>`). Add
-  it with `node.add_service(svc)` or list a factory `f(node) -> service` in the
-  `bidmesh.services` entry-point group (loaded at start). Services register their
+  `status(self) -> dict` (merged into status.json under `services.<name>`). The
+  built-ins (query protocol, HTTP API, provider agent, dataplane) are started from
+  the config in `_start_services`; plugins list a factory `f(node) -> service | None`
+  in the `bidmesh.services` entry-point group (loaded at start), or call
+  `node.add_service(svc)`. `node.market()` is the derived market every service shares,
+  `node.submit(wire)` stores and gossips a client's record. Services register their
   own libp2p protocols on `node.host` (e.g. `p2p.serve_requests`) and may watch
   newly replicated events with `node.replicator.listeners.append(fn)`.
 * Local control: `control.sock` (mode 0600) speaks u32-length-prefixed msgpack
@@ -485,10 +488,18 @@ async def _status_loop(node: Node) -> None:
 # ------------------------------------------------------------------ run
 
 
-def _load_services(node: Node) -> None:
-    for ep in entry_points(group="bidmesh.services"):
-        factory = ep.load()
-        node.add_service(factory(node))
+def _start_services(node: Node) -> None:
+    """The built-in services the config asks for, then `bidmesh.services` plugins."""
+    from . import http, provider, query
+
+    factories: list[Callable[[Node], Service | None]] = [
+        query.node_service, http.node_service, provider.node_service,
+    ]
+    factories += [ep.load() for ep in entry_points(group="bidmesh.services")]
+    for factory in factories:
+        svc = factory(node)
+        if svc is not None:
+            node.add_service(svc)
 
 
 async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
@@ -517,7 +528,7 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
                     nursery.start_soon(serve_control, node, cfg.control_path)
                 if cfg.p2p.mdns:
                     nursery.start_soon(_mdns, node)
-                _load_services(node)
+                _start_services(node)
                 nursery.start_soon(_status_loop, node)
                 nursery.start_soon(_lag_monitor, node)
                 log.info("node started", extra={

@@ -520,6 +520,7 @@ class HttpService:
                 "requests": dict(self.api.requests) if self.api else {}}
 
 
-def node_service(node: Any) -> HttpService:
-    """Factory for the daemon: settings from the config's `[http]` section, if any."""
-    return HttpService(HttpSettings.from_config(getattr(node.config, "http", None)))
+def node_service(node: Any) -> HttpService | None:
+    """Factory for the daemon: an HTTP API when `[http] enabled = true`."""
+    settings = HttpSettings.from_config(node.config.http)
+    return HttpService(settings) if settings.enabled else None

@@ -12,7 +12,6 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import aclosing
 from dataclasses import replace
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +26,16 @@ from node.events import Bid, Rating
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
 
 SHIM = '''
-"""Test-only daemon services. `query`/`http` stand in for the real entry points until the
-package registers them (configured from DATA_DIR/test-services.json); `tamper_test`
-makes a node's query service alter every bid it returns."""
+"""Test-only daemon service: `tamper_test` makes a node's query service alter every bid
+it returns (configured from DATA_DIR/test-services.json)."""
 import json
 
 from node import codec, query
 from node.events import decode_wire
-from node.http import HttpService, HttpSettings
 
 
 def _conf(node):
     return json.loads((node.config.node.data_dir / "test-services.json").read_text())
-
-
-def query_service(node):
-    return query.node_service(node)
-
-
-def http_service(node):
-    return HttpService(HttpSettings(enabled=True, port=_conf(node)["http_port"],
-                                    growth_interval_s=0.5))
 
 
 class Tamper:
@@ -80,22 +68,17 @@ def tamper_test_service(node):
     return Tamper()
 '''
 
-INSTALLED = {ep.name for ep in entry_points(group="bidmesh.services")}
-HTTP_IN_CONFIG = hasattr(config.Config(), "http")
-
-
 def make_shim(base: Path) -> Path:
-    """A directory with a dist-info registering the test services under
-    `bidmesh.services` (the real ones only when the package does not already)."""
+    """A directory with a dist-info registering the test service under
+    `bidmesh.services`."""
     shim = base / "shim"
     dist = shim / "bidmesh_test_services-0.dist-info"
     dist.mkdir(parents=True)
     (shim / "bidmesh_test_services.py").write_text(textwrap.dedent(SHIM))
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bidmesh-test-services\n"
                                    "Version: 0\n")
-    names = [n for n in ("query", "http") if n not in INSTALLED] + ["tamper_test"]
-    eps = [f"{n} = bidmesh_test_services:{n}_service" for n in names]
-    (dist / "entry_points.txt").write_text("[bidmesh.services]\n" + "\n".join(eps) + "\n")
+    (dist / "entry_points.txt").write_text(
+        "[bidmesh.services]\ntamper_test = bidmesh_test_services:tamper_test_service\n")
     return shim
 
 
@@ -103,13 +86,11 @@ class ServiceCluster(Cluster):
     def __init__(self, base: Path, n: int, tamper: set[int]) -> None:
         ports = [free_port() for _ in range(n)]
         super().__init__(base, n)
-        if "http" in INSTALLED:
-            if not HTTP_IN_CONFIG:
-                pytest.fail("an installed `http` service needs an [http] config section")
-            for p, port in zip(self.procs, ports, strict=True):
-                cfg: Any = config.load(p.cfg_path)
-                cfg = replace(cfg, http=replace(cfg.http, enabled=True, port=port))
-                p.cfg_path.write_text(config.to_toml(cfg))
+        for p, port in zip(self.procs, ports, strict=True):
+            cfg = config.load(p.cfg_path)
+            cfg = replace(cfg, http=replace(cfg.http, enabled=True, port=port,
+                                            growth_interval_s=0.5))
+            p.cfg_path.write_text(config.to_toml(cfg))
         self.shim = make_shim(base)
         for p, port in zip(self.procs, ports, strict=True):
             p.extra["http_port"] = port

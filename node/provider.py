@@ -1,0 +1,87 @@
+"""The provider agent as a daemon service: acts on `agent.provider_actions`.
+
+Every `interval_s` (and at once when new events arrive) it derives the market,
+asks the pure agent what to publish, and publishes it with the node key. Actions are
+idempotent against the ledger (a bid already stored is not re-sent), so a restart
+or a missed tick is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .agent import ProviderPolicy, offers_from_config, provider_actions
+from .errors import BidmeshError
+from .events import Body, Event, Offer
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+log = logging.getLogger("bidmesh.provider")
+
+
+class ProviderService:
+    name = "provider"
+
+    def __init__(self, policy: ProviderPolicy, interval_s: float = 0.5) -> None:
+        self.policy = policy
+        self.interval_s = interval_s
+        self.published: Counter[str] = Counter()
+        self.errors = 0
+        self._wake = trio.Event()
+        self._last_offer: Offer | None = None
+
+    def _on_events(self, events: list[Event]) -> None:
+        self._wake.set()
+
+    async def run(self, node: Node) -> None:
+        node.replicator.listeners.append(self._on_events)
+        while True:
+            self.tick(node)
+            with trio.move_on_after(self.interval_s):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def tick(self, node: Node) -> list[Body]:
+        """One decision round; returns what was published."""
+        now = int(time.time() * 1000)
+        actions = provider_actions(node.market(), node.identity.public, node.identity.seed,
+                                   self.policy, now, self._last_offer)
+        done = []
+        for body in actions:
+            try:
+                ev = node.publish(body)
+            except BidmeshError as e:
+                self.errors += 1
+                log.warning("provider action failed", extra={"kind": body.KIND, "error": str(e)})
+                continue
+            if isinstance(body, Offer):
+                self._last_offer = body
+            self.published[body.KIND] += 1
+            log.info("provider published", extra={"kind": body.KIND, "id": ev.id.hex()[:16],
+                                                  "ref": (ev.ref or b"").hex()[:16]})
+            done.append(body)
+        return done
+
+    def status(self) -> dict[str, Any]:
+        return {"published": dict(self.published), "errors": self.errors,
+                "offers": [so.name for so in self.policy.offers]}
+
+
+def node_service(node: Node) -> ProviderService | None:
+    """Factory: a provider agent when `[provider] enabled = true`."""
+    cfg = node.config.provider
+    if not cfg.enabled:
+        return None
+    addrs = tuple(node.host.addrs)
+    policy = ProviderPolicy(
+        offers=offers_from_config(cfg.offers), currency=cfg.currency, addrs=addrs[:8],
+        bid_services=frozenset(cfg.bid_services), rate_recipients=cfg.rate_recipients,
+        note=cfg.note,
+    )
+    return ProviderService(policy, cfg.interval_s)

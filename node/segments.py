@@ -36,6 +36,7 @@ __all__ = [
     "TokenBucket",
     "decode_packets",
     "encode_frame",
+    "encode_lp",
     "encode_packets",
     "local_reference",
     "new_parser",
@@ -248,6 +249,17 @@ class MpegTs(PacketParser):
                 return True
             q = buf.find(TS_SYNC, q + 1, hi)
         return False
+
+
+def encode_lp(packets: Iterable[Packet | bytes]) -> bytes:
+    """The `lp` ingest encoding (`u32 length, u8 chain, payload`) of packets; plain bytes
+    go to chain 0. What a member sends; `LengthPrefixed` parses it back."""
+    parts: list[bytes] = []
+    for p in packets:
+        pkt = p if isinstance(p, Packet) else Packet(p)
+        parts.append(_LP_HEAD.pack(len(pkt.data), pkt.chain))
+        parts.append(pkt.data)
+    return b"".join(parts)
 
 
 PROTOCOLS: dict[str, Callable[..., PacketParser]] = {"lp": LengthPrefixed, "ts": MpegTs}

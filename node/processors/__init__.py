@@ -27,8 +27,10 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "ProcessContext",
     "Processor",
+    "Verifier",
     "load_processors",
     "run_chain",
+    "verify_result",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,12 @@ class Processor(Protocol):
     def process(self, data: bytes, ctx: ProcessContext) -> bytes: ...
 
 
+class Verifier(Protocol):
+    """Optional extra of a Processor: check another provider's result."""
+
+    def verify(self, data: bytes, output: bytes, ctx: ProcessContext) -> None: ...
+
+
 def run_chain(
     processors: Mapping[str, Processor],
     services: Sequence[str],
@@ -98,6 +106,35 @@ def run_chain(
             raise ProcessingError(f"no processor named {name!r} here; offer it or subcontract")
         data = proc.process(data, ctx.at_step(ctx.step + i))
     return data
+
+
+def verify_result(
+    processors: Mapping[str, Processor],
+    service: str,
+    data: bytes,
+    output: bytes,
+    ctx: ProcessContext,
+) -> bool:
+    """Check that `output` is a well-formed result of `service` on `data`.
+
+    Used on results that come back from another provider. A processor may define
+    `verify(data, output, ctx) -> None` (raise ProcessingError when the output is
+    wrong); returns True when it did and the output passed, False when the service
+    cannot be verified here (unknown, or no `verify`: e.g. `exec:*`), in which case the
+    caller must take the result on trust. Any other exception from plugin code is
+    reported as ProcessingError.
+    """
+    proc = processors.get(service)
+    check = getattr(proc, "verify", None) if proc is not None else None
+    if check is None:
+        return False
+    try:
+        check(data, output, ctx)
+    except ProcessingError:
+        raise
+    except Exception as e:  # third-party verify code: treat a crash as "does not verify"
+        raise ProcessingError(f"{service}: verify failed: {type(e).__name__}: {e}") from e
+    return True
 
 
 def load_processors(extra_exec: Mapping[str, Sequence[str]] = _NO_EXEC) -> dict[str, Processor]:

@@ -53,6 +53,10 @@ class Identity:
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         return data
 
+    def verify(self, data: bytes, output: bytes, ctx: ProcessContext) -> None:
+        if output != data:
+            raise ProcessingError("identity: output differs from the input")
+
 
 @dataclass(frozen=True)
 class Sha256:
@@ -62,6 +66,10 @@ class Sha256:
 
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         return hashlib.sha256(data).digest()
+
+    def verify(self, data: bytes, output: bytes, ctx: ProcessContext) -> None:
+        if output != hashlib.sha256(data).digest():
+            raise ProcessingError("sha256: output is not the digest of the input")
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,19 @@ class Zstd:
         if not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 22:
             raise ProcessingError(f"params.zstd_level must be 1..22, got {level!r}")
         return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+
+    def verify(self, data: bytes, output: bytes, ctx: ProcessContext) -> None:
+        """Well-formed: one frame that declares the input's size and decompresses to it."""
+        try:
+            params = zstandard.get_frame_parameters(output)
+        except zstandard.ZstdError as e:
+            raise ProcessingError(f"zstd: output is not a zstd frame: {e}") from e
+        if params.content_size != len(data):
+            raise ProcessingError(
+                f"zstd: frame declares {params.content_size} bytes, input has {len(data)}"
+            )
+        if _unzstd(output, len(data), "zstd") != data:
+            raise ProcessingError("zstd: output does not decompress to the input")
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,28 @@ class ZstdDecompress:
             raise ProcessingError("zstd-d: input holds no complete zstd frame")
         return bytes(out)
 
+    def verify(self, data: bytes, output: bytes, ctx: ProcessContext) -> None:
+        if len(output) > _limit(ctx, self.max_output) or (
+            _unzstd(data, len(output), "zstd-d") != output
+        ):
+            raise ProcessingError("zstd-d: output is not the decompressed input")
+
+
+def _unzstd(data: bytes, expected: int, name: str) -> bytes:
+    """Decompress at most `expected + 1` bytes (enough to tell a mismatch)."""
+    out = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        with reader:
+            while len(out) <= expected:
+                chunk = reader.read(min(1 << 20, expected + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+    except zstandard.ZstdError as e:
+        raise ProcessingError(f"{name}: not valid zstd: {e}") from e
+    return bytes(out)
+
 
 def nonce_for(stream_id: bytes, seq: int, step: int) -> bytes:
     """Deterministic and unique per (stream, seq, chain step) under one lease key."""
@@ -130,6 +173,13 @@ class AesGcm:
         nonce = nonce_for(ctx.stream_id, ctx.seq, ctx.step)
         return nonce + _aead(ctx, self.name).encrypt(nonce, data, AAD)
 
+    def verify(self, data: bytes, output: bytes, ctx: ProcessContext) -> None:
+        """The nonce must be the deterministic one and the ciphertext must open to the input."""
+        if output[:NONCE_LEN] != nonce_for(ctx.stream_id, ctx.seq, ctx.step):
+            raise ProcessingError("aes-gcm: output does not carry the expected nonce")
+        if AesGcmDecrypt().process(output, ctx) != data:
+            raise ProcessingError("aes-gcm: output does not decrypt to the input")
+
 
 @dataclass(frozen=True)
 class AesGcmDecrypt:
@@ -143,6 +193,13 @@ class AesGcmDecrypt:
             return aead.decrypt(data[:NONCE_LEN], data[NONCE_LEN:], AAD)
         except InvalidTag as e:
             raise ProcessingError("aes-gcm-d: authentication failed (wrong key or tampered)") from e
+
+    def verify(self, data: bytes, output: bytes, ctx: ProcessContext) -> None:
+        if len(data) < NONCE_LEN + TAG_LEN:
+            raise ProcessingError("aes-gcm-d: input is too short to decrypt")
+        nonce = data[:NONCE_LEN]
+        if nonce + _aead(ctx, self.name).encrypt(nonce, output, AAD) != data:
+            raise ProcessingError("aes-gcm-d: output is not the plaintext of the input")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,198 @@
+"""The member side of the ingest protocol: send a packetized stream under a lease, receive
+the processed stream. Used by the light client, devnet and the benchmark."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.io.exceptions import IOException
+
+from ..auction import Lease
+from ..errors import BidmeshError, InvalidMessage, RemoteError, Unauthorized, UsageError
+from ..keys import Identity
+from ..p2p import FRAME_HEADER, P2PHost, PeerId, read_frame, write_frame
+from ..segments import FrameReader
+from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, stream_protocol
+
+__all__ = ["StreamFailed", "StreamResult", "member_key", "split_results", "stream_through_lease"]
+
+log = logging.getLogger(__name__)
+_SEQ = struct.Struct(">Q")
+DEFAULT_CHUNK = 256 << 10
+_AUTH_REASONS = frozenset({"no_lease", "not_our_lease", "outside_window", "not_member",
+                           "bad_delegation", "lease_closed", "lease_ended", "unauthorized"})
+
+Source = Iterable[bytes] | AsyncIterable[bytes]
+Sink = Callable[[bytes], Awaitable[None]]
+
+
+class StreamFailed(RemoteError):
+    """The provider ended the stream with an error trailer (`reason`, `trailer`)."""
+
+    def __init__(self, trailer: Trailer) -> None:
+        super().__init__(f"provider refused or failed the stream ({trailer.reason}): "
+                         f"{trailer.error}")
+        self.reason = trailer.reason
+        self.trailer = trailer
+
+
+class LeaseRefused(StreamFailed, Unauthorized):
+    """The provider refused us under this lease (not a member, outside the window...)."""
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    trailer: Trailer
+    output: bytes  # the output stream (frames), unless a sink took it
+    stream_id: bytes
+    key: bytes  # our per-lease aes-gcm key (to decrypt aes-gcm results)
+    frames: int
+
+
+def member_key(member: Identity, lease: Lease) -> bytes:
+    """The aes-gcm key `member` shares with the lease's provider (see `lease_key`)."""
+    return lease_key(member, lease.provider, lease.id, member.public, lease.provider)
+
+
+def split_results(output: bytes) -> list[tuple[int, bytes]]:
+    """The (seq, result) pairs of an output stream; PeerError if it is malformed."""
+    reader = FrameReader(max_frame=max(12, len(output)))
+    frames = reader.feed(output)
+    reader.end()
+    return frames
+
+
+async def _chunks(source: Source, size: int) -> Any:
+    async def split(b: bytes) -> Any:
+        for i in range(0, len(b), size):
+            yield b[i : i + size]
+
+    if isinstance(source, AsyncIterable):
+        async for item in source:
+            async for part in split(item):
+                yield part
+    else:
+        for item in source:
+            async for part in split(item):
+                yield part
+
+
+async def stream_through_lease(
+    host: P2PHost,
+    provider_peer: PeerId | str,
+    lease: Lease,
+    member: Identity,
+    source: Source,
+    protocol: str,
+    chains: Sequence[Sequence[str]],
+    *,
+    network: str,
+    options: Mapping[str, Any] | None = None,
+    delegation: bytes | None = None,
+    limits: SegmentLimits | None = None,
+    stream_id: bytes | None = None,
+    sink: Sink | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    timeout: float = 60.0,
+    max_frame: int = 64 << 20,
+) -> StreamResult:
+    """Send `source` (raw `protocol` bytes: "lp" or "ts") through the provider under
+    `lease` and collect the processed stream.
+
+    Full duplex: input is written while output frames are read. Each output frame
+    (`u32 length, u64 seq, result`, seqs 0, 1, 2… in order) is passed to `sink` as it
+    arrives, else accumulated in `StreamResult.output` (split it with
+    `split_results`). `timeout` bounds each frame read and write. Raises
+    `LeaseRefused` (an `Unauthorized`) when the provider refuses us under the lease,
+    `StreamFailed` (a `RemoteError`, with `.reason`) for any other error trailer,
+    `InvalidMessage` if the provider breaks the format.
+    """
+    if chunk_size < 1:
+        raise UsageError("chunk_size must be positive")
+    header = StreamHeader(lease.id, stream_id or os.urandom(16), protocol, dict(options or {}),
+                          tuple(tuple(c) for c in chains), limits or SegmentLimits(),
+                          delegation)
+    stream = await host.new_stream(provider_peer, stream_protocol(network), timeout=timeout)
+    out: list[bytes] = []
+    trailer: Trailer | None = None
+    frames = 0
+    errors: list[BidmeshError] = []
+    sent = trio.Event()
+
+    async def sender() -> None:
+        try:
+            await write_frame(stream, header.encode(), timeout)
+            async for part in _chunks(source, chunk_size):
+                await write_frame(stream, part, timeout)
+            await write_frame(stream, b"", timeout)  # end of input
+        except BidmeshError as e:
+            errors.append(e)
+        finally:
+            sent.set()
+
+    async def receiver(cancel: trio.CancelScope) -> None:
+        nonlocal trailer, frames
+        try:
+            while True:
+                frame = await read_frame(stream, max_frame + 8, timeout)
+                if len(frame) < 8:
+                    raise InvalidMessage("output frame shorter than its seq", "malformed_frame")
+                (seq,) = _SEQ.unpack_from(frame)
+                if seq == TRAILER_SEQ:
+                    trailer = Trailer.decode(frame[8:])
+                    break
+                if seq != frames:
+                    raise InvalidMessage(f"output seq {seq} where {frames} was due",
+                                         "out_of_order")
+                frames += 1
+                data = FRAME_HEADER.pack(len(frame)) + frame
+                if sink is None:
+                    out.append(data)
+                else:
+                    await sink(data)
+        except BidmeshError as e:
+            errors.insert(0, e)
+        finally:
+            if not sent.is_set():
+                # The provider is done with us (error trailer) while we still send:
+                # resetting ends our write, which is never cancelled (node/p2p.py).
+                await _reset(stream)
+            cancel.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            nursery.start_soon(receiver, nursery.cancel_scope)
+    finally:
+        await _close(stream)
+    if trailer is not None and not trailer.ok:
+        raise (LeaseRefused if trailer.reason in _AUTH_REASONS else StreamFailed)(trailer)
+    if trailer is None:
+        if errors:
+            raise errors[0]
+        raise RemoteError("the provider ended the stream without a trailer")
+    return StreamResult(trailer, b"".join(out), header.stream_id, member_key(member, lease),
+                        frames)
+
+
+async def _reset(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        try:
+            await stream.reset()
+        except (IOException, OSError) as e:
+            log.debug("reset of a dataplane stream failed (already gone): %r", e)
+
+
+async def _close(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        try:
+            await stream.close()
+        except (IOException, OSError) as e:
+            log.debug("close of a dataplane stream failed (already reset): %r", e)

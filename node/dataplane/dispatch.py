@@ -1,0 +1,237 @@
+"""Dispersal: run one step of a segment's chain here (WorkerPool) or at another provider
+(the process protocol), verify remote results, re-dispatch on failure, and keep the
+per-contractor record a `Subcontract` event is made from."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import trio
+
+from ..auction import Market, RankedOffer, rank_offers
+from ..errors import (
+    BidmeshError,
+    OperationError,
+    PeerError,
+    ProcessingError,
+)
+from ..events import Subcontract
+from ..p2p import P2PHost, RequestRefused, peer_id_from_pubkey, request
+from ..processors import ProcessContext, Processor, verify_result
+from ..processors.pool import WorkerPool
+from ..segments import Step
+from .wire import ProcessRequest, decode_outputs, process_protocol
+
+__all__ = ["Contracts", "Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+_RANK_TTL_S = 1.0
+_MAX_SUB_SERVICES = 8  # Subcontract.services holds at most 8 names
+
+
+@dataclass
+class _Work:
+    services: list[str] = field(default_factory=list)
+    seqs: set[int] = field(default_factory=set)
+    bytes_in: int = 0
+    digests: dict[tuple[int, int], bytes] = field(default_factory=dict)
+
+
+class Contracts:
+    """What each contractor did for one stream (verified results only)."""
+
+    def __init__(self) -> None:
+        self.by: dict[bytes, _Work] = {}
+
+    def add(self, contractor: bytes, step: Step, seq: int, data: bytes, result: bytes) -> None:
+        w = self.by.setdefault(contractor, _Work())
+        for s in step.services:
+            if s not in w.services and len(w.services) < _MAX_SUB_SERVICES:
+                w.services.append(s)
+        w.seqs.add(seq)
+        w.bytes_in += len(data)
+        w.digests[(seq, step.start)] = hashlib.sha256(result).digest()
+
+    @property
+    def segments(self) -> int:
+        return sum(len(w.seqs) for w in self.by.values())
+
+    def bodies(self, lease: bytes) -> list[Subcontract]:
+        """One `Subcontract` per contractor; result_digest = sha256 over the result
+        digests ordered by (seq, chain position)."""
+        out = []
+        for contractor, w in sorted(self.by.items()):
+            digest = hashlib.sha256(b"".join(w.digests[k] for k in sorted(w.digests))).digest()
+            out.append(Subcontract(lease=lease, contractor=contractor,
+                                   services=tuple(w.services), segments=len(w.seqs),
+                                   bytes_in=w.bytes_in, result_digest=digest))
+        return out
+
+
+class Dispatcher:
+    """Runs steps; shared by every stream of a DataplaneService."""
+
+    def __init__(
+        self,
+        host: P2PHost,
+        network: str,
+        pool: WorkerPool,
+        local: frozenset[str],
+        market: Callable[[], Market],
+        clock: Callable[[], int],
+        *,
+        local_attempts: int,
+        max_attempts: int,
+        remote_in_flight: int,
+        timeout_s: float,
+        connect_timeout_s: float,
+        max_result: int,
+        bad_for_s: float,
+        counters: Counter[str],
+    ) -> None:
+        self.host = host
+        self.protocol = process_protocol(network)
+        self.pool = pool
+        self.local = local
+        self.processors: Mapping[str, Processor] = pool.processors
+        self.market = market
+        self.clock = clock
+        self.local_attempts = local_attempts
+        self.max_attempts = max_attempts
+        self.remote_in_flight = remote_in_flight
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_result = max_result
+        self.bad_for_s = bad_for_s
+        self.counters = counters
+        self._bad: dict[bytes, float] = {}  # contractor -> trio time until which we avoid it
+        self._limits: dict[bytes, trio.Semaphore] = {}
+        self._dialing: dict[bytes, trio.Lock] = {}
+        self._ranked: dict[tuple[str, ...], tuple[float, list[RankedOffer]]] = {}
+
+    # ------------------------------------------------------------------ choosing
+
+    def candidates(self, services: tuple[str, ...]) -> list[RankedOffer]:
+        """Other providers offering every service of the step, best first (cached 1 s)."""
+        now = trio.current_time()
+        hit = self._ranked.get(services)
+        if hit is not None and now - hit[0] < _RANK_TTL_S:
+            return hit[1]
+        ranked = rank_offers(self.market(), services[0], self.clock(), exclude=self.host.pubkey)
+        need = set(services)
+        out = [r for r in ranked
+               if need <= {s.name for s in self.market().offers[r.provider].offer.services}]
+        self._ranked[services] = (now, out)
+        return out
+
+    def is_bad(self, provider: bytes) -> bool:
+        until = self._bad.get(provider)
+        if until is None:
+            return False
+        if trio.current_time() >= until:
+            del self._bad[provider]
+            return False
+        return True
+
+    def mark_bad(self, provider: bytes) -> None:
+        self._bad[provider] = trio.current_time() + self.bad_for_s
+
+    # ------------------------------------------------------------------ running
+
+    async def run_step(self, step: Step, data: bytes, ctx: ProcessContext,
+                       contracts: Contracts) -> tuple[bytes, int]:
+        """Result of the step and the number of failed attempts before it.
+
+        Local steps try the pool `local_attempts` times, then other providers; remote
+        steps go to the best-ranked provider not yet tried (nor recently failed), at
+        most `max_attempts` tries in all. ProcessingError when nobody could do it."""
+        errors: list[str] = []
+        attempts = 0
+        if step.local:
+            while attempts < min(self.local_attempts, self.max_attempts):
+                attempts += 1
+                try:
+                    return await self.pool.run_chain(step.services, data, ctx), attempts - 1
+                except ProcessingError as e:
+                    self.counters["local_failed"] += 1
+                    errors.append(f"here: {e}")
+        tried: set[bytes] = set()
+        while attempts < self.max_attempts:
+            cands = [c for c in self.candidates(step.services) if c.provider not in tried]
+            healthy = [c for c in cands if not self.is_bad(c.provider)]
+            if not (healthy or cands):
+                break
+            cand = (healthy or cands)[0]
+            tried.add(cand.provider)
+            attempts += 1
+            try:
+                outputs = await self._call(cand, step, data, ctx)
+                await self._verify(step, data, outputs, ctx)
+            except BidmeshError as e:
+                kind = "garbage" if isinstance(e, ProcessingError | PeerError) and not isinstance(
+                    e, RequestRefused) else "failed"
+                self.counters[f"contractor_{kind}"] += 1
+                if not (isinstance(e, RequestRefused) and e.reason == "busy"):
+                    self.mark_bad(cand.provider)
+                errors.append(f"{cand.provider.hex()[:12]}: {e}")
+                log.info("segment %d step %s at %s failed: %s", ctx.seq, step.services,
+                         cand.provider.hex()[:12], e)
+                continue
+            contracts.add(cand.provider, step, ctx.seq, data, outputs[-1])
+            self.counters["subcontracted_steps"] += 1
+            return outputs[-1], attempts - 1
+        detail = "; ".join(errors[-3:]) or "no provider offers it"
+        raise ProcessingError(
+            f"nobody could process {'→'.join(step.services)} for segment {ctx.seq} "
+            f"after {attempts} attempt(s): {detail}"
+        )
+
+    async def _connect(self, cand: RankedOffer) -> None:
+        peer = peer_id_from_pubkey(cand.provider)
+        if self.host.is_connected(peer):
+            return
+        lock = self._dialing.setdefault(cand.provider, trio.Lock())
+        async with lock:
+            if self.host.is_connected(peer):
+                return
+            last: BidmeshError | None = None
+            for addr in cand.addrs:
+                full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer}"
+                try:
+                    await self.host.connect(full, timeout=self.connect_timeout_s)
+                    return
+                except BidmeshError as e:
+                    last = e
+            raise OperationError(f"cannot reach provider {peer}: {last or 'no addresses'}")
+
+    async def _call(self, cand: RankedOffer, step: Step, data: bytes,
+                    ctx: ProcessContext) -> list[bytes]:
+        await self._connect(cand)
+        limit = self._limits.setdefault(cand.provider, trio.Semaphore(self.remote_in_flight))
+        payload = ProcessRequest(ctx.lease_id, ctx.stream_id, ctx.seq, ctx.step, step.services,
+                                 ctx.key, data).encode()
+        async with limit:
+            reply = await request(self.host, peer_id_from_pubkey(cand.provider), self.protocol,
+                                  payload, self.max_result * len(step.services) + 1024,
+                                  self.timeout_s)
+        return decode_outputs(reply, len(step.services))
+
+    async def _verify(self, step: Step, data: bytes, outputs: list[bytes],
+                      ctx: ProcessContext) -> None:
+        def check() -> int:
+            verified, inp = 0, data
+            for i, (name, out) in enumerate(zip(step.services, outputs, strict=True)):
+                at = ctx.at_step(ctx.step + i)
+                verified += verify_result(self.processors, name, inp, out, at)
+                inp = out
+            return verified
+
+        # Verification is CPU work (decrypt, decompress): keep it off the trio thread.
+        verified = await trio.to_thread.run_sync(check)
+        if verified < len(step.services):
+            self.counters["unverified_steps"] += 1

@@ -1,0 +1,607 @@
+"""The provider side: ingest streams under a lease, process their segments (here or
+subcontracted), stream results back in order, enforce and meter the lease, and serve
+other providers' process requests. `DataplaneService` is what a node daemon plugs in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.abc import INetStream
+
+from ..auction import DeviceAdmission, Lease, Market
+from ..errors import (
+    BidmeshError,
+    InvalidMessage,
+    PeerError,
+    ProcessingError,
+    RemoteError,
+    Unauthorized,
+    UsageError,
+)
+from ..events import Body, MemberUsage, Usage
+from ..keys import Identity
+from ..p2p import (
+    P2PHost,
+    StreamTimeout,
+    read_frame,
+    remote_pubkey,
+    serve_requests,
+    set_stream_handler,
+    write_frame,
+)
+from ..processors import ProcessContext
+from ..processors.pool import WorkerPool
+from ..segments import (
+    PacketParser,
+    RateMeter,
+    ReorderBuffer,
+    Segment,
+    Segmenter,
+    Shortfall,
+    Step,
+    TokenBucket,
+    new_parser,
+    plan,
+)
+from .dispatch import Contracts, Dispatcher
+from .wire import (
+    TRAILER_SEQ,
+    ProcessRequest,
+    StreamHeader,
+    Trailer,
+    encode_outputs,
+    lease_key,
+    process_protocol,
+    stream_protocol,
+)
+
+__all__ = ["DataplaneConfig", "DataplaneService", "wall_clock_ms"]
+
+log = logging.getLogger(__name__)
+_SEQ = struct.Struct(">Q")
+_MAX_USAGE_MEMBERS = 256  # Usage.members holds at most 256 entries
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _mono_ms() -> int:
+    return int(trio.current_time() * 1000)
+
+
+@dataclass(frozen=True)
+class DataplaneConfig:
+    """Provider-side limits. Sizes in bytes, times in seconds unless named `_ms`."""
+
+    services: frozenset[str] | None = None  # offered here; None: every processor of the pool
+    params: Mapping[str, Any] = field(default_factory=dict)  # ProcessContext.params
+    allow: frozenset[bytes] = frozenset()  # provider keys served even without an Offer
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0  # per input frame: a slow sender is cut off
+    write_timeout_s: float = 30.0  # per output frame: a member that stops reading
+    max_header: int = 64 << 10
+    max_chunk: int = 1 << 20  # input frame
+    max_packet: int = 1 << 20  # lp packets; a member may only ask for less
+    max_chains: int = 16
+    max_chain_len: int = 8
+    max_segment_packets: int = 4096
+    max_segment_bytes: int = 4 << 20
+    min_segment_age_ms: int = 5
+    window: int = 16  # segments in flight per stream (= reorder window)
+    max_streams: int = 64
+    max_streams_per_lease: int = 16
+    local_attempts: int = 2
+    max_attempts: int = 4  # per step of a segment, local and remote together
+    remote_in_flight: int = 8  # per contractor
+    subcontract_timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    bad_for_s: float = 30.0  # avoid a contractor that failed for this long
+    max_result: int = 64 << 20
+    process_timeout_s: float = 60.0  # serving side: read + process one request
+    process_max_concurrent: int = 32
+    burst_ms: int = 250  # token bucket depth, in time at the max rate (at least 4 KiB)
+    rate_window_ms: int = 1000  # min-rate judgement window
+    lease_check_s: float = 1.0
+    close_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.max_streams < 1 or self.max_attempts < 1:
+            raise UsageError("DataplaneConfig: window, max_streams, max_attempts must be >= 1")
+        for name in ("header_timeout_s", "idle_timeout_s", "write_timeout_s",
+                     "subcontract_timeout_s", "process_timeout_s", "lease_check_s"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"DataplaneConfig.{name} must be positive")
+
+
+@dataclass
+class _MemberMeter:
+    bytes_in: int = 0
+    bytes_out: int = 0
+    segments: int = 0
+    active_ms: int = 0
+
+
+class _LeaseState:
+    def __init__(self, lease: Lease, burst_ms: int) -> None:
+        self.lease = lease
+        self.admission = DeviceAdmission(lease)
+        self.bucket: TokenBucket | None = None
+        if lease.max_rate_bps is not None:
+            rate = max(1, lease.max_rate_bps // 8)  # the lease says bits/s, the bucket bytes/s
+            # Chunks larger than the burst are taken in burst-sized parts (_throttle).
+            self.bucket = TokenBucket(rate, max(rate * burst_ms // 1000, 4096))
+        self.members: dict[bytes, _MemberMeter] = {}
+        self.streams: set[_Ingest] = set()
+        self.idle = trio.Event()
+        self.idle.set()
+        self.meter: RateMeter | None = None
+        self.shortfall_ms = 0
+        self.shortfalls: deque[Shortfall] = deque(maxlen=64)
+        self.rate_limited = 0
+        self.subcontracts = 0
+        self.closed = False
+
+    def member(self, key: bytes) -> _MemberMeter:
+        return self.members.setdefault(key, _MemberMeter())
+
+    def open_stream(self, ing: _Ingest, min_window_ms: int) -> None:
+        if not self.streams:
+            self.idle = trio.Event()
+            if self.lease.min_rate_bps:
+                self.meter = RateMeter(self.lease.min_rate_bps // 8, min_window_ms, _mono_ms())
+        self.streams.add(ing)
+
+    def close_stream(self, ing: _Ingest) -> None:
+        self.streams.discard(ing)
+        if not self.streams:
+            if self.meter is not None:
+                self.shortfalls.extend(self.meter.close(_mono_ms()))
+                self.shortfall_ms += self.meter.shortfall_ms
+                self.meter = None
+            self.idle.set()
+
+    def delivered(self, n: int) -> None:
+        if self.meter is not None:
+            self.shortfalls.extend(self.meter.record(n, _mono_ms()))
+
+
+class _Failed(BidmeshError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, _Failed | PeerError):
+        return e.reason
+    if isinstance(e, StreamTimeout):
+        return "timeout"
+    if isinstance(e, ProcessingError):
+        return "processing_failed"
+    return "failed"
+
+
+class _Ingest:
+    """One member stream: reader → segmenter → dispatcher → reorder → writer."""
+
+    def __init__(self, svc: DataplaneService, stream: INetStream, header: StreamHeader,
+                 st: _LeaseState, member: bytes, key: bytes,
+                 plans: list[list[Step]]) -> None:
+        self.svc, self.stream, self.header, self.st = svc, stream, header, st
+        self.member, self.key, self.plans = member, key, plans
+        cfg = svc.config
+        self.parser: PacketParser = new_parser(header.protocol, **header.parser_options())
+        lim = header.limits
+        self.segmenter = Segmenter(lim.max_packets, lim.max_bytes, lim.max_age_ms)
+        self.reorder = ReorderBuffer(cfg.window)
+        self.window = trio.Semaphore(cfg.window)
+        self.seg_send, self.seg_recv = trio.open_memory_channel[Segment](0)
+        self.out_send, self.out_recv = trio.open_memory_channel[tuple[int, bytes]](math.inf)
+        self.seg_lock = trio.Lock()
+        self.input_done = False
+        self.sizes: dict[int, tuple[int, float]] = {}  # seq -> (input bytes, start time)
+        self.contracts = Contracts()
+        self.error: BaseException | None = None
+        self.scope = trio.CancelScope()
+        self.segments = self.bytes_out = self.redispatched = 0
+
+    def fail(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+        self.scope.cancel()
+
+    async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+        except BidmeshError as e:
+            self.fail(e)
+        except Exception as e:  # a bug or an unmapped library error: fail the stream clearly
+            log.exception("dataplane stream task failed")
+            self.fail(_Failed("internal", f"provider error: {type(e).__name__}: {e}"))
+
+    async def run(self) -> Trailer:
+        with self.scope:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._guard, self._reader)
+                if self.header.limits.max_age_ms is not None:
+                    n.start_soon(self._guard, self._ticker)
+                n.start_soon(self._guard, self._dispatcher)
+                n.start_soon(self._guard, self._writer)
+        p = self.parser
+        counts: dict[str, Any] = dict(segments=self.segments, packets=p.packets, bytes_in=p.bytes,
+                      bytes_out=self.bytes_out, garbage_bytes=p.garbage_bytes,
+                      subcontracted=self.contracts.segments, redispatched=self.redispatched)
+        if self.error is None and self.scope.cancelled_caught:
+            self.error = _Failed("cancelled", "the provider stopped the stream")
+        if self.error is not None:
+            return Trailer(False, _reason(self.error), str(self.error), **counts)
+        return Trailer(True, **counts)
+
+    async def _reader(self) -> None:
+        cfg, st = self.svc.config, self.st
+        meter = st.member(self.member)
+        while True:
+            chunk = await read_frame(self.stream, cfg.max_chunk, cfg.idle_timeout_s)
+            if not st.lease.active(self.svc.clock()):
+                raise _Failed("lease_ended", f"lease {st.lease.id.hex()[:12]} is not active now")
+            final = not chunk
+            if final:
+                packets = self.parser.end()
+            else:
+                await self._throttle(len(chunk))
+                meter.bytes_in += len(chunk)
+                packets = self.parser.feed(chunk)
+            now = _mono_ms()
+            async with self.seg_lock:
+                segs: list[Segment] = []
+                for pkt in packets:
+                    segs += self.segmenter.push(pkt, now)
+                if final:
+                    segs += self.segmenter.flush()
+                for s in segs:
+                    await self.seg_send.send(s)
+                if final:
+                    self.input_done = True
+                    await self.seg_send.aclose()
+                    return
+
+    async def _ticker(self) -> None:
+        age = self.header.limits.max_age_ms
+        assert age is not None
+        while True:
+            due = self.segmenter.deadline_ms
+            if due is None:
+                await trio.sleep(max(age, 1) / 1000)
+                continue
+            await trio.sleep_until(due / 1000)
+            async with self.seg_lock:
+                if self.input_done:
+                    return
+                for s in self.segmenter.tick(_mono_ms()):
+                    await self.seg_send.send(s)
+
+    async def _throttle(self, n: int) -> None:
+        """Shared max rate of the lease: wait for tokens before accepting `n` more bytes."""
+        bucket = self.st.bucket
+        if bucket is None:
+            return
+        limited = False
+        while n > 0:
+            part = min(n, bucket.burst_bytes)
+            while (wait := bucket.take(part, _mono_ms())) > 0:
+                limited = True
+                await trio.sleep(wait / 1000)
+            n -= part
+        if limited:
+            self.st.rate_limited += 1
+            self.svc.counters["rate_limited"] += 1
+
+    async def _dispatcher(self) -> None:
+        async with trio.open_nursery() as n:
+            async for seg in self.seg_recv:
+                await self.window.acquire()  # bounded in flight == bounded reorder window
+                self.sizes[seg.seq] = (len(seg.data), trio.current_time())
+                n.start_soon(self._guard, lambda s=seg: self._process(s))
+        self.out_send.close()
+
+    async def _process(self, seg: Segment) -> None:
+        data = seg.data
+        ctx = ProcessContext(self.header.lease, self.header.stream_id, seg.seq, self.key,
+                             self.svc.config.params)
+        for step in self.plans[seg.chain]:
+            data, retries = await self.svc.dispatcher.run_step(
+                step, data, ctx.at_step(step.start), self.contracts)
+            self.redispatched += retries
+        for item in self.reorder.put(seg.seq, data):
+            self.out_send.send_nowait(item)
+
+    async def _writer(self) -> None:
+        cfg, svc, st = self.svc.config, self.svc, self.st
+        meter = st.member(self.member)
+        async for seq, result in self.out_recv:
+            await write_frame(self.stream, _SEQ.pack(seq) + result, cfg.write_timeout_s)
+            size, t0 = self.sizes.pop(seq)
+            svc.latencies.append((trio.current_time() - t0) * 1000)
+            self.segments += 1
+            self.bytes_out += 12 + len(result)
+            meter.bytes_out += 12 + len(result)
+            meter.segments += 1
+            st.delivered(size)
+            self.window.release()
+
+
+class DataplaneService:
+    """The provider's dataplane: ingest protocol, process protocol, lease enforcement.
+
+    Dependencies are plain values and callables so the daemon can wire them:
+
+    * `lease_lookup(lease_id) -> Lease | None` (e.g. `market.leases.get`);
+    * `market() -> Market`: offers for choosing contractors (`rank_offers`) and for
+      deciding which providers may send us process requests;
+    * `publish(body)`: sign and store one of our events (Usage, Subcontract);
+    * `clock() -> ms`: wall clock for lease windows (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        host: P2PHost,
+        identity: Identity,
+        network: str,
+        lease_lookup: Callable[[bytes], Lease | None],
+        market: Callable[[], Market],
+        pool: WorkerPool,
+        publish: Callable[[Body], None],
+        clock: Callable[[], int] = wall_clock_ms,
+        config: DataplaneConfig | None = None,
+    ) -> None:
+        if identity.public != host.pubkey:
+            raise UsageError("the dataplane identity must be the host's key")
+        self.host, self.identity, self.network = host, identity, network
+        self.lease_lookup, self.market, self.publish, self.clock = (
+            lease_lookup, market, publish, clock)
+        self.pool = pool
+        self.config = cfg = config or DataplaneConfig()
+        offered = set(pool.processors) if cfg.services is None else set(cfg.services)
+        self.local: frozenset[str] = frozenset(offered & set(pool.processors))
+        self.counters: Counter[str] = Counter()
+        self.latencies: deque[float] = deque(maxlen=100_000)
+        self.served: dict[bytes, Counter[str]] = {}
+        self.dispatcher = Dispatcher(
+            host, network, pool, self.local, market, clock,
+            local_attempts=cfg.local_attempts, max_attempts=cfg.max_attempts,
+            remote_in_flight=cfg.remote_in_flight, timeout_s=cfg.subcontract_timeout_s,
+            connect_timeout_s=cfg.connect_timeout_s, max_result=cfg.max_result,
+            bad_for_s=cfg.bad_for_s, counters=self.counters)
+        self._leases: dict[bytes, _LeaseState] = {}
+        self._streams = 0
+        self._installed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def install(self) -> None:
+        """Register both protocol handlers on the host (idempotent; `run` calls it)."""
+        if self._installed:
+            return
+        self._installed = True
+        set_stream_handler(self.host, stream_protocol(self.network), self._on_stream)
+        cfg = self.config
+        serve_requests(self.host, process_protocol(self.network), self._on_process,
+                       cfg.max_segment_bytes * 2 + cfg.max_header, timeout=cfg.process_timeout_s,
+                       max_concurrent=cfg.process_max_concurrent)
+
+    async def run(self) -> None:
+        """Serve until cancelled; closes leases whose window has ended (Usage events)."""
+        self.install()
+        while True:
+            await trio.sleep(self.config.lease_check_s)
+            now = self.clock()
+            for lid, st in list(self._leases.items()):
+                if not st.closed and st.lease.end_ms <= now:
+                    await self.close_lease(lid)
+
+    async def close_lease(self, lease_id: bytes) -> Usage | None:
+        """Stop the lease's streams, publish its `Usage` summary and return it.
+
+        None if we never served the lease or already closed it."""
+        st = self._leases.get(lease_id)
+        if st is None or st.closed:
+            await trio.lowlevel.checkpoint()
+            return None
+        st.closed = True
+        for ing in list(st.streams):
+            ing.fail(_Failed("lease_ended", f"lease {lease_id.hex()[:12]} has ended"))
+        with trio.move_on_after(self.config.close_grace_s):
+            await st.idle.wait()
+        members = sorted(st.members.items(), key=lambda kv: (-kv[1].bytes_in, kv[0]))
+        body = Usage(
+            lease=lease_id,
+            members=tuple(MemberUsage(member=k, bytes_in=m.bytes_in, bytes_out=m.bytes_out,
+                                      segments=m.segments, active_ms=m.active_ms)
+                          for k, m in sorted(members[:_MAX_USAGE_MEMBERS])),
+            shortfall_ms=st.shortfall_ms, rate_limited=st.rate_limited,
+            subcontracts=st.subcontracts)
+        self._publish(body)
+        self.counters["usage_published"] += 1
+        return body
+
+    def _publish(self, body: Body) -> None:
+        try:
+            self.publish(body)
+        except BidmeshError as e:
+            self.counters[f"publish_failed:{body.KIND}"] += 1
+            log.warning("could not publish %s event: %s", body.KIND, e)
+
+    def stats(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else 0.0
+
+        return {
+            "counters": dict(self.counters),
+            "active_streams": self._streams,
+            "leases": {lid.hex(): {
+                "streams": len(st.streams), "closed": st.closed,
+                "rate_limited": st.rate_limited, "shortfall_ms": st.shortfall_ms,
+                "shortfalls": [(s.start_ms, s.end_ms, s.bytes, s.expected)
+                               for s in st.shortfalls],
+                "subcontracts": st.subcontracts,
+                "members": {k.hex(): vars(m).copy() for k, m in st.members.items()},
+            } for lid, st in self._leases.items()},
+            "served": {k.hex(): dict(c) for k, c in self.served.items()},
+            "segment_latency_ms": {"p50": pct(0.5), "p99": pct(0.99),
+                                   "mean": round(statistics.fmean(lat), 3) if lat else 0.0,
+                                   "count": len(lat)},
+        }
+
+    # ------------------------------------------------------------------ ingest
+
+    async def _refuse(self, stream: INetStream, reason: str, message: str) -> None:
+        self.counters[f"refused:{reason}"] += 1
+        log.info("refusing a dataplane stream (%s): %s", reason, message)
+        try:
+            await write_frame(stream, _SEQ.pack(TRAILER_SEQ) + Trailer(False, reason, message)
+                              .encode(), min(5.0, self.config.write_timeout_s))
+        except BidmeshError as e:
+            log.debug("could not tell the peer why (%s)", e)
+
+    def _admit(self, peer: bytes, header: StreamHeader) -> tuple[_LeaseState, list[list[Step]]]:
+        cfg = self.config
+        lease = self.lease_lookup(header.lease)
+        if lease is None:
+            raise Unauthorized(f"no lease {header.lease.hex()[:12]} is known here", "no_lease")
+        if lease.provider != self.host.pubkey:
+            raise Unauthorized(f"lease {lease.id.hex()[:12]} is not ours", "not_our_lease")
+        now = self.clock()
+        if not lease.active(now):
+            raise Unauthorized(f"lease {lease.id.hex()[:12]} is active in "
+                               f"[{lease.start_ms}, {lease.end_ms}), not at {now}",
+                               "outside_window")
+        st = self._leases.get(lease.id)
+        if st is None:
+            st = self._leases[lease.id] = _LeaseState(lease, cfg.burst_ms)
+        if st.closed:
+            raise Unauthorized(f"lease {lease.id.hex()[:12]} was closed", "lease_closed")
+        try:
+            st.admission.admit(peer, now, header.delegation)
+        except Unauthorized as e:
+            reason = e.reason if e.reason != "unauthorized" else "not_member"
+            raise Unauthorized(str(e), reason) from None
+        if self._streams >= cfg.max_streams or len(st.streams) >= cfg.max_streams_per_lease:
+            raise PeerError("too many streams open; retry later", "busy")
+        lim = header.limits
+        if not (lim.max_packets <= cfg.max_segment_packets
+                and lim.max_bytes <= cfg.max_segment_bytes
+                and (lim.max_age_ms is None or lim.max_age_ms >= cfg.min_segment_age_ms)):
+            raise InvalidMessage(
+                f"segment limits must be within max_packets <= {cfg.max_segment_packets}, "
+                f"max_bytes <= {cfg.max_segment_bytes}, max_age_ms >= {cfg.min_segment_age_ms}",
+                "bad_limits")
+        if header.options.get("max_packet", 0) > cfg.max_packet:
+            raise InvalidMessage(f"max_packet above this provider's {cfg.max_packet}",
+                                 "bad_limits")
+        plans = []
+        for chain in header.chains:
+            steps = plan(chain, self.local)
+            for s in steps:
+                if not s.local and not self.dispatcher.candidates(s.services):
+                    raise PeerError(f"nobody offers {'→'.join(s.services)} (not here, no "
+                                    "provider in the ledger)", "unknown_service")
+            plans.append(steps)
+        return st, plans
+
+    async def _on_stream(self, stream: INetStream) -> None:
+        peer = remote_pubkey(stream)
+        cfg = self.config
+        try:
+            raw = await read_frame(stream, cfg.max_header, cfg.header_timeout_s)
+            header = StreamHeader.decode(raw, cfg.max_header, cfg.max_chains, cfg.max_chain_len)
+            if "max_packet" not in header.options and header.protocol == "lp":
+                header = StreamHeader(header.lease, header.stream_id, header.protocol,
+                                      {"max_packet": cfg.max_packet}, header.chains,
+                                      header.limits, header.delegation)
+            st, plans = self._admit(peer, header)
+            key = lease_key(self.identity, peer, st.lease.id, peer, self.host.pubkey)
+        except (PeerError, StreamTimeout) as e:
+            await self._refuse(stream, _reason(e), str(e))
+            return
+        except RemoteError:
+            self.counters["refused:reset"] += 1
+            return
+        ing = _Ingest(self, stream, header, st, peer, key, plans)
+        st.open_stream(ing, cfg.rate_window_ms)
+        self._streams += 1
+        self.counters["streams_opened"] += 1
+        t0 = trio.current_time()
+        try:
+            trailer = await ing.run()
+        finally:
+            self._streams -= 1
+            st.member(peer).active_ms += int((trio.current_time() - t0) * 1000)
+            self._record_contracts(st, ing.contracts)
+            st.close_stream(ing)
+        if trailer.ok:
+            self.counters["streams_ok"] += 1
+        else:
+            self.counters[f"streams_failed:{trailer.reason}"] += 1
+            log.info("dataplane stream failed (%s): %s", trailer.reason, trailer.error)
+            if isinstance(ing.error, RemoteError):
+                return  # the member reset the stream: nobody to tell
+        try:
+            await write_frame(stream, _SEQ.pack(TRAILER_SEQ) + trailer.encode(),
+                              cfg.write_timeout_s)
+        except BidmeshError as e:
+            log.info("could not send the trailer: %s", e)
+
+    def _record_contracts(self, st: _LeaseState, contracts: Contracts) -> None:
+        for body in contracts.bodies(st.lease.id):
+            self._publish(body)
+            st.subcontracts += 1
+            self.counters["subcontracts_published"] += 1
+
+    # ------------------------------------------------------------------ process
+
+    def _knows(self, peer: bytes) -> bool:
+        return peer in self.config.allow or peer in self.market().offers
+
+    async def _on_process(self, peer: bytes, payload: bytes) -> bytes:
+        served = self.served.setdefault(peer, Counter())
+        if not self._knows(peer):
+            self.counters["process_refused:unknown_provider"] += 1
+            raise Unauthorized("process requests are served to providers with an offer in "
+                               "the ledger (or on the allow list) only", "unknown_provider")
+        req = ProcessRequest.decode(payload)
+        missing = [s for s in req.services if s not in self.local]
+        if missing:
+            self.counters["process_refused:unknown_service"] += 1
+            raise PeerError(f"this provider does not offer {missing}", "unknown_service")
+        ctx = ProcessContext(req.lease, req.stream_id, req.seq, req.key, self.config.params,
+                             req.step)
+        try:
+            if len(req.services) == 1:
+                outputs = [await self.pool.run_chain(req.services, req.data, ctx)]
+            else:  # every intermediate output, so the requester can verify each service
+                outputs, data = [], req.data
+                for i, name in enumerate(req.services):
+                    data = await self.pool.run(name, data, ctx.at_step(req.step + i))
+                    outputs.append(data)
+        except ProcessingError as e:
+            served["failed"] += 1
+            raise PeerError(str(e), "processing_failed") from None
+        served["segments"] += 1
+        served["bytes_in"] += len(req.data)
+        served["bytes_out"] += sum(map(len, outputs))
+        self.counters["process_served"] += 1
+        return encode_outputs(outputs)
+

@@ -201,6 +201,7 @@ class Node:
                 raise UsageError(f"own event not accepted: {res.status} {res.reason} {res.detail}")
         for ev in events:
             self.replicator.publish_event(ev)
+        self.replicator.notify(events)  # like submit(): listeners see every stored event
         return events
 
     def status(self) -> dict[str, Any]:
@@ -491,9 +492,10 @@ async def _status_loop(node: Node) -> None:
 def _start_services(node: Node) -> None:
     """The built-in services the config asks for, then `bidmesh.services` plugins."""
     from . import http, provider, query
+    from .dataplane import node as dataplane
 
     factories: list[Callable[[Node], Service | None]] = [
-        query.node_service, http.node_service, provider.node_service,
+        query.node_service, http.node_service, provider.node_service, dataplane.node_service,
     ]
     factories += [ep.load() for ep in entry_points(group="bidmesh.services")]
     for factory in factories:

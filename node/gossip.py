@@ -147,7 +147,7 @@ class Replicator:
             range_bytes=config.sync.range_bytes,
         )
         self.listeners: list[AcceptedListener] = []
-        """Called with events newly stored from the network (gossip or sync)."""
+        """Called with events newly stored: from gossip, sync, or the node itself."""
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_event = trio.Event()
         self._faults: dict[p2p.PeerId, _PeerFaults] = {}

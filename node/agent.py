@@ -108,8 +108,14 @@ def _bid_action(a: Auction, me: bytes, seed: bytes, policy: ProviderPolicy,
 
 
 def _ratings(market: Market, me: bytes, now_ms: int) -> list[Body]:
-    """Rate each recipient once: satisfied when paid in full, else after the lease ended."""
+    """Rate each recipient once: satisfied when paid in full, else after the lease ended;
+    and each contractor we hired (its results were verified before we used them)."""
     out: list[Body] = []
+    for sc in market.subcontracts.values():
+        if sc.provider != me or any(r.rater == me for r in market.ratings.get(sc.event_id, ())):
+            continue
+        out.append(Rating(lease=sc.event_id, subject=sc.contractor, role="provider",
+                          satisfied=True, score=5, text="subcontracted results verified"))
     for lease in market.leases.values():
         if lease.provider != me or now_ms < lease.start_ms:
             continue

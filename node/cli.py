@@ -723,7 +723,14 @@ def _run(args: argparse.Namespace, out: Output) -> int:
 
 # ---------------------------------------------------------------- main
 
-GROUPS: list[Group] = [register_keygen, register_ledger, register_client, register_run]
+def register_devnet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from . import devnet  # imports trio and the light client only when devnet is asked for
+
+    devnet.register(sub)
+
+
+GROUPS: list[Group] = [register_keygen, register_ledger, register_client, register_run,
+                       register_devnet]
 
 
 def add_group(register: Group) -> None:

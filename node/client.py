@@ -638,7 +638,20 @@ class LightClient:
         return out
 
     async def lease(self, lease_id: bytes) -> tuple[Market, Lease]:
-        market = self._fold(await self.lease_events())
+        events = await self.lease_events()
+        award = next((e for e in events if e.id == lease_id and e.kind == "award"), None)
+        if award is None:
+            award = next(iter(await self.get_events([lease_id])), None)
+        if award is not None and isinstance(award.body, Award):
+            # Verifying the award needs its whole auction, and for best value the
+            # bidders' reputations as of the close (the lease bundle has neither).
+            bundle = await self.auction_events(award.body.request)
+            events += bundle
+            req = next((e.body for e in bundle if e.id == award.body.request), None)
+            if isinstance(req, Request) and req.rule == "best_value":
+                bidders = {e.author for e in bundle if e.kind in ("bid", "commit")}
+                events += await self.reputation_events(bidders)
+        market = self._fold(events)
         lease = market.leases.get(lease_id)
         if lease is None:
             raise UsageError(f"no lease {lease_id.hex()[:16]} of ours is known to the nodes "

@@ -141,6 +141,24 @@ class ProviderConfig:
     note: str = _opt("", str, lambda v: None if len(v) <= 280 else "at most 280 characters")
 
 
+def _exec(v: Any) -> str | None:
+    for name, argv in v.items():
+        if not re.fullmatch(SERVICE_RE, name) or not name.startswith("exec:"):
+            return f"{name!r}: exec service names look like exec:NAME"
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            return f"{name}: must be a non-empty list of strings (the command's argv)"
+    return None
+
+
+@dataclass(frozen=True)
+class DataplaneConfig:
+    enabled: bool = _opt(True, bool)
+    workers: int = _opt(0, int, _range(0, 256))
+    exec: dict[str, list[str]] = _opt({}, dict, _exec)
+    max_streams: int = _opt(64, int, _range(1, 100_000))
+    window: int = _opt(16, int, _range(1, 4096))
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = _opt(False, bool)
@@ -159,6 +177,7 @@ class Config:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     provider: ProviderConfig = field(default_factory=ProviderConfig)
+    dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     source: Path | None = None
 
@@ -186,7 +205,7 @@ class Config:
 
 SECTIONS: dict[str, type[Any]] = {
     "node": NodeConfig, "p2p": P2PConfig, "gossip": GossipConfig, "sync": SyncConfig,
-    "provider": ProviderConfig, "http": HttpConfig,
+    "provider": ProviderConfig, "dataplane": DataplaneConfig, "http": HttpConfig,
 }
 
 

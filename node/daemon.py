@@ -492,9 +492,10 @@ async def _status_loop(node: Node) -> None:
 def _start_services(node: Node) -> None:
     """The built-in services the config asks for, then `bidmesh.services` plugins."""
     from . import http, provider, query
+    from .dataplane import node as dataplane
 
     factories: list[Callable[[Node], Service | None]] = [
-        query.node_service, http.node_service, provider.node_service,
+        query.node_service, http.node_service, provider.node_service, dataplane.node_service,
     ]
     factories += [ep.load() for ep in entry_points(group="bidmesh.services")]
     for factory in factories:

@@ -1,0 +1,55 @@
+"""The dataplane as a node-daemon service, configured by the `[dataplane]` section.
+
+Wires `DataplaneService` to the running node: leases and offers come from the node's
+shared derived market, Usage and Subcontract events are published with the node
+key, and processing runs in a worker-process pool. The services served locally are
+the provider's offered processing services (every installed processor when the
+node has no provider agent).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..events import Body
+from ..processors import load_processors
+from ..processors.pool import WorkerPool
+from .service import DataplaneConfig, DataplaneService
+
+if TYPE_CHECKING:
+    from ..daemon import Node
+
+
+class DataplaneNodeService:
+    name = "dataplane"
+
+    def __init__(self, node: Node) -> None:
+        cfg = node.config
+        self.processors = load_processors(cfg.dataplane.exec)
+        offered = set(cfg.provider.offers) if cfg.provider.enabled else set(self.processors)
+        self.config = DataplaneConfig(
+            services=frozenset(offered & set(self.processors)),
+            max_streams=cfg.dataplane.max_streams,
+            window=cfg.dataplane.window,
+        )
+        self.svc: DataplaneService | None = None
+
+    async def run(self, node: Node) -> None:
+        workers = node.config.dataplane.workers or None
+        async with WorkerPool(self.processors, workers) as pool:
+
+            def publish(body: Body) -> None:
+                node.publish(body)
+
+            self.svc = DataplaneService(
+                node.host, node.identity, node.ledger.network,
+                lambda lid: node.market().leases.get(lid), node.market, pool, publish,
+                config=self.config)
+            await self.svc.run()
+
+    def status(self) -> dict[str, Any]:
+        return self.svc.stats() if self.svc else {"state": "starting"}
+
+
+def node_service(node: Node) -> DataplaneNodeService | None:
+    return DataplaneNodeService(node) if node.config.dataplane.enabled else None

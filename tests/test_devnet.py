@@ -1,0 +1,43 @@
+"""`bidmesh devnet` end to end: real node processes, the whole round, exit status 0."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
+
+STEPS = {
+    "network up", "warm-up leases", "bids with reputation", "award verified",
+    "sealed Vickrey auction", "streams byte-exact", "payments", "group purchase",
+    "provider rated the recipient", "lease ended", "every node has the same state digest",
+}
+
+
+def test_devnet_full_round(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "devnet", "--json", "--dir", str(tmp_path / "net")],
+        capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert STEPS <= set(s["steps"])
+    assert len(set(s["digests"].values())) == 1 and len(s["digests"]) == 4
+    assert all(v["exact"] for v in s["streams"].values()) and len(s["streams"]) == 3
+    lease = s["lease"]
+    assert lease["provider"] == "borealis"  # best value beat atlas's lower price
+    assert {c["contractor"] for c in lease["subcontracts"]} <= {"cirrus", "delta"}
+    assert lease["subcontracts"] and sum(u["segments"] for u in lease["usage"]) > 0
+    by_id = {a["service"] + ("-sealed" if a["sealed"] else "") + ("-group" if a["group"]
+             else ""): a for a in s["auctions"]}
+    sealed = by_id["bandwidth-sealed"]
+    prices = sorted(b["price"] for b in sealed["bids"] if b["price"] is not None)
+    assert sealed["price"] == prices[1]  # Vickrey: the winner is paid the second price
+    after = {r["who"]: r for r in s["reputation_after"]}
+    before = {r["who"]: r for r in s["reputation_before"]}
+    assert after["borealis"]["score"] > before["borealis"]["score"]
+    assert after["delta"]["ratings"] >= 1  # the hirer rated its subcontractor
+    assert all(r["satisfied"] >= 1 for r in s["recipients"])

@@ -21,7 +21,7 @@ from ..errors import (
 )
 from ..events import Subcontract
 from ..p2p import P2PHost, RequestRefused, peer_id_from_pubkey, request
-from ..processors import ProcessContext, Processor, verify_result
+from ..processors import ProcessContext, Processor, run_chain, verify_result
 from ..processors.pool import WorkerPool
 from ..segments import Step
 from .wire import ProcessRequest, decode_outputs, process_protocol
@@ -143,6 +143,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ running
 
+    async def run_local(self, services: tuple[str, ...], data: bytes,
+                        ctx: ProcessContext) -> bytes:
+        """In a worker process, unless every processor says it is `inline` (free)."""
+        procs = [self.processors.get(s) for s in services]
+        if all(getattr(p, "inline", False) is True for p in procs):
+            await trio.lowlevel.checkpoint()
+            return run_chain(self.processors, services, data, ctx)
+        return await self.pool.run_chain(services, data, ctx)
+
     async def run_step(self, step: Step, data: bytes, ctx: ProcessContext,
                        contracts: Contracts) -> tuple[bytes, int]:
         """Result of the step and the number of failed attempts before it.
@@ -156,7 +165,7 @@ class Dispatcher:
             while attempts < min(self.local_attempts, self.max_attempts):
                 attempts += 1
                 try:
-                    return await self.pool.run_chain(step.services, data, ctx), attempts - 1
+                    return await self.run_local(step.services, data, ctx), attempts - 1
                 except ProcessingError as e:
                     self.counters["local_failed"] += 1
                     errors.append(f"here: {e}")

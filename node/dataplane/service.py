@@ -590,11 +590,12 @@ class DataplaneService:
                              req.step)
         try:
             if len(req.services) == 1:
-                outputs = [await self.pool.run_chain(req.services, req.data, ctx)]
+                outputs = [await self.dispatcher.run_local(req.services, req.data, ctx)]
             else:  # every intermediate output, so the requester can verify each service
                 outputs, data = [], req.data
                 for i, name in enumerate(req.services):
-                    data = await self.pool.run(name, data, ctx.at_step(req.step + i))
+                    data = await self.dispatcher.run_local((name,), data,
+                                                           ctx.at_step(req.step + i))
                     outputs.append(data)
         except ProcessingError as e:
             served["failed"] += 1

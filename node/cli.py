@@ -724,9 +724,24 @@ def _run(args: argparse.Namespace, out: Output) -> int:
 # ---------------------------------------------------------------- main
 
 def register_devnet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from . import devnet  # imports trio and the light client only when devnet is asked for
+    p = sub.add_parser(
+        "devnet", help="run a local multi-node network through a full round",
+        description="Start real provider nodes on loopback and play a narrated round: "
+        "auctions (open, sealed, best value, group with a sponsor), award verification, a "
+        "3-device stream with subcontracting, payments and ratings both ways; then a "
+        "summary. Exits non-zero if any step fails. See docs/devnet.md.")
+    p.add_argument("--providers", type=int, default=4, help="provider nodes (4-5, default 4)")
+    p.add_argument("--dir", help="state directory (default: a new temporary directory)")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the network running afterwards (Ctrl-C stops it)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    p.set_defaults(func=_devnet)
 
-    devnet.register(sub)
+
+def _devnet(args: argparse.Namespace, out: Output) -> int:
+    from .devnet import cmd_devnet  # trio, libp2p and the light client: only when asked
+
+    return cmd_devnet(args, out)
 
 
 GROUPS: list[Group] = [register_keygen, register_ledger, register_client, register_run,

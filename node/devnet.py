@@ -589,15 +589,3 @@ def cmd_devnet(args: argparse.Namespace, out: Output) -> int:
         return trio.run(_main, args, out)
     except KeyboardInterrupt:
         return 130
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("devnet", help="run a local multi-node network through a full round",
-                       description=__doc__)
-    p.add_argument("--providers", type=int, default=4, help="provider nodes (4-5, default 4)")
-    p.add_argument("--dir", help="state directory (default: a new temporary directory)")
-    p.add_argument("--keep", action="store_true",
-                   help="leave the network running afterwards (Ctrl-C stops it)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON only")
-    p.set_defaults(func=cmd_devnet)
-

@@ -418,15 +418,11 @@ QueryResponse = EventsPage | Heads | Digest | Submitted
 
 
 def _split(data: bytes, max_size: int) -> tuple[int, list[Any]]:
-    v = codec.unpack(data, max_size)
-    if type(v) is not list or not v or type(v[0]) is not int:
-        raise _bad("must be an array starting with an integer tag")
-    return v[0], v[1:]
+    return codec.split_tagged(data, max_size, "query")
 
 
-def _arity(args: list[Any], n: int, what: str) -> None:
-    if len(args) != n:
-        raise _bad(f"{what} takes {n} fields, got {len(args)}")
+def _arity(args: Any, n: int, what: str) -> None:
+    codec.check_arity(args, n, what, "query")
 
 
 def decode_request(data: bytes) -> QueryRequest:

@@ -426,3 +426,23 @@ async def test_lease_end_stops_streams_and_publishes_usage() -> None:
         assert usage.members[0].member == M.public and usage.members[0].bytes_in > 0
         assert usage.shortfall_ms > 0  # 10 MB/s minimum, a trickle delivered
 
+
+
+async def test_time_cut_flushes_a_quiet_stream() -> None:
+    lease = make_lease(chain=("identity",))
+    async with world({"A": [("identity", 1)]}) as w:
+        w.leases[lease.id] = lease
+        first = trio.Event()
+        pkts = packets(6, seed=6)
+
+        async def source() -> AsyncIterator[bytes]:
+            yield encode_lp(pkts[:3])  # fewer than max_packets: only age can cut it
+            await first.wait()
+            yield encode_lp(pkts[3:])
+
+        async def sink(frame: bytes) -> None:
+            first.set()
+
+        res = await w.stream("M", lease, [], chains=(("identity",),), source=source(),
+                             sink=sink, limits=SegmentLimits(16, 64 << 10, 50))
+        assert res.trailer.ok and res.trailer.segments == 2 and res.trailer.packets == 6

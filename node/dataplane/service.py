@@ -209,7 +209,7 @@ class _Ingest:
         self.seg_send, self.seg_recv = trio.open_memory_channel[Segment](0)
         self.out_send, self.out_recv = trio.open_memory_channel[tuple[int, bytes]](math.inf)
         self.seg_lock = trio.Lock()
-        self.input_done = False
+        self.input_done = trio.Event()
         self.sizes: dict[int, tuple[int, float]] = {}  # seq -> (input bytes, start time)
         self.contracts = Contracts()
         self.error: BaseException | None = None
@@ -272,21 +272,22 @@ class _Ingest:
                 for s in segs:
                     await self.seg_send.send(s)
                 if final:
-                    self.input_done = True
+                    self.input_done.set()
                     await self.seg_send.aclose()
                     return
 
     async def _ticker(self) -> None:
         age = self.header.limits.max_age_ms
         assert age is not None
-        while True:
+        while not self.input_done.is_set():
             due = self.segmenter.deadline_ms
             if due is None:
                 await trio.sleep(max(age, 1) / 1000)
                 continue
-            await trio.sleep_until(due / 1000)
+            # +0.5 ms: int(current_time * 1000) must reach `due` when we wake
+            await trio.sleep_until((due + 0.5) / 1000)
             async with self.seg_lock:
-                if self.input_done:
+                if self.input_done.is_set():
                     return
                 for s in self.segmenter.tick(_mono_ms()):
                     await self.seg_send.send(s)

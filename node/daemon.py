@@ -42,6 +42,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import threading
@@ -196,7 +197,16 @@ class Node:
             ev = sign_event(self.identity.seed, seq, prev, ts, body, self.ledger.network)
             events.append(ev)
             prev = ev.id
-        for res in self.ledger.append_many([e.wire for e in events]):
+        try:
+            results = self.ledger.append_many([e.wire for e in events])
+        except sqlite3.Error as e:
+            # A full disk or a state dir gone read-only: the batch was rolled back,
+            # nothing is acknowledged, and the node keeps serving what it has.
+            log.error("storing own events failed", extra={"error": str(e), "events": len(events)})
+            raise OperationError(f"could not store the events in {self.ledger.path} ({e}); "
+                                 "nothing was stored: free disk space or fix the state "
+                                 "directory, then retry") from e
+        for res in results:
             if res.status is not Status.ACCEPTED:
                 raise UsageError(f"own event not accepted: {res.status} {res.reason} {res.detail}")
         for ev in events:

@@ -396,14 +396,25 @@ class Replicator:
     async def _session(self, peer: p2p.PeerId,
                        gaps: list[tuple[bytes, int, int]] | None) -> sync.SyncSession:
         s = sync.SyncSession(self.ledger, self.limits, gaps=gaps)
+        store_failed = False
         while (req := s.next_request()) is not None:
-            s.on_response(await self._send(peer, req))
+            resp = await self._send(peer, req)
+            try:
+                s.on_response(resp)
+            except sqlite3.Error as e:
+                # Our disk (full, or gone read-only), not the peer: end this session;
+                # the batch was rolled back and a later session fetches it again.
+                log.error("storing synced events failed", extra={"peer": str(peer),
+                                                                "error": str(e)})
+                self.stats.events["store_error"] += 1
+                store_failed = True
+                break
         self.stats.sync_rounds += 1
         self.stats.last_sync_at = time.time()
         self.stats.last_sync_peer = str(peer)
         self.stats.sync_in_sync += s.in_sync
         self.stats.sync_events += s.stats.accepted
-        if s.failed:
+        if s.failed or store_failed:
             self.stats.sync_failed += 1
         for reason, n in s.stats.faults.items():
             for _ in range(n):

@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Soak: a small network of real node processes under steady gossip, sync and stream
+load; does memory, file descriptors and task count stay flat?
+
+    .venv/bin/python bench/soak.py [--quick] [--duration S] [--nodes N] [--rate R]
+
+N `bidmesh run` daemons (default 3), full mesh. Load for `--duration` seconds
+(`--quick`: 60 s, default 1800 s):
+
+* gossip: `--rate` events/s published in batches round-robin over the control
+  sockets (the daemons gossip and store them);
+* sync: each node's periodic anti-entropy (every 1 s here) plus an explicit `sync`
+  control call to one node every 5 s;
+* streams: a member streams 256 KiB through node 0 (zstd) under a real lease every
+  2 s (the provider segments, processes in its worker pool and streams back).
+
+Sampled every 5 s per daemon process (psutil): RSS, open fds, threads, and trio
+tasks (from `status`). `rss_start_mb` is the mean RSS at the end of warm-up (a
+third of the run, at most 300 s), `rss_end_mb` the mean at the end; growth figures
+are the largest over the nodes. Baseline for the ratio: RSS of an idle node
+(`idle_rss_mb`, measured before the load starts) — `rss_end_vs_idle_ratio`.
+
+Last line: JSON with `duration_s`, `rss_start_mb`, `rss_end_mb`, `rss_growth_mb`,
+`fds_growth`, `tasks_growth`, `threads_growth`, `events`, `streams`, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import psutil  # noqa: E402
+import trio  # noqa: E402
+from daemon_helpers import Cluster, Proc, wait_for  # noqa: E402
+from reliability.faultnet import (  # noqa: E402
+    NODE_ERRORS,
+    Publisher,
+    lease_events,
+    reconfigure,
+    seed_ledger,
+)
+
+from node.dataplane import SegmentLimits, stream_through_lease  # noqa: E402
+from node.errors import BidmeshError  # noqa: E402
+from node.keys import Identity  # noqa: E402
+from node.p2p import open_host  # noqa: E402
+from node.segments import encode_lp  # noqa: E402
+
+MEMBER = Identity.from_seed(b"soak-member".ljust(32, b"."))
+
+
+def sample(c: Cluster, base: subprocess.Popen[bytes]) -> list[dict[str, float]]:
+    out = []
+    for p in c.procs:
+        assert p.popen is not None
+        proc = psutil.Process(p.popen.pid)
+        try:
+            tasks = float(c.status(p).get("tasks", 0))
+        except NODE_ERRORS:
+            tasks = float("nan")
+        out.append({"rss_mb": proc.memory_info().rss / 2**20, "fds": float(proc.num_fds()),
+                    "threads": float(proc.num_threads()), "tasks": tasks,
+                    "events": float(c.status(p)["events"])})
+    bp = psutil.Process(base.pid)
+    out.append({"rss_mb": bp.memory_info().rss / 2**20, "fds": float(bp.num_fds()),
+                "threads": float(bp.num_threads()), "tasks": 0.0, "events": 0.0})
+    return out
+
+
+def setup(base: Path, n: int) -> tuple[Cluster, Any]:
+    c = Cluster(base, n, overrides={"dataplane": {"workers": 1},
+                                    "sync": {"interval_s": 1.0},
+                                    "node": {"log_level": "warning"}})
+    reconfigure(c.procs[0], "provider", enabled=True, currency="EUR", interval_s=5.0,
+                offers={"zstd": {"price": 1, "capacity": 100_000}}, rate_recipients=False)
+    events, lease = lease_events(MEMBER, c.procs[0].ident, "zstd", ("zstd",),
+                                 duration_ms=3 * 3600_000)
+    seed_ledger(c.procs[0], [e.wire for e in events])
+    return c, lease
+
+
+async def streamer(c: Cluster, lease: Any, stop: trio.Event, counts: dict[str, int]) -> None:
+    a = c.procs[0]
+    payload = [encode_lp([bytes([i % 251]) * 1000 + i.to_bytes(4, "big") for i in range(256)])]
+    async with open_host(MEMBER.seed) as host:
+        await host.connect(a.addr)
+        while not stop.is_set():
+            try:
+                with trio.fail_after(30):
+                    res = await stream_through_lease(
+                        host, a.peer_id, lease, MEMBER, payload, "lp", [("zstd",)],
+                        network="proctest", limits=SegmentLimits(64, 1 << 20), timeout=20)
+                counts["streams"] += 1
+                counts["stream_bytes"] += res.trailer.bytes_in
+            except (BidmeshError, trio.TooSlowError) as e:
+                counts["stream_errors"] += 1
+                print(f"stream failed: {e}", flush=True)
+            with trio.move_on_after(2.0):
+                await stop.wait()
+
+
+def syncer(c: Cluster, procs: list[Proc], stop_at: float) -> None:
+    i = 0
+    while time.monotonic() < stop_at:
+        try:
+            procs[i % len(procs)].call({"op": "sync"}, timeout=20)
+        except NODE_ERRORS as e:
+            print(f"sync call failed: {e}", flush=True)
+        i += 1
+        time.sleep(5.0)
+
+
+FOLLOWER = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from node.ledger import Ledger
+from node.marketview import LiveMarket
+src = Ledger(sys.argv[1], network="proctest", readonly=True)
+own = Ledger(sys.argv[2], network="proctest")
+live = LiveMarket(own)
+cursor = 0
+while True:
+    rows = src.events(after=cursor, limit=2048)
+    if rows:
+        cursor = rows[-1][0]
+        own.append_many([ev.wire for _, ev in rows])
+        live.market()
+    else:
+        time.sleep(0.2)
+"""
+
+
+def follower(c: Cluster, base: Path) -> subprocess.Popen[bytes]:
+    """The baseline: a process that stores node 1's events in its own ledger and keeps
+    the derived market current, exactly as a node does, without any networking."""
+    return subprocess.Popen([sys.executable, "-c", FOLLOWER,
+                             str(c.procs[1].data_dir / "ledger.db"), str(base / "baseline.db"),
+                             str(ROOT)])
+
+
+def mean(rows: list[list[dict[str, float]]], node: int, key: str) -> float:
+    return statistics.fmean(r[node][key] for r in rows)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="bidmesh-soak-"))
+    c, lease = setup(base, args.nodes)
+    await trio.to_thread.run_sync(c.start_all)
+    try:
+        await trio.to_thread.run_sync(
+            wait_for, lambda: all(len(c.status(p)["peers"]) == args.nodes - 1 for p in c.procs),
+            30, "a full mesh")
+        base_proc = follower(c, base)
+        idle = statistics.fmean(s["rss_mb"] for s in sample(c, base_proc)[:-1])
+        warm = min(300.0, args.duration / 3)
+        t0 = time.monotonic()
+        stop_at = t0 + args.duration
+        print(f"{args.nodes} nodes up (idle RSS {idle:.1f} MB); load for {args.duration:.0f} s, "
+              f"warm-up {warm:.0f} s, {args.rate} events/s", flush=True)
+        batch = max(1, int(args.rate / 10))
+        pub = Publisher(c.procs, batch=batch, interval=0.1, tag="soak")
+        pub.start()
+        counts = {"streams": 0, "stream_bytes": 0, "stream_errors": 0}
+        stop = trio.Event()
+        samples: list[tuple[float, list[dict[str, float]]]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(streamer, c, lease, stop, counts)
+            nursery.start_soon(trio.to_thread.run_sync, syncer, c, c.procs, stop_at)
+            while time.monotonic() < stop_at:
+                await trio.sleep(5.0)
+                s = await trio.to_thread.run_sync(sample, c, base_proc)
+                t = time.monotonic() - t0
+                samples.append((t, s))
+                rss = " ".join(f"{x['rss_mb']:.1f}" for x in s[:-1])
+                print(f"[{t:6.0f}s] rss {rss} MB (baseline {s[-1]['rss_mb']:.1f})  "
+                      f"fds {' '.join(str(int(x['fds'])) for x in s)}  "
+                      f"tasks {' '.join(str(int(x['tasks'])) for x in s)}  "
+                      f"events {int(s[0]['events'])}  streams {counts['streams']}", flush=True)
+            stop.set()
+        pub.stop()
+    finally:
+        c.stop_all()
+        with contextlib.suppress(NameError):
+            base_proc.kill()
+            base_proc.wait(10)
+    warm_rows = [s for t, s in samples if t <= warm][-3:] or [samples[0][1]]
+    end_rows = [s for _, s in samples][-3:]
+    n = args.nodes
+
+    def growth(key: str) -> float:
+        return max(mean(end_rows, i, key) - mean(warm_rows, i, key) for i in range(n))
+
+    rss_start = statistics.fmean(mean(warm_rows, i, "rss_mb") for i in range(n))
+    rss_end = statistics.fmean(mean(end_rows, i, "rss_mb") for i in range(n))
+    b_growth = mean(end_rows, n, "rss_mb") - mean(warm_rows, n, "rss_mb")
+    out = {
+        "duration_s": round(samples[-1][0], 1),
+        "nodes": n,
+        "rate_events_per_s": args.rate,
+        "events": len(pub.acked),
+        "publish_errors": pub.errors,
+        "streams": counts["streams"],
+        "stream_errors": counts["stream_errors"],
+        "stream_mb": round(counts["stream_bytes"] / 1e6, 1),
+        "idle_rss_mb": round(idle, 1),
+        "rss_start_mb": round(rss_start, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "rss_growth_mb": round(growth("rss_mb"), 1),
+        "baseline_growth_mb": round(b_growth, 1),
+        "net_growth_mb": round(growth("rss_mb") - b_growth, 1),
+        "fds_growth": round(growth("fds"), 1),
+        "tasks_growth": round(growth("tasks"), 1),
+        "threads_growth": round(growth("threads"), 1),
+        "rss_end_vs_idle_ratio": round(rss_end / idle, 2),
+    }
+    print(f"RSS after warm-up {out['rss_start_mb']} MB, at the end {out['rss_end_mb']} MB: "
+          f"growth {out['rss_growth_mb']} MB (worst node), of which storage and the "
+          f"derived market {out['baseline_growth_mb']} MB (baseline: the same events stored "
+          f"and folded without networking), the rest {out['net_growth_mb']} MB; "
+          f"fds {out['fds_growth']:+}, "
+          f"tasks {out['tasks_growth']:+}, threads {out['threads_growth']:+}; "
+          f"{out['events']} events, {out['streams']} streams")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="60 s")
+    ap.add_argument("--duration", type=float, default=1800.0)
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=100.0, help="events/s over all nodes")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration = 60.0
+    out = trio.run(run, args)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

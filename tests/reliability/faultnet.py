@@ -114,10 +114,26 @@ class Publisher(threading.Thread):
         self.acked: list[bytes] = []
         self.errors = 0
         self.stop_event = threading.Event()
+        self.paused = threading.Event()
+        self._idle = threading.Event()
         self._i = 0
+
+    def pause(self) -> None:
+        """Stop publishing (returns once no call is in flight) until `resume()`."""
+        self._idle.clear()
+        self.paused.set()
+        if self.is_alive():
+            self._idle.wait(15)
+
+    def resume(self) -> None:
+        self.paused.clear()
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            if self.paused.is_set():
+                self._idle.set()
+                self.stop_event.wait(0.02)
+                continue
             live = [p for p in self.procs if p.alive()]
             if live:
                 p = live[self._i % len(live)]

@@ -87,6 +87,8 @@ def _bid_action(a: Auction, me: bytes, seed: bytes, policy: ProviderPolicy,
     req = a.request
     if a.recipient == me or me in a.pledges or not policy.sells(req.service):
         return None
+    if req.currency != policy.currency:
+        return None  # prices are in our currency; no conversion guesses
     price = policy.price_for(req.service, req.duration_ms)
     if price is None or price > req.reserve:
         return None

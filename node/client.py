@@ -821,6 +821,9 @@ class LightClient:
                        if p.payer == self.key)
             owed = lease.price - market.paid.get(lease.id, 0)
             amount = max(0, (share - mine) if share is not None else owed)
+            if amount == 0:
+                raise UsageError(f"nothing is owed on lease {lease.id.hex()[:16]} by us; "
+                                 "pass --amount to pay more anyway")
         try:
             body = Payment(lease=lease.id, amount=amount, currency=lease.currency,
                            method=method, reference=reference, on_behalf=tuple(on_behalf))
@@ -831,7 +834,10 @@ class LightClient:
     async def rate(self, lease_id: bytes, *, satisfied: bool, score: int,
                    text: str = "") -> Event:
         """Rate the other party of a lease (a member device rates the provider)."""
-        _, lease = await self.lease(lease_id)
+        market, lease = await self.lease(lease_id)
+        if any(r.rater == self.key for r in market.ratings.get(lease.id, ())):
+            raise UsageError(f"we already rated lease {lease.id.hex()[:16]}; a lease is rated "
+                             "once per side")
         if self.key == lease.provider:
             subject, role = lease.recipient, "recipient"
         elif self.key in lease.keys:
@@ -879,10 +885,20 @@ class LightClient:
                 if not self.host.is_connected(peer):
                     raise OperationError(f"cannot reach provider {lease.provider.hex()[:16]}: "
                                          "no dialable address in its offer")
-        use_chains = chains or ([list(lease.chain)] if lease.chain else [[lease.service]])
+        use_chains = chains or [lease_chain(lease)]
         return await stream_through_lease(
             self.host, peer, lease, self.identity, source, protocol, use_chains,
             network=self.network, delegation=delegation, sink=sink, timeout=timeout)
+
+
+def lease_chain(lease: Lease) -> list[str]:
+    """What a lease's stream is processed with: its chain; else its service when that is
+    a processing service; else (transport such as `bandwidth`) passed through as is."""
+    if lease.chain:
+        return list(lease.chain)
+    from .processors import load_processors
+
+    return [lease.service] if lease.service in load_processors() else ["identity"]
 
 
 def _single_leaf(eg: BaseExceptionGroup[BaseException]) -> BaseException | None:

@@ -90,3 +90,11 @@ def test_sealed_auction_commit_then_reveal(tmp_path: Path) -> None:
         check = verify_award(derive(ledger.iter_canonical()), aw.id)
         # Vickrey: the lowest (5) wins and is paid the second price (7).
         assert check.valid and check.price == 7
+
+
+def test_no_bids_in_another_currency(tmp_path: Path) -> None:
+    t0 = 3_000_000
+    with Ledger(tmp_path / "l.db", network=NETWORK) as ledger:
+        body = _request(False, t0)
+        ledger.publish(RECIPIENT, Request(**{**body.__dict__, "currency": "USD"}), t0)
+        assert not [b for b in _round(ledger, t0 + 10) if isinstance(b, Bid)]

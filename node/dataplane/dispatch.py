@@ -208,6 +208,10 @@ class Dispatcher:
         async with lock:
             if self.host.is_connected(peer):
                 return
+            if self.is_bad(cand.provider):
+                # Segments queued behind a dial that just failed must not each redial
+                # the same dead peer (a window of them would stall the stream).
+                raise OperationError(f"provider {peer} failed recently; not redialling")
             last: BidmeshError | None = None
             for addr in cand.addrs:
                 full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer}"

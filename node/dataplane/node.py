@@ -26,7 +26,9 @@ class DataplaneNodeService:
     def __init__(self, node: Node) -> None:
         cfg = node.config
         self.processors = load_processors(cfg.dataplane.exec)
-        offered = set(cfg.provider.offers) if cfg.provider.enabled else set(self.processors)
+        # Pass-through (`identity`) serves transport leases such as bandwidth.
+        offered = ({*cfg.provider.offers, "identity"} if cfg.provider.enabled
+                   else set(self.processors))
         self.config = DataplaneConfig(
             services=frozenset(offered & set(self.processors)),
             max_streams=cfg.dataplane.max_streams,

@@ -467,6 +467,12 @@ def cmd_import(args: argparse.Namespace, led: Ledger, out: Output) -> int:
                                                    for p in problems):
         sys.stderr.write(f"hint: every signature failed; is the file from another network "
                          f"than {led.network!r}? pass --network\n")
+    if led.count() == 0 and not led.fork_proofs():
+        # Leave no empty ledger bound to a network nothing was imported into, so a
+        # retry with the right --network works.
+        led.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{led.path}{suffix}").unlink(missing_ok=True)
     return EXIT_PROBLEMS if failed else EXIT_OK
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import http
 import json
 import logging
 import time
@@ -381,7 +382,8 @@ def _head(resp: Response, close: bool) -> h11.Response:
         headers.append((b"allow", b"GET"))
     if close:
         headers.append((b"connection", b"close"))
-    return h11.Response(status_code=resp.status, headers=headers)
+    reason = http.HTTPStatus(resp.status).phrase.encode()
+    return h11.Response(status_code=resp.status, headers=headers, reason=reason)
 
 
 async def _serve_conn(api: HttpApi, stream: trio.SocketStream, settings: HttpSettings) -> None:

@@ -44,7 +44,7 @@ def save_key(path: Path, ident: Identity, *, overwrite: bool = False) -> None:
     path = Path(path)
     if path.exists() and not overwrite:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -1,7 +1,7 @@
 """libp2p plumbing for bidmesh: host, framed streams, request/response, gossipsub.
 
 Everything that touches py-libp2p 0.8.1 directly lives here, so that
-`node/gossip.py`, `node/dataplane.py` and `node/client.py` build on a small API
+`node/gossip.py`, `node/dataplane/` and `node/client.py` build on a small API
 and the upstream pitfalls are worked around once. `docs/libp2p-notes.md` has the
 background (file:line references into the installed libp2p).
 

@@ -2,7 +2,7 @@
 planning, the reorder buffer, rate control and the local reference.
 
 Nothing here reads a socket or a clock: bytes and `now_ms` are passed in, decisions
-come back. `node/dataplane.py` performs the I/O. Formats are specified in
+come back. `node/dataplane/` performs the I/O. Formats are specified in
 docs/dataplane.md.
 """
 

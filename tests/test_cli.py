@@ -13,6 +13,7 @@ import pytest
 
 from node import paths
 from node.events import Bid
+from node.keys import Identity
 from node.ledger import Ledger
 from node.testing import NETWORK, Chain, fake_id, sample_bodies, seed
 
@@ -231,3 +232,18 @@ def test_read_only_commands_work_next_to_a_writer(tmp_path: Path) -> None:
         led.append(c.next().wire)
         s = js("ledger", "--data-dir", tmp_path, "summary")
         assert isinstance(s, dict) and s["events"] == 6
+
+
+def test_failed_import_into_new_dir_leaves_no_ledger(tmp_path: Path) -> None:
+    """All records of another network fail; the retry with --network must work."""
+    src = tmp_path / "src"
+    with Ledger(src / "ledger.db", network="othernet") as led:
+        led.publish(Identity.from_seed(bytes(32)), sample_bodies()["offer"], 1000)
+    exported = tmp_path / "x.bin"
+    with Ledger(src / "ledger.db", network="othernet", readonly=True) as led:
+        exported.write_bytes(b"".join(led.iter_wires()))
+    dst = tmp_path / "dst"
+    r = bidmesh("ledger", "--data-dir", dst, "import", exported, check=None)
+    assert r.returncode != 0 and "--network" in r.stderr
+    assert not (dst / "ledger.db").exists()
+    bidmesh("ledger", "--data-dir", dst, "--network", "othernet", "import", exported)

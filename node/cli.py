@@ -602,7 +602,7 @@ def register_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _client_handler(name: str) -> Handler:
     def run(args: argparse.Namespace, out: Output) -> int:
-        from .client import run_command
+        from .client_cli import run_command
 
         return run_command(name, args, out)
     return run

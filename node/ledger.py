@@ -32,7 +32,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events(
     n INTEGER PRIMARY KEY,            -- local arrival order, a cursor for watchers
-    id BLOB NOT NULL UNIQUE,
+    id BLOB NOT NULL,                 -- unique: it hashes (author, seq, ...)
+    idk INTEGER NOT NULL,             -- first 8 bytes of id: a small index for lookups
     author BLOB NOT NULL,
     seq INTEGER NOT NULL,
     ts_ms INTEGER NOT NULL,
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS events(
     wire BLOB NOT NULL,
     UNIQUE(author, seq)
 );
+CREATE INDEX IF NOT EXISTS events_idk ON events(idk);
 CREATE INDEX IF NOT EXISTS events_ref ON events(ref) WHERE ref IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_kind_ts ON events(kind, ts_ms);
 CREATE INDEX IF NOT EXISTS events_canon ON events(ts_ms, author, seq);
@@ -58,6 +60,14 @@ CACHE_KIB = 32 << 10  # SQLite page cache of the writer (part of the RSS budget)
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MiB of WAL between automatic checkpoints
 
 _Row = tuple[bytes, bytes, int, int, str, bytes | None, bytes]
+
+
+def idk(event_id: bytes) -> int:
+    """The indexed key of an event id: its first 8 bytes as an order-preserving signed
+    integer. An 8-byte index is a quarter the size of one over 32-byte ids, which
+    keeps ingest fast once the ledger outgrows the page cache; lookups check the
+    full id too."""
+    return int.from_bytes(event_id[:8], "big") - (1 << 63)
 
 
 class Status(StrEnum):
@@ -202,7 +212,12 @@ class Ledger:
             self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self.db.execute(f"PRAGMA journal_size_limit={64 << 20}")
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(events)")}
+            if cols and "idk" not in cols:
+                raise UsageError(f"{self.path} was written by an older bidmesh (no id key "
+                                 "column); export it with that version and import it here")
             self.db.executescript(SCHEMA)
+        self.db.create_function("idk", 1, idk, deterministic=True)
         self.db.execute("PRAGMA busy_timeout=5000")
         self._check_network()
         self._pending = _Pending(pending_per_author, pending_total)
@@ -289,8 +304,8 @@ class Ledger:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
                 self.db.executemany(
-                    "INSERT INTO events(id, author, seq, ts_ms, kind, ref, wire) "
-                    "VALUES(?,?,?,?,?,?,?)",
+                    "INSERT INTO events(id, idk, author, seq, ts_ms, kind, ref, wire) "
+                    "VALUES(?1, idk(?1), ?2, ?3, ?4, ?5, ?6, ?7)",
                     b.rows,
                 )
                 self.db.executemany(
@@ -527,11 +542,13 @@ class Ledger:
         return dict(self.db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall())
 
     def has(self, event_id: bytes) -> bool:
-        row = self.db.execute("SELECT 1 FROM events WHERE id=?", (event_id,)).fetchone()
+        row = self.db.execute("SELECT 1 FROM events WHERE idk=idk(?1) AND id=?1",
+                              (event_id,)).fetchone()
         return row is not None
 
     def get_wire(self, event_id: bytes) -> bytes | None:
-        row = self.db.execute("SELECT wire FROM events WHERE id=?", (event_id,)).fetchone()
+        row = self.db.execute("SELECT wire FROM events WHERE idk=idk(?1) AND id=?1",
+                              (event_id,)).fetchone()
         return row[0] if row else None
 
     def get(self, event_id: bytes) -> Event | None:
@@ -540,11 +557,14 @@ class Ledger:
 
     def ids_with_prefix(self, prefix: bytes, limit: int = 2) -> list[bytes]:
         """Stored event ids starting with `prefix` (to resolve abbreviated ids)."""
-        hi = _prefix_end(prefix)
-        q, args = "SELECT id FROM events WHERE id >= ?", [prefix]
-        if hi is not None:
-            q, args = q + " AND id < ?", [prefix, hi]
-        return [r[0] for r in self.db.execute(q + " ORDER BY id LIMIT ?", [*args, limit])]
+        if not prefix:
+            return [r[0] for r in self.db.execute("SELECT id FROM events ORDER BY id LIMIT ?",
+                                                  (limit,))]
+        head = prefix[:8]
+        lo, hi = idk(head.ljust(8, b"\0")), idk(head.ljust(8, b"\xff"))
+        q = ("SELECT id FROM events WHERE idk BETWEEN ? AND ? AND substr(id, 1, ?) = ? "
+             "ORDER BY id LIMIT ?")
+        return [r[0] for r in self.db.execute(q, (lo, hi, len(prefix), prefix, limit))]
 
     def range(self, author: bytes, from_seq: int, limit: int = 256) -> list[bytes]:
         """Wire records of one author's chain from `from_seq`, at most `limit`."""
@@ -622,12 +642,6 @@ class Ledger:
     def _decode(self, wire: bytes) -> Event:
         # Stored records were verified on append; skip the signature on reads.
         return decode_wire(wire, self.network, verify=False)
-
-
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest byte string greater than every string starting with `prefix`."""
-    p = prefix.rstrip(b"\xff")
-    return p[:-1] + bytes([p[-1] + 1]) if p else None
 
 
 def _chain_error(ev: Event, head: Head | None) -> tuple[str, str] | None:

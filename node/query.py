@@ -521,18 +521,19 @@ def _by_ids(ledger: Ledger, ids: set[bytes], page: Page) -> EventsPage:
     try:
         ledger.db.execute("DELETE FROM q_ids")
         ledger.db.executemany("INSERT OR IGNORE INTO q_ids VALUES(?)", [(i,) for i in ids])
-        return _select(ledger, "id IN (SELECT id FROM q_ids)", (), page)
+        return _select(ledger, "idk IN (SELECT idk(id) FROM q_ids) AND id IN "
+                       "(SELECT id FROM q_ids)", (), page)
     finally:
         ledger.db.execute("DELETE FROM q_ids")
 
 
-AUCTION_WHERE = ("id = ? OR ref = ? OR (kind = 'reveal' AND ref IN "
+# Four parameters, each the request id (`idk` is the ledger's indexed id key).
+AUCTION_WHERE = ("(idk = idk(?) AND id = ?) OR ref = ? OR (kind = 'reveal' AND ref IN "
                  "(SELECT id FROM events WHERE ref = ? AND kind = 'commit'))")
 
 
 def auction_ids(ledger: Ledger, request: bytes) -> set[bytes]:
-    rows = ledger.db.execute(f"SELECT id FROM events WHERE {AUCTION_WHERE}",
-                             (request, request, request))
+    rows = ledger.db.execute(f"SELECT id FROM events WHERE {AUCTION_WHERE}", (request,) * 4)
     return {r[0] for r in rows}
 
 
@@ -758,7 +759,7 @@ class QueryService:
                     args.append(val)
             return _select(led, " AND ".join(where), args, req.page)
         if isinstance(req, AuctionBundle):
-            return _select(led, AUCTION_WHERE, (req.request,) * 3, req.page)
+            return _select(led, AUCTION_WHERE, (req.request,) * 4, req.page)
         if isinstance(req, ReputationBundle):
             return _by_ids(led, reputation_ids(led, self.live.market(), req.keys), req.page)
         if isinstance(req, LeasesOf):

@@ -8,6 +8,7 @@ import os
 import random
 import selectors
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -624,3 +625,27 @@ def test_readonly_path_with_uri_characters(tmp_path: Path) -> None:
         w.append(Chain(seed(42)).next().wire)
     with Ledger(path, network=NETWORK, readonly=True) as ro:
         assert ro.count() == 1
+
+
+def test_ids_with_prefix_and_lookups_use_the_id_key(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db", network=NETWORK) as led:
+        ids = [led.publish(Identity.from_seed(seed(i)), sample_bodies()["offer"], 1000 + i).id
+               for i in range(40)]
+        for i in ids:
+            assert led.has(i) and led.get_wire(i) is not None
+            for n in (1, 3, 8, 9, 32):
+                got = led.ids_with_prefix(i[:n], limit=100)
+                assert i in got and all(g.startswith(i[:n]) for g in got)
+                assert got == sorted(x for x in ids if x.startswith(i[:n]))
+        assert not led.has(bytes(32)) and led.ids_with_prefix(b"\x00" * 9) == []
+        assert len(led.ids_with_prefix(b"", limit=5)) == 5
+
+
+def test_a_ledger_without_the_id_key_column_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE events(n INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE)")
+    db.commit()
+    db.close()
+    with pytest.raises(UsageError, match="older bidmesh"):
+        Ledger(path, network=NETWORK)

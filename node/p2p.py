@@ -445,7 +445,7 @@ async def open_host(
 # --------------------------------------------------------------------------- frames
 
 
-async def _close_quietly(stream: INetStream) -> None:
+async def close_quietly(stream: INetStream) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(2.0):
         try:
             await stream.close()
@@ -453,7 +453,7 @@ async def _close_quietly(stream: INetStream) -> None:
             log.debug("closing a stream failed (already gone): %r", exc)
 
 
-async def _reset_quietly(stream: INetStream) -> None:
+async def reset_quietly(stream: INetStream) -> None:
     with trio.CancelScope(shield=True), trio.move_on_after(2.0):
         try:
             await stream.reset()
@@ -541,7 +541,7 @@ async def write_frame(stream: INetStream, data: bytes, timeout: float = math.inf
         nonlocal timed_out
         await trio.sleep(timeout)
         timed_out = True
-        await _reset_quietly(stream)
+        await reset_quietly(stream)
 
     error: BaseException | None = None
     with trio.CancelScope(shield=True):
@@ -579,24 +579,24 @@ def set_stream_handler(host: P2PHost, protocol_id: str, handler: StreamHandler) 
     async def wrapped(stream: INetStream) -> None:
         peer = remote_peer_id(stream)
         if host.is_blocked(peer):
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             return
         try:
             await handler(stream)
         except PeerError as exc:
             log.info("%s from %s: invalid input (%s): %s", protocol_id, peer, exc.reason, exc)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
         except BidmeshError as exc:
             log.info("%s from %s failed: %s", protocol_id, peer, exc)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
         except Exception:
             log.exception("%s handler failed on a stream from %s", protocol_id, peer)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
         except BaseException:  # cancellation: still tell the peer, then propagate
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             raise
         else:
-            await _close_quietly(stream)
+            await close_quietly(stream)
 
     host.libp2p.set_stream_handler(TProtocol(protocol_id), wrapped)
 
@@ -653,9 +653,9 @@ async def request(
             try:
                 frame = await _exchange(stream, payload, max_response + 1, deadline)
             except BaseException:
-                await _reset_quietly(stream)
+                await reset_quietly(stream)
                 raise
-            await _close_quietly(stream)
+            await close_quietly(stream)
     except trio.TooSlowError:
         raise StreamTimeout(f"{protocol} request to {peer} took longer than {timeout} s") from None
     return _parse_response(peer, protocol, frame)
@@ -691,7 +691,7 @@ async def _exchange(stream: INetStream, payload: bytes, max_frame: int, deadline
         except BidmeshError as exc:
             read_error.append(exc)
         if not write_done.is_set():
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
     if read_error:
         # A write failure (e.g. reset while sending) explains a failed read best.
         if write_error and not isinstance(read_error[0], InvalidMessage):

@@ -11,13 +11,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from libp2p.abc import INetStream
-from libp2p.io.exceptions import IOException
 
 from ..auction import Lease
 from ..errors import BidmeshError, InvalidMessage, RemoteError, Unauthorized, UsageError
 from ..keys import Identity
-from ..p2p import FRAME_HEADER, P2PHost, PeerId, read_frame, write_frame
+from ..p2p import (
+    FRAME_HEADER,
+    P2PHost,
+    PeerId,
+    close_quietly,
+    read_frame,
+    reset_quietly,
+    write_frame,
+)
 from ..segments import FrameReader
 from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, stream_protocol
 
@@ -163,7 +169,7 @@ async def stream_through_lease(
             if not sent.is_set():
                 # The provider is done with us (error trailer) while we still send:
                 # resetting ends our write, which is never cancelled (node/p2p.py).
-                await _reset(stream)
+                await reset_quietly(stream)
             cancel.cancel()
 
     try:
@@ -171,7 +177,7 @@ async def stream_through_lease(
             nursery.start_soon(sender)
             nursery.start_soon(receiver, nursery.cancel_scope)
     finally:
-        await _close(stream)
+        await close_quietly(stream)
     if trailer is not None and not trailer.ok:
         raise (LeaseRefused if trailer.reason in _AUTH_REASONS else StreamFailed)(trailer)
     if trailer is None:
@@ -181,18 +187,3 @@ async def stream_through_lease(
     return StreamResult(trailer, b"".join(out), header.stream_id, member_key(member, lease),
                         frames)
 
-
-async def _reset(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-        try:
-            await stream.reset()
-        except (IOException, OSError) as e:
-            log.debug("reset of a dataplane stream failed (already gone): %r", e)
-
-
-async def _close(stream: INetStream) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-        try:
-            await stream.close()
-        except (IOException, OSError) as e:
-            log.debug("close of a dataplane stream failed (already reset): %r", e)

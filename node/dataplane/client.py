@@ -3,7 +3,6 @@ the processed stream. Used by the light client, devnet and the benchmark."""
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -29,7 +28,6 @@ from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, 
 
 __all__ = ["StreamFailed", "StreamResult", "member_key", "split_results", "stream_through_lease"]
 
-log = logging.getLogger(__name__)
 _SEQ = struct.Struct(">Q")
 DEFAULT_CHUNK = 256 << 10
 _AUTH_REASONS = frozenset({"no_lease", "not_our_lease", "outside_window", "not_member",

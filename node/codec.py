@@ -8,7 +8,8 @@ peer input goes through `unpack`, so limits live in one place.
 
 from __future__ import annotations
 
-from typing import Any
+import abc
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -129,3 +130,16 @@ def check_arity(args: Any, n: int, what: str, protocol: str) -> None:
         got = len(args) if type(args) is list else type(args).__name__
         raise InvalidMessage(f"{protocol} message: {what} takes {n} fields, got {got}",
                              "malformed")
+
+
+class TaggedMessage(abc.ABC):
+    """A protocol message encoded as `[TAG, field...]` (the sync and query protocols)."""
+
+    TAG: ClassVar[int]
+
+    @abc.abstractmethod
+    def to_list(self) -> list[Any]:
+        """The fields after the tag, as msgpack-ready values."""
+
+    def encode(self) -> bytes:
+        return pack([self.TAG, *self.to_list()])

@@ -30,7 +30,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -134,14 +134,7 @@ def _records(v: Any, hi: int, what: str) -> tuple[bytes, ...]:
 # ------------------------------------------------------------------ messages
 
 
-class Message:
-    TAG: ClassVar[int]
-
-    def to_list(self) -> list[Any]:
-        raise NotImplementedError
-
-    def encode(self) -> bytes:
-        return codec.pack([self.TAG, *self.to_list()])
+Message = codec.TaggedMessage
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ docs/dataplane.md.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import struct
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -71,7 +72,7 @@ class Packet:
             raise UsageError(f"Packet.chain must be 0..{MAX_CHAINS - 1}, got {self.chain!r}")
 
 
-class PacketParser:
+class PacketParser(abc.ABC):
     """Incremental parser: `feed` any chunking of the stream, get whole packets back.
 
     Counters: `packets` emitted, `bytes` fed, `garbage_bytes` skipped, `oversized`
@@ -121,8 +122,9 @@ class PacketParser:
         if self._ended:
             raise UsageError("parser already ended")
 
+    @abc.abstractmethod
     def _parse(self, final: bool) -> list[Packet]:
-        raise NotImplementedError
+        """Packets complete in the buffer (all of it when `final`)."""
 
     def _chain(self, idx: int) -> int:
         if idx >= self.n_chains:

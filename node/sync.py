@@ -27,7 +27,7 @@ import collections
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from . import codec
 from .errors import InvalidEvent, InvalidMessage
@@ -89,14 +89,7 @@ def _list(v: Any, hi: int, what: str) -> list[Any]:
     return v
 
 
-class Message:
-    TAG: ClassVar[int]
-
-    def to_list(self) -> list[Any]:
-        raise NotImplementedError
-
-    def encode(self) -> bytes:
-        return codec.pack([self.TAG, *self.to_list()])
+Message = codec.TaggedMessage
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ being killed (the OS has the pages); only power loss can drop the last commits.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import os
 import sqlite3
 import urllib.parse
 from collections import Counter
@@ -294,8 +296,9 @@ class Ledger:
             raise UsageError("this ledger handle is read-only")
         results: list[AppendResult] = []
         b = _Batch()
-        for wire in wires:
-            res = self._check_one(wire, b)
+        batch = list(wires)
+        for wire, decoded in zip(batch, _decode_all(batch, self.network), strict=True):
+            res = self._check_one(wire, decoded, b)
             self.counters[res.status.value] += 1
             if res.reason:
                 self.counters["rejected:" + res.reason] += 1
@@ -332,16 +335,10 @@ class Ledger:
     def _head(self, author: bytes, b: _Batch) -> Head | None:
         return b.overlay.get(author) or self._heads.get(author)
 
-    def _check_one(self, wire: bytes, b: _Batch) -> AppendResult:
-        if type(wire) is not bytes:
-            return AppendResult(Status.REJECTED, reason="malformed", detail="not bytes")
-        if len(wire) > MAX_WIRE:
-            return AppendResult(Status.REJECTED, reason="oversized",
-                                detail=f"{len(wire)} bytes, limit {MAX_WIRE}")
-        try:
-            ev = decode_wire(wire, self.network)
-        except InvalidEvent as e:
-            return AppendResult(Status.REJECTED, reason=e.reason, detail=str(e))
+    def _check_one(self, wire: bytes, decoded: Event | AppendResult, b: _Batch) -> AppendResult:
+        if isinstance(decoded, AppendResult):
+            return decoded
+        ev = decoded
         head = self._head(ev.author, b)
         have = head.seq if head else 0
         if ev.seq <= have:
@@ -642,6 +639,38 @@ class Ledger:
     def _decode(self, wire: bytes) -> Event:
         # Stored records were verified on append; skip the signature on reads.
         return decode_wire(wire, self.network, verify=False)
+
+
+def _decode_one(wire: bytes, network: str) -> Event | AppendResult:
+    """The self-contained checks of one record: an Event, or its rejection."""
+    if type(wire) is not bytes:
+        return AppendResult(Status.REJECTED, reason="malformed", detail="not bytes")
+    if len(wire) > MAX_WIRE:
+        return AppendResult(Status.REJECTED, reason="oversized",
+                            detail=f"{len(wire)} bytes, limit {MAX_WIRE}")
+    try:
+        return decode_wire(wire, network)
+    except InvalidEvent as e:
+        return AppendResult(Status.REJECTED, reason=e.reason, detail=str(e))
+
+
+PARALLEL_MIN = 128  # records per batch before a second thread shares the checks
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _decode_all(wires: list[bytes], network: str) -> list[Event | AppendResult]:
+    """Check a batch's records; large batches on two threads. Signature verification
+    (libsodium through cffi) runs without the GIL, so the second core does real work;
+    everything order-dependent happens afterwards, in sequence."""
+    global _pool
+    if len(wires) < PARALLEL_MIN or (os.cpu_count() or 1) < 2:
+        return [_decode_one(w, network) for w in wires]
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bidmesh-verify")
+    half = len(wires) // 2
+    rest = _pool.submit(lambda: [_decode_one(w, network) for w in wires[half:]])
+    first = [_decode_one(w, network) for w in wires[:half]]
+    return first + rest.result()
 
 
 def _chain_error(ev: Event, head: Head | None) -> tuple[str, str] | None:

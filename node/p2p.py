@@ -589,7 +589,7 @@ def set_stream_handler(host: P2PHost, protocol_id: str, handler: StreamHandler) 
         except BidmeshError as exc:
             log.info("%s from %s failed: %s", protocol_id, peer, exc)
             await reset_quietly(stream)
-        except Exception:
+        except Exception:  # a handler bug: logged, and the peer gets a reset, not a hang
             log.exception("%s handler failed on a stream from %s", protocol_id, peer)
             await reset_quietly(stream)
         except BaseException:  # cancellation: still tell the peer, then propagate

@@ -902,7 +902,7 @@ class Topic:
                 ok = False
             else:
                 ok = self._validator is None or self._validator(forwarder, bytes(msg.data)) is True
-        except Exception:
+        except Exception:  # a raising validator would kill py-libp2p's Pubsub service
             log.exception("validator for topic %r raised; rejecting the message", self.name)
             ok = False
         if not ok:

@@ -20,18 +20,20 @@ import hashlib
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from node.auction import Lease, Market
 from node.dataplane import DataplaneConfig, DataplaneService, SegmentLimits, stream_through_lease
-from node.events import Body, Offer, ServiceOffer, sign_event
+from node.events import Offer, ServiceOffer, sign_event
 from node.keys import Identity
 from node.p2p import P2PHost, open_host, read_frame, set_stream_handler, write_frame
 from node.processors import load_processors
@@ -85,43 +87,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def raw(a: P2PHost, b: P2PHost, total: int) -> float:
-    done = trio.Event()
-    got = 0
-
-    async def sink(stream: object) -> None:
-        nonlocal got
-        while True:
-            frame = await read_frame(stream, 1 << 20, 30.0)  # type: ignore[arg-type]
-            if not frame:
-                break
-            got += len(frame)
-        done.set()
-
-    set_stream_handler(b, RAW_PROTO, sink)  # type: ignore[arg-type]
-    await a.connect(b.addrs[0])
-    stream = await a.new_stream(b.peer_id, RAW_PROTO)
+async def raw_send(a: P2PHost, peer: object, total: int) -> float:
+    """Send `total` bytes in framed chunks, then an empty frame; time until the receiver
+    acknowledges that it read everything (so the figure is end to end)."""
+    stream = await a.new_stream(peer, RAW_PROTO)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     for c in chunks(total):
         await write_frame(stream, c, 30.0)
     await write_frame(stream, b"", 30.0)
-    with trio.fail_after(120):
-        await done.wait()
+    got = int(await read_frame(stream, 64, 120.0))
     secs = time.perf_counter() - t0
     await stream.close()
     return got / secs / 1e6
 
 
-async def through(member: P2PHost, provider: P2PHost, lease: Lease, total: int,
+def raw_receiver(b: P2PHost) -> None:
+    async def sink(stream: object) -> None:
+        got = 0
+        while True:
+            frame = await read_frame(stream, 1 << 20, 30.0)  # type: ignore[arg-type]
+            if not frame:
+                break
+            got += len(frame)
+        await write_frame(stream, str(got).encode(), 30.0)  # type: ignore[arg-type]
+
+    set_stream_handler(b, RAW_PROTO, sink)  # type: ignore[arg-type]
+
+
+async def through(member: P2PHost, provider: object, lease: Lease, total: int,
                   want: bytes) -> tuple[float, bool]:
     h = hashlib.sha256()
 
     async def sink(frame: bytes) -> None:
         h.update(frame)
 
-    await member.connect(provider.addrs[0])
     t0 = time.perf_counter()
-    res = await stream_through_lease(member, provider.peer_id, lease, MEMBER, chunks(total),
+    res = await stream_through_lease(member, provider, lease, MEMBER, chunks(total),  # type: ignore[arg-type]
                                      "lp", [["identity"]], network=NET, limits=LIMITS,
                                      sink=sink, stream_id=lease.id[:16], timeout=60.0)
     secs = time.perf_counter() - t0
@@ -134,6 +135,30 @@ def lease_for(lease_id: bytes, provider: Identity) -> Lease:
                  start_ms=0, end_ms=1 << 62, max_rate_bps=None, min_rate_bps=None, price=0,
                  currency="EUR", devices=(), phones=(), users=(), max_devices=None,
                  group_members=(), payers=(), sponsorships=())
+
+
+LEASES = {lease.id: lease for lease in (lease_for(hashlib.sha256(b"direct").digest(), PROV),
+                                        lease_for(hashlib.sha256(b"subcontract").digest(), PROV2))}
+LEASE_B, LEASE_C = LEASES.values()
+CONFIG = DataplaneConfig(window=8, remote_in_flight=4)
+
+
+def sub_offer(addrs: list[str]) -> Market:
+    market = Market()
+    market.apply(sign_event(SUB.seed, 1, None, 1, Offer(
+        services=(ServiceOffer(name="identity", price=1, capacity=1 << 20),),
+        currency="EUR", addrs=tuple(addrs)), NET))
+    return market
+
+
+def service(role: str, host: P2PHost, pool: WorkerPool, market: Market) -> DataplaneService:
+    """`provider` serves `identity` itself; `provider2` offers nothing and subcontracts
+    every segment to `sub`, which serves PROV2 (on its allow list)."""
+    who = {"provider": PROV, "provider2": PROV2, "sub": SUB}[role]
+    cfg = {"provider": CONFIG, "provider2": replace(CONFIG, services=frozenset()),
+           "sub": replace(CONFIG, allow=frozenset({PROV2.public}))}[role]
+    return DataplaneService(host, who, NET, LEASES.get, lambda: market, pool, lambda _: None,
+                            config=cfg)
 
 
 async def zstd_scaling(quick: bool) -> float:
@@ -149,15 +174,30 @@ async def zstd_scaling(quick: bool) -> float:
     return best[2] / best[1]
 
 
-async def main(args: argparse.Namespace) -> dict[str, object]:
+def report(out: dict[str, Any], raw_mb_s: float, direct_mb_s: float, ok_b: bool,
+           lat: dict[str, float], sub_mb_s: float, ok_c: bool, lat_c: dict[str, float],
+           served: int, rss: float) -> None:
+    print(f"(a) raw libp2p stream        : {raw_mb_s:7.1f} MB/s", flush=True)
+    print(f"(b) member → provider        : {direct_mb_s:7.1f} MB/s  "
+          f"segment p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms  exact={ok_b}", flush=True)
+    print(f"(c) member → provider → sub  : {sub_mb_s:7.1f} MB/s  "
+          f"segment p50 {lat_c['p50']:.1f} ms p99 {lat_c['p99']:.1f} ms  exact={ok_c}  "
+          f"(subcontractor served {served} segments)", flush=True)
+    out.update(raw_mb_s=round(raw_mb_s, 1), direct_mb_s=round(direct_mb_s, 1),
+               subcontract_mb_s=round(sub_mb_s, 1),
+               direct_vs_raw_ratio=round(direct_mb_s / raw_mb_s, 3),
+               subcontract_vs_raw_ratio=round(sub_mb_s / raw_mb_s, 3),
+               seg_p50_ms=lat["p50"], seg_p99_ms=lat["p99"],
+               subcontract_seg_p50_ms=lat_c["p50"], subcontract_seg_p99_ms=lat_c["p99"],
+               peak_rss_mb=round(rss, 1), output_exact=ok_b and ok_c)
+
+
+# ------------------------------------------------------------------ one process (--roles same)
+
+
+async def same_process(args: argparse.Namespace, out: dict[str, Any]) -> None:
     total = args.mb << 20
-    print(f"streaming {args.mb} MiB per run, {PACKET >> 10} KiB packets, segments of "
-          f"<= {LIMITS.max_bytes >> 10} KiB", flush=True)
     want = expected_digest(total)
-    market = Market()
-    leases: dict[bytes, Lease] = {}
-    published: list[Body] = []
-    out: dict[str, object] = {}
     async with AsyncExitStack() as stack:
         pool = await stack.enter_async_context(WorkerPool(load_processors(), 2,
                                                           max_in_flight=4))
@@ -168,52 +208,177 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         prov = await stack.enter_async_context(open_host(PROV.seed))
         prov2 = await stack.enter_async_context(open_host(PROV2.seed))
         sub = await stack.enter_async_context(open_host(SUB.seed))
-        market.apply(sign_event(SUB.seed, 1, None, 1, Offer(
-            services=(ServiceOffer(name="identity", price=1, capacity=1 << 20),),
-            currency="EUR", addrs=tuple(sub.addrs)), NET))
-        cfg = DataplaneConfig(window=8, remote_in_flight=4)
-        svc_p = DataplaneService(prov, PROV, NET, leases.get, lambda: market, pool,
-                                 published.append, config=cfg)
-        # PROV2 offers nothing itself: every segment goes to SUB.
-        svc_p2 = DataplaneService(prov2, PROV2, NET, leases.get, lambda: market, pool,
-                                  published.append, config=replace(cfg, services=frozenset()))
-        svc_s = DataplaneService(sub, SUB, NET, leases.get, lambda: market, pool,
-                                 published.append,
-                                 config=replace(cfg, allow=frozenset({PROV2.public})))
-        for svc in (svc_p, svc_p2, svc_s):
+        market = sub_offer(sub.addrs)
+        svcs = [service(r, h, pool, market)
+                for r, h in (("provider", prov), ("provider2", prov2), ("sub", sub))]
+        for svc in svcs:
             nursery.start_soon(svc.run)
-
-        raw_mb_s = await raw(member, prov, total)
-        print(f"(a) raw libp2p stream        : {raw_mb_s:7.1f} MB/s", flush=True)
-
-        lease_b = lease_for(hashlib.sha256(b"direct").digest(), PROV)
-        leases[lease_b.id] = lease_b
-        direct_mb_s, ok_b = await through(member, prov, lease_b, total, want)
-        lat = svc_p.stats()["segment_latency_ms"]
-        print(f"(b) member → provider        : {direct_mb_s:7.1f} MB/s  "
-              f"segment p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms  exact={ok_b}",
-              flush=True)
-
-        lease_c = lease_for(hashlib.sha256(b"subcontract").digest(), PROV2)
-        leases[lease_c.id] = lease_c
-        sub_mb_s, ok_c = await through(member, prov2, lease_c, total, want)
-        lat_c = svc_p2.stats()["segment_latency_ms"]
-        served = svc_s.served.get(PROV2.public, {})
-        print(f"(c) member → provider → sub  : {sub_mb_s:7.1f} MB/s  "
-              f"segment p50 {lat_c['p50']:.1f} ms p99 {lat_c['p99']:.1f} ms  exact={ok_c}  "
-              f"(subcontractor served {served.get('segments', 0)} segments)", flush=True)
+        raw_receiver(prov)
+        await member.connect(prov.addrs[0])
+        raw_mb_s = await raw_send(member, prov.peer_id, total)
+        direct_mb_s, ok_b = await through(member, prov.peer_id, LEASE_B, total, want)
+        await member.connect(prov2.addrs[0])
+        sub_mb_s, ok_c = await through(member, prov2.peer_id, LEASE_C, total, want)
+        served = svcs[2].served.get(PROV2.public, {}).get("segments", 0)
         rss = peak_rss_mb()
+        report(out, raw_mb_s, direct_mb_s, ok_b, svcs[0].stats()["segment_latency_ms"],
+               sub_mb_s, ok_c, svcs[1].stats()["segment_latency_ms"], served, rss)
         print(f"peak RSS of this process (member + provider + subcontractor): {rss:.0f} MB",
               flush=True)
-        out.update(raw_mb_s=round(raw_mb_s, 1), direct_mb_s=round(direct_mb_s, 1),
-                   subcontract_mb_s=round(sub_mb_s, 1),
-                   direct_vs_raw_ratio=round(direct_mb_s / raw_mb_s, 3),
-                   subcontract_vs_raw_ratio=round(sub_mb_s / raw_mb_s, 3),
-                   seg_p50_ms=lat["p50"], seg_p99_ms=lat["p99"],
-                   subcontract_seg_p50_ms=lat_c["p50"], subcontract_seg_p99_ms=lat_c["p99"],
-                   peak_rss_mb=round(rss, 1), output_exact=ok_b and ok_c,
-                   streamed_mb=args.mb)
-    ratio = await zstd_scaling(args.quick)
+
+
+# ------------------------------------------------------------------ one process per role
+
+
+def emit(tag: str, **fields: Any) -> None:
+    print(tag, json.dumps(fields), flush=True)
+
+
+async def child(args: argparse.Namespace) -> None:
+    """One role in its own process. Servers print READY {addr, peer} and answer `stats`
+    on stdin with STATS {...} until stdin closes; senders print RESULT {...} and exit."""
+    role, total = args.child, args.mb << 20
+    seed = {"raw-recv": PROV, "raw-send": MEMBER, "member": MEMBER, "provider": PROV,
+            "provider2": PROV2, "sub": SUB}[role].seed
+    async with AsyncExitStack() as stack:
+        if role in ("raw-send", "member"):
+            want = expected_digest(total) if role == "member" else b""
+            host = await stack.enter_async_context(open_host(seed))
+            peer = await host.connect(args.addr)
+            cpu0 = time.process_time()
+            if role == "raw-send":
+                emit("RESULT", mb_s=await raw_send(host, peer, total), rss=peak_rss_mb(),
+                     cpu=time.process_time() - cpu0)
+            else:
+                mb_s, ok = await through(host, peer, LEASES[bytes.fromhex(args.lease)], total,
+                                         want)
+                emit("RESULT", mb_s=mb_s, exact=ok, rss=peak_rss_mb(),
+                     cpu=time.process_time() - cpu0)
+            return
+        svc: DataplaneService | None = None
+        if role != "raw-recv":
+            pool = await stack.enter_async_context(WorkerPool(load_processors(), 2,
+                                                              max_in_flight=4))
+            await pool.start()
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        host = await stack.enter_async_context(open_host(seed))
+        if role == "raw-recv":
+            raw_receiver(host)
+        else:
+            svc = service(role, host, pool, sub_offer([args.addr] if args.addr else []))
+            nursery.start_soon(svc.run)
+        emit("READY", addr=host.addrs[0])
+        cpu0 = time.process_time()
+        while line := await trio.to_thread.run_sync(sys.stdin.readline,
+                                                    abandon_on_cancel=True):
+            if line.strip() == "stats":
+                st = svc.stats() if svc else {}
+                emit("STATS", rss=peak_rss_mb(), cpu=time.process_time() - cpu0,
+                     lat=st.get("segment_latency_ms"),
+                     served=st.get("served", {}).get(PROV2.public.hex(), {}))
+
+
+class Child:
+    def __init__(self, args: argparse.Namespace, role: str, *extra: str) -> None:
+        self.role = role
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", role, "--mb", str(args.mb), *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def expect(self, tag: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(tag + " "):
+                return json.loads(line[len(tag) + 1:])  # type: ignore[no-any-return]
+            print(f"  [{self.role}] {line.rstrip()}", flush=True)
+        raise RuntimeError(f"the {self.role} process exited ({self.proc.wait()}) "
+                           f"before {tag}")
+
+    def stats(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return self.expect("STATS")
+
+    def stop(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    rss: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # CPU seconds each process spent in the timed run
+
+    def note(role: str, fields: dict[str, Any]) -> dict[str, Any]:
+        rss[role] = max(rss.get(role, 0.0), fields["rss"])
+        cpu[role] = fields["cpu"]
+        return fields
+
+    recv = Child(args, "raw-recv")
+    try:
+        send = Child(args, "raw-send", "--addr", recv.expect("READY")["addr"])
+        raw_mb_s = note("raw sender", send.expect("RESULT"))["mb_s"]
+        send.stop()
+        note("raw receiver", recv.stats())
+    finally:
+        recv.stop()
+    print(f"  raw: CPU s sender {cpu['raw sender']:.1f}, receiver {cpu['raw receiver']:.1f}",
+          flush=True)
+
+    prov = Child(args, "provider")
+    try:
+        mem = Child(args, "member", "--addr", prov.expect("READY")["addr"],
+                    "--lease", LEASE_B.id.hex())
+        r = note("member", mem.expect("RESULT"))
+        mem.stop()
+        direct_mb_s, ok_b = r["mb_s"], r["exact"]
+        lat = note("provider", prov.stats())["lat"]
+    finally:
+        prov.stop()
+    print(f"  direct: CPU s member {cpu['member']:.1f}, provider {cpu['provider']:.1f}",
+          flush=True)
+
+    sub = Child(args, "sub")
+    try:
+        prov2 = Child(args, "provider2", "--addr", sub.expect("READY")["addr"])
+        try:
+            mem = Child(args, "member", "--addr", prov2.expect("READY")["addr"],
+                        "--lease", LEASE_C.id.hex())
+            r = note("member", mem.expect("RESULT"))
+            mem.stop()
+            sub_mb_s, ok_c = r["mb_s"], r["exact"]
+            lat_c = note("provider2", prov2.stats())["lat"]
+        finally:
+            prov2.stop()
+        served = note("subcontractor", sub.stats())["served"].get("segments", 0)
+    finally:
+        sub.stop()
+    print(f"  subcontract: CPU s member {cpu['member']:.1f}, provider {cpu['provider2']:.1f}, "
+          f"subcontractor {cpu['subcontractor']:.1f}", flush=True)
+    report(out, raw_mb_s, direct_mb_s, ok_b, lat, sub_mb_s, ok_c, lat_c, served,
+           max(rss.values()))
+    print("peak RSS per process: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()),
+          flush=True)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    print(f"streaming {args.mb} MiB per run, {PACKET >> 10} KiB packets, segments of "
+          f"<= {LIMITS.max_bytes >> 10} KiB, roles in "
+          f"{'one process' if args.roles == 'same' else 'one process each'}", flush=True)
+    out: dict[str, Any] = {}
+    if args.roles == "same":
+        trio.run(same_process, args, out)
+    else:
+        split_processes(args, out)
+    out["streamed_mb"] = args.mb
+    out["roles"] = args.roles
+    ratio = trio.run(zstd_scaling, args.quick)
     print(f"zstd through the pool, 2 workers vs 1: {ratio:.2f}x", flush=True)
     out["zstd_scaling_ratio"] = round(ratio, 3)
     return out
@@ -223,7 +388,15 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (< 60 s on 2 cores)")
     ap.add_argument("--mb", type=int, default=0, help="MiB per run (default 1024, quick 128)")
+    ap.add_argument("--roles", choices=("split", "same"), default="split",
+                    help="split (default): member, provider, subcontractor (and the raw "
+                    "sender and receiver) each in their own process; same: all in this one")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--addr", help=argparse.SUPPRESS)
+    ap.add_argument("--lease", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.mb = a.mb or (128 if a.quick else 1024)
-    result = trio.run(main, a)
-    print(json.dumps(result))
+    if a.child:
+        trio.run(child, a)
+    else:
+        print(json.dumps(main(a)))

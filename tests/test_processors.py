@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import shutil
 from importlib import metadata
 
@@ -281,3 +282,110 @@ async def test_pool_cancelled_caller_leaves_pool_usable(pool: WorkerPool) -> Non
         nursery.cancel_scope.cancel()
     assert pool.timeouts == 0 and pool.crashes == 0
     assert await pool.run("reverse", b"abc", CTX) == b"cba"
+
+
+# ------------------------------------------------------------- shared-memory slots
+
+
+def _shm_exists(name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{name}")
+
+
+needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+
+
+@needs_dev_shm
+async def test_pool_slots_carry_segments_and_are_removed_on_close() -> None:
+    import trio
+
+    p = WorkerPool(PROCS, workers=2, max_in_flight=3)
+    inputs = [DATA * (i + 1) for i in range(6)]
+    results: dict[int, bytes] = {}
+
+    async def job(i: int) -> None:
+        results[i] = await p.run_chain(["zstd", "aes-gcm"], inputs[i], CTX)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(6):
+            nursery.start_soon(job, i)
+    names = p.slot_names
+    assert 1 <= len(names) <= 3 + 2 and all(_shm_exists(n) for n in names)
+    assert results == {i: run_chain(PROCS, ["zstd", "aes-gcm"], inputs[i], CTX)
+                       for i in range(6)}
+    await p.aclose()
+    assert p.slot_names == () and not any(_shm_exists(n) for n in names)
+
+
+@needs_dev_shm
+async def test_pool_falls_back_to_pipes_when_slots_are_too_small() -> None:
+    packed = PROCS["zstd"].process(DATA, CTX)
+    assert len(packed) < 4096 < len(DATA)
+    async with WorkerPool(PROCS, workers=1, slot_bytes=4096) as p:
+        # Input too big for a slot: sent through the pipe; output fits one.
+        assert await p.run("zstd", DATA, CTX) == packed
+        # Input fits a slot, output (4x larger) does not: returned through the pipe.
+        assert await p.run("zstd-d", packed, CTX) == DATA
+        names = p.slot_names
+        assert len(names) == 1
+    assert not any(_shm_exists(n) for n in names)
+    async with WorkerPool(PROCS, workers=1, slot_bytes=0) as p:
+        assert await p.run("zstd", DATA, CTX) == packed and p.slot_names == ()
+
+
+@needs_dev_shm
+async def test_pool_slots_survive_crash_and_timeout_without_leaking(pool: WorkerPool) -> None:
+    big = DATA * 8
+    assert await pool.run("reverse", big, CTX) == big[::-1]
+    with pytest.raises(ProcessingError, match="worker process died"):
+        await pool.run("crash", big, CTX)  # dies with its input in a slot
+    with pytest.raises(ProcessingError, match="timed out"):
+        await pool.run("spin", big, CTX, timeout_s=0.5)  # killed with a slot in use
+    assert pool.crashes == 1 and pool.timeouts == 1
+    # Slots come back: the pool never holds more than its cap, and they still work.
+    for i in range(6):
+        data = big + bytes([i])
+        assert await pool.run("reverse", data, CTX) == data[::-1]
+    names = pool.slot_names
+    assert 1 <= len(names) <= 2 + 2
+    await pool.aclose()
+    assert not any(_shm_exists(n) for n in names)
+
+
+@needs_dev_shm
+async def test_pool_cancelled_job_keeps_its_slot_until_it_finishes() -> None:
+    """A running job abandoned by its caller must not write into a later call's slot."""
+    import trio
+    import trio.testing
+
+    slow_ctx = ProcessContext(LEASE, b"s", 1, params={"zstd_level": 19})
+    rng = random.Random(5)  # ~1 MB of varied text: level 19 takes ~0.5 s, its caller less
+    slow_in = b" ".join(rng.choice([b"alpha", b"beta", b"gamma", b"delta"])
+                        + b"%d" % rng.randrange(1000) for _ in range(120_000))
+    async with WorkerPool({**PROCS, "reverse": Reverse()}, workers=2, max_in_flight=1) as p:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.run, "zstd", slow_in, slow_ctx)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert len(p.slot_names) == 1  # still held by the abandoned job
+        # Meanwhile other calls get another slot (or the pipes) and correct results.
+        for i in range(8):
+            data = DATA + bytes([i]) * 1000
+            assert await p.run("reverse", data, CTX) == data[::-1]
+        assert len(p.slot_names) <= 1 + 2
+        # Slots still carry the right bytes once the abandoned job is done with its own.
+        assert await p.run("zstd", slow_in, slow_ctx) == PROCS["zstd"].process(slow_in, slow_ctx)
+        names = p.slot_names
+    assert not any(_shm_exists(n) for n in names)
+
+
+@needs_dev_shm
+async def test_pool_dropped_without_close_removes_its_slots() -> None:
+    import gc
+
+    p = WorkerPool(PROCS, workers=1, mp_context="spawn")
+    assert await p.run("sha256", DATA, CTX) == hashlib.sha256(DATA).digest()
+    names = p.slot_names
+    assert names and all(_shm_exists(n) for n in names)
+    del p  # never closed: its executor shuts down when collected, and so do the slots
+    gc.collect()
+    assert not any(_shm_exists(n) for n in names)

@@ -73,21 +73,6 @@ def split_results(output: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-async def _chunks(source: Source, size: int) -> Any:
-    async def split(b: bytes) -> Any:
-        for i in range(0, len(b), size):
-            yield b[i : i + size]
-
-    if isinstance(source, AsyncIterable):
-        async for item in source:
-            async for part in split(item):
-                yield part
-    else:
-        for item in source:
-            async for part in split(item):
-                yield part
-
-
 async def stream_through_lease(
     host: P2PHost,
     provider_peer: PeerId | str,
@@ -130,11 +115,25 @@ async def stream_through_lease(
     errors: list[BidmeshError] = []
     sent = trio.Event()
 
+    async def send(item: bytes) -> None:
+        if len(item) <= chunk_size:
+            await write_frame(stream, item, timeout)
+            return
+        view = memoryview(item)
+        for i in range(0, len(item), chunk_size):
+            await write_frame(stream, view[i : i + chunk_size], timeout)  # type: ignore[arg-type]
+
     async def sender() -> None:
+        # No async generators of our own here: one left unfinished when the stream fails
+        # is garbage collected with a ResourceWarning (trio's asyncgen finalizer).
         try:
             await write_frame(stream, header.encode(), timeout)
-            async for part in _chunks(source, chunk_size):
-                await write_frame(stream, part, timeout)
+            if isinstance(source, AsyncIterable):
+                async for item in source:
+                    await send(item)
+            else:
+                for item in source:
+                    await send(item)
             await write_frame(stream, b"", timeout)  # end of input
         except BidmeshError as e:
             errors.append(e)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from ..p2p import P2PHost, RequestRefused, peer_id_from_pubkey, request
 from ..processors import ProcessContext, Processor, run_chain, verify_result
 from ..processors.pool import WorkerPool
 from ..segments import Step
-from .wire import ProcessRequest, decode_outputs, process_protocol
+from .session import ProcessSession
+from .wire import ProcessRequest, decode_outputs, process_protocol, session_protocol
 
 __all__ = ["Contracts", "Dispatcher"]
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _RANK_TTL_S = 1.0
 _MAX_SUB_SERVICES = 8  # Subcontract.services holds at most 8 names
+_MAX_STEP = 8  # services in one step (a chain holds at most 8)
 
 
 @dataclass
@@ -93,9 +96,15 @@ class Dispatcher:
         max_result: int,
         bad_for_s: float,
         counters: Counter[str],
+        session_idle_s: float = 30.0,
     ) -> None:
         self.host = host
         self.protocol = process_protocol(network)
+        self.session_protocol = session_protocol(network)
+        self.session_idle_s = session_idle_s
+        self.nursery: trio.Nursery | None = None
+        """Where process sessions run; set by `DataplaneService.run`. Without it every
+        remote step is one `/process/1` request."""
         self.pool = pool
         self.local = local
         self.processors: Mapping[str, Processor] = pool.processors
@@ -113,6 +122,13 @@ class Dispatcher:
         self._limits: dict[bytes, trio.Semaphore] = {}
         self._dialing: dict[bytes, trio.Lock] = {}
         self._ranked: dict[tuple[str, ...], tuple[float, list[RankedOffer]]] = {}
+        self._sessions: dict[bytes, ProcessSession] = {}
+        self._opening: dict[bytes, trio.Lock] = {}
+        self._no_session: dict[bytes, float] = {}  # contractor -> trio time: use /1 until
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._sessions)
 
     # ------------------------------------------------------------------ choosing
 
@@ -226,13 +242,57 @@ class Dispatcher:
                     ctx: ProcessContext) -> list[bytes]:
         await self._connect(cand)
         limit = self._limits.setdefault(cand.provider, trio.Semaphore(self.remote_in_flight))
-        payload = ProcessRequest(ctx.lease_id, ctx.stream_id, ctx.seq, ctx.step, step.services,
-                                 ctx.key, data).encode()
+        req = ProcessRequest(ctx.lease_id, ctx.stream_id, ctx.seq, ctx.step, step.services,
+                             ctx.key, data)
+        n = len(step.services)
         async with limit:
+            session = await self._session(cand.provider)
+            if session is not None:  # no checkpoint before call(): see ProcessSession.call
+                return await session.call(req, n, self.timeout_s)
             reply = await request(self.host, peer_id_from_pubkey(cand.provider), self.protocol,
-                                  payload, self.max_result * len(step.services) + 1024,
-                                  self.timeout_s)
-        return decode_outputs(reply, len(step.services))
+                                  req.encode(), self.max_result * n + 1024, self.timeout_s)
+        return decode_outputs(reply, n)
+
+    async def _session(self, provider: bytes) -> ProcessSession | None:
+        """The open process session to `provider`, opening one if needed; None when
+        sessions cannot run here (no nursery) or the contractor does not take them (an
+        older node: it is asked with `/process/1` requests for `bad_for_s`)."""
+        session = self._sessions.get(provider)
+        if session is not None and session.usable:
+            return session
+        nursery = self.nursery
+        if nursery is None or self._no_session.get(provider, -math.inf) > trio.current_time():
+            return None
+        async with self._opening.setdefault(provider, trio.Lock()):
+            session = self._sessions.get(provider)
+            if session is not None and session.usable:
+                return session
+            if self._no_session.get(provider, -math.inf) > trio.current_time():
+                return None  # it failed while we waited for the lock
+            peer = peer_id_from_pubkey(provider)
+            try:
+                stream = await self.host.new_stream(peer, self.session_protocol,
+                                                    timeout=self.connect_timeout_s)
+            except BidmeshError as e:
+                self.counters["session_unavailable"] += 1
+                self._no_session[provider] = trio.current_time() + self.bad_for_s
+                log.info("no process session with %s (%s); using single requests", peer, e)
+                return None
+            session = ProcessSession(stream, str(peer), self.max_result * _MAX_STEP + 1033,
+                                     self.session_idle_s)
+            self._sessions[provider] = session
+            self.counters["sessions_opened"] += 1
+            nursery.start_soon(self._run_session, provider, session)
+            return session
+
+    async def _run_session(self, provider: bytes, session: ProcessSession) -> None:
+        try:
+            await session.run()
+        finally:
+            if self._sessions.get(provider) is session:
+                del self._sessions[provider]
+            if session.error is not None and not session.closing:
+                log.info("process session to %s ended: %s", session.name, session.error)
 
     async def _verify(self, step: Step, data: bytes, outputs: list[bytes],
                       ctx: ProcessContext) -> None:

@@ -55,13 +55,17 @@ from ..segments import (
 )
 from .dispatch import Contracts, Dispatcher
 from .wire import (
+    SESSION_ERROR_ID,
     TRAILER_SEQ,
     ProcessRequest,
     StreamHeader,
     Trailer,
     encode_outputs,
+    encode_session_error,
+    encode_session_response,
     lease_key,
     process_protocol,
+    session_protocol,
     stream_protocol,
 )
 
@@ -110,6 +114,11 @@ class DataplaneConfig:
     max_result: int = 64 << 20
     process_timeout_s: float = 60.0  # serving side: read + process one request
     process_max_concurrent: int = 32
+    process_sessions: bool = True  # serve /process/2 (False: as a node that predates it)
+    process_max_sessions: int = 64  # open process sessions served at once
+    process_session_concurrency: int = 8  # requests of one session processed at once
+    process_idle_s: float = 120.0  # serving side: a session without requests is closed
+    session_idle_s: float = 30.0  # requesting side: close our idle sessions (< the above)
     burst_ms: int = 250  # token bucket depth, in time at the max rate (at least 4 KiB)
     rate_window_ms: int = 1000  # min-rate judgement window
     lease_check_s: float = 1.0
@@ -118,8 +127,12 @@ class DataplaneConfig:
     def __post_init__(self) -> None:
         if self.window < 1 or self.max_streams < 1 or self.max_attempts < 1:
             raise UsageError("DataplaneConfig: window, max_streams, max_attempts must be >= 1")
+        if self.process_session_concurrency < 1 or self.process_max_sessions < 0:
+            raise UsageError("DataplaneConfig: process_session_concurrency must be >= 1 and "
+                             "process_max_sessions >= 0")
         for name in ("header_timeout_s", "idle_timeout_s", "write_timeout_s",
-                     "subcontract_timeout_s", "process_timeout_s", "lease_check_s"):
+                     "subcontract_timeout_s", "process_timeout_s", "lease_check_s",
+                     "process_idle_s", "session_idle_s"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"DataplaneConfig.{name} must be positive")
 
@@ -383,9 +396,11 @@ class DataplaneService:
             local_attempts=cfg.local_attempts, max_attempts=cfg.max_attempts,
             remote_in_flight=cfg.remote_in_flight, timeout_s=cfg.subcontract_timeout_s,
             connect_timeout_s=cfg.connect_timeout_s, max_result=cfg.max_result,
-            bad_for_s=cfg.bad_for_s, counters=self.counters)
+            bad_for_s=cfg.bad_for_s, counters=self.counters, session_idle_s=cfg.session_idle_s)
         self._leases: dict[bytes, _LeaseState] = {}
         self._streams = 0
+        self._sessions = 0
+        self._max_request = cfg.max_segment_bytes * 2 + cfg.max_header
         self._installed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -398,18 +413,26 @@ class DataplaneService:
         set_stream_handler(self.host, stream_protocol(self.network), self._on_stream)
         cfg = self.config
         serve_requests(self.host, process_protocol(self.network), self._on_process,
-                       cfg.max_segment_bytes * 2 + cfg.max_header, timeout=cfg.process_timeout_s,
+                       self._max_request, timeout=cfg.process_timeout_s,
                        max_concurrent=cfg.process_max_concurrent)
+        if cfg.process_sessions:
+            set_stream_handler(self.host, session_protocol(self.network), self._on_session)
 
     async def run(self) -> None:
-        """Serve until cancelled; closes leases whose window has ended (Usage events)."""
+        """Serve until cancelled; closes leases whose window has ended (Usage events).
+        Our process sessions to contractors run in here."""
         self.install()
-        while True:
-            await trio.sleep(self.config.lease_check_s)
-            now = self.clock()
-            for lid, st in list(self._leases.items()):
-                if not st.closed and st.lease.end_ms <= now:
-                    await self.close_lease(lid)
+        async with trio.open_nursery() as nursery:
+            self.dispatcher.nursery = nursery
+            try:
+                while True:
+                    await trio.sleep(self.config.lease_check_s)
+                    now = self.clock()
+                    for lid, st in list(self._leases.items()):
+                        if not st.closed and st.lease.end_ms <= now:
+                            await self.close_lease(lid)
+            finally:
+                self.dispatcher.nursery = None
 
     async def close_lease(self, lease_id: bytes) -> Usage | None:
         """Stop the lease's streams, publish its `Usage` summary and return it.
@@ -452,6 +475,8 @@ class DataplaneService:
         return {
             "counters": dict(self.counters),
             "active_streams": self._streams,
+            "process_sessions": {"serving": self._sessions,
+                                 "open_to_contractors": self.dispatcher.open_sessions},
             "leases": {lid.hex(): {
                 "streams": len(st.streams), "closed": st.closed,
                 "rate_limited": st.rate_limited, "shortfall_ms": st.shortfall_ms,
@@ -577,12 +602,21 @@ class DataplaneService:
         return peer in self.config.allow or peer in self.market().offers
 
     async def _on_process(self, peer: bytes, payload: bytes) -> bytes:
+        return encode_outputs(await self._process(peer, payload))
+
+    async def _process(self, peer: bytes, payload: bytes, offset: int = 0) -> list[bytes]:
+        """Serve one process request (at `payload[offset:]`): every output of its step.
+        PeerError (with a reason, counted) when it is refused or fails."""
         served = self.served.setdefault(peer, Counter())
         if not self._knows(peer):
             self.counters["process_refused:unknown_provider"] += 1
             raise Unauthorized("process requests are served to providers with an offer in "
                                "the ledger (or on the allow list) only", "unknown_provider")
-        req = ProcessRequest.decode(payload)
+        try:
+            req = ProcessRequest.decode(payload, offset)
+        except InvalidMessage:
+            self.counters["process_refused:bad_request"] += 1
+            raise
         missing = [s for s in req.services if s not in self.local]
         if missing:
             self.counters["process_refused:unknown_service"] += 1
@@ -605,5 +639,92 @@ class DataplaneService:
         served["bytes_in"] += len(req.data)
         served["bytes_out"] += sum(map(len, outputs))
         self.counters["process_served"] += 1
-        return encode_outputs(outputs)
+        return outputs
 
+    # ------------------------------------------------------------------ process sessions
+
+    async def _refuse_session(self, stream: INetStream, reason: str, message: str) -> None:
+        self.counters[f"process_refused:{reason}"] += 1
+        try:
+            await write_frame(stream, encode_session_error(SESSION_ERROR_ID, reason, message),
+                              min(5.0, self.config.write_timeout_s))
+        except BidmeshError as e:
+            log.debug("could not tell the peer why (%s)", e)
+
+    async def _on_session(self, stream: INetStream) -> None:
+        """A process session (docs/dataplane.md §9): request frames `u64 id | request`,
+        answered by id as they complete, at most `process_session_concurrency` at once
+        (beyond that we stop reading, and yamux flow control holds the requester)."""
+        peer = remote_pubkey(stream)
+        cfg = self.config
+        if not self._knows(peer):
+            await self._refuse_session(stream, "unknown_provider", "process sessions are "
+                                       "served to providers with an offer in the ledger (or "
+                                       "on the allow list) only")
+            return
+        if self._sessions >= cfg.process_max_sessions:
+            await self._refuse_session(stream, "busy", "too many process sessions open")
+            return
+        self._sessions += 1
+        self.counters["process_sessions"] += 1
+        slots = trio.Semaphore(cfg.process_session_concurrency)
+        write_lock = trio.Lock()
+        errors: list[BidmeshError] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                def failed(e: BidmeshError) -> None:
+                    errors.append(e)
+                    nursery.cancel_scope.cancel()
+
+                while True:
+                    await slots.acquire()
+                    try:
+                        frame = await read_frame(stream, self._max_request + 8,
+                                                 cfg.process_idle_s)
+                    except StreamTimeout:
+                        self.counters["process_sessions_idle"] += 1
+                        break  # answer what is in flight, then close
+                    except InvalidMessage as e:
+                        if e.reason != "eof":  # eof: the requester closed the session
+                            self.counters[f"process_refused:{e.reason}"] += 1
+                            failed(e)
+                        break
+                    except BidmeshError as e:
+                        failed(e)
+                        break
+                    if len(frame) < 8:
+                        self.counters["process_refused:bad_request"] += 1
+                        failed(InvalidMessage("process-session request shorter than its id",
+                                              "bad_request"))
+                        break
+                    nursery.start_soon(self._session_request, stream, write_lock, slots, peer,
+                                       frame, failed)
+        finally:
+            self._sessions -= 1
+        if errors:
+            raise errors[0]  # the stream handler resets the stream
+
+    async def _session_request(self, stream: INetStream, write_lock: trio.Lock,
+                               slots: trio.Semaphore, peer: bytes, frame: bytes,
+                               failed: Callable[[BidmeshError], None]) -> None:
+        cfg = self.config
+        (rid,) = _SEQ.unpack_from(frame)
+        try:
+            with trio.fail_after(cfg.process_timeout_s):
+                body = encode_session_response(rid, await self._process(peer, frame, 8))
+        except PeerError as e:
+            log.info("process request from %s refused (%s): %s", peer.hex()[:12], e.reason, e)
+            body = encode_session_error(rid, e.reason, str(e))
+        except trio.TooSlowError:
+            self.counters["process_refused:timeout"] += 1
+            body = encode_session_error(rid, "timeout",
+                                        f"not processed within {cfg.process_timeout_s} s")
+        finally:
+            slots.release()
+        del frame
+        try:
+            async with write_lock:
+                await write_frame(stream, body, cfg.write_timeout_s)
+        except BidmeshError as e:
+            failed(e)

@@ -23,15 +23,20 @@ from ..keys import Identity
 from ..segments import MAX_CHAINS, PROTOCOLS
 
 __all__ = [
+    "SESSION_ERROR_ID",
     "TRAILER_SEQ",
     "ProcessRequest",
     "SegmentLimits",
+    "SessionResponse",
     "StreamHeader",
     "Trailer",
     "decode_outputs",
     "encode_outputs",
+    "encode_session_error",
+    "encode_session_response",
     "lease_key",
     "process_protocol",
+    "session_protocol",
     "stream_protocol",
 ]
 
@@ -41,7 +46,10 @@ TRAILER_SEQ: Final = (1 << 64) - 1
 MAX_SERVICE_NAME: Final = 64
 MAX_STREAM_ID: Final = 64
 KEY_INFO: Final = b"bidmesh/lease-key/v1"
+SESSION_ERROR_ID: Final = (1 << 64) - 1
+"""A process-session response with this id refuses the whole session."""
 _U32: Final = struct.Struct(">I")
+_U64: Final = struct.Struct(">Q")
 
 
 def stream_protocol(network: str) -> str:
@@ -50,6 +58,11 @@ def stream_protocol(network: str) -> str:
 
 def process_protocol(network: str) -> str:
     return f"/bidmesh/{network}/process/1"
+
+
+def session_protocol(network: str) -> str:
+    """Process sessions: many pipelined process requests over one kept stream."""
+    return f"/bidmesh/{network}/process/2"
 
 
 def _bad(message: str, reason: str = "bad_header") -> InvalidMessage:
@@ -261,19 +274,24 @@ class ProcessRequest:
     key: bytes | None
     data: bytes
 
-    def encode(self) -> bytes:
+    def encode(self, request_id: int | None = None) -> bytes:
+        """The /1 request; with `request_id`, the process-session request frame body
+        (`u64 BE request id` first)."""
         head = codec.pack([VERSION, self.lease, self.stream_id, self.seq, self.step,
                            list(self.services), self.key])
-        return _U32.pack(len(head)) + head + self.data
+        rid = b"" if request_id is None else _U64.pack(request_id)
+        return b"".join((rid, _U32.pack(len(head)), head, self.data))
 
     @classmethod
-    def decode(cls, payload: bytes) -> ProcessRequest:
-        if len(payload) < 4:
+    def decode(cls, payload: bytes, offset: int = 0) -> ProcessRequest:
+        """Decode the request at `payload[offset:]` (a session frame has its id first)."""
+        if len(payload) - offset < 4:
             raise _bad("process request too short", "bad_request")
-        (n,) = _U32.unpack_from(payload, 0)
-        if n > 8192 or 4 + n > len(payload):
+        (n,) = _U32.unpack_from(payload, offset)
+        start = offset + 4
+        if n > 8192 or start + n > len(payload):
             raise _bad("process request header length out of range", "bad_request")
-        h = codec.unpack(payload[4 : 4 + n], 8192)
+        h = codec.unpack(payload[start : start + n], 8192)
         if not isinstance(h, list) or len(h) != 7 or h[0] != VERSION:
             raise _bad("process request header must be [1, lease, stream, seq, step, "
                        "services, key]", "bad_request")
@@ -289,20 +307,21 @@ class ProcessRequest:
             chain = check_chains([services])[0]
         except PeerError as e:
             raise _bad(str(e), "bad_request") from None
-        return cls(lease, stream, seq, step, chain, key, payload[4 + n :])
+        return cls(lease, stream, seq, step, chain, key, payload[start + n :])
 
 
-def encode_outputs(outputs: Sequence[bytes]) -> bytes:
+def encode_outputs(outputs: Sequence[bytes], prefix: bytes = b"") -> bytes:
     """Process response: `u8 count`, then `u32 BE length | bytes` per service of the step
-    (every intermediate output, so the requester can verify each service)."""
-    parts = [bytes([len(outputs)])]
+    (every intermediate output, so the requester can verify each service). `prefix` goes
+    first, in the same copy."""
+    parts = [prefix, bytes([len(outputs)])]
     for o in outputs:
         parts.append(_U32.pack(len(o)))
         parts.append(o)
     return b"".join(parts)
 
 
-def decode_outputs(data: bytes, expected: int) -> list[bytes]:
+def decode_outputs(data: bytes | memoryview, expected: int) -> list[bytes]:
     if not data or data[0] != expected:
         raise InvalidMessage(f"process response must hold {expected} outputs", "bad_response")
     out, pos = [], 1
@@ -313,11 +332,58 @@ def decode_outputs(data: bytes, expected: int) -> list[bytes]:
         pos += 4
         if n > len(data) - pos:
             raise InvalidMessage("process response output runs past its end", "bad_response")
-        out.append(data[pos : pos + n])
+        out.append(bytes(data[pos : pos + n]))
         pos += n
     if pos != len(data):
         raise InvalidMessage("process response has trailing bytes", "bad_response")
     return out
+
+
+# Process-session responses: `u64 BE request id | u8 status | body`; status 0: the
+# outputs (`encode_outputs`), status 1: `u8 n | n bytes ASCII reason | UTF-8 message`.
+
+_S_OK: Final = 0
+_S_ERR: Final = 1
+
+
+def encode_session_response(request_id: int, outputs: Sequence[bytes]) -> bytes:
+    return encode_outputs(outputs, _U64.pack(request_id) + bytes([_S_OK]))
+
+
+def encode_session_error(request_id: int, reason: str, message: str) -> bytes:
+    code = reason.encode("ascii", "replace")[:64]
+    return b"".join((_U64.pack(request_id), bytes([_S_ERR, len(code)]), code,
+                     message.encode("utf-8", "replace")[:1024]))
+
+
+@dataclass(frozen=True)
+class SessionResponse:
+    """One decoded process-session response: `outputs` when ok, else `reason`/`message`."""
+
+    request_id: int
+    ok: bool
+    outputs: tuple[bytes, ...] = ()
+    reason: str = ""
+    message: str = ""
+
+    @classmethod
+    def decode(cls, frame: bytes, expected: int | None) -> SessionResponse:
+        """`expected`: outputs the request asked for (None: the id is not ours, which
+        only the session-error id may be)."""
+        if len(frame) < 9:
+            raise InvalidMessage("process-session response shorter than its header",
+                                 "bad_response")
+        (rid,) = _U64.unpack_from(frame)
+        view = memoryview(frame)[9:]
+        if frame[8] == _S_ERR:
+            if len(view) < 1 or len(view) < 1 + view[0]:
+                raise InvalidMessage("malformed process-session error", "bad_response")
+            reason = bytes(view[1 : 1 + view[0]]).decode("ascii", "replace")
+            return cls(rid, False, reason=reason,
+                       message=bytes(view[1 + view[0] :]).decode("utf-8", "replace"))
+        if frame[8] != _S_OK or expected is None:
+            raise InvalidMessage("malformed process-session response", "bad_response")
+        return cls(rid, True, tuple(decode_outputs(view, expected)))
 
 
 # ------------------------------------------------------------------------ lease key

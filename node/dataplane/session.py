@@ -1,0 +1,198 @@
+"""Process sessions, requester side: pipelined process requests to one contractor over
+one kept stream (`/bidmesh/<network>/process/2`, docs/dataplane.md §9).
+
+Why not a stream per request (`/process/1`): every new yamux stream starts with a
+256 KiB send window, and py-libp2p 0.8.1 waits for window updates by polling every
+10 ms (stream_muxer/yamux/yamux.py:273, `trio.sleep(0.01)`), so a 1 MiB segment sent
+on a fresh stream stalls ~4 times each way; a kept stream's window has grown (its
+auto-tuning doubles it up to 16 MiB) and several segments are in flight at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+
+import trio
+from libp2p.abc import INetStream
+
+from ..errors import BidmeshError, InvalidMessage, OperationError
+from ..p2p import RequestRefused, StreamTimeout, close_quietly, read_frame, reset_quietly
+from ..p2p import write_frame as _write_frame
+from .wire import SESSION_ERROR_ID, ProcessRequest, SessionResponse
+
+__all__ = ["ProcessSession"]
+
+log = logging.getLogger(__name__)
+_U64 = struct.Struct(">Q")
+CLOSE_GRACE_S = 5.0
+
+
+class _Slot:
+    __slots__ = ("abandoned", "done", "error", "expected", "response")
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.done = trio.Event()
+        self.response: SessionResponse | None = None
+        self.error: BidmeshError | None = None
+        self.abandoned = False
+
+
+class ProcessSession:
+    """One open session to `name` (a contractor). `call` from any task; `run` (one task,
+    e.g. in the dispatcher's nursery) reads the responses, closes the session after
+    `idle_s` without requests, and resets the stream when it fails or is cancelled.
+
+    Any session-level failure (the stream breaks, a response times out or is malformed,
+    the contractor refuses the session) fails every request in flight with that error
+    and makes the session unusable; open a new one.
+    """
+
+    def __init__(self, stream: INetStream, name: str, max_frame: int, idle_s: float) -> None:
+        self.stream = stream
+        self.name = name
+        self.max_frame = max_frame
+        self.idle_s = idle_s
+        self.error: BidmeshError | None = None
+        self.closing = False
+        self.last_used = trio.current_time()
+        self.calls = 0
+        self._next_id = 0
+        self._slots: dict[int, _Slot] = {}
+        self._write_lock = trio.Lock()
+        self._scope = trio.CancelScope()
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and not self.closing
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._slots)
+
+    def fail(self, error: BidmeshError) -> None:
+        """Fail the session and every request in flight (idempotent; first error wins)."""
+        if self.error is None:
+            self.error = error
+        for slot in self._slots.values():
+            slot.error = self.error
+            slot.done.set()
+        self._slots.clear()
+        self._scope.cancel()
+
+    async def call(self, req: ProcessRequest, expected: int, timeout: float) -> list[bytes]:
+        """The outputs of `req` (`expected` of them). RequestRefused when the contractor
+        answers an error; the session's error (StreamTimeout after `timeout`,
+        RemoteError, InvalidMessage...) when the session fails."""
+        if not self.usable:
+            raise self.error or OperationError(f"the process session to {self.name} is closed")
+        # Register before the first checkpoint: the idle reaper only closes a session
+        # with nothing in flight, so a call that got a usable session keeps it.
+        rid = self._next_id
+        self._next_id += 1
+        slot = self._slots[rid] = _Slot(expected)
+        self.calls += 1
+        self.last_used = trio.current_time()
+        deadline = self.last_used + timeout
+        frame = req.encode(rid)
+        written = False
+        try:
+            with trio.fail_at(deadline):
+                await self._write_lock.acquire()
+            try:
+                if self.error is not None:
+                    raise self.error
+                # Shielded; resets the stream (failing the session) at the deadline.
+                await _write_frame(self.stream, frame, max(0.0, deadline - trio.current_time()))
+                written = True
+            except BidmeshError as e:
+                self.fail(e)
+                raise
+            finally:
+                self._write_lock.release()
+            del frame
+            with trio.move_on_at(deadline):
+                await slot.done.wait()
+            if not slot.done.is_set():
+                self.fail(StreamTimeout(f"no process response from {self.name} within "
+                                        f"{timeout} s"))
+        except trio.TooSlowError:
+            err = StreamTimeout(f"process session to {self.name} busy for {timeout} s")
+            self.fail(err)
+            raise err from None
+        except BaseException:
+            if written:
+                slot.abandoned = True  # cancelled: its answer is dropped when it comes
+            else:
+                self._slots.pop(rid, None)
+            raise
+        if slot.error is not None:
+            raise slot.error
+        resp = slot.response
+        assert resp is not None
+        if not resp.ok:
+            raise RequestRefused(f"{self.name} refused the process request ({resp.reason}): "
+                                 f"{resp.message}", resp.reason)
+        return list(resp.outputs)
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reaper)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self.error is None and not self.closing:
+                self.error = OperationError(f"the process session to {self.name} stopped")
+            self.fail(self.error or OperationError("closed"))
+            await reset_quietly(self.stream)
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                # No timeout here: each call bounds its own wait and fails the session
+                # (cancelling this read) when it passes; the reaper ends idle sessions.
+                frame = await read_frame(self.stream, self.max_frame, math.inf)
+            except InvalidMessage as e:
+                if e.reason == "eof" and self.closing and not self._slots:
+                    return  # we closed an idle session and the contractor closed its side
+                self.fail(e)
+                return
+            except BidmeshError as e:
+                self.fail(e)
+                return
+            try:
+                self._deliver(frame)
+            except BidmeshError as e:
+                self.fail(e)
+                return
+
+    def _deliver(self, frame: bytes) -> None:
+        if len(frame) < 9:
+            raise InvalidMessage(f"{self.name} sent a process-session response shorter than "
+                                 "its header", "bad_response")
+        (rid,) = _U64.unpack_from(frame)
+        if rid == SESSION_ERROR_ID:
+            r = SessionResponse.decode(frame, None)
+            raise RequestRefused(f"{self.name} refused the process session ({r.reason}): "
+                                 f"{r.message}", r.reason)
+        slot = self._slots.pop(rid, None)
+        if slot is None:
+            raise InvalidMessage(f"{self.name} answered request {rid}, which is not in "
+                                 "flight", "bad_response")
+        if not slot.abandoned:
+            slot.response = SessionResponse.decode(frame, slot.expected)
+            slot.done.set()
+
+    async def _reaper(self) -> None:
+        while True:
+            await trio.sleep_until(self.last_used + self.idle_s)
+            if not self._slots and trio.current_time() >= self.last_used + self.idle_s:
+                break
+        self.closing = True
+        await close_quietly(self.stream)  # our side: the contractor then closes its own
+        await trio.sleep(CLOSE_GRACE_S)
+        self.fail(OperationError(f"{self.name} did not close the idle process session"))

@@ -48,3 +48,27 @@ class Reverse:
 
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         return data[::-1]
+
+
+@dataclass(frozen=True)
+class NotBytes:
+    """Returns a str: a plugin bug the pool must report, not pass on."""
+
+    name: str = "not-bytes"
+
+    def process(self, data: bytes, ctx: ProcessContext) -> bytes:
+        return "text"  # type: ignore[return-value]
+
+
+class Unpicklable:
+    """Holds a lock, so it cannot be shipped to a worker."""
+
+    name = "unpicklable"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+
+    def process(self, data: bytes, ctx: ProcessContext) -> bytes:
+        return data

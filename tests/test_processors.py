@@ -389,3 +389,83 @@ async def test_pool_dropped_without_close_removes_its_slots() -> None:
     del p  # never closed: its executor shuts down when collected, and so do the slots
     gc.collect()
     assert not any(_shm_exists(n) for n in names)
+
+
+async def test_pool_jobs_queued_behind_a_crash_fail_and_the_pool_recovers() -> None:
+    import trio
+    import trio.testing
+
+    procs = {**PROCS, "crash": Crash(), "reverse": Reverse()}
+    outcomes: dict[str, object] = {}
+
+    async def call(name: str, data: bytes) -> None:
+        try:
+            outcomes[name] = await p.run(name, data, CTX)
+        except ProcessingError as e:
+            outcomes[name] = e
+
+    # One worker, two jobs in it: the second waits behind the one that kills the worker.
+    async with WorkerPool(procs, workers=1, max_in_flight=2) as p:
+        await p.start()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "crash", DATA)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, "reverse", DATA)
+        assert isinstance(outcomes["crash"], ProcessingError)
+        assert outcomes["reverse"] == DATA[::-1] or isinstance(outcomes["reverse"],
+                                                               ProcessingError)
+        assert p.crashes == 1
+        assert await p.run("reverse", DATA, CTX) == DATA[::-1]
+        names = p.slot_names
+    assert not any(_shm_exists(n) for n in names)
+
+
+async def test_pool_replaces_a_worker_killed_while_idle() -> None:
+    import signal
+
+    async with WorkerPool({**PROCS, "reverse": Reverse()}, workers=1) as p:
+        await p.start()
+        (pid,) = p.worker_pids
+        os.kill(pid, signal.SIGKILL)
+        # The pool finds out when it next uses the worker: if the worker is gone by then,
+        # the call goes to a fresh one; if it dies after taking the job, the call fails
+        # retryably. Either way the next call works.
+        try:
+            assert await p.run("reverse", b"abc", CTX) == b"cba"
+        except ProcessingError as e:
+            assert "died" in str(e)
+        assert await p.run("reverse", b"abc", CTX) == b"cba"
+        assert pid not in p.worker_pids and p.crashes == 1
+
+
+async def test_pool_reports_plugin_bugs_that_cross_processes() -> None:
+    from proc_helpers import NotBytes, Unpicklable
+
+    procs = {"not-bytes": NotBytes(), "unpicklable": Unpicklable(), "reverse": Reverse()}
+    async with WorkerPool(procs, workers=1) as p:  # type: ignore[arg-type]
+        with pytest.raises(ProcessingError, match="not bytes"):
+            await p.run("not-bytes", b"x", CTX)
+        with pytest.raises(ProcessingError, match="could not run in a worker"):
+            await p.run("unpicklable", b"x", CTX)
+        assert await p.run("reverse", b"abc", CTX) == b"cba" and p.crashes == 0
+
+
+async def test_pool_close_lets_queued_jobs_finish() -> None:
+    import trio
+    import trio.testing
+
+    results: list[bytes] = []
+    p = WorkerPool({**PROCS, "reverse": Reverse()}, workers=2, max_in_flight=4)
+
+    async def call(i: int) -> None:
+        results.append(await p.run("zstd", DATA * 20 + bytes([i]), CTX))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(call, i)
+        await trio.testing.wait_all_tasks_blocked()
+        names = p.slot_names
+        await p.aclose()  # the four jobs are in the workers: they finish first
+    assert sorted(results) == sorted(PROCS["zstd"].process(DATA * 20 + bytes([i]), CTX)
+                                     for i in range(4))
+    assert p.worker_pids == () and not any(_shm_exists(n) for n in names)

@@ -6,50 +6,64 @@ runs trio and libp2p threads, and forking a threaded process can deadlock the ch
 Each call ships the (picklable) processor with the data, so workers need no registry
 and plugins defined anywhere importable work.
 
-Segment bytes travel through shared-memory slots, not through pickles in the job and
-result pipes: the parent copies a segment into a free slot, the job names the slot, and
-the worker writes its output back into the same slot. The parent's cost per segment is
-then two memcpys and a small pickle, small enough that it does not starve two workers
-of CPU on a two-core machine (pickling 1 MiB segments through the executor's pipes cost
-the parent ~1 ms per segment and kept two workers at ~1.2x one core). A segment or output
-larger than a slot, or a call that finds no free slot, falls back to the pipes. The
-pool owns every slot: it creates them, and unlinks them on `aclose` (or, if the pool is
+The pool drives its workers itself, from trio, with no helper threads: each worker has a
+Unix socket to the pool and answers the jobs sent on it in order, one frame each (a
+4-byte length, then a pickle). Segment bytes travel through shared-memory slots, not in
+those frames: the pool copies a segment into a free slot, the job names the slot, and
+the worker writes its output back into the same slot. The pool's cost per segment is then
+two memcpys, two small pickles and a socket round trip, little enough that it does not
+starve two workers of CPU on a two-core machine. (Through a ProcessPoolExecutor, pickling
+1 MiB segments through its pipes and waking its threads cost the parent ~1.5 ms of CPU
+per segment, and two workers reached ~1.2x one core; with slots, still through the
+executor, ~0.9 ms and ~1.6x.) A segment or output larger than a slot, or a call that
+finds no free slot, travels in the frame instead.
+
+The pool owns every slot: it creates them, and unlinks them on `aclose` (or, for a pool
 dropped unclosed, when it is collected); workers only map them. A slot goes back to the
-free list only when the job that used it is over (done, dropped, or its worker dead), so
-a worker that outlives its caller never writes into another call's slot.
+free list only when the job that used it is over; the slots of a worker that dies or is
+killed are unlinked, so a worker that outlives its caller never writes into another
+call's slot.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import multiprocessing
 import os
+import pickle
 import secrets
-import threading
+import signal
+import socket
+import struct
 import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from multiprocessing.context import ForkServerContext, SpawnContext
+from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
+from typing import Any
 
 import trio
 
 from ..errors import BidmeshError, ProcessingError, UsageError
 from . import ProcessContext, Processor, load_processors, run_chain
 
-__all__ = ["WorkerPool"]
+__all__ = ["DEFAULT_SLOT_BYTES", "WorkerPool"]
 
 DEFAULT_TIMEOUT_S = 30.0
 _CLOSE_GRACE_S = 5.0
-_PIPE_BYTES = 1 << 20
+_SOCKET_BYTES = 1 << 20  # socket buffers: room for a whole segment sent in a frame
 # Holds a 1 MiB segment (the dataplane's largest) and its output even when that grows a
 # little (incompressible zstd input, aes-gcm's tag).
 DEFAULT_SLOT_BYTES = (1 << 20) + (64 << 10)
 SHM_PREFIX = "bidmesh-pool-"
+_LEN = struct.Struct(">I")
+_MAX_FRAME = (1 << 32) - 1
 
-# Worker side: slots mapped so far, by name. A worker lives no longer than its pool, and
-# a pool's slots are fixed, so this stays small.
+# ------------------------------------------------------------------------ worker side
+
+# Slots mapped so far, by name. A worker lives no longer than its pool, and a pool's
+# slots are few, so this stays small.
 _mapped: dict[str, SharedMemory] = {}
 
 
@@ -72,7 +86,7 @@ def _view(shm: SharedMemory) -> memoryview:
 
 def _work(procs: Mapping[str, Processor], services: Sequence[str], data: bytes | None,
           ctx: ProcessContext, slot: str | None = None, size: int = 0) -> bytes | int:
-    """Runs in the worker. Anything a plugin raises becomes a picklable ProcessingError.
+    """One job. Anything a plugin raises becomes a picklable ProcessingError.
 
     With `slot`, the input is the slot's first `size` bytes (and `data` is None); an
     output that fits goes back into the slot and the return value is its length.
@@ -82,7 +96,7 @@ def _work(procs: Mapping[str, Processor], services: Sequence[str], data: bytes |
             return run_chain(procs, services, data or b"", ctx)
         buf = _view(_slot(slot))
         out = run_chain(procs, services, bytes(buf[:size]), ctx)
-        if len(out) > len(buf):
+        if not isinstance(out, bytes) or len(out) > len(buf):
             return out
         buf[:len(out)] = out
         return len(out)
@@ -92,79 +106,94 @@ def _work(procs: Mapping[str, Processor], services: Sequence[str], data: bytes |
         raise ProcessingError(f"{'→'.join(services)} failed: {type(e).__name__}: {e}") from None
 
 
-async def _join(thread: threading.Thread, grace_s: float) -> bool:
-    """Join a thread without blocking trio, even when cancelled; False if still alive."""
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + grace_s):
-        # trio_typing's stale stubs shadow trio's own annotations (no abandon_on_cancel).
-        await trio.to_thread.run_sync(  # type: ignore[call-arg]
-            thread.join, abandon_on_cancel=True
-        )
-    return not thread.is_alive()
+def _serve(sock: socket.socket) -> None:
+    """A worker's main loop: answer each job frame with one result frame, until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when workers stop
+    with sock, sock.makefile("rb") as jobs:
+        while True:
+            head = jobs.read(_LEN.size)
+            if len(head) < _LEN.size:
+                return  # the pool closed its end
+            body = jobs.read(_LEN.unpack(head)[0])
+            try:
+                job = pickle.loads(body)
+                reply: tuple[bool, object] = (True, _work(*job) if job else 0)
+            except ProcessingError as e:
+                reply = (False, e)
+            except Exception as e:  # e.g. a plugin class this worker cannot import
+                reply = (False, ProcessingError(
+                    f"job could not run in a worker: {type(e).__name__}: {e}"))
+            try:
+                frame = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+            except Exception as e:  # a plugin returned something unpicklable
+                frame = pickle.dumps((False, ProcessingError(
+                    f"result could not leave the worker: {type(e).__name__}: {e}")))
+            try:
+                sock.sendall(_LEN.pack(len(frame)) + frame)
+            except OSError:
+                return  # the pool is gone
 
 
-async def _wait(fut: Future[bytes | int]) -> None:
-    """Sleep until a concurrent future is done, without a thread per call."""
-    done = trio.Event()
-    token = trio.lowlevel.current_trio_token()
-
-    def wake(_: Future[bytes | int]) -> None:
-        with contextlib.suppress(trio.RunFinishedError):  # the run ended: nobody to wake
-            token.run_sync_soon(done.set)
-
-    fut.add_done_callback(wake)
-    await done.wait()
+# ------------------------------------------------------------------------ pool side
 
 
-def _manager_thread(executor: ProcessPoolExecutor) -> threading.Thread | None:
-    # typeshed mistypes this private attribute; it is the thread that owns the workers.
-    thread: threading.Thread | None = getattr(executor, "_executor_manager_thread", None)
-    return thread
+class _Job:
+    """A job sent to a worker; `outcome` is set once its reply is read or it is lost."""
+
+    __slots__ = ("abandoned", "outcome", "slot")
+
+    def __init__(self, slot: SharedMemory | None) -> None:
+        self.slot = slot
+        self.outcome: tuple[bool, object] | None = None
+        self.abandoned = False
 
 
-def _grow_pipes(executor: ProcessPoolExecutor) -> None:
-    """Let a whole segment sit in the job/result pipes (Linux F_SETPIPE_SZ).
-
-    With the default 64 KiB pipes, sending the next input blocks until the worker is
-    done with the current one, so transfers never overlap compute; measured here this
-    costs 15–45 % of two-worker zstd throughput. Best effort: other OSes, or a lower
-    /proc/sys/fs/pipe-max-size, keep the default.
-    """
-    setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if setsz is None:
-        return
-    for queue in (getattr(executor, "_call_queue", None), executor._result_queue):
-        for conn_name in ("_writer", "_reader"):
-            conn = getattr(queue, conn_name, None)
-            if conn is None:
-                continue
-            with contextlib.suppress(OSError):  # EPERM above pipe-max-size: keep default
-                fcntl.fcntl(conn.fileno(), setsz, _PIPE_BYTES)
-            break  # both ends share one pipe buffer
+class _Worker:
+    def __init__(self, proc: BaseProcess, raw: socket.socket) -> None:
+        self.proc = proc
+        self.raw = raw  # for the GC finalizer, which may run outside trio
+        self.sock = trio.socket.from_stdlib_socket(raw)
+        self.pending: deque[_Job] = deque()  # sent, reply not read yet: reply order
+        self.inbox = bytearray()  # a reply read in part
+        self.send_lock = trio.Lock()
+        self.read_lock = trio.Lock()
+        self.dead = False
 
 
-def _unlink_all(slots: list[SharedMemory]) -> None:
-    """Unmap and remove every slot; safe to call twice (also a GC finalizer)."""
+_DIED = (False, None)  # outcome of a job whose worker died or was killed
+_TIMED_OUT = (False, False)  # what _round_trip returns when the caller's time ran out
+
+
+def _unlink(shm: SharedMemory) -> None:
+    with contextlib.suppress(BufferError):  # a view still exported: the unlink suffices
+        shm.close()
+    with contextlib.suppress(FileNotFoundError):
+        shm.unlink()
+
+
+def _release(slots: list[SharedMemory], workers: list[_Worker]) -> None:
+    """Remove every slot and hang up on every worker (which then exits); safe to call
+    twice. `aclose` calls it, and so does the GC for a pool dropped unclosed."""
     while slots:
-        shm = slots.pop()
-        with contextlib.suppress(BufferError):  # a view still exported: the unlink suffices
-            shm.close()
-        with contextlib.suppress(FileNotFoundError):
-            shm.unlink()
+        _unlink(slots.pop())
+    while workers:
+        workers.pop().raw.close()
 
 
 class WorkerPool:
     """`await run(name, data, ctx)` in a worker process.
 
-    At most `max_in_flight` calls (default: `workers`) are submitted at once; more
-    callers wait on a trio semaphore, which is the backpressure. A call that exceeds its
-    timeout, or whose worker dies, raises ProcessingError. Either way the executor is
-    replaced; other calls that were running on it then fail with ProcessingError too
-    (retryable: the dataplane re-dispatches). A caller that is cancelled abandons its
-    job: a queued one is dropped, a running one completes unobserved.
+    At most `max_in_flight` calls (default: `workers`) are in the workers at once, each
+    worker taking its share in turn; more callers wait on a trio semaphore, which is the
+    backpressure. With `max_in_flight` above `workers`, a worker's next input is already
+    waiting when it finishes one. A call that exceeds its timeout, or whose worker dies,
+    raises ProcessingError. Either way that worker is replaced; other calls queued on it
+    then fail with ProcessingError too (retryable: the dataplane re-dispatches). A
+    caller that is cancelled abandons its job, which completes unobserved.
 
     Up to `max_in_flight + workers` shared-memory slots of `slot_bytes` each carry
-    segments to and from the workers (see the module docstring); they are created on
-    first use and removed by `aclose`.
+    segments to and from the workers (see the module docstring; 0 turns them off); they
+    are created on first use and removed by `aclose`.
     """
 
     def __init__(
@@ -189,64 +218,38 @@ class WorkerPool:
         self.processors = dict(load_processors() if processors is None else processors)
         self.workers = workers
         self.timeout_s = timeout_s
+        self.slot_bytes = slot_bytes
         self.crashes = 0
         self.timeouts = 0
-        self._ctx = multiprocessing.get_context(mp_context)
+        self._ctx: ForkServerContext | SpawnContext
         if mp_context == "forkserver":
+            self._ctx = get_context("forkserver")
             # Workers fork from a server that already imported zstd and cryptography.
             self._ctx.set_forkserver_preload(["node.processors.builtin",
                                               "node.processors.pool"])
-        self._limit = trio.Semaphore(max_in_flight or workers)
-        self.slot_bytes = slot_bytes
-        self._max_slots = (max_in_flight or workers) + workers if slot_bytes else 0
+        else:
+            self._ctx = get_context("spawn")
+        in_flight = max_in_flight or workers
+        self._limit = trio.Semaphore(in_flight)
+        self._live: list[_Worker] = []
+        self._dying: list[_Worker] = []  # killed or lost, not reaped yet
+        self._max_slots = in_flight + workers if slot_bytes else 0
         self._slots: list[SharedMemory] = []  # every slot, for cleanup
         self._free: list[SharedMemory] = []
-        self._finalizer = weakref.finalize(self, _unlink_all, self._slots)
-        self._executor: ProcessPoolExecutor | None = None
-        self._reaping: list[threading.Thread] = []
+        self._finalizer = weakref.finalize(self, _release, self._slots, self._live)
         self._closed = False
 
-    def _current(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=self._ctx)
-            _grow_pipes(self._executor)
-        return self._executor
-
-    def _retire(self, executor: ProcessPoolExecutor) -> None:
-        """Kill a broken or stuck executor; the next call starts a fresh one."""
-        if self._executor is executor:
-            self._executor = None
-        # The executor has no public way to stop a running job; killing its workers is
-        # the only bound on a stuck processor. After shutdown these fields are cleared,
-        # so retiring twice is harmless.
-        for proc in list((executor._processes or {}).values()):
-            with contextlib.suppress(ProcessLookupError):  # already gone
-                proc.kill()
-        thread = _manager_thread(executor)
-        executor.shutdown(wait=False, cancel_futures=True)
-        if thread is not None:
-            self._reaping.append(thread)
-
-    async def _reap(self) -> None:
-        """Join the manager threads of retired executors (workers are dead: quick)."""
-        while self._reaping:
-            await _join(self._reaping.pop(), _CLOSE_GRACE_S)
-
-    async def start(self) -> None:
-        """Start every worker now rather than on first use (first-segment latency)."""
-        ctx = ProcessContext(bytes(32), b"warm-up", 0)
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.workers):
-                nursery.start_soon(self._warm, ctx)
-
-    async def _warm(self, ctx: ProcessContext) -> None:
-        async with self._limit:
-            await _wait(self._current().submit(_work, {}, (), b"", ctx))
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """Process ids of the workers in service now."""
+        return tuple(w.proc.pid for w in self._live if w.proc.pid is not None)
 
     @property
     def slot_names(self) -> tuple[str, ...]:
         """Shared-memory slots this pool holds now (empty after `aclose`)."""
         return tuple(shm.name for shm in self._slots)
+
+    # -------------------------------------------------------------------- slots
 
     def _take_slot(self, size: int) -> SharedMemory | None:
         """A free slot for `size` bytes, creating one if under the cap; else None."""
@@ -255,28 +258,163 @@ class WorkerPool:
         if self._free:
             return self._free.pop()
         if len(self._slots) >= self._max_slots:
-            return None  # held by abandoned jobs: use the pipes meanwhile
+            return None  # held by abandoned jobs: send the bytes in the frame meanwhile
         shm = SharedMemory(f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}", create=True,
                            size=self.slot_bytes)
         self._slots.append(shm)
         return shm
 
     def _give_back(self, shm: SharedMemory) -> None:
-        if shm in self._slots:  # not after aclose
+        if shm in self._slots:  # not after aclose, nor once dropped with a dead worker
             self._free.append(shm)
 
-    def _give_back_when_done(self, fut: Future[bytes | int], shm: SharedMemory) -> None:
-        """Return the slot once its job can no longer touch it."""
-        if fut.done():
-            self._give_back(shm)
+    def _drop_slot(self, shm: SharedMemory) -> None:
+        """A slot a lost worker may still write into: nobody gets it again."""
+        if shm in self._slots:
+            self._slots.remove(shm)
+            _unlink(shm)
+
+    # -------------------------------------------------------------------- workers
+
+    def _spawn(self) -> _Worker:
+        ours, theirs = socket.socketpair()
+        try:
+            for s in (ours, theirs):
+                for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                    with contextlib.suppress(OSError):  # best effort: keep the default
+                        s.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BYTES)
+            proc = self._ctx.Process(target=_serve, args=(theirs,), daemon=True,
+                                     name="bidmesh-worker")
+            proc.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker has its own copy
+        ours.setblocking(False)
+        worker = _Worker(proc, ours)
+        self._live.append(worker)
+        return worker
+
+    def _pick(self) -> _Worker:
+        """The live worker with the fewest jobs queued, starting workers as needed."""
+        while len(self._live) < self.workers:
+            self._spawn()
+        return min(self._live, key=lambda w: len(w.pending))
+
+    def _lose(self, worker: _Worker) -> None:
+        """Take a dead or stuck worker out of service and fail its jobs.
+
+        Kills it (it may be stuck in a job); its slots are unlinked rather than reused
+        because it could still be writing into one as the signal lands.
+        """
+        if worker.dead:
             return
-        token = trio.lowlevel.current_trio_token()
+        worker.dead = True
+        self._live.remove(worker)
+        self._dying.append(worker)
+        with contextlib.suppress(ProcessLookupError, ValueError):  # gone, or closed
+            worker.proc.kill()
+        worker.sock.close()  # wakes any task waiting on it
+        while worker.pending:
+            job = worker.pending.popleft()
+            job.outcome = _DIED
+            if job.slot is not None:
+                self._drop_slot(job.slot)
 
-        def done(_: Future[bytes | int]) -> None:
-            with contextlib.suppress(trio.RunFinishedError):  # run over: aclose is too
-                token.run_sync_soon(self._give_back, shm)
+    async def _reap(self) -> None:
+        """Wait (bounded) for lost workers to exit, so no zombie or stray slot writer."""
+        while self._dying:
+            worker = self._dying.pop()
+            bound = trio.CancelScope(shield=True, deadline=trio.current_time() + _CLOSE_GRACE_S)
+            with bound, contextlib.suppress(ValueError):  # ValueError: already closed
+                await trio.lowlevel.wait_readable(worker.proc.sentinel)
+            with contextlib.suppress(ValueError):
+                worker.proc.join(0)
+                if worker.proc.exitcode is not None:
+                    worker.proc.close()
 
-        fut.add_done_callback(done)
+    async def _send(self, worker: _Worker, job: _Job, frame: bytes) -> None:
+        """Queue `job` on `worker` and send its frame; a partial send loses the worker."""
+        async with worker.send_lock:
+            if worker.dead:
+                raise trio.BrokenResourceError("worker lost")
+            worker.pending.append(job)
+            view = memoryview(frame)
+            try:
+                # Bounded and shielded: a frame cut in half would garble the stream.
+                with trio.CancelScope(shield=True,
+                                      deadline=trio.current_time() + self.timeout_s):
+                    while view:
+                        view = view[await worker.sock.send(view):]
+            except (OSError, trio.ClosedResourceError) as e:
+                # The frame did not arrive whole, so the worker never saw the job and its
+                # slot is untouched: the caller may send it elsewhere.
+                worker.pending.remove(job)
+                if not worker.dead:  # not closed by us: it died
+                    self.crashes += 1
+                self._lose(worker)
+                raise trio.BrokenResourceError("worker lost") from e
+            if view:  # the worker stopped reading for timeout_s: stuck in a job
+                worker.pending.remove(job)
+                self.timeouts += 1
+                self._lose(worker)
+                raise trio.BrokenResourceError("worker stopped reading")
+
+    async def _read_reply(self, worker: _Worker) -> None:
+        """Read one reply frame and settle the oldest pending job with it."""
+        while True:
+            if len(worker.inbox) >= _LEN.size:
+                size = _LEN.unpack_from(worker.inbox)[0] + _LEN.size
+                if len(worker.inbox) >= size:
+                    body = bytes(memoryview(worker.inbox)[_LEN.size:size])
+                    del worker.inbox[:size]
+                    break
+            try:
+                chunk = await worker.sock.recv(_SOCKET_BYTES)
+            except (OSError, trio.ClosedResourceError):
+                chunk = b""
+            if not chunk:
+                if not worker.dead:  # not closed by us: it died
+                    self.crashes += 1
+                    self._lose(worker)
+                return
+            worker.inbox += chunk
+        job = worker.pending.popleft()
+        try:
+            outcome = pickle.loads(body)
+        except Exception as e:  # cannot happen with our worker; say so if it does
+            outcome = (False, ProcessingError(f"unreadable reply from a worker: {e}"))
+        job.outcome = outcome
+        if job.abandoned and job.slot is not None:
+            self._give_back(job.slot)
+
+    async def _wait_reply(self, worker: _Worker, job: _Job) -> None:
+        while job.outcome is None and not worker.dead:
+            async with worker.read_lock:
+                if job.outcome is None and not worker.dead:
+                    await self._read_reply(worker)
+
+    # -------------------------------------------------------------------- API
+
+    async def start(self) -> None:
+        """Start every worker now rather than on first use (first-segment latency)."""
+        if self._closed:
+            raise UsageError("WorkerPool is closed")
+        for _ in range(self.workers - len(self._live)):
+            self._spawn()
+        frame = pickle.dumps(None)
+        async with trio.open_nursery() as nursery:
+            for worker in list(self._live):
+                nursery.start_soon(self._warm, worker, _LEN.pack(len(frame)) + frame)
+
+    async def _warm(self, worker: _Worker, frame: bytes) -> None:
+        async with self._limit:
+            job = _Job(None)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await self._send(worker, job, frame)
+                await self._wait_reply(worker, job)
+        await self._reap()
 
     async def run(
         self, name: str, data: bytes, ctx: ProcessContext, *, timeout_s: float | None = None
@@ -299,92 +437,105 @@ class WorkerPool:
             if name not in self.processors:
                 raise ProcessingError(f"no processor named {name!r} in this pool")
             procs[name] = self.processors[name]
+        what = "→".join(services)
         async with self._limit:
+            if self._closed:
+                raise UsageError("WorkerPool is closed")
             shm = self._take_slot(len(data))
+            args: tuple[Any, ...]
             if shm is None:
-                job: tuple[object, ...] = (_work, procs, tuple(services), data, ctx)
+                args = (procs, tuple(services), data, ctx)
             else:
                 _view(shm)[:len(data)] = data
-                job = (_work, procs, tuple(services), None, ctx, shm.name, len(data))
-            executor = self._current()
-            fut: Future[bytes | int] | None = None
+                args = (procs, tuple(services), None, ctx, shm.name, len(data))
             try:
-                try:
-                    fut = executor.submit(*job)  # type: ignore[arg-type]
-                except BrokenProcessPool:
-                    self._retire(executor)
-                    executor = self._current()
-                    fut = executor.submit(*job)  # type: ignore[arg-type]
-                return await self._outcome(executor, fut, services, ctx, shm, timeout_s)
-            finally:
+                body = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
+                if len(body) > _MAX_FRAME:
+                    raise ValueError(f"job of {len(body)} bytes")
+            except Exception as e:  # e.g. an unpicklable processor
                 if shm is not None:
-                    if fut is None:
-                        self._give_back(shm)
-                    else:
-                        self._give_back_when_done(fut, shm)
+                    self._give_back(shm)
+                raise ProcessingError(
+                    f"{what} could not run in a worker: {type(e).__name__}: {e}") from e
+            job = _Job(shm)
+            try:
+                outcome = await self._round_trip(job, _LEN.pack(len(body)) + body,
+                                                 timeout_s or self.timeout_s)
+                if outcome is _TIMED_OUT:
+                    self.timeouts += 1
+                    await self._reap()
+                    raise ProcessingError(f"{what} timed out on segment {ctx.seq}")
+                if outcome is _DIED:
+                    await self._reap()
+                    raise ProcessingError(
+                        f"worker process died running {what} on segment {ctx.seq}")
+                return self._result(outcome, shm, what)
+            finally:
+                if job.outcome is None:
+                    job.abandoned = True  # its slot comes back with the reply
+                elif shm is not None:
+                    self._give_back(shm)  # a no-op for the slots of a lost worker
 
-    async def _outcome(
-        self,
-        executor: ProcessPoolExecutor,
-        fut: Future[bytes | int],
-        services: Sequence[str],
-        ctx: ProcessContext,
-        shm: SharedMemory | None,
-        timeout_s: float | None,
-    ) -> bytes:
-        try:
-            with trio.move_on_after(timeout_s or self.timeout_s) as scope:
-                await _wait(fut)
-        finally:
-            # Drop a job that has not started. One that has (the caller went away)
-            # finishes on its own: processors are bounded, and killing the executor
-            # would fail every other caller's job too.
-            fut.cancel()
-        if scope.cancelled_caught:
-            if not fut.done():
-                # Over its time limit and still running: the only way to get the
-                # core back is to kill the worker.
-                self._retire(executor)
-            self.timeouts += 1
-            await self._reap()
-            raise ProcessingError(f"{'→'.join(services)} timed out on segment {ctx.seq}")
-        try:
-            out = fut.result()
-        except BidmeshError:
-            raise
-        except (BrokenProcessPool, CancelledError) as e:
-            self.crashes += 1
-            self._retire(executor)
-            await self._reap()
+    async def _round_trip(self, job: _Job, frame: bytes,
+                          timeout_s: float) -> tuple[bool, object]:
+        """The job's outcome, or _TIMED_OUT (its worker is then killed)."""
+        worker = self._pick()
+        with trio.move_on_after(timeout_s):
+            try:
+                await self._send(worker, job, frame)
+            except trio.BrokenResourceError:
+                # The worker was lost before it saw the job: one more try on a fresh one.
+                await self._reap()
+                worker = self._pick()
+                try:
+                    await self._send(worker, job, frame)
+                except trio.BrokenResourceError:
+                    return _DIED
+            await self._wait_reply(worker, job)
+        if job.outcome is None and not worker.dead:
+            # Over its time limit and still queued or running: the only way to get the
+            # core back is to kill the worker (and with it, the jobs queued behind).
+            self._lose(worker)
+            return _TIMED_OUT
+        return job.outcome or _DIED
+
+    def _result(self, outcome: tuple[bool, object], shm: SharedMemory | None,
+                what: str) -> bytes:
+        ok, value = outcome
+        if not ok:
+            if isinstance(value, BidmeshError):
+                raise value
+            raise ProcessingError(f"{what} failed in a worker: {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            if shm is None or not 0 <= value <= shm.size:
+                raise ProcessingError(f"{what}: worker returned a bad output length {value}")
+            return bytes(_view(shm)[:value])
+        if not isinstance(value, bytes):
             raise ProcessingError(
-                f"worker process died running {'→'.join(services)} on segment {ctx.seq}"
-            ) from e
-        except Exception as e:  # e.g. an unpicklable processor or result
-            raise ProcessingError(
-                f"{'→'.join(services)} could not run in a worker: {type(e).__name__}: {e}"
-            ) from e
-        if isinstance(out, int):
-            if shm is None or not 0 <= out <= shm.size:
-                raise ProcessingError(f"worker returned a bad output length {out}")
-            return bytes(_view(shm)[:out])
-        return out
+                f"{what} returned {type(value).__name__}, not bytes (a processor bug)")
+        return value
 
     async def aclose(self) -> None:
-        """Stop the workers: running jobs get a short grace period, then are killed."""
+        """Stop the workers: queued jobs get a short grace period, then are killed."""
         self._closed = True
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            procs = list((executor._processes or {}).values())
-            thread = _manager_thread(executor)
-            executor.shutdown(wait=False, cancel_futures=True)  # workers exit when idle
-            if thread is not None and not await _join(thread, _CLOSE_GRACE_S):
-                for proc in procs:  # grace expired: a job is stuck
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                self._reaping.append(thread)
+        workers = list(self._live)
+        for worker in workers:
+            with contextlib.suppress(OSError):  # EOF: the worker exits after its queue
+                worker.sock.shutdown(socket.SHUT_WR)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLOSE_GRACE_S):
+            for worker in workers:
+                # Read the replies still due (for callers still waiting, or abandoned),
+                # then the worker's exit ends its stream.
+                while worker.pending and not worker.dead:
+                    async with worker.read_lock:
+                        if worker.pending and not worker.dead:
+                            await self._read_reply(worker)
+                with contextlib.suppress(ValueError):
+                    await trio.lowlevel.wait_readable(worker.proc.sentinel)
+        for worker in workers:
+            self._lose(worker)  # kills only the stuck; fails what is still queued
         await self._reap()
-        # The workers are gone (or killed and past caring): nothing maps a slot any more
-        # that could write into one.
+        # No worker is left that could write into a slot.
         self._free.clear()
         self._finalizer()
 

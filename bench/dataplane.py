@@ -1,6 +1,7 @@
 """Dataplane throughput on loopback, side by side in one run:
 
-  (a) raw py-libp2p stream: one-way framed writes, no dataplane
+  (a) raw py-libp2p stream: one-way framed writes, no dataplane (the same frame writes
+      as the dataplane's: node/dataplane/frames.py)
   (b) member → provider (service `identity`, local worker) → member
   (c) member → provider → subcontractor (`identity`, which the provider lacks) → member
 
@@ -33,6 +34,7 @@ import trio
 
 from node.auction import Lease, Market
 from node.dataplane import DataplaneConfig, DataplaneService, SegmentLimits, stream_through_lease
+from node.dataplane.frames import write_frame as write_bulk
 from node.events import Offer, ServiceOffer, sign_event
 from node.keys import Identity
 from node.p2p import P2PHost, open_host, read_frame, set_stream_handler, write_frame
@@ -93,7 +95,7 @@ async def raw_send(a: P2PHost, peer: object, total: int) -> float:
     stream = await a.new_stream(peer, RAW_PROTO)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     for c in chunks(total):
-        await write_frame(stream, c, 30.0)
+        await write_bulk(stream, c, 30.0)  # type: ignore[arg-type]
     await write_frame(stream, b"", 30.0)
     got = int(await read_frame(stream, 64, 120.0))
     secs = time.perf_counter() - t0

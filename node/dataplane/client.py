@@ -24,6 +24,7 @@ from ..p2p import (
     write_frame,
 )
 from ..segments import FrameReader
+from .frames import write_frame as write_bulk
 from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, stream_protocol
 
 __all__ = ["StreamFailed", "StreamResult", "member_key", "split_results", "stream_through_lease"]
@@ -117,11 +118,11 @@ async def stream_through_lease(
 
     async def send(item: bytes) -> None:
         if len(item) <= chunk_size:
-            await write_frame(stream, item, timeout)
+            await write_bulk(stream, item, timeout)
             return
         view = memoryview(item)
         for i in range(0, len(item), chunk_size):
-            await write_frame(stream, view[i : i + chunk_size], timeout)  # type: ignore[arg-type]
+            await write_bulk(stream, view[i : i + chunk_size], timeout)
 
     async def sender() -> None:
         # No async generators of our own here: one left unfinished when the stream fails

@@ -54,6 +54,7 @@ from ..segments import (
     plan,
 )
 from .dispatch import Contracts, Dispatcher
+from .frames import write_frame as write_bulk
 from .wire import (
     SESSION_ERROR_ID,
     TRAILER_SEQ,
@@ -62,10 +63,10 @@ from .wire import (
     Trailer,
     encode_outputs,
     encode_session_error,
-    encode_session_response,
     lease_key,
     process_protocol,
     session_protocol,
+    session_response_parts,
     stream_protocol,
 )
 
@@ -344,7 +345,7 @@ class _Ingest:
         cfg, svc, st = self.svc.config, self.svc, self.st
         meter = st.member(self.member)
         async for seq, result in self.out_recv:
-            await write_frame(self.stream, _SEQ.pack(seq) + result, cfg.write_timeout_s)
+            await write_bulk(self.stream, result, cfg.write_timeout_s, _SEQ.pack(seq))
             size, t0 = self.sizes.pop(seq)
             svc.latencies.append((trio.current_time() - t0) * 1000)
             self.segments += 1
@@ -710,21 +711,22 @@ class DataplaneService:
                                failed: Callable[[BidmeshError], None]) -> None:
         cfg = self.config
         (rid,) = _SEQ.unpack_from(frame)
+        data = b""
         try:
             with trio.fail_after(cfg.process_timeout_s):
-                body = encode_session_response(rid, await self._process(peer, frame, 8))
+                head, data = session_response_parts(rid, await self._process(peer, frame, 8))
         except PeerError as e:
             log.info("process request from %s refused (%s): %s", peer.hex()[:12], e.reason, e)
-            body = encode_session_error(rid, e.reason, str(e))
+            head = encode_session_error(rid, e.reason, str(e))
         except trio.TooSlowError:
             self.counters["process_refused:timeout"] += 1
-            body = encode_session_error(rid, "timeout",
+            head = encode_session_error(rid, "timeout",
                                         f"not processed within {cfg.process_timeout_s} s")
         finally:
             slots.release()
         del frame
         try:
             async with write_lock:
-                await write_frame(stream, body, cfg.write_timeout_s)
+                await write_bulk(stream, data, cfg.write_timeout_s, head)
         except BidmeshError as e:
             failed(e)

@@ -19,7 +19,7 @@ from libp2p.abc import INetStream
 
 from ..errors import BidmeshError, InvalidMessage, OperationError
 from ..p2p import RequestRefused, StreamTimeout, close_quietly, read_frame, reset_quietly
-from ..p2p import write_frame as _write_frame
+from .frames import write_frame
 from .wire import SESSION_ERROR_ID, ProcessRequest, SessionResponse
 
 __all__ = ["ProcessSession"]
@@ -96,7 +96,7 @@ class ProcessSession:
         self.calls += 1
         self.last_used = trio.current_time()
         deadline = self.last_used + timeout
-        frame = req.encode(rid)
+        head = req.encode_head(rid)
         written = False
         try:
             with trio.fail_at(deadline):
@@ -105,14 +105,14 @@ class ProcessSession:
                 if self.error is not None:
                     raise self.error
                 # Shielded; resets the stream (failing the session) at the deadline.
-                await _write_frame(self.stream, frame, max(0.0, deadline - trio.current_time()))
+                await write_frame(self.stream, req.data, max(0.0, deadline - trio.current_time()),
+                                  head)
                 written = True
             except BidmeshError as e:
                 self.fail(e)
                 raise
             finally:
                 self._write_lock.release()
-            del frame
             with trio.move_on_at(deadline):
                 await slot.done.wait()
             if not slot.done.is_set():

@@ -37,6 +37,7 @@ __all__ = [
     "lease_key",
     "process_protocol",
     "session_protocol",
+    "session_response_parts",
     "stream_protocol",
 ]
 
@@ -277,10 +278,14 @@ class ProcessRequest:
     def encode(self, request_id: int | None = None) -> bytes:
         """The /1 request; with `request_id`, the process-session request frame body
         (`u64 BE request id` first)."""
+        return self.encode_head(request_id) + self.data
+
+    def encode_head(self, request_id: int | None = None) -> bytes:
+        """`encode()` without the data that ends it (write both without joining them)."""
         head = codec.pack([VERSION, self.lease, self.stream_id, self.seq, self.step,
                            list(self.services), self.key])
         rid = b"" if request_id is None else _U64.pack(request_id)
-        return b"".join((rid, _U32.pack(len(head)), head, self.data))
+        return b"".join((rid, _U32.pack(len(head)), head))
 
     @classmethod
     def decode(cls, payload: bytes, offset: int = 0) -> ProcessRequest:
@@ -347,7 +352,16 @@ _S_ERR: Final = 1
 
 
 def encode_session_response(request_id: int, outputs: Sequence[bytes]) -> bytes:
-    return encode_outputs(outputs, _U64.pack(request_id) + bytes([_S_OK]))
+    return b"".join(session_response_parts(request_id, outputs))
+
+
+def session_response_parts(request_id: int, outputs: Sequence[bytes]) -> tuple[bytes, bytes]:
+    """The response as (head, data) whose concatenation is `encode_session_response`;
+    `data` is the output itself when there is one (no copy of it)."""
+    head = _U64.pack(request_id) + bytes([_S_OK])
+    if len(outputs) == 1:
+        return head + bytes([1]) + _U32.pack(len(outputs[0])), outputs[0]
+    return head, encode_outputs(outputs)
 
 
 def encode_session_error(request_id: int, reason: str, message: str) -> bytes:

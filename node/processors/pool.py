@@ -11,12 +11,14 @@ Unix socket to the pool and answers the jobs sent on it in order, one frame each
 4-byte length, then a pickle). Segment bytes travel through shared-memory slots, not in
 those frames: the pool copies a segment into a free slot, the job names the slot, and
 the worker writes its output back into the same slot. The pool's cost per segment is then
-two memcpys, two small pickles and a socket round trip, little enough that it does not
-starve two workers of CPU on a two-core machine. (Through a ProcessPoolExecutor, pickling
-1 MiB segments through its pipes and waking its threads cost the parent ~1.5 ms of CPU
-per segment, and two workers reached ~1.2x one core; with slots, still through the
-executor, ~0.9 ms and ~1.6x.) A segment or output larger than a slot, or a call that
-finds no free slot, travels in the frame instead.
+two memcpys, two small pickles and a socket round trip (~0.45 ms of CPU per 1 MiB
+segment, measured on two cores), little enough that it does not starve two workers. (A
+ProcessPoolExecutor pickling 1 MiB segments through its pipes cost the parent ~0.9 ms
+per segment, the workers as much again, and transfers did not overlap compute: two
+workers reached ~1.2x one core of in-process zstd. With slots, still through the
+executor and its threads, ~1.6x; without the threads, ~1.65-1.7x, against ~1.95x for two
+bare processes.) A segment or output larger than a slot, or a call that finds no free
+slot, travels in the frame instead.
 
 The pool owns every slot: it creates them, and unlinks them on `aclose` (or, for a pool
 dropped unclosed, when it is collected); workers only map them. A slot goes back to the
@@ -183,10 +185,12 @@ def _release(slots: list[SharedMemory], workers: list[_Worker]) -> None:
 class WorkerPool:
     """`await run(name, data, ctx)` in a worker process.
 
-    At most `max_in_flight` calls (default: `workers`) are in the workers at once, each
-    worker taking its share in turn; more callers wait on a trio semaphore, which is the
-    backpressure. With `max_in_flight` above `workers`, a worker's next input is already
-    waiting when it finishes one. A call that exceeds its timeout, or whose worker dies,
+    At most `max_in_flight` calls (default: `2 * workers`) are in the workers at once,
+    each sent to the worker with the fewest queued; more callers wait on a trio
+    semaphore, which is the backpressure. Two per worker means a worker's next input is
+    already waiting when it finishes one (with one, each worker idles for a round trip
+    through trio per job: ~10 % of zstd throughput). A job's timeout counts the job
+    queued ahead of it on its worker. A call that exceeds its timeout, or whose worker dies,
     raises ProcessingError. Either way that worker is replaced; other calls queued on it
     then fail with ProcessingError too (retryable: the dataplane re-dispatches). A
     caller that is cancelled abandons its job, which completes unobserved.
@@ -229,7 +233,7 @@ class WorkerPool:
                                               "node.processors.pool"])
         else:
             self._ctx = get_context("spawn")
-        in_flight = max_in_flight or workers
+        in_flight = max_in_flight or 2 * workers
         self._limit = trio.Semaphore(in_flight)
         self._live: list[_Worker] = []
         self._dying: list[_Worker] = []  # killed or lost, not reaped yet

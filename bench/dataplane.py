@@ -1,7 +1,7 @@
 """Dataplane throughput on loopback, side by side in one run:
 
-  (a) raw py-libp2p stream: one-way framed writes, no dataplane (the same frame writes
-      as the dataplane's: node/dataplane/frames.py)
+  (a) raw py-libp2p stream: one-way frames, no dataplane (the same frame reads and
+      writes as the dataplane's: node/dataplane/frames.py)
   (b) member → provider (service `identity`, local worker) → member
   (c) member → provider → subcontractor (`identity`, which the provider lacks) → member
 
@@ -34,6 +34,7 @@ import trio
 
 from node.auction import Lease, Market
 from node.dataplane import DataplaneConfig, DataplaneService, SegmentLimits, stream_through_lease
+from node.dataplane.frames import read_frame as read_bulk
 from node.dataplane.frames import write_frame as write_bulk
 from node.events import Offer, ServiceOffer, sign_event
 from node.keys import Identity
@@ -107,7 +108,7 @@ def raw_receiver(b: P2PHost) -> None:
     async def sink(stream: object) -> None:
         got = 0
         while True:
-            frame = await read_frame(stream, 1 << 20, 30.0)  # type: ignore[arg-type]
+            frame = await read_bulk(stream, 1 << 20, 30.0)  # type: ignore[arg-type]
             if not frame:
                 break
             got += len(frame)
@@ -325,10 +326,10 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
         cpu[role] = fields["cpu"]
         return fields
 
-    def run(role: str, *extra: str) -> dict[str, Any]:
+    def run(role: str, label: str, *extra: str) -> dict[str, Any]:
         c = Child(args, role, *extra)
         try:
-            return note(role, c.expect("RESULT"))
+            return note(label, c.expect("RESULT"))
         finally:
             c.stop()
 
@@ -341,9 +342,11 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
         best = {"raw": 0.0, "direct": 0.0, "subcontract": 0.0}
         exact = True
         for i in range(args.rounds):
-            raw = run("raw-send", "--addr", addr["raw-recv"])["mb_s"]
-            d = run("member", "--addr", addr["provider"], "--lease", LEASE_B.id.hex())
-            c = run("member", "--addr", addr["provider2"], "--lease", LEASE_C.id.hex())
+            raw = run("raw-send", "raw sender", "--addr", addr["raw-recv"])["mb_s"]
+            d = run("member", "member (b)", "--addr", addr["provider"],
+                    "--lease", LEASE_B.id.hex())
+            c = run("member", "member (c)", "--addr", addr["provider2"],
+                    "--lease", LEASE_C.id.hex())
             exact = exact and d["exact"] and c["exact"]
             for k, v in (("raw", raw), ("direct", d["mb_s"]), ("subcontract", c["mb_s"])):
                 best[k] = max(best[k], v)
@@ -353,9 +356,9 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
     finally:
         for c in servers:
             c.stop()
-    print(f"  CPU s for {args.mb} MiB (last round, servers: all rounds): raw sender "
-          f"{cpu['raw-send']:.1f}; member {cpu['member']:.1f}; servers "
-          + ", ".join(f"{k} {cpu[k]:.1f}" for k in stats), flush=True)
+    print(f"  CPU s per {args.mb} MiB run (servers: per round): "
+          + ", ".join(f"{k} {v / (args.rounds if k in stats else 1):.2f}"
+                      for k, v in cpu.items()), flush=True)
     report(out, best["raw"], best["direct"], exact, stats["provider"]["lat"],
            best["subcontract"], exact, stats["provider2"]["lat"],
            stats["sub"]["served"].get("segments", 0), max(rss.values()))

@@ -19,11 +19,11 @@ from ..p2p import (
     P2PHost,
     PeerId,
     close_quietly,
-    read_frame,
     reset_quietly,
     write_frame,
 )
 from ..segments import FrameReader
+from .frames import read_frame as read_bulk
 from .frames import write_frame as write_bulk
 from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, stream_protocol
 
@@ -145,7 +145,7 @@ async def stream_through_lease(
         nonlocal trailer, frames
         try:
             while True:
-                frame = await read_frame(stream, max_frame + 8, timeout)
+                frame = await read_bulk(stream, max_frame + 8, timeout)
                 if len(frame) < 8:
                     raise InvalidMessage("output frame shorter than its seq", "malformed_frame")
                 (seq,) = _SEQ.unpack_from(frame)

@@ -54,6 +54,7 @@ from ..segments import (
     plan,
 )
 from .dispatch import Contracts, Dispatcher
+from .frames import read_frame as read_bulk
 from .frames import write_frame as write_bulk
 from .wire import (
     SESSION_ERROR_ID,
@@ -266,7 +267,7 @@ class _Ingest:
         cfg, st = self.svc.config, self.st
         meter = st.member(self.member)
         while True:
-            chunk = await read_frame(self.stream, cfg.max_chunk, cfg.idle_timeout_s)
+            chunk = await read_bulk(self.stream, cfg.max_chunk, cfg.idle_timeout_s)
             if not st.lease.active(self.svc.clock()):
                 raise _Failed("lease_ended", f"lease {st.lease.id.hex()[:12]} is not active now")
             final = not chunk
@@ -681,8 +682,8 @@ class DataplaneService:
                 while True:
                     await slots.acquire()
                     try:
-                        frame = await read_frame(stream, self._max_request + 8,
-                                                 cfg.process_idle_s)
+                        frame = await read_bulk(stream, self._max_request + 8,
+                                                cfg.process_idle_s)
                     except StreamTimeout:
                         self.counters["process_sessions_idle"] += 1
                         break  # answer what is in flight, then close

@@ -469,3 +469,18 @@ async def test_pool_close_lets_queued_jobs_finish() -> None:
     assert sorted(results) == sorted(PROCS["zstd"].process(DATA * 20 + bytes([i]), CTX)
                                      for i in range(4))
     assert p.worker_pids == () and not any(_shm_exists(n) for n in names)
+
+
+async def test_pool_without_shared_memory_still_works(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import node.processors.pool as pool_module
+
+    def no_room(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pool_module, "SharedMemory", no_room)
+    async with WorkerPool(PROCS, workers=1) as p:
+        assert await p.run("zstd", DATA, CTX) == PROCS["zstd"].process(DATA, CTX)
+        assert await p.run("sha256", DATA, CTX) == hashlib.sha256(DATA).digest()
+        assert p.slot_names == ()
+    assert "shared-memory slot" in caplog.text

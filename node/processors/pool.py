@@ -30,6 +30,7 @@ call's slot.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import secrets
@@ -51,6 +52,8 @@ from ..errors import BidmeshError, ProcessingError, UsageError
 from . import ProcessContext, Processor, load_processors, run_chain
 
 __all__ = ["DEFAULT_SLOT_BYTES", "WorkerPool"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 _CLOSE_GRACE_S = 5.0
@@ -263,10 +266,29 @@ class WorkerPool:
             return self._free.pop()
         if len(self._slots) >= self._max_slots:
             return None  # held by abandoned jobs: send the bytes in the frame meanwhile
-        shm = SharedMemory(f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}", create=True,
-                           size=self.slot_bytes)
+        name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            shm = SharedMemory(name, create=True, size=self.slot_bytes)
+        except OSError as e:  # no /dev/shm, or no room in it
+            self._no_more_slots(e)
+            return None
+        # Reserve the pages now: on a full tmpfs a write into a sparse slot would kill
+        # this process with SIGBUS instead of raising.
+        fd = getattr(shm, "_fd", -1)
+        if fd >= 0 and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, self.slot_bytes)
+            except OSError as e:
+                _unlink(shm)
+                self._no_more_slots(e)
+                return None
         self._slots.append(shm)
         return shm
+
+    def _no_more_slots(self, e: OSError) -> None:
+        log.warning("worker pool: cannot create a %d-byte shared-memory slot (%s); segments "
+                    "go through the worker sockets instead (slower)", self.slot_bytes, e)
+        self._max_slots = len(self._slots)
 
     def _give_back(self, shm: SharedMemory) -> None:
         if shm in self._slots:  # not after aclose, nor once dropped with a dead worker

@@ -484,3 +484,43 @@ async def test_pool_without_shared_memory_still_works(monkeypatch: pytest.Monkey
         assert await p.run("sha256", DATA, CTX) == hashlib.sha256(DATA).digest()
         assert p.slot_names == ()
     assert "shared-memory slot" in caplog.text
+
+
+@needs_dev_shm
+async def test_pool_slots_stay_correct_under_cancels_and_crashes() -> None:
+    """Many overlapping calls, some abandoned at random moments, some killing their
+    worker: every call that returns has the right bytes, and nothing leaks."""
+    import trio
+
+    rng = random.Random(7)
+    procs = {**PROCS, "crash": Crash(), "reverse": Reverse()}
+    seen: set[str] = set()
+    returned = 0
+
+    async def call(i: int, p: WorkerPool) -> None:
+        nonlocal returned
+        name = "crash" if i % 17 == 5 else rng.choice(["reverse", "zstd", "sha256"])
+        data = DATA * rng.randint(1, 40) + i.to_bytes(4, "big")
+        ctx = ProcessContext(LEASE, b"s", i)
+        # One call in three gives up after a random moment (queued, sent, or running).
+        patience = rng.random() * 0.2 if i % 3 == 0 and name != "crash" else 60.0
+        with trio.move_on_after(patience):
+            try:
+                out = await p.run(name, data, ctx)
+            except ProcessingError:
+                return
+            assert out == procs[name].process(data, ctx), (i, name)
+            returned += 1
+
+    async with WorkerPool(procs, workers=2, max_in_flight=3) as p:
+        async with trio.open_nursery() as nursery:
+            for i in range(150):
+                nursery.start_soon(call, i, p)
+        seen.update(p.slot_names)
+        assert len(p.slot_names) <= 3 + 2
+        for i in range(5):  # healthy afterwards
+            data = DATA + bytes([i])
+            assert await p.run("reverse", data, CTX) == data[::-1]
+        seen.update(p.slot_names)
+    assert returned > 0 and p.crashes >= 1
+    assert not any(_shm_exists(n) for n in seen)

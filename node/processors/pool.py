@@ -374,6 +374,8 @@ class WorkerPool:
                     while view:
                         view = view[await worker.sock.send(view):]
             except (OSError, trio.ClosedResourceError) as e:
+                if job not in worker.pending:
+                    return  # the worker was lost meanwhile, and the job with it (_DIED)
                 # The frame did not arrive whole, so the worker never saw the job and its
                 # slot is untouched: the caller may send it elsewhere.
                 worker.pending.remove(job)
@@ -381,7 +383,7 @@ class WorkerPool:
                     self.crashes += 1
                 self._lose(worker)
                 raise trio.BrokenResourceError("worker lost") from e
-            if view:  # the worker stopped reading for timeout_s: stuck in a job
+            if view and job in worker.pending:  # the worker is stuck in a job
                 worker.pending.remove(job)
                 self.timeouts += 1
                 self._lose(worker)

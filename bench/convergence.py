@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import psutil  # noqa: E402
 from daemon_helpers import Cluster, Proc, free_port, wait_for  # noqa: E402
 
+from node.config import Config  # noqa: E402
 from node.errors import OperationError, RemoteError  # noqa: E402
 
 EVENT_NOTE = "x" * 40  # makes an event ~210 bytes on the wire
@@ -101,9 +102,11 @@ class Poller(threading.Thread):
             time.sleep(0.02)
 
 
-def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int) -> dict[str, Any]:
+def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
+                gossip: dict[str, Any]) -> dict[str, Any]:
     c = Cluster(base, n, overrides={
         "node": {"log_level": "warning", "status_interval_s": 2.0},
+        "gossip": gossip,
     })
     try:
         c.start_all()
@@ -185,8 +188,9 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int) -> 
             "gossip_errors": sum(s["gossip_errors"] for s in stats),
             "cpu_s": cpu,
             "per_node": [{k: s[k] for k in ("batches_sent", "batches_received", "events",
-                                            "sync_rounds", "gap_syncs", "peers", "outbox_max",
-                                            "publish_wait_s", "validate_s")}
+                                            "sync_rounds", "gap_syncs", "regossiped", "peers",
+                                            "outbox_max", "publish_missed", "publish_wait_s",
+                                            "validate_s")}
                          for s in stats],
         }
     finally:
@@ -200,10 +204,10 @@ RAW_NODE = r"""
 import json, os, sys, time, trio
 sys.path.insert(0, sys.argv[1])
 from node import p2p
-idx, n, port, peers, rate_per_tick, ticks, t_start, seconds, out, size = (
+idx, n, port, peers, rate_per_tick, ticks, t_start, seconds, out, size, interval = (
     int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]),
     int(sys.argv[6]), int(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]), sys.argv[10],
-    int(sys.argv[11]))
+    int(sys.argv[11]), float(sys.argv[12]))
 import msgpack
 async def main():
     seen = {}
@@ -243,17 +247,21 @@ async def main():
             await trio.sleep(max(0, t_start - time.time()))
             k = 0
             nxt = t_start + (idx / n) / ticks
+            items, last = [], -1e9
             while nxt < t_start + seconds:
                 await trio.sleep(max(0, nxt - time.time()))
                 now = time.time()
-                items = []
                 for j in range(rate_per_tick):
                     key = (b"%04d%06d%06d" % (idx, k, j))[:16]
                     items.append(key + int(now * 1000).to_bytes(8, "big") + bytes(size - 24))
                     seen[key] = now
-                await topic.publish(msgpack.packb([1, items]))
+                if now - last >= interval:  # paced like the daemon (gossip.batch_ms)
+                    await topic.publish(msgpack.packb([1, items]))
+                    items, last = [], now
                 k += 1
                 nxt += 1 / ticks
+            if items:
+                await topic.publish(msgpack.packb([1, items]))
             await trio.sleep(8)
             # Write before teardown: upstream shutdown with peers leaving can raise.
             with open(out, "w") as f:
@@ -264,7 +272,7 @@ trio.run(main)
 
 
 def run_raw(base: Path, n: int, rate: float, seconds: float, ticks: int,
-            size: int) -> dict[str, Any]:
+            size: int, interval: float) -> dict[str, Any]:
     ports = [free_port() for _ in range(n)]
     script = base / "raw_node.py"
     script.write_text(RAW_NODE)
@@ -284,7 +292,7 @@ def run_raw(base: Path, n: int, rate: float, seconds: float, ticks: int,
         procs.append(subprocess.Popen(
             [sys.executable, str(script), str(ROOT), str(i), str(n), str(ports[i]),
              json.dumps(addrs[:i]), str(per_call), str(ticks), str(t_start), str(seconds),
-             str(out), str(size)], stderr=open(base / f"raw{i}.err", "wb"),  # noqa: SIM115
+             str(out), str(size), str(interval)], stderr=open(base / f"raw{i}.err", "wb"),  # noqa: SIM115
             stdout=subprocess.DEVNULL))
     rss = 0.0
     for p in procs:
@@ -314,6 +322,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float)
     ap.add_argument("--ticks", type=int, default=10, help="publish bursts per node per second")
     ap.add_argument("--no-raw", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a [gossip] option of the nodes (e.g. batch_ms=200)")
+    ap.add_argument("--verbose", action="store_true", help="print per-node replication stats")
     a = ap.parse_args()
     n = a.nodes or (4 if a.quick else 10)
     seconds = a.seconds or (8.0 if a.quick else 20.0)
@@ -323,7 +334,8 @@ def main() -> int:
     print(f"load average before the run: {load:.2f} on {os.cpu_count()} CPUs "
           "(other work on the machine skews every figure)", flush=True)
     print(f"bidmesh: {n} nodes, {rate:.0f} events/s offered for {seconds:.0f} s ...", flush=True)
-    r = run_bidmesh(base / "b", n, rate, seconds, a.ticks)
+    gossip = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    r = run_bidmesh(base / "b", n, rate, seconds, a.ticks, gossip)
     print(f"  {r['events']} events, {r['events_per_s']:.0f}/s, p50 {r['p50_ms']:.0f} ms, "
           f"p99 {r['p99_ms']:.0f} ms, lost {r['lost']}, converged {r['converge_s']:.2f} s "
           f"after the last publish, max RSS {r['rss_mb_max']:.0f} MB; "
@@ -331,11 +343,16 @@ def main() -> int:
           flush=True)
     for e in r["errors"][:5]:
         print("  publish error:", e)
+    if a.verbose:
+        print("  cpu s per node:", r["cpu_s"])
+        for i, pn in enumerate(r["per_node"]):
+            print(f"  node {i}: {json.dumps(pn)}")
     raw: dict[str, Any] = {"raw_events_per_s": float("nan")}
     if not a.no_raw:
         print("raw gossipsub baseline, same load ...", flush=True)
         (base / "r").mkdir()
-        raw = run_raw(base / "r", n, rate, seconds, a.ticks, 210)
+        batch_ms = gossip.get("batch_ms", Config().gossip.batch_ms)
+        raw = run_raw(base / "r", n, rate, seconds, a.ticks, 210, batch_ms / 1000)
         print(f"  {raw['raw_delivered']}/{raw['raw_events']} delivered to all, "
               f"{raw['raw_events_per_s']:.0f}/s, p50 {raw['raw_p50_ms']:.0f} ms, "
               f"p99 {raw['raw_p99_ms']:.0f} ms", flush=True)

@@ -198,7 +198,7 @@ class Node:
             events.append(ev)
             prev = ev.id
         try:
-            results = self.ledger.append_many([e.wire for e in events])
+            results = self.ledger.append_signed(events)
         except sqlite3.Error as e:
             # A full disk or a state dir gone read-only: the batch was rolled back,
             # nothing is acknowledged, and the node keeps serving what it has.

@@ -295,11 +295,15 @@ def _envelope(author: bytes, seq: int, prev: bytes | None, ts_ms: int, body: Bod
     return codec.pack([VERSION, author, seq, prev, ts_ms, body.KIND, body.to_map()])
 
 
+# Deriving the key pair costs as much as a signature; a node signs with one key.
+_keypair = functools.lru_cache(maxsize=16)(nacl.bindings.crypto_sign_seed_keypair)
+
+
 def sign_event(
     seed_or_sk: bytes, seq: int, prev: bytes | None, ts_ms: int, body: Body, network: str
 ) -> Event:
     """Sign a body as the next event of the key's chain. `seed_or_sk`: 32-byte seed."""
-    pk, sk = nacl.bindings.crypto_sign_seed_keypair(seed_or_sk)
+    pk, sk = _keypair(seed_or_sk)
     if (seq == 1) != (prev is None):
         raise ValueError("prev must be None exactly when seq == 1")
     if not 0 <= ts_ms <= MAX_TS_MS:

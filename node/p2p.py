@@ -29,7 +29,7 @@ Gossipsub::
         topic.set_validator(lambda forwarder, data: True)
         async with await topic.subscribe() as sub:
             async for origin_pubkey, data in sub: ...
-        await topic.publish(b"…")                # waits while peers' queues are full
+        await topic.publish(b"…")                # waits while receivers' queues are full
 
 Errors are those of `node.errors`: bad peer input raises `InvalidMessage`, misuse
 raises `UsageError`, failures raise `OperationError` (timeouts: `StreamTimeout`;
@@ -42,6 +42,7 @@ import logging
 import math
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub import gossipsub as _gossipsub_module
 from libp2p.pubsub import pubsub as _pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -69,7 +71,7 @@ from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, OutBoundQueueSize
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 
@@ -99,6 +101,31 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+
+async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """Send a WINDOW_UPDATE only once half the receive window is consumed.
+
+    Upstream's `YamuxStream._auto_tune_and_send_window_update`
+    (stream_muxer/yamux/yamux.py:410) sends one after nearly every read that
+    returns data (its "partial slack" and release-on-read branches), and
+    pubsub reads each RPC in two or three reads: half of all frames on a
+    gossip connection were window updates, each encrypted, sent and parsed.
+    go-yamux (and the yamux spec) release credit in half-window steps; this
+    keeps upstream's window growth and auto-tuning without the per-read
+    updates. `open_host` installs it in place of upstream's method.
+    """
+    total = 0
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        delta = self.target_recv_window - (self.recv_window + buffered)
+        if delta > 0 and delta >= self._grow_threshold():
+            total = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+    if total > 0:
+        await self.send_window_update(total, skip_lock=True)
+
 
 PeerId = ID
 """The libp2p peer id type (`libp2p.peer.id.ID`); `str(peer_id)` is its base58 form."""
@@ -421,6 +448,7 @@ async def open_host(
         raise UsageError(f"bad listen multiaddr in {list(listen)!r}: {exc}") from exc
     if not maddrs:
         raise UsageError("open_host needs at least one listen address")
+    setattr(YamuxStream, "_auto_tune_and_send_window_update", _window_update_at_half)  # noqa: B010
     host = _build_libp2p_host(keypair, maddrs, max_connections)
     node = P2PHost(host, keypair.public_key.to_bytes(), max_connections)
     swarm: Any = host.get_network()
@@ -842,22 +870,33 @@ class Topic:
         """Peers in our gossipsub mesh for this topic (empty until we subscribe)."""
         return set(self._owner.router.mesh.get(self.name, set()))
 
-    async def publish(self, data: bytes, timeout: float = 10.0) -> None:
-        """Publish `data`, first waiting (at most `timeout` s) while a topic peer's queue is high.
+    async def publish(self, data: bytes, timeout: float = 1.0) -> int:
+        """Publish `data`, first waiting (at most `timeout` s) while a receiving peer's
+        queue is high; return how many receivers still had a full queue (they miss it).
 
         Upstream `Pubsub.publish` never yields and each peer's outbound queue
         (pubsub/rpc_queue.py, 32 RPCs) drops silently when full, so we wait
-        until every queue is below the high-water mark. Raises StreamTimeout if
-        a queue stays high (a stuck peer), UsageError if `data` is too large.
+        until the queues of the peers that get the message (our mesh for the
+        topic; all topic peers before the mesh forms) are below the high-water
+        mark. Only those peers matter: waiting on any other (a stuck one, say)
+        would stall every publish. After `timeout` we publish anyway: a peer
+        that stays full misses the message, which is the caller's to repair
+        (bidmesh: pull sync). Raises UsageError if `data` is too large.
         """
         if len(data) > self._owner.max_message_size:
             raise UsageError(
                 f"gossip message of {len(data)} bytes exceeds {self._owner.max_message_size}; "
                 "split it (upstream drops oversized RPCs silently)"
             )
-        # Only peers that subscribe to the topic get the message (mesh/fanout).
-        await self._owner.wait_for_queues(timeout, self.peers() | self.mesh_peers())
+        # GossipSub.publish sends our own message to the topic mesh
+        # (pubsub/gossipsub.py `_get_peers_to_send`), to nobody while it is empty.
+        receivers = self.mesh_peers() or self.peers()
+        with trio.move_on_after(timeout):
+            await self._owner.wait_for_queues(math.inf, receivers)
+        queues = self._owner.pubsub.peer_queues
+        missed = sum(1 for p in receivers if p in queues and len(queues[p]) >= OutBoundQueueSize)
         await self._owner.pubsub.publish(self.name, data)
+        return missed
 
     async def subscribe(self) -> Subscription:
         """Subscribe; the returned `Subscription` yields `(origin_pubkey, data)`.
@@ -995,6 +1034,66 @@ class PubSub:
             self.prune()
 
 
+# Verdicts are only consulted for message ids that left the seen-cache; the
+# upstream LRU costs O(size) per message (`ValidationCache.put`, pubsub.py:287).
+_VALIDATION_CACHE: Final = 128
+_RECORD_TTL_S: Final = 600.0
+_RECORD_CACHE_MAX: Final = 4096
+_OWN_RECORD_TTL_S: Final = 1.0
+
+
+def _cache_signed_records() -> None:
+    """Handle signed peer records once per peer, not once per pubsub RPC.
+
+    Upstream attaches the sender's signed peer record to every RPC: building
+    it (`env_to_send_in_RPC`) re-reads the host's listen addresses from its
+    sockets each time, and the receiver checks it (`maybe_consume_signed_record`:
+    an Ed25519 verification and a peerstore update), twice for an RPC with
+    control parts (pubsub/pubsub.py:565, pubsub/gossipsub.py:932). After the
+    transport these are the largest per-message costs. So our own record is
+    reused for `_OWN_RECORD_TTL_S`, and a verified (peer, record bytes) pair
+    is remembered for `_RECORD_TTL_S` (the same bytes from the same peer check
+    the same way; the peerstore keeps records 2 h). We rebind the names the
+    pubsub modules look up; the installed package is unchanged. Idempotent.
+    """
+    upstream_consume = getattr(_pubsub_module, "maybe_consume_signed_record")  # noqa: B009
+    if getattr(upstream_consume, "_bidmesh_cached", False):
+        return
+    upstream_env = getattr(_pubsub_module, "env_to_send_in_RPC")  # noqa: B009
+    seen: dict[tuple[bytes, bytes], float] = {}
+    own: weakref.WeakKeyDictionary[IHost, tuple[float, tuple[bytes, bool]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def consume(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
+        if not msg.HasField("senderRecord"):
+            return True
+        key = (peer_id.to_bytes(), msg.senderRecord)
+        now = time.monotonic()
+        if seen.get(key, 0.0) > now:
+            return True
+        ok: bool = upstream_consume(msg, host, peer_id)
+        if ok:
+            if len(seen) >= _RECORD_CACHE_MAX:
+                seen.clear()  # a flood of distinct records only costs re-checks
+            seen[key] = now + _RECORD_TTL_S
+        return ok
+
+    def env_to_send(host: IHost) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        cached = own.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1][0], False
+        result: tuple[bytes, bool] = upstream_env(host)
+        own[host] = (now + _OWN_RECORD_TTL_S, result)
+        return result
+
+    consume._bidmesh_cached = True  # type: ignore[attr-defined]
+    for module in (_pubsub_module, _gossipsub_module):
+        setattr(module, "maybe_consume_signed_record", consume)  # noqa: B010
+        setattr(module, "env_to_send_in_RPC", env_to_send)  # noqa: B010
+
+
 @asynccontextmanager
 async def make_pubsub(
     host: P2PHost,
@@ -1002,7 +1101,6 @@ async def make_pubsub(
     degree: int = 6,
     degree_low: int = 4,
     degree_high: int = 12,
-    max_messages_per_topic_per_second: float = 10_000.0,
     queue_high_water: int = OutBoundQueueSize // 2,
     subscription_channel_size: int = 4096,
     prune_interval: float = 10.0,
@@ -1012,14 +1110,17 @@ async def make_pubsub(
 
     Configured against the 0.8.1 defaults that lose messages: adaptive gossip
     off (it stretches the heartbeat to 30–60 s), heartbeat 1 s, the per-peer
-    per-topic rate limit (which also counts our own publishes and drops
-    silently) raised to `max_messages_per_topic_per_second`, subscription
-    channels of `subscription_channel_size`, strict signing on. A trio task
+    per-topic rate limit off (it also counts our own publishes, drops
+    silently, and costs O(messages in the last second) per message), a
+    validation-verdict cache of `_VALIDATION_CACHE` (upstream's LRU does O(size)
+    list work per message), subscription channels of
+    `subscription_channel_size`, strict signing on. A trio task
     prunes `recent_message_deliveries` every `prune_interval` s. Peers already
     connected when this starts are added too.
     """
     if not 0 < queue_high_water <= OutBoundQueueSize:
         raise UsageError(f"queue_high_water must be in 1..{OutBoundQueueSize}")
+    _cache_signed_records()
     router = GossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
         degree=degree,
@@ -1027,9 +1128,10 @@ async def make_pubsub(
         degree_high=degree_high,
         heartbeat_interval=1,
         adaptive_gossip_enabled=False,
-        max_messages_per_topic_per_second=max_messages_per_topic_per_second,
+        spam_protection_enabled=False,
     )
-    pubsub = Pubsub(host.libp2p, router, strict_signing=True)
+    pubsub = Pubsub(host.libp2p, router, strict_signing=True,
+                    validation_cache_size=_VALIDATION_CACHE)
     config = _PubSubConfig(
         queue_high_water, subscription_channel_size, prune_interval, delivery_window
     )

@@ -117,8 +117,8 @@ class DataplaneConfig:
     process_timeout_s: float = 60.0  # serving side: read + process one request
     process_max_concurrent: int = 32
     process_sessions: bool = True  # serve /process/2 (False: as a node that predates it)
-    process_max_sessions: int = 64  # open process sessions served at once
-    process_session_concurrency: int = 8  # requests of one session processed at once
+    process_max_sessions: int = 16  # open process sessions served at once
+    process_session_concurrency: int = 4  # requests of one session read and processed at once
     process_idle_s: float = 120.0  # serving side: a session without requests is closed
     session_idle_s: float = 30.0  # requesting side: close our idle sessions (< the above)
     burst_ms: int = 250  # token bucket depth, in time at the max rate (at least 4 KiB)
@@ -403,6 +403,8 @@ class DataplaneService:
         self._streams = 0
         self._sessions = 0
         self._max_request = cfg.max_segment_bytes * 2 + cfg.max_header
+        # Session requests being processed, over all sessions (/1 has its own limit).
+        self._process_slots = trio.Semaphore(cfg.process_max_concurrent)
         self._installed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -715,7 +717,8 @@ class DataplaneService:
         data = b""
         try:
             with trio.fail_after(cfg.process_timeout_s):
-                head, data = session_response_parts(rid, await self._process(peer, frame, 8))
+                async with self._process_slots:
+                    head, data = session_response_parts(rid, await self._process(peer, frame, 8))
         except PeerError as e:
             log.info("process request from %s refused (%s): %s", peer.hex()[:12], e.reason, e)
             head = encode_session_error(rid, e.reason, str(e))

@@ -157,7 +157,7 @@ class ProcessSession:
                 # (cancelling this read) when it passes; the reaper ends idle sessions.
                 frame = await read_frame(self.stream, self.max_frame, math.inf)
             except InvalidMessage as e:
-                if e.reason == "eof" and self.closing and not self._slots:
+                if e.reason == "eof" and self.closing and self._only_abandoned():
                     return  # we closed an idle session and the contractor closed its side
                 self.fail(e)
                 return
@@ -187,10 +187,14 @@ class ProcessSession:
             slot.response = SessionResponse.decode(frame, slot.expected)
             slot.done.set()
 
+    def _only_abandoned(self) -> bool:
+        return all(slot.abandoned for slot in self._slots.values())
+
     async def _reaper(self) -> None:
         while True:
             await trio.sleep_until(self.last_used + self.idle_s)
-            if not self._slots and trio.current_time() >= self.last_used + self.idle_s:
+            # Requests whose callers gave up (cancelled) don't keep a session open.
+            if self._only_abandoned() and trio.current_time() >= self.last_used + self.idle_s:
                 break
         self.closing = True
         await close_quietly(self.stream)  # our side: the contractor then closes its own

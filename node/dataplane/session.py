@@ -58,7 +58,6 @@ class ProcessSession:
         self.error: BidmeshError | None = None
         self.closing = False
         self.last_used = trio.current_time()
-        self.calls = 0
         self._next_id = 0
         self._slots: dict[int, _Slot] = {}
         self._write_lock = trio.Lock()
@@ -67,10 +66,6 @@ class ProcessSession:
     @property
     def usable(self) -> bool:
         return self.error is None and not self.closing
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._slots)
 
     def fail(self, error: BidmeshError) -> None:
         """Fail the session and every request in flight (idempotent; first error wins)."""
@@ -89,11 +84,11 @@ class ProcessSession:
         if not self.usable:
             raise self.error or OperationError(f"the process session to {self.name} is closed")
         # Register before the first checkpoint: the idle reaper only closes a session
-        # with nothing in flight, so a call that got a usable session keeps it.
+        # with no request in flight (but abandoned ones), so a call that got a usable
+        # session keeps it.
         rid = self._next_id
         self._next_id += 1
         slot = self._slots[rid] = _Slot(expected)
-        self.calls += 1
         self.last_used = trio.current_time()
         deadline = self.last_used + timeout
         head = req.encode_head(rid)

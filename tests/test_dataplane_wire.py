@@ -9,7 +9,16 @@ import pytest
 
 from node import codec
 from node.dataplane import Contracts, ProcessRequest, SegmentLimits, StreamHeader, Trailer
-from node.dataplane.wire import decode_outputs, encode_outputs, lease_key
+from node.dataplane.wire import (
+    SESSION_ERROR_ID,
+    SessionResponse,
+    decode_outputs,
+    encode_outputs,
+    encode_session_error,
+    encode_session_response,
+    lease_key,
+    session_response_parts,
+)
 from node.errors import InvalidMessage, PeerError, ProcessingError, UsageError
 from node.keys import Identity
 from node.processors import ProcessContext, load_processors, verify_result
@@ -94,6 +103,27 @@ def test_process_request_and_outputs_roundtrip() -> None:
             decode_outputs(bad, 3)
     with pytest.raises(InvalidMessage):
         decode_outputs(encode_outputs(outs), 2)
+
+
+def test_process_session_frames_roundtrip_and_reject_garbage() -> None:
+    r = ProcessRequest(LEASE, b"sid", 7, 1, ("aes-gcm",), KEY, DATA)
+    framed = r.encode(42)
+    assert framed == r.encode_head(42) + DATA and framed[:8] == (42).to_bytes(8, "big")
+    assert ProcessRequest.decode(framed, 8) == r
+    for outs in ([b"only"], [b"a", b"", b"ccc"]):
+        head, data = session_response_parts(9, outs)
+        assert head + data == encode_session_response(9, outs)
+        resp = SessionResponse.decode(head + data, len(outs))
+        assert (resp.request_id, resp.ok, list(resp.outputs)) == (9, True, outs)
+    err = SessionResponse.decode(encode_session_error(SESSION_ERROR_ID, "busy", "full"), None)
+    assert (err.request_id, err.ok, err.reason, err.message) == (SESSION_ERROR_ID, False,
+                                                                  "busy", "full")
+    good = encode_session_response(3, [b"xy"])
+    for bad, expected in ((b"", 1), (good[:8], 1), (good[:-1], 1), (good + b"z", 1),
+                          (good, 2), (good, None), (good[:8] + b"\x07" + good[9:], 1),
+                          (good[:8] + b"\x01\x09ab", None)):
+        with pytest.raises(InvalidMessage):
+            SessionResponse.decode(bad, expected)
 
 
 def test_lease_key_is_agreed_by_both_sides_only() -> None:

@@ -88,7 +88,7 @@ class P2PConfig:
 @dataclass(frozen=True)
 class GossipConfig:
     batch_events: int = _opt(256, int, _range(1, 512))
-    batch_ms: float = _opt(10.0, (int, float), _range(0, 10_000))
+    batch_ms: float = _opt(500.0, (int, float), _range(0, 10_000))
     max_batch_bytes: int = _opt(256 * 1024, int, _range(17 * 1024, 1000 * 1024))
     queue_high_water: int = _opt(16, int, _range(1, 31))
     mesh_degree: int = _opt(4, int, _range(1, 12))

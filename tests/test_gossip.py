@@ -101,6 +101,24 @@ async def test_events_published_on_one_appear_on_all(tmp_path: Path) -> None:
         assert b.rep.stats.batches_received < 400  # batched
 
 
+async def test_gossip_is_paced_per_batch_ms(tmp_path: Path) -> None:
+    """py-libp2p's cost is per message: a node sending an event every 20 ms
+    publishes at most one round of messages per batch_ms, and loses nothing."""
+    async with tnodes(tmp_path, 2, gossip={"batch_ms": 300.0},
+                      sync={"interval_s": 3600.0, "on_connect": False}) as ns:
+        a, b = ns
+        await a.host.connect(b.host.addrs[0])
+        await wait_mesh(ns)
+        start = trio.current_time()
+        for _ in range(60):
+            a.publish(1)
+            await trio.sleep(0.02)
+        await wait_until(lambda: b.ledger.count() == 60)
+        rounds = (trio.current_time() - start) / 0.3 + 1
+        assert 2 <= a.rep.stats.batches_sent <= rounds + 1
+        assert b.rep.stats.sync_rounds == 0
+
+
 async def test_pull_sync_catches_up_without_gossip(tmp_path: Path) -> None:
     async with tnodes(tmp_path, 3) as ns:
         a, b, c = ns

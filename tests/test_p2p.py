@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -372,3 +373,79 @@ async def test_read_frame_math_inf_timeout_and_write_limits() -> None:
 async def _echo_frame(stream: object) -> None:
     data = await read_frame(stream, 16, 5)  # type: ignore[arg-type]
     await write_frame(stream, data)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- upstream workarounds
+
+
+async def _sink(stream: object) -> None:
+    """Read and discard until EOF (the receiving end of a raw stream)."""
+    try:
+        while await read_frame(stream, 1 << 20, 10):  # type: ignore[arg-type]
+            pass
+    except (InvalidMessage, OperationError):
+        pass
+
+
+async def test_yamux_credit_is_released_in_half_window_steps() -> None:
+    """Upstream sends a WINDOW_UPDATE after almost every read; `open_host` makes the
+    receiver return credit only once half the window is consumed (as go-yamux does),
+    and flow control still moves data far larger than the window."""
+    received: list[object] = []
+
+    async def keep(stream: object) -> None:
+        received.append(stream)
+        await _sink(stream)
+
+    async with hosts(2) as (a, b):
+        set_stream_handler(a, "/sink/1", keep)  # type: ignore[arg-type]
+        await b.connect(a.addrs[0])
+        stream = await b.new_stream(a.peer_id, "/sink/1")
+        await write_frame(stream, b"x" * 1000)
+        await wait_until(lambda: bool(received))
+        inbound: Any = received[0]
+        ms = inbound.muxed_stream
+        full = ms.target_recv_window
+        # 50 small frames, well under half the window: read, but no credit returned.
+        for _ in range(50):
+            await write_frame(stream, b"y" * 1000)
+        await wait_until(lambda: len(ms.conn.stream_buffers.get(ms.stream_id, b"")) == 0)
+        await trio.sleep(0.05)
+        assert full - ms.recv_window >= 50 * 1000
+        # Past half the window the credit comes back in one update.
+        for _ in range(100):
+            await write_frame(stream, b"z" * 1000)
+        await wait_until(lambda: full - ms.recv_window < full // 2)
+        # 8 MiB through a 256 KiB window: flow control neither stalls nor loses data.
+        chunk = b"w" * (256 * 1024)
+        with trio.fail_after(30):
+            for _ in range(32):
+                await write_frame(stream, chunk)
+        await stream.close()
+
+
+async def test_signed_peer_record_check_is_cached_but_exact() -> None:
+    """Upstream verifies the sender's signed peer record on every pubsub RPC; we
+    verify each (peer, record bytes) once, and anything else is checked as before."""
+    from libp2p.peer.peerstore import env_to_send_in_RPC
+    from libp2p.pubsub import pubsub as upstream
+    from libp2p.pubsub.pb import rpc_pb2
+
+    async with gossip_net(2) as (hs, _):
+        consume = upstream.maybe_consume_signed_record  # type: ignore[attr-defined]
+        assert getattr(consume, "_bidmesh_cached", False)
+        record, _ = env_to_send_in_RPC(hs[1].libp2p)
+
+        def rpc(data: bytes) -> Any:
+            r = rpc_pb2.RPC()
+            r.senderRecord = data
+            return r
+
+        me = hs[0].libp2p
+        assert consume(rpc(record), me, hs[1].peer_id) is True
+        assert consume(rpc(record), me, hs[1].peer_id) is True  # from the cache
+        assert consume(rpc(record), me, hs[0].peer_id) is False  # someone else's record
+        tampered = bytearray(record)
+        tampered[-1] ^= 1
+        assert consume(rpc(bytes(tampered)), me, hs[1].peer_id) is False
+        assert consume(rpc_pb2.RPC(), me, hs[1].peer_id) is True  # no record attached

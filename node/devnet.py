@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -382,6 +383,9 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
             want = expected_output(ts, lease_a, res.stream_id, res.key, [chain])
             results[name] = (len(ts), len(res.output), res.output == want)
 
+        for dev in devs:  # devices use other nodes than alice: wait for the lease there
+            await poll("the lease to reach every device's node",
+                       functools.partial(knows, dev.lease, lease_a.id), timeout=10)
         t_stream = time.monotonic()
         async with trio.open_nursery() as nursery:
             for i, (name, dev) in enumerate(zip(devices, devs, strict=True)):
@@ -410,6 +414,9 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         req_g = await erin.request("bandwidth", duration_ms=LEASE_MS, reserve=40,
                                    close_in_ms=CLOSE_MS, group=True, rule="lowest",
                                    note="erin, frank and grace buy together")
+        for c in (frank, grace):  # they use other nodes: wait for the request to get there
+            await poll("the group request to reach every member's node",
+                       functools.partial(knows, c.auction, req_g.id), timeout=10)
         await frank.pledge(req_g.id, willing=False)
         await erin.pledge(req_g.id, willing=True, amount=12, sponsor=[frank.key])
         await grace.pledge(req_g.id, willing=True, amount=8)
@@ -474,6 +481,16 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
     summary["digests"] = digests
     n.done("every node has the same state digest", next(iter(digests.values()))[:16])
     return summary
+
+
+async def knows(lookup: Callable[[bytes], Awaitable[Any]], event_id: bytes) -> bool | None:
+    """True once the client's nodes know `event_id` (gossip takes up to a few hundred
+    ms to bring another client's fresh event to them), None before."""
+    try:
+        await lookup(event_id)
+    except UsageError:
+        return None
+    return True
 
 
 async def bids_in_revealed(c: LightClient, rid: bytes, want: int) -> bool | None:

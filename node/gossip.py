@@ -50,6 +50,7 @@ BATCH_MAX_BYTES = 1000 * 1024
 REGOSSIP_MIN_AGE_MS = 10_000
 GAP_GRACE_S = 0.5  # wait before pulling a gap that gossip may still fill
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
+LIVE_S = 3.0  # periodic sync leaves to gossip an author we hold an event this young from
 
 
 def topic_name(network: str) -> str:
@@ -108,6 +109,7 @@ class Stats:
     sync_failed: int = 0
     sync_events: int = 0
     sync_bytes: int = 0
+    sync_left_live: int = 0  # (round, author) pairs periodic sync left to gossip
     sync_served: int = 0
     gap_syncs: int = 0
     last_sync_at: float | None = None
@@ -180,15 +182,19 @@ class Replicator:
         return len(self._outbox)
 
     async def sync_with(
-        self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None
+        self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None,
+        *, leave_live: bool = False,
     ) -> sync.SyncSession | None:
-        """Run one anti-entropy session with `peer` now; None if one is already running."""
+        """Run one anti-entropy session with `peer` now; None if one is already running.
+        `leave_live`: skip authors whose events gossip is delivering (we hold one
+        younger than LIVE_S; see `SyncSession`), as the periodic rounds do."""
         if peer in self._syncing or self.host.is_blocked(peer):
             return None
         self._syncing.add(peer)
+        live_after_ms = int((time.time() - LIVE_S) * 1000) if leave_live else None
         try:
             async with self._sync_limiter:
-                return await self._session(peer, gaps)
+                return await self._session(peer, gaps, live_after_ms)
         finally:
             self._syncing.discard(peer)
 
@@ -402,9 +408,9 @@ class Replicator:
             self._fault(peer, f"sync_{e.reason}")
             return None
 
-    async def _session(self, peer: p2p.PeerId,
-                       gaps: list[tuple[bytes, int, int]] | None) -> sync.SyncSession:
-        s = sync.SyncSession(self.ledger, self.limits, gaps=gaps)
+    async def _session(self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None,
+                       live_after_ms: int | None) -> sync.SyncSession:
+        s = sync.SyncSession(self.ledger, self.limits, gaps=gaps, live_after_ms=live_after_ms)
         store_failed = False
         while (req := s.next_request()) is not None:
             resp = await self._send(peer, req)
@@ -423,6 +429,7 @@ class Replicator:
         self.stats.last_sync_peer = str(peer)
         self.stats.sync_in_sync += s.in_sync
         self.stats.sync_events += s.stats.accepted
+        self.stats.sync_left_live += s.stats.skipped_live
         if s.failed or store_failed:
             self.stats.sync_failed += 1
         for reason, n in s.stats.faults.items():
@@ -454,14 +461,15 @@ class Replicator:
             self.gossip(fresh)
 
     def _spawn_sync(self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None,
-                    ) -> None:
+                    *, leave_live: bool = False) -> None:
         if self._nursery is not None and peer not in self._syncing:
-            self._nursery.start_soon(self._sync_quietly, peer, gaps)
+            self._nursery.start_soon(self._sync_quietly, peer, gaps, leave_live)
 
     async def _sync_quietly(self, peer: p2p.PeerId,
-                            gaps: list[tuple[bytes, int, int]] | None) -> None:
+                            gaps: list[tuple[bytes, int, int]] | None,
+                            leave_live: bool = False) -> None:
         try:
-            await self.sync_with(peer, gaps)
+            await self.sync_with(peer, gaps, leave_live=leave_live)
         except BidmeshError as e:
             self.stats.sync_failed += 1
             log.info("sync failed", extra={"peer": str(peer), "error": str(e)})
@@ -484,7 +492,7 @@ class Replicator:
             await trio.sleep(base * self._rng.uniform(0.5, 1.5))
             peers = self.host.connected_peers()
             if peers:
-                self._spawn_sync(self._rng.choice(peers))
+                self._spawn_sync(self._rng.choice(peers), leave_live=True)
 
     async def _gap_sync(self) -> None:
         while True:

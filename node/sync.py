@@ -385,6 +385,7 @@ class SessionStats:
     bytes: int = 0
     accepted: int = 0
     fork_proofs: int = 0
+    skipped_live: int = 0  # authors left to gossip (see `live_after_ms`)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -395,7 +396,12 @@ class SyncSession:
     `next_request()` returns None. `accepted` collects events newly stored (to
     re-gossip); `stats.faults` counts the peer's invalid input by reason; a fault
     also ends the session (`failed`). `gaps=` skips DIGEST/HEADS and fetches the
-    given (author, first, last) ranges at once.
+    given (author, first, last) ranges at once. With `live_after_ms`, an author
+    whose newest event we hold is timestamped at or after it is left to gossip:
+    its events are flowing, and what the peer has beyond ours is most likely in
+    flight (fetching it too would double the work under load). A lost tail shows
+    up once our head for that author grows older; a lost batch in the middle is a
+    gap, fetched by a `gaps=` session.
     """
 
     def __init__(
@@ -404,8 +410,10 @@ class SyncSession:
         limits: SyncLimits | None = None,
         *,
         gaps: list[tuple[bytes, int, int]] | None = None,
+        live_after_ms: int | None = None,
     ) -> None:
         self.ledger = ledger
+        self.live_after_ms = live_after_ms
         self.limits = limits or SyncLimits()
         self.stats = SessionStats()
         self.accepted: list[Event] = []
@@ -524,6 +532,11 @@ class SyncSession:
                 self._wants.append(_Want(h.author, 0, forks=True))
             seq, id_ = local.get(h.author, (0, None))
             if h.seq > seq:
+                if self.live_after_ms is not None and seq > 0:
+                    mine = self.ledger.head(h.author)
+                    if mine is not None and mine.ts_ms >= self.live_after_ms:
+                        self.stats.skipped_live += 1
+                        continue
                 self._wants.append(_Want(h.author, h.seq))
             elif h.seq == seq and h.seq > 0 and h.id != id_ and mine_fork is None:
                 # Same height, different event: fetch it; the ledger records the fork.

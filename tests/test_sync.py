@@ -131,6 +131,28 @@ def run_session(local: Ledger, remote: Ledger, limits: SyncLimits | None = None,
     return s
 
 
+def test_periodic_session_leaves_live_authors_to_gossip(tmp_path: Path) -> None:
+    """An author whose newest event we hold is young is left to gossip; one we have
+    heard nothing recent from (a lost tail) and one we lack entirely are fetched."""
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    live, quiet, unknown = Identity.generate(), Identity.generate(), Identity.generate()
+    for i in range(10):
+        ev = b.publish(live, body(i), 50_000 + i)
+        if i < 5:
+            a.append(ev.wire)
+        ev = b.publish(quiet, body(i), 1_000 + i)
+        if i < 5:
+            a.append(ev.wire)
+        b.publish(unknown, body(i), 1_000 + i)
+    s = run_session(a, b, live_after_ms=40_000)
+    assert s.stats.skipped_live == 1
+    assert a.head(live.public).seq == 5  # type: ignore[union-attr]
+    assert a.head(quiet.public).seq == 10  # type: ignore[union-attr]
+    assert a.head(unknown.public).seq == 10  # type: ignore[union-attr]
+    s = run_session(a, b)  # without it (on connect, gaps): everything
+    assert s.stats.skipped_live == 0 and a.digest() == b.digest()
+
+
 def test_session_pages_heads_and_ranges(tmp_path: Path) -> None:
     a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
     for i in range(300):

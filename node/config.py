@@ -91,7 +91,7 @@ class GossipConfig:
     batch_ms: float = _opt(500.0, (int, float), _range(0, 10_000))
     max_batch_bytes: int = _opt(256 * 1024, int, _range(17 * 1024, 1000 * 1024))
     queue_high_water: int = _opt(16, int, _range(1, 31))
-    mesh_degree: int = _opt(4, int, _range(1, 12))
+    mesh_degree: int = _opt(3, int, _range(1, 12))
     fault_threshold: int = _opt(20, int, _range(1, 1_000_000))
     fault_window_s: float = _opt(60.0, (int, float), _range(1, 86_400))
     block_s: float = _opt(600.0, (int, float), _range(1, 30 * 86_400))

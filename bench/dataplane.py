@@ -2,7 +2,10 @@
 
   (a) raw py-libp2p stream: one-way frames, no dataplane, with the same frame reads and
       writes as the dataplane (node/dataplane/frames.py); also reported with
-      node.p2p's read_frame/write_frame (`raw_p2p_frames_mb_s`), for reference
+      node.p2p's read_frame/write_frame (`raw_p2p_frames_mb_s`), and as a round trip
+      through an echo (`raw_roundtrip_mb_s`): the same bytes each way as (b), so
+      `direct_vs_roundtrip_ratio` is the dataplane's own cost. (b) moves every byte
+      twice, so against the one-way figure it cannot pass 0.5 on any machine.
   (b) member → provider (service `identity`, inline) → member
   (c) member → provider → subcontractor (`identity`, which the provider lacks) → member
 
@@ -57,6 +60,7 @@ CHUNK_PACKETS = 4  # 256 KiB input frames
 LIMITS = SegmentLimits(max_packets=64, max_bytes=1 << 20)
 RAW_PROTO = "/bidmesh-bench/raw/1"
 RAW_P2P_PROTO = "/bidmesh-bench/raw-p2p/1"
+RAW_ECHO_PROTO = "/bidmesh-bench/raw-echo/1"
 
 
 def ident(name: str) -> Identity:
@@ -115,6 +119,31 @@ async def raw_send(a: P2PHost, peer: object, total: int, p2p_frames: bool = Fals
     return got / secs / 1e6
 
 
+async def raw_roundtrip(a: P2PHost, peer: object, total: int) -> float:
+    """Send `total` bytes in framed chunks to an echo and read them back, concurrently:
+    the same bytes each way as (b), with no dataplane. MB/s of input, end to end."""
+    stream: Any = await a.new_stream(peer, RAW_ECHO_PROTO)  # type: ignore[arg-type]
+    got = sent = 0
+    t0 = time.perf_counter()
+
+    async def send() -> None:
+        nonlocal sent
+        for c in chunks(total):
+            await write_bulk(stream, c, 30.0)
+            sent += len(c)
+        await write_bulk(stream, b"", 30.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        while frame := await read_bulk(stream, 1 << 20, 120.0):
+            got += len(frame)
+    secs = time.perf_counter() - t0
+    await stream.close()
+    if got != sent:
+        raise RuntimeError(f"echo returned {got} of {sent} bytes")
+    return got / secs / 1e6  # framed input bytes, as raw_send counts them
+
+
 RECV_CPU: dict[str, float] = {}  # the raw receiver's CPU seconds for its last stream
 
 
@@ -132,7 +161,13 @@ def raw_receiver(b: P2PHost) -> None:
     async def p2p_sink(stream: object) -> None:
         await sink(stream, read_frame)
 
+    async def echo(stream: Any) -> None:
+        while frame := await read_bulk(stream, 1 << 20, 30.0):
+            await write_bulk(stream, frame, 30.0)
+        await write_bulk(stream, b"", 30.0)
+
     set_stream_handler(b, RAW_PROTO, sink)  # type: ignore[arg-type]
+    set_stream_handler(b, RAW_ECHO_PROTO, echo)
     set_stream_handler(b, RAW_P2P_PROTO, p2p_sink)  # type: ignore[arg-type]
 
 
@@ -198,8 +233,9 @@ async def zstd_scaling(quick: bool) -> float:
 
 def report(out: dict[str, Any], raw_mb_s: float, direct_mb_s: float, ok_b: bool,
            lat: dict[str, float], sub_mb_s: float, ok_c: bool, lat_c: dict[str, float],
-           served: int, rss: float) -> None:
-    print(f"(a) raw libp2p stream        : {raw_mb_s:7.1f} MB/s", flush=True)
+           served: int, rss: float, rt_mb_s: float) -> None:
+    print(f"(a) raw libp2p stream        : {raw_mb_s:7.1f} MB/s one way, "
+          f"{rt_mb_s:.1f} MB/s round trip (echo)", flush=True)
     print(f"(b) member → provider        : {direct_mb_s:7.1f} MB/s  "
           f"segment p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms  exact={ok_b}", flush=True)
     print(f"(c) member → provider → sub  : {sub_mb_s:7.1f} MB/s  "
@@ -211,7 +247,10 @@ def report(out: dict[str, Any], raw_mb_s: float, direct_mb_s: float, ok_b: bool,
                subcontract_vs_raw_ratio=round(sub_mb_s / raw_mb_s, 3),
                seg_p50_ms=lat["p50"], seg_p99_ms=lat["p99"],
                subcontract_seg_p50_ms=lat_c["p50"], subcontract_seg_p99_ms=lat_c["p99"],
-               peak_rss_mb=round(rss, 1), output_exact=ok_b and ok_c)
+               peak_rss_mb=round(rss, 1), output_exact=ok_b and ok_c,
+               raw_roundtrip_mb_s=round(rt_mb_s, 1),
+               direct_vs_roundtrip_ratio=round(direct_mb_s / rt_mb_s, 3),
+               subcontract_vs_roundtrip_ratio=round(sub_mb_s / rt_mb_s, 3))
 
 
 # ------------------------------------------------------------------ one process (--roles same)
@@ -238,13 +277,14 @@ async def same_process(args: argparse.Namespace, out: dict[str, Any]) -> None:
         raw_receiver(prov)
         await member.connect(prov.addrs[0])
         raw_mb_s = await raw_send(member, prov.peer_id, total)
+        rt_mb_s = await raw_roundtrip(member, prov.peer_id, total)
         direct_mb_s, ok_b = await through(member, prov.peer_id, LEASE_B, total, want)
         await member.connect(prov2.addrs[0])
         sub_mb_s, ok_c = await through(member, prov2.peer_id, LEASE_C, total, want)
         served = svcs[2].served.get(PROV2.public, {}).get("segments", 0)
         rss = peak_rss_mb()
         report(out, raw_mb_s, direct_mb_s, ok_b, svcs[0].stats()["segment_latency_ms"],
-               sub_mb_s, ok_c, svcs[1].stats()["segment_latency_ms"], served, rss)
+               sub_mb_s, ok_c, svcs[1].stats()["segment_latency_ms"], served, rss, rt_mb_s)
         print(f"peak RSS of this process (member + provider + subcontractor): {rss:.0f} MB",
               flush=True)
 
@@ -269,7 +309,9 @@ async def child(args: argparse.Namespace) -> None:
             peer = await host.connect(args.addr)
             cpu0 = time.process_time()
             if role == "raw-send":
-                emit("RESULT", mb_s=await raw_send(host, peer, total, args.p2p_frames),
+                mb_s = await (raw_roundtrip(host, peer, total) if args.echo else
+                              raw_send(host, peer, total, args.p2p_frames))
+                emit("RESULT", mb_s=mb_s,
                      rss=peak_rss_mb(),
                      cpu=time.process_time() - cpu0)
             else:
@@ -359,21 +401,25 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
         addr = {c.role: c.expect("READY")["addr"] for c in servers}
         servers.append(prov2 := Child(args, "provider2", "--addr", addr["sub"]))
         addr["provider2"] = prov2.expect("READY")["addr"]
-        best = {"raw": 0.0, "raw_p2p": 0.0, "direct": 0.0, "subcontract": 0.0}
+        best = {"raw": 0.0, "raw_p2p": 0.0, "raw_rt": 0.0, "direct": 0.0, "subcontract": 0.0}
         exact = True
         for i in range(args.rounds):
             raw = run("raw-send", "raw sender", "--addr", addr["raw-recv"])["mb_s"]
             raw_p2p = run("raw-send", "raw sender (p2p frames)", "--addr", addr["raw-recv"],
                           "--p2p-frames")["mb_s"]
+            raw_rt = run("raw-send", "raw round trip", "--addr", addr["raw-recv"],
+                         "--echo")["mb_s"]
             d = run("member", "member (b)", "--addr", addr["provider"],
                     "--lease", LEASE_B.id.hex())
             c = run("member", "member (c)", "--addr", addr["provider2"],
                     "--lease", LEASE_C.id.hex())
             exact = exact and d["exact"] and c["exact"]
-            for k, v in (("raw", raw), ("raw_p2p", raw_p2p), ("direct", d["mb_s"]),
+            for k, v in (("raw", raw), ("raw_p2p", raw_p2p), ("raw_rt", raw_rt),
+                         ("direct", d["mb_s"]),
                          ("subcontract", c["mb_s"])):
                 best[k] = max(best[k], v)
-            print(f"  round {i + 1}: raw {raw:.1f} (with node.p2p frames {raw_p2p:.1f}), "
+            print(f"  round {i + 1}: raw {raw:.1f} (with node.p2p frames {raw_p2p:.1f}, "
+                  f"round trip {raw_rt:.1f}), "
                   f"direct {d['mb_s']:.1f}, subcontract {c['mb_s']:.1f} MB/s", flush=True)
         stats = {c.role: note(c.role, c.stats()) for c in servers}
     finally:
@@ -398,7 +444,7 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
     out["raw_p2p_frames_mb_s"] = round(best["raw_p2p"], 1)
     report(out, best["raw"], best["direct"], exact, stats["provider"]["lat"],
            best["subcontract"], exact, stats["provider2"]["lat"],
-           stats["sub"]["served"].get("segments", 0), max(rss.values()))
+           stats["sub"]["served"].get("segments", 0), max(rss.values()), best["raw_rt"])
     print("peak RSS per process: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()),
           flush=True)
 
@@ -433,6 +479,7 @@ if __name__ == "__main__":
     ap.add_argument("--addr", help=argparse.SUPPRESS)
     ap.add_argument("--lease", help=argparse.SUPPRESS)
     ap.add_argument("--p2p-frames", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.mb = a.mb or (128 if a.quick else 1024)
     if a.child:

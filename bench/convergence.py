@@ -192,7 +192,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
             "per_node": [{k: s[k] for k in ("batches_sent", "batches_received", "events",
                                             "sync_rounds", "gap_syncs", "regossiped", "peers",
                                             "outbox_max", "publish_missed", "publish_wait_s",
-                                            "validate_s")}
+                                            "gossip_delay_s", "validate_s")}
                          for s in stats],
         }
     finally:

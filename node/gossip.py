@@ -51,6 +51,7 @@ REGOSSIP_MIN_AGE_MS = 10_000
 GAP_GRACE_S = 0.5  # wait before pulling a gap that gossip may still fill
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
 LIVE_S = 3.0  # periodic sync leaves to gossip an author we hold an event this young from
+LIVE_WINDOW_MAX_S = 30.0  # ... however late gossip runs: a lost tail is fetched eventually
 
 
 def topic_name(network: str) -> str:
@@ -104,6 +105,7 @@ class Stats:
     publish_wait_s: float = 0.0  # total time spent in backpressured publishes
     publish_missed: int = 0  # (batch, peer) pairs skipped because the peer's queue was full
     validate_s: float = 0.0  # total time spent storing received batches
+    gossip_delay_s: float = 0.0  # moving average: now - ts of a received batch's newest event
     sync_rounds: int = 0
     sync_in_sync: int = 0
     sync_failed: int = 0
@@ -181,6 +183,14 @@ class Replicator:
     def outbox_len(self) -> int:
         return len(self._outbox)
 
+    def live_window_s(self) -> float:
+        """How recent an author's newest event we hold must be for periodic sync to
+        leave that author to gossip: LIVE_S, widened by how far behind gossip
+        currently reaches us. A node that is behind (busy CPU, a backlog in its
+        own queues) would otherwise pull everything still on its way to it, and
+        the extra work puts it further behind: a sync storm."""
+        return min(LIVE_WINDOW_MAX_S, LIVE_S + 2 * self.stats.gossip_delay_s)
+
     async def sync_with(
         self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None,
         *, leave_live: bool = False,
@@ -191,7 +201,7 @@ class Replicator:
         if peer in self._syncing or self.host.is_blocked(peer):
             return None
         self._syncing.add(peer)
-        live_after_ms = int((time.time() - LIVE_S) * 1000) if leave_live else None
+        live_after_ms = int((time.time() - self.live_window_s()) * 1000) if leave_live else None
         try:
             async with self._sync_limiter:
                 return await self._session(peer, gaps, live_after_ms)
@@ -323,6 +333,11 @@ class Replicator:
         if accepted:
             self.stats.events["accepted"] += len(accepted)
             self.stats.events["accepted_gossip"] += len(accepted)
+            # How far behind its authors gossip reaches us (their clocks, ours): the
+            # freshest event of the batch bounds transit + batching + our backlog.
+            delay = time.time() - max(ev.ts_ms for ev in accepted) / 1000
+            self.stats.gossip_delay_s += 0.1 * (min(max(delay, 0.0), 60.0)
+                                                - self.stats.gossip_delay_s)
             self.notify(accepted)
         if pending:
             self._gap_peer = forwarder
@@ -498,9 +513,10 @@ class Replicator:
         while True:
             await self._gap_event.wait()
             # Batches of one author take different mesh paths, so gossip often
-            # arrives out of order and fills its own gaps within a few hundred ms;
-            # pulling at once would fetch what is already in flight.
-            await trio.sleep(GAP_GRACE_S)
+            # arrives out of order and fills its own gaps within a few hundred ms
+            # (longer while gossip runs late); pulling at once would fetch what is
+            # already in flight.
+            await trio.sleep(max(GAP_GRACE_S, min(self.stats.gossip_delay_s, 5.0)))
             self._gap_event = trio.Event()
             gaps = self.ledger.gaps()
             if not gaps:

@@ -121,6 +121,25 @@ async def test_gossip_is_paced_per_batch_ms(tmp_path: Path) -> None:
         assert b.rep.stats.sync_rounds == 0
 
 
+async def test_sync_backs_off_while_gossip_runs_late(tmp_path: Path) -> None:
+    """Events that arrive long after their timestamps (gossip running late) widen the
+    window in which periodic sync leaves an author to gossip, up to a cap."""
+    async with tnodes(tmp_path, 2, gossip={"batch_ms": 50.0},
+                      sync={"interval_s": 3600.0, "on_connect": False}) as ns:
+        a, b = ns
+        await a.host.connect(b.host.addrs[0])
+        topic = a.ps.topic(gossip.topic_name(NET))
+        await wait_until(lambda: b.host.peer_id in topic.mesh_peers())
+        assert b.rep.live_window_s() == gossip.LIVE_S
+        late_ms = int(time.time() * 1000) - 20_000
+        for i in range(10):
+            ev = a.ledger.publish(a.ident, body(i), late_ms + i)
+            a.rep.publish_event(ev)
+            await wait_until(lambda i=i: b.ledger.count() == i + 1)
+        assert b.rep.stats.gossip_delay_s > 5
+        assert gossip.LIVE_S + 10 < b.rep.live_window_s() <= gossip.LIVE_WINDOW_MAX_S
+
+
 async def test_pull_sync_catches_up_without_gossip(tmp_path: Path) -> None:
     async with tnodes(tmp_path, 3) as ns:
         a, b, c = ns

@@ -135,7 +135,7 @@ async def test_sync_backs_off_while_gossip_runs_late(tmp_path: Path) -> None:
         for i in range(10):
             ev = a.ledger.publish(a.ident, body(i), late_ms + i)
             a.rep.publish_event(ev)
-            await wait_until(lambda i=i: b.ledger.count() == i + 1)
+            await wait_until(lambda i=i: b.ledger.count() == i + 1)  # type: ignore[misc]
         assert b.rep.stats.gossip_delay_s > 5
         assert gossip.LIVE_S + 10 < b.rep.live_window_s() <= gossip.LIVE_WINDOW_MAX_S
 

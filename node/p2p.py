@@ -103,7 +103,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-
 async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
     """Send a WINDOW_UPDATE only once half the receive window is consumed.
 

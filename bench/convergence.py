@@ -190,8 +190,9 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
             "cpu_s": cpu,
             "bench_cpu_s": round(sum(psutil.Process().cpu_times()[:2]), 1),
             "per_node": [{k: s[k] for k in ("batches_sent", "batches_received", "events",
-                                            "sync_rounds", "gap_syncs", "regossiped", "peers",
-                                            "outbox_max", "publish_missed", "publish_wait_s",
+                                            "sync_rounds", "gap_syncs", "sync_catch_up",
+                                            "regossiped", "peers", "outbox_max",
+                                            "publish_missed", "publish_wait_s",
                                             "gossip_delay_s", "validate_s")}
                          for s in stats],
         }

@@ -51,6 +51,7 @@ REGOSSIP_MIN_AGE_MS = 10_000
 GAP_GRACE_S = 0.5  # wait before pulling a gap that gossip may still fill
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
 LIVE_S = 3.0  # periodic sync leaves to gossip an author we hold an event this young from
+CATCH_UP_S = 1.0  # next periodic round after one that pulled events gossip had not brought
 LIVE_WINDOW_MAX_S = 30.0  # ... however late gossip runs: a lost tail is fetched eventually
 
 
@@ -112,6 +113,7 @@ class Stats:
     sync_events: int = 0
     sync_bytes: int = 0
     sync_left_live: int = 0  # (round, author) pairs periodic sync left to gossip
+    sync_catch_up: int = 0  # periodic rounds that pulled events, so the next came sooner
     sync_served: int = 0
     gap_syncs: int = 0
     last_sync_at: float | None = None
@@ -475,19 +477,19 @@ class Replicator:
             self.stats.regossiped += len(fresh)
             self.gossip(fresh)
 
-    def _spawn_sync(self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None,
-                    *, leave_live: bool = False) -> None:
+    def _spawn_sync(self, peer: p2p.PeerId) -> None:
         if self._nursery is not None and peer not in self._syncing:
-            self._nursery.start_soon(self._sync_quietly, peer, gaps, leave_live)
+            self._nursery.start_soon(self._sync_quietly, peer, None)
 
     async def _sync_quietly(self, peer: p2p.PeerId,
                             gaps: list[tuple[bytes, int, int]] | None,
-                            leave_live: bool = False) -> None:
+                            leave_live: bool = False) -> sync.SyncSession | None:
         try:
-            await self.sync_with(peer, gaps, leave_live=leave_live)
+            return await self.sync_with(peer, gaps, leave_live=leave_live)
         except BidmeshError as e:
             self.stats.sync_failed += 1
             log.info("sync failed", extra={"peer": str(peer), "error": str(e)})
+            return None
 
     async def _watch_peers(self) -> None:
         """Sync with every newly connected peer (polls the host's connection table)."""
@@ -503,11 +505,20 @@ class Replicator:
 
     async def _periodic_sync(self) -> None:
         base = self.cfg.sync.interval_s
+        interval = base
         while True:
-            await trio.sleep(base * self._rng.uniform(0.5, 1.5))
+            await trio.sleep(interval * self._rng.uniform(0.5, 1.5))
+            interval = base
             peers = self.host.connected_peers()
-            if peers:
-                self._spawn_sync(self._rng.choice(peers), leave_live=True)
+            if not peers:
+                continue
+            s = await self._sync_quietly(self._rng.choice(peers), None, leave_live=True)
+            if s is not None and s.accepted:
+                # We pulled events gossip had not brought (authors we had not heard
+                # from lately): this node may be out of the gossip mesh for now
+                # (pruned, in back-off), or a burst was lost. Look again soon.
+                self.stats.sync_catch_up += 1
+                interval = min(base, CATCH_UP_S)
 
     async def _gap_sync(self) -> None:
         while True:

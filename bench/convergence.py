@@ -5,7 +5,9 @@
 
 Phase 1 (bidmesh): N `bidmesh run` daemons, full bootstrap mesh. Every node gets
 `publish` calls over its control socket (each call a burst of `rate/N/ticks`
-events every 1/ticks s, so the daemon gossips them as one batch), for S seconds.
+events every 1/ticks s; the daemon gossips what arrived within its pacing interval
+`gossip.batch_ms` as one batch), for S seconds. `--set KEY=VALUE` overrides a
+`[gossip]` option of the nodes; `--verbose` prints per-node stats and CPU.
 The bench polls every node's ledger read-only (SQLite, every 50 ms) to timestamp
 when each event is stored there. Latency = last node's store time - the event's
 ts_ms (set by the publishing node when it signed it; same machine clock).
@@ -13,9 +15,10 @@ ts_ms (set by the publishing node when it signed it; same machine clock).
 lost; `converge_s` = from the last acknowledgement until all state digests are
 equal; `rss_mb_max` = the largest node RSS sampled during the run.
 
-Phase 2 (raw): the same load as raw gossipsub payloads of the same size and
-batching, between N processes running only node/p2p.py's gossipsub (no ledger, no
-signatures): `raw_events_per_s` (delivered to all / seconds) and its latency.
+Phase 2 (raw): the same load as raw gossipsub payloads of the same size, paced
+like the daemon (one message per `gossip.batch_ms`), between N processes running
+only node/p2p.py's gossipsub (same mesh degree; no ledger, no signatures):
+`raw_events_per_s` (delivered to all / seconds) and its latency.
 `vs_raw_gossip_ratio` = events_per_s / raw_events_per_s.
 
 Last line: JSON figures.
@@ -207,15 +210,15 @@ RAW_NODE = r"""
 import json, os, sys, time, trio
 sys.path.insert(0, sys.argv[1])
 from node import p2p
-idx, n, port, peers, rate_per_tick, ticks, t_start, seconds, out, size, interval = (
+idx, n, port, peers, rate_per_tick, ticks, t_start, seconds, out, size, interval, d = (
     int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]),
     int(sys.argv[6]), int(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]), sys.argv[10],
-    int(sys.argv[11]), float(sys.argv[12]))
+    int(sys.argv[11]), float(sys.argv[12]), int(sys.argv[13]))
 import msgpack
 async def main():
     seen = {}
     async with p2p.open_host(bytes([150, idx]) * 16, [f"/ip4/127.0.0.1/tcp/{port}"]) as h, \
-            p2p.make_pubsub(h, degree=4, degree_low=3, degree_high=8) as ps:
+            p2p.make_pubsub(h, degree=d, degree_low=max(1, d - 1), degree_high=d + 1) as ps:
         from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
         ps.router.protocols = [PROTOCOL_ID_V11]  # as node/daemon.py does
         topic = ps.topic("raw/bench")
@@ -275,7 +278,7 @@ trio.run(main)
 
 
 def run_raw(base: Path, n: int, rate: float, seconds: float, ticks: int,
-            size: int, interval: float) -> dict[str, Any]:
+            size: int, interval: float, degree: int) -> dict[str, Any]:
     ports = [free_port() for _ in range(n)]
     script = base / "raw_node.py"
     script.write_text(RAW_NODE)
@@ -295,7 +298,8 @@ def run_raw(base: Path, n: int, rate: float, seconds: float, ticks: int,
         procs.append(subprocess.Popen(
             [sys.executable, str(script), str(ROOT), str(i), str(n), str(ports[i]),
              json.dumps(addrs[:i]), str(per_call), str(ticks), str(t_start), str(seconds),
-             str(out), str(size), str(interval)], stderr=open(base / f"raw{i}.err", "wb"),  # noqa: SIM115
+             str(out), str(size), str(interval), str(degree)],
+            stderr=open(base / f"raw{i}.err", "wb"),  # noqa: SIM115
             stdout=subprocess.DEVNULL))
     rss = 0.0
     for p in procs:
@@ -355,7 +359,8 @@ def main() -> int:
         print("raw gossipsub baseline, same load ...", flush=True)
         (base / "r").mkdir()
         batch_ms = gossip.get("batch_ms", Config().gossip.batch_ms)
-        raw = run_raw(base / "r", n, rate, seconds, a.ticks, 210, batch_ms / 1000)
+        degree = gossip.get("mesh_degree", Config().gossip.mesh_degree)
+        raw = run_raw(base / "r", n, rate, seconds, a.ticks, 210, batch_ms / 1000, degree)
         print(f"  {raw['raw_delivered']}/{raw['raw_events']} delivered to all, "
               f"{raw['raw_events_per_s']:.0f}/s, p50 {raw['raw_p50_ms']:.0f} ms, "
               f"p99 {raw['raw_p99_ms']:.0f} ms", flush=True)

@@ -196,7 +196,8 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                                             "sync_rounds", "gap_syncs", "sync_catch_up",
                                             "regossiped", "peers", "outbox_max",
                                             "publish_missed", "publish_wait_s",
-                                            "gossip_delay_s", "validate_s")}
+                                            "gossip_delay_s", "validate_s", "mesh_peers",
+                                            "topic_peers", "pubsub_streams")}
                          for s in stats],
         }
     finally:

@@ -251,7 +251,7 @@ class Node:
                 "last_at": rep.stats.last_sync_at,
                 "last_peer": rep.stats.last_sync_peer,
             },
-            "gossip": rep.stats.as_dict(),
+            "gossip": {**rep.stats.as_dict(), **rep.mesh_state()},
             "services": services,
             "started_at": self.started_at,
             "updated_at": time.time(),

@@ -185,6 +185,13 @@ class Replicator:
     def outbox_len(self) -> int:
         return len(self._outbox)
 
+    def mesh_state(self) -> dict[str, int]:
+        """Our view of the gossip topology: a node with peers but an empty mesh
+        gets events only by sync (seen in benchmarks, cause not yet found)."""
+        return {"mesh_peers": len(self.topic.mesh_peers()),
+                "topic_peers": len(self.topic.peers()),
+                "pubsub_streams": len(self.pubsub.pubsub.peers)}
+
     def live_window_s(self) -> float:
         """How recent an author's newest event we hold must be for periodic sync to
         leave that author to gossip: LIVE_S, widened by how far behind gossip

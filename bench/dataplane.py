@@ -1,8 +1,7 @@
 """Dataplane throughput on loopback, side by side in one run:
 
   (a) raw py-libp2p stream: one-way frames, no dataplane, with the same frame reads and
-      writes as the dataplane (node/dataplane/frames.py); also reported with
-      node.p2p's read_frame/write_frame (`raw_p2p_frames_mb_s`), and as a round trip
+      writes as the dataplane (node.p2p's read_frame/write_frame); also as a round trip
       through an echo (`raw_roundtrip_mb_s`): the same bytes each way as (b), so
       `direct_vs_roundtrip_ratio` is the dataplane's own cost. (b) moves every byte
       twice, so against the one-way figure it cannot pass 0.5 on any machine.
@@ -45,8 +44,6 @@ import trio
 
 from node.auction import Lease, Market
 from node.dataplane import DataplaneConfig, DataplaneService, SegmentLimits, stream_through_lease
-from node.dataplane.frames import read_frame as read_bulk
-from node.dataplane.frames import write_frame as write_bulk
 from node.events import Offer, ServiceOffer, sign_event
 from node.keys import Identity
 from node.p2p import P2PHost, open_host, read_frame, set_stream_handler, write_frame
@@ -59,7 +56,6 @@ PACKET = 64 << 10
 CHUNK_PACKETS = 4  # 256 KiB input frames
 LIMITS = SegmentLimits(max_packets=64, max_bytes=1 << 20)
 RAW_PROTO = "/bidmesh-bench/raw/1"
-RAW_P2P_PROTO = "/bidmesh-bench/raw-p2p/1"
 RAW_ECHO_PROTO = "/bidmesh-bench/raw-echo/1"
 
 
@@ -103,15 +99,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def raw_send(a: P2PHost, peer: object, total: int, p2p_frames: bool = False) -> float:
+async def raw_send(a: P2PHost, peer: object, total: int) -> float:
     """Send `total` bytes in framed chunks, then an empty frame; time until the receiver
-    acknowledges that it read everything (so the figure is end to end). `p2p_frames`:
-    write (and have the receiver read) with node.p2p's frame functions instead."""
-    stream = await a.new_stream(peer, RAW_P2P_PROTO if p2p_frames else RAW_PROTO)  # type: ignore[arg-type]
-    write = write_frame if p2p_frames else write_bulk
+    acknowledges that it read everything (so the figure is end to end)."""
+    stream: Any = await a.new_stream(peer, RAW_PROTO)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     for c in chunks(total):
-        await write(stream, c, 30.0)  # type: ignore[arg-type]
+        await write_frame(stream, c, 30.0)
     await write_frame(stream, b"", 30.0)
     got = int(await read_frame(stream, 64, 120.0))
     secs = time.perf_counter() - t0
@@ -129,13 +123,13 @@ async def raw_roundtrip(a: P2PHost, peer: object, total: int) -> float:
     async def send() -> None:
         nonlocal sent
         for c in chunks(total):
-            await write_bulk(stream, c, 30.0)
+            await write_frame(stream, c, 30.0)
             sent += len(c)
-        await write_bulk(stream, b"", 30.0)
+        await write_frame(stream, b"", 30.0)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send)
-        while frame := await read_bulk(stream, 1 << 20, 120.0):
+        while frame := await read_frame(stream, 1 << 20, 120.0):
             got += len(frame)
     secs = time.perf_counter() - t0
     await stream.close()
@@ -144,31 +138,24 @@ async def raw_roundtrip(a: P2PHost, peer: object, total: int) -> float:
     return got / secs / 1e6  # framed input bytes, as raw_send counts them
 
 
-RECV_CPU: dict[str, float] = {}  # the raw receiver's CPU seconds for its last stream
+RECV_CPU: list[float] = [0.0]  # the raw receiver's CPU seconds for its last stream
 
 
 def raw_receiver(b: P2PHost) -> None:
-    async def sink(stream: object, read: Any = read_bulk) -> None:
+    async def sink(stream: Any) -> None:
         got, cpu0 = 0, time.process_time()
-        while True:
-            frame = await read(stream, 1 << 20, 30.0)
-            if not frame:
-                break
+        while frame := await read_frame(stream, 1 << 20, 30.0):
             got += len(frame)
-        RECV_CPU["p2p" if read is read_frame else "bulk"] = time.process_time() - cpu0
-        await write_frame(stream, str(got).encode(), 30.0)  # type: ignore[arg-type]
-
-    async def p2p_sink(stream: object) -> None:
-        await sink(stream, read_frame)
+        RECV_CPU[0] = time.process_time() - cpu0
+        await write_frame(stream, str(got).encode(), 30.0)
 
     async def echo(stream: Any) -> None:
-        while frame := await read_bulk(stream, 1 << 20, 30.0):
-            await write_bulk(stream, frame, 30.0)
-        await write_bulk(stream, b"", 30.0)
+        while frame := await read_frame(stream, 1 << 20, 30.0):
+            await write_frame(stream, frame, 30.0)
+        await write_frame(stream, b"", 30.0)
 
-    set_stream_handler(b, RAW_PROTO, sink)  # type: ignore[arg-type]
+    set_stream_handler(b, RAW_PROTO, sink)
     set_stream_handler(b, RAW_ECHO_PROTO, echo)
-    set_stream_handler(b, RAW_P2P_PROTO, p2p_sink)  # type: ignore[arg-type]
 
 
 async def through(member: P2PHost, provider: object, lease: Lease, total: int,
@@ -310,7 +297,7 @@ async def child(args: argparse.Namespace) -> None:
             cpu0 = time.process_time()
             if role == "raw-send":
                 mb_s = await (raw_roundtrip(host, peer, total) if args.echo else
-                              raw_send(host, peer, total, args.p2p_frames))
+                              raw_send(host, peer, total))
                 emit("RESULT", mb_s=mb_s,
                      rss=peak_rss_mb(),
                      cpu=time.process_time() - cpu0)
@@ -401,12 +388,10 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
         addr = {c.role: c.expect("READY")["addr"] for c in servers}
         servers.append(prov2 := Child(args, "provider2", "--addr", addr["sub"]))
         addr["provider2"] = prov2.expect("READY")["addr"]
-        best = {"raw": 0.0, "raw_p2p": 0.0, "raw_rt": 0.0, "direct": 0.0, "subcontract": 0.0}
+        best = {"raw": 0.0, "raw_rt": 0.0, "direct": 0.0, "subcontract": 0.0}
         exact = True
         for i in range(args.rounds):
             raw = run("raw-send", "raw sender", "--addr", addr["raw-recv"])["mb_s"]
-            raw_p2p = run("raw-send", "raw sender (p2p frames)", "--addr", addr["raw-recv"],
-                          "--p2p-frames")["mb_s"]
             raw_rt = run("raw-send", "raw round trip", "--addr", addr["raw-recv"],
                          "--echo")["mb_s"]
             d = run("member", "member (b)", "--addr", addr["provider"],
@@ -414,12 +399,11 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
             c = run("member", "member (c)", "--addr", addr["provider2"],
                     "--lease", LEASE_C.id.hex())
             exact = exact and d["exact"] and c["exact"]
-            for k, v in (("raw", raw), ("raw_p2p", raw_p2p), ("raw_rt", raw_rt),
+            for k, v in (("raw", raw), ("raw_rt", raw_rt),
                          ("direct", d["mb_s"]),
                          ("subcontract", c["mb_s"])):
                 best[k] = max(best[k], v)
-            print(f"  round {i + 1}: raw {raw:.1f} (with node.p2p frames {raw_p2p:.1f}, "
-                  f"round trip {raw_rt:.1f}), "
+            print(f"  round {i + 1}: raw {raw:.1f} (round trip {raw_rt:.1f}), "
                   f"direct {d['mb_s']:.1f}, subcontract {c['mb_s']:.1f} MB/s", flush=True)
         stats = {c.role: note(c.role, c.stats()) for c in servers}
     finally:
@@ -427,8 +411,7 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
             c.stop()
     per = {k: v / (args.rounds if k in stats else 1) for k, v in cpu.items()}
     per.pop("raw-recv")
-    per["raw receiver"], per["raw receiver (p2p frames)"] = (stats["raw-recv"]["recv"]["bulk"],
-                                                             stats["raw-recv"]["recv"]["p2p"])
+    per["raw receiver"] = stats["raw-recv"]["recv"][0]
     print(f"  CPU s per {args.mb} MiB run (servers: mean of the rounds): "
           + ", ".join(f"{k} {v:.2f}" for k, v in per.items()), flush=True)
     mb = (args.mb << 20) / 1e6
@@ -441,7 +424,6 @@ def split_processes(args: argparse.Namespace, out: dict[str, Any]) -> None:
           f"direct {bound['direct']:.1f} ({bound['direct'] / bound['raw']:.2f}), "
           f"subcontract {bound['subcontract']:.1f} ({bound['subcontract'] / bound['raw']:.2f})"
           " MB/s", flush=True)
-    out["raw_p2p_frames_mb_s"] = round(best["raw_p2p"], 1)
     report(out, best["raw"], best["direct"], exact, stats["provider"]["lat"],
            best["subcontract"], exact, stats["provider2"]["lat"],
            stats["sub"]["served"].get("segments", 0), max(rss.values()), best["raw_rt"])
@@ -478,7 +460,6 @@ if __name__ == "__main__":
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--addr", help=argparse.SUPPRESS)
     ap.add_argument("--lease", help=argparse.SUPPRESS)
-    ap.add_argument("--p2p-frames", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.mb = a.mb or (128 if a.quick else 1024)

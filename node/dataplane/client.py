@@ -19,12 +19,11 @@ from ..p2p import (
     P2PHost,
     PeerId,
     close_quietly,
+    read_frame,
     reset_quietly,
     write_frame,
 )
 from ..segments import FrameReader
-from .frames import read_frame as read_bulk
-from .frames import write_frame as write_bulk
 from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, stream_protocol
 
 __all__ = ["StreamFailed", "StreamResult", "member_key", "split_results", "stream_through_lease"]
@@ -118,11 +117,11 @@ async def stream_through_lease(
 
     async def send(item: bytes) -> None:
         if len(item) <= chunk_size:
-            await write_bulk(stream, item, timeout)
+            await write_frame(stream, item, timeout)
             return
         view = memoryview(item)
         for i in range(0, len(item), chunk_size):
-            await write_bulk(stream, view[i : i + chunk_size], timeout)
+            await write_frame(stream, view[i : i + chunk_size], timeout)
 
     async def sender() -> None:
         # No async generators of our own here: one left unfinished when the stream fails
@@ -145,7 +144,7 @@ async def stream_through_lease(
         nonlocal trailer, frames
         try:
             while True:
-                frame = await read_bulk(stream, max_frame + 8, timeout)
+                frame = await read_frame(stream, max_frame + 8, timeout)
                 if len(frame) < 8:
                     raise InvalidMessage("output frame shorter than its seq", "malformed_frame")
                 (seq,) = _SEQ.unpack_from(frame)

@@ -54,8 +54,6 @@ from ..segments import (
     plan,
 )
 from .dispatch import Contracts, Dispatcher
-from .frames import read_frame as read_bulk
-from .frames import write_frame as write_bulk
 from .wire import (
     SESSION_ERROR_ID,
     TRAILER_SEQ,
@@ -267,7 +265,7 @@ class _Ingest:
         cfg, st = self.svc.config, self.st
         meter = st.member(self.member)
         while True:
-            chunk = await read_bulk(self.stream, cfg.max_chunk, cfg.idle_timeout_s)
+            chunk = await read_frame(self.stream, cfg.max_chunk, cfg.idle_timeout_s)
             if not st.lease.active(self.svc.clock()):
                 raise _Failed("lease_ended", f"lease {st.lease.id.hex()[:12]} is not active now")
             final = not chunk
@@ -346,7 +344,7 @@ class _Ingest:
         cfg, svc, st = self.svc.config, self.svc, self.st
         meter = st.member(self.member)
         async for seq, result in self.out_recv:
-            await write_bulk(self.stream, result, cfg.write_timeout_s, _SEQ.pack(seq))
+            await write_frame(self.stream, result, cfg.write_timeout_s, _SEQ.pack(seq))
             size, t0 = self.sizes.pop(seq)
             svc.latencies.append((trio.current_time() - t0) * 1000)
             self.segments += 1
@@ -684,7 +682,7 @@ class DataplaneService:
                 while True:
                     await slots.acquire()
                     try:
-                        frame = await read_bulk(stream, self._max_request + 8,
+                        frame = await read_frame(stream, self._max_request + 8,
                                                 cfg.process_idle_s)
                     except StreamTimeout:
                         self.counters["process_sessions_idle"] += 1
@@ -731,6 +729,6 @@ class DataplaneService:
         del frame
         try:
             async with write_lock:
-                await write_bulk(stream, data, cfg.write_timeout_s, head)
+                await write_frame(stream, data, cfg.write_timeout_s, head)
         except BidmeshError as e:
             failed(e)

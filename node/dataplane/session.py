@@ -18,8 +18,14 @@ import trio
 from libp2p.abc import INetStream
 
 from ..errors import BidmeshError, InvalidMessage, OperationError
-from ..p2p import RequestRefused, StreamTimeout, close_quietly, reset_quietly
-from .frames import read_frame, write_frame
+from ..p2p import (
+    RequestRefused,
+    StreamTimeout,
+    close_quietly,
+    read_frame,
+    reset_quietly,
+    write_frame,
+)
 from .wire import SESSION_ERROR_ID, ProcessRequest, SessionResponse
 
 __all__ = ["ProcessSession"]

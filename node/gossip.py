@@ -52,7 +52,7 @@ GAP_GRACE_S = 0.5  # wait before pulling a gap that gossip may still fill
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
 LIVE_S = 3.0  # periodic sync leaves to gossip an author we hold an event this young from
 CATCH_UP_S = 1.0  # next periodic round after one that pulled events gossip had not brought
-LIVE_WINDOW_MAX_S = 30.0  # ... however late gossip runs: a lost tail is fetched eventually
+LIVE_WINDOW_MAX_S = 10.0  # ... however late gossip runs: a lost tail is fetched eventually
 
 
 def topic_name(network: str) -> str:
@@ -344,9 +344,12 @@ class Replicator:
             self.stats.events["accepted_gossip"] += len(accepted)
             # How far behind its authors gossip reaches us (their clocks, ours): the
             # freshest event of the batch bounds transit + batching + our backlog.
+            # A batch of old events only (re-gossip after a pull, a restarted peer's
+            # backlog) says nothing about that and would hold the window wide open.
             delay = time.time() - max(ev.ts_ms for ev in accepted) / 1000
-            self.stats.gossip_delay_s += 0.1 * (min(max(delay, 0.0), 60.0)
-                                                - self.stats.gossip_delay_s)
+            if delay < REGOSSIP_MIN_AGE_MS / 1000:
+                self.stats.gossip_delay_s += 0.1 * (max(delay, 0.0)
+                                                    - self.stats.gossip_delay_s)
             self.notify(accepted)
         if pending:
             self._gap_peer = forwarder

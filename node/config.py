@@ -9,6 +9,7 @@ Relative paths are resolved against the directory of the config file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
@@ -108,6 +109,37 @@ class SyncConfig:
     range_bytes: int = _opt(512 * 1024, int, _range(16 * 1024 + 128, 1024 * 1024))
 
 
+def _cidrs(v: Any) -> str | None:
+    for c in v:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except (TypeError, ValueError):
+            return f"must be a list of CIDR strings like 127.0.0.0/8, got {c!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Resource manager limits (node/resources.py); p2p.max_connections is the node total."""
+
+    outbound_reserved: int = _opt(16, int, _range(0, 10_000))
+    trusted_reserved: int = _opt(8, int, _range(0, 10_000))
+    conns_per_peer: int = _opt(2, int, _range(1, 16))
+    conns_per_ip: int = _opt(8, int, _range(1, 10_000))
+    conns_per_subnet: int = _opt(16, int, _range(1, 10_000))
+    ipv6_prefix: int = _opt(56, int, _range(16, 128))
+    ip_exempt: list[str] = _opt(["127.0.0.0/8", "::1/128"], list, _cidrs)
+    streams_per_peer: int = _opt(64, int, _range(1, 100_000))
+    streams_per_protocol: int = _opt(64, int, _range(2, 100_000))
+    streams_per_peer_protocol: int = _opt(8, int, _range(1, 100_000))
+    trusted_reserved_streams: int = _opt(16, int, _range(0, 100_000))
+    requests_per_peer: int = _opt(16, int, _range(1, 100_000))
+    conn_idle_s: float = _opt(120.0, (int, float), _range(1, 86_400))
+    stream_idle_s: float = _opt(60.0, (int, float), _range(1, 86_400))
+    good_peers_max: int = _opt(1024, int, _range(1, 1_000_000))
+    peerstore_max: int = _opt(512, int, _range(16, 900))
+
+
 def _offers(v: Any) -> str | None:
     for name, spec in v.items():
         if not re.fullmatch(SERVICE_RE, name):
@@ -179,6 +211,7 @@ class Config:
     provider: ProviderConfig = field(default_factory=ProviderConfig)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: Path | None = None
 
     # Files in the data dir.
@@ -206,6 +239,7 @@ class Config:
 SECTIONS: dict[str, type[Any]] = {
     "node": NodeConfig, "p2p": P2PConfig, "gossip": GossipConfig, "sync": SyncConfig,
     "provider": ProviderConfig, "dataplane": DataplaneConfig, "http": HttpConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -258,6 +292,13 @@ def from_dict(data: dict[str, Any], *, base: Path | None = None,
     cfg = Config(**sections, source=source)
     if cfg.p2p.reconnect_min_s > cfg.p2p.reconnect_max_s:
         raise ConfigError("p2p.reconnect_min_s: must not exceed p2p.reconnect_max_s")
+    lim = cfg.limits
+    if lim.outbound_reserved + lim.trusted_reserved >= cfg.p2p.max_connections:
+        raise ConfigError("limits.outbound_reserved + limits.trusted_reserved: must be less "
+                          "than p2p.max_connections (strangers need inbound slots)")
+    if lim.trusted_reserved_streams >= lim.streams_per_protocol:
+        raise ConfigError("limits.trusted_reserved_streams: must be less than "
+                          "limits.streams_per_protocol")
     return cfg
 
 

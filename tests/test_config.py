@@ -56,6 +56,10 @@ def test_roundtrip_and_relative_paths(tmp_path: Path) -> None:
         ("[p2p]\nlisten = 'x'\n", "p2p.listen"),
         ("[p2p]\nreconnect_min_s = 9\nreconnect_max_s = 2\n", "p2p.reconnect_min_s"),
         ("node = 3\n", "node: must be a table"),
+        ("[limits]\nip_exempt = ['10.0.0.0/33']\n", "limits.ip_exempt"),
+        ("[limits]\nconns_per_ip = 0\n", "limits.conns_per_ip: must be between"),
+        ("[p2p]\nmax_connections = 20\n", "limits.outbound_reserved + limits.trusted_reserved"),
+        ("[limits]\ntrusted_reserved_streams = 64\n", "limits.trusted_reserved_streams"),
         ("[node\n", "not valid TOML"),
     ],
 )

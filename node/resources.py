@@ -1,0 +1,449 @@
+"""Resource manager: who may hold how many connections, streams and requests (sans-I/O).
+
+In the spirit of go-libp2p's rcmgr (p2p/host/resource-manager): every
+connection, stream and request in flight is a *lease* charged to scopes
+(the whole node, the peer, its IP and subnet, the protocol) and refused at
+once when a scope is full. Pure: no trio, no libp2p, no sockets; the clock
+is passed in (`clock()`, seconds, monotonic), so tests run on a fake one.
+`node/p2p.py` (the I/O shell) owns one per host as `host.resources` and
+performs what it decides: closing refused or idle connections, resetting
+refused or idle streams.
+
+Scopes and what holds them (`Limits` has the numbers; all configurable under
+`[limits]`):
+
+* connections — total for the node (`max_connections`), of which
+  `outbound_reserved` only our own dials may use (inbound floods never starve
+  bootstrap dials) and `trusted_reserved` inbound slots only bootstrap and
+  known-good peers may use; per peer, and for inbound connections per IP and
+  per subnet (/24 IPv4, `/ipv6_prefix` IPv6; addresses in `ip_exempt` are not
+  counted there, by default loopback: devnets and local clients);
+* inbound streams — per peer, per protocol for the node (its last
+  `trusted_reserved_streams` slots only for trusted peers) and per protocol
+  per peer (fairness: one peer never takes a protocol's whole pool);
+* requests in flight — per peer, across request protocols;
+* idleness — an inbound connection of a stranger with no useful traffic
+  (`touch`) for `conn_idle_s`, and a stream with no completed frame
+  (`touch_stream`) for `stream_idle_s` (long-lived protocols excepted), are
+  reported by `idle()` for the shell to close.
+
+"Trusted" means a bootstrap peer (`set_bootstrap`) or a known-good peer
+(`mark_good`: it gave us valid events; an LRU of `good_peers_max`).
+
+API for other modules (through `host.resources` on a `P2PHost`)::
+
+    lease = rm.try_open_stream(peer, "/bidmesh/x/1")   # None: refused, reset it
+    ...; rm.close_stream(lease)
+    req = rm.try_start_request(peer, "/bidmesh/x/1")   # None: answer "busy"
+    ...; rm.end_request(req)
+    rm.touch(peer); rm.mark_good(peer)                 # useful traffic / valid events
+    rm.status()                                        # limits and usage, for status/metrics
+
+`open_connection`, `open_stream` and `start_request` raise `LimitExceeded`
+(a `RateLimited`; `.scope` names the full scope) instead of returning None.
+Releasing is idempotent. Peers are any hashable (libp2p `ID` in the shell).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Final
+
+from .errors import RateLimited, UsageError
+
+__all__ = [
+    "ConnLease",
+    "Direction",
+    "IdleReport",
+    "LimitExceeded",
+    "Limits",
+    "RequestLease",
+    "ResourceManager",
+    "StreamLease",
+    "subnet_of",
+]
+
+Peer = Hashable
+
+
+class Direction(Enum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class LimitExceeded(RateLimited):
+    """A scope is full; `scope` says which (e.g. "conns_per_ip", "streams_per_peer_protocol")."""
+
+    def __init__(self, scope: str, message: str) -> None:
+        super().__init__(message, f"limit_{scope}")
+        self.scope = scope
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit of the resource manager; see docs/decisions.md for the defaults."""
+
+    max_connections: int = 64
+    outbound_reserved: int = 16
+    trusted_reserved: int = 8
+    conns_per_peer: int = 2
+    conns_per_ip: int = 8
+    conns_per_subnet: int = 16
+    ipv6_prefix: int = 56
+    ip_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    streams_per_peer: int = 64
+    streams_per_protocol: int = 64
+    streams_per_peer_protocol: int = 8
+    trusted_reserved_streams: int = 16
+    requests_per_peer: int = 16
+    conn_idle_s: float = 120.0
+    stream_idle_s: float = 60.0
+    long_lived: tuple[str, ...] = ()
+    good_peers_max: int = 1024
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UsageError(f"limits: {what}")
+
+        for name in ("max_connections", "conns_per_peer", "conns_per_ip", "conns_per_subnet",
+                     "streams_per_peer", "streams_per_protocol", "streams_per_peer_protocol",
+                     "requests_per_peer", "good_peers_max"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1")
+        need(self.outbound_reserved >= 0 and self.trusted_reserved >= 0
+             and self.trusted_reserved_streams >= 0, "reserved slots must not be negative")
+        need(self.outbound_reserved + self.trusted_reserved < self.max_connections,
+             "outbound_reserved + trusted_reserved must leave inbound slots for strangers "
+             "(less than max_connections)")
+        need(self.trusted_reserved_streams < self.streams_per_protocol,
+             "trusted_reserved_streams must be less than streams_per_protocol")
+        need(16 <= self.ipv6_prefix <= 128, "ipv6_prefix must be between 16 and 128")
+        need(self.conn_idle_s > 0 and self.stream_idle_s > 0, "idle timeouts must be positive")
+        try:
+            self.exempt_networks()
+        except ValueError as exc:
+            raise UsageError(f"limits: ip_exempt: {exc}") from exc
+
+    def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(c, strict=False) for c in self.ip_exempt]
+
+    @property
+    def inbound_max(self) -> int:
+        """Inbound connections for trusted peers (strangers: `trusted_reserved` fewer)."""
+        return self.max_connections - self.outbound_reserved
+
+
+def subnet_of(ip: str, ipv6_prefix: int = 56) -> str:
+    """The subnet an inbound address is counted in: /24 for IPv4, /ipv6_prefix for IPv6."""
+    addr = ipaddress.ip_address(ip)
+    prefix = 24 if addr.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+_ids: Final = itertools.count(1)
+
+
+@dataclass(eq=False)
+class ConnLease:
+    peer: Peer
+    direction: Direction
+    ip: str | None  # counted address (None: not counted per IP: outbound, exempt, unknown)
+    subnet: str | None
+    trusted: bool
+    opened_at: float
+    last_used: float
+    id: int = field(default_factory=lambda: next(_ids))
+    released: bool = False
+
+
+@dataclass(eq=False)
+class StreamLease:
+    peer: Peer
+    protocol: str
+    reserved: bool  # holds one of the protocol's trusted-only slots
+    opened_at: float
+    last_used: float
+    id: int = field(default_factory=lambda: next(_ids))
+    released: bool = False
+
+
+@dataclass(eq=False)
+class RequestLease:
+    peer: Peer
+    protocol: str
+    id: int = field(default_factory=lambda: next(_ids))
+    released: bool = False
+
+
+@dataclass(frozen=True)
+class IdleReport:
+    """What `idle()` found: the shell closes these connections and resets these streams."""
+
+    conns: tuple[ConnLease, ...]
+    streams: tuple[StreamLease, ...]
+
+
+class ResourceManager:
+    """Decides whether a connection, stream or request may start; see the module docstring."""
+
+    def __init__(self, limits: Limits, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._exempt = limits.exempt_networks()
+        self._bootstrap: set[Peer] = set()
+        self._good: OrderedDict[Peer, None] = OrderedDict()
+        self._conns: dict[int, ConnLease] = {}
+        self._conns_by_peer: dict[Peer, set[int]] = {}
+        self._inbound = 0
+        self._inbound_strangers = 0
+        self._outbound = 0
+        self._per_ip: Counter[str] = Counter()
+        self._per_subnet: Counter[str] = Counter()
+        self._streams: dict[int, StreamLease] = {}
+        self._streams_per_peer: Counter[Peer] = Counter()
+        self._streams_per_protocol: Counter[str] = Counter()
+        self._streams_per_peer_protocol: Counter[tuple[Peer, str]] = Counter()
+        self._requests: Counter[Peer] = Counter()
+        self._requests_total = 0
+        self.refused: Counter[str] = Counter()
+        """Refusals per scope since start (status and metrics)."""
+        self.closed_idle = 0
+        """Connections and streams reported idle by `idle()` since start."""
+
+    # -- who is trusted
+
+    def set_bootstrap(self, peers: Iterable[Peer]) -> None:
+        self._bootstrap = set(peers)
+
+    def mark_good(self, peer: Peer) -> None:
+        """The peer gave us valid events: it may use the trusted reserve (bounded LRU)."""
+        self._good[peer] = None
+        self._good.move_to_end(peer)
+        while len(self._good) > self.limits.good_peers_max:
+            self._good.popitem(last=False)
+
+    def is_trusted(self, peer: Peer) -> bool:
+        return peer in self._bootstrap or peer in self._good
+
+    def _refuse(self, scope: str, message: str) -> LimitExceeded:
+        self.refused[scope] += 1
+        return LimitExceeded(scope, message)
+
+    # -- connections
+
+    def _counted_ip(self, ip: str | None) -> str | None:
+        if ip is None:
+            return None
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None  # not an IP transport (none today): not counted per IP
+        if any(addr in net for net in self._exempt):
+            return None
+        return str(addr)
+
+    def open_connection(self, peer: Peer, ip: str | None, direction: Direction) -> ConnLease:
+        """Charge a new connection; raise LimitExceeded if a scope is full.
+
+        Outbound connections (our dials) are limited by the node total and per
+        peer only. Inbound ones also by IP and subnet, and strangers may not
+        take the `outbound_reserved` or `trusted_reserved` slots.
+        """
+        lim = self.limits
+        trusted = self.is_trusted(peer)
+        if len(self._conns_by_peer.get(peer, ())) >= lim.conns_per_peer:
+            raise self._refuse("conns_per_peer", f"{peer} already has {lim.conns_per_peer} "
+                               "connections")
+        total = self._inbound + self._outbound
+        if total >= lim.max_connections:
+            raise self._refuse("conns_total", f"{total} connections: the node is full")
+        counted_ip = subnet = None
+        if direction is Direction.INBOUND:
+            if self._inbound >= lim.inbound_max:
+                raise self._refuse("conns_inbound", "inbound connections full (the rest is "
+                                   "reserved for our own dials)")
+            if not trusted and self._inbound_strangers >= lim.inbound_max - lim.trusted_reserved:
+                raise self._refuse("conns_inbound_strangers", "inbound connections for "
+                                   "unknown peers full (the rest is reserved for trusted peers)")
+            counted_ip = None if trusted else self._counted_ip(ip)
+            if counted_ip is not None:
+                subnet = subnet_of(counted_ip, lim.ipv6_prefix)
+                if self._per_ip[counted_ip] >= lim.conns_per_ip:
+                    raise self._refuse("conns_per_ip", f"{counted_ip} already has "
+                                       f"{lim.conns_per_ip} inbound connections")
+                if self._per_subnet[subnet] >= lim.conns_per_subnet:
+                    raise self._refuse("conns_per_subnet", f"{subnet} already has "
+                                       f"{lim.conns_per_subnet} inbound connections")
+        now = self._clock()
+        lease = ConnLease(peer, direction, counted_ip, subnet, trusted, now, now)
+        self._conns[lease.id] = lease
+        self._conns_by_peer.setdefault(peer, set()).add(lease.id)
+        if direction is Direction.INBOUND:
+            self._inbound += 1
+            self._inbound_strangers += not trusted
+            if counted_ip is not None and subnet is not None:
+                self._per_ip[counted_ip] += 1
+                self._per_subnet[subnet] += 1
+        else:
+            self._outbound += 1
+        return lease
+
+    def close_connection(self, lease: ConnLease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        del self._conns[lease.id]
+        ids = self._conns_by_peer[lease.peer]
+        ids.discard(lease.id)
+        if not ids:
+            del self._conns_by_peer[lease.peer]
+        if lease.direction is Direction.INBOUND:
+            self._inbound -= 1
+            self._inbound_strangers -= not lease.trusted
+            if lease.ip is not None and lease.subnet is not None:
+                _decrement(self._per_ip, lease.ip)
+                _decrement(self._per_subnet, lease.subnet)
+        else:
+            self._outbound -= 1
+
+    def connections_of(self, peer: Peer) -> int:
+        return len(self._conns_by_peer.get(peer, ()))
+
+    def touch(self, peer: Peer) -> None:
+        """Useful traffic with `peer` (a served request, a valid message): not idle."""
+        now = self._clock()
+        for cid in self._conns_by_peer.get(peer, ()):
+            self._conns[cid].last_used = now
+
+    # -- streams
+
+    def open_stream(self, peer: Peer, protocol: str) -> StreamLease:
+        """Charge an inbound stream; raise LimitExceeded if a scope is full."""
+        lim = self.limits
+        if self._streams_per_peer_protocol[(peer, protocol)] >= lim.streams_per_peer_protocol:
+            raise self._refuse("streams_per_peer_protocol", f"{peer} already has "
+                               f"{lim.streams_per_peer_protocol} {protocol} streams")
+        if self._streams_per_peer[peer] >= lim.streams_per_peer:
+            raise self._refuse("streams_per_peer", f"{peer} already has "
+                               f"{lim.streams_per_peer} streams")
+        used = self._streams_per_protocol[protocol]
+        if used >= lim.streams_per_protocol:
+            raise self._refuse("streams_per_protocol", f"{protocol}: all "
+                               f"{lim.streams_per_protocol} stream slots in use")
+        reserved = used >= lim.streams_per_protocol - lim.trusted_reserved_streams
+        if reserved and not self.is_trusted(peer):
+            raise self._refuse("streams_per_protocol_strangers", f"{protocol}: stream slots "
+                               "for unknown peers in use (the rest is reserved for trusted peers)")
+        now = self._clock()
+        lease = StreamLease(peer, protocol, reserved, now, now)
+        self._streams[lease.id] = lease
+        self._streams_per_peer[peer] += 1
+        self._streams_per_protocol[protocol] += 1
+        self._streams_per_peer_protocol[(peer, protocol)] += 1
+        return lease
+
+    def try_open_stream(self, peer: Peer, protocol: str) -> StreamLease | None:
+        """`open_stream`, returning None (counted in `refused`) instead of raising."""
+        try:
+            return self.open_stream(peer, protocol)
+        except LimitExceeded:
+            return None
+
+    def close_stream(self, lease: StreamLease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        del self._streams[lease.id]
+        _decrement(self._streams_per_peer, lease.peer)
+        _decrement(self._streams_per_protocol, lease.protocol)
+        _decrement(self._streams_per_peer_protocol, (lease.peer, lease.protocol))
+
+    def touch_stream(self, lease: StreamLease) -> None:
+        """A complete message arrived on the stream: not idle (also touches the peer)."""
+        lease.last_used = self._clock()
+        self.touch(lease.peer)
+
+    # -- requests in flight
+
+    def start_request(self, peer: Peer, protocol: str) -> RequestLease:
+        if self._requests[peer] >= self.limits.requests_per_peer:
+            raise self._refuse("requests_per_peer", f"{peer} already has "
+                               f"{self.limits.requests_per_peer} requests in flight")
+        self._requests[peer] += 1
+        self._requests_total += 1
+        return RequestLease(peer, protocol)
+
+    def try_start_request(self, peer: Peer, protocol: str) -> RequestLease | None:
+        try:
+            return self.start_request(peer, protocol)
+        except LimitExceeded:
+            return None
+
+    def end_request(self, lease: RequestLease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        _decrement(self._requests, lease.peer)
+        self._requests_total -= 1
+
+    # -- idleness
+
+    def idle(self) -> IdleReport:
+        """Connections and streams to close now for lack of useful traffic.
+
+        Connections: inbound ones of peers that are not trusted, unused for
+        `conn_idle_s` (our own dials and trusted peers are kept: the
+        connection caps bound them). Streams: any not in `long_lived` with no
+        `touch_stream` for `stream_idle_s`. Each is reported once (counted in
+        `closed_idle`); the shell closes it and then releases the lease.
+        """
+        now = self._clock()
+        lim = self.limits
+        conns = tuple(
+            c for c in self._conns.values()
+            if c.direction is Direction.INBOUND and not self.is_trusted(c.peer)
+            and now - c.last_used >= lim.conn_idle_s
+        )
+        streams = tuple(
+            s for s in self._streams.values()
+            if s.protocol not in lim.long_lived and now - s.last_used >= lim.stream_idle_s
+        )
+        # Not reported again until another full timeout.
+        for conn in conns:
+            conn.last_used = now
+        for stream in streams:
+            stream.last_used = now
+        self.closed_idle += len(conns) + len(streams)
+        return IdleReport(conns, streams)
+
+    # -- status
+
+    def status(self) -> dict[str, Any]:
+        """Limits, current usage and refusals per scope (JSON-ready)."""
+        limits = asdict(self.limits)
+        limits["ip_exempt"] = list(self.limits.ip_exempt)
+        limits["long_lived"] = list(self.limits.long_lived)
+        return {
+            "limits": limits,
+            "connections": {"inbound": self._inbound, "outbound": self._outbound,
+                            "inbound_strangers": self._inbound_strangers,
+                            "peers": len(self._conns_by_peer)},
+            "streams": len(self._streams),
+            "streams_per_protocol": dict(self._streams_per_protocol),
+            "requests_in_flight": self._requests_total,
+            "trusted_peers": len(self._bootstrap | set(self._good)),
+            "refused": dict(self.refused),
+            "refused_total": sum(self.refused.values()),
+            "closed_idle": self.closed_idle,
+        }
+
+
+def _decrement(counter: Counter[Any], key: Any) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -38,6 +38,7 @@ the remote refused or reset: `RemoteError`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import struct
@@ -76,6 +77,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 
 from .errors import BidmeshError, InvalidMessage, OperationError, PeerError, RemoteError, UsageError
+from .p2p_guard import LONG_LIVED_PREFIXES, Guard, touch_stream
+from .resources import Limits, ResourceManager
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -233,12 +236,18 @@ class _Gate(INotifee):
         peer: ID = conn.muxed_conn.peer_id
         if self._owner.is_blocked(peer):
             log.info("refusing connection from blocked peer %s", peer)
+            refuse = True
+        else:
+            # The resource manager's admission (node/resources.py via the guard).
+            refuse = not self._owner.guard.on_connected(conn)
+        if refuse:
             with trio.move_on_after(SHUTDOWN_TIMEOUT):
                 await conn.close()
         else:
             await trio.lowlevel.checkpoint()
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._owner.guard.on_disconnected(conn)
         await trio.lowlevel.checkpoint()
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -257,14 +266,21 @@ class _Gate(INotifee):
 class P2PHost:
     """A running libp2p host (TCP + noise + yamux). Create it with `open_host`."""
 
-    def __init__(self, libp2p_host: IHost, pubkey: bytes, max_connections: int) -> None:
+    def __init__(self, libp2p_host: IHost, keypair: KeyPair, limits: Limits,
+                 bootstrap: Sequence[ID] = (), peerstore_max: int = 512) -> None:
         self.libp2p: IHost = libp2p_host
         """The underlying py-libp2p host, for the few things this class does not wrap."""
-        self.pubkey: bytes = pubkey
+        self.pubkey: bytes = keypair.public_key.to_bytes()
         """This node's raw 32-byte Ed25519 public key."""
-        self.max_connections = max_connections
+        self.max_connections = limits.max_connections
         self._blocked: dict[ID, float] = {}
         self._swarm: Any = libp2p_host.get_network()  # the concrete Swarm (private knobs)
+        self.resources = ResourceManager(limits, trio.current_time)
+        """Connection, stream and request limits (node/resources.py); charge requests
+        in flight with `host.resources.try_start_request(peer, protocol)`."""
+        self.guard = Guard(self, self.resources, keypair, bootstrap=bootstrap,
+                           peerstore_max=peerstore_max)
+        """Inbound stream boundary, connection admission, peerstore (node/p2p_guard.py)."""
 
     # -- identity and addresses
 
@@ -393,6 +409,9 @@ class P2PHost:
 def _build_libp2p_host(
     keypair: KeyPair, listen: Sequence[multiaddr.Multiaddr], max_connections: int
 ) -> IHost:
+    # Our resource manager decides admission (at the _Gate notifee); upstream's
+    # cap only backstops it, with room for refused connections still closing.
+    max_connections = 2 * max_connections + 8
     config = ConnectionConfig(
         max_connections=max_connections,
         # min/low = 0 and high = max: the auto-connector has no floor to defend
@@ -431,22 +450,43 @@ def _build_libp2p_host(
     return host
 
 
+def default_limits(max_connections: int) -> Limits:
+    """`Limits` for a host of `max_connections` with reserves scaled to it."""
+    if max_connections < 1:
+        raise UsageError("max_connections must be at least 1")
+    return Limits(max_connections=max_connections,
+                  outbound_reserved=min(16, max_connections // 4),
+                  trusted_reserved=min(8, max_connections // 8),
+                  long_lived=LONG_LIVED_PREFIXES)
+
+
 @asynccontextmanager
 async def open_host(
     seed: bytes,
     listen: Sequence[str] = DEFAULT_LISTEN,
     *,
     max_connections: int = 64,
+    limits: Limits | None = None,
+    bootstrap: Sequence[str] = (),
+    peerstore_max: int = 512,
 ) -> AsyncIterator[P2PHost]:
     """Run a libp2p host whose identity is the Ed25519 key of `seed` (32 bytes).
 
-    Listens on `listen` (default loopback, ephemeral port). At most
-    `max_connections` connections (both directions) are kept; beyond that new
-    ones are closed at registration. On exit every connection and listener is
-    closed within a bounded time, even when the block is cancelled.
+    Listens on `listen` (default loopback, ephemeral port). Connections,
+    streams and requests are admitted by `host.resources` under `limits`
+    (default: `default_limits(max_connections)`); a refused connection is
+    closed at registration, a refused stream reset. `bootstrap` multiaddrs (or
+    peer ids) name the peers that get reserved slots and are never pruned from
+    the peerstore, which holds at most about `peerstore_max` peers. Every
+    inbound stream runs inside `host.guard`'s boundary: no handler exception
+    ends the host. On exit every connection and listener is closed within a
+    bounded time, even when the block is cancelled.
     """
-    if max_connections < 1:
-        raise UsageError("max_connections must be at least 1")
+    if limits is None:
+        limits = default_limits(max_connections)
+    if not limits.long_lived:
+        limits = dataclasses.replace(limits, long_lived=LONG_LIVED_PREFIXES)
+    boot_ids = [parse_peer_id(b.rsplit("/p2p/", 1)[-1]) for b in bootstrap]
     keypair = _keypair_from_seed(seed)
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
@@ -455,10 +495,14 @@ async def open_host(
     if not maddrs:
         raise UsageError("open_host needs at least one listen address")
     setattr(YamuxStream, "_auto_tune_and_send_window_update", _window_update_at_half)  # noqa: B010
-    host = _build_libp2p_host(keypair, maddrs, max_connections)
-    node = P2PHost(host, keypair.public_key.to_bytes(), max_connections)
+    host = _build_libp2p_host(keypair, maddrs, limits.max_connections)
+    node = P2PHost(host, keypair, limits, boot_ids, peerstore_max)
     swarm: Any = host.get_network()
     swarm.register_notifee(_Gate(node))
+    # Every inbound stream (upstream's protocols and ours) goes through the
+    # guard's boundary instead of BasicHost._swarm_stream_handler, whose
+    # handler exceptions end the host (see node/p2p_guard.py).
+    swarm.set_stream_handler(node.guard.inbound_stream)
     async with host.run(maddrs):
         try:
             # The auto-connector would re-dial any peer in the peerstore
@@ -468,7 +512,12 @@ async def open_host(
             if not swarm.listeners:
                 # BasicHost.run ignores Swarm.listen()'s False (host/basic_host.py:591).
                 raise UsageError(f"could not listen on any of {list(listen)}")
-            yield node
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.guard.run)
+                try:
+                    yield node
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_TIMEOUT):
                 # Close connections before the service manager is torn down;
@@ -549,9 +598,11 @@ async def read_frame(stream: INetStream, max_size: int, timeout: float) -> bytes
                 raise InvalidMessage(
                     f"frame of {length} bytes exceeds the limit of {max_size}", "oversized"
                 )
-            return await _read_exactly(stream, length, "body") if length else b""
+            body = await _read_exactly(stream, length, "body") if length else b""
     except trio.TooSlowError:
         raise StreamTimeout(f"no complete frame within {timeout} s") from None
+    touch_stream(stream)  # useful traffic: the stream and its connection are not idle
+    return body
 
 
 async def write_frame(stream: INetStream, data: bytes | memoryview, timeout: float = math.inf,
@@ -704,7 +755,9 @@ async def request(
             await close_quietly(stream)
     except trio.TooSlowError:
         raise StreamTimeout(f"{protocol} request to {peer} took longer than {timeout} s") from None
-    return _parse_response(peer, protocol, frame)
+    response = _parse_response(peer, protocol, frame)
+    host.resources.touch(peer)
+    return response
 
 
 async def _exchange(stream: INetStream, payload: bytes, max_frame: int, deadline: float) -> bytes:
@@ -762,12 +815,27 @@ def serve_requests(
     being read. A handler raising PeerError answers an error with its reason
     (the requester sees RequestRefused); any other exception resets the
     stream. Reading the request plus running the handler is bounded by
-    `timeout`; beyond `max_concurrent` requests in flight the answer is "busy".
+    `timeout`; beyond `max_concurrent` requests in flight for the protocol, or
+    `limits.requests_per_peer` for the peer (`host.resources`), the answer is
+    "busy". Streams per protocol and per peer are limited before this runs
+    (node/p2p_guard.py).
     """
     limiter = trio.Semaphore(max_concurrent)
 
     async def on_stream(stream: INetStream) -> None:
         peer = remote_peer_id(stream)
+        ticket = host.resources.try_start_request(peer, protocol)
+        if ticket is None:
+            host.guard.fault(peer, "limit_requests_per_peer")
+            await write_frame(stream, _error_body("busy", "too many requests in flight "
+                                                  "from you"), 5.0)
+            return
+        try:
+            await _serve_one(stream, peer)
+        finally:
+            host.resources.end_request(ticket)
+
+    async def _serve_one(stream: INetStream, peer: ID) -> None:
         try:
             limiter.acquire_nowait()
         except trio.WouldBlock:
@@ -789,6 +857,7 @@ def serve_requests(
         finally:
             limiter.release()
         await write_frame(stream, response, max(0.0, deadline - trio.current_time()))
+        host.resources.touch(peer)
 
     set_stream_handler(host, protocol, on_stream)
 
@@ -958,6 +1027,11 @@ class Topic:
                 ok = False
             else:
                 ok = self._validator is None or self._validator(forwarder, bytes(msg.data)) is True
+                if ok and forwarder != self._owner.host.peer_id:
+                    # A valid message: useful traffic, and the forwarder is known-good
+                    # (it may use the trusted reserve of node/resources.py).
+                    self._owner.host.resources.touch(forwarder)
+                    self._owner.host.resources.mark_good(forwarder)
         except Exception:  # a raising validator would kill py-libp2p's Pubsub service
             log.exception("validator for topic %r raised; rejecting the message", self.name)
             ok = False

@@ -16,15 +16,17 @@ Scopes and what holds them (`Limits` has the numbers; all configurable under
   `outbound_reserved` only our own dials may use (inbound floods never starve
   bootstrap dials) and `trusted_reserved` inbound slots only bootstrap and
   known-good peers may use; per peer, and for inbound connections per IP and
-  per subnet (/24 IPv4, `/ipv6_prefix` IPv6; addresses in `ip_exempt` are not
-  counted there, by default loopback: devnets and local clients);
+  per subnet (/24 IPv4, `/ipv6_prefix` IPv6; addresses in `ip_exempt` and
+  bootstrap peers are not counted there, by default loopback: devnets and local
+  clients);
 * inbound streams — per peer, per protocol for the node (its last
   `trusted_reserved_streams` slots only for trusted peers) and per protocol
   per peer (fairness: one peer never takes a protocol's whole pool);
 * requests in flight — per peer, across request protocols;
 * idleness — an inbound connection of a stranger with no useful traffic
   (`touch`) for `conn_idle_s`, and a stream with no completed frame
-  (`touch_stream`) for `stream_idle_s` (long-lived protocols excepted), are
+  (`touch_stream`) for `stream_idle_s` (protocols starting with a `long_lived`
+  prefix excepted), are
   reported by `idle()` for the shell to close.
 
 "Trusted" means a bootstrap peer (`set_bootstrap`) or a known-good peer
@@ -103,7 +105,7 @@ class Limits:
     requests_per_peer: int = 16
     conn_idle_s: float = 120.0
     stream_idle_s: float = 60.0
-    long_lived: tuple[str, ...] = ()
+    long_lived: tuple[str, ...] = ()  # protocol prefixes exempt from stream idle expiry
     good_peers_max: int = 1024
 
     def __post_init__(self) -> None:
@@ -270,7 +272,9 @@ class ResourceManager:
             if not trusted and self._inbound_strangers >= lim.inbound_max - lim.trusted_reserved:
                 raise self._refuse("conns_inbound_strangers", "inbound connections for "
                                    "unknown peers full (the rest is reserved for trusted peers)")
-            counted_ip = None if trusted else self._counted_ip(ip)
+            # Only bootstrap peers skip the address limits: being known-good is
+            # easy to earn (forward valid events) and must not lift them.
+            counted_ip = None if peer in self._bootstrap else self._counted_ip(ip)
             if counted_ip is not None:
                 subnet = subnet_of(counted_ip, lim.ipv6_prefix)
                 if self._per_ip[counted_ip] >= lim.conns_per_ip:
@@ -411,7 +415,7 @@ class ResourceManager:
         )
         streams = tuple(
             s for s in self._streams.values()
-            if s.protocol not in lim.long_lived and now - s.last_used >= lim.stream_idle_s
+            if not s.protocol.startswith(lim.long_lived) and now - s.last_used >= lim.stream_idle_s
         )
         # Not reported again until another full timeout.
         for conn in conns:

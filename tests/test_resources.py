@@ -99,9 +99,11 @@ def test_per_ip_subnet_and_peer_limits() -> None:
     rm6.open_connection("c", "2001:db8:2::1", IN)
 
 
-def test_trusted_peers_are_not_counted_per_ip() -> None:
+def test_bootstrap_peers_are_not_counted_per_ip() -> None:
     rm, _ = manager(conns_per_ip=1, ip_exempt=())
     rm.open_connection("stranger", "127.0.0.1", IN)
+    assert scope_of(rm, "boot", "127.0.0.1", IN) == "conns_per_ip"
+    rm.mark_good("boot")  # known-good is not enough: easy to earn
     assert scope_of(rm, "boot", "127.0.0.1", IN) == "conns_per_ip"
     rm.set_bootstrap(["boot"])
     lease = rm.open_connection("boot", "127.0.0.1", IN)
@@ -150,7 +152,7 @@ def test_requests_in_flight_per_peer() -> None:
 
 
 def test_idle_expiry_on_a_fake_clock() -> None:
-    rm, clock = manager(conn_idle_s=60, stream_idle_s=10, long_lived=("/meshsub/1.2.0",))
+    rm, clock = manager(conn_idle_s=60, stream_idle_s=10, long_lived=("/meshsub/",))
     rm.set_bootstrap(["boot"])
     idle_in = rm.open_connection("idle", "10.0.0.1", IN)
     busy_in = rm.open_connection("busy", "10.0.0.2", IN)

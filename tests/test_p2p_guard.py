@@ -1,0 +1,297 @@
+"""node/p2p_guard.py on real py-libp2p hosts over loopback: the host boundary.
+
+No handler (ours or py-libp2p's) ends the host, the peerstore keeps our own
+entry, and the resource manager's limits hold on real connections and streams.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+
+import multiaddr
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStore
+
+from node.errors import InvalidMessage, OperationError, RemoteError
+from node.p2p import (
+    P2PHost,
+    make_pubsub,
+    open_host,
+    read_frame,
+    request,
+    serve_requests,
+    set_stream_handler,
+)
+from node.resources import Limits
+
+ECHO = "/bidmesh-test/echo/1"
+
+
+async def echo(pubkey: bytes, payload: bytes) -> bytes:
+    return payload
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return bytes(out + bytes([low]))
+        out.append(low | 0x80)
+
+
+# Malformed inputs for any protocol: varint-framed junk (protobuf decode errors in
+# identify/push and meshsub), a truncated frame, a huge varint, raw junk.
+JUNK = [
+    varint(10) + b"\xff" * 10,
+    varint(4) + b"\x22\x02\x0a\xff",
+    varint(2) + b"\x1a\x01",
+    b"\x80" * 10 + b"\x01",
+    b"\xff\xff\xff\xff" + b"x" * 8,
+    b"\x00\x00\x00\x05ab",
+]
+
+
+@asynccontextmanager
+async def many(n: int, **kwargs: object) -> AsyncIterator[list[P2PHost]]:
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(open_host(os.urandom(32), **kwargs))  # type: ignore[arg-type]
+               for _ in range(n)]
+
+
+async def poke(attacker: P2PHost, victim: P2PHost, protocol: str, junk: bytes) -> None:
+    """Open `protocol`, send junk, read until the victim ends the stream (bounded)."""
+    try:
+        # A handler that fails at once resets the stream before the opener has
+        # read the negotiation's answer: then opening it fails.
+        stream = await attacker.new_stream(victim.peer_id, protocol, timeout=5)
+    except OperationError:
+        return
+    try:
+        await stream.write(junk)
+        with trio.move_on_after(0.5):
+            while await stream.read(65536):
+                pass
+    except Exception:
+        pass
+    finally:
+        await stream.reset()
+
+
+async def test_malformed_input_on_every_registered_protocol_leaves_the_host_serving() -> None:
+    async with many(3) as (victim, attacker, honest), make_pubsub(victim):
+        serve_requests(victim, ECHO, echo, max_request=1024)
+
+        async def raises_bug(stream: object) -> None:
+            raise RuntimeError("a handler bug")
+
+        async def raises_peer_error(stream: object) -> None:
+            raise InvalidMessage("bad", "bad_thing")
+
+        # Raw upstream-style handlers (not wrapped by set_stream_handler): what
+        # py-libp2p's own protocols look like to the host.
+        victim.libp2p.set_stream_handler(TProtocol("/t/bug/1"), raises_bug)  # type: ignore[arg-type]
+        victim.libp2p.set_stream_handler(TProtocol("/t/peer/1"), raises_peer_error)  # type: ignore[arg-type]
+        await attacker.connect(victim.addrs[0])
+        protocols = [str(p) for p in victim.libp2p.get_mux().handlers if p]
+        # Upstream's own protocols are among those enumerated at run time.
+        assert {"/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0",
+                "/meshsub/1.1.0"} <= set(protocols)
+        for protocol in protocols:
+            for junk in JUNK:
+                await poke(attacker, victim, protocol, junk)
+        # Malformed multistream-select negotiation on raw yamux streams.
+        conn = attacker._swarm.connections[victim.peer_id][0]
+        for junk in [b"\xff" * 20, varint(5) + b"/x\n\n\n", varint(1 << 20) + b"a"]:
+            raw = await conn.muxed_conn.open_stream()
+            await raw.write(junk)
+            with trio.move_on_after(0.5):
+                with suppress(Exception):
+                    await raw.read(1024)
+            await raw.reset()
+        faults = victim.guard.faults
+        assert faults["malformed"] >= 1  # e.g. protobuf DecodeError out of meshsub
+        assert faults["handler_error"] >= len(JUNK)  # RuntimeError: logged, counted
+        assert faults["bad_thing"] >= len(JUNK)
+        # The victim lives and serves: the attacker and an honest newcomer alike.
+        await honest.connect(victim.addrs[0])
+        with trio.fail_after(10):
+            assert await request(honest, victim.peer_id, ECHO, b"hi", 64, 5) == b"hi"
+            assert await request(attacker, victim.peer_id, ECHO, b"hi", 64, 5) == b"hi"
+        assert victim.resources.status()["streams"] <= 2  # every lease released
+
+
+def test_upstream_peerstore_evicts_its_own_key_first() -> None:
+    """The upstream behaviour worked around (peer/peerstore.py:201); if this starts
+    failing, upstream fixed it and docs/libp2p-notes.md should say so."""
+    store = PeerStore()
+    own = create_new_key_pair()
+    own_id = ID.from_pubkey(own.public_key)
+    store.add_key_pair(own_id, own)
+    addr = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/1")
+    for _ in range(store.max_peers):
+        store.add_addrs(ID.from_pubkey(create_new_key_pair().public_key), [addr], 3600)
+    assert own_id not in store.peer_data_map
+
+
+async def fill_peerstore(host: P2PHost, n: int) -> None:
+    addr = multiaddr.Multiaddr("/ip4/192.0.2.1/tcp/4001")
+    store = host.libp2p.get_peerstore()
+    for _ in range(n):
+        store.add_addrs(ID.from_pubkey(create_new_key_pair().public_key), [addr], 3600)
+        await trio.lowlevel.checkpoint()
+
+
+async def test_peerstore_past_upstream_cap_keeps_our_entry_and_identify() -> None:
+    async with many(2, peerstore_max=64) as (victim, honest):
+        await fill_peerstore(victim, 1500)  # upstream would have evicted us at 1,001
+        store = victim.libp2p.get_peerstore()
+        assert victim.peer_id in store.peer_data_map
+        victim.libp2p.get_private_key()  # what identify signs with
+        await honest.connect(victim.addrs[0])
+        # Identify from the honest side works (it learns the victim's protocols)
+        # and our pruning brought the store back under its bound.
+        hstore = honest.libp2p.get_peerstore()
+        await wait_until(lambda: "/ipfs/ping/1.0.0" in _protocols(hstore, victim.peer_id))
+        await wait_until(lambda: len(store.peer_data_map) <= 64)
+        assert victim.peer_id in store.peer_data_map
+        assert honest.peer_id in store.peer_data_map  # connected peers are kept
+
+
+def _protocols(store: PeerStore, peer: ID) -> list[str]:
+    try:
+        return store.get_protocols(peer)
+    except KeyError:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("procs")
+async def test_many_identities_in_sequence_leave_the_peerstore_bounded() -> None:
+    """Identities connecting one after another (the cap made small to keep it fast)."""
+    async with open_host(os.urandom(32), peerstore_max=16) as victim:
+        store = victim.libp2p.get_peerstore()
+        for _ in range(40):
+            async with open_host(os.urandom(32)) as visitor:
+                await visitor.connect(victim.addrs[0])
+                # The victim's identify of the visitor is what adds its entry.
+                await wait_until(lambda: visitor.peer_id in store.peer_data_map)
+                with trio.fail_after(10):
+                    await visitor.disconnect(victim.peer_id)
+        await wait_until(lambda: len(store.peer_data_map) <= 16)
+        assert victim.guard.peerstore_pruned >= 24
+        async with open_host(os.urandom(32)) as honest:
+            await honest.connect(victim.addrs[0])
+            hstore = honest.libp2p.get_peerstore()
+            await wait_until(lambda: "/ipfs/id/1.0.0" in _protocols(hstore, victim.peer_id))
+        assert victim.peer_id in store.peer_data_map
+
+
+# --------------------------------------------------------------------------- limits
+
+
+async def connect_maybe(dialer: P2PHost, target: P2PHost) -> None:
+    """Dial; a refused connection is closed by the target right after it registers
+    (the dial may or may not notice before returning)."""
+    with suppress(OperationError):
+        await dialer.connect(target.addrs[0])
+
+
+async def test_inbound_flood_leaves_room_for_bootstrap_and_our_dials() -> None:
+    async with many(2) as (boot, outside):
+        limits = Limits(max_connections=8, outbound_reserved=2, trusted_reserved=2,
+                        conns_per_ip=3, ip_exempt=())
+        async with open_host(os.urandom(32), limits=limits,
+                             bootstrap=[boot.addrs[0]]) as victim, many(6) as strangers:
+            for s in strangers:
+                await connect_maybe(s, victim)
+            # All from 127.0.0.1: the per-IP limit holds first (3).
+            await wait_until(lambda: victim.resources.refused["conns_per_ip"] == 3)
+            await wait_until(lambda: len(victim.connected_peers()) == 3)
+            # The bootstrap peer still gets in (reserved, not counted per IP) ...
+            await boot.connect(victim.addrs[0])
+            await wait_until(lambda: boot.peer_id in victim.connected_peers())
+            # ... and our own dials are never starved by inbound ones.
+            await victim.connect(outside.addrs[0])
+            assert victim.is_connected(outside.peer_id)
+            st = victim.guard.status()
+            assert st["connections"]["outbound"] == 1
+
+
+async def test_stranger_slots_cap_inbound_even_across_addresses() -> None:
+    limits = Limits(max_connections=6, outbound_reserved=2, trusted_reserved=2)
+    async with open_host(os.urandom(32), limits=limits) as victim, many(4) as peers:
+        for p in peers:
+            await connect_maybe(p, victim)
+        await wait_until(lambda: victim.resources.refused["conns_inbound_strangers"] == 2)
+        await wait_until(lambda: set(victim.connected_peers()) == {peers[0].peer_id,
+                                                                   peers[1].peer_id})
+
+
+async def test_one_peers_idle_streams_do_not_starve_another() -> None:
+    limits = Limits(streams_per_protocol=12, streams_per_peer_protocol=3,
+                    trusted_reserved_streams=2)
+    release = trio.Event()
+
+    async def slow(pubkey: bytes, payload: bytes) -> bytes:
+        await release.wait()
+        return payload
+
+    async with open_host(os.urandom(32), limits=limits) as victim, many(2) as (hog, other):
+        serve_requests(victim, ECHO, slow, max_request=1024, timeout=30)
+        await hog.connect(victim.addrs[0])
+        await other.connect(victim.addrs[0])
+        outcomes: list[str] = []
+
+        async def hog_request() -> None:
+            try:
+                await request(hog, victim.peer_id, ECHO, b"x", 64, 20)
+                outcomes.append("ok")
+            except RemoteError:
+                outcomes.append("reset")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(hog_request)
+            await wait_until(lambda: outcomes.count("reset") == 7)
+            assert victim.resources.status()["streams_per_protocol"][ECHO] == 3
+            # The other peer is served while the hog holds its share.
+            async with trio.open_nursery() as inner:
+                inner.start_soon(request, other, victim.peer_id, ECHO, b"y", 64, 20)
+                await wait_until(
+                    lambda: victim.resources.status()["streams_per_protocol"][ECHO] == 4)
+                release.set()
+        assert outcomes.count("ok") == 3
+        assert victim.guard.faults["limit_streams_per_peer_protocol"] == 7
+
+
+async def test_idle_holders_are_closed() -> None:
+    limits = Limits(conn_idle_s=1.5, stream_idle_s=1.0)
+    got: list[bytes] = []
+
+    async def hold(stream: object) -> None:
+        got.append(await read_frame(stream, 1024, 60))  # type: ignore[arg-type]
+
+    async with open_host(os.urandom(32), limits=limits) as victim, many(1) as (holder,):
+        set_stream_handler(victim, "/t/hold/1", hold)
+        await holder.connect(victim.addrs[0])
+        stream = await holder.new_stream(victim.peer_id, "/t/hold/1")
+        await wait_until(lambda: victim.resources.status()["streams"] == 1)
+        # No complete frame: the stream is reset, then the silent connection closed.
+        await wait_until(lambda: victim.resources.status()["streams"] == 0, 5)
+        await wait_until(lambda: not victim.connected_peers(), 5)
+        assert victim.resources.status()["closed_idle"] >= 2
+        assert not got
+        await stream.reset()

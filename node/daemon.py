@@ -69,6 +69,8 @@ from .gossip import Discovery, Replicator
 from .keys import Identity, load_or_create_key
 from .ledger import AppendResult, Ledger, Status
 from .marketview import LiveMarket
+from .p2p_guard import LONG_LIVED_PREFIXES
+from .resources import Limits
 
 log = logging.getLogger("bidmesh.daemon")
 
@@ -252,6 +254,7 @@ class Node:
                 "last_peer": rep.stats.last_sync_peer,
             },
             "gossip": {**rep.stats.as_dict(), **rep.mesh_state()},
+            "resources": self.host.guard.status(),
             "services": services,
             "started_at": self.started_at,
             "updated_at": time.time(),
@@ -534,8 +537,9 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
     ledger = Ledger(cfg.ledger_path, network=cfg.node.network)
     stop = stop or trio.Event()
     try:
-        async with p2p.open_host(identity.seed, cfg.p2p.listen,
-                                 max_connections=cfg.p2p.max_connections) as host, \
+        async with p2p.open_host(identity.seed, cfg.p2p.listen, limits=limits_of(cfg),
+                                 bootstrap=cfg.p2p.bootstrap,
+                                 peerstore_max=cfg.limits.peerstore_max) as host, \
                 p2p.make_pubsub(host, queue_high_water=cfg.gossip.queue_high_water,
                                 # High watermark D+1, not the usual 2D: each mesh peer
                                 # costs a copy of every message, and at 10 nodes on 2
@@ -546,6 +550,9 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
                                 degree_high=cfg.gossip.mesh_degree + 1) as ps:
             _gossipsub_v11_only(ps)
             replicator = Replicator(host, ps, ledger, cfg)
+            # Inbound-stream failures and limit refusals count against the peer
+            # like invalid events do (cut off past gossip.fault_threshold).
+            host.guard.fault_listeners.append(replicator._fault)
             discovery = Discovery(host, cfg)
             async with trio.open_nursery() as nursery:
                 node = Node(cfg, identity, ledger, host, ps, replicator, discovery, nursery)
@@ -584,6 +591,22 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
     finally:
         ledger.close()
     log.info("node stopped", extra={"events": _count(cfg)})
+
+
+def limits_of(cfg: config.Config) -> Limits:
+    """The resource manager's limits from `[limits]` and `p2p.max_connections`."""
+    lim = cfg.limits
+    return Limits(
+        max_connections=cfg.p2p.max_connections, outbound_reserved=lim.outbound_reserved,
+        trusted_reserved=lim.trusted_reserved, conns_per_peer=lim.conns_per_peer,
+        conns_per_ip=lim.conns_per_ip, conns_per_subnet=lim.conns_per_subnet,
+        ipv6_prefix=lim.ipv6_prefix, ip_exempt=tuple(lim.ip_exempt),
+        streams_per_peer=lim.streams_per_peer, streams_per_protocol=lim.streams_per_protocol,
+        streams_per_peer_protocol=lim.streams_per_peer_protocol,
+        trusted_reserved_streams=lim.trusted_reserved_streams,
+        requests_per_peer=lim.requests_per_peer, conn_idle_s=lim.conn_idle_s,
+        stream_idle_s=lim.stream_idle_s, good_peers_max=lim.good_peers_max,
+        long_lived=LONG_LIVED_PREFIXES)
 
 
 def _gossipsub_v11_only(ps: p2p.PubSub) -> None:

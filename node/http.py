@@ -253,6 +253,7 @@ class HttpApi:
         if isinstance(gossip.get("faults"), dict):
             w.counter("bidmesh_peer_faults_total", "invalid input from peers by reason",
                       [({"reason": k}, v) for k, v in sorted(gossip["faults"].items())])
+        _resource_metrics(w, st.get("resources") or {})
         services = st.get("services", {}) or {}
         q = services.get("query") or {}
         if q:
@@ -274,6 +275,33 @@ class HttpApi:
         w.counter("bidmesh_http_requests_total", "HTTP requests by status",
                   [({"status": k}, v) for k, v in sorted(self.requests.items())])
         return w.text()
+
+
+def _resource_metrics(w: _Metrics, res: dict[str, Any]) -> None:
+    """The libp2p resource manager (status "resources", node/resources.py)."""
+    if not res:
+        return
+    limits = res.get("limits", {})
+    w._series("bidmesh_limit", "gauge", "resource manager limits ([limits], "
+              "p2p.max_connections) by name", [({"name": k}, v) for k, v in sorted(limits.items())
+               if isinstance(v, int) and not isinstance(v, bool)])
+    for k in ("conn_idle_s", "stream_idle_s"):
+        if isinstance(limits.get(k), (int, float)):
+            w.gauge(f"bidmesh_limit_{k.removesuffix('_s')}_seconds", f"limits.{k}", limits[k])
+    conns = res.get("connections", {})
+    w._series("bidmesh_connections", "gauge", "live libp2p connections by direction",
+              [({"direction": d}, int(conns.get(d, 0))) for d in ("inbound", "outbound")])
+    w.gauge("bidmesh_p2p_streams", "inbound libp2p streams held", res.get("streams", 0))
+    w.gauge("bidmesh_requests_in_flight", "inbound requests being served",
+            res.get("requests_in_flight", 0))
+    w.counter("bidmesh_limit_refused_total", "connections, streams and requests refused by "
+              "scope", [({"scope": k}, v) for k, v in sorted(res.get("refused", {}).items())])
+    w.counter("bidmesh_idle_closed_total", "idle connections and streams closed",
+              res.get("closed_idle", 0))
+    w.counter("bidmesh_stream_faults_total", "inbound stream handler failures by reason",
+              [({"reason": k}, v) for k, v in sorted(res.get("stream_faults", {}).items())])
+    w.gauge("bidmesh_peerstore_peers", "peers in the libp2p peerstore",
+            res.get("peerstore", {}).get("size", 0))
 
 
 def _live_usage(services: dict[str, Any]) -> dict[str, Any]:

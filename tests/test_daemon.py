@@ -36,6 +36,10 @@ def test_converge_late_joiner_and_sigterm(tmp_path: Path) -> None:
             return st["state"] == "running" and len(st["peers"]) == 4 and st["digest"] == final
 
         wait_for(status_shows_it, 10, "status.json to show peers and the digest")
+        # The resource manager's limits and usage are in the status too.
+        res = read_status(late.data_dir)["resources"]
+        assert res["limits"]["max_connections"] == 64
+        assert res["connections"]["inbound"] + res["connections"]["outbound"] >= 4
         # SIGTERM: each stops within 5 s; everything acknowledged is on disk.
         for p in c.procs:
             took = c.terminate(p)

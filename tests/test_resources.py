@@ -188,3 +188,28 @@ def test_good_peers_are_a_bounded_lru() -> None:
     rm.mark_good("b")
     rm.mark_good("e")
     assert rm.is_trusted("b") and not rm.is_trusted("c")
+
+
+def test_status_renders_as_metrics() -> None:
+    from node.http import _Metrics, _resource_metrics
+
+    rm, _ = manager(conns_per_ip=1)
+    rm.open_connection("a", "10.0.0.1", IN)
+    with pytest.raises(LimitExceeded):
+        rm.open_connection("b", "10.0.0.1", IN)
+    rm.open_connection("c", None, OUT)
+    rm.open_stream("a", "/x/1")
+    w = _Metrics()
+    _resource_metrics(w, rm.status() | {"stream_faults": {"malformed": 2},
+                                        "peerstore": {"size": 5}})
+    samples = dict(line.rsplit(" ", 1) for line in w.text().splitlines()
+                   if not line.startswith("#"))
+    assert samples['bidmesh_limit{name="conns_per_ip"}'] == "1"
+    assert samples['bidmesh_limit{name="max_connections"}'] == "64"
+    assert samples["bidmesh_limit_conn_idle_seconds"] == "120.0"
+    assert samples['bidmesh_connections{direction="inbound"}'] == "1"
+    assert samples['bidmesh_connections{direction="outbound"}'] == "1"
+    assert samples["bidmesh_p2p_streams"] == "1"
+    assert samples['bidmesh_limit_refused_total{scope="conns_per_ip"}'] == "1"
+    assert samples['bidmesh_stream_faults_total{reason="malformed"}'] == "2"
+    assert samples["bidmesh_peerstore_peers"] == "5"

@@ -295,3 +295,37 @@ async def test_idle_holders_are_closed() -> None:
         assert victim.resources.status()["closed_idle"] >= 2
         assert not got
         await stream.reset()
+
+
+async def test_junk_below_the_streams_leaves_the_host_serving() -> None:
+    """Raw TCP junk before and inside the noise handshake, and malformed yamux frames
+    inside a real noise session (py-libp2p handles these itself: pinned here)."""
+    async with many(1) as (victim,):
+        serve_requests(victim, ECHO, echo, max_request=1024)
+        port = int(victim.addrs[0].split("/tcp/")[1].split("/")[0])
+        noise = b"\x13/multistream/1.0.0\n\x07/noise\n"
+        for junk in [b"\xff" * 100, noise[:20] + b"\xff" * 50,
+                     noise + b"\xff\xff" + b"a" * 70000, noise + b"\x00\x20" + os.urandom(32)]:
+            sock = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.move_on_after(1), suppress(trio.BrokenResourceError):
+                await sock.send_all(junk)
+                while await sock.receive_some(65536):
+                    pass
+            await sock.aclose()
+        for frame in [b"\x00" * 12, b"\x05\x09\x00\x00\x00\x00\x00\x01\xff\xff\xff\xff",
+                      b"\x00\x00\x00\x02\x00\x00\x00\x03\x7f\xff\xff\xff" + b"x" * 100,
+                      b"\x00\x01\x00\x01\x00\x00\x00\x09\xff\xff\xff\xff",
+                      b"\x00\x03\x00\x00\x00\x00\x00\x00\xff\xff\xff\xff"]:
+            async with many(1) as (attacker,):
+                await attacker.connect(victim.addrs[0])
+                conn = attacker._swarm.connections[victim.peer_id][0]
+                with suppress(Exception):  # the victim may already have closed it
+                    await conn.muxed_conn.secured_conn.write(frame)
+                # Give the victim a bounded chance to react (most frames close the
+                # connection); the assertion is below.
+                with trio.move_on_after(1):
+                    await wait_until(lambda: not victim.connected_peers())
+        async with many(1) as (honest,):
+            await honest.connect(victim.addrs[0])
+            with trio.fail_after(10):
+                assert await request(honest, victim.peer_id, ECHO, b"hi", 64, 5) == b"hi"

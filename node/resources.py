@@ -24,7 +24,8 @@ Scopes and what holds them (`Limits` has the numbers; all configurable under
   per peer (fairness: one peer never takes a protocol's whole pool);
 * requests in flight — per peer, across request protocols;
 * idleness — an inbound connection of a stranger with no useful traffic
-  (`touch`) for `conn_idle_s`, and a stream with no completed frame
+  (`touch`) for `conn_idle_s` while the stranger slots are under pressure
+  (`idle_pressure`), and a stream with no completed frame
   (`touch_stream`) for `stream_idle_s` (protocols starting with a `long_lived`
   prefix excepted), are
   reported by `idle()` for the shell to close.
@@ -104,6 +105,7 @@ class Limits:
     trusted_reserved_streams: int = 16
     requests_per_peer: int = 16
     conn_idle_s: float = 120.0
+    idle_pressure: float = 0.5  # close idle connections only above this share of stranger slots
     stream_idle_s: float = 60.0
     long_lived: tuple[str, ...] = ()  # protocol prefixes exempt from stream idle expiry
     good_peers_max: int = 1024
@@ -126,6 +128,7 @@ class Limits:
              "trusted_reserved_streams must be less than streams_per_protocol")
         need(16 <= self.ipv6_prefix <= 128, "ipv6_prefix must be between 16 and 128")
         need(self.conn_idle_s > 0 and self.stream_idle_s > 0, "idle timeouts must be positive")
+        need(0 <= self.idle_pressure <= 1, "idle_pressure must be between 0 and 1")
         try:
             self.exempt_networks()
         except ValueError as exc:
@@ -401,16 +404,21 @@ class ResourceManager:
         """Connections and streams to close now for lack of useful traffic.
 
         Connections: inbound ones of peers that are not trusted, unused for
-        `conn_idle_s` (our own dials and trusted peers are kept: the
-        connection caps bound them). Streams: any not in `long_lived` with no
+        `conn_idle_s`, and only while strangers hold at least `idle_pressure`
+        of their inbound slots (like go-libp2p's connection manager, which trims
+        above a watermark: a quiet network must not churn its links; our own
+        dials and trusted peers are kept, the connection caps bound them).
+        Streams: any not in `long_lived` with no
         `touch_stream` for `stream_idle_s`. Each is reported once (counted in
         `closed_idle`); the shell closes it and then releases the lease.
         """
         now = self._clock()
         lim = self.limits
+        stranger_slots = lim.inbound_max - lim.trusted_reserved
+        pressed = self._inbound_strangers >= lim.idle_pressure * stranger_slots
         conns = tuple(
             c for c in self._conns.values()
-            if c.direction is Direction.INBOUND and not self.is_trusted(c.peer)
+            if pressed and c.direction is Direction.INBOUND and not self.is_trusted(c.peer)
             and now - c.last_used >= lim.conn_idle_s
         )
         streams = tuple(

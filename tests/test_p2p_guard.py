@@ -278,7 +278,7 @@ async def test_one_peers_idle_streams_do_not_starve_another() -> None:
 
 
 async def test_idle_holders_are_closed() -> None:
-    limits = Limits(conn_idle_s=1.5, stream_idle_s=1.0)
+    limits = Limits(conn_idle_s=1.5, stream_idle_s=1.0, idle_pressure=0.0)
     got: list[bytes] = []
 
     async def hold(stream: object) -> None:

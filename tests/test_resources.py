@@ -43,7 +43,7 @@ def test_subnets() -> None:
 @pytest.mark.parametrize("kw", [
     {"max_connections": 0}, {"outbound_reserved": 40, "trusted_reserved": 24},
     {"trusted_reserved_streams": 64}, {"ipv6_prefix": 8}, {"conn_idle_s": 0},
-    {"ip_exempt": ("not-a-net",)}, {"streams_per_peer_protocol": 0},
+    {"ip_exempt": ("not-a-net",)}, {"streams_per_peer_protocol": 0}, {"idle_pressure": 1.5},
 ])
 def test_limits_are_range_checked(kw: dict[str, object]) -> None:
     with pytest.raises(UsageError):
@@ -152,7 +152,8 @@ def test_requests_in_flight_per_peer() -> None:
 
 
 def test_idle_expiry_on_a_fake_clock() -> None:
-    rm, clock = manager(conn_idle_s=60, stream_idle_s=10, long_lived=("/meshsub/",))
+    rm, clock = manager(conn_idle_s=60, stream_idle_s=10, long_lived=("/meshsub/",),
+                        idle_pressure=0.0)
     rm.set_bootstrap(["boot"])
     idle_in = rm.open_connection("idle", "10.0.0.1", IN)
     busy_in = rm.open_connection("busy", "10.0.0.2", IN)
@@ -178,6 +179,17 @@ def test_idle_expiry_on_a_fake_clock() -> None:
     assert set(report.streams) == {quiet, talky}
     assert rm.idle() == type(report)((), ())  # reported once per timeout
     assert rm.status()["closed_idle"] == 4
+
+
+def test_idle_connections_are_closed_only_under_pressure() -> None:
+    # 10 - 2 - 2 = 6 stranger slots; pressure at half of them.
+    rm, clock = manager(max_connections=10, outbound_reserved=2, trusted_reserved=2,
+                        conn_idle_s=60, idle_pressure=0.5)
+    quiet = [rm.open_connection(f"s{i}", f"10.0.{i}.1", IN) for i in range(2)]
+    clock.now += 100
+    assert rm.idle().conns == ()  # 2 of 6: a quiet network keeps its links
+    rm.open_connection("s2", "10.0.2.1", IN)
+    assert set(rm.idle().conns) == set(quiet)  # 3 of 6: the idle ones go
 
 
 def test_good_peers_are_a_bounded_lru() -> None:

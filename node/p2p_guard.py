@@ -144,6 +144,7 @@ class Guard:
         """Called with (peer, reason) for each fault; the daemon counts them per peer."""
         self.peerstore_pruned = 0
         self.own_entry_restored = 0
+        self.leases_reconciled = 0
         self._log = RateLimitedLog()
         peerstore: Any = host.libp2p.get_peerstore()
         # Upstream eviction (peer/peerstore.py:201) would remove our own entry
@@ -181,6 +182,9 @@ class Guard:
         return True
 
     def on_disconnected(self, conn: INetConn) -> None:
+        self._release(conn)
+
+    def _release(self, conn: INetConn) -> None:
         lease = self._conns.pop(conn, None)
         if lease is not None:
             self.resources.close_connection(lease)
@@ -327,9 +331,20 @@ class Guard:
                     log.info("closing an idle connection from %s", lease.peer)
                     self.host._swarm.manager.run_task(_close_conn, conn)
 
+    def reconcile(self) -> int:
+        """Release leases of connections that closed without a `disconnected`
+        notification (a missed one would hold a slot for ever); returns how many."""
+        live = {id(c) for conns in self.host._swarm.connections.values() for c in conns}
+        stale = [c for c in self._conns if getattr(c, "is_closed", False) and id(c) not in live]
+        for conn in stale:
+            self._release(conn)
+        self.leases_reconciled += len(stale)
+        return len(stale)
+
     async def run(self) -> None:
         while True:
             await trio.sleep(JANITOR_INTERVAL)
+            self.reconcile()
             self.close_idle()
             if self._peerstore_size() > self.peerstore_max:
                 self.prune_peerstore()
@@ -343,6 +358,7 @@ class Guard:
             "peerstore": {"size": self._peerstore_size(), "max": self.peerstore_max,
                           "pruned": self.peerstore_pruned,
                           "own_entry_restored": self.own_entry_restored},
+            "leases_reconciled": self.leases_reconciled,
         }
 
 

@@ -329,3 +329,15 @@ async def test_junk_below_the_streams_leaves_the_host_serving() -> None:
             await honest.connect(victim.addrs[0])
             with trio.fail_after(10):
                 assert await request(honest, victim.peer_id, ECHO, b"hi", 64, 5) == b"hi"
+
+
+async def test_a_missed_disconnect_notification_does_not_leak_a_slot() -> None:
+    async with many(2) as (victim, peer):
+        await peer.connect(victim.addrs[0])
+        await wait_until(lambda: victim.resources.status()["connections"]["inbound"] == 1)
+        # As if upstream never called `disconnected` for this connection.
+        victim.guard.on_disconnected = lambda conn: None  # type: ignore[method-assign]
+        await peer.disconnect(victim.peer_id)
+        await wait_until(lambda: not victim._swarm.connections.get(peer.peer_id))
+        await wait_until(lambda: victim.resources.status()["connections"]["inbound"] == 0, 5)
+        assert victim.guard.status()["leases_reconciled"] == 1

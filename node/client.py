@@ -75,6 +75,7 @@ KEY_FILE = "client.key"
 STATE_FILE = "state.json"
 MAX_PAGES = 10_000  # per query and node: bounds a node that keeps answering "more"
 T = TypeVar("T")
+_Results = list[tuple[str, "query.SubmitResult"]]  # (node, its answer) per submitted record
 
 
 class UntrustedAnswer(PeerError):
@@ -282,7 +283,8 @@ class LightClient:
     """A recipient's client. Create with `LightClient.open(...)` (an async context)."""
 
     def __init__(self, identity: Identity, network: str, state: ClientState,
-                 host: p2p.P2PHost, nodes: Sequence[str], *, timeout: float = 10.0) -> None:
+                 host: p2p.P2PHost, nodes: Sequence[str], *, timeout: float = 10.0,
+                 confirm_quorum: int | None = None) -> None:
         self.identity = identity
         self.key = identity.public
         self.network = network
@@ -295,14 +297,20 @@ class LightClient:
         self.forks: list[tuple[bytes, int]] = []
         self._lock = trio.Lock()
         self._head_checked = False
+        self.confirm_quorum = confirm_quorum
         self._protocol = query.protocol_id(network)
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, client_dir: str | Path, nodes: Sequence[str], *, network: str = "main",
                    timeout: float = 10.0, key_file: str | Path | None = None,
-                   listen: Sequence[str] | None = None) -> AsyncIterator[LightClient]:
-        """Load (or create) the key and state in `client_dir`, connect to `nodes`."""
+                   listen: Sequence[str] | None = None,
+                   confirm_quorum: int | None = None) -> AsyncIterator[LightClient]:
+        """Load (or create) the key and state in `client_dir`, connect to `nodes`.
+        `confirm_quorum`: how many nodes must hand a published record back before the
+        client drops its own copy (default: a majority of `nodes`)."""
+        if confirm_quorum is not None and not 1 <= confirm_quorum <= len(nodes):
+            raise UsageError(f"confirm quorum must be 1..{len(nodes)} (the number of nodes)")
         if not nodes:
             raise UsageError("give at least one node multiaddr (--node /ip4/…/tcp/…/p2p/…)")
         if not NETWORK_RE.fullmatch(network):
@@ -316,7 +324,8 @@ class LightClient:
         try:
             async with p2p.open_host(ident.seed, listen or p2p.DEFAULT_LISTEN,
                                      max_connections=max(8, 2 * len(nodes))) as host:
-                c = cls(ident, network, state, host, nodes, timeout=timeout)
+                c = cls(ident, network, state, host, nodes, timeout=timeout,
+                        confirm_quorum=confirm_quorum)
                 await c.connect()
                 yield c
         except BaseExceptionGroup as eg:
@@ -665,7 +674,12 @@ class LightClient:
     # -------------------------------------------------------------- own chain
 
     async def sync_head(self) -> ChainHead:
-        """Move our head forward to the highest chain of ours any node can prove."""
+        """Move our head forward to the highest chain of ours a node can prove.
+
+        Each node's claim about our head is only a claim: nodes are tried from the
+        highest claim down, and a node that cannot prove its claim with a chain of our
+        own signed events linking to our head is faulted and outvoted by the next. A
+        lying node never blocks us; at worst we keep the head we have."""
         async def heads(n: _Node) -> query.HeadInfo:
             resp = await self._call(n, query.GetHeads((self.key,)))
             if not isinstance(resp, query.Heads) or len(resp.heads) != 1 \
@@ -674,49 +688,109 @@ class LightClient:
             return resp.heads[0]
 
         answers = await self._each(heads)
-        h = self.state.head
-        best = max(answers, key=lambda a: a[1].seq)
-        if best[1].seq > h.seq:
-            n = best[0]
-            evs, _ = await self._pages(n, lambda p: query.FindEvents(None, self.key, None, p))
-            chain = sorted((e for e in evs if e.author == self.key and e.seq > h.seq),
-                           key=lambda e: e.seq)
-            prev, seq, ts = h.id, h.seq, h.ts_ms
-            for ev in chain:
-                if ev.seq != seq + 1 or ev.prev != prev:
-                    raise UntrustedAnswer(f"node {n.addr} returned our events with a broken "
-                                          f"chain at seq {ev.seq}", "bad_chain")
-                prev, seq, ts = ev.id, ev.seq, ev.ts_ms
-            if seq < best[1].seq:
-                raise UntrustedAnswer(f"node {n.addr} claims our head is seq {best[1].seq} "
-                                      f"but proves only {seq}", "bad_chain")
-            self.state.head = ChainHead(seq, prev, ts)
-            self.state.save()
+        for n, claim in sorted(answers, key=lambda a: -a[1].seq):
+            if claim.seq <= self.state.head.seq:
+                break
+            try:
+                await self._adopt_chain(n, claim.seq)
+                break
+            except UntrustedAnswer as e:
+                self._fault(n.addr, e.reason, str(e))
+            except (PeerError, OperationError) as e:
+                self._fault(n.addr, getattr(e, "reason", type(e).__name__), str(e))
         self._head_checked = True
         return self.state.head
 
-    async def _submit(self, wires: Sequence[bytes]) -> list[tuple[str, query.SubmitResult]]:
+    async def _adopt_chain(self, n: _Node, claimed: int) -> None:
+        """Fetch our events after our head from `n`; adopt them if they link and reach
+        the seq it claimed (UntrustedAnswer otherwise, leaving our head as it was)."""
+        h = self.state.head
+        evs, _ = await self._pages(n, lambda p: query.FindEvents(None, self.key, None, p))
+        chain = sorted((e for e in evs if e.author == self.key and e.seq > h.seq),
+                       key=lambda e: e.seq)
+        prev, seq, ts = h.id, h.seq, h.ts_ms
+        for ev in chain:
+            if ev.seq != seq + 1 or ev.prev != prev:
+                raise UntrustedAnswer(f"node {n.addr} returned our events with a broken "
+                                      f"chain at seq {ev.seq}", "bad_chain")
+            prev, seq, ts = ev.id, ev.seq, ev.ts_ms
+        if seq < claimed:
+            raise UntrustedAnswer(f"node {n.addr} claims our head is seq {claimed} "
+                                  f"but proves only {seq}", "bad_chain")
+        self.state.head = ChainHead(seq, prev, ts)
+        self.state.save()
+
+    @property
+    def quorum(self) -> int:
+        """How many of our nodes must hand a record back before we drop our copy."""
+        return self.confirm_quorum or len(self.nodes) // 2 + 1
+
+    def pending(self) -> list[Event]:
+        """Our signed records no quorum of our nodes has yet proven to hold, oldest
+        first: kept in the state file and re-submitted by every command."""
+        return [decode_wire(w, self.network, verify=False) for w in self.state.unconfirmed]
+
+    async def _submit(self, wires: Sequence[bytes]) -> dict[bytes, _Results]:
+        """Submit to every node; per wire, each answering node's result."""
         async def send(n: _Node) -> list[query.SubmitResult]:
             resp = await self._call(n, query.Submit(tuple(wires)))
             if not isinstance(resp, query.Submitted) or len(resp.results) != len(wires):
                 raise UntrustedAnswer(f"node {n.addr} answered SUBMIT wrongly", "wrong_answer")
             return list(resp.results)
 
-        out: list[tuple[str, query.SubmitResult]] = []
+        out: dict[bytes, list[tuple[str, query.SubmitResult]]] = {w: [] for w in wires}
         for n, results in await self._each(send):
-            out.extend((n.addr, r) for r in results)
+            for w, r in zip(wires, results, strict=True):
+                out[w].append((n.addr, r))
         return out
 
-    async def _flush_unconfirmed(self) -> None:
+    async def holders(self, ids: Sequence[bytes]) -> dict[bytes, set[str]]:
+        """Which of our nodes hand back each event by id (verified, byte-identical to
+        what was asked for): the proof that a node holds it, unlike its word."""
+        want = set(ids)
+        out: dict[bytes, set[str]] = {i: set() for i in want}
+
+        async def fetch(n: _Node) -> None:
+            resp = await self._call(n, query.GetEvents(tuple(sorted(want))[:query.MAX_IDS]))
+            if not isinstance(resp, query.EventsPage):
+                raise UntrustedAnswer(f"node {n.addr} answered GET with "
+                                      f"{type(resp).__name__}", "wrong_answer")
+            for ev in _check_events(n.addr, resp.records, self.network):
+                if ev.id in want:
+                    out[ev.id].add(n.addr)
+
+        with contextlib.suppress(PeerError, OperationError):  # faults are recorded
+            await self._each(fetch)
+        return out
+
+    async def _flush_unconfirmed(self) -> dict[bytes, _Results]:
+        """Re-submit every unconfirmed record (in chain order), then drop those a
+        quorum of our nodes hands back. A node saying "accepted" proves nothing."""
         if not self.state.unconfirmed:
-            return
-        results = await self._submit(self.state.unconfirmed)
-        if any(r.status in ("accepted", "duplicate") for _, r in results):
-            self.state.unconfirmed = []
+            return {}
+        wires = list(self.state.unconfirmed)[:query.MAX_IDS]
+        try:
+            results = await self._submit(wires)
+        except (PeerError, OperationError) as e:
+            log.warning("no node took our unconfirmed records", extra={"error": str(e)})
+            return {}
+        ids = [decode_wire(w, self.network, verify=False).id for w in wires]
+        held = await self.holders(ids)
+        done = {w for w, i in zip(wires, ids, strict=True) if len(held[i]) >= self.quorum}
+        if done:
+            self.state.unconfirmed = [w for w in self.state.unconfirmed if w not in done]
             self.state.save()
+        return results
+
+    async def flush(self) -> list[Event]:
+        """Re-submit our unconfirmed records; return those still unconfirmed."""
+        async with self._lock:
+            await self._flush_unconfirmed()
+        return self.pending()
 
     async def publish(self, body: Body) -> Event:
-        """Sign `body` as our next event and submit it to every node."""
+        """Sign `body` as our next event, submit it to every node, and keep it in our
+        state file until a quorum of our nodes hands it back (`pending()`)."""
         async with self._lock:
             await self._flush_unconfirmed()
             await self.sync_head()
@@ -726,27 +800,29 @@ class LightClient:
             before = ChainHead(h.seq, h.id, h.ts_ms)
             # Write ahead: once signed and sent, this is our event at this seq forever.
             self.state.head = ChainHead(ev.seq, ev.id, ev.ts_ms)
-            self.state.unconfirmed = [ev.wire]
+            self.state.unconfirmed = [*self.state.unconfirmed, ev.wire]
             self.state.save()
-            try:
-                results = await self._submit([ev.wire])
-            except OperationError:
+            mine = (await self._flush_unconfirmed()).get(ev.wire, [])
+            if not mine and ev.wire in self.state.unconfirmed:
                 raise OperationError("no node took the event; it is kept and resent by the "
-                                     "next command") from None
-            if any(r.status in ("accepted", "duplicate") for _, r in results):
-                self.state.unconfirmed = []
+                                     "next command (see `bidmesh client whoami`)")
+            for node, r in mine:
+                if not r.ok:
+                    self._fault(node, r.reason or r.status, f"refused our event: {r.detail}")
+            # Forget the event only when every one of our nodes answered and each
+            # rejected it as invalid: then no node holds it and the seq is free again.
+            # Anything less (one node unreachable, one "accepted") keeps it, since
+            # re-signing that seq could fork our own chain.
+            answered = {node for node, _ in mine}
+            if all(r.status == "rejected" for _, r in mine) \
+                    and answered >= {n.addr for n in self.nodes}:
+                self.state.head = before
+                self.state.unconfirmed = [w for w in self.state.unconfirmed if w != ev.wire]
                 self.state.save()
-                for node, r in results:
-                    if not r.ok:
-                        self._fault(node, r.reason or r.status, f"refused our event: {r.detail}")
-                return ev
-            if all(r.status == "rejected" for _, r in results):
-                self.state.head, self.state.unconfirmed = before, []
-                self.state.save()
-                node, r = results[0]
+                node, r = mine[0]
                 raise RemoteError(f"node {node} rejected the {body.KIND} ({r.reason}): "
                                   f"{r.detail}")
-            return ev  # pending somewhere: kept in `unconfirmed` and resent next time
+            return ev
 
     # -------------------------------------------------------------- recipient actions
 

@@ -45,7 +45,13 @@ def _runner(fn: Callable[..., Any]) -> Callable[[argparse.Namespace, Any], int]:
         async def main() -> int:
             async with LightClient.open(args.dir, args.node, network=args.network,
                                         timeout=args.timeout) as c:
+                if c.state.unconfirmed:  # what an earlier command could not confirm
+                    await c.flush()
                 status: int = await fn(c, args, out)
+                if c.state.unconfirmed and fn is not _cmd_whoami:
+                    sys.stderr.write(f"warning: {len(c.state.unconfirmed)} of our records "
+                                     f"not yet held by {c.quorum} of our nodes; kept and "
+                                     "resent by the next command (see `client whoami`)\n")
                 for d in c.disagreements:
                     sys.stderr.write(f"warning: nodes disagree on {d.query}: "
                                      + ", ".join(f"{k} lacks {len(v)}" for k, v in
@@ -187,9 +193,24 @@ async def _cmd_whoami(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     h = await c.sync_head()
     from .p2p import peer_id_from_pubkey
 
-    out.emit({"public_key": c.key.hex(), "peer_id": str(peer_id_from_pubkey(c.key)),
-              "network": c.network, "head": {"seq": h.seq, "id": h.id.hex() if h.id else None,
-                                             "ts_ms": h.ts_ms}})
+    pending = c.pending()
+    held = await c.holders([e.id for e in pending]) if pending else {}
+    data = {"public_key": c.key.hex(), "peer_id": str(peer_id_from_pubkey(c.key)),
+            "network": c.network, "head": {"seq": h.seq, "id": h.id.hex() if h.id else None,
+                                           "ts_ms": h.ts_ms},
+            "quorum": c.quorum,
+            "unconfirmed": [{"id": e.id.hex(), "seq": e.seq, "kind": e.kind,
+                             "held_by": sorted(held.get(e.id, ()))} for e in pending]}
+    text = (f"public key  {data['public_key']}\npeer id     {data['peer_id']}\n"
+            f"network     {c.network}\nhead        seq {h.seq} {_short(h.id)}\n")
+    if pending:
+        text += (f"unconfirmed {len(pending)} record(s) not yet held by {c.quorum} of "
+                 f"{len(c.nodes)} nodes (resent by every command):\n")
+        text += "\n".join(f"  seq {e.seq} {e.kind} {_short(e.id)} held by "
+                          f"{len(held.get(e.id, ()))}" for e in pending)
+    else:
+        text += "unconfirmed none"
+    out.emit(data, text)
     return 0
 
 

@@ -74,6 +74,9 @@ class NodeConfig:
     status_interval_s: float = _opt(2.0, (int, float), _range(0.1, 3600))
     control_socket: bool = _opt(True, bool)
     stop_timeout_s: float = _opt(4.0, (int, float), _range(0.1, 60))
+    # Events dated later than now + this are stored but held out of the market until
+    # due (docs/PROTOCOL.md "Time"); every node of a network should use the same value.
+    max_clock_skew_s: float = _opt(300.0, (int, float), _range(1, 86_400))
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ class Node:
         self.stopping = False
         self.loop_lag_max_s = 0.0
         # One derived market for every service (provider agent, query, HTTP, dataplane).
-        self.live = LiveMarket(ledger)
+        self.live = LiveMarket(ledger, skew_ms=int(cfg.node.max_clock_skew_s * 1000))
 
     def market(self) -> Market:
         """The market derived from everything stored so far."""
@@ -245,6 +245,12 @@ class Node:
             "outbox": rep.outbox_len,
             "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
             "tasks": _task_count(),
+            "market": {
+                "horizon_ms": self.live.view.horizon_ms,
+                "held_events": self.live.view.held(),
+                "partitions": self.live.view.engine.partitions(),
+                "rederived": self.live.view.engine.rederived,
+            },
             "sync": {
                 "rounds": rep.stats.sync_rounds,
                 "in_sync_rounds": rep.stats.sync_in_sync,

@@ -1,66 +1,113 @@
 """Keeps a derived `Market` current as events land in a ledger.
 
-Derivation is a fold in canonical order (ts_ms, author, seq). New events usually
-sort after everything folded so far and are applied incrementally; one that sorts
-earlier (a slow peer, a clock behind ours) or a new fork proof forces a re-fold from
-the ledger. Re-folds happen lazily, when someone asks for the market, so a burst of
-late events costs one re-fold, not one each.
+Two rules make a lookup cost what changed, never the whole history:
+
+* **Allowed clock skew.** An event's `ts_ms` is its author's claim. Events dated
+  after `now + skew_ms` are *held*: the ledger stores and replicates them like any
+  other (so digests never depend on anyone's clock) but the market leaves them out
+  until they are due. Nothing is kept in memory for them: when the horizon
+  `now + skew_ms` moves on, the events it passed are read back from the ledger's
+  canonical index. One far-future event therefore cannot become the last event of
+  the fold and make every later one "back-dated" (docs/PROTOCOL.md, "Time").
+* **Incremental derivation** (`auction.fold.IncrementalMarket`): the market is folded
+  per auction, so a back-dated event re-derives its auction only (plus the auctions
+  its outputs can affect); the result is exactly `derive()` over the due events.
+
+Work happens lazily, when someone asks for the market. The clock is a parameter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
-from .auction import Market, derive
-from .events import Event
+from .auction import Market
+from .auction.fold import IncrementalMarket
+from .events import Event, decode_wire
 from .ledger import Ledger
 from .reputation import Policy
 
+DEFAULT_SKEW_MS = 300_000  # node.max_clock_skew_s default: 5 minutes
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
 
 class MarketView:
-    def __init__(self, ledger: Ledger, policy: Policy | None = None) -> None:
+    """The market over a ledger's due events (ts_ms <= clock() + skew_ms)."""
+
+    def __init__(self, ledger: Ledger, policy: Policy | None = None, *,
+                 skew_ms: int = DEFAULT_SKEW_MS,
+                 clock: Callable[[], int] = wall_ms) -> None:
         self.ledger = ledger
         self.policy = policy
-        self._new: list[Event] = []
-        self._forks = len(ledger.forked())
-        self._last: tuple[int, bytes, int] | None = None
+        self.skew_ms = skew_ms
+        self.clock = clock
         self.refolds = 0
-        self._market = derive(self._tracked(ledger.iter_canonical()), policy)
+        self._new: list[Event] = []
+        self._build()
 
-    def _tracked(self, events: Iterable[Event]) -> Iterable[Event]:
-        for ev in events:
-            self._last = (ev.ts_ms, ev.author, ev.seq)
-            yield ev
+    def _build(self) -> None:
+        self._forks = self.ledger.forked()
+        self._horizon = self.clock() + self.skew_ms
+        self.engine = IncrementalMarket(self.policy)
+        self.engine.add(self._due(None, self._horizon))
+
+    def _due(self, after: int | None, upto: int) -> list[Event]:
+        """Stored, non-forked events with after < ts_ms <= upto (canonical index)."""
+        q = "SELECT author, seq, wire FROM events WHERE ts_ms <= ?"
+        args: list[object] = [upto]
+        if after is not None:
+            q += " AND ts_ms > ?"
+            args.append(after)
+        forks = self._forks
+        led = self.ledger
+        return [decode_wire(w, led.network, verify=False) for a, s, w in led.db.execute(q, args)
+                if s < forks.get(a, 1 << 62)]
+
+    @property
+    def horizon_ms(self) -> int:
+        """Events dated after this are held out of the market."""
+        return self._horizon
+
+    def held(self) -> int:
+        """How many stored events are dated beyond the horizon (not yet due)."""
+        row = self.ledger.db.execute("SELECT COUNT(*) FROM events WHERE ts_ms > ?",
+                                     (self._horizon,)).fetchone()
+        return int(row[0])
 
     def note(self, events: Iterable[Event]) -> None:
         """Tell the view about events the ledger just accepted."""
         self._new.extend(events)
 
     def market(self) -> Market:
-        """The market over everything accepted so far."""
-        forks = len(self.ledger.forked())
+        """The market over every due event accepted so far."""
+        eng = self.engine
+        forks = self.ledger.forked()
         if forks != self._forks:
+            gone = [i for i, ev in eng.events.items()
+                    if ev.seq >= forks.get(ev.author, 1 << 62)]
             self._forks = forks
-            return self.refold()
-        if self._new:
-            forked = self.ledger.forked()
-            new = sorted(
-                (e for e in self._new if e.seq < forked.get(e.author, 1 << 62)),
-                key=lambda e: (e.ts_ms, e.author, e.seq),
-            )
-            self._new = []
-            first = (new[0].ts_ms, new[0].author, new[0].seq) if new else None
-            if first is not None and self._last is not None and first <= self._last:
-                return self.refold()
-            self._market.apply_all(self._tracked(new))
-        return self._market
+            eng.remove(gone)
+        old = self._horizon
+        h = max(old, self.clock() + self.skew_ms)  # the horizon never moves back
+        new = [e for e in self._new
+               if e.ts_ms <= old and e.seq < forks.get(e.author, 1 << 62)]
+        self._new = []
+        if h > old:
+            self._horizon = h
+            new += self._due(old, h)  # held events now due (and new ones up to h)
+        if new:
+            eng.add(new)
+        return eng.market()
 
     def refold(self) -> Market:
+        """Derive everything again from the ledger (a view that missed events)."""
         self._new = []
-        self._last = None
-        self._market = derive(self._tracked(self.ledger.iter_canonical()), self.policy)
+        self._build()
         self.refolds += 1
-        return self._market
+        return self.market()
 
 
 class LiveMarket:
@@ -70,11 +117,13 @@ class LiveMarket:
     submits) has a higher arrival number, so `market()` first notes whatever arrived
     since the last call. Give it a view nobody else notes to (or None for a new one)."""
 
-    def __init__(self, ledger: Ledger, view: MarketView | None = None) -> None:
+    def __init__(self, ledger: Ledger, view: MarketView | None = None, *,
+                 skew_ms: int = DEFAULT_SKEW_MS,
+                 clock: Callable[[], int] = wall_ms) -> None:
         self.ledger = ledger
         self._cursor = _last_arrival(ledger)
         if view is None:
-            view = MarketView(ledger)
+            view = MarketView(ledger, skew_ms=skew_ms, clock=clock)
         else:
             view.refold()  # it may have missed events before our cursor
         self.view = view

@@ -197,3 +197,97 @@ class Reputation:
     def keys(self, role: str | None = None) -> list[bytes]:
         """Keys with at least one rating (in `role` if given), sorted."""
         return sorted({k for (k, r) in self._hist if role is None or r == role})
+
+
+# A rating as `FoldReputation` keeps it: canonical key (ts_ms, author, seq) first.
+_Item = tuple[tuple[int, bytes, int], int, int, int, bool, int]  # key, ts, w, v, sat, score
+
+
+class FoldReputation(Reputation):
+    """`Reputation` whose ratings can be inserted and removed in any order.
+
+    Gives exactly the scores `Reputation` gives for the same ratings added in
+    canonical order: each (key, role) keeps its ratings sorted by canonical key, and
+    its snapshots are recomputed from the first changed position, lazily, on the next
+    lookup. A change costs the subject's ratings after it, never the whole market."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        super().__init__(policy)
+        self._items: dict[tuple[bytes, str], list[_Item]] = {}
+        self._stale: dict[tuple[bytes, str], int] = {}  # first snapshot to recompute
+        self._last_dirty = False
+
+    def add(self, *args: object, **kw: object) -> None:
+        raise UsageError("FoldReputation takes insert/remove, not add")
+
+    def insert(self, subject: bytes, role: str, key: tuple[int, bytes, int], satisfied: bool,
+               score: int, rater_weight: int) -> None:
+        if role not in ROLES or not 1 <= score <= 5 or rater_weight < 1:
+            raise UsageError("role must be provider/recipient, score 1..5, weight >= 1")
+        items = self._items.setdefault((subject, role), [])
+        item = (key, key[0], rater_weight * UNIT, 4 * satisfied + score - 1, satisfied, score)
+        i = bisect_right(items, key, key=lambda it: it[0])
+        items.insert(i, item)
+        self._mark(subject, role, i)
+        self.count += 1
+        if key[0] > self._last_ts:
+            self._last_ts = key[0]
+
+    def remove(self, subject: bytes, role: str, key: tuple[int, bytes, int]) -> None:
+        items = self._items.get((subject, role), [])
+        i = bisect_right(items, key, key=lambda it: it[0]) - 1
+        if i < 0 or items[i][0] != key:
+            raise UsageError("no such rating to remove")
+        del items[i]
+        self._mark(subject, role, i)
+        self.count -= 1
+        self._last_dirty = True
+
+    def _mark(self, subject: bytes, role: str, i: int) -> None:
+        sr = (subject, role)
+        old = self._stale.get(sr)
+        self._stale[sr] = i if old is None else min(old, i)
+
+    def _flush(self) -> None:
+        """Recompute the snapshots of every changed (key, role), from its first change;
+        the arithmetic is `Reputation.add`'s, so results are identical."""
+        for sr, start in self._stale.items():
+            items = self._items[sr]
+            if not items:
+                del self._items[sr]
+                self._hist.pop(sr, None)
+                continue
+            h = self._hist.get(sr)
+            if h is None:
+                h = self._hist[sr] = _History()
+            del h.ts[start:], h.snaps[start:]
+            for _, ts, w, v, sat, score in items[start:]:
+                step = ts // self._step
+                if h.snaps:
+                    e, big_w, big_v, n, s, stars = h.snaps[-1]
+                    if step != e:
+                        big_w, big_v = decay(big_w, step - e), decay(big_v, step - e)
+                    snap = (step, big_w + w, big_v + w * v, n + 1, s + sat, stars + score)
+                else:
+                    snap = (step, w, w * v, 1, int(sat), score)
+                h.ts.append(ts)
+                h.snaps.append(snap)
+        self._stale.clear()
+        if self._last_dirty:
+            self._last_dirty = False
+            self._last_ts = max((it[-1][1] for it in self._items.values() if it), default=0)
+
+    def score(self, key: bytes, role: str, as_of_ms: int | None = None) -> Score:
+        if self._stale or self._last_dirty:
+            self._flush()
+        return super().score(key, role, as_of_ms)
+
+    def ppm(self, key: bytes, role: str, as_of_ms: int) -> int:
+        if self._stale:
+            self._flush()
+        return super().ppm(key, role, as_of_ms)
+
+    def keys(self, role: str | None = None) -> list[bytes]:
+        if self._stale:
+            self._flush()
+        return super().keys(role)

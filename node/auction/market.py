@@ -430,7 +430,7 @@ class Market:
         close = a.request.close_ms
 
         def ppm(k: bytes) -> int:
-            return self.reputation.ppm(k, "provider", close)
+            return self._ppm(k, "provider", close)
 
         rule, reserve = a.request.rule, a.request.reserve
         exp_w, exp_p = clear(rule, valid, reserve, ppm)
@@ -489,6 +489,18 @@ class Market:
             self._settle(lease)
 
     # ------------------------------------------------------------ payments, ratings
+
+    # Everything one auction's fold reads from or gives to the rest of the market goes
+    # through these four methods, so `fold.IncrementalMarket` can fold auctions apart.
+
+    def _ppm(self, key: bytes, role: str, as_of_ms: int) -> int:
+        return self.reputation.ppm(key, role, as_of_ms)
+
+    def _rater_settled(self, key: bytes, at_ms: int) -> int:
+        return self.settled(key, at_ms)
+
+    def _accept_rating(self, r: RatingRecord) -> None:
+        self.reputation.add(r.subject, r.role, r.ts_ms, r.satisfied, r.score, r.weight)
 
     def _settle(self, lease: Lease) -> None:
         for k in {lease.provider, lease.recipient, *lease.group_members}:
@@ -559,11 +571,11 @@ class Market:
         if (body.lease, role) in self._rated:
             return self._ignore(ev, "already_rated")
         self._rated.add((body.lease, role))
-        weight = self.policy.rater_weight(self.settled(weigh_as, ev.ts_ms))
-        self.ratings.setdefault(body.lease, []).append(RatingRecord(
-            ev.id, body.lease, author, subject, role, ev.ts_ms, body.satisfied, body.score,
-            body.text, weight))
-        self.reputation.add(subject, role, ev.ts_ms, body.satisfied, body.score, weight)
+        weight = self.policy.rater_weight(self._rater_settled(weigh_as, ev.ts_ms))
+        rec = RatingRecord(ev.id, body.lease, author, subject, role, ev.ts_ms, body.satisfied,
+                           body.score, body.text, weight)
+        self.ratings.setdefault(body.lease, []).append(rec)
+        self._accept_rating(rec)
 
     def _subcontract(self, ev: Event) -> None:
         body = ev.body

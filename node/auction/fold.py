@@ -1,0 +1,514 @@
+"""The market folded incrementally: an event costs what it touches, whatever its ts_ms.
+
+`derive()` folds every event in canonical order (ts_ms, author, seq). Folded that way,
+one event that sorts early (a back-dated event, a slow peer) forces a re-fold of the
+whole ledger. `IncrementalMarket` gives exactly the same `Market` (the invariant its
+property test checks against `derive()`), but folds each **partition** apart:
+
+* an auction's partition holds its request and everything that reaches it through
+  references: bids, commits, pledges, awards (`request`), reveals (commit → request),
+  payments, usage, subcontracts and ratings (lease = award → request; a rating of a
+  subcontract → subcontract → award → request); each provider's offers are one more
+  partition. An event whose referenced event is unknown waits in a partition keyed by
+  that id, and moves when the event arrives (or is excluded again, on a fork);
+* a partition folds with the plain `Market` code (`_PartMarket`), in canonical order:
+  an event after its partition's last one is applied; one that sorts earlier
+  re-derives that partition only.
+
+What one partition reads from the others goes through `Market`'s four hooks and is
+recorded: the reputation of bidders as of the close (best_value award checks) and
+the settled leases of a rater (rating weights). A partition's outputs (accepted
+ratings, settlements) go into shared indexes (`FoldReputation`, the settlement
+index); when an output changes, exactly the partitions whose recorded reads it can
+affect are re-derived. Every read at canonical key K depends only on outputs at keys
+before K (an award is after the close it reads reputation at; a rating counts
+settlements made before it), so this reaches the one fixpoint the canonical fold
+reaches; the work queue takes partitions earliest key first, which keeps repeats rare.
+
+The merged `Market` the rest of the node reads is kept in the canonical fold's
+insertion order too (dicts and the ignored/evidence lists), so views are identical.
+Pure: no clock, no I/O (the caller decides which events are due).
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left, bisect_right, insort
+from itertools import islice
+from typing import Any
+
+from ..errors import UsageError
+from ..events import Event
+from ..reputation import FoldReputation, Policy
+from .lease import Lease
+from .market import Market, RatingRecord
+
+CKey = tuple[int, bytes, int]  # canonical key (ts_ms, author, seq)
+OFFERS = b"offers:"  # + author: the partition of one provider's offers (not a 32-byte id)
+_MOVERS = ("commit", "award", "subcontract")  # kinds other events are routed through
+_DICTS = ("auctions", "awards", "leases", "paid", "payments", "ratings", "subcontracts",
+          "usage", "offers")
+
+
+def ckey(ev: Event) -> CKey:
+    return (ev.ts_ms, ev.author, ev.seq)
+
+
+class _Ordered:
+    """A dict of the merged market, kept in the order a full fold inserts its keys
+    (by the canonical key of the event that first set each). A key inserted out of
+    order marks the dict for one rebuild in place, at the end of `market()`: O(its
+    size), only when back-dated events arrived."""
+
+    __slots__ = ("d", "order", "pos", "stale")
+
+    def __init__(self, d: dict[Any, Any]) -> None:
+        self.d = d
+        self.order: list[tuple[CKey, Any]] = []
+        self.pos: dict[Any, CKey] = {}
+        self.stale = False
+
+    def put(self, k: Any, sk: CKey, v: Any) -> None:
+        d = self.d
+        old = self.pos.get(k)
+        if old is not None:
+            if old == sk:
+                d[k] = v  # re-derived, same first event: same position
+                return
+            self.remove(k)
+        self.pos[k] = sk
+        ent = (sk, k)
+        if self.order and ent < self.order[-1]:
+            insort(self.order, ent)
+            self.stale = True
+        else:
+            self.order.append(ent)
+        d[k] = v
+
+    def remove(self, k: Any) -> None:
+        sk = self.pos.pop(k)
+        del self.order[bisect_left(self.order, (sk, k))]
+        del self.d[k]
+
+    def fix(self) -> None:
+        if self.stale:
+            d = self.d
+            items = [(k, d[k]) for _, k in self.order]
+            d.clear()
+            d.update(items)
+            self.stale = False
+
+
+# (key of the event whose fold appended the entry, its index in its partition's list,
+# the partition): while an event moves between partitions both may list it, briefly.
+_MKey = tuple[CKey, int, bytes]
+
+
+class _Merged:
+    """A list of the merged market (ignored, evidence) in canonical fold order: by the
+    key of the event whose fold appended each entry, then its position there."""
+
+    __slots__ = ("keys", "out")
+
+    def __init__(self, out: list[Any]) -> None:
+        self.out = out
+        self.keys: list[_MKey] = []
+
+    def put(self, sk: _MKey, item: Any) -> None:
+        if not self.keys or self.keys[-1] < sk:
+            self.keys.append(sk)
+            self.out.append(item)
+            return
+        i = bisect_left(self.keys, sk)
+        self.keys.insert(i, sk)
+        self.out.insert(i, item)
+
+    def remove(self, sk: _MKey) -> None:
+        i = bisect_left(self.keys, sk)
+        del self.keys[i], self.out[i]
+
+
+_Rating = tuple[bytes, str, bool, int, int]  # subject, role, satisfied, score, weight
+_Settle = tuple[tuple[bytes, ...], int, bytes]  # parties, end_ms, lease id
+
+
+class _Part:
+    __slots__ = (
+        "applied",
+        "dirty",
+        "evd",
+        "evs",
+        "full",
+        "ign",
+        "key",
+        "linked",
+        "out_r",
+        "out_s",
+        "pm",
+        "reads_rep",
+        "reads_set",
+        "seen",
+    )
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.evs: list[tuple[CKey, Event]] = []  # sorted
+        self.applied = 0  # evs[:applied] are folded into pm, in order
+        self.pm: _PartMarket | None = None
+        self.linked: dict[str, list[Any]] = {}
+        self.seen: dict[str, int] = {}
+        self.ign: list[_MKey] = []
+        self.evd: list[_MKey] = []
+        self.reads_rep: set[tuple[bytes, str, int, CKey]] = set()
+        self.reads_set: set[tuple[bytes, CKey, int]] = set()
+        self.out_r: dict[CKey, _Rating] = {}
+        self.out_s: dict[CKey, _Settle] = {}
+        self.dirty: CKey | None = None
+        self.full = False
+
+
+class _PartMarket(Market):
+    """One partition's fold; what it reads from / gives to other partitions goes to
+    the engine's shared indexes and is recorded for dependency tracking."""
+
+    def __init__(self, engine: IncrementalMarket, part: _Part) -> None:
+        super().__init__(engine.policy)
+        self._engine = engine
+        self._part = part
+
+    def _ppm(self, key: bytes, role: str, as_of_ms: int) -> int:
+        assert self._last is not None
+        self._engine._read_rep(self._part, key, role, as_of_ms, self._last)
+        return self._engine.rep.ppm(key, role, as_of_ms)
+
+    def _rater_settled(self, key: bytes, at_ms: int) -> int:
+        assert self._last is not None
+        return self._engine._read_settled(self._part, key, self._last, at_ms)
+
+    def _accept_rating(self, r: RatingRecord) -> None:
+        assert self._last is not None
+        self._engine.rep.insert(r.subject, r.role, self._last, r.satisfied, r.score, r.weight)
+        self._part.out_r[self._last] = (r.subject, r.role, r.satisfied, r.score, r.weight)
+
+    def _settle(self, lease: Lease) -> None:
+        assert self._last is not None
+        parties = tuple(sorted({lease.provider, lease.recipient, *lease.group_members}))
+        self._engine._settle_add(parties, self._last, lease.end_ms, lease.id)
+        self._part.out_s[self._last] = (parties, lease.end_ms, lease.id)
+
+
+class FoldedMarket(Market):
+    """The merged market `IncrementalMarket` keeps; read it like any `Market`."""
+
+    def __init__(self, engine: IncrementalMarket) -> None:
+        super().__init__(engine.policy)
+        self.reputation = engine.rep
+        self._engine = engine
+
+    def apply(self, ev: Event) -> None:
+        raise UsageError("a FoldedMarket is kept by IncrementalMarket; add events there")
+
+    def settled(self, key: bytes, at_ms: int) -> int:
+        return sum(1 for _, end, _ in self._engine._settles.get(key, ()) if end <= at_ms)
+
+
+class IncrementalMarket:
+    """`derive()` kept current under insertions and removals in any order.
+
+    `add(events)` / `remove(ids)` in any order; `market()` brings the merged market up
+    to date and returns it, equal to `derive()` over the present events in canonical
+    order."""
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.policy = policy or Policy()
+        self.rep = FoldReputation(self.policy)
+        self.events: dict[bytes, Event] = {}
+        self._part_of: dict[bytes, bytes] = {}
+        self._parts: dict[bytes, _Part] = {}
+        self._settles: dict[bytes, list[tuple[CKey, int, bytes]]] = {}  # party -> by key
+        self._rep_reads: dict[tuple[bytes, str], list[tuple[int, CKey, bytes]]] = {}
+        self._set_reads: dict[bytes, list[tuple[CKey, int, bytes]]] = {}
+        self._queue: list[tuple[CKey, bytes]] = []
+        self._ts: dict[int, int] = {}
+        self._ts_heap: list[int] = []  # negated ts of present events (lazy deletion)
+        self.merged = FoldedMarket(self)
+        m = self.merged
+        self._ord = {name: _Ordered(getattr(m, name)) for name in _DICTS}
+        self._ign = _Merged(m.ignored)
+        self._evd = _Merged(m.evidence)
+        self.applied = 0  # events folded (counting re-folds)
+        self.rederived = 0  # partitions re-derived from their first event
+
+    # ------------------------------------------------------------ input
+
+    def add(self, events: list[Event]) -> int:
+        """Include events (duplicates are ignored); returns how many were new."""
+        n = 0
+        for ev in sorted(events, key=ckey):
+            if ev.id in self.events:
+                continue
+            n += 1
+            self.events[ev.id] = ev
+            c = self._ts.get(ev.ts_ms, 0)
+            self._ts[ev.ts_ms] = c + 1
+            if c == 0:
+                heapq.heappush(self._ts_heap, -ev.ts_ms)
+            self._place(ev, self._route(ev))
+            if ev.kind in _MOVERS and ev.id in self._parts:
+                self._reroute(self._parts[ev.id])  # events that waited for this one
+        return n
+
+    def remove(self, ids: list[bytes]) -> None:
+        """Exclude events (a fork proof excludes an author's events from a seq on)."""
+        for i in ids:
+            ev = self.events.pop(i, None)
+            if ev is None:
+                continue
+            c = self._ts[ev.ts_ms] - 1
+            if c:
+                self._ts[ev.ts_ms] = c
+            else:
+                del self._ts[ev.ts_ms]
+            p = self._parts[self._part_of.pop(i)]
+            ck = ckey(ev)
+            j = bisect_left(p.evs, ck, key=lambda e: e[0])
+            del p.evs[j]
+            self._dirty(p, ck, full=True)
+            if ev.kind in _MOVERS:
+                self._reroute(p)  # events routed through it wait for it again
+
+    def market(self) -> FoldedMarket:
+        """The merged market over the present events (folds whatever is pending)."""
+        q = self._queue
+        while q:
+            ck, pk = heapq.heappop(q)
+            p = self._parts.get(pk)
+            if p is not None and p.dirty == ck:
+                self._process(p)
+        for o in self._ord.values():
+            o.fix()
+        h = self._ts_heap
+        while h and -h[0] not in self._ts:
+            heapq.heappop(h)
+        self.merged.now_ms = -h[0] if h else 0
+        return self.merged
+
+    def partitions(self) -> int:
+        return len(self._parts)
+
+    # ------------------------------------------------------------ routing
+
+    def _route(self, ev: Event) -> bytes:
+        """The key of the partition `ev` folds in (see the module docstring)."""
+        kind = ev.kind
+        if kind == "request":
+            return ev.id
+        if kind == "offer":
+            return OFFERS + ev.author
+        ref = ev.ref
+        assert ref is not None
+        if kind in ("bid", "commit", "pledge", "award"):
+            return ref
+        t = self.events.get(ref)
+        if t is None:
+            return ref
+        if kind == "reveal":
+            return t.ref if t.kind == "commit" and t.ref is not None else ref
+        if t.kind == "award" and t.ref is not None:
+            return t.ref
+        if t.kind == "subcontract" and kind == "rating" and t.ref is not None:
+            a = self.events.get(t.ref)
+            return a.ref if a is not None and a.kind == "award" and a.ref else t.ref
+        return ref
+
+    def _place(self, ev: Event, pk: bytes) -> None:
+        p = self._parts.get(pk)
+        if p is None:
+            p = self._parts[pk] = _Part(pk)
+        ck = ckey(ev)
+        i = bisect_left(p.evs, ck, key=lambda e: e[0])
+        p.evs.insert(i, (ck, ev))
+        self._part_of[ev.id] = pk
+        if p.dirty is None and i == p.applied and (p.pm is not None or i == 0):
+            # In order for a clean partition (the usual case, and the whole first
+            # build, which `add` feeds in canonical order): fold it now, so reads of
+            # other partitions see outputs in canonical order and rarely go stale.
+            if p.pm is None:
+                p.pm = _PartMarket(self, p)
+            self._apply_tail(p)
+        else:
+            self._dirty(p, ck, full=i < p.applied)
+
+    def _reroute(self, p: _Part) -> None:
+        stay = []
+        moved: list[Event] = []
+        for ck, ev in p.evs:
+            if self._route(ev) == p.key:
+                stay.append((ck, ev))
+            else:
+                moved.append(ev)
+        if not moved:
+            return
+        p.evs = stay
+        self._dirty(p, ckey(moved[0]), full=True)
+        for ev in moved:
+            self._place(ev, self._route(ev))
+
+    def _dirty(self, p: _Part, ck: CKey, full: bool = False) -> None:
+        if full:
+            p.full = True
+        if p.dirty is None or ck < p.dirty:
+            p.dirty = ck
+            heapq.heappush(self._queue, (ck, p.key))
+
+    # ------------------------------------------------------------ folding one partition
+
+    def _process(self, p: _Part) -> None:
+        p.dirty = None
+        if p.full or p.pm is None:
+            self._rederive(p)
+        else:
+            self._apply_tail(p)
+        if not p.evs:
+            del self._parts[p.key]
+
+    def _apply_tail(self, p: _Part) -> None:
+        """Fold the partition's events after those already folded (all in order)."""
+        pm = p.pm
+        assert pm is not None
+        n_r, n_s = len(p.out_r), len(p.out_s)
+        for ck, ev in p.evs[p.applied:]:
+            pm.apply(ev)
+            self._link(p, ck)
+        self.applied += len(p.evs) - p.applied
+        p.applied = len(p.evs)
+        self._propagate(p, list(islice(p.out_r.items(), n_r, None)),
+                        list(islice(p.out_s.items(), n_s, None)))
+
+    def _rederive(self, p: _Part) -> None:
+        # Dict keys stay linked through the re-fold (most come back at the same place);
+        # those it no longer produces are removed after it.
+        old_keys = p.linked
+        self._unlink(p, dicts=False)
+        old_r, old_s = p.out_r, p.out_s
+        for ck, (subj, role, *_) in old_r.items():
+            self.rep.remove(subj, role, ck)
+        for ck, (parties, _, _) in old_s.items():
+            self._settle_remove(parties, ck)
+        for sr in p.reads_rep:
+            self._unread(self._rep_reads[(sr[0], sr[1])], (sr[2], sr[3], p.key))
+        for ss in p.reads_set:
+            self._unread(self._set_reads[ss[0]], (ss[1], ss[2], p.key))
+        p.reads_rep, p.reads_set = set(), set()
+        p.out_r, p.out_s = {}, {}
+        p.full = False
+        pm = p.pm = _PartMarket(self, p)
+        for ck, ev in p.evs:
+            pm.apply(ev)
+            self._link(p, ck)
+        for name, keys in old_keys.items():
+            now = set(p.linked.get(name, ()))
+            for k in keys:
+                if k not in now:
+                    self._ord[name].remove(k)
+        self.applied += len(p.evs)
+        self.rederived += 1
+        p.applied = len(p.evs)
+        ch_r = [(k, v) for k, v in p.out_r.items() if old_r.get(k) != v]
+        ch_r += [(k, v) for k, v in old_r.items() if p.out_r.get(k) != v]
+        ch_s = [(k, v) for k, v in p.out_s.items() if old_s.get(k) != v]
+        ch_s += [(k, v) for k, v in old_s.items() if p.out_s.get(k) != v]
+        self._propagate(p, ch_r, ch_s)
+
+    @staticmethod
+    def _unread(lst: list[Any], ent: tuple[Any, ...]) -> None:
+        i = bisect_left(lst, ent)
+        if i < len(lst) and lst[i] == ent:
+            del lst[i]
+
+    def _propagate(self, p: _Part, ratings: list[tuple[CKey, _Rating]],
+                   settles: list[tuple[CKey, _Settle]]) -> None:
+        """Re-derive the other partitions whose recorded reads a changed output affects."""
+        for ck, (subj, role, *_) in ratings:
+            reads = self._rep_reads.get((subj, role), [])
+            for _as_of, rck, pk in reads[bisect_left(reads, (ck[0],)):]:
+                if pk != p.key:
+                    self._dirty(self._parts[pk], rck, full=True)
+        for ck, (parties, end, _) in settles:
+            for party in parties:
+                reads2 = self._set_reads.get(party, [])
+                for rck, ts, pk in reads2[bisect_right(reads2, ck, key=lambda e: e[0]):]:
+                    if ts >= end and pk != p.key:
+                        self._dirty(self._parts[pk], rck, full=True)
+
+    # ------------------------------------------------------------ merged market
+
+    def _link(self, p: _Part, ck: CKey) -> None:
+        """Put what folding the event at `ck` added to the partition into the merged
+        market (new keys at the position a full fold gives them; shared objects)."""
+        pm = p.pm
+        assert pm is not None
+        for name in _DICTS:
+            src: dict[Any, Any] = getattr(pm, name)
+            n = p.seen.get(name, 0)
+            if len(src) > n:
+                o = self._ord[name]
+                got = p.linked.setdefault(name, [])
+                for k in reversed(list(islice(reversed(src), len(src) - n))):
+                    o.put(k, ck, src[k])
+                    got.append(k)
+                p.seen[name] = len(src)
+        for name in ("paid", "offers"):  # values a fold reassigns (≤ 1 key per partition)
+            d = self._ord[name].d
+            for k, v in getattr(pm, name).items():
+                d[k] = v
+        for src_l, mine, merged in ((pm.ignored, p.ign, self._ign),
+                                    (pm.evidence, p.evd, self._evd)):
+            for i in range(len(mine), len(src_l)):
+                sk = (ck, i, p.key)
+                merged.put(sk, src_l[i])
+                mine.append(sk)
+
+    def _unlink(self, p: _Part, dicts: bool = True) -> None:
+        for name, keys in p.linked.items() if dicts else ():
+            o = self._ord[name]
+            for k in keys:
+                o.remove(k)
+        for sk in p.ign:
+            self._ign.remove(sk)
+        for sk in p.evd:
+            self._evd.remove(sk)
+        p.linked, p.seen, p.ign, p.evd = {}, {}, [], []
+
+    # ------------------------------------------------------------ shared indexes
+
+    def _read_rep(self, p: _Part, key: bytes, role: str, as_of: int, at: CKey) -> None:
+        r = (key, role, as_of, at)
+        if r not in p.reads_rep:
+            p.reads_rep.add(r)
+            insort(self._rep_reads.setdefault((key, role), []), (as_of, at, p.key))
+
+    def _read_settled(self, p: _Part, key: bytes, at: CKey, at_ms: int) -> int:
+        """Leases of `key` settled by events before `at` that ended by `at_ms`, counted
+        up to the rater cap (all a weight needs)."""
+        r = (key, at, at_ms)
+        if r not in p.reads_set:
+            p.reads_set.add(r)
+            insort(self._set_reads.setdefault(key, []), (at, at_ms, p.key))
+        cap = self.policy.rater_cap
+        n = 0
+        for sk, end, _ in self._settles.get(key, ()):
+            if n >= cap or sk >= at:
+                break
+            if end <= at_ms:
+                n += 1
+        return n
+
+    def _settle_add(self, parties: tuple[bytes, ...], ck: CKey, end: int, lease: bytes) -> None:
+        for k in parties:
+            insort(self._settles.setdefault(k, []), (ck, end, lease))
+
+    def _settle_remove(self, parties: tuple[bytes, ...], ck: CKey) -> None:
+        for k in parties:
+            lst = self._settles[k]
+            del lst[bisect_left(lst, ck, key=lambda e: e[0])]

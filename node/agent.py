@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .auction import Auction, Market, clear
+from .auction.views import RecipientRecord, auction_recipient
 from .events import (
     Award,
     Bid,
@@ -44,6 +45,7 @@ class ProviderPolicy:
     bid_services: frozenset[str] = field(default_factory=frozenset)  # empty: all offered
     rate_recipients: bool = True
     note: str = ""
+    recipients: RecipientPolicy = field(default_factory=lambda: RecipientPolicy())
 
     def price_for(self, service: str, duration_ms: int) -> int | None:
         for so in self.offers:
@@ -57,6 +59,76 @@ class ProviderPolicy:
         return any(so.name == service for so in self.offers)
 
 
+NEW_RECIPIENT = ("bid", "skip")
+
+
+@dataclass(frozen=True)
+class RecipientPolicy:
+    """Whom a provider bids for, judged on the recipient's payment record as of the
+    auction's start (so every node derives the same verdict from the same events):
+
+    * `min_score_ppm`: a rated recipient scoring below it is skipped;
+    * `new_recipient`: "bid" or "skip" recipients with no rating yet;
+    * `risk_premium_pct`: added to the price for a recipient (above the minimum) that
+      has been rated unpaid or has a lease still open unpaid; skipped when the
+      premium would exceed the request's reserve.
+    """
+
+    min_score_ppm: int = 0
+    new_recipient: str = "bid"
+    risk_premium_pct: int = 0
+
+    def __post_init__(self) -> None:
+        if self.new_recipient not in NEW_RECIPIENT:
+            raise ValueError(f"new_recipient must be one of {NEW_RECIPIENT}")
+        if not 0 <= self.min_score_ppm <= PPM or not 0 <= self.risk_premium_pct <= 1000:
+            raise ValueError("min_score_ppm 0..1e6, risk_premium_pct 0..1000")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the recipient policy says about one auction: bid (at `price`) or skip."""
+
+    bid: bool
+    price: int
+    reason: str  # "" | new_recipient | recipient_score | premium | premium_over_reserve
+    detail: str
+
+
+def recipient_verdict(rec: RecipientRecord, pol: RecipientPolicy, price: int,
+                      reserve: int) -> Verdict:
+    """Pure: the policy applied to a recipient's record and our list price."""
+    s = rec.score
+    if rec.new and rec.open_unpaid == 0:
+        if pol.new_recipient == "skip":
+            return Verdict(False, price, "new_recipient",
+                           "recipient has no payment record yet (new_recipient = skip)")
+        return Verdict(True, price, "", "")
+    if not rec.new and s.ppm < pol.min_score_ppm:
+        return Verdict(False, price, "recipient_score",
+                       f"recipient paid record {s.ppm / 10_000:.1f}% ({s.ratings} ratings,"
+                       f" {rec.unpaid} unpaid) is below min_recipient_score "
+                       f"{pol.min_score_ppm / 10_000:g}%")
+    if (rec.unpaid or rec.open_unpaid) and pol.risk_premium_pct:
+        high = -(-price * (100 + pol.risk_premium_pct) // 100)
+        why = (f"{rec.unpaid} unpaid rating(s), {rec.open_unpaid} lease(s) open unpaid; "
+               f"+{pol.risk_premium_pct}%: {price} -> {high}")
+        if high > reserve:
+            return Verdict(False, high, "premium_over_reserve", why + f" > reserve {reserve}")
+        return Verdict(True, high, "premium", why)
+    return Verdict(True, price, "", "")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An auction the provider sells for but does not bid on, and why."""
+
+    auction: bytes
+    recipient: bytes
+    reason: str
+    detail: str
+
+
 def sealed_nonce(seed: bytes, request_id: bytes) -> bytes:
     """Deterministic per-request nonce: secret (keyed by the seed) and re-derivable."""
     return hmac.new(seed, b"bidmesh/nonce/v1" + request_id, hashlib.sha256).digest()[:16]
@@ -67,23 +139,34 @@ def provider_actions(
     published_offer: Offer | None = None,
 ) -> list[Body]:
     """Bodies `me` should publish at wall time `now_ms`, given the market so far."""
+    return provider_plan(market, me, seed, policy, now_ms, published_offer)[0]
+
+
+def provider_plan(
+    market: Market, me: bytes, seed: bytes, policy: ProviderPolicy, now_ms: int,
+    published_offer: Offer | None = None,
+) -> tuple[list[Body], list[Skip]]:
+    """`provider_actions`, plus the open auctions skipped by the recipient policy."""
     out: list[Body] = []
+    skips: list[Skip] = []
     offer = Offer(services=policy.offers, currency=policy.currency, addrs=policy.addrs,
                   note=policy.note)
     current = market.offers.get(me)
     if (current is None or current.offer != offer) and published_offer != offer:
         out.append(offer)
     for a in market.auctions.values():
-        action = _bid_action(a, me, seed, policy, now_ms)
-        if action is not None:
+        action = _bid_action(market, a, me, seed, policy, now_ms)
+        if isinstance(action, Skip):
+            skips.append(action)
+        elif action is not None:
             out.append(action)
     if policy.rate_recipients:
         out.extend(_ratings(market, me, now_ms))
-    return out
+    return out, skips
 
 
-def _bid_action(a: Auction, me: bytes, seed: bytes, policy: ProviderPolicy,
-                now_ms: int) -> Body | None:
+def _bid_action(market: Market, a: Auction, me: bytes, seed: bytes, policy: ProviderPolicy,
+                now_ms: int) -> Body | Skip | None:
     req = a.request
     if a.recipient == me or me in a.pledges or not policy.sells(req.service):
         return None
@@ -93,6 +176,11 @@ def _bid_action(a: Auction, me: bytes, seed: bytes, policy: ProviderPolicy,
     if price is None or price > req.reserve:
         return None
     mine = a.latest.get(me)
+    listed = price
+    v = recipient_verdict(auction_recipient(market, a), policy.recipients, price, req.reserve)
+    if mine is None and now_ms <= req.close_ms and not v.bid:
+        return Skip(a.id, a.recipient, v.reason, v.detail)
+    price = v.price
     if now_ms <= req.close_ms:
         if mine is not None:
             return None
@@ -104,8 +192,11 @@ def _bid_action(a: Auction, me: bytes, seed: bytes, policy: ProviderPolicy,
         entry = a.bids[mine]
         if entry.status == "committed":
             nonce = sealed_nonce(seed, a.id)
-            if commitment_hash(a.id, price, nonce) == entry.commitment:
-                return Reveal(commit=mine, price=price, nonce=nonce)
+            # The premium was part of what we committed to; try both prices in case
+            # the record changed (a late event) between commit and reveal.
+            for p in dict.fromkeys((price, listed)):
+                if commitment_hash(a.id, p, nonce) == entry.commitment:
+                    return Reveal(commit=mine, price=p, nonce=nonce)
     return None
 
 

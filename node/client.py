@@ -41,7 +41,7 @@ import trio
 from . import query
 from .agent import build_award
 from .auction import Auction, Lease, Market, derive
-from .auction.views import lease_json
+from .auction.views import RecipientRecord, auction_recipient, lease_json
 from .errors import (
     BidmeshError,
     InvalidEvent,
@@ -131,6 +131,11 @@ class AuctionInfo:
     auction: Auction
     bids: tuple[BidInfo, ...]
     status: str
+
+    @property
+    def recipient_record(self) -> RecipientRecord:
+        """The recipient's payment record as of the auction's start."""
+        return auction_recipient(self.market, self.auction)
 
     def to_json(self) -> dict[str, Any]:
         from .auction.views import auction_json
@@ -572,8 +577,10 @@ class LightClient:
         if not any(e.id == request_id for e in evs):
             raise UsageError(f"no node knows a request {request_id.hex()}")
         if rep is None:
-            bidders = {e.author for e in evs if e.kind in ("bid", "commit")}
-            rep = await self.reputation_events(bidders) if bidders else []
+            # Bidders' records (best value, the table) and the recipient's (its
+            # payment record beside the request).
+            keys = {e.author for e in evs if e.kind in ("bid", "commit", "request")}
+            rep = await self.reputation_events(keys) if keys else []
         market = self._fold([*evs, *rep])
         a = market.auctions.get(request_id)
         if a is None:
@@ -610,7 +617,8 @@ class LightClient:
                 for ev in evs:
                     events.setdefault(ev.id, ev)
             self._check_own(events.values())
-            bidders = {e.author for e in events.values() if e.kind in ("bid", "commit")}
+            bidders = {e.author for e in events.values()
+                       if e.kind in ("bid", "commit", "request")}
             if bidders - have_rep:
                 for ev in await self.reputation_events(bidders - have_rep):
                     rep[ev.id] = ev

@@ -16,20 +16,21 @@ from typing import Any
 import trio
 
 from .auction import Lease
+from .auction.views import rep_label
 from .client import AuctionInfo, LightClient, now_ms
+from .client_resolve import resolve
 from .errors import UsageError
 from .events import Event, event_to_json
 from .reputation import Score
 
 
-def _hex_arg(text: str, what: str = "id") -> bytes:
-    try:
-        b = bytes.fromhex(text)
-    except ValueError:
-        raise UsageError(f"{what} {text!r} is not hex") from None
-    if len(b) != 32:
-        raise UsageError(f"{what} must be 32 bytes (64 hex digits)")
-    return b
+async def _id(c: LightClient, text: str, what: str) -> bytes:
+    """A typed id: full hex, or a unique prefix (as the tables print them)."""
+    return await resolve(c, text, what)
+
+
+async def _keys(c: LightClient, texts: list[str]) -> list[bytes]:
+    return [await resolve(c, t, "key") for t in texts]
 
 
 def run_command(name: str, args: argparse.Namespace, out: Any) -> int:
@@ -68,8 +69,9 @@ def _short(b: bytes | None) -> str:
 
 
 def _fmt_rep(s: Score) -> str:
-    stars = f"{s.mean_stars:.1f}★" if s.mean_stars is not None else "-"
-    return f"{s.ppm / 10_000:.1f}% ({s.ratings} ratings, {s.satisfied} ok, {stars})"
+    stars = f", {s.mean_stars:.1f}★" if s.mean_stars is not None else ""
+    counts = f", {s.satisfied} satisfied / {s.unsatisfied} not{stars}" if s.ratings else ""
+    return rep_label(s) + counts
 
 
 def _event_out(out: Any, ev: Event, extra: dict[str, Any] | None = None) -> None:
@@ -81,7 +83,7 @@ async def _cmd_request(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     ev = await c.request(
         a.service, duration_ms=a.duration, reserve=a.reserve, currency=a.currency,
         close_in_ms=a.close_in, start_ms=a.start, chain=a.chain, max_rate_bps=a.max_rate,
-        min_rate_bps=a.min_rate, devices=[_hex_arg(d, "device key") for d in a.device],
+        min_rate_bps=a.min_rate, devices=await _keys(c, a.device),
         phones=a.phone, users=a.user, max_devices=a.max_devices, rule=a.rule,
         sealed=a.sealed, reveal_window_ms=a.reveal_window, group=a.group, note=a.note)
     _event_out(out, ev)
@@ -89,15 +91,15 @@ async def _cmd_request(c: LightClient, a: argparse.Namespace, out: Any) -> int:
 
 
 BID_COLUMNS = [("id", "BID"), ("provider", "PROVIDER"), ("price", "PRICE"),
-               ("status", "STATUS"), ("score", "REPUTATION"), ("ratings", "RATINGS"),
+               ("status", "STATUS"), ("score", "REPUTATION"), ("ratings", "SATISFIED"),
                ("winner", "WIN")]
 
 
 def _bid_rows(info: AuctionInfo) -> list[dict[str, Any]]:
     return [{"id": _short(b.id), "provider": _short(b.provider), "price": b.price,
              "status": b.status + (f" ({b.reason})" if b.reason and b.status != "valid" else ""),
-             "score": f"{b.reputation.ppm / 10_000:.1f}%",
-             "ratings": f"{b.reputation.ratings} ({b.reputation.satisfied} ok)",
+             "score": rep_label(b.reputation),
+             "ratings": f"{b.reputation.satisfied} ok / {b.reputation.unsatisfied} not",
              "winner": "*" if b.winner else ""}
             for b in sorted(info.bids, key=lambda b: (b.price is None, b.price or 0, b.ts_ms))]
 
@@ -108,13 +110,15 @@ def _auction_header(info: AuctionInfo) -> str:
     when = f"closes in {left:.0f}s" if left > 0 else "bids final"
     return (f"auction {info.auction.id.hex()[:16]}  {r.service}  {r.rule}"
             f"{' sealed' if r.sealed else ''}  reserve {r.reserve} {r.currency}  "
-            f"{info.status}, {when}, {len(info.bids)} bid(s)")
+            f"{info.status}, {when}, {len(info.bids)} bid(s)\n"
+            f"recipient {info.auction.recipient.hex()[:16]} paid record at the start: "
+            f"{info.recipient_record.label()}")
 
 
 async def _cmd_bids(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     from .output import table
 
-    rid = _hex_arg(a.request, "request id")
+    rid = await _id(c, a.request, "request")
     if not a.watch:
         info = await c.auction(rid)
         if out.json_mode:
@@ -136,7 +140,7 @@ async def _cmd_bids(c: LightClient, a: argparse.Namespace, out: Any) -> int:
 
 
 async def _cmd_award(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    ev, body = await c.award(_hex_arg(a.request, "request id"))
+    ev, body = await c.award(await _id(c, a.request, "request"))
     data = {**event_to_json(ev), "lease": ev.id.hex() if body.winner else None}
     out.emit(data, f"award {ev.id.hex()}: winner {_short(body.winner)} at {body.price}"
              + (f"; lease id {ev.id.hex()}" if body.winner else " (no deal)"))
@@ -144,21 +148,21 @@ async def _cmd_award(c: LightClient, a: argparse.Namespace, out: Any) -> int:
 
 
 async def _cmd_pay(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    ev = await c.pay(_hex_arg(a.lease, "lease id"), a.amount, a.method, a.reference,
-                     [_hex_arg(k, "member key") for k in a.on_behalf])
+    ev = await c.pay(await _id(c, a.lease, "lease"), a.amount, a.method, a.reference,
+                     await _keys(c, a.on_behalf))
     _event_out(out, ev)
     return 0
 
 
 async def _cmd_pledge(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    ev = await c.pledge(_hex_arg(a.request, "request id"), willing=not a.unwilling,
-                        amount=a.amount, sponsor=[_hex_arg(k, "member key") for k in a.sponsor])
+    ev = await c.pledge(await _id(c, a.request, "request"), willing=not a.unwilling,
+                        amount=a.amount, sponsor=await _keys(c, a.sponsor))
     _event_out(out, ev)
     return 0
 
 
 async def _cmd_rate(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    ev = await c.rate(_hex_arg(a.lease, "lease id"), satisfied=a.satisfied, score=a.score,
+    ev = await c.rate(await _id(c, a.lease, "lease"), satisfied=a.satisfied, score=a.score,
                       text=a.text)
     _event_out(out, ev)
     return 0
@@ -182,7 +186,7 @@ async def _cmd_leases(c: LightClient, a: argparse.Namespace, out: Any) -> int:
 
 
 async def _cmd_reputation(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    key = _hex_arg(a.key, "key") if a.key else c.key
+    key = await _id(c, a.key, "key") if a.key else c.key
     info = await c.reputation(key)
     out.emit(info.to_json(), f"{key.hex()}\n  as provider:  {_fmt_rep(info.provider)}\n"
              f"  as recipient: {_fmt_rep(info.recipient)}")
@@ -269,7 +273,7 @@ async def _cmd_stream(c: LightClient, a: argparse.Namespace, out: Any) -> int:
 
     from .dataplane.client import split_results
 
-    lease_id = _hex_arg(a.lease, "lease id")
+    lease_id = await _id(c, a.lease, "lease")
     _, lease = await c.lease(lease_id)
     if a.packet < 1 or a.packet > 1 << 20:
         raise UsageError("--packet must be 1..1048576 bytes")

@@ -175,6 +175,14 @@ class ProviderConfig:
     rate_recipients: bool = _opt(True, bool)
     interval_s: float = _opt(0.5, (int, float), _range(0.05, 3600))
     note: str = _opt("", str, lambda v: None if len(v) <= 280 else "at most 280 characters")
+    # Recipient policy (node/agent.py RecipientPolicy), on the payment record as of the
+    # auction's start: skip rated recipients below this score (percent, 0 = none) ...
+    min_recipient_score: float = _opt(0.0, (int, float), _range(0, 100))
+    # ... bid on or skip recipients with no rating yet ...
+    new_recipient: str = _opt("bid", str,
+                              lambda v: None if v in ("bid", "skip") else "must be bid or skip")
+    # ... and charge this much more to one rated unpaid or with a lease open unpaid.
+    risk_premium_pct: int = _opt(0, int, _range(0, 1000))
 
 
 def _exec(v: Any) -> str | None:

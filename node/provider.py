@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .agent import ProviderPolicy, offers_from_config, provider_actions
+from .agent import ProviderPolicy, RecipientPolicy, offers_from_config, provider_plan
 from .errors import BidmeshError
 from .events import Body, Event, Offer
 
@@ -35,6 +35,8 @@ class ProviderService:
         self.errors = 0
         self._wake = trio.Event()
         self._last_offer: Offer | None = None
+        self.skipped: Counter[str] = Counter()  # auctions skipped, by reason
+        self._skip_logged: set[bytes] = set()
 
     def _on_events(self, events: list[Event]) -> None:
         self._wake.set()
@@ -50,8 +52,18 @@ class ProviderService:
     def tick(self, node: Node) -> list[Body]:
         """One decision round; returns what was published."""
         now = int(time.time() * 1000)
-        actions = provider_actions(node.market(), node.identity.public, node.identity.seed,
-                                   self.policy, now, self._last_offer)
+        actions, skips = provider_plan(node.market(), node.identity.public,
+                                       node.identity.seed, self.policy, now, self._last_offer)
+        for sk in skips:  # logged and counted once per auction, not once per tick
+            if sk.auction in self._skip_logged:
+                continue
+            if len(self._skip_logged) > 100_000:
+                self._skip_logged.clear()
+            self._skip_logged.add(sk.auction)
+            self.skipped[sk.reason] += 1
+            log.info("provider skipped a request", extra={
+                "request": sk.auction.hex()[:16], "recipient": sk.recipient.hex()[:16],
+                "reason": sk.reason, "detail": sk.detail})
         done = []
         for body in actions:
             try:
@@ -70,6 +82,7 @@ class ProviderService:
 
     def status(self) -> dict[str, Any]:
         return {"published": dict(self.published), "errors": self.errors,
+                "skipped": dict(self.skipped),
                 "offers": [so.name for so in self.policy.offers]}
 
 
@@ -83,5 +96,8 @@ def node_service(node: Node) -> ProviderService | None:
         offers=offers_from_config(cfg.offers), currency=cfg.currency, addrs=addrs[:8],
         bid_services=frozenset(cfg.bid_services), rate_recipients=cfg.rate_recipients,
         note=cfg.note,
+        recipients=RecipientPolicy(min_score_ppm=int(cfg.min_recipient_score * 10_000),
+                                   new_recipient=cfg.new_recipient,
+                                   risk_premium_pct=cfg.risk_premium_pct),
     )
     return ProviderService(policy, cfg.interval_s)

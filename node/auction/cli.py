@@ -15,7 +15,15 @@ from ..cli import EXIT_OK, fmt_time, ledger_command, parse_time_ms, resolve_auth
 from ..ledger import Ledger
 from ..output import Output, pairs, table
 from .market import Market, derive, find_auction
-from .views import auction_json, auctions_json, ignored_json, leases_json, reputation_json
+from .views import (
+    auction_json,
+    auctions_json,
+    ignored_json,
+    leases_json,
+    record_text,
+    rep_json_text,
+    reputation_json,
+)
 
 
 def _market(led: Ledger) -> Market:
@@ -23,7 +31,7 @@ def _market(led: Ledger) -> Market:
 
 
 def _score(rep: dict[str, Any]) -> str:
-    return f"{rep['score']:.3f}"
+    return rep_json_text(rep)
 
 
 @ledger_command("auctions", "every auction: rule, bids, status, winner")
@@ -36,9 +44,11 @@ def cmd_auctions(args: argparse.Namespace, led: Ledger, out: Output) -> int:
         "reserve": a["reserve"], "currency": a["currency"], "close": fmt_time(a["close_ms"]),
         "bids": a["bids"], "valid": a["valid_bids"], "status": a["status"],
         "winner": (a["winner"] or "")[:16] or None, "price": a["price"],
+        "payer": record_text(a["recipient_record"]),
     } for a in data]
     out.rows(data if out.json_mode else rows, [
         ("id", "AUCTION"), ("recipient", "RECIPIENT"), ("service", "SERVICE"),
+        ("payer", "RECIPIENT PAID (AT START)"),
         ("rule", "RULE"), ("reserve", "RESERVE"), ("currency", "CUR"), ("close", "CLOSES (UTC)"),
         ("bids", "BIDS"), ("valid", "VALID"), ("status", "STATUS"), ("winner", "WINNER"),
         ("price", "PRICE")], empty="(no auctions)")
@@ -55,6 +65,7 @@ def cmd_auction(args: argparse.Namespace, led: Ledger, out: Output) -> int:
         return EXIT_OK
     head = pairs([
         ("auction", a["id"]), ("recipient", a["recipient"]),
+        ("recipient record", record_text(a["recipient_record"]) + " (as payer, at the start)"),
         ("service", " -> ".join([a["service"], *a["chain"]])),
         ("rule", a["rule"] + (" (sealed)" if a["sealed"] else " (open)")),
         ("group", f"yes, pledged {a['pledged']}" if a["group"] else "no"),
@@ -70,14 +81,14 @@ def cmd_auction(args: argparse.Namespace, led: Ledger, out: Output) -> int:
         "id": b["id"][:16], "provider": b["provider"][:16], "time": fmt_time(b["ts_ms"]),
         "price": b["price"], "status": b["status"] + (f" ({b['reason']})" if b["reason"]
                                                       and b["reason"] != b["status"] else ""),
-        "rep": _score(b["reputation"]), "ratings": b["reputation"]["ratings"],
+        "rep": _score(b["reputation"]),
         "ok": b["reputation"]["satisfied"], "notok": b["reputation"]["unsatisfied"],
         "win": "*" if b["winner"] else "",
     } for b in a["bid_list"]]
     parts = [head, "", "bids (reputation as provider, as of the close):",
              table(bids, [("win", ""), ("id", "BID"), ("provider", "PROVIDER"),
                           ("time", "TIME (UTC)"), ("price", "PRICE"), ("status", "STATUS"),
-                          ("rep", "REP"), ("ratings", "RATINGS"), ("ok", "SATISFIED"),
+                          ("rep", "REPUTATION"), ("ok", "SATISFIED"),
                           ("notok", "UNSATISFIED")]) if bids else "(no bids)"]
     if a["pledges"]:
         parts += ["", "pledges:", table(

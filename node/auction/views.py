@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..events import jsonable
+from ..reputation import Score
 from .lease import Lease
 from .market import Auction, AwardCheck, BidEntry, Market, rank_offers
 
@@ -13,6 +15,84 @@ JSON = dict[str, Any]
 
 def _hex(b: bytes | None) -> str | None:
     return b.hex() if b is not None else None
+
+
+@dataclass(frozen=True)
+class RecipientRecord:
+    """A recipient's payment record as of a moment (an auction's start): its score as a
+    recipient, how often providers rated it paid / unpaid, and its leases that had
+    begun, were not paid in full and not yet rated by their provider (still open)."""
+
+    score: Score
+    open_unpaid: int
+
+    @property
+    def paid(self) -> int:
+        return self.score.satisfied
+
+    @property
+    def unpaid(self) -> int:
+        return self.score.unsatisfied
+
+    @property
+    def new(self) -> bool:
+        return self.score.ratings == 0
+
+    def to_json(self) -> JSON:
+        return {"key": self.score.key.hex(), "as_of_ms": self.score.as_of_ms,
+                "score": round(self.score.score, 4), "score_ppm": self.score.ppm,
+                "ratings": self.score.ratings, "paid": self.paid, "unpaid": self.unpaid,
+                "open_unpaid": self.open_unpaid}
+
+    def label(self) -> str:
+        return record_text(self.to_json())
+
+
+def rep_text(ppm: int, ratings: int) -> str:
+    """Reputation for humans, the one format everywhere: `66.7% (3 ratings)`, or
+    `new (0 ratings)` (JSON keeps `score_ppm` and the counts)."""
+    if not ratings:
+        return "new (0 ratings)"
+    return f"{ppm / 10_000:.1f}% ({ratings} rating{'s' if ratings != 1 else ''})"
+
+
+def rep_label(s: Score) -> str:
+    return rep_text(s.ppm, s.ratings)
+
+
+def rep_json_text(d: dict[str, Any]) -> str:
+    """`rep_text` of a `Score.to_json()` or `RecipientRecord.to_json()` dict."""
+    return rep_text(int(d["score_ppm"]), int(d["ratings"]))
+
+
+def record_text(d: dict[str, Any]) -> str:
+    """A recipient record (its JSON) for humans: score, then paid / unpaid counts and
+    leases still open unpaid: `50.0% (2 ratings), 1 paid / 1 unpaid, 1 open unpaid`."""
+    s = rep_json_text(d)
+    if d["ratings"]:
+        s += f", {d['paid']} paid / {d['unpaid']} unpaid"
+    if d["open_unpaid"]:
+        s += f", {d['open_unpaid']} open unpaid"
+    return s
+
+
+def recipient_record(market: Market, key: bytes, as_of_ms: int) -> RecipientRecord:
+    score = market.reputation.score(key, "recipient", as_of_ms)
+    open_unpaid = 0
+    for lease in market.leases.values():
+        if lease.recipient != key or lease.start_ms > as_of_ms:
+            continue
+        paid = sum(p.amount for p in market.payments.get(lease.id, ()) if p.ts_ms <= as_of_ms)
+        rated = any(r.rater == lease.provider and r.ts_ms <= as_of_ms
+                    for r in market.ratings.get(lease.id, ()))
+        if paid < lease.price and not rated:
+            open_unpaid += 1
+    return RecipientRecord(score, open_unpaid)
+
+
+def auction_recipient(market: Market, a: Auction) -> RecipientRecord:
+    """The recipient's record as of the auction's start (its request's timestamp)."""
+    return recipient_record(market, a.recipient, a.ts_ms)
 
 
 def bid_json(market: Market, a: Auction, b: BidEntry) -> JSON:
@@ -49,6 +129,7 @@ def auction_summary(market: Market, a: Auction, now_ms: int | None = None) -> JS
         "bids": len(a.bids), "valid_bids": len(a.valid_bids()),
         "winner": _hex(out.winner) if out else None, "price": out.price if out else None,
         "lease": _hex(a.lease),
+        "recipient_record": auction_recipient(market, a).to_json(),
     }
 
 

@@ -18,7 +18,21 @@
     for (const [u, f] of units) { if (n >= f) { return (n / f).toFixed(1) + " " + u; } }
     return n + " B";
   }
-  function pct(score) { return score ? (score.score_ppm / 10000).toFixed(1) + "%" : "-"; }
+  // The one reputation format (as node/auction/views.py rep_text): "66.7% (3 ratings)".
+  function pct(score) {
+    if (!score) { return "-"; }
+    if (!score.ratings) { return "new (0 ratings)"; }
+    return (score.score_ppm / 10000).toFixed(1) + "% (" + score.ratings + " rating" +
+      (score.ratings === 1 ? "" : "s") + ")";
+  }
+  // A recipient's payment record as of the auction's start (views.record_text).
+  function recText(r) {
+    if (!r) { return "-"; }
+    let s = pct(r);
+    if (r.ratings) { s += ", " + r.paid + " paid / " + r.unpaid + " unpaid"; }
+    if (r.open_unpaid) { s += ", " + r.open_unpaid + " open unpaid"; }
+    return s;
+  }
 
   function cell(tr, text, cls) {
     const td = document.createElement("td");
@@ -61,6 +75,7 @@
       tr.dataset.id = a.id;
       cell(tr, short(a.id), "mono");
       cell(tr, a.service);
+      cell(tr, short(a.recipient) + " · " + recText(a.recipient_record));
       cell(tr, a.rule + (a.sealed ? " sealed" : "") + (a.group ? " group" : ""));
       cell(tr, a.status, "status-" + a.status);
       cell(tr, fmtTime(a.close_ms));
@@ -76,12 +91,12 @@
     box.replaceChildren();
     for (const a of details) {
       const h = document.createElement("h3");
-      h.textContent = "Bids on " + short(a.id) + " (" + a.service + ", " + a.status + ")";
+      h.textContent = "Bids on " + short(a.id) + " (" + a.service + ", " + a.status +
+        "; recipient paid: " + recText(a.recipient_record) + ")";
       box.appendChild(h);
       const table = document.createElement("table");
       const head = document.createElement("tr");
-      for (const t of ["bid", "provider", "price", "status", "reputation", "ratings",
-                       "satisfied"]) {
+      for (const t of ["bid", "provider", "price", "status", "reputation", "satisfied"]) {
         const th = document.createElement("th");
         th.textContent = t;
         head.appendChild(th);
@@ -90,7 +105,7 @@
       if (!a.bid_list.length) {
         const tr = document.createElement("tr");
         const td = cell(tr, "no bids yet", "muted");
-        td.colSpan = 7;
+        td.colSpan = 6;
         table.appendChild(tr);
       }
       for (const b of a.bid_list) {
@@ -101,7 +116,6 @@
         cell(tr, b.price, "num");
         cell(tr, b.status + (b.winner ? " (winner)" : ""));
         cell(tr, pct(b.reputation), "num");
-        cell(tr, b.reputation.ratings, "num");
         cell(tr, b.reputation.satisfied, "num");
         table.appendChild(tr);
       }
@@ -136,9 +150,7 @@
     fill("reputation", rep, (tr, r) => {
       cell(tr, short(r.key), "mono");
       cell(tr, pct(r.provider), "num");
-      cell(tr, r.provider.ratings, "num");
       cell(tr, pct(r.recipient), "num");
-      cell(tr, r.recipient.ratings, "num");
     }, "no ratings yet");
   }
 

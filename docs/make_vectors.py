@@ -27,6 +27,8 @@ from node.events import (  # noqa: E402
     MAX_SIGNED,
     Members,
     MemberUsage,
+    Pledge,
+    Request,
     ServiceOffer,
     domain_tag,
     sign_event,
@@ -235,6 +237,33 @@ def make_vectors() -> list[dict[str, Any]]:
     bad("float timestamp", "malformed", [1, pk, 1, None, 1.5, "bid", good_body])
     bad("record truncated by one byte", "malformed", wire=lambda sg, sig: codec.pack(
         [sg, sig])[:-1])
+    out += group_consent_vectors()
+    return out
+
+
+def group_consent_vectors() -> list[dict[str, Any]]:
+    """Derivation vector (PROTOCOL.md §9 rule 7): a group request naming one member,
+    that member's pledge (counts) and a stranger's (ignored `not_invited`). Valid events
+    each; `derivation` says what folding the three in this order must give."""
+    s_req, s_mem, s_str = seed(300), seed(301), seed(302)
+    member = sign_event(s_mem, 1, None, TS, sample_bodies()["bid"], NETWORK).author
+    req = sign_event(s_req, 1, None, TS, Request(
+        service="bandwidth", chain=(), start_ms=TS + 120_000, duration_ms=3_600_000,
+        max_rate_bps=None, min_rate_bps=None, members=Members(devices=(member,)),
+        reserve=100, currency="EUR", close_ms=TS + 60_000, reveal_ms=TS + 60_000,
+        rule="lowest", sealed=False, group=True), NETWORK)
+    out = [vector(s_req, req.signed, req.sig, valid=True, kind="request",
+                  description="group consent: a group request naming one member")]
+    out[-1]["derivation"] = {"group_consent": "request"}
+    for s, what, reason in ((s_mem, "the named member's pledge counts", None),
+                            (s_str, "a stranger's pledge is ignored", "not_invited")):
+        ev = sign_event(s, 1, None, TS + 1_000, Pledge(request=req.id, willing=True,
+                                                       amount=0 if reason else 60,
+                                                       sponsor=()), NETWORK)
+        out.append(vector(s, ev.signed, ev.sig, valid=True, kind="pledge",
+                          description=f"group consent: {what}"))
+        out[-1]["derivation"] = {"group_consent": "pledge", "counts": reason is None,
+                                 "ignored": reason}
     return out
 
 

@@ -413,6 +413,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         grace = await stack.enter_async_context(client(base, "grace", addrs[:1]))
         req_g = await erin.request("bandwidth", duration_ms=LEASE_MS, reserve=40,
                                    close_in_ms=CLOSE_MS, group=True, rule="lowest",
+                                   devices=[frank.key, grace.key],  # who may pledge
                                    note="erin, frank and grace buy together")
         for c in (frank, grace):  # they use other nodes: wait for the request to get there
             await poll("the group request to reach every member's node",

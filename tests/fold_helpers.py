@@ -84,7 +84,9 @@ def history(rnd: random.Random, n_auctions: int = 12, n_prov: int = 5, n_rec: in
             close = now + rnd.randint(10, span)
             req = Request(service="bandwidth", chain=(), start_ms=close + 60,
                           duration_ms=rnd.randint(5, 60), max_rate_bps=None,
-                          min_rate_bps=None, members=Members(), reserve=100,
+                          min_rate_bps=None, reserve=100,
+                          members=Members(devices=tuple(r.public for r in recs[:-1])
+                                          if group else ()),
                           currency="EUR", close_ms=close,
                           reveal_ms=close + (20 if sealed else 0),
                           rule=rnd.choice(RULES if sealed else RULES[::2]),

@@ -582,7 +582,8 @@ def _scenario(tmp: Path) -> tuple[list[bytes], dict[str, object]]:
     w.pub("p1", rating(sc.id, "good", "recipient", True, 5), 430)
     w.pub("p1", _offer(3, 3), 440)
     w.pub("bad", _offer(2, 3), 441)
-    g = w.pub("carol", request(group=True, close_ms=500, reveal_ms=500, start_ms=600), 450)
+    g = w.pub("carol", request(group=True, close_ms=500, reveal_ms=500, start_ms=600,
+                               members=Members(devices=(key("erin"), key("dave")))), 450)
     w.pledge("carol", g, True, 100, sponsor=("dave",), ts=460)
     w.pledge("erin", g, True, 100, ts=461)
     w.pledge("dave", g, False, ts=462)

@@ -4,13 +4,19 @@ payments on behalf of others."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from market_helpers import CLOSE, START, World, award, key, payment, rating, reasons, request
 
 from node.auction import verify_award
 from node.auction.views import lease_json
-from node.events import Members
+from node.events import Members, Request
+
+
+def group_request(*invited: str, **kw: Any) -> Request:
+    """A group request naming who may pledge (besides the requester)."""
+    return request(group=True, members=Members(devices=tuple(key(n) for n in invited)), **kw)
 
 
 @pytest.fixture
@@ -19,14 +25,15 @@ def w(tmp_path: Path) -> World:
 
 
 def test_group_award_covered_by_pledges_leases_everyone(w: World) -> None:
+    invited = ("alice-phone", "bob", "carol", "dave", "erin")
     req = w.pub("alice", request(group=True, reserve=900,
-                                 members=Members(devices=(key("alice-phone"),))), 10)
+                                 members=Members(devices=tuple(key(n) for n in invited))), 10)
     w.pledge("alice", req, True, 300, sponsor=("dave",), ts=20)
     w.pledge("bob", req, True, 200, sponsor=("dave", "erin"), ts=21)
     w.pledge("carol", req, True, 100, ts=22)
     w.pledge("dave", req, False, ts=23)
     w.pledge("erin", req, False, ts=24)
-    w.pledge("frank", req, False, ts=25)  # unwilling and nobody sponsors him
+    frank = w.pledge("frank", req, True, 0, ts=25)  # a stranger: his pledge does not count
     b = w.bid("prov", req, 600, 30)
     aw = w.pub("alice", award(req.id, b.id, 600, [b.id]), CLOSE + 1)
     m = w.market()
@@ -37,6 +44,7 @@ def test_group_award_covered_by_pledges_leases_everyone(w: World) -> None:
     for n in ("bob", "dave", "erin", "alice-phone"):
         assert lease.may_use(key(n), START)
     assert not lease.may_use(key("frank"), START)
+    assert reasons(m, frank) == ["not_invited"]
     assert set(lease.sponsorships) == {(key("alice"), key("dave")), (key("bob"), key("dave")),
                                        (key("bob"), key("erin"))}
     assert lease.shares() == {key("alice"): 300, key("bob"): 200, key("carol"): 100}
@@ -46,7 +54,7 @@ def test_group_award_covered_by_pledges_leases_everyone(w: World) -> None:
 
 
 def test_award_before_pledges_cover_the_price_is_invalid(w: World) -> None:
-    req = w.pub("alice", request(group=True, reserve=900), 10)
+    req = w.pub("alice", group_request("bob", reserve=900), 10)
     w.pledge("alice", req, True, 100, ts=20)
     w.pledge("bob", req, True, 100, ts=21)
     b = w.bid("prov", req, 300, 30)
@@ -73,7 +81,7 @@ def test_shares_split_with_largest_remainder() -> None:
 
 def test_pledge_rules(w: World) -> None:
     solo = w.pub("alice", request(), 10)
-    grp = w.pub("bob", request(group=True), 11)
+    grp = w.pub("bob", group_request("carol", "dave"), 11)
     not_group = w.pledge("carol", solo, True, 10, ts=20)
     unknown = w.pub("carol", type(not_group.body)(request=b"\x04" * 32, willing=True,
                                                   amount=1, sponsor=()), 21)
@@ -89,7 +97,7 @@ def test_pledge_rules(w: World) -> None:
 
 
 def test_group_members_cannot_bid_on_their_own_request(w: World) -> None:
-    req = w.pub("alice", request(group=True), 10)
+    req = w.pub("alice", group_request("insider"), 10)
     w.pledge("alice", req, True, 500, ts=20)
     w.pledge("insider", req, True, 10, ts=21)
     inside = w.bid("insider", req, 1, 30)
@@ -102,7 +110,7 @@ def test_group_members_cannot_bid_on_their_own_request(w: World) -> None:
 
 
 def test_sponsor_pays_on_behalf_and_members_rate(w: World) -> None:
-    req = w.pub("alice", request(group=True), 10)
+    req = w.pub("alice", group_request("bob", "carol"), 10)
     w.pledge("alice", req, True, 50, ts=20)
     w.pledge("bob", req, True, 100, sponsor=("carol",), ts=21)
     w.pledge("carol", req, False, ts=22)
@@ -118,3 +126,54 @@ def test_sponsor_pays_on_behalf_and_members_rate(w: World) -> None:
                                    key("bob"): [key("bob"), key("carol")]}
     assert reasons(m, r) == [] and m.reputation.score(key("prov"), "provider").ratings == 1
     assert m.settled(key("carol"), START + 1000) == 1
+
+
+def test_strangers_pledge_counts_for_nothing(w: World) -> None:
+    """A key the requester did not name pledges `willing, amount = 0`: ignored
+    (`not_invited`), so it is no member, cannot stream, delegate or be sponsored in."""
+    from market_helpers import ident
+
+    from node.auction import DeviceAdmission, make_delegation
+    from node.errors import Unauthorized
+
+    req = w.pub("alice", group_request("bob", "carol"), 10)
+    w.pledge("alice", req, True, 100, sponsor=("carol", "mallory"), ts=20)
+    w.pledge("bob", req, True, 100, ts=21)
+    w.pledge("carol", req, False, ts=22)
+    stranger = w.pledge("mallory", req, True, 0, ts=23)
+    b = w.bid("prov", req, 200, 30)
+    aw = w.pub("alice", award(req.id, b.id, 200, [b.id]), CLOSE + 1)
+    m = w.market()
+    assert reasons(m, stranger) == ["not_invited"]
+    assert key("mallory") not in m.auctions[req.id].pledges
+    lease = m.leases[aw.id]
+    assert set(lease.group_members) == {key("alice"), key("bob"), key("carol")}
+    assert (key("alice"), key("carol")) in lease.sponsorships  # sponsors still work
+    assert not lease.may_use(key("mallory"), START)
+    assert lease.may_use(key("carol"), START) and lease.may_use(key("bob"), START)
+    token = make_delegation(ident("mallory"), lease.id, key("mallory-phone"), "phone")
+    with pytest.raises(Unauthorized):
+        DeviceAdmission(lease).admit(key("mallory-phone"), START, token)
+    with pytest.raises(Unauthorized):
+        DeviceAdmission(lease).admit(key("mallory"), START)
+
+
+def test_group_consent_vector() -> None:
+    """docs/test-vectors.json's group-consent vectors derive as they say."""
+    import json
+
+    from node.auction import derive
+    from node.events import decode_wire
+
+    root = Path(__file__).resolve().parent.parent
+    vecs = [v for v in json.loads((root / "docs" / "test-vectors.json").read_text())
+            if "group_consent" in v.get("derivation", {})]
+    assert [v["derivation"]["group_consent"] for v in vecs] == ["request", "pledge", "pledge"]
+    evs = [decode_wire(bytes.fromhex(v["wire_hex"]), v["network"]) for v in vecs]
+    m = derive(evs)
+    a = m.auctions[evs[0].id]
+    for v, ev in zip(vecs[1:], evs[1:], strict=True):
+        d = v["derivation"]
+        assert (ev.author in a.pledges) is d["counts"]
+        got = [i.reason for i in m.ignored if i.event_id == ev.id]
+        assert got == ([d["ignored"]] if d["ignored"] else [])

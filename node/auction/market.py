@@ -363,6 +363,9 @@ class Market:
             return self._ignore(ev, "not_group_request")
         if ev.ts_ms > a.request.close_ms:
             return self._ignore(ev, "late")
+        if ev.author != a.recipient and ev.author not in a.request.members.devices:
+            # Consent: the requester names the group (docs/auctions.md "Groups").
+            return self._ignore(ev, "not_invited")
         old = a.pledges.get(ev.author)
         if old is not None:
             self.ignored.append(Ignored(old.event_id, "pledge", "replaced"))

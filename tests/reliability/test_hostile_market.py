@@ -260,6 +260,8 @@ CASES: dict[str, HostileCase] = {
     "pledge after close": lambda b: (b.w.pub("X", Pledge(request=b.greq.id, willing=True,
                                                          amount=5), 101), "late"),
     "pledge to an unknown request": _pledge_unknown_request,
+    "pledge by a key the group request does not name": lambda b: (
+        b.w.pub("X", Pledge(request=b.greq.id, willing=True, amount=0), 50), "not_invited"),
     "request closing before it was posted": lambda b: (b.w.pub("X", request(close_ms=5,
                                                                             reveal_ms=5), 50),
                                                        "closes_before_posted"),

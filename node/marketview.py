@@ -86,8 +86,11 @@ class MarketView:
         eng = self.engine
         forks = self.ledger.forked()
         if forks != self._forks:
-            gone = [i for i, ev in eng.events.items()
-                    if ev.seq >= forks.get(ev.author, 1 << 62)]
+            gone: list[bytes] = []
+            for author, seq in forks.items():  # only authors whose fork is new or earlier
+                if seq < self._forks.get(author, 1 << 62):
+                    gone += [r[0] for r in self.ledger.db.execute(
+                        "SELECT id FROM events WHERE author = ? AND seq >= ?", (author, seq))]
             self._forks = forks
             eng.remove(gone)
         old = self._horizon

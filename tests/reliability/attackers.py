@@ -1,0 +1,938 @@
+"""Hostile peers as code (issue 12): each attack class of the open network, played
+from this process with real libp2p hosts (node.p2p, py-libp2p) against real node
+processes (`bidmesh run`, started by tests/daemon_helpers.py). Used by
+`bench/hostile.py` (full volumes, figures) and tests/reliability/test_hostile_network.py
+(small volumes, survival asserts).
+
+Every attack is bounded (counts, bytes and a deadline), talks to loopback only, and
+returns its figures plus `failures`: the attack-specific promises that did not hold
+(e.g. "honest peer refused"). Whether the victim survived, its memory and the honest
+latency are measured by the caller. Attacks never weaken themselves to pass: a
+figure that misses its target is reported as such.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import trio
+from daemon_helpers import NETWORK, Proc
+
+from node import codec, gossip, p2p, query, sync
+from node.dataplane import process_protocol, stream_protocol
+from node.dataplane.wire import ProcessRequest, session_protocol
+from node.errors import BidmeshError
+from node.events import Offer, ServiceOffer, sign_event
+from node.keys import Identity
+
+ATTACK_ERRORS = (BidmeshError, OSError, trio.TooSlowError, trio.BrokenResourceError,
+                 trio.ClosedResourceError)
+# py-libp2p raises many unrelated exception types from dials and streams of a
+# victim that is going down (swarm, yamux, multiselect errors); an attacker shrugs
+# them all off and counts them. Never used around our own checks.
+ANY_UPSTREAM = Exception
+
+LIBP2P_PROTOCOLS = {
+    "identify": "/ipfs/id/1.0.0",
+    "identify_push": "/ipfs/id/push/1.0.0",
+    "ping": "/ipfs/ping/1.0.0",
+    "meshsub_1.1": "/meshsub/1.1.0",
+    "meshsub_1.2": "/meshsub/1.2.0",
+}
+
+
+def own_protocols(network: str = NETWORK) -> dict[str, str]:
+    """Our protocols (and the tunnel's once it exists)."""
+    protos = {"sync": sync.protocol_id(network), "query": query.protocol_id(network),
+              "stream": stream_protocol(network), "process": process_protocol(network),
+              "process_session": session_protocol(network)}
+    try:  # issue 12 "tunnel": attacked as soon as it lands
+        from node import tunnel  # type: ignore[attr-defined]
+        protos["tunnel"] = tunnel.protocol_id(network)
+    except (ImportError, AttributeError):
+        pass
+    return protos
+
+
+def ident(tag: str, i: int = 0) -> Identity:
+    return Identity.from_seed((f"{tag}:{i}:").encode().ljust(32, b"~")[:32])
+
+
+@dataclass
+class Target:
+    """The victim (and its honest peer) as seen by an attacker."""
+
+    victim: Proc
+    honest: Proc
+    http_port: int | None = None
+    network: str = NETWORK
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    figures: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, reason: str) -> None:
+        if not ok:
+            self.failures.append(reason)
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def call(p: Proc, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:
+    """A control call that returns None instead of raising (the victim may be down)."""
+    try:
+        out: dict[str, Any] = await in_thread(lambda: p.call(req, timeout))
+        return out
+    except BidmeshError:
+        return None
+
+
+async def honest_digest(host: p2p.P2PHost, p: Proc, timeout: float = 5.0) -> tuple[bool, str]:
+    """One honest DIGEST request: (answered, why not)."""
+    try:
+        if not host.is_connected(p.peer_id):
+            await host.connect(p.addr, timeout=timeout)
+        data = await p2p.request(host, p.peer_id, query.protocol_id(NETWORK),
+                                 query.GetDigest().encode(), query.MAX_RESPONSE, timeout)
+        query.decode_response(data)
+        return True, ""
+    except p2p.RequestRefused as e:
+        return False, f"refused {e.reason}"
+    except ATTACK_ERRORS as e:
+        return False, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def big_offer(i: int) -> Offer:
+    """An offer near the envelope limit (~8 KB): the largest body a stranger can sign
+    without breaking a schema limit."""
+    services = tuple(ServiceOffer(name=f"s{i % 10}-{j:02d}-" + "x" * 56, price=1, capacity=1)
+                     for j in range(64))
+    addrs = tuple(f"/dns4/{'a' * 200}{j}.example/tcp/{4000 + j}" for j in range(8))
+    return Offer(services=services, currency="EUR", addrs=addrs, note="n" * 280)
+
+
+def small_offer(i: int, note: str = "") -> Offer:
+    return Offer(services=(), currency="EUR", addrs=(), note=f"{note}{i}")
+
+
+# ------------------------------------------------------------------ HTTP
+
+async def _http_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the HTTP API, return whatever comes back before close/timeout."""
+    out = b""
+    with trio.move_on_after(timeout):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            try:
+                await stream.send_all(data)
+                while len(out) < 1 << 20:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    out += chunk
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    return out
+
+
+async def http_head(t: Target, scale: dict[str, Any]) -> Outcome:
+    o = Outcome()
+    if t.http_port is None:
+        o.failures.append("HTTP API not running on the victim")
+        return o
+    answers = []
+    for path in ("/", "/api/health", "/api/digest", "/metrics", "/nosuch"):
+        answers.append(await _http_exchange(
+            t.http_port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 3.0))
+    # A HEAD then a GET on one keep-alive connection: the GET must get its own answer.
+    both = await _http_exchange(t.http_port, b"HEAD /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+                                b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                                3.0)
+    o.figures["head_status_lines"] = [a.split(b"\r\n", 1)[0].decode("latin-1") for a in answers]
+    o.check(all(a.startswith(b"HTTP/1.1 ") for a in answers), "HEAD not answered")
+    o.check(all(b"\r\n\r\n" not in a or a.split(b"\r\n\r\n", 1)[1] == b"" for a in answers),
+            "HEAD answered with a body")
+    o.check(both.count(b"HTTP/1.1 ") >= 2, "GET after HEAD on one connection not answered")
+    return o
+
+
+MALFORMED_HTTP = [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),  # a TLS ClientHello
+    b"GET\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffff\r\n",
+    b"POST /api/digest HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 1000,
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 5000 + b"\r\n",
+    b"GET /api/auctions/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /api/events?limit=-5&after=zz&kind=%00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET http://evil/api/digest HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"CONNECT x:1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"\r\n" * 1000,
+    bytes(range(256)) * 8,
+    b"GET / HTTP/1.1\r\nHost: x\r\n",  # never finished: the server's timeout ends it
+]
+
+
+async def http_malformed(t: Target, scale: dict[str, Any]) -> Outcome:
+    o = Outcome()
+    if t.http_port is None:
+        o.failures.append("HTTP API not running on the victim")
+        return o
+    answered = 0
+    wait = float(scale.get("http_wait_s", 12.0))
+    async with trio.open_nursery() as n:
+        async def one(data: bytes) -> None:
+            nonlocal answered
+            try:
+                if await _http_exchange(t.http_port or 0, data, wait):
+                    answered += 1
+            except OSError:
+                pass
+        for data in MALFORMED_HTTP:
+            n.start_soon(one, data)
+    o.figures["requests"] = len(MALFORMED_HTTP)
+    o.figures["answered"] = answered
+    ok = await _http_exchange(t.http_port, b"GET /api/health HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: close\r\n\r\n", 5.0)
+    o.check(ok.startswith(b"HTTP/1.1 200"), "GET /api/health failed after the malformed requests")
+    return o
+
+
+# ------------------------------------------------------------------ malformed frames
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def frame_payloads(name: str) -> list[bytes]:
+    """Malformed first frames for a protocol (varint-framed protobuf for py-libp2p's,
+    u32-length frames for ours)."""
+    if name in LIBP2P_PROTOCOLS:
+        return [
+            _varint(1 << 62) + b"\xff" * 16,            # a huge length
+            _varint(9) + b"\xff" * 9,                      # invalid protobuf
+            _varint(5) + b"\x0a\x7f\x01\x02\x03",          # field 1 claims 127 bytes, has 3
+            b"\xff" * 11,                                  # a varint that never ends
+            _varint(40) + b"\x12",                         # truncated, then EOF
+            os.urandom(7),                                 # ping: fewer than 32 bytes
+            os.urandom(33),
+        ]
+    return [
+        (0xFFFFFFFF).to_bytes(4, "big") + b"x" * 8,        # a 4 GiB length
+        (8).to_bytes(4, "big") + b"\xc1" * 8,               # not msgpack
+        (5).to_bytes(4, "big") + codec.pack([1, "x", None]),  # wrong shape
+        (12).to_bytes(4, "big") + b"\x00" * 12,             # zero bytes
+        codec.pack([7, [[[[[[]]]]]]]).rjust(24, b"\x00"),   # no valid length
+        (30).to_bytes(4, "big") + b"\x93\xcf" + b"\xff" * 28,
+        (3).to_bytes(4, "big"),                             # truncated, then EOF
+    ]
+
+
+async def malformed_frames(t: Target, scale: dict[str, Any]) -> Outcome:
+    """Malformed frames on one protocol (`scale["protocol"]`), each on its own stream,
+    from a fresh identity per frame (so a cut-off does not stop the attack)."""
+    o = Outcome()
+    name: str = scale["protocol"]
+    proto = {**LIBP2P_PROTOCOLS, **own_protocols(t.network)}[name]
+    sent, negotiated, errors = 0, 0, 0
+    payloads = frame_payloads(name)
+    for attempt in range(len(payloads)):  # a new identity whenever the victim cuts us off
+        if sent + errors >= len(payloads):
+            break
+        try:
+            async with p2p.open_host(ident(f"frame-{name}", attempt).seed) as h:
+                with trio.fail_after(5):
+                    await h.connect(t.victim.addr, timeout=5)
+                for payload in payloads[sent + errors:]:
+                    with trio.fail_after(5):
+                        s = await h.new_stream(t.victim.peer_id, proto, timeout=5)
+                    negotiated += 1
+                    try:
+                        await s.write(payload)
+                        sent += 1
+                        with trio.move_on_after(0.5):
+                            await s.read(65536)
+                    finally:
+                        await p2p.reset_quietly(s)
+        except ANY_UPSTREAM:
+            errors += 1
+    o.figures.update(protocol=proto, frames_sent=sent, streams=negotiated, attacker_errors=errors)
+    return o
+
+
+# ------------------------------------------------------------------ many identities
+
+async def many_identities(t: Target, scale: dict[str, Any]) -> Outcome:
+    """`n` distinct identities connect one after another (a few at a time), each
+    leaving once connected: a busy public node sees this without any attacker."""
+    o = Outcome()
+    n, conc = int(scale["identities"]), int(scale.get("concurrency", 48))
+    ok = fail = 0
+    limiter = trio.CapacityLimiter(conc)
+
+    async def one(i: int) -> None:
+        nonlocal ok, fail
+        async with limiter:
+            try:
+                with trio.fail_after(15):
+                    async with p2p.open_host(ident("crowd", i).seed) as h:
+                        await h.connect(t.victim.addr, timeout=10)
+                        ok += 1
+                        # Stay until the victim has identified us (our listen
+                        # addresses in its peerstore), as a real peer would.
+                        await trio.sleep(float(scale.get("crowd_hold_s", 1.0)))
+            except ANY_UPSTREAM:
+                fail += 1
+
+    t0 = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(one, i)
+    o.figures.update(identities=n, connected=ok, failed=fail,
+                     seconds=round(time.monotonic() - t0, 1))
+    return o
+
+
+# ------------------------------------------------------------------ control socket
+
+CONTROL_BAD_VALUES: list[Any] = [None, 0, -1, (1 << 64) - 1, -(1 << 63), 1.5, float("nan"),
+                                 True, "", "x" * 300, b"\xff", [], [None],
+                                 [1, [2]], {}, {"a": None}, [[]]]
+CONTROL_FIELDS = ["peers", "peer", "addr", "keep", "events", "seconds", "op"]
+
+
+def control_requests(ops: list[str]) -> list[dict[str, Any]]:
+    """Every op with each field set to every wrongly typed value (never a valid peer
+    id or address: the attack must not block or connect anything real)."""
+    reqs: list[dict[str, Any]] = [{"op": v} for v in CONTROL_BAD_VALUES if v not in ("",)]
+    for op in ops:
+        if op in ("stop", "shutdown"):
+            continue
+        for f in CONTROL_FIELDS[:-1]:
+            for v in CONTROL_BAD_VALUES:
+                reqs.append({"op": op, f: v})
+        reqs.append({"op": op, "peers": ["x", 5], "seconds": 1})
+        reqs.append({"op": op, "events": [["offer", {"services": 5}]]})
+        reqs.append({"op": op, "events": [["offer", {"services": [{"name": 1}], "currency": 5,
+                                                     "addrs": [None]}]]})
+        reqs.append({"op": op, "events": [["offer", []], [None, None], ["x"]]})
+        reqs.append({"op": op, "events": [["request", {"service": ["a"], "start_ms": "1"}]]})
+        reqs.append({"op": op, "peer": "12D3KooW" + "1" * 44, "addr": "/ip4/1.2.3.4/tcp/x"})
+    return reqs
+
+
+def _raw_control(p: Proc, obj: Any, timeout: float = 5.0) -> bool:
+    """Send one msgpack request (any value) over the control socket; True if answered."""
+    data = msgpack.packb(obj, use_bin_type=True)  # not canonical on purpose
+    path = p.data_dir / "control.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(len(data).to_bytes(4, "big") + data)
+            head = s.recv(4)
+            return len(head) == 4
+    except OSError:
+        return False
+
+
+def _control_ops(p: Proc) -> list[str]:
+    try:
+        p.call({"op": "\x00no such op"})
+    except BidmeshError as e:
+        if "known: " in str(e):
+            return [x.strip() for x in str(e).split("known: ", 1)[1].split(",")]
+    return ["status", "publish", "connect", "block", "unblock", "sync"]
+
+
+async def control_bad_types(t: Target, scale: dict[str, Any]) -> Outcome:
+    o = Outcome()
+    ops = await in_thread(_control_ops, t.victim)
+    reqs = control_requests(ops)
+    extra: list[Any] = [[1, 2], "status", 5, None, {"op": "status", 1: 2}, {b"op": b"status"}]
+
+    def run_all() -> tuple[int, int]:
+        answered = unanswered = 0
+        for r in reqs + extra:
+            if not t.victim.alive():
+                break
+            if _raw_control(t.victim, r):
+                answered += 1
+            else:
+                unanswered += 1
+        return answered, unanswered
+
+    answered, unanswered = await in_thread(run_all)
+    o.figures.update(ops=ops, requests=len(reqs) + len(extra), answered=answered,
+                     unanswered=unanswered)
+    o.check(unanswered == 0, f"{unanswered} control requests got no answer")
+    return o
+
+
+# ------------------------------------------------------------------ gossip attackers
+
+class Gossiper:
+    """A pubsub host on the victim's topic that publishes whatever it is given."""
+
+    def __init__(self, host: p2p.P2PHost, ps: p2p.PubSub, t: Target) -> None:
+        self.host, self.ps, self.t = host, ps, t
+        self.topic = ps.topic(gossip.topic_name(t.network))
+        self.sent = 0
+        self.bytes = 0
+
+    async def ready(self, timeout: float = 15.0) -> bool:
+        await self.host.connect(self.t.victim.addr)
+        sub = await self.topic.subscribe()
+        del sub
+        with trio.move_on_after(timeout):
+            while self.t.victim.peer_id not in {str(p) for p in self.topic.peers()}:
+                await trio.sleep(0.05)
+            return True
+        return False
+
+    async def send_batches(self, wires: list[bytes], max_bytes: int = 240_000) -> None:
+        batch: list[bytes] = []
+        size = 0
+        for w in wires:
+            if batch and (size + len(w) + 8 > max_bytes or len(batch) >= 256):
+                await self._publish(batch)
+                batch, size = [], 0
+            batch.append(w)
+            size += len(w) + 8
+        if batch:
+            await self._publish(batch)
+
+    async def _publish(self, batch: list[bytes]) -> None:
+        data = gossip.encode_batch(batch)
+        if not self.host.is_connected(self.t.victim.peer_id):
+            raise trio.BrokenResourceError("victim disconnected us")
+        await self.topic.publish(data, timeout=2.0)
+        self.sent += len(batch)
+        self.bytes += len(data)
+
+
+async def run_gossiper(t: Target, tag: str, body: Callable[[Gossiper], Awaitable[None]]) -> str:
+    """Run `body` with a fresh gossiping identity; return how it ended."""
+    try:
+        async with p2p.open_host(ident(tag).seed) as h, p2p.make_pubsub(h) as ps:
+            g = Gossiper(h, ps, t)
+            if not await g.ready():
+                return "victim never joined our topic"
+            await body(g)
+            return "done"
+    except ANY_UPSTREAM as e:
+        return f"ended: {type(e).__name__}: {str(e)[:100]}"
+
+
+def orphan_chains(tag: str, keys: int, per_key: int, large: bool, ts_ms: int) -> list[bytes]:
+    """`keys` authors, each `per_key` events chained from a predecessor nobody has
+    (seq 2 onward from a made-up seq 1): every one lands in the pending buffer."""
+    wires = []
+    for k in range(keys):
+        ik = ident(tag, k)
+        prev = random.Random(k).randbytes(32)
+        for s in range(per_key):
+            body = big_offer(s) if large else small_offer(s, tag)
+            ev = sign_event(ik.seed, s + 2, prev, ts_ms + s, body, NETWORK)
+            wires.append(ev.wire)
+            prev = ev.id
+    # Interleave authors the way a flood would arrive.
+    return [wires[k * per_key + s] for s in range(per_key) for k in range(keys)]
+
+
+async def pending_flood(t: Target, scale: dict[str, Any]) -> Outcome:
+    """Many keys x events with missing predecessors, large bodies, by gossip; then an
+    honest author's out-of-order pair by SUBMIT must still be held and completed."""
+    o = Outcome()
+    keys, per_key = int(scale["pending_keys"]), int(scale["pending_events"])
+    wires = await in_thread(orphan_chains, "pending", keys, per_key, True,
+                            int(time.time() * 1000) - 60_000)
+    before = await call(t.victim, {"op": "status"})
+    end = await run_gossiper(t, "pending-flooder", lambda g: g.send_batches(wires))
+    after = await call(t.victim, {"op": "status"})
+    o.figures.update(events_sent=len(wires), mb_sent=round(sum(map(len, wires)) / 2**20, 1),
+                     attacker=end)
+    if after is not None:
+        o.figures["victim_pending"] = after["pending"]
+        o.figures["victim_pending_before"] = before["pending"] if before else None
+    # The honest out-of-order pair: seq 2 first (held), then seq 1 (both stored).
+    honest = ident("pending-honest", int(time.time()))
+    e1 = sign_event(honest.seed, 1, None, int(time.time() * 1000), small_offer(1), NETWORK)
+    e2 = sign_event(honest.seed, 2, e1.id, int(time.time() * 1000) + 1, small_offer(2), NETWORK)
+    statuses = []
+    try:
+        async with p2p.open_host(honest.seed) as h:
+            await h.connect(t.victim.addr)
+            for w in (e2.wire, e1.wire):
+                data = await p2p.request(h, t.victim.peer_id, query.protocol_id(NETWORK),
+                                         query.Submit((w,)).encode(), query.MAX_RESPONSE, 10)
+                resp = query.decode_response(data)
+                assert isinstance(resp, query.Submitted)
+                statuses.append(resp.results[0].status + (
+                    f":{resp.results[0].reason}" if resp.results[0].reason else ""))
+    except ANY_UPSTREAM as e:
+        statuses.append(f"error {type(e).__name__}: {str(e)[:80]}")
+    o.figures["honest_out_of_order"] = statuses
+    o.check(len(statuses) == 2 and statuses[0].startswith("pending")
+            and statuses[1].startswith("accepted"),
+            f"honest out-of-order events not held: {statuses}")
+    return o
+
+
+async def gap_storm(t: Target, scale: dict[str, Any]) -> Outcome:
+    """`authors` fresh authors with one event at seq 2 each; the attacker then leaves.
+    What matters is the work the victim and its honest peer keep doing afterwards."""
+    o = Outcome()
+    n = int(scale["gap_authors"])
+    now = int(time.time() * 1000)
+
+    def build() -> list[bytes]:
+        return [sign_event(ident("gap", i).seed, 2, random.Random(i).randbytes(32), now,
+                           small_offer(i, "gap"), NETWORK).wire for i in range(n)]
+
+    wires = await in_thread(build)
+    end = await run_gossiper(t, "gap-stormer", lambda g: g.send_batches(wires))
+    o.figures.update(authors=n, attacker=end)
+    st = await call(t.victim, {"op": "status"})
+    if st is not None:
+        o.figures["victim_gaps"] = st["gaps"]
+        o.figures["victim_pending"] = st["pending"]
+    return o
+
+
+async def gossip_flood(t: Target, scale: dict[str, Any]) -> Outcome:
+    """One peer gossips valid, chained events of many keys as fast as it can."""
+    o = Outcome()
+    seconds = float(scale["flood_s"])
+    keys = 64
+    chains = [(ident("flood", k), None) for k in range(keys)]
+    seqs = [0] * keys
+    prevs: list[bytes | None] = [None] * keys
+    st0 = await call(t.victim, {"op": "status"})
+
+    async def body(g: Gossiper) -> None:
+        deadline = trio.current_time() + seconds
+        i = 0
+        while trio.current_time() < deadline:
+            batch = []
+            for _ in range(256):
+                k = i % keys
+                seqs[k] += 1
+                ev = sign_event(chains[k][0].seed, seqs[k], prevs[k], int(time.time() * 1000),
+                                small_offer(i, "f" * 200), NETWORK)
+                prevs[k] = ev.id
+                batch.append(ev.wire)
+                i += 1
+            await g._publish(batch)
+            await trio.sleep(0)
+
+    end = await run_gossiper(t, "gossip-flooder", body)
+    st1 = await call(t.victim, {"op": "status"})
+    sent = sum(seqs)
+    o.figures.update(events_sent=sent, seconds=seconds, attacker=end)
+    if st0 and st1:
+        stored = st1["events"] - st0["events"]
+        o.figures["stored_by_victim"] = stored
+        o.figures["stored_per_s"] = round(stored / seconds, 1)
+        limit = float(scale.get("gossip_peer_events_per_s", 500.0))
+        o.check(stored <= limit * seconds + 1000,
+                f"one peer's gossip stored at {stored / seconds:.0f} events/s "
+                f"(no per-peer budget; expected <= {limit:.0f}/s)")
+    return o
+
+
+async def submit_flood(t: Target, scale: dict[str, Any]) -> Outcome:
+    """SUBMIT bursts of 16 records, each from a new identity (rotating keys)."""
+    o = Outcome()
+    n = int(scale["submit_identities"])
+    now = int(time.time() * 1000)
+    accepted = refused = errors = 0
+    t0 = trio.current_time()
+
+    async def one(i: int) -> None:
+        nonlocal accepted, refused, errors
+        idn = ident("submit", i)
+        wires, prev = [], None
+        for s in range(16):
+            ev = sign_event(idn.seed, s + 1, prev, now + s, small_offer(s, "sub"), NETWORK)
+            wires.append(ev.wire)
+            prev = ev.id
+        try:
+            async with p2p.open_host(idn.seed) as h:
+                await h.connect(t.victim.addr)
+                for _ in range(20):  # many bursts per identity
+                    try:
+                        data = await p2p.request(h, t.victim.peer_id, query.protocol_id(NETWORK),
+                                                 query.Submit(tuple(wires)).encode(),
+                                                 query.MAX_RESPONSE, 10)
+                        resp = query.decode_response(data)
+                        assert isinstance(resp, query.Submitted)
+                        accepted += sum(r.status == "accepted" for r in resp.results)
+                        wires = _next_chain(idn, wires, now)
+                    except p2p.RequestRefused:
+                        refused += 1
+        except ANY_UPSTREAM:
+            errors += 1
+
+    limiter = trio.CapacityLimiter(8)
+
+    async def limited(i: int) -> None:
+        async with limiter:
+            await one(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(limited, i)
+    took = max(0.1, trio.current_time() - t0)
+    rate = float(scale.get("submit_rate", 50.0))
+    o.figures.update(identities=n, accepted=accepted, refused=refused, errors=errors,
+                     seconds=round(took, 1), accepted_per_s=round(accepted / took, 1))
+    o.check(accepted <= 200 + 2 * rate * took,
+            f"{accepted / took:.0f} records/s accepted from rotating identities "
+            f"(limit {rate:.0f}/s per node not held)")
+    return o
+
+
+def _next_chain(idn: Identity, wires: list[bytes], now: int) -> list[bytes]:
+    from node.events import decode_wire
+    last = decode_wire(wires[-1], NETWORK)
+    out, prev = [], last.id
+    for s in range(16):
+        ev = sign_event(idn.seed, last.seq + s + 1, prev, now + last.seq + s,
+                        small_offer(s, "sub"), NETWORK)
+        out.append(ev.wire)
+        prev = ev.id
+    return out
+
+
+# ------------------------------------------------------------------ time
+
+async def submit_events(t: Target, idn: Identity, wires: list[bytes]) -> list[str]:
+    out = []
+    async with p2p.open_host(idn.seed) as h:
+        await h.connect(t.victim.addr)
+        for i in range(0, len(wires), 16):
+            data = await p2p.request(h, t.victim.peer_id, query.protocol_id(NETWORK),
+                                     query.Submit(tuple(wires[i:i + 16])).encode(),
+                                     query.MAX_RESPONSE, 10)
+            resp = query.decode_response(data)
+            assert isinstance(resp, query.Submitted)
+            out += [r.status for r in resp.results]
+    return out
+
+
+async def market_lookup_ms(host: p2p.P2PHost, p: Proc, rounds: int) -> list[float]:
+    """After each new honest event on `p`, time one market lookup (REPUTATION, which
+    folds the market) from an honest peer."""
+    out = []
+    for i in range(rounds):
+        await call(p, {"op": "publish", "events": [["offer", {
+            "services": [], "currency": "EUR", "addrs": [], "note": f"lookup {i}"}]]})
+        t0 = time.perf_counter()
+        try:
+            await p2p.request(host, p.peer_id, query.protocol_id(NETWORK),
+                              query.ReputationBundle((p.ident.public,)).encode(),
+                              query.MAX_RESPONSE, 20)
+            out.append((time.perf_counter() - t0) * 1000)
+        except ATTACK_ERRORS:
+            out.append(20_000.0)
+    return out
+
+
+async def far_future(t: Target, scale: dict[str, Any]) -> Outcome:
+    """One valid event dated 45 days ahead and one at ts 2^53-1; market lookups after
+    new events must stay as fast as before."""
+    o = Outcome()
+    rounds = int(scale.get("lookup_rounds", 8))
+    async with p2p.open_host(ident("lookup-client").seed) as h:
+        await h.connect(t.victim.addr)
+        before = await market_lookup_ms(h, t.victim, rounds)
+        now = int(time.time() * 1000)
+        a, b = ident("future", 1), ident("future", 2)
+        wires = [sign_event(a.seed, 1, None, now + 45 * 86_400_000, small_offer(1, "fut"),
+                            NETWORK).wire,
+                 sign_event(b.seed, 1, None, (1 << 53) - 1, small_offer(2, "fut"), NETWORK).wire]
+        statuses = await submit_events(t, a, wires)
+        after = await market_lookup_ms(h, t.victim, rounds)
+    med_b, med_a = sorted(before)[len(before) // 2], sorted(after)[len(after) // 2]
+    o.figures.update(submitted=statuses, lookup_ms_before=round(med_b, 1),
+                     lookup_ms_after=round(med_a, 1))
+    o.check(med_a <= 3 * max(med_b, 5.0),
+            f"market lookup {med_b:.0f} ms -> {med_a:.0f} ms after one far-future event")
+    return o
+
+
+async def back_dated(t: Target, scale: dict[str, Any]) -> Outcome:
+    """Back-dated events (fresh authors, ts in the distant past) at a steady rate."""
+    o = Outcome()
+    n = int(scale.get("back_dated", 40))
+    wires = [sign_event(ident("past", i).seed, 1, None, 1_000 + i, small_offer(i, "past"),
+                        NETWORK).wire for i in range(n)]
+    statuses: list[str] = []
+    seconds = float(scale.get("back_dated_s", 4.0))
+    async with p2p.open_host(ident("past-sender").seed) as h:
+        await h.connect(t.victim.addr)
+        for i, w in enumerate(wires):
+            try:
+                data = await p2p.request(h, t.victim.peer_id, query.protocol_id(NETWORK),
+                                         query.Submit((w,)).encode(), query.MAX_RESPONSE, 20)
+                resp = query.decode_response(data)
+                assert isinstance(resp, query.Submitted)
+                statuses.append(resp.results[0].status)
+            except p2p.RequestRefused as e:
+                statuses.append(e.reason)
+            await trio.sleep(seconds / n)
+            del i
+    o.figures.update(sent=n, accepted=statuses.count("accepted"))
+    return o
+
+
+# ------------------------------------------------------------------ sync tarpit
+
+class Tarpit:
+    """Serves our sync protocol with endless HEADS pages and RANGE answers just under
+    the requester's timeout; counts the requests it held."""
+
+    def __init__(self, request_timeout_s: float) -> None:
+        self.delay = request_timeout_s * 0.9
+        self.requests = 0
+        self.next_author = 0
+
+    async def handler(self, pubkey: bytes, payload: bytes) -> bytes:
+        req = sync.decode_request(payload)
+        self.requests += 1
+        if isinstance(req, sync.DigestRequest):
+            return sync.DigestResponse(os.urandom(32), 1 << 20, 0).encode()
+        await trio.sleep(self.delay)
+        if isinstance(req, sync.HeadsRequest):
+            heads = []
+            for _ in range(req.limit):
+                self.next_author += 1
+                author = (b"\xfe" + self.next_author.to_bytes(31, "big"))
+                if req.after is not None and author <= req.after:
+                    author = req.after[:31] + bytes([min(255, req.after[31] + 1)])
+                heads.append(sync.HeadEntry(author, 1 << 40, os.urandom(32), None))
+            heads.sort(key=lambda h: h.author)
+            uniq = [h for i, h in enumerate(heads) if i == 0 or h.author != heads[i - 1].author]
+            return sync.HeadsResponse(tuple(uniq), True).encode()
+        if isinstance(req, sync.RangeRequest):
+            return sync.RangeResponse((), True).encode()
+        return sync.ForksResponse(()).encode()
+
+
+async def run_tarpits(addr: str, peer_id: str, n: int, timeout_s: float,
+                      ready: trio.Event, stop: trio.Event, tarpits: list[Tarpit]) -> None:
+    """`n` tarpit identities connected to `addr` until `stop`."""
+    async def one(i: int) -> None:
+        tp = Tarpit(timeout_s)
+        tarpits.append(tp)
+        try:
+            async with p2p.open_host(ident("tarpit", i).seed) as h:
+                p2p.serve_requests(h, sync.protocol_id(NETWORK), tp.handler, sync.MAX_REQUEST,
+                                   timeout=math.inf, max_concurrent=1 << 16)
+                await h.connect(addr)
+                await stop.wait()
+        except ANY_UPSTREAM:
+            return
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(one, i)
+        with trio.move_on_after(15):
+            while sum(1 for tp in tarpits if tp.requests) < min(n, 4):
+                await trio.sleep(0.05)
+        ready.set()
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ connections and streams
+
+async def fill_connections(t: Target, scale: dict[str, Any]) -> Outcome:
+    """64 idle identities take every connection; then the victim's own bootstrap
+    dial to its honest peer and a new honest peer must still get in."""
+    o = Outcome()
+    n = int(scale.get("idle_identities", 64))
+    stop = trio.Event()
+    held = 0
+
+    async def idle(i: int) -> None:
+        nonlocal held
+        try:
+            async with p2p.open_host(ident("idle", i).seed) as h:
+                await h.connect(t.victim.addr)
+                held += 1
+                await stop.wait()
+        except ANY_UPSTREAM:
+            return
+
+    async with trio.open_nursery() as nursery:
+        # Drop the honest link first (a short block, then unblock so the victim
+        # redials its bootstrap peer while the idle identities hold the slots).
+        await call(t.victim, {"op": "block", "peers": [t.honest.peer_id], "seconds": 30})
+        for i in range(n):
+            nursery.start_soon(idle, i)
+        with trio.move_on_after(20):
+            while held < n:
+                await trio.sleep(0.05)
+        await call(t.victim, {"op": "unblock", "peers": [t.honest.peer_id]})
+        reconnected = False
+        with trio.move_on_after(float(scale.get("reconnect_wait_s", 8))):
+            while True:
+                st = await call(t.victim, {"op": "status"})
+                if st and t.honest.peer_id in st["peers"]:
+                    reconnected = True
+                    break
+                await trio.sleep(0.2)
+        async with p2p.open_host(ident("newcomer", int(time.time())).seed) as nh:
+            newcomer_ok, why = await honest_digest(nh, t.victim)
+        stop.set()
+    o.figures.update(idle_held=held, bootstrap_redial_ok=reconnected, newcomer_served=newcomer_ok)
+    o.check(reconnected, "the victim's bootstrap dial to its honest peer was starved")
+    o.check(newcomer_ok, f"a new honest peer was refused ({why})")
+    return o
+
+
+async def idle_streams(t: Target, scale: dict[str, Any]) -> Outcome:
+    """One peer holds 64 idle streams on each request protocol (re-opening what the
+    victim closes) while an honest peer makes requests."""
+    o = Outcome()
+    per = int(scale.get("idle_streams", 64))
+    seconds = float(scale.get("idle_streams_s", 4.0))
+    protos = [query.protocol_id(t.network), sync.protocol_id(t.network),
+              process_protocol(t.network), session_protocol(t.network),
+              stream_protocol(t.network)][:int(scale.get("idle_protocols", 5))]
+    opened = 0
+    honest_ok = honest_fail = 0
+    reasons: dict[str, int] = {}
+    stop = trio.Event()
+    async with p2p.open_host(ident("hog").seed) as hog, \
+            p2p.open_host(ident("polite").seed) as good:
+        await hog.connect(t.victim.addr)
+        await good.connect(t.victim.addr)
+
+        async def hold(proto: str) -> None:
+            nonlocal opened
+            while not stop.is_set():
+                try:
+                    s = await hog.new_stream(t.victim.peer_id, proto, timeout=5)
+                    opened += 1
+                except ANY_UPSTREAM:
+                    await trio.sleep(0.1)
+                    if not hog.is_connected(t.victim.peer_id):
+                        return
+                    continue
+                try:
+                    await s.write(b"\x00")  # one byte of a length: then silence
+                    with trio.move_on_after(30):
+                        await stop.wait()
+                finally:
+                    await p2p.reset_quietly(s)
+
+        async with trio.open_nursery() as nursery:
+            for proto in protos:
+                for _ in range(per):
+                    nursery.start_soon(hold, proto)
+            with trio.move_on_after(10):  # the streams open (bounded)
+                while opened < per * len(protos):
+                    await trio.sleep(0.05)
+            deadline = trio.current_time() + seconds
+            while trio.current_time() < deadline:
+                ok, why = await honest_digest(good, t.victim)
+                try:
+                    await p2p.request(good, t.victim.peer_id, sync.protocol_id(t.network),
+                                      sync.DigestRequest().encode(), sync.MAX_RESPONSE, 5)
+                except p2p.RequestRefused as e:
+                    ok, why = False, f"sync refused {e.reason}"
+                except ATTACK_ERRORS as e:
+                    ok, why = False, f"sync {type(e).__name__}"
+                if ok:
+                    honest_ok += 1
+                else:
+                    honest_fail += 1
+                    reasons[why] = reasons.get(why, 0) + 1
+                await trio.sleep(0.1)
+            stop.set()
+            nursery.cancel_scope.cancel()
+        hog_blocked = not hog.is_connected(t.victim.peer_id)
+    o.figures.update(streams_opened=opened, honest_ok=honest_ok, honest_failed=honest_fail,
+                     honest_fail_reasons=reasons, hog_disconnected=hog_blocked)
+    o.check(honest_fail == 0, f"honest requests failed while one peer held idle streams: "
+            f"{reasons}")
+    return o
+
+
+# ------------------------------------------------------------------ dataplane
+
+async def process_sessions(t: Target, scale: dict[str, Any]) -> Outcome:
+    """A peer with an offer in the ledger opens `sessions` process sessions and sends
+    `requests` x `mb` MB requests on each without reading the answers."""
+    o = Outcome()
+    sessions, reqs, mb = (int(scale["proc_sessions"]), int(scale["proc_requests"]),
+                          int(scale["proc_mb"]))
+    idn = ident("proc-hog", int(time.time()))
+    ev = sign_event(idn.seed, 1, None, int(time.time() * 1000),
+                    Offer(services=(ServiceOffer(name="identity", price=1, capacity=1),),
+                          currency="EUR", addrs=(), note="hog"), NETWORK)
+    statuses = await submit_events(t, idn, [ev.wire])
+    o.figures["offer"] = statuses
+    data = b"\x00" * (mb << 20)
+    sent = 0
+    refused: dict[str, int] = {}
+    async with p2p.open_host(idn.seed) as h:
+        await h.connect(t.victim.addr)
+
+        async def session(i: int) -> None:
+            nonlocal sent
+            try:
+                s = await h.new_stream(t.victim.peer_id, session_protocol(t.network), timeout=5)
+            except ANY_UPSTREAM as e:
+                refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
+                return
+            try:
+                for r in range(reqs):
+                    req = ProcessRequest(os.urandom(32), b"s%d" % i, r, 0, ("identity",), None,
+                                         b"")
+                    head = req.encode(request_id=r)
+                    await p2p.write_frame(s, data, 20.0, head)
+                    sent += 1
+                with trio.move_on_after(float(scale.get("proc_hold_s", 3.0))):
+                    await trio.sleep_forever()
+            except ANY_UPSTREAM as e:
+                refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
+            finally:
+                await p2p.reset_quietly(s)
+
+        with trio.move_on_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(sessions):
+                    nursery.start_soon(session, i)
+    o.figures.update(sessions=sessions, requests_sent=sent, mb_each=mb, attacker_errors=refused)
+    return o

@@ -93,7 +93,6 @@ async def test_malformed_frames_on_identify_ping_and_our_protocols(two: Cluster)
     await serves_honest_peer(two, t.victim)
 
 
-@xfail(1, "shield", "a malformed meshsub frame ends the node (protobuf DecodeError upstream)")
 async def test_malformed_meshsub_frame(two: Cluster) -> None:
     t = target(two)
     await run(A.malformed_frames, t, protocol="meshsub_1.1")

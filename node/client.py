@@ -74,6 +74,7 @@ log = logging.getLogger("bidmesh.client")
 KEY_FILE = "client.key"
 STATE_FILE = "state.json"
 MAX_PAGES = 10_000  # per query and node: bounds a node that keeps answering "more"
+MAX_CONTEXT_AUCTIONS = 256  # auction bundles fetched per level to verify awards
 T = TypeVar("T")
 _Results = list[tuple[str, "query.SubmitResult"]]  # (node, its answer) per submitted record
 
@@ -155,6 +156,20 @@ class LeaseInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.data, "role": self.role}
+
+
+@dataclass(frozen=True)
+class Unverified:
+    """An award of ours that yields no lease here, and why (stable reason, detail)."""
+
+    award: bytes
+    request: bytes
+    reason: str
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"award": self.award.hex(), "request": self.request.hex(),
+                "reason": self.reason, "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -638,9 +653,44 @@ class LightClient:
                 raise UsageError(f"no node knows a request {request_id.hex()}")
             await trio.sleep(interval)
 
+    async def with_award_context(self, events: list[Event], depth: int = 2) -> list[Event]:
+        """`events` plus what verifying their awards needs: each award's auction bundle,
+        and for `best_value` auctions the bidders' reputation bundles as of the close
+        (whose own best-value awards need the same again: `depth` levels, bounded)."""
+        have = {e.id: e for e in events}
+        auctions_done: set[bytes] = set()
+        rep_done: set[bytes] = set()
+        for _ in range(depth):
+            need = sorted({e.body.request for e in have.values() if isinstance(e.body, Award)}
+                          - auctions_done)[:MAX_CONTEXT_AUCTIONS]
+            if not need:
+                break
+            for rid in need:
+                if not any(e.kind == "request" and e.id == rid for e in have.values()):
+                    have.update((e.id, e) for e in await self.auction_events(rid))
+                auctions_done.add(rid)
+            bidders: set[bytes] = set()
+            for rid in need:
+                req = have.get(rid)
+                if req is not None and isinstance(req.body, Request) \
+                        and req.body.rule == "best_value":
+                    bidders |= {e.author for e in have.values()
+                                if e.kind in ("bid", "commit") and e.ref == rid}
+            if bidders - rep_done:
+                have.update((e.id, e) for e in await self.reputation_events(bidders - rep_done))
+                rep_done |= bidders
+        return list(have.values())
+
     async def leases(self) -> list[LeaseInfo]:
         """Leases we are a party to (recipient, provider, member device, group member)."""
-        market = self._fold(await self.lease_events())
+        return (await self.lease_report())[0]
+
+    async def lease_report(self) -> tuple[list[LeaseInfo], list[Unverified]]:
+        """Our leases, and the awards of ours that do not verify even with everything
+        fetched that verifying them needs, each with the reason (never dropped
+        silently)."""
+        own = await self.lease_events()  # the bundles of leases the nodes say are ours
+        market = self._fold(await self.with_award_context(own))
         out = []
         for lease in market.leases.values():
             role = ("recipient" if lease.recipient == self.key else
@@ -649,32 +699,31 @@ class LightClient:
             if role is not None:
                 out.append(LeaseInfo(lease, market.paid.get(lease.id, 0), role,
                                      lease_json(market, lease)))
-        return out
+        bad = [_unverified(market, e) for e in own if isinstance(e.body, Award)
+               and e.body.winner is not None and e.id not in market.leases]
+        return out, [b for b in bad if b is not None]
 
     async def lease(self, lease_id: bytes) -> tuple[Market, Lease]:
         events = await self.lease_events()
-        award = next((e for e in events if e.id == lease_id and e.kind == "award"), None)
-        if award is None:
-            award = next(iter(await self.get_events([lease_id])), None)
-        if award is not None and isinstance(award.body, Award):
-            # Verifying the award needs its whole auction, and for best value the
-            # bidders' reputations as of the close (the lease bundle has neither).
-            bundle = await self.auction_events(award.body.request)
-            events += bundle
-            req = next((e.body for e in bundle if e.id == award.body.request), None)
-            if isinstance(req, Request) and req.rule == "best_value":
-                bidders = {e.author for e in bundle if e.kind in ("bid", "commit")}
-                events += await self.reputation_events(bidders)
+        if not any(e.id == lease_id and e.kind == "award" for e in events):
+            events += await self.get_events([lease_id])
+        events = await self.with_award_context(events)
         market = self._fold(events)
         lease = market.leases.get(lease_id)
         if lease is None:
-            raise UsageError(f"no lease {lease_id.hex()[:16]} of ours is known to the nodes "
-                             "(is the award accepted? see `bidmesh client leases`)")
+            award = next((e for e in events if e.id == lease_id), None)
+            why = _unverified(market, award) if award is not None else None
+            raise UsageError(f"no lease {lease_id.hex()[:16]} of ours is known to the nodes"
+                             + (f": its award does not verify ({why.reason})" if why else
+                                " (is the award accepted? see `bidmesh client leases`)"))
         return market, lease
 
     async def reputation(self, key: bytes, as_of_ms: int | None = None) -> ReputationInfo:
         """A key's reputation in both roles, re-derived from its rating bundle."""
-        market = self._fold(await self.reputation_events([key]))
+        # The rated deals' awards verify only with their bidders' reputations (best
+        # value), so fetch those too: a rating on a lease that does not verify counts
+        # for nothing, which showed a recipient at 50 % with 0 ratings.
+        market = self._fold(await self.with_award_context(await self.reputation_events([key])))
         t = now_ms() if as_of_ms is None else as_of_ms
         return ReputationInfo(key, t, market.reputation.score(key, "provider", t),
                               market.reputation.score(key, "recipient", t))
@@ -989,6 +1038,22 @@ def _single_leaf(eg: BaseExceptionGroup[BaseException]) -> BaseException | None:
             return None
         e = e.exceptions[0]
     return e
+
+
+def _unverified(market: Market, award: Event) -> Unverified | None:
+    if not isinstance(award.body, Award) or award.id in market.leases:
+        return None
+    rid = award.body.request
+    ign = next((i for i in market.ignored if i.event_id == award.id), None)
+    if ign is not None:
+        return Unverified(award.id, rid, ign.reason, "the award counts for nothing")
+    check = market.awards.get(award.id)
+    if check is not None and check.problems:
+        return Unverified(award.id, rid, check.problems[0], "; ".join(check.problems))
+    if rid not in market.auctions:
+        return Unverified(award.id, rid, "auction_unknown",
+                          "no node returned the request this award decides")
+    return Unverified(award.id, rid, "not_verified", "the award yields no lease here")
 
 
 def _bid_infos(market: Market, a: Auction) -> list[BidInfo]:

@@ -169,9 +169,10 @@ async def _cmd_rate(c: LightClient, a: argparse.Namespace, out: Any) -> int:
 
 
 async def _cmd_leases(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    infos = await c.leases()
+    infos, bad = await c.lease_report()
     if out.json_mode:
-        out.json([i.to_json() for i in infos])
+        out.json([i.to_json() for i in infos]
+                 + [{**u.to_json(), "verified": False} for u in bad])
         return 0
     rows = [{"id": _short(i.lease.id), "role": i.role, "service": i.lease.service,
              "provider": _short(i.lease.provider), "price": i.lease.price, "paid": i.paid,
@@ -181,7 +182,13 @@ async def _cmd_leases(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     out.rows(rows, [("id", "LEASE"), ("role", "ROLE"), ("service", "SERVICE"),
                     ("provider", "PROVIDER"), ("price", "PRICE"), ("paid", "PAID"),
                     ("window", "WINDOW"), ("active", "ACTIVE"), ("ratings", "RATINGS")],
-             empty="(no leases)")
+             empty="(no leases)" if not bad else "(no verified leases)")
+    if bad:
+        out.say("\nawards that do not verify here (not counted as leases):")
+        out.rows([{"award": _short(u.award), "request": _short(u.request),
+                   "reason": u.reason, "detail": u.detail} for u in bad],
+                 [("award", "AWARD"), ("request", "REQUEST"), ("reason", "REASON"),
+                  ("detail", "DETAIL")])
     return 0
 
 

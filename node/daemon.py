@@ -316,11 +316,19 @@ async def _op_connect(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     return {"peer": str(peer)}
 
 
+def _peer_ids(values: list[Any]) -> list[p2p.PeerId]:
+    """Parse every peer id before acting on any, so one bad entry changes nothing
+    (a None here used to raise AttributeError in base58 and end the daemon)."""
+    if not all(isinstance(v, str) and 0 < len(v) <= 128 for v in values):
+        raise InvalidMessage("peer ids are base58 strings", "malformed")
+    return [p2p.parse_peer_id(v) for v in values]
+
+
 async def _op_block(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     peers, seconds = req.get("peers"), req.get("seconds", 3600)
     if not isinstance(peers, list) or not isinstance(seconds, (int, float)) or seconds <= 0:
         raise InvalidMessage("block needs peers: [peer id, ...] and seconds > 0", "malformed")
-    for p in peers:
+    for p in _peer_ids(peers):
         node.host.block(p, float(seconds))
     return {"blocked": len(peers)}
 
@@ -329,7 +337,7 @@ async def _op_unblock(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     peers = req.get("peers")
     if not isinstance(peers, list):
         raise InvalidMessage("unblock needs peers: [peer id, ...]", "malformed")
-    for p in peers:
+    for p in _peer_ids(peers):
         node.host.unblock(p)
     node.discovery.retry_now()
     return {"unblocked": len(peers)}
@@ -338,7 +346,7 @@ async def _op_unblock(node: Node, req: dict[str, Any]) -> dict[str, Any]:
 async def _op_sync(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     peers = node.host.connected_peers()
     if "peer" in req:
-        peers = [p2p.parse_peer_id(req["peer"])]
+        peers = _peer_ids([req["peer"]])
     done = 0
     for p in peers:
         if await node.replicator.sync_with(p) is not None:
@@ -375,10 +383,13 @@ async def _control_conn(node: Node, stream: trio.SocketStream) -> None:
                     if n > CONTROL_MAX:
                         raise InvalidMessage(f"control request over {CONTROL_MAX} bytes",
                                              "oversized")
-                    req = codec.unpack(await _read_exact(stream, n), CONTROL_MAX)
+                    raw = await _read_exact(stream, n)
             except (trio.TooSlowError, trio.BrokenResourceError, InvalidMessage):
                 return
-            resp = await _dispatch(node, req)
+            try:
+                resp = await _dispatch(node, codec.unpack(raw, CONTROL_MAX))
+            except InvalidMessage as e:  # undecodable: say so instead of hanging up
+                resp = {"ok": False, "reason": e.reason, "error": str(e)}
             data = codec.pack(resp)
             try:
                 await stream.send_all(_LEN.pack(len(data)) + data)
@@ -399,6 +410,9 @@ async def _dispatch(node: Node, req: Any) -> dict[str, Any]:
         return {"ok": False, "reason": e.reason, "error": str(e)}
     except BidmeshError as e:
         return {"ok": False, "reason": type(e).__name__, "error": str(e)}
+    except Exception as e:  # the daemon's outermost boundary: a bug answers, never ends it
+        log.exception("control op %s failed", req["op"][:40])
+        return {"ok": False, "reason": "internal", "error": f"{type(e).__name__}: see node log"}
 
 
 async def serve_control(node: Node, path: Path) -> None:

@@ -450,16 +450,19 @@ async def _serve_conn(api: HttpApi, stream: trio.SocketStream, settings: HttpSet
         except (trio.TooSlowError, trio.BrokenResourceError, h11.RemoteProtocolError,
                 _TooLarge):
             return
+        # HEAD is GET without the body (RFC 9110 §9.3.2): h11 refuses body bytes after
+        # a HEAD's headers, and that LocalProtocolError used to end the daemon.
+        head_only = method == "HEAD"
         try:
-            resp = api.handle(method, target)
+            resp = api.handle("GET" if head_only else method, target)
         except Exception:  # a bug must answer 500, not kill the server
             log.exception("HTTP handler failed", extra={"target": target[:200]})
             resp = _error(500, "internal error; see the node log")
-        close = method != "GET"
+        close = method not in ("GET", "HEAD")
+        body = [] if head_only else [h11.Data(data=resp.body)]
         try:
-            await _send(stream, conn, [_head(resp, close), h11.Data(data=resp.body),
-                                       h11.EndOfMessage()], t)
-        except (trio.TooSlowError, trio.BrokenResourceError):
+            await _send(stream, conn, [_head(resp, close), *body, h11.EndOfMessage()], t)
+        except (trio.TooSlowError, trio.BrokenResourceError, h11.LocalProtocolError):
             return
         if close or conn.our_state is h11.MUST_CLOSE:
             return

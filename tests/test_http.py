@@ -119,6 +119,15 @@ async def test_api_over_http(tmp_path: Path) -> None:
         for method in ("POST", "PUT", "DELETE"):
             status, headers, _ = await get(base + "/api/health", method)
             assert status == 405 and headers["allow"] == "GET"
+        # HEAD: GET's status and headers, no body, and the connection stays usable.
+        h = raw_connect(base)
+        h.sendall(b"HEAD /api/health HTTP/1.1\r\nhost: x\r\n\r\n"
+                  b"GET /api/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        both = await trio.to_thread.run_sync(read_all, h)
+        h.close()
+        head, _, rest = both.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head.lower()
+        assert rest.startswith(b"HTTP/1.1 200") and rest.endswith(b"}"), rest[:200]
         status, headers, page = await get(base + "/")
         assert status == 200 and b"/app.js" in page
         assert "default-src 'self'" in headers["content-security-policy"]

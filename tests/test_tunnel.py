@@ -326,7 +326,11 @@ async def test_lease_end_cuts_tunnels_and_publishes_usage() -> None:
         (usage,) = prov.published
         assert isinstance(usage, Usage) and usage.lease == lease.id
         (m,) = usage.members
-        assert m.member == M.public and m.bytes_out == got and m.bytes_in == 0
+        assert m.member == M.public and m.bytes_in == 0
+        # Usage bills only writes that completed: the one chunk in flight when the cut
+        # cancelled its write may have reached the member unbilled (seen in CI: 4096).
+        from node.dataplane.tunnel import READ_SIZE  # the largest chunk one write carries
+        assert 0 <= got - m.bytes_out <= READ_SIZE, (got, m.bytes_out)
         assert 500 <= m.active_ms <= 3000 and usage.rate_limited > 0
         with pytest.raises(TunnelUnauthorized) as e2:
             await _open(host, prov.host, lease.id, "127.0.0.1", port)

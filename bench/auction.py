@@ -128,7 +128,7 @@ def bench_lookup(rep: Reputation, span: float, lookups: int, keys: int,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer ratings (< 60 s)")
     ap.add_argument("--bids", type=int, default=100_000)
     ap.add_argument("--ratings", type=int, default=None)

@@ -283,7 +283,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short phases (~60-90 s)")
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)

@@ -323,7 +323,7 @@ def run_raw(base: Path, n: int, rate: float, seconds: float, ticks: int,
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 nodes, 8 s (< 60 s total)")
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--rate", type=float, help="events/s offered network-wide (default 1200)")

@@ -449,7 +449,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (< 60 s on 2 cores)")
     ap.add_argument("--mb", type=int, default=0, help="MiB per run (default 1024, quick 128)")
     ap.add_argument("--roles", choices=("split", "same"), default="split",

@@ -52,7 +52,7 @@ def _time(fn: object) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--auctions", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)

@@ -542,7 +542,7 @@ def _r(x: float | None) -> float | None:
 # ------------------------------------------------------------------ main
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller volumes (< 60 s of attacks)")
     ap.add_argument("--only", nargs="*", help="run only these attacks")
     ap.add_argument("--list", action="store_true", help="list the attacks and exit")

@@ -132,7 +132,7 @@ def _raw_verify(verifier: str, raw: list[tuple[bytes, bytes, bytes]]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small run (< 60 s on 2 cores)")
     ap.add_argument("--events", type=int, help="events to ingest (default 1,000,000)")
     ap.add_argument("--batch", type=int, default=1000, help="events per append_many")

@@ -236,7 +236,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="60 s")
     ap.add_argument("--duration", type=float, default=1800.0)
     ap.add_argument("--nodes", type=int, default=3)

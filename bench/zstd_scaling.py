@@ -115,7 +115,7 @@ def raw_two_processes(count: int, size: int, level: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (< 60 s on 2 cores)")
     ap.add_argument("--level", type=int, default=3)
     ap.add_argument("--segment-kib", type=int, default=1024)

@@ -248,12 +248,20 @@ def _run_ledger_command(args: argparse.Namespace, out: Output) -> int:
     data_dir = args.data_dir or paths.default_data_dir()
     network = network_for(data_dir, args.network)
     path = paths.ledger_path(data_dir)
-    if cmd.write and node_running(data_dir):
+    if not cmd.write:
+        if not path.exists():
+            raise UsageError(f"no ledger at {path}; check --data-dir")
+        with Ledger(path, network=network, readonly=True) as led:
+            return cmd.handler(args, led, out)
+    if node_running(data_dir):
         raise UsageError(f"a node is running with data dir {data_dir}; stop it before "
                          f"`ledger {cmd.name}` (it keeps chain heads in memory)")
-    if not cmd.write and not path.exists():
-        raise UsageError(f"no ledger at {path}; check --data-dir")
-    with Ledger(path, network=network, readonly=not cmd.write) as led:
+    from .lifecycle import DataDirLock
+
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Held while writing, so a node cannot start on the ledger mid-import.
+    with DataDirLock(data_dir, what=f"bidmesh ledger {cmd.name}"), \
+            Ledger(path, network=network) as led:
         return cmd.handler(args, led, out)
 
 
@@ -717,8 +725,17 @@ def register_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("run", help="run a node daemon from a TOML config",
                        description="Run a bidmesh node until SIGTERM/SIGINT. Every option is "
                        "documented in config/node.example.toml.")
-    p.add_argument("--config", required=True, type=Path, help="node TOML config file")
+    add_run_args(p)
     p.set_defaults(func=_run)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path,
+                   help=f"node TOML config file (default: DATA_DIR/{paths.CONFIG_FILE} if it "
+                        "exists, else the built-in defaults)")
+    p.add_argument("--data-dir", type=Path,
+                   help="state directory; overrides node.data_dir (default: "
+                        f"${paths.DATA_DIR_ENV}, else {paths.default_data_dir()})")
 
 
 def _run(args: argparse.Namespace, out: Output) -> int:
@@ -750,8 +767,14 @@ def _devnet(args: argparse.Namespace, out: Output) -> int:
     return cmd_devnet(args, out)
 
 
-GROUPS: list[Group] = [register_keygen, register_ledger, register_client, register_run,
-                       register_devnet]
+def register_init(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .init_cmd import register
+
+    register(sub)
+
+
+GROUPS: list[Group] = [register_init, register_keygen, register_ledger, register_client,
+                       register_run, register_devnet]
 
 
 def add_group(register: Group) -> None:
@@ -760,20 +783,63 @@ def add_group(register: Group) -> None:
         GROUPS.append(register)
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options (`--conf` is not `--config`): a typo must fail, not be
+    guessed. Subparsers inherit the class (argparse's default `parser_class`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("bidmesh")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = Parser(
         prog="bidmesh",
         description="bidmesh: a peer-to-peer marketplace for communications services",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"bidmesh {version()} (python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in GROUPS:
         register(sub)
     return parser
 
 
+def quiet_logging() -> None:
+    """For every command but `run` (which sets up its own JSON logs): our own errors go
+    to stderr as one plain line (warnings the commands report themselves, e.g. the
+    client's node faults); library records never reach the terminal. py-libp2p logs
+    routine dial failures at ERROR on loggers that do not propagate and have no
+    handler, which Python's `logging.lastResort` would print to stderr."""
+    import logging
+
+    logging.lastResort = logging.NullHandler()
+    root = logging.getLogger()
+    if root.handlers:  # embedded (tests, plugins): the host program decides
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("bidmesh: %(levelname)s: %(message)s"))
+    handler.addFilter(lambda r: r.name == "bidmesh" or r.name.startswith("bidmesh."))
+    handler.setLevel(logging.ERROR)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "run":
+        quiet_logging()
     out = Output(json_mode=bool(getattr(args, "json", False)))
     try:
         status: int = args.func(args, out)

@@ -48,29 +48,91 @@ def _level(v: Any) -> str | None:
     return None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}"
 
 
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _peer_id_ok(text: str) -> bool:
+    """A base58 libp2p peer id: a sha2-256 multihash (Qm...) or an identity multihash
+    of a small public key (12D3KooW... for Ed25519)."""
+    n = 0
+    for ch in text:
+        i = _B58.find(ch)
+        if i < 0:
+            return False
+        n = n * 58 + i
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    raw = b"\0" * (len(text) - len(text.lstrip("1"))) + raw
+    if len(raw) == 34 and raw[:2] == b"\x12\x20":
+        return True
+    if not (6 <= len(raw) <= 44 and raw[0] == 0 and raw[1] == len(raw) - 2):
+        return False
+    key = raw[2:]  # a protobuf PublicKey: field 1 (type, varint), field 2 (key bytes)
+    return key[0] == 0x08 and key[2] == 0x12 and key[3] == len(key) - 4
+
+
+def parse_multiaddr(a: Any) -> list[tuple[str, str]]:
+    """(protocol, value) pairs of a multiaddr string, or ValueError saying why not."""
+    if not isinstance(a, str) or not a.startswith("/"):
+        raise ValueError(f"not a multiaddr string like /ip4/1.2.3.4/tcp/4001: {a!r}")
+    from multiaddr import Multiaddr  # light (no libp2p); parses and checks every part
+
+    try:
+        m = Multiaddr(a)
+        return [(p.name, str(v or "")) for p, v in m.items()]
+    except Exception as e:  # py-multiaddr raises several unrelated types
+        why = str(e).split(" (", 1)[0][:160]
+        raise ValueError(f"{a!r} is not a valid multiaddr ({why})") from None
+
+
+def _listen(v: Any) -> str | None:
+    for a in v:
+        try:
+            parts = parse_multiaddr(a)
+        except ValueError as e:
+            return str(e)
+        names = [n for n, _ in parts]
+        if names not in (["ip4", "tcp"], ["ip6", "tcp"]):
+            return (f"{a!r} is not supported: listen on TCP over IPv4 or IPv6, like "
+                    "/ip4/0.0.0.0/tcp/4001 or /ip6/::/tcp/4001")
+    return None
+
+
 def _multiaddrs(v: Any) -> str | None:
     for a in v:
-        if not isinstance(a, str) or not a.startswith("/"):
-            return f"must be a list of multiaddr strings like /ip4/1.2.3.4/tcp/4001, got {a!r}"
+        try:
+            parse_multiaddr(a)
+        except ValueError as e:
+            return str(e)
     return None
 
 
 def _bootstrap(v: Any) -> str | None:
-    err = _multiaddrs(v)
-    if err:
-        return err
     for a in v:
-        if "/p2p/" not in a:
+        try:
+            parts = parse_multiaddr(a)
+        except ValueError as e:
+            return str(e)
+        if not parts or parts[-1][0] != "p2p":
             return f"{a!r} needs a /p2p/<peer id> suffix so the node can authenticate the peer"
+        if not _peer_id_ok(parts[-1][1]):
+            return f"{a!r}: {parts[-1][1]!r} is not a libp2p peer id"
+        if parts[0][0] not in ("ip4", "ip6", "dns", "dns4", "dns6") or len(parts) < 3 \
+                or parts[1][0] != "tcp":
+            return f"{a!r}: bootstrap peers are dialed over TCP: /ip4|ip6|dns/HOST/tcp/PORT/p2p/ID"
     return None
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     network: str = _opt("main", str, _network)
-    data_dir: Path = _opt(Path("/var/lib/bidmesh"), Path)
+    # One default for every bidmesh command: $BIDMESH_DATA_DIR, else the XDG data dir.
+    data_dir: Path = field(default_factory=paths.default_data_dir,
+                           metadata={"kind": Path, "check": None})
     log_level: str = _opt("info", str, _level)
     log_file: str = _opt("node.log", str)  # relative to data_dir; "" disables the file
+    # The log file is rotated at this size, keeping log_backups old files.
+    log_max_bytes: int = _opt(16 * 1024 * 1024, int, _range(64 * 1024, 1 << 40))
+    log_backups: int = _opt(3, int, _range(0, 100))
     status_interval_s: float = _opt(2.0, (int, float), _range(0.1, 3600))
     control_socket: bool = _opt(True, bool)
     stop_timeout_s: float = _opt(4.0, (int, float), _range(0.1, 60))
@@ -81,7 +143,7 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class P2PConfig:
-    listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], list, _multiaddrs)
+    listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], list, _listen)
     bootstrap: list[str] = _opt([], list, _bootstrap)
     max_connections: int = _opt(64, int, _range(1, 10_000))
     reconnect_min_s: float = _opt(1.0, (int, float), _range(0.05, 3600))

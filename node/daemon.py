@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -54,7 +56,7 @@ from typing import Any, Protocol
 
 import trio
 
-from . import codec, config, p2p
+from . import codec, config, lifecycle, p2p, paths
 from .auction import Market
 from .errors import (
     BidmeshError,
@@ -108,7 +110,10 @@ def setup_logging(cfg: config.Config) -> None:
     fmt = JsonFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if cfg.log_path is not None:
-        handlers.append(logging.FileHandler(cfg.log_path, encoding="utf-8"))
+        # Rotated by size: a long-running node's log must not fill the disk.
+        handlers.append(logging.handlers.RotatingFileHandler(
+            cfg.log_path, maxBytes=cfg.node.log_max_bytes,
+            backupCount=cfg.node.log_backups, encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
@@ -415,7 +420,8 @@ async def _dispatch(node: Node, req: Any) -> dict[str, Any]:
         return {"ok": False, "reason": "internal", "error": f"{type(e).__name__}: see node log"}
 
 
-async def serve_control(node: Node, path: Path) -> None:
+async def serve_control(node: Node, path: Path,
+                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     if len(str(path).encode()) > 100:
         raise UsageError(f"control socket path {path} is too long for a Unix socket "
                          "(max ~100 bytes); use a shorter node.data_dir")
@@ -430,6 +436,7 @@ async def serve_control(node: Node, path: Path) -> None:
     os.chmod(path, 0o600)
     sock.listen(64)
     listener = trio.SocketListener(sock)
+    task_status.started()
     try:
         await trio.serve_listeners(lambda s: _control_conn(node, s), [listener])
     finally:
@@ -550,12 +557,29 @@ def _start_services(node: Node) -> None:
 
 
 async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
-    """Run a node until SIGTERM/SIGINT (or `stop` is set)."""
+    """Run a node until SIGTERM/SIGINT (or `stop` is set).
+
+    Before anything starts: the data dir's lock (one node per data dir) and a check
+    that every listen address can be bound; either failing is one UsageError line."""
     data_dir = cfg.node.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with lifecycle.DataDirLock(data_dir):
+        lifecycle.preflight(_binds(cfg))
+        await _run_locked(cfg, stop or trio.Event())
+
+
+def _binds(cfg: config.Config) -> list[lifecycle.Bind]:
+    binds = lifecycle.tcp_binds(cfg.p2p.listen)
+    if cfg.http.enabled:
+        binds.append(lifecycle.Bind("http.listen/http.port", cfg.http.listen, cfg.http.port,
+                                    f"{cfg.http.listen}:{cfg.http.port}"))
+    return binds
+
+
+async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
+    data_dir = cfg.node.data_dir
     identity = load_or_create_key(cfg.key_path)
     ledger = Ledger(cfg.ledger_path, network=cfg.node.network)
-    stop = stop or trio.Event()
     try:
         async with p2p.open_host(identity.seed, cfg.p2p.listen, limits=limits_of(cfg),
                                  bootstrap=cfg.p2p.bootstrap,
@@ -569,6 +593,11 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
                                 degree_low=max(1, cfg.gossip.mesh_degree - 1),
                                 degree_high=cfg.gossip.mesh_degree + 1) as ps:
             _gossipsub_v11_only(ps)
+            listening = host.libp2p.get_transport_addrs()
+            if len(listening) < len(cfg.p2p.listen):
+                # Upstream logs a failed listen and carries on with the others.
+                raise UsageError(f"p2p.listen: listening on {[str(a) for a in listening]} "
+                                 f"only, not on all of {cfg.p2p.listen}")
             replicator = Replicator(host, ps, ledger, cfg)
             # Inbound-stream failures and limit refusals count against the peer
             # like invalid events do (cut off past gossip.fault_threshold).
@@ -580,7 +609,8 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
                 await replicator.ready.wait()
                 nursery.start_soon(discovery.run)
                 if cfg.node.control_socket:
-                    nursery.start_soon(serve_control, node, cfg.control_path)
+                    # Started (bound) before READY=1: ready means it answers.
+                    await nursery.start(serve_control, node, cfg.control_path)
                 if cfg.p2p.mdns:
                     nursery.start_soon(_mdns, node)
                 _start_services(node)
@@ -590,6 +620,8 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
                     "peer_id": str(host.peer_id), "addrs": host.addrs,
                     "network": cfg.node.network, "data_dir": str(data_dir),
                     "events": ledger.count(), "digest": ledger.digest().hex()})
+                lifecycle.sd_notify(f"READY=1\nSTATUS=peer {host.peer_id}, "
+                                    f"{ledger.count()} events")
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as waiters:
                         async def on_signal() -> None:
@@ -600,6 +632,7 @@ async def run(cfg: config.Config, *, stop: trio.Event | None = None) -> None:
                         waiters.start_soon(on_signal)
                         await stop.wait()
                         waiters.cancel_scope.cancel()
+                lifecycle.sd_notify("STOPPING=1")
                 _start_watchdog(cfg.node.stop_timeout_s + 0.8)
                 node.stopping = True
                 await replicator.flush(min(1.0, cfg.node.stop_timeout_s / 3))
@@ -656,13 +689,15 @@ def _count(cfg: config.Config) -> int | str:
 
 def _start_watchdog(seconds: float) -> None:
     """If the stop overruns (upstream teardown can hang on a dead peer), exit anyway:
-    every acknowledged event is already committed."""
+    every acknowledged event is already committed. The exit status is non-zero
+    (`lifecycle.EXIT_WATCHDOG`) so supervisors see that the stop was not clean."""
     def fire() -> None:
         sys.stderr.write(json.dumps({"ts": round(time.time(), 3), "level": "warning",
                                      "logger": "bidmesh.daemon",
-                                     "msg": "stop overran its budget; exiting now"}) + "\n")
+                                     "msg": "stop overran its budget; exiting now",
+                                     "exit_status": lifecycle.EXIT_WATCHDOG}) + "\n")
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(lifecycle.EXIT_WATCHDOG)
     t = threading.Timer(seconds, fire)
     t.daemon = True
     t.start()
@@ -677,31 +712,63 @@ async def _mdns(node: Node) -> None:
 # ------------------------------------------------------------------ CLI
 
 
+def load_run_config(config_path: Path | None, data_dir: Path | None) -> config.Config:
+    """`bidmesh run`'s config: --config FILE, else DATA_DIR/node.toml (what `bidmesh
+    init` writes) when it exists, else the defaults; --data-dir overrides
+    node.data_dir. DATA_DIR defaults to the one every bidmesh command uses."""
+    if config_path is None:
+        d = data_dir or paths.default_data_dir()
+        path = paths.config_path(d)
+        if path.exists():
+            cfg = config.load(path)
+        else:
+            cfg, data_dir = config.Config(), d
+    else:
+        cfg = config.load(config_path)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, data_dir=data_dir))
+    return cfg
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
+    cfg = load_run_config(args.config, getattr(args, "data_dir", None))
     cfg.node.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     setup_logging(cfg)
-    trio.run(run, cfg)
+    try:
+        trio.run(run, cfg)
+    except BaseExceptionGroup as eg:
+        # A start-up step inside a nursery (a listener, a service) raised one of
+        # ours: report it as the one line it is, not as a nested traceback.
+        one = lifecycle.single_error(eg)
+        if one is eg:
+            raise
+        raise one from None
     return 0
 
 
 def register(subparsers: Any) -> None:
     """Add `run` to the `bidmesh` command (node/cli.py's per-group pattern)."""
     p = subparsers.add_parser("run", help="run a node daemon from a TOML config",
-                              description="Run a bidmesh node until SIGTERM/SIGINT.")
-    p.add_argument("--config", required=True, type=Path, help="node TOML config file")
+                              description="Run a bidmesh node until SIGTERM/SIGINT.",
+                              allow_abbrev=False)
+    from .cli import add_run_args
+
+    add_run_args(p)
     p.set_defaults(func=cmd_run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bidmesh")
+    parser = argparse.ArgumentParser(prog="bidmesh", allow_abbrev=False)
     sub = parser.add_subparsers(required=True)
     register(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except UsageError as e:
+        print(f"bidmesh: error: {e}", file=sys.stderr)
+        return 2
     except BidmeshError as e:
-        print(f"bidmesh: {e}", file=sys.stderr)
+        print(f"bidmesh: error: {e}", file=sys.stderr)
         return 1
 
 

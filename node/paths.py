@@ -3,6 +3,8 @@ daemon and the tests agree.
 
     DIR/node.key    the identity seed (mode 0600; see keys.py)
     DIR/ledger.db   the SQLite ledger (plus ledger.db-wal / ledger.db-shm while open)
+    DIR/node.toml   the node config `bidmesh init` writes and `bidmesh run` reads by default
+    DIR/node.lock   held by the running node (node/lifecycle.py)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 
 KEY_FILE = "node.key"
+CONFIG_FILE = "node.toml"  # written by `bidmesh init`, read by `bidmesh run` by default
 LEDGER_FILE = "ledger.db"
 DATA_DIR_ENV = "BIDMESH_DATA_DIR"
 
@@ -31,3 +34,7 @@ def key_path(data_dir: str | Path) -> Path:
 
 def ledger_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / LEDGER_FILE
+
+
+def config_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / CONFIG_FILE

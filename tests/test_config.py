@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "node.example.toml"
 
 
-def test_example_matches_defaults() -> None:
+def test_example_matches_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The example is what the systemd unit installs; the unit sets the data dir's env.
+    monkeypatch.setenv("BIDMESH_DATA_DIR", "/var/lib/bidmesh")
     cfg = config.load(EXAMPLE)
     default = config.Config()
     for name in config.SECTIONS:

@@ -41,6 +41,7 @@ from .config import Config
 from .errors import BidmeshError, InvalidMessage, OperationError, UsageError
 from .events import MAX_WIRE, Event
 from .ledger import Ledger, Status
+from .sync_peers import SyncPeers, cause_of
 
 log = logging.getLogger("bidmesh.gossip")
 
@@ -110,6 +111,7 @@ class Stats:
     sync_rounds: int = 0
     sync_in_sync: int = 0
     sync_failed: int = 0
+    sync_skipped: int = 0  # sync picks avoided: identify showed no sync protocol
     sync_events: int = 0
     sync_bytes: int = 0
     sync_left_live: int = 0  # (round, author) pairs periodic sync left to gossip
@@ -162,6 +164,8 @@ class Replicator:
         self._outbox_event = trio.Event()
         self._faults: dict[p2p.PeerId, _PeerFaults] = {}
         self._syncing: set[p2p.PeerId] = set()
+        self.sync_peers = SyncPeers(host, self.protocol)
+        self._send_errors: dict[p2p.PeerId, tuple[str, str]] = {}  # why a request failed
         self._sync_limiter = trio.CapacityLimiter(4)
         self._gap_event = trio.Event()
         self._gap_peer: p2p.PeerId | None = None
@@ -208,6 +212,9 @@ class Replicator:
         `leave_live`: skip authors whose events gossip is delivering (we hold one
         younger than LIVE_S; see `SyncSession`), as the periodic rounds do."""
         if peer in self._syncing or self.host.is_blocked(peer):
+            return None
+        if self.sync_peers.lacks_sync(peer):  # a light client, another network
+            self.stats.sync_skipped += 1
             return None
         self._syncing.add(peer)
         live_after_ms = int((time.time() - self.live_window_s()) * 1000) if leave_live else None
@@ -424,9 +431,10 @@ class Replicator:
                                      sync.MAX_RESPONSE, self.cfg.sync.request_timeout_s)
         except InvalidMessage as e:
             self._fault(peer, f"sync_{e.reason}")
+            self._send_errors[peer] = (cause_of(e), str(e))
             return None
         except OperationError as e:
-            log.debug("sync request failed", extra={"peer": str(peer), "error": str(e)})
+            self._send_errors[peer] = (cause_of(e), str(e))
             return None
         self.stats.sync_bytes += len(data)
         try:
@@ -457,8 +465,13 @@ class Replicator:
         self.stats.sync_in_sync += s.in_sync
         self.stats.sync_events += s.stats.accepted
         self.stats.sync_left_live += s.stats.skipped_live
+        send_error = self._send_errors.pop(peer, None)
         if s.failed or store_failed:
             self.stats.sync_failed += 1
+            if send_error is None:
+                send_error = ((s.failed or "store_error").split(":", 1)[0],
+                              s.failed or "storing synced events failed")
+            self.sync_peers.failed(peer, *send_error)
         for reason, n in s.stats.faults.items():
             for _ in range(n):
                 self._fault(peer, f"sync_{reason}")
@@ -489,7 +502,13 @@ class Replicator:
 
     def _spawn_sync(self, peer: p2p.PeerId) -> None:
         if self._nursery is not None and peer not in self._syncing:
-            self._nursery.start_soon(self._sync_quietly, peer, None)
+            self._nursery.start_soon(self._sync_new_peer, peer)
+
+    async def _sync_new_peer(self, peer: p2p.PeerId) -> None:
+        # Identify runs right after the connection opens; with its answer we know
+        # whether the peer serves sync at all (light clients do not).
+        await self.sync_peers.wait_identified(peer)
+        await self._sync_quietly(peer, None)
 
     async def _sync_quietly(self, peer: p2p.PeerId,
                             gaps: list[tuple[bytes, int, int]] | None,
@@ -498,8 +517,14 @@ class Replicator:
             return await self.sync_with(peer, gaps, leave_live=leave_live)
         except BidmeshError as e:
             self.stats.sync_failed += 1
-            log.info("sync failed", extra={"peer": str(peer), "error": str(e)})
+            self.sync_peers.failed(peer, cause_of(e), str(e))
             return None
+
+    def _sync_candidates(self) -> list[p2p.PeerId]:
+        peers = self.host.connected_peers()
+        out = self.sync_peers.eligible(peers)
+        self.stats.sync_skipped += len(peers) - len(out)
+        return out
 
     async def _watch_peers(self) -> None:
         """Sync with every newly connected peer (polls the host's connection table)."""
@@ -519,7 +544,7 @@ class Replicator:
         while True:
             await trio.sleep(interval * self._rng.uniform(0.5, 1.5))
             interval = base
-            peers = self.host.connected_peers()
+            peers = self._sync_candidates()
             if not peers:
                 continue
             s = await self._sync_quietly(self._rng.choice(peers), None, leave_live=True)
@@ -542,7 +567,7 @@ class Replicator:
             gaps = self.ledger.gaps()
             if not gaps:
                 continue
-            peers = self.host.connected_peers()
+            peers = self._sync_candidates()
             peer = self._gap_peer if self._gap_peer in peers else (
                 self._rng.choice(peers) if peers else None)
             if peer is None:

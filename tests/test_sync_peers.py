@@ -1,0 +1,51 @@
+"""Sync peer selection and failure logs, on real py-libp2p hosts over loopback: a light
+client (no sync protocol) is never picked, and a peer whose sync fails is logged once
+per cause with the reason."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+from test_gossip import tnodes, wait_until
+
+from node import p2p
+from node.errors import Unauthorized
+from node.keys import Identity
+
+
+async def test_light_client_not_picked_and_failures_logged_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bidmesh.gossip")
+    async with tnodes(tmp_path, 1) as [a], \
+            p2p.open_host(Identity.from_seed(b"L" * 32).seed) as light, \
+            p2p.open_host(Identity.from_seed(b"F" * 32).seed) as refuser:
+        async def refuse(pubkey: bytes, payload: bytes) -> bytes:
+            raise Unauthorized("not serving you today")
+
+        p2p.serve_requests(refuser, a.rep.protocol, refuse, 1 << 16)
+        for h in (light, refuser):
+            await a.host.connect(h.addrs[0])
+        sp = a.rep.sync_peers
+        await wait_until(lambda: sp.identified(light.peer_id) and sp.identified(refuser.peer_id))
+
+        assert sp.lacks_sync(light.peer_id) and not sp.lacks_sync(refuser.peer_id)
+        assert a.rep._sync_candidates() == [refuser.peer_id]
+        failed_before = a.rep.stats.sync_failed
+        assert await a.rep.sync_with(light.peer_id) is None
+        assert a.rep.stats.sync_skipped >= 1
+
+        for _ in range(3):
+            await a.rep.sync_with(refuser.peer_id)
+        # The on-connect sync may have failed against the refuser too; never the light one.
+        assert a.rep.stats.sync_failed - failed_before >= 3
+        with trio.fail_after(5):
+            while a.rep._syncing:
+                await trio.sleep(0.02)
+
+    records = [r for r in caplog.records if r.getMessage() == "sync failed"]
+    assert [r.peer for r in records] == [str(refuser.peer_id)]  # type: ignore[attr-defined]
+    assert records[0].cause == "RequestRefused:unauthorized"  # type: ignore[attr-defined]
+    assert "not serving you today" in records[0].error  # type: ignore[attr-defined]

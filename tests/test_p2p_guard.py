@@ -259,7 +259,9 @@ async def test_one_peers_idle_streams_do_not_starve_another() -> None:
             try:
                 await request(hog, victim.peer_id, ECHO, b"x", 64, 20)
                 outcomes.append("ok")
-            except RemoteError:
+            except (RemoteError, OperationError):
+                # Reset after negotiation (RemoteError) or, on a loaded machine, while
+                # the stream is still negotiating (OperationError from new_stream).
                 outcomes.append("reset")
 
         async with trio.open_nursery() as nursery:

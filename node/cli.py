@@ -501,13 +501,19 @@ def cmd_peers(args: argparse.Namespace, led: Ledger, out: Output) -> int:
     rows = [{"peer": p, "state": "connected"} for p in st.get("peers", [])]
     rows += [{"peer": p, "state": f"blocked until {fmt_time(int(t * 1000))}"}
              for p, t in blocked.items()]
+    offer = st.get("services", {}).get("provider", {}).get("offer_addrs")
     data = {"state": st.get("state"), "age_s": st.get("age_s"), "peer_id": st.get("peer_id"),
-            "listen_addrs": st.get("listen_addrs", []), "peers": st.get("peers", []),
-            "blocked": blocked}
+            "listen_addrs": st.get("listen_addrs", []),
+            "advertised_addrs": st.get("advertised_addrs", []), "offer_addrs": offer,
+            "peers": st.get("peers", []), "blocked": blocked}
     if out.json_mode:
         out.json(data)
         return EXIT_OK
     out.say(f"node {st.get('peer_id')} ({st.get('state')}, status {st.get('age_s')} s old)")
+    for label, key in (("listening on", "listen_addrs"), ("advertised", "advertised_addrs"),
+                       ("in its offer", "offer_addrs")):
+        for a in data[key] or []:
+            out.say(f"  {label:<13} {a}")
     out.rows(rows, [("peer", "PEER"), ("state", "STATE")], empty="(no peers)")
     return EXIT_OK
 

@@ -97,12 +97,18 @@ def _listen(v: Any) -> str | None:
     return None
 
 
-def _multiaddrs(v: Any) -> str | None:
+def _announce(v: Any) -> str | None:
     for a in v:
         try:
-            parse_multiaddr(a)
+            parts = parse_multiaddr(a)
         except ValueError as e:
             return str(e)
+        names = [n for n, _ in parts if n != "p2p"]
+        if len(names) != 2 or names[0] not in ("ip4", "ip6", "dns", "dns4", "dns6") \
+                or names[1] != "tcp":
+            return f"{a!r}: announce TCP addresses: /ip4|ip6|dns/HOST/tcp/PORT"
+        if parts[0][1] in ("0.0.0.0", "::"):
+            return f"{a!r}: an unspecified address cannot be dialed; announce a real one"
     return None
 
 
@@ -145,6 +151,9 @@ class NodeConfig:
 class P2PConfig:
     listen: list[str] = _opt(["/ip4/0.0.0.0/tcp/4001"], list, _listen)
     bootstrap: list[str] = _opt([], list, _bootstrap)
+    # Advertised instead of the listen addresses (NAT, containers), and in addition.
+    announce: list[str] = _opt([], list, _announce)
+    announce_append: list[str] = _opt([], list, _announce)
     max_connections: int = _opt(64, int, _range(1, 10_000))
     reconnect_min_s: float = _opt(1.0, (int, float), _range(0.05, 3600))
     reconnect_max_s: float = _opt(60.0, (int, float), _range(0.05, 86_400))

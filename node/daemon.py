@@ -237,7 +237,9 @@ class Node:
             "network": led.network,
             "peer_id": str(self.host.peer_id),
             "public_key": self.identity.public.hex(),
-            "listen_addrs": self.host.addrs,
+            "listen_addrs": self.host.listen_addrs,
+            # What peers are told (identify) and offers carry (node/addrs.py).
+            "advertised_addrs": self.host.addrs,
             "peers": peers,
             "blocked": {p: until for p, until in rep.stats.cut_off_peers.items()
                         if until > time.time()},
@@ -583,6 +585,8 @@ async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
     try:
         async with p2p.open_host(identity.seed, cfg.p2p.listen, limits=limits_of(cfg),
                                  bootstrap=cfg.p2p.bootstrap,
+                                 announce=cfg.p2p.announce,
+                                 announce_append=cfg.p2p.announce_append,
                                  peerstore_max=cfg.limits.peerstore_max) as host, \
                 p2p.make_pubsub(host, queue_high_water=cfg.gossip.queue_high_water,
                                 # High watermark D+1, not the usual 2D: each mesh peer

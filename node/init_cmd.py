@@ -38,6 +38,10 @@ log_level = "info"
 # TCP over IPv4/IPv6. 0.0.0.0 listens on every interface; peers are told the
 # interface addresses (status.json shows them under advertised_addrs).
 listen = [{listen}]
+# Addresses to advertise instead (behind NAT, in a container: the address others
+# reach), and addresses to advertise in addition to the listen addresses.
+announce = []
+announce_append = []
 # Peers to keep connected: /ip4/ADDR/tcp/PORT/p2p/PEER_ID (`bidmesh ledger peers`
 # on the other node shows its addresses).
 bootstrap = []

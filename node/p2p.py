@@ -77,6 +77,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 
 from .errors import BidmeshError, InvalidMessage, OperationError, PeerError, RemoteError, UsageError
+from .p2p_addrs import AddrPolicy, filter_identify
 from .p2p_guard import LONG_LIVED_PREFIXES, Guard, touch_stream
 from .resources import Limits, ResourceManager
 
@@ -292,8 +293,16 @@ class P2PHost:
 
     @property
     def addrs(self) -> list[str]:
-        """Listen multiaddrs including the `/p2p/<peer id>` suffix, ready for `connect`."""
+        """Advertised multiaddrs with the `/p2p/<peer id>` suffix, ready for `connect`:
+        unspecified listen addresses expanded to the interface addresses, or
+        `p2p.announce` (node/addrs.py)."""
         return [str(a) for a in self.libp2p.get_addrs()]
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """The bound listen multiaddrs (0.0.0.0 stays 0.0.0.0) with `/p2p/<peer id>`."""
+        suffix = f"/p2p/{self.peer_id}"
+        return [f"{a}{suffix}" for a in self.libp2p.get_transport_addrs()]
 
     # -- connections
 
@@ -407,7 +416,8 @@ class P2PHost:
 
 
 def _build_libp2p_host(
-    keypair: KeyPair, listen: Sequence[multiaddr.Multiaddr], max_connections: int
+    keypair: KeyPair, listen: Sequence[multiaddr.Multiaddr], max_connections: int,
+    addr_policy: AddrPolicy | None = None,
 ) -> IHost:
     # Our resource manager decides admission (at the _Gate notifee); upstream's
     # cap only backstops it, with room for refused connections still closing.
@@ -437,7 +447,9 @@ def _build_libp2p_host(
         transports=[TCP()],
         listen_addrs=list(listen),
         connection_config=config,
+        addrs_factory=addr_policy or AddrPolicy(),
     )
+    filter_identify(host)
     swarm: Any = host.get_network()
     # Upstream bug: the inbound handler holds its `_inbound_limiter` slot until
     # the *swarm* stops, not until the connection closes (network/swarm.py:1982
@@ -469,6 +481,8 @@ async def open_host(
     limits: Limits | None = None,
     bootstrap: Sequence[str] = (),
     peerstore_max: int = 512,
+    announce: Sequence[str] = (),
+    announce_append: Sequence[str] = (),
 ) -> AsyncIterator[P2PHost]:
     """Run a libp2p host whose identity is the Ed25519 key of `seed` (32 bytes).
 
@@ -477,10 +491,12 @@ async def open_host(
     (default: `default_limits(max_connections)`); a refused connection is
     closed at registration, a refused stream reset. `bootstrap` multiaddrs (or
     peer ids) name the peers that get reserved slots and are never pruned from
-    the peerstore, which holds at most about `peerstore_max` peers. Every
-    inbound stream runs inside `host.guard`'s boundary: no handler exception
-    ends the host. On exit every connection and listener is closed within a
-    bounded time, even when the block is cancelled.
+    the peerstore, which holds at most about `peerstore_max` peers. Peers are
+    told `announce` (else the listen addresses, unspecified ones expanded) plus
+    `announce_append` (node/p2p_addrs.py). Every inbound stream runs inside
+    `host.guard`'s boundary: no handler exception ends the host. On exit every
+    connection and listener is closed within a bounded time, even when the block
+    is cancelled.
     """
     if limits is None:
         limits = default_limits(max_connections)
@@ -495,7 +511,8 @@ async def open_host(
     if not maddrs:
         raise UsageError("open_host needs at least one listen address")
     setattr(YamuxStream, "_auto_tune_and_send_window_update", _window_update_at_half)  # noqa: B010
-    host = _build_libp2p_host(keypair, maddrs, limits.max_connections)
+    host = _build_libp2p_host(keypair, maddrs, limits.max_connections,
+                              AddrPolicy(announce, announce_append))
     node = P2PHost(host, keypair, limits, boot_ids, peerstore_max)
     swarm: Any = host.get_network()
     swarm.register_notifee(_Gate(node))

@@ -8,6 +8,7 @@ or a missed tick is harmless.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import addrs
 from .agent import ProviderPolicy, RecipientPolicy, offers_from_config, provider_plan
 from .errors import BidmeshError
 from .events import Body, Event, Offer
@@ -52,6 +54,14 @@ class ProviderService:
     def tick(self, node: Node) -> list[Body]:
         """One decision round; returns what was published."""
         now = int(time.time() * 1000)
+        addrs = offer_addrs(node)
+        if addrs != self.policy.addrs:
+            # An interface address came or went (or announce changed): the offer
+            # must say where the dataplane is reached, so it is published again.
+            if self.policy.addrs:
+                log.info("advertised addresses changed; publishing the offer again",
+                         extra={"old": list(self.policy.addrs), "new": list(addrs)})
+            self.policy = dataclasses.replace(self.policy, addrs=addrs)
         actions, skips = provider_plan(node.market(), node.identity.public,
                                        node.identity.seed, self.policy, now, self._last_offer)
         for sk in skips:  # logged and counted once per auction, not once per tick
@@ -83,7 +93,14 @@ class ProviderService:
     def status(self) -> dict[str, Any]:
         return {"published": dict(self.published), "errors": self.errors,
                 "skipped": dict(self.skipped),
-                "offers": [so.name for so in self.policy.offers]}
+                "offers": [so.name for so in self.policy.offers],
+                "offer_addrs": list(self.policy.addrs)}
+
+
+def offer_addrs(node: Node) -> tuple[str, ...]:
+    """The dataplane addresses an offer carries: the advertised ones every node may
+    be told (no loopback unless there is nothing else), at most 8."""
+    return tuple(addrs.for_everyone(node.host.addrs)[:8])
 
 
 def node_service(node: Node) -> ProviderService | None:
@@ -91,9 +108,8 @@ def node_service(node: Node) -> ProviderService | None:
     cfg = node.config.provider
     if not cfg.enabled:
         return None
-    addrs = tuple(node.host.addrs)
     policy = ProviderPolicy(
-        offers=offers_from_config(cfg.offers), currency=cfg.currency, addrs=addrs[:8],
+        offers=offers_from_config(cfg.offers), currency=cfg.currency, addrs=offer_addrs(node),
         bid_services=frozenset(cfg.bid_services), rate_recipients=cfg.rate_recipients,
         note=cfg.note,
         recipients=RecipientPolicy(min_score_ppm=int(cfg.min_recipient_score * 10_000),

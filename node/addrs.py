@@ -7,9 +7,10 @@ reach. As go-libp2p does:
   addresses (IPv6 link-local ones are left out: they need a zone to be dialed);
 * `p2p.announce`, when set, replaces the listen addresses (behind NAT, in a
   container: the address others reach); `p2p.announce_append` adds to either;
-* loopback addresses are not shown to non-loopback peers (identify), nor put in
-  offers (which everybody reads) unless the node has nothing else (a loopback-only
-  devnet).
+* loopback addresses are left out whenever the node has any other address: peers on
+  other hosts cannot use them, peers on the same host can dial the interface address,
+  and one list for everyone keeps the signed peer record stable (node/p2p_addrs.py).
+  A loopback-only node (a devnet on 127.0.0.1) keeps them.
 
 `advertised()` and the filters are pure; `interface_ips()` reads the interfaces (via
 `ifaddr`, a py-libp2p dependency) and is cached for `IFACE_TTL_S`, so an address that
@@ -102,24 +103,14 @@ def expand(addrs: Iterable[str], ips: Sequence[IPAddress]) -> list[str]:
 def advertised(listening: Iterable[str], announce: Sequence[str], announce_append: Sequence[str],
                ips: Sequence[IPAddress]) -> list[str]:
     """The addresses to tell peers (without /p2p/): `announce` or the expanded listen
-    addresses, then `announce_append`; in order, without repeats."""
+    addresses, then `announce_append`; in order, without repeats; loopback ones only
+    when there is nothing else (`for_everyone`)."""
     base = [strip_p2p(a) for a in announce] if announce else expand(listening, ips)
-    return list(dict.fromkeys([*base, *(strip_p2p(a) for a in announce_append)]))
-
-
-def for_remote(addrs: Sequence[str], remote_ip: str | None) -> list[str]:
-    """What a peer at `remote_ip` is told: everything if it is on loopback itself,
-    else everything but loopback addresses."""
-    try:
-        remote_loopback = remote_ip is not None and ipaddress.ip_address(
-            remote_ip.split("%", 1)[0]).is_loopback
-    except ValueError:
-        remote_loopback = False
-    return list(addrs) if remote_loopback else [a for a in addrs if not is_loopback(a)]
+    return for_everyone(list(dict.fromkeys([*base, *(strip_p2p(a) for a in announce_append)])))
 
 
 def for_everyone(addrs: Sequence[str]) -> list[str]:
-    """For records every node reads (offers): no loopback addresses, unless the node
-    has no others (then only peers on the same host can reach it anyway)."""
+    """No loopback addresses, unless there are no others (then only peers on the same
+    host can reach the node anyway, and they are on loopback too)."""
     public = [a for a in addrs if not is_loopback(a)]
     return public or list(addrs)

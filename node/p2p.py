@@ -77,7 +77,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 
 from .errors import BidmeshError, InvalidMessage, OperationError, PeerError, RemoteError, UsageError
-from .p2p_addrs import AddrPolicy, filter_identify
+from .p2p_addrs import AddrPolicy
 from .p2p_guard import LONG_LIVED_PREFIXES, Guard, touch_stream
 from .resources import Limits, ResourceManager
 
@@ -449,7 +449,6 @@ def _build_libp2p_host(
         connection_config=config,
         addrs_factory=addr_policy or AddrPolicy(),
     )
-    filter_identify(host)
     swarm: Any = host.get_network()
     # Upstream bug: the inbound handler holds its `_inbound_limiter` slot until
     # the *swarm* stops, not until the connection closes (network/swarm.py:1982

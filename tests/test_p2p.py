@@ -96,16 +96,26 @@ async def test_connection_cap_refuses_extra_peers_and_frees_slots() -> None:
     async with hosts(4, max_connections=2) as (a, b, c, d):
         await b.connect(a.addrs[0])
         await c.connect(a.addrs[0])
-        with pytest.raises(OperationError):
+        # a refuses by closing the new connection once it is registered: the close
+        # may reach d before connect() returns (OperationError) or just after it.
+        try:
             await d.connect(a.addrs[0])
-        assert len(a.connected_peers()) == 2
+        except OperationError:
+            pass
+        await wait_until(lambda: not d.is_connected(a.peer_id))
+        assert set(a.connected_peers()) == {b.peer_id, c.peer_id}
+
+        def slots_used() -> int:
+            used: int = a.resources.status()["connections"]["inbound"]
+            return used
+
         # Slots are freed on disconnect, repeatedly (upstream leaked inbound slots).
         for _ in range(3):
             await b.disconnect(a.peer_id)
-            await wait_until(lambda: b.peer_id not in a.connected_peers())
+            await wait_until(lambda: b.peer_id not in a.connected_peers() and slots_used() < 2)
             await d.connect(a.addrs[0])
             await d.disconnect(a.peer_id)
-            await wait_until(lambda: d.peer_id not in a.connected_peers())
+            await wait_until(lambda: d.peer_id not in a.connected_peers() and slots_used() < 2)
             await b.connect(a.addrs[0])
 
 

@@ -618,8 +618,44 @@ def _client_handler(name: str) -> Handler:
     def run(args: argparse.Namespace, out: Output) -> int:
         from .client_cli import run_command
 
+        _client_defaults(args)
         return run_command(name, args, out)
     return run
+
+
+def _client_defaults(args: argparse.Namespace) -> None:
+    """--dir defaults to DATA_DIR/client; without --node the client talks to the node
+    running in DATA_DIR (the one default data dir every command shares), on its network
+    unless --network says otherwise."""
+    data_dir = paths.default_data_dir()
+    if args.dir is None:
+        args.dir = paths.client_dir(data_dir)
+    if not args.node:
+        from .daemon import read_status
+
+        try:
+            st = read_status(data_dir)
+        except UsageError:
+            st = {}
+        args.node = local_dial_addrs(st.get("listen_addrs", []))
+        if st.get("state") != "running" or not args.node:
+            raise UsageError(f"no --node given and no node is running in {data_dir} "
+                             f"(${paths.DATA_DIR_ENV}); pass --node /ip4/ADDR/tcp/PORT/p2p/ID")
+        args.network = args.network or st.get("network")
+    args.network = args.network or DEFAULT_NETWORK
+
+
+def local_dial_addrs(listen_addrs: Sequence[str]) -> list[str]:
+    """How a process on the same host dials a node listening on `listen_addrs`: an
+    unspecified address (0.0.0.0, ::) through loopback, others as they are."""
+    out = []
+    for a in listen_addrs:
+        if a.startswith("/ip4/0.0.0.0/"):
+            a = "/ip4/127.0.0.1/" + a[len("/ip4/0.0.0.0/"):]
+        elif a.startswith("/ip6/::/"):
+            a = "/ip6/::1/" + a[len("/ip6/::/"):]
+        out.append(a)
+    return out
 
 
 def _yes_no(text: str) -> bool:
@@ -646,10 +682,16 @@ def _client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("client", help="light client for recipients: auctions, leases, ratings",
                        description="Talk to one or more nodes as a recipient; every answer is "
                                    "verified and re-derived locally (docs/client.md).")
-    p.add_argument("--dir", type=Path, required=True, help="client directory (key and state)")
-    p.add_argument("--node", action="append", required=True, metavar="MADDR",
-                   help="node multiaddr with /p2p/<peer id>; repeat to cross-check nodes")
-    p.add_argument("--network", default="main", help="network id (default main)")
+    p.add_argument("--dir", type=Path,
+                   help="client directory (key and state; default: "
+                        f"${paths.DATA_DIR_ENV}/{paths.CLIENT_DIR}, else "
+                        f"{paths.client_dir()})")
+    p.add_argument("--node", action="append", metavar="MADDR",
+                   help="node multiaddr with /p2p/<peer id>; repeat to cross-check nodes "
+                        "(default: the node running in the default data dir)")
+    p.add_argument("--network",
+                   help="network id (default: the local node's when --node is not given, "
+                        "else main)")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
     cs = p.add_subparsers(dest="client_cmd", metavar="COMMAND", required=True)
 

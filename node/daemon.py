@@ -626,6 +626,9 @@ async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
                     "events": ledger.count(), "digest": ledger.digest().hex()})
                 lifecycle.sd_notify(f"READY=1\nSTATUS=peer {host.peer_id}, "
                                     f"{ledger.count()} events")
+                ping = lifecycle.watchdog_interval()
+                if ping is not None:
+                    nursery.start_soon(_systemd_watchdog, ping)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async with trio.open_nursery() as waiters:
                         async def on_signal() -> None:
@@ -689,6 +692,14 @@ def _count(cfg: config.Config) -> int | str:
             return led.count()
     except BidmeshError as e:
         return str(e)
+
+
+async def _systemd_watchdog(interval: float) -> None:
+    """WATCHDOG=1 every `interval` s (unit `WatchdogSec=`): sent from the event loop, so
+    a loop stuck for the whole timeout gets the node restarted."""
+    while True:
+        lifecycle.sd_notify("WATCHDOG=1")
+        await trio.sleep(interval)
 
 
 def _start_watchdog(seconds: float) -> None:

@@ -11,7 +11,8 @@ Stdlib only (no trio, no libp2p), so `bidmesh` subcommands can use it cheaply.
   port becomes one line (`UsageError`, exit 2) before the ledger is opened or a
   connection made.
 * `sd_notify(state)`: the systemd notify protocol (a datagram to `$NOTIFY_SOCKET`),
-  for `Type=notify` units; a no-op elsewhere.
+  for `Type=notify` units; a no-op elsewhere. `watchdog_interval()`: how often to send
+  WATCHDOG=1 when the unit sets `WatchdogSec=` (none otherwise).
 """
 
 from __future__ import annotations
@@ -205,6 +206,19 @@ def sd_notify(state: str) -> bool:
         log.warning("sd_notify failed", extra={"error": str(e), "state": state[:60]})
         return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings when systemd's watchdog is on for this process
+    (`$WATCHDOG_USEC`, and `$WATCHDOG_PID` absent or ours), else None. Half the timeout,
+    as sd_watchdog_enabled(3) advises."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+        return None  # meant for another process (a wrapper that started us)
+    return int(usec) / 1e6 / 2
 
 
 # ------------------------------------------------------------------ helpers

@@ -5,6 +5,7 @@ daemon and the tests agree.
     DIR/ledger.db   the SQLite ledger (plus ledger.db-wal / ledger.db-shm while open)
     DIR/node.toml   the node config `bidmesh init` writes and `bidmesh run` reads by default
     DIR/node.lock   held by the running node (node/lifecycle.py)
+    DIR/client/     `bidmesh client`'s default --dir (the recipient's key and state)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ KEY_FILE = "node.key"
 CONFIG_FILE = "node.toml"  # written by `bidmesh init`, read by `bidmesh run` by default
 LEDGER_FILE = "ledger.db"
 DATA_DIR_ENV = "BIDMESH_DATA_DIR"
+CLIENT_DIR = "client"
 
 
 def default_data_dir() -> Path:
@@ -38,3 +40,8 @@ def ledger_path(data_dir: str | Path) -> Path:
 
 def config_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / CONFIG_FILE
+
+
+def client_dir(data_dir: str | Path | None = None) -> Path:
+    """`bidmesh client`'s directory when --dir is not given: DATA_DIR/client."""
+    return Path(data_dir or default_data_dir()) / CLIENT_DIR

@@ -141,6 +141,31 @@ def test_watchdog_exit_is_not_zero() -> None:
     assert "stop overran its budget" in proc.stderr
 
 
+def test_sd_notify_abstract_socket_and_watchdog_interval(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"bidmesh-test-{os.getpid()}-{id(monkeypatch)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)  # what systemd means by NOTIFY_SOCKET=@name
+        s.settimeout(10)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert lifecycle.sd_notify("READY=1")
+        assert s.recv(100) == b"READY=1"
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)  # nobody listens now: no raise
+    assert not lifecycle.sd_notify("READY=1")
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not lifecycle.sd_notify("READY=1")
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert lifecycle.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert lifecycle.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # another process's
+    assert lifecycle.watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "0")
+    monkeypatch.delenv("WATCHDOG_PID")
+    assert lifecycle.watchdog_interval() is None
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -177,6 +202,16 @@ def test_env_data_dir_is_every_commands_default(tmp_path: Path) -> None:
     assert proc.returncode == 2 and str(d / "ledger.db") in one_line(proc.stderr)
     proc = bidmesh("keygen", env=env)
     assert proc.returncode == 2 and str(d / "node.key") in one_line(proc.stderr)
+    proc = bidmesh("client", "whoami", env=env)  # no --node, and no node runs in d
+    assert proc.returncode == 2 and f"no node is running in {d}" in one_line(proc.stderr)
+    assert not (d / "client").exists()
+
+
+def test_client_dials_a_local_node_through_loopback() -> None:
+    assert cli.local_dial_addrs(["/ip4/0.0.0.0/tcp/4001/p2p/X", "/ip6/::/tcp/4001/p2p/X",
+                                 "/ip4/10.0.0.5/tcp/4001/p2p/X"]) == [
+        "/ip4/127.0.0.1/tcp/4001/p2p/X", "/ip6/::1/tcp/4001/p2p/X",
+        "/ip4/10.0.0.5/tcp/4001/p2p/X"]
 
 
 def test_client_cli_keeps_library_logs_off_the_terminal(tmp_path: Path) -> None:
@@ -251,14 +286,25 @@ def test_init_run_notifies_systemd_and_stops_cleanly(tmp_path: Path) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(60)
-    proc = _start(Path(), {**ENV, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}, data_dir=d)
+    # WatchdogSec=1 as systemd would set it: a WATCHDOG=1 every 0.5 s from then on.
+    env = {**ENV, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    proc = _start(Path(), env, data_dir=d)
     try:
         msg = notify.recv(4096).decode()
         assert msg.startswith("READY=1\n"), msg
         st = control_call(d, {"op": "status"})  # ready means it answers
         assert st["network"] == "t" and any(f"/tcp/{port}/" in a for a in st["listen_addrs"])
+        assert notify.recv(4096) == b"WATCHDOG=1"
+        # A client with no --dir, --node or --network: the node of the default data dir.
+        proc_c = bidmesh("client", "whoami", "--json", env={**ENV, paths.DATA_DIR_ENV: str(d)})
+        assert proc_c.returncode == 0, proc_c.stderr
+        assert (d / "client" / "client.key").exists()
         proc.send_signal(signal.SIGTERM)
-        assert notify.recv(4096) == b"STOPPING=1"
+        msgs = [notify.recv(4096)]  # pings still in flight, then STOPPING=1
+        while msgs[-1] != b"STOPPING=1" and len(msgs) < 100:
+            msgs.append(notify.recv(4096))
+        assert msgs[-1] == b"STOPPING=1", msgs
+        assert set(msgs[:-1]) <= {b"WATCHDOG=1"}, msgs
         proc.communicate(timeout=30)
         assert proc.returncode == 0
     finally:

@@ -274,6 +274,40 @@ class DataplaneConfig:
     window: int = _opt(16, int, _range(1, 4096))
 
 
+def _egress_rules(v: Any) -> str | None:
+    from .dataplane.egress import parse_rule  # only when the file names rules
+    from .errors import UsageError
+
+    for rule in v:
+        try:
+            parse_rule(rule)
+        except UsageError as e:
+            return (f"{e} (rules are \"CIDR\" or \"CIDR PORTS\", like "
+                    "\"10.0.0.0/8 80,443,8000-8100\")")
+    return None
+
+
+@dataclass(frozen=True)
+class BandwidthConfig:
+    """Tunnels of bandwidth leases (node/dataplane/tunnel.py; docs/dataplane.md §14),
+    served when the provider offers `bandwidth`."""
+
+    # Carry members' traffic at all (off: every tunnel is refused `egress_disabled`).
+    egress: bool = _opt(True, bool)
+    # Rules "CIDR" or "CIDR PORTS": deny first, then allow (which admits even the
+    # loopback/private/own addresses refused by default), checked after resolution.
+    allow: list[str] = _opt([], list, _egress_rules)
+    deny: list[str] = _opt(["0.0.0.0/0 25", "::/0 25"], list, _egress_rules)
+    max_tunnels: int = _opt(256, int, _range(1, 100_000))
+    max_tunnels_per_lease: int = _opt(64, int, _range(1, 100_000))
+    max_tunnels_per_member: int = _opt(16, int, _range(1, 100_000))
+    max_streams_per_peer: int = _opt(64, int, _range(1, 100_000))
+    open_timeout_s: float = _opt(10.0, (int, float), _range(0.1, 600))
+    connect_timeout_s: float = _opt(10.0, (int, float), _range(0.1, 600))
+    idle_timeout_s: float = _opt(300.0, (int, float), _range(1, 86_400))
+    write_timeout_s: float = _opt(30.0, (int, float), _range(0.1, 3600))
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = _opt(False, bool)
@@ -293,6 +327,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     provider: ProviderConfig = field(default_factory=ProviderConfig)
     dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
+    bandwidth: BandwidthConfig = field(default_factory=BandwidthConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: Path | None = None
@@ -322,7 +357,7 @@ class Config:
 SECTIONS: dict[str, type[Any]] = {
     "node": NodeConfig, "p2p": P2PConfig, "gossip": GossipConfig, "sync": SyncConfig,
     "provider": ProviderConfig, "dataplane": DataplaneConfig, "http": HttpConfig,
-    "limits": LimitsConfig,
+    "limits": LimitsConfig, "bandwidth": BandwidthConfig,
 }
 
 

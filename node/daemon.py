@@ -547,9 +547,11 @@ def _start_services(node: Node) -> None:
     """The built-in services the config asks for, then `bidmesh.services` plugins."""
     from . import http, provider, query
     from .dataplane import node as dataplane
+    from .dataplane import tunnel_node
 
     factories: list[Callable[[Node], Service | None]] = [
         query.node_service, http.node_service, provider.node_service, dataplane.node_service,
+        tunnel_node.node_service,  # bandwidth leases: when the provider offers bandwidth
     ]
     factories += [ep.load() for ep in entry_points(group="bidmesh.services")]
     for factory in factories:

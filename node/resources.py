@@ -28,7 +28,11 @@ Scopes and what holds them (`Limits` has the numbers; all configurable under
   (`idle_pressure`), and a stream with no completed frame
   (`touch_stream`) for `stream_idle_s` (protocols starting with a `long_lived`
   prefix excepted), are
-  reported by `idle()` for the shell to close.
+  reported by `idle()` for the shell to close;
+* self-limited protocols (`set_protocol_limits`): a service that bounds its own
+  streams (tunnels, which last as long as a download and are capped per lease and
+  member) gets its own per-peer and total caps for its protocol instead of the
+  stream scopes above, and its streams never expire as idle (it has its own timeout).
 
 "Trusted" means a bootstrap peer (`set_bootstrap`) or a known-good peer
 (`mark_good`: it gave us valid events; an LRU of `good_peers_max`).
@@ -175,6 +179,7 @@ class StreamLease:
     last_used: float
     id: int = field(default_factory=lambda: next(_ids))
     released: bool = False
+    own: bool = False  # charged to its protocol's own caps (`set_protocol_limits`)
 
 
 @dataclass(eq=False)
@@ -215,6 +220,7 @@ class ResourceManager:
         self._streams_per_peer_protocol: Counter[tuple[Peer, str]] = Counter()
         self._requests: Counter[Peer] = Counter()
         self._requests_total = 0
+        self._own: dict[str, tuple[int, int]] = {}  # protocol -> (per peer, total)
         self.refused: Counter[str] = Counter()
         """Refusals per scope since start (status and metrics)."""
         self.closed_idle = 0
@@ -329,8 +335,34 @@ class ResourceManager:
 
     # -- streams
 
+    def set_protocol_limits(self, protocol: str, per_peer: int, total: int) -> None:
+        """Streams of `protocol` are bounded by the service serving it: at most
+        `per_peer` per peer and `total` for the node, not counted in the stream scopes
+        of `Limits` (a member's 16 downloads must not use up its 8 streams per protocol
+        or its 64 per peer and starve its sync), and never reported idle."""
+        if per_peer < 1 or total < 1:
+            raise UsageError(f"{protocol}: protocol stream limits must be at least 1")
+        self._own[protocol] = (per_peer, total)
+
+    def _open_own(self, peer: Peer, protocol: str, per_peer: int, total: int) -> StreamLease:
+        if self._streams_per_peer_protocol[(peer, protocol)] >= per_peer:
+            raise self._refuse("streams_per_peer_protocol", f"{peer} already has "
+                               f"{per_peer} {protocol} streams")
+        if self._streams_per_protocol[protocol] >= total:
+            raise self._refuse("streams_per_protocol", f"{protocol}: all {total} stream "
+                               "slots in use")
+        now = self._clock()
+        lease = StreamLease(peer, protocol, False, now, now, own=True)
+        self._streams[lease.id] = lease
+        self._streams_per_protocol[protocol] += 1
+        self._streams_per_peer_protocol[(peer, protocol)] += 1
+        return lease
+
     def open_stream(self, peer: Peer, protocol: str) -> StreamLease:
         """Charge an inbound stream; raise LimitExceeded if a scope is full."""
+        own = self._own.get(protocol)
+        if own is not None:
+            return self._open_own(peer, protocol, *own)
         lim = self.limits
         if self._streams_per_peer_protocol[(peer, protocol)] >= lim.streams_per_peer_protocol:
             raise self._refuse("streams_per_peer_protocol", f"{peer} already has "
@@ -366,7 +398,8 @@ class ResourceManager:
             return
         lease.released = True
         del self._streams[lease.id]
-        _decrement(self._streams_per_peer, lease.peer)
+        if not lease.own:
+            _decrement(self._streams_per_peer, lease.peer)
         _decrement(self._streams_per_protocol, lease.protocol)
         _decrement(self._streams_per_peer_protocol, (lease.peer, lease.protocol))
 
@@ -423,7 +456,8 @@ class ResourceManager:
         )
         streams = tuple(
             s for s in self._streams.values()
-            if not s.protocol.startswith(lim.long_lived) and now - s.last_used >= lim.stream_idle_s
+            if not s.own and not s.protocol.startswith(lim.long_lived)
+            and now - s.last_used >= lim.stream_idle_s
         )
         # Not reported again until another full timeout.
         for conn in conns:
@@ -447,6 +481,7 @@ class ResourceManager:
                             "peers": len(self._conns_by_peer)},
             "streams": len(self._streams),
             "streams_per_protocol": dict(self._streams_per_protocol),
+            "protocol_limits": {p: {"per_peer": a, "total": b} for p, (a, b) in self._own.items()},
             "requests_in_flight": self._requests_total,
             "trusted_peers": len(self._bootstrap | set(self._good)),
             "refused": dict(self.refused),

@@ -225,3 +225,28 @@ def test_status_renders_as_metrics() -> None:
     assert samples['bidmesh_limit_refused_total{scope="conns_per_ip"}'] == "1"
     assert samples['bidmesh_stream_faults_total{reason="malformed"}'] == "2"
     assert samples["bidmesh_peerstore_peers"] == "5"
+
+
+def test_self_limited_protocol_has_its_own_caps_and_no_idle_expiry() -> None:
+    rm, clock = manager(streams_per_protocol=4, streams_per_peer_protocol=2,
+                        trusted_reserved_streams=1, streams_per_peer=3, stream_idle_s=10)
+    tun = "/bidmesh/x/tunnel/1"
+    rm.set_protocol_limits(tun, per_peer=5, total=7)
+    held = [rm.open_stream("m", tun) for _ in range(5)]  # beyond every generic stream cap
+    assert scope_of(rm, "m", tun, stream=True) == "streams_per_peer_protocol"
+    # Tunnels do not use up the peer's generic streams (its sync keeps working) ...
+    rm.open_stream("m", "/bidmesh/sync/1")
+    rm.open_stream("m", "/bidmesh/sync/1")
+    assert scope_of(rm, "m", "/bidmesh/sync/1", stream=True) == "streams_per_peer_protocol"
+    rm.open_stream("other", tun)
+    rm.open_stream("other", tun)
+    assert scope_of(rm, "third", tun, stream=True) == "streams_per_protocol"
+    # ... and are never reported idle (the tunnel service has its own idle timeout).
+    clock.now += 100
+    assert all(s.protocol != tun for s in rm.idle().streams)
+    rm.close_stream(held[0])
+    rm.close_stream(held[0])  # idempotent
+    assert rm.try_open_stream("third", tun) is not None
+    assert rm.status()["protocol_limits"] == {tun: {"per_peer": 5, "total": 7}}
+    with pytest.raises(UsageError):
+        rm.set_protocol_limits(tun, per_peer=0, total=1)

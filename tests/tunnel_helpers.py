@@ -18,6 +18,7 @@ from node.dataplane.tunnel import TunnelConfig, TunnelService, default_resolve
 from node.events import Body
 from node.keys import Identity
 from node.p2p import P2PHost, open_host
+from node.resources import Limits
 
 NET = "tuntest"
 LOCAL = TunnelConfig(allow=("127.0.0.1/32",))
@@ -55,10 +56,10 @@ class Provider:
 @asynccontextmanager
 async def provider(leases: list[Lease], cfg: TunnelConfig = LOCAL,
                    resolve: Callable[[str, int], Awaitable[list[str]]] = default_resolve,
-                   ) -> AsyncIterator[Provider]:
+                   limits: Limits | None = None) -> AsyncIterator[Provider]:
     table = {lease.id: lease for lease in leases}
     published: list[Body] = []
-    async with open_host(P.seed) as host, trio.open_nursery() as nursery:
+    async with open_host(P.seed, limits=limits) as host, trio.open_nursery() as nursery:
         svc = TunnelService(host, NET, table.get, published.append, wall_clock_ms, cfg,
                             resolve=resolve)
         prov = Provider(host, svc, published, table)

@@ -40,6 +40,7 @@ from ..p2p import (
     set_stream_handler,
     write_frame,
 )
+from ..p2p_guard import touch_stream
 from ..segments import TokenBucket
 from .egress import EgressPolicy
 from .metering import DemandMeter, FairQueue, Ticket
@@ -121,6 +122,9 @@ class TunnelConfig:
     max_tunnels: int = 256
     max_tunnels_per_lease: int = 64
     max_tunnels_per_member: int = 16
+    # Tunnel streams one peer may hold open or opening (all its leases): its own cap in
+    # the host's resource manager instead of the generic per-protocol stream caps.
+    max_streams_per_peer: int = 64
     open_timeout_s: float = 10.0  # the opening frame must arrive within this
     connect_timeout_s: float = 10.0  # resolve + connect to the destination
     idle_timeout_s: float = 300.0  # no byte either way for this long: closed (`idle`)
@@ -131,7 +135,8 @@ class TunnelConfig:
     lease_check_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if min(self.max_tunnels, self.max_tunnels_per_lease, self.max_tunnels_per_member) < 1:
+        if min(self.max_tunnels, self.max_tunnels_per_lease, self.max_tunnels_per_member,
+               self.max_streams_per_peer) < 1:
             raise UsageError("TunnelConfig: tunnel caps must be >= 1")
         for name in ("open_timeout_s", "connect_timeout_s", "idle_timeout_s",
                      "write_timeout_s", "close_grace_s", "lease_check_s"):
@@ -332,7 +337,14 @@ class TunnelService:
     def install(self) -> None:
         if not self._installed:
             self._installed = True
-            set_stream_handler(self.host, tunnel_protocol(self.network), self._on_stream)
+            proto, cfg = tunnel_protocol(self.network), self.config
+            # A tunnel stream lives as long as its download and a member may hold 16 per
+            # lease: the generic stream caps (8 per peer per protocol, 64 per protocol)
+            # and idle expiry (60 s without an inbound frame; a download sends none)
+            # would cut tunnels. The caps here bound them instead: open + opening.
+            self.host.resources.set_protocol_limits(proto, cfg.max_streams_per_peer,
+                                                    2 * cfg.max_tunnels)
+            set_stream_handler(self.host, proto, self._on_stream)
 
     async def run(self) -> None:
         """Serve until cancelled; at each lease's end close its tunnels, publish Usage."""
@@ -620,12 +632,17 @@ class TunnelService:
             try:
                 if st.rate is not None:
                     await st.rate.take(t.member, n)
-                await sock.send_all(memoryview(frame)[1:])
+                # Socket-level sends bill exactly what the kernel took, even when the
+                # lease's end cancels us half way (SocketStream.send_all would not say).
+                view = memoryview(frame)[1:]
+                while view:
+                    sent = await sock.socket.send(view)
+                    view = view[sent:]
+                    t.bytes_up += sent
+                    member.bytes_in += sent
+                    st.delivered(sent)
             finally:
                 st.busy(-1)
-            t.bytes_up += n
-            member.bytes_in += n
-            st.delivered(n)
 
     async def _down(self, t: _Tunnel) -> None:
         """Destination -> member: each socket read becomes one DATA frame."""
@@ -645,17 +662,33 @@ class TunnelService:
             try:
                 if st.rate is not None:
                     await st.rate.take(t.member, n)
-                await write_frame(t.stream, data, cfg.write_timeout_s, DATA)
+                try:
+                    await write_frame(t.stream, data, cfg.write_timeout_s, DATA)
+                except trio.Cancelled:
+                    # write_frame's writes are shielded: a cancellation (the lease's
+                    # end) surfaces only after the whole frame went out. Bill it.
+                    self._sent_down(t, member, n)
+                    raise
             finally:
                 st.busy(-1)
-            t.bytes_down += n
-            member.bytes_out += n
-            st.delivered(n)
+            self._sent_down(t, member, n)
+
+    @staticmethod
+    def _sent_down(t: _Tunnel, member: _MemberUse, n: int) -> None:
+        t.bytes_down += n
+        member.bytes_out += n
+        t.st.delivered(n)
 
     async def _watch(self, t: _Tunnel) -> None:
         """Cut the tunnel at the lease's end (`lease_ended`) or when idle (`idle`)."""
         cfg, lease = self.config, t.st.lease
+        seen = t.last
         while True:
+            if t.last != seen:
+                # Traffic either way keeps the member's connection from being closed
+                # as idle (a download brings no inbound frame to touch it).
+                seen = t.last
+                touch_stream(t.stream)
             left_ms = lease.end_ms - self.clock()
             if left_ms <= 0:
                 t.fail("lease_ended", f"lease {lease.id.hex()[:12]} has ended")

@@ -749,7 +749,18 @@ def _client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     c.add_argument("lease", help="lease id (hex)")
     c.add_argument("--in", dest="infile", default="-", help="input file (default stdin)")
     c.add_argument("--out", dest="outfile", default="-", help="output file (default stdout)")
-    c.add_argument("--packet", type=int, default=64 * 1024, help="packet size in bytes")
+    c.add_argument("--format", choices=["lp", "ts"], default="lp",
+                   help="lp: cut the input into --packet byte packets (default); ts: the "
+                        "input is MPEG-TS, sent as its 188-byte packets")
+    c.add_argument("--packet", type=int, default=64 * 1024,
+                   help="--format lp packet size in bytes")
+    c.add_argument("--chain", action="append", default=[], metavar="SERVICE",
+                   help="process with these services in order (repeat; default: the "
+                        "lease's chain)")
+    c.add_argument("--out-format", choices=["results", "frames", "packets"],
+                   default="results", help="results: each segment's result in order "
+                   "(default); frames: u32 length, u64 seq, result per segment; packets: "
+                   "the packets of each result (chains that return packets)")
     c.add_argument("--progress", choices=["auto", "yes", "no"], default="auto")
 
     c = cmd("rate", "rate the other party of a lease")

@@ -6,12 +6,14 @@ The logic lives in node/client.py; this module only parses, prints and maps erro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -19,9 +21,12 @@ from .auction import Lease
 from .auction.views import rep_label
 from .client import AuctionInfo, LightClient, now_ms
 from .client_resolve import resolve
-from .errors import UsageError
+from .errors import PeerError, UsageError
 from .events import Event, event_to_json
 from .reputation import Score
+
+if TYPE_CHECKING:  # imports libp2p (~1 s): loaded by the stream command only
+    from .dataplane.client import InputAcks
 
 
 async def _id(c: LightClient, text: str, what: str) -> bytes:
@@ -171,7 +176,9 @@ async def _cmd_rate(c: LightClient, a: argparse.Namespace, out: Any) -> int:
 async def _cmd_leases(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     infos, bad = await c.lease_report()
     if out.json_mode:
-        out.json([i.to_json() for i in infos]
+        # One list; `verified` tells leases (the award re-derived here) from awards of
+        # ours that do not verify (award, request, reason, detail instead of a lease).
+        out.json([{**i.to_json(), "verified": True} for i in infos]
                  + [{**u.to_json(), "verified": False} for u in bad])
         return 0
     rows = [{"id": _short(i.lease.id), "role": i.role, "service": i.lease.service,
@@ -226,34 +233,50 @@ async def _cmd_whoami(c: LightClient, a: argparse.Namespace, out: Any) -> int:
 
 
 class Progress:
-    """A one-line progress bar on stderr: bytes, rate, and the lease's limits."""
+    """A one-line progress bar on stderr: input bytes the provider acknowledged (returned
+    processed), their rate against the lease's limits, output bytes, the time left."""
+
+    WINDOW_S = 3.0  # the rate shown is over the last few seconds, not since the start
 
     def __init__(self, lease: Lease, enabled: bool, total: int | None) -> None:
         self.lease, self.enabled, self.total = lease, enabled, total
-        self.sent = 0
+        self.acked = 0
         self.received = 0
         self.t0 = time.monotonic()
         self._last = 0.0
+        self._samples: deque[tuple[float, int]] = deque([(self.t0, 0)])
 
-    def update(self, sent: int = 0, received: int = 0, final: bool = False) -> None:
-        self.sent += sent
-        self.received += received
+    def rate_bps(self, now: float, overall: bool = False) -> int:
+        """Acknowledged input in bits/s: over the last WINDOW_S, or since the start."""
+        while not overall and len(self._samples) > 1 and \
+                now - self._samples[1][0] >= self.WINDOW_S:
+            self._samples.popleft()
+        t, n = (self.t0, 0) if overall else self._samples[0]
+        return int((self.acked - n) * 8 / max(now - t, 1e-3))
+
+    def update(self, acked: int | None = None, received: int = 0,
+               final: bool = False) -> None:
         t = time.monotonic()
+        if acked is not None and acked != self.acked:
+            self.acked = acked
+            self._samples.append((t, acked))
+        self.received += received
         if not self.enabled or (not final and t - self._last < 0.2):
             return
         self._last = t
-        rate = self.sent * 8 / max(t - self.t0, 1e-6)
         lim = self.lease
-        limits = (f"max {_bps(lim.max_rate_bps)}" if lim.max_rate_bps else "no max") + (
-            f", min {_bps(lim.min_rate_bps)}" if lim.min_rate_bps else "")
+        limits = (f"lease max {_bps(lim.max_rate_bps)}" if lim.max_rate_bps else
+                  "no max rate") + (f", min {_bps(lim.min_rate_bps)}" if lim.min_rate_bps
+                                    else "")
         left = max(0, (lim.end_ms - now_ms()) // 1000)
         bar = ""
         if self.total:
-            frac = min(1.0, self.sent / self.total)
+            frac = min(1.0, self.acked / self.total)
             n = int(frac * 20)
             bar = "[" + "#" * n + "." * (20 - n) + f"] {frac * 100:3.0f}% "
-        sys.stderr.write(f"\r{bar}sent {_size(self.sent)} recv {_size(self.received)} "
-                         f"at {_bps(int(rate))} ({limits}; lease ends in {left}s)\x1b[K")
+        sys.stderr.write(f"\r{bar}acked {_size(self.acked)} at "
+                         f"{_bps(self.rate_bps(t, overall=final))} ({limits}; lease ends in "
+                         f"{left}s), out {_size(self.received)}\x1b[K")
         if final:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -275,54 +298,120 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+TS_READ = 188 * 348  # ~64 KiB of MPEG-TS per read; the provider's parser re-syncs anyway
+
+
 async def _cmd_stream(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    """Stream a file through a lease. Output framing (docs/client.md): `results` (each
+    segment's result, in order), `frames` (`u32 len, u64 seq, result` as received) or
+    `packets` (each result read as `u32 len, payload` packets, payloads written)."""
     import struct
 
-    from .dataplane.client import split_results
+    from .dataplane.client import InputAcks, split_results
+    from .segments import decode_packets
 
     lease_id = await _id(c, a.lease, "lease")
     _, lease = await c.lease(lease_id)
     if a.packet < 1 or a.packet > 1 << 20:
         raise UsageError("--packet must be 1..1048576 bytes")
+    chains = [list(a.chain)] if a.chain else None
     inp = sys.stdin.buffer if a.infile == "-" else open(a.infile, "rb")  # noqa: SIM115
     total = None if a.infile == "-" else os.path.getsize(a.infile)
     show = a.progress == "yes" or (a.progress == "auto" and sys.stderr.isatty())
     prog = Progress(lease, show, total)
-    dst = sys.stdout.buffer if a.outfile == "-" else open(a.outfile, "wb")  # noqa: SIM115
+    acks = InputAcks(a.format)
+    # A file is written as OUT.partial and renamed to OUT only when the provider's
+    # trailer says the stream completed: an OUT that exists is always a whole output.
+    partial = None if a.outfile == "-" else a.outfile + ".partial"
+    dst = sys.stdout.buffer if partial is None else open(partial, "wb")  # noqa: SIM115
     head = struct.Struct(">IB")
+    written = 0
 
     async def source() -> AsyncIterator[bytes]:
+        size = a.packet if a.format == "lp" else TS_READ
         while True:
-            chunk = await trio.to_thread.run_sync(inp.read, a.packet)
+            # Abandoned on cancel: a stream the provider ended must not wait for
+            # a pipe that is slow to deliver its next bytes.
+            # (trio_typing's stubs predate the `abandon_on_cancel` name of trio >= 0.23)
+            chunk: bytes = await trio.to_thread.run_sync(
+                lambda: inp.read(size), abandon_on_cancel=True)  # type: ignore[call-arg]
             if not chunk:
+                acks.end()
                 return
-            prog.update(sent=len(chunk))
-            yield head.pack(len(chunk), 0) + chunk
+            item = head.pack(len(chunk), 0) + chunk if a.format == "lp" else chunk
+            acks.feed(item)
+            yield item
 
     async def sink(frame: bytes) -> None:
-        for _, result in split_results(frame):
-            dst.write(result)
-            prog.update(received=len(result))
+        nonlocal written
+        for seq, result in split_results(frame):
+            data = frame if a.out_format == "frames" else result
+            if a.out_format == "packets":
+                try:
+                    data = b"".join(decode_packets(result))
+                except PeerError as e:
+                    raise UsageError(
+                        f"--out-format packets: the result of segment {seq} is not packets "
+                        f"(u32 length, payload): the chain transforms them ({e}); use "
+                        "--out-format results or frames") from None
+            dst.write(data)
+            written += len(data)
+            prog.update(acked=acks.ack(seq), received=len(data))
 
     try:
-        res = await c.stream(lease_id, source(), sink=sink)
-    finally:
+        res = await c.stream(lease_id, source(), sink=sink, chains=chains, protocol=a.format)
+    except BaseException as e:  # Ctrl-C included: say what happened to the output
         prog.update(final=True)
-        if inp is not sys.stdin.buffer:
-            inp.close()
-        dst.flush()
-        if dst is not sys.stdout.buffer:
-            dst.close()
+        _close_stream_files(inp, dst)
+        _interrupted(e, acks, partial, written)
+        raise
     t = res.trailer
-    summary = {"lease": lease_id.hex(), "segments": t.segments, "packets": t.packets,
-               "bytes_in": t.bytes_in, "bytes_out": t.bytes_out,
-               "subcontracted": t.subcontracted, "seconds": round(time.monotonic() - prog.t0, 3)}
+    prog.update(acked=t.bytes_in, final=True)
+    _close_stream_files(inp, dst)
+    if partial is not None:
+        os.replace(partial, a.outfile)
+    summary = {"lease": lease_id.hex(), "format": a.format, "chain": chains[0] if chains
+               else None, "segments": t.segments, "packets": t.packets,
+               "bytes_in": t.bytes_in, "bytes_out": t.bytes_out, "written": written,
+               "garbage_bytes": t.garbage_bytes, "subcontracted": t.subcontracted,
+               "seconds": round(time.monotonic() - prog.t0, 3)}
+    if a.format == "ts" and t.garbage_bytes:
+        sys.stderr.write(f"warning: {t.garbage_bytes} input bytes were not MPEG-TS packets "
+                         "and were skipped\n")
     if out.json_mode:
         sys.stderr.write(json.dumps(summary) + "\n")
     elif show:
-        sys.stderr.write(f"done: {t.segments} segments, {_size(t.bytes_in)} in, "
-                         f"{_size(t.bytes_out)} out\n")
+        sys.stderr.write(f"done: {t.segments} segments, {t.packets} packets, "
+                         f"{_size(t.bytes_in)} in, {_size(written)} written\n")
+    if a.format == "ts" and t.bytes_in and not t.packets:
+        raise UsageError("the input holds no MPEG-TS packets (188 bytes from sync byte "
+                         "0x47); for other data use --format lp")
     return 0
+
+
+def _close_stream_files(inp: Any, dst: Any) -> None:
+    if inp is not sys.stdin.buffer:
+        inp.close()
+    with contextlib.suppress(OSError):
+        dst.flush()
+    if dst is not sys.stdout.buffer:
+        dst.close()
+
+
+def _interrupted(e: BaseException, acks: InputAcks, partial: str | None, written: int) -> None:
+    """Tell the user the stream did not complete and where its partial output is."""
+    why = "interrupted" if isinstance(e, KeyboardInterrupt) else (
+        f"failed ({getattr(e, 'reason', None) or type(e).__name__})")
+    done = f"{_size(acks.acked)} of {_size(acks.fed)} sent were acknowledged by the provider"
+    if partial is None:
+        where = f"{_size(written)} of partial output already went to stdout"
+    elif written:
+        where = f"the partial output ({_size(written)}) is in {partial}"
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        where = "no output was written"
+    sys.stderr.write(f"stream {why}: {done}; {where}\n")
 
 
 COMMANDS: dict[str, Callable[..., Any]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,11 @@ from ..p2p import (
     reset_quietly,
     write_frame,
 )
-from ..segments import FrameReader
+from ..segments import FrameReader, Packet, Segmenter, new_parser
 from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, stream_protocol
 
-__all__ = ["StreamFailed", "StreamResult", "member_key", "split_results", "stream_through_lease"]
+__all__ = ["InputAcks", "StreamFailed", "StreamResult", "member_key", "split_results",
+           "stream_through_lease"]
 
 _SEQ = struct.Struct(">Q")
 DEFAULT_CHUNK = 256 << 10
@@ -71,6 +73,69 @@ def split_results(output: bytes) -> list[tuple[int, bytes]]:
     frames = reader.feed(output)
     reader.end()
     return frames
+
+
+class InputAcks:
+    """How much of our input the provider has acknowledged (pure).
+
+    The ingest protocol has no ack message, but output frame `seq k` is segment k
+    processed and returned, so every input byte up to the end of segment k is done.
+    The provider cuts segments with a pure parser and count/size rules
+    (`Segmenter`, docs/dataplane.md); re-running both over what we send tells where each
+    segment ends in our input. Time cuts (`max_age_ms`) are not reproducible, so they
+    are refused here. TS garbage between packets is counted with the packets after it
+    (conservatively: a little late, never early).
+    """
+
+    def __init__(self, protocol: str, limits: SegmentLimits | None = None,
+                 n_chains: int = 1) -> None:
+        lim = limits or SegmentLimits()
+        if lim.max_age_ms is not None:
+            raise UsageError("acknowledged bytes cannot be tracked with time cuts "
+                             "(max_age_ms)")
+        self.protocol = protocol
+        self.parser = new_parser(protocol, n_chains=n_chains)
+        self.segmenter = Segmenter(lim.max_packets, lim.max_bytes)
+        self.fed = 0  # bytes handed to the stream
+        self.acked = 0  # bytes the provider processed and returned
+        self.segments_acked = 0
+        self._pos = 0  # input offset just past the last packet pushed
+        self._packet_bytes = 0
+        self._ends: deque[int] = deque()  # input offset where each unacked segment ends
+
+    def feed(self, data: bytes) -> None:
+        """`data` is about to be sent (in order)."""
+        garbage0 = self.parser.garbage_bytes
+        self.fed += len(data)
+        for pkt in self.parser.feed(data):
+            self._push(pkt, garbage0)
+
+    def end(self) -> None:
+        """The input is complete: the provider flushes its last segment now."""
+        for pkt in self.parser.end():
+            self._push(pkt, self.parser.garbage_bytes)
+        if self.segmenter.flush():
+            self._ends.append(self.fed)
+        elif self._ends:
+            self._ends[-1] = self.fed  # trailing garbage ends with the last segment
+
+    def ack(self, seq: int) -> int:
+        """Output frame `seq` arrived; returns the acknowledged input bytes."""
+        while self.segments_acked <= seq and self._ends:
+            self.acked = max(self.acked, self._ends.popleft())
+            self.segments_acked += 1
+        return self.acked
+
+    def _push(self, pkt: Packet, garbage: int) -> None:
+        """`garbage`: skipped bytes known to lie before this packet."""
+        before = self._pos
+        self._packet_bytes += 188 if self.protocol == "ts" else 5 + len(pkt.data)
+        self._pos = min(self.fed, max(before, self._packet_bytes + garbage))
+        cut = self.segmenter.push(pkt, 0)
+        if len(cut) == 2:  # the open segment, then one of just this packet
+            self._ends.extend((before, self._pos))
+        elif cut:  # closed after taking this packet, or before it
+            self._ends.append(self._pos if not self.segmenter.buffered_packets else before)
 
 
 async def stream_through_lease(

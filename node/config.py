@@ -209,6 +209,7 @@ class LimitsConfig:
     trusted_reserved_streams: int = _opt(16, int, _range(0, 100_000))
     requests_per_peer: int = _opt(16, int, _range(1, 100_000))
     conn_idle_s: float = _opt(120.0, (int, float), _range(1, 86_400))
+    conn_grace_s: float = _opt(5.0, (int, float), _range(0.1, 86_400))
     idle_pressure: float = _opt(0.5, (int, float), _range(0, 1))
     stream_idle_s: float = _opt(60.0, (int, float), _range(1, 86_400))
     good_peers_max: int = _opt(1024, int, _range(1, 1_000_000))

@@ -667,6 +667,7 @@ def limits_of(cfg: config.Config) -> Limits:
         streams_per_peer_protocol=lim.streams_per_peer_protocol,
         trusted_reserved_streams=lim.trusted_reserved_streams,
         requests_per_peer=lim.requests_per_peer, conn_idle_s=lim.conn_idle_s,
+        conn_grace_s=lim.conn_grace_s,
         idle_pressure=lim.idle_pressure,
         stream_idle_s=lim.stream_idle_s, good_peers_max=lim.good_peers_max,
         long_lived=LONG_LIVED_PREFIXES)

@@ -285,7 +285,7 @@ def _resource_metrics(w: _Metrics, res: dict[str, Any]) -> None:
     w._series("bidmesh_limit", "gauge", "resource manager limits ([limits], "
               "p2p.max_connections) by name", [({"name": k}, v) for k, v in sorted(limits.items())
                if isinstance(v, int) and not isinstance(v, bool)])
-    for k in ("conn_idle_s", "stream_idle_s"):
+    for k in ("conn_idle_s", "conn_grace_s", "stream_idle_s"):
         if isinstance(limits.get(k), (int, float)):
             w.gauge(f"bidmesh_limit_{k.removesuffix('_s')}_seconds", f"limits.{k}", limits[k])
     conns = res.get("connections", {})
@@ -298,6 +298,8 @@ def _resource_metrics(w: _Metrics, res: dict[str, Any]) -> None:
               "scope", [({"scope": k}, v) for k, v in sorted(res.get("refused", {}).items())])
     w.counter("bidmesh_idle_closed_total", "idle connections and streams closed",
               res.get("closed_idle", 0))
+    w.counter("bidmesh_conns_evicted_total", "idle stranger connections closed to admit a "
+              "newcomer", res.get("evicted", 0))
     w.counter("bidmesh_stream_faults_total", "inbound stream handler failures by reason",
               [({"reason": k}, v) for k, v in sorted(res.get("stream_faults", {}).items())])
     w.gauge("bidmesh_peerstore_peers", "peers in the libp2p peerstore",

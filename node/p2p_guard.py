@@ -179,7 +179,21 @@ class Guard:
             self._log(logging.INFO, ("conn", exc.scope), "refusing a connection from %s: %s",
                       peer, exc)
             return False
+        finally:
+            self._close_evicted()
         return True
+
+    def _close_evicted(self) -> None:
+        """Close the idle strangers the resource manager evicted for a newcomer."""
+        evicted = set(map(id, self.resources.take_evicted()))
+        if not evicted:
+            return
+        for conn, held in list(self._conns.items()):
+            if id(held) in evicted:
+                del self._conns[conn]  # already released by the resource manager
+                self._log(logging.INFO, ("evict",), "closing an idle connection from %s to "
+                          "admit a newcomer", held.peer)
+                self.host._swarm.manager.run_task(_close_conn, conn)
 
     def on_disconnected(self, conn: INetConn) -> None:
         self._release(conn)
@@ -318,6 +332,7 @@ class Guard:
     # ------------------------------------------------------------- janitor
 
     def close_idle(self) -> None:
+        self._close_evicted()
         report = self.resources.idle()
         for stream_lease in report.streams:
             entry = self._streams.get(stream_lease.id)

@@ -23,6 +23,11 @@ Scopes and what holds them (`Limits` has the numbers; all configurable under
   `trusted_reserved_streams` slots only for trusted peers) and per protocol
   per peer (fairness: one peer never takes a protocol's whole pool);
 * requests in flight — per peer, across request protocols;
+* eviction — when a connection would be refused because the stranger slots,
+  the inbound slots or the node total are full, the stranger inbound connection
+  unused longest is closed to make room, provided it has had no useful traffic
+  for `conn_grace_s` (idle holders cannot keep newcomers out; a stranger that
+  talks, and every trusted peer and our own dials, are never evicted);
 * idleness — an inbound connection of a stranger with no useful traffic
   (`touch`) for `conn_idle_s` while the stranger slots are under pressure
   (`idle_pressure`), and a stream with no completed frame
@@ -109,6 +114,7 @@ class Limits:
     trusted_reserved_streams: int = 16
     requests_per_peer: int = 16
     conn_idle_s: float = 120.0
+    conn_grace_s: float = 5.0  # a stranger unused this long may be evicted for a newcomer
     idle_pressure: float = 0.5  # close idle connections only above this share of stranger slots
     stream_idle_s: float = 60.0
     long_lived: tuple[str, ...] = ()  # protocol prefixes exempt from stream idle expiry
@@ -131,7 +137,8 @@ class Limits:
         need(self.trusted_reserved_streams < self.streams_per_protocol,
              "trusted_reserved_streams must be less than streams_per_protocol")
         need(16 <= self.ipv6_prefix <= 128, "ipv6_prefix must be between 16 and 128")
-        need(self.conn_idle_s > 0 and self.stream_idle_s > 0, "idle timeouts must be positive")
+        need(self.conn_idle_s > 0 and self.stream_idle_s > 0 and self.conn_grace_s > 0,
+             "idle timeouts must be positive")
         need(0 <= self.idle_pressure <= 1, "idle_pressure must be between 0 and 1")
         try:
             self.exempt_networks()
@@ -155,6 +162,9 @@ def subnet_of(ip: str, ipv6_prefix: int = 56) -> str:
 
 
 _ids: Final = itertools.count(1)
+# Full scopes an idle stranger's eviction frees a slot in (not per peer / IP / subnet).
+_EVICTABLE_SCOPES: Final = frozenset({"conns_total", "conns_inbound",
+                                      "conns_inbound_strangers"})
 
 
 @dataclass(eq=False)
@@ -225,6 +235,9 @@ class ResourceManager:
         """Refusals per scope since start (status and metrics)."""
         self.closed_idle = 0
         """Connections and streams reported idle by `idle()` since start."""
+        self.evicted = 0
+        """Idle stranger connections evicted to admit a newcomer since start."""
+        self._to_close: list[ConnLease] = []
 
     # -- who is trusted
 
@@ -263,35 +276,23 @@ class ResourceManager:
 
         Outbound connections (our dials) are limited by the node total and per
         peer only. Inbound ones also by IP and subnet, and strangers may not
-        take the `outbound_reserved` or `trusted_reserved` slots.
+        take the `outbound_reserved` or `trusted_reserved` slots. When the
+        stranger, inbound or total slots are full, an idle stranger may be
+        evicted instead of refusing (see the module docstring): its lease is
+        released here and the shell closes it (`take_evicted`).
         """
-        lim = self.limits
+        refusal = self._admit(peer, ip, direction)
+        if refusal is not None and refusal.scope in _EVICTABLE_SCOPES and self._evict_one():
+            refusal = self._admit(peer, ip, direction)
+        if refusal is not None:
+            self.refused[refusal.scope] += 1
+            raise refusal
         trusted = self.is_trusted(peer)
-        if len(self._conns_by_peer.get(peer, ())) >= lim.conns_per_peer:
-            raise self._refuse("conns_per_peer", f"{peer} already has {lim.conns_per_peer} "
-                               "connections")
-        total = self._inbound + self._outbound
-        if total >= lim.max_connections:
-            raise self._refuse("conns_total", f"{total} connections: the node is full")
         counted_ip = subnet = None
         if direction is Direction.INBOUND:
-            if self._inbound >= lim.inbound_max:
-                raise self._refuse("conns_inbound", "inbound connections full (the rest is "
-                                   "reserved for our own dials)")
-            if not trusted and self._inbound_strangers >= lim.inbound_max - lim.trusted_reserved:
-                raise self._refuse("conns_inbound_strangers", "inbound connections for "
-                                   "unknown peers full (the rest is reserved for trusted peers)")
-            # Only bootstrap peers skip the address limits: being known-good is
-            # easy to earn (forward valid events) and must not lift them.
             counted_ip = None if peer in self._bootstrap else self._counted_ip(ip)
             if counted_ip is not None:
-                subnet = subnet_of(counted_ip, lim.ipv6_prefix)
-                if self._per_ip[counted_ip] >= lim.conns_per_ip:
-                    raise self._refuse("conns_per_ip", f"{counted_ip} already has "
-                                       f"{lim.conns_per_ip} inbound connections")
-                if self._per_subnet[subnet] >= lim.conns_per_subnet:
-                    raise self._refuse("conns_per_subnet", f"{subnet} already has "
-                                       f"{lim.conns_per_subnet} inbound connections")
+                subnet = subnet_of(counted_ip, self.limits.ipv6_prefix)
         now = self._clock()
         lease = ConnLease(peer, direction, counted_ip, subnet, trusted, now, now)
         self._conns[lease.id] = lease
@@ -305,6 +306,59 @@ class ResourceManager:
         else:
             self._outbound += 1
         return lease
+
+    def _admit(self, peer: Peer, ip: str | None, direction: Direction) -> LimitExceeded | None:
+        """The first full scope for this connection (not counted yet), or None."""
+        lim = self.limits
+        trusted = self.is_trusted(peer)
+        if len(self._conns_by_peer.get(peer, ())) >= lim.conns_per_peer:
+            return LimitExceeded("conns_per_peer", f"{peer} already has {lim.conns_per_peer} "
+                                 "connections")
+        counted_ip = subnet = None
+        if direction is Direction.INBOUND:
+            # Address limits first: a newcomer they refuse must not evict anyone.
+            # Only bootstrap peers skip them: being known-good is easy to earn
+            # (forward valid events) and must not lift them.
+            counted_ip = None if peer in self._bootstrap else self._counted_ip(ip)
+            if counted_ip is not None:
+                subnet = subnet_of(counted_ip, lim.ipv6_prefix)
+                if self._per_ip[counted_ip] >= lim.conns_per_ip:
+                    return LimitExceeded("conns_per_ip", f"{counted_ip} already has "
+                                         f"{lim.conns_per_ip} inbound connections")
+                if self._per_subnet[subnet] >= lim.conns_per_subnet:
+                    return LimitExceeded("conns_per_subnet", f"{subnet} already has "
+                                         f"{lim.conns_per_subnet} inbound connections")
+        total = self._inbound + self._outbound
+        if total >= lim.max_connections:
+            return LimitExceeded("conns_total", f"{total} connections: the node is full")
+        if direction is Direction.INBOUND:
+            if self._inbound >= lim.inbound_max:
+                return LimitExceeded("conns_inbound", "inbound connections full (the rest is "
+                                     "reserved for our own dials)")
+            if not trusted and self._inbound_strangers >= lim.inbound_max - lim.trusted_reserved:
+                return LimitExceeded("conns_inbound_strangers", "inbound connections for "
+                                     "unknown peers full (the rest is reserved for trusted peers)")
+        return None
+
+    def _evict_one(self) -> bool:
+        """Release the stranger inbound connection unused longest, if it has been
+        unused for `conn_grace_s`; the shell closes it (`take_evicted`)."""
+        cutoff = self._clock() - self.limits.conn_grace_s
+        candidates = [c for c in self._conns.values()
+                      if c.direction is Direction.INBOUND and not self.is_trusted(c.peer)
+                      and c.last_used <= cutoff]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda c: c.last_used)
+        self.close_connection(victim)
+        self._to_close.append(victim)
+        self.evicted += 1
+        return True
+
+    def take_evicted(self) -> list[ConnLease]:
+        """Connections evicted (already released) since the last call: close them."""
+        out, self._to_close = self._to_close, []
+        return out
 
     def close_connection(self, lease: ConnLease) -> None:
         if lease.released:
@@ -487,6 +541,7 @@ class ResourceManager:
             "refused": dict(self.refused),
             "refused_total": sum(self.refused.values()),
             "closed_idle": self.closed_idle,
+            "evicted": self.evicted,
         }
 
 

@@ -44,6 +44,7 @@ def test_subnets() -> None:
     {"max_connections": 0}, {"outbound_reserved": 40, "trusted_reserved": 24},
     {"trusted_reserved_streams": 64}, {"ipv6_prefix": 8}, {"conn_idle_s": 0},
     {"ip_exempt": ("not-a-net",)}, {"streams_per_peer_protocol": 0}, {"idle_pressure": 1.5},
+    {"conn_grace_s": 0},
 ])
 def test_limits_are_range_checked(kw: dict[str, object]) -> None:
     with pytest.raises(UsageError):
@@ -190,6 +191,54 @@ def test_idle_connections_are_closed_only_under_pressure() -> None:
     assert rm.idle().conns == ()  # 2 of 6: a quiet network keeps its links
     rm.open_connection("s2", "10.0.2.1", IN)
     assert set(rm.idle().conns) == set(quiet)  # 3 of 6: the idle ones go
+
+
+def test_idle_strangers_are_evicted_for_newcomers() -> None:
+    # 10 - 2 - 2 = 6 stranger slots, all held.
+    rm, clock = manager(max_connections=10, outbound_reserved=2, trusted_reserved=2,
+                        conns_per_ip=100, conns_per_subnet=100, conn_grace_s=5)
+    rm.set_bootstrap(["boot"])
+    held = [rm.open_connection(f"s{i}", f"10.0.{i}.1", IN) for i in range(6)]
+    # Within the grace period nobody is evicted: the newcomer is refused.
+    clock.now += 4
+    assert scope_of(rm, "new0", "10.9.9.1", IN) == "conns_inbound_strangers"
+    assert rm.take_evicted() == []
+    # Strangers that talk are kept; the one unused longest goes.
+    clock.now += 2
+    rm.touch("s0")
+    clock.now += 1
+    rm.touch("s1")
+    new = rm.open_connection("new1", "10.9.9.2", IN)
+    evicted = rm.take_evicted()
+    assert [c.peer for c in evicted] == ["s2"] and evicted[0].released
+    assert rm.take_evicted() == []
+    rm.close_connection(evicted[0])  # the shell's disconnect: idempotent
+    st = rm.status()
+    assert st["evicted"] == 1 and st["connections"]["inbound_strangers"] == 6
+    assert "conns_inbound_strangers" in st["refused"] and st["refused_total"] == 1
+    # Trusted peers are never evicted; our dials and trusted newcomers can evict strangers.
+    rm.open_connection("boot", "10.1.1.1", IN)
+    rm.mark_good("good")
+    rm.open_connection("good", "10.1.1.2", IN)
+    for i in range(2):
+        rm.open_connection(f"dial{i}", None, OUT)
+    rm.mark_good("good2")
+    rm.open_connection("good2", "10.1.1.3", IN)  # inbound full: a stranger makes room
+    assert [c.peer for c in rm.take_evicted()] == ["s3"]
+    clock.now += 10
+    for c in (new, *held):
+        if not c.released:
+            rm.touch(c.peer)  # every stranger busy: nothing to evict
+    assert scope_of(rm, "dial9", None, OUT) == "conns_total"
+    assert rm.take_evicted() == []
+    # Address limits refuse before anyone is evicted.
+    rm2, clock2 = manager(max_connections=4, outbound_reserved=1, trusted_reserved=1,
+                          conns_per_ip=1)
+    rm2.open_connection("a", "10.0.0.1", IN)
+    rm2.open_connection("b", "10.0.0.2", IN)
+    clock2.now += 60
+    assert scope_of(rm2, "c", "10.0.0.1", IN) == "conns_per_ip"
+    assert rm2.take_evicted() == [] and rm2.status()["evicted"] == 0
 
 
 def test_good_peers_are_a_bounded_lru() -> None:

@@ -19,12 +19,14 @@ Score of a key in a role ("provider" or "recipient") as of ledger time T:
 Sums are kept in fixed point (`UNIT` = 2^32 per weight 1) and decayed with
 `decay(x, k) = (x * DECAY[k % 16]) >> (32 + k // 16)` (0 once k >= 64*16), each time
 a rating lands in a later step and once more at lookup. Updates are O(1); a lookup
-"as of" bisects the subject's snapshot history, O(log n).
+"as of" bisects the subject's rating times, O(log n), and replays at most
+`CHECKPOINT` - 1 ratings from the last stored snapshot before it.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from array import array
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -117,14 +119,64 @@ class Score:
         }
 
 
-# Snapshot after each rating: (step, W, V, ratings, satisfied, stars_sum).
+# A running total: (step of the last rating, W, V, ratings, satisfied, stars_sum).
 _Snap = tuple[int, int, int, int, int, int]
+CHECKPOINT = 8  # ratings between stored snapshots: memory / lookup trade-off
+
+
+def _pack(rater_weight: int, satisfied: bool, score: int) -> int:
+    return rater_weight << 4 | int(satisfied) << 3 | (score - 1)
 
 
 @dataclass(slots=True)
 class _History:
-    ts: list[int] = field(default_factory=list)
-    snaps: list[_Snap] = field(default_factory=list)
+    """One (key, role)'s ratings sorted by time, in two machine-integer arrays (16
+    bytes a rating), and a snapshot of the running totals every `CHECKPOINT` ratings:
+    `cps[j]` is the total after rating `j * CHECKPOINT`. An "as of" lookup bisects the
+    times and replays at most CHECKPOINT - 1 ratings from a checkpoint, instead of
+    keeping one snapshot per rating (~300 bytes each). Ratings at one timestamp form a
+    multiset: a lookup counts all of them or none, and within one decay step the
+    totals are plain sums, so their order never changes a result."""
+
+    ts: array[int] = field(default_factory=lambda: array("q"))
+    attrs: array[int] = field(default_factory=lambda: array("q"))  # _pack(...)
+    cps: list[_Snap] = field(default_factory=list)
+
+    def total(self, i: int, step_ms: int) -> _Snap:
+        """The running total after rating `i` (0-based)."""
+        cps, k = self.cps, CHECKPOINT
+        c = i // k
+        while len(cps) <= c:  # extend lazily (appends and edits only truncate)
+            j = len(cps)
+            cps.append(self._replay(cps[-1], (j - 1) * k + 1, j * k + 1, step_ms) if j
+                       else self._replay(None, 0, 1, step_ms))
+        return self._replay(cps[c], c * k + 1, i + 1, step_ms)
+
+    def _replay(self, snap: _Snap | None, lo: int, hi: int, step_ms: int) -> _Snap:
+        ts, attrs = self.ts, self.attrs
+        if snap is None:
+            e, big_w, big_v, n, sat, stars = ts[lo] // step_ms, 0, 0, 0, 0, 0
+        else:
+            e, big_w, big_v, n, sat, stars = snap
+        for j in range(lo, hi):
+            step = ts[j] // step_ms
+            a = attrs[j]
+            w = (a >> 4) * UNIT
+            s = (a >> 3) & 1
+            score = (a & 7) + 1
+            if step != e:
+                big_w, big_v = decay(big_w, step - e), decay(big_v, step - e)
+                e = step
+            big_w += w
+            big_v += w * (4 * s + score - 1)
+            n += 1
+            sat += s
+            stars += score
+        return (e, big_w, big_v, n, sat, stars)
+
+    def edited(self, i: int) -> None:
+        """Rating `i` was inserted or removed: drop the checkpoints that covered it."""
+        del self.cps[(i + CHECKPOINT - 1) // CHECKPOINT:]
 
 
 class Reputation:
@@ -137,6 +189,11 @@ class Reputation:
         self._last_ts = 0
         self.count = 0
 
+    @staticmethod
+    def _check(role: str, score: int, rater_weight: int) -> None:
+        if role not in ROLES or not 1 <= score <= 5 or rater_weight < 1:
+            raise UsageError("role must be provider/recipient, score 1..5, weight >= 1")
+
     def add(
         self, subject: bytes, role: str, ts_ms: int, satisfied: bool, score: int,
         rater_weight: int = 1,
@@ -144,28 +201,18 @@ class Reputation:
         """Fold one accepted rating in. O(1)."""
         if ts_ms < self._last_ts:
             raise UsageError("ratings must be added in canonical (timestamp) order")
-        if role not in ROLES or not 1 <= score <= 5 or rater_weight < 1:
-            raise UsageError("role must be provider/recipient, score 1..5, weight >= 1")
+        self._check(role, score, rater_weight)
         self._last_ts = ts_ms
         h = self._hist.get((subject, role))
         if h is None:
             h = self._hist[(subject, role)] = _History()
-        step = ts_ms // self._step
-        w = rater_weight * UNIT
-        v = 4 * satisfied + score - 1
-        if h.snaps:
-            e, big_w, big_v, n, sat, stars = h.snaps[-1]
-            if step != e:
-                big_w, big_v = decay(big_w, step - e), decay(big_v, step - e)
-            snap = (step, big_w + w, big_v + w * v, n + 1, sat + satisfied, stars + score)
-        else:
-            snap = (step, w, w * v, 1, int(satisfied), score)
         h.ts.append(ts_ms)
-        h.snaps.append(snap)
+        h.attrs.append(_pack(rater_weight, satisfied, score))
         self.count += 1
 
     def score(self, key: bytes, role: str, as_of_ms: int | None = None) -> Score:
-        """Reputation as of a ledger time (ratings with ts <= as_of_ms). O(log n)."""
+        """Reputation as of a ledger time (ratings with ts <= as_of_ms): a bisection
+        and at most CHECKPOINT - 1 ratings replayed."""
         if as_of_ms is None:
             as_of_ms = self._last_ts
         h = self._hist.get((key, role))
@@ -175,7 +222,7 @@ class Reputation:
         if h is None or i == 0:
             ppm = PPM * pol.prior_value // 8
             return Score(key, role, as_of_ms, ppm, 0, 0, 0, 0, 0)
-        e, big_w, big_v, n, sat, stars = h.snaps[i - 1]
+        e, big_w, big_v, n, sat, stars = h.total(i - 1, self._step)
         k = as_of_ms // self._step - e
         big_w, big_v = decay(big_w, k), decay(big_v, k)
         ppm = PPM * (prior_w * pol.prior_value + big_v) // (8 * (prior_w + big_w))
@@ -188,7 +235,7 @@ class Reputation:
         i = bisect_right(h.ts, as_of_ms) if h is not None else 0
         if h is None or i == 0:
             return PPM * pol.prior_value // 8
-        e, big_w, big_v = h.snaps[i - 1][:3]
+        e, big_w, big_v = h.total(i - 1, self._step)[:3]
         k = as_of_ms // self._step - e
         prior_w = pol.prior_weight * UNIT
         return PPM * (prior_w * pol.prior_value + decay(big_v, k)) // (
@@ -199,95 +246,58 @@ class Reputation:
         return sorted({k for (k, r) in self._hist if role is None or r == role})
 
 
-# A rating as `FoldReputation` keeps it: canonical key (ts_ms, author, seq) first.
-_Item = tuple[tuple[int, bytes, int], int, int, int, bool, int]  # key, ts, w, v, sat, score
-
-
 class FoldReputation(Reputation):
     """`Reputation` whose ratings can be inserted and removed in any order.
 
     Gives exactly the scores `Reputation` gives for the same ratings added in
-    canonical order: each (key, role) keeps its ratings sorted by canonical key, and
-    its snapshots are recomputed from the first changed position, lazily, on the next
-    lookup. A change costs the subject's ratings after it, never the whole market."""
+    canonical order: a rating goes in at its time (among ratings at the same time,
+    anywhere: see `_History`), and only the checkpoints after it are dropped, to be
+    replayed on the next lookup that needs them. A change costs the subject's ratings
+    after it, never the whole market."""
 
     def __init__(self, policy: Policy | None = None) -> None:
         super().__init__(policy)
-        self._items: dict[tuple[bytes, str], list[_Item]] = {}
-        self._stale: dict[tuple[bytes, str], int] = {}  # first snapshot to recompute
         self._last_dirty = False
 
     def add(self, *args: object, **kw: object) -> None:
         raise UsageError("FoldReputation takes insert/remove, not add")
 
-    def insert(self, subject: bytes, role: str, key: tuple[int, bytes, int], satisfied: bool,
-               score: int, rater_weight: int) -> None:
-        if role not in ROLES or not 1 <= score <= 5 or rater_weight < 1:
-            raise UsageError("role must be provider/recipient, score 1..5, weight >= 1")
-        items = self._items.setdefault((subject, role), [])
-        item = (key, key[0], rater_weight * UNIT, 4 * satisfied + score - 1, satisfied, score)
-        i = bisect_right(items, key, key=lambda it: it[0])
-        items.insert(i, item)
-        self._mark(subject, role, i)
+    def insert(self, subject: bytes, role: str, ts_ms: int, satisfied: bool, score: int,
+               rater_weight: int) -> None:
+        self._check(role, score, rater_weight)
+        h = self._hist.get((subject, role))
+        if h is None:
+            h = self._hist[(subject, role)] = _History()
+        i = bisect_right(h.ts, ts_ms)
+        h.ts.insert(i, ts_ms)
+        h.attrs.insert(i, _pack(rater_weight, satisfied, score))
+        h.edited(i)
         self.count += 1
-        if key[0] > self._last_ts:
-            self._last_ts = key[0]
+        if ts_ms > self._last_ts:
+            self._last_ts = ts_ms
 
-    def remove(self, subject: bytes, role: str, key: tuple[int, bytes, int]) -> None:
-        items = self._items.get((subject, role), [])
-        i = bisect_right(items, key, key=lambda it: it[0]) - 1
-        if i < 0 or items[i][0] != key:
-            raise UsageError("no such rating to remove")
-        del items[i]
-        self._mark(subject, role, i)
-        self.count -= 1
-        self._last_dirty = True
-
-    def _mark(self, subject: bytes, role: str, i: int) -> None:
-        sr = (subject, role)
-        old = self._stale.get(sr)
-        self._stale[sr] = i if old is None else min(old, i)
+    def remove(self, subject: bytes, role: str, ts_ms: int, satisfied: bool, score: int,
+               rater_weight: int) -> None:
+        """Remove one rating equal to the one given (equal ratings are interchangeable)."""
+        h = self._hist.get((subject, role))
+        a = _pack(rater_weight, satisfied, score)
+        if h is not None:
+            for i in range(bisect_left(h.ts, ts_ms), bisect_right(h.ts, ts_ms)):
+                if h.attrs[i] == a:
+                    del h.ts[i], h.attrs[i]
+                    h.edited(i)
+                    if not h.ts:
+                        del self._hist[(subject, role)]
+                    self.count -= 1
+                    self._last_dirty = True
+                    return
+        raise UsageError("no such rating to remove")
 
     def _flush(self) -> None:
-        """Recompute the snapshots of every changed (key, role), from its first change;
-        the arithmetic is `Reputation.add`'s, so results are identical."""
-        for sr, start in self._stale.items():
-            items = self._items[sr]
-            if not items:
-                del self._items[sr]
-                self._hist.pop(sr, None)
-                continue
-            h = self._hist.get(sr)
-            if h is None:
-                h = self._hist[sr] = _History()
-            del h.ts[start:], h.snaps[start:]
-            for _, ts, w, v, sat, score in items[start:]:
-                step = ts // self._step
-                if h.snaps:
-                    e, big_w, big_v, n, s, stars = h.snaps[-1]
-                    if step != e:
-                        big_w, big_v = decay(big_w, step - e), decay(big_v, step - e)
-                    snap = (step, big_w + w, big_v + w * v, n + 1, s + sat, stars + score)
-                else:
-                    snap = (step, w, w * v, 1, int(sat), score)
-                h.ts.append(ts)
-                h.snaps.append(snap)
-        self._stale.clear()
         if self._last_dirty:
             self._last_dirty = False
-            self._last_ts = max((it[-1][1] for it in self._items.values() if it), default=0)
+            self._last_ts = max((h.ts[-1] for h in self._hist.values()), default=0)
 
     def score(self, key: bytes, role: str, as_of_ms: int | None = None) -> Score:
-        if self._stale or self._last_dirty:
-            self._flush()
+        self._flush()
         return super().score(key, role, as_of_ms)
-
-    def ppm(self, key: bytes, role: str, as_of_ms: int) -> int:
-        if self._stale:
-            self._flush()
-        return super().ppm(key, role, as_of_ms)
-
-    def keys(self, role: str | None = None) -> list[bytes]:
-        if self._stale:
-            self._flush()
-        return super().keys(role)

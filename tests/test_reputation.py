@@ -10,7 +10,16 @@ from hypothesis import strategies as st
 from market_helpers import World, award, key, payment, rating, request
 
 from node.errors import UsageError
-from node.reputation import DECAY, PPM, UNIT, Policy, Reputation, decay, rating_value
+from node.reputation import (
+    DECAY,
+    PPM,
+    UNIT,
+    FoldReputation,
+    Policy,
+    Reputation,
+    decay,
+    rating_value,
+)
 
 K = b"\x01" * 32
 DAY = 86_400_000
@@ -123,3 +132,73 @@ def test_fast_ppm_equals_score(rows: list[tuple[int, bool, int, int]], at: int) 
         rep.add(K, "provider", t, sat, score, wt)
     assert rep.ppm(K, "provider", at) == rep.score(K, "provider", at).ppm
     assert 0 <= rep.ppm(K, "provider", at) <= PPM
+
+
+def _naive(rows: list[tuple[int, bool, int, int]], at: int, pol: Policy) -> tuple[int, ...]:
+    """The documented score straight from the definition: replay every rating with
+    ts <= at in time order, no checkpoints, no index."""
+    step = pol.step_ms
+    e = big_w = big_v = n = sat = stars = 0
+    for t, s, score, wt in sorted(r for r in rows if r[0] <= at):
+        if n and t // step != e:
+            big_w, big_v = decay(big_w, t // step - e), decay(big_v, t // step - e)
+        e = t // step
+        big_w += wt * UNIT
+        big_v += wt * UNIT * rating_value(s, score)
+        n, sat, stars = n + 1, sat + s, stars + score
+    k = at // step - e
+    big_w, big_v = (decay(big_w, k), decay(big_v, k)) if n else (0, 0)
+    prior = pol.prior_weight * UNIT
+    ppm = PPM * (prior * pol.prior_value + big_v) // (8 * (prior + big_w))
+    return ppm, n, sat, stars, big_w
+
+
+_ROWS = st.lists(st.tuples(st.integers(0, 6 * DAY), st.booleans(), st.integers(1, 5),
+                           st.integers(1, 5)), max_size=80)
+
+
+@given(_ROWS, st.lists(st.integers(0, 8 * DAY), min_size=1, max_size=8),
+       st.integers(0, 2**32 - 1))
+def test_checkpointed_lookups_equal_the_naive_replay(
+    rows: list[tuple[int, bool, int, int]], ats: list[int], shuffle: int
+) -> None:
+    """`Reputation` (appends) and `FoldReputation` (inserts and removes in any order)
+    answer every as-of lookup exactly as the definition replayed from scratch, across
+    checkpoint boundaries and ties at one timestamp."""
+    import random
+
+    pol = Policy(half_life_ms=DAY)
+    rep = Reputation(pol)
+    for t, sat, score, wt in sorted(rows, key=lambda r: r[0]):
+        rep.add(K, "provider", t, sat, score, wt)
+    fold = FoldReputation(pol)
+    rnd = random.Random(shuffle)
+    live: list[tuple[int, bool, int, int]] = []
+    extra = rows[: len(rows) // 3]  # inserted, looked up through, then removed again
+    ops = [("in", r) for r in rows + extra]
+    rnd.shuffle(ops)
+    for i, (_, r) in enumerate(ops):
+        fold.insert(K, "provider", r[0], r[1], r[2], r[3])
+        live.append(r)
+        if i % 7 == 0:  # lookups in between fill checkpoints that later edits drop
+            fold.ppm(K, "provider", rnd.choice(ats))
+    for r in extra:
+        fold.remove(K, "provider", r[0], r[1], r[2], r[3])
+        live.remove(r)
+        fold.ppm(K, "provider", rnd.choice(ats))
+    for at in ats:
+        want = _naive(rows, at, pol)
+        for r in (rep, fold):
+            s = r.score(K, "provider", at)
+            assert (s.ppm, s.ratings, s.satisfied, s.stars_sum, s.weight) == want
+            assert r.ppm(K, "provider", at) == want[0]
+    assert sorted(live) == sorted(rows) and fold.count == len(rows)
+
+
+def test_removing_an_unknown_rating_is_refused() -> None:
+    fold = FoldReputation()
+    fold.insert(K, "provider", 5, True, 4, 1)
+    with pytest.raises(UsageError):
+        fold.remove(K, "provider", 5, True, 3, 1)
+    fold.remove(K, "provider", 5, True, 4, 1)
+    assert fold.keys() == [] and fold.score(K, "provider", 9).ratings == 0

@@ -187,7 +187,7 @@ class _PartMarket(Market):
 
     def _accept_rating(self, r: RatingRecord) -> None:
         assert self._last is not None
-        self._engine.rep.insert(r.subject, r.role, self._last, r.satisfied, r.score, r.weight)
+        self._engine.rep.insert(r.subject, r.role, r.ts_ms, r.satisfied, r.score, r.weight)
         self._part.out_r[self._last] = (r.subject, r.role, r.satisfied, r.score, r.weight)
 
     def _settle(self, lease: Lease) -> None:
@@ -391,8 +391,8 @@ class IncrementalMarket:
         old_keys = p.linked
         self._unlink(p, dicts=False)
         old_r, old_s = p.out_r, p.out_s
-        for ck, (subj, role, *_) in old_r.items():
-            self.rep.remove(subj, role, ck)
+        for ck, (subj, role, sat, score, weight) in old_r.items():
+            self.rep.remove(subj, role, ck[0], sat, score, weight)
         for ck, (parties, _, _) in old_s.items():
             self._settle_remove(parties, ck)
         for sr in p.reads_rep:

@@ -1,0 +1,360 @@
+#!/usr/bin/env python3
+"""Scale: a node serving a ledger of 1,000,000 mixed events from 100,000 authors.
+
+    .venv/bin/python bench/scale.py [--quick] [--events N] [--authors N] [--cache DIR]
+                                    [--no-sync] [--fresh]
+
+1. **Ledger.** Auctions as a market runs them, in time order over weeks of ledger
+   time: a recipient's request, bids from 4 providers, the award (lowest price),
+   the payment, both parties' ratings after the lease ends, and now and then a
+   provider's offer that supersedes its previous one. Recipients and providers are
+   100,000 authors (a fifth of them providers). Signed for real
+   (`node.testing.sign_fast`), stored with `Ledger.append_signed`; kept in `--cache`
+   (default /tmp/bidmesh-scale) so later runs skip the generation (`--fresh` redoes it).
+2. **Serving.** A fresh process opens the ledger and builds the derived market as the
+   daemon does (`LiveMarket`, then `market()`): `restart_s` is the time to that
+   point, `rss_mb` the process RSS once serving (after a GC), `peak_rss_mb` its high
+   water mark. Baseline for `rss_vs_empty_ratio`: the same process over an empty
+   ledger (`empty_rss_mb`). `reputation_lookup_us`: `market.reputation.score` of a
+   random author as of a random time of the ledger, mean over 20,000.
+3. **Sync** (the current protocol, `node.sync`): two copies of the ledger, one with
+   100 more events (one each from 100 existing authors); a `SyncSession` on the other
+   driven against `sync.handle` of the first, in one process (no network, so
+   `sync_s` is the protocol's own work): `sync_round_trips`, `sync_bytes` (requests +
+   responses), `sync_s`, and `sync_bytes_vs_raw_ratio` against the 100 records' bytes.
+
+`--quick`: 100,000 events from 10,000 authors. The machine is shared: see `load1`.
+Last line: JSON figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from node import sync  # noqa: E402
+from node.events import (  # noqa: E402
+    Award,
+    Bid,
+    Body,
+    Event,
+    Members,
+    Offer,
+    Payment,
+    Rating,
+    Request,
+    ServiceOffer,
+    considered_digest,
+    domain_tag,
+)
+from node.ledger import Ledger, Status  # noqa: E402
+from node.testing import keypair, sign_fast  # noqa: E402
+
+NETWORK = "scalebench"
+GEN_VERSION = 1  # bump when the generated ledger changes
+DAY = 86_400_000
+AUCTION_EVERY_MS = 20_000
+BIDDERS = 4
+
+
+def _seed(i: int) -> bytes:
+    return hashlib.sha256(b"bidmesh-scale/" + str(i).encode()).digest()
+
+
+# A planned event: (ts_ms, author index, kind, arguments); ids of earlier planned
+# events are referred to by their plan index and resolved while signing.
+_Plan = tuple[int, int, str, tuple[Any, ...]]
+
+
+def plan(n_events: int, n_authors: int, end_ms: int, rnd: random.Random) -> list[_Plan]:
+    n_prov = max(BIDDERS + 1, n_authors // 5)
+    recipients = list(range(n_prov, n_authors))
+    rnd.shuffle(recipients)
+    auctions = int(n_events / 9.5) + 1
+    t0 = end_ms - auctions * AUCTION_EVERY_MS - 3_600_000
+    out: list[_Plan] = []
+    for k in range(auctions):
+        t = t0 + k * AUCTION_EVERY_MS + rnd.randrange(AUCTION_EVERY_MS)
+        r = recipients[k % len(recipients)]
+        close, start, dur = t + 120_000, t + 180_000, 600_000
+        req = len(out)
+        out.append((t, r, "request", (close, start, dur)))
+        bids = []
+        for p in rnd.sample(range(n_prov), BIDDERS):
+            bids.append((rnd.randrange(100, 10_000), t + rnd.randrange(1000, 119_000), p))
+        bid_ix = []
+        for price, ts, p in bids:
+            bid_ix.append(len(out))
+            out.append((ts, p, "bid", (req, price)))
+        order = sorted(range(BIDDERS), key=lambda i: (bids[i][0], bids[i][1]))
+        win = order[0]
+        price = bids[win][0]
+        at = close + rnd.randrange(1000, 30_000)
+        award = len(out)
+        out.append((at, r, "award", (req, bid_ix[win], price, tuple(bid_ix))))
+        out.append((at + rnd.randrange(1000, 60_000), r, "payment", (award, price, k)))
+        end = start + dur
+        prov = bids[win][2]
+        out.append((end + rnd.randrange(1000, 600_000), r, "rating",
+                    (award, prov, "provider", rnd.random() < 0.9, rnd.randrange(1, 6))))
+        out.append((end + rnd.randrange(1000, 600_000), prov, "rating",
+                    (award, r, "recipient", rnd.random() < 0.95, rnd.randrange(1, 6))))
+        if rnd.random() < 0.5:
+            out.append((t + rnd.randrange(AUCTION_EVERY_MS), rnd.randrange(n_prov), "offer",
+                        (rnd.randrange(1, 100), k)))
+    order = sorted(range(len(out)), key=lambda i: out[i][0])[:n_events]
+    keep = set(order)
+    # Truncating drops the latest events only; references point to earlier ones.
+    remap = {old: new for new, old in enumerate(order)}
+    res: list[_Plan] = []
+    for i in order:
+        ts, a, kind, args = out[i]
+        if kind in ("bid", "award", "payment", "rating"):
+            if args[0] not in keep:
+                continue
+            args = (remap[args[0]], *args[1:])
+        if kind == "award":
+            args = (args[0], remap[args[1]], args[2], tuple(remap[b] for b in args[3]))
+        res.append((ts, a, kind, args))
+    return res
+
+
+def _body(kind: str, args: tuple[Any, ...], ids: list[bytes], pks: list[bytes]) -> Body:
+    if kind == "request":
+        close, start, dur = args
+        return Request(service="bandwidth", chain=(), start_ms=start, duration_ms=dur,
+                       max_rate_bps=100_000_000, min_rate_bps=None, members=Members(),
+                       reserve=10_000, currency="EUR", close_ms=close, reveal_ms=close,
+                       rule="lowest", sealed=False, group=False)
+    if kind == "bid":
+        return Bid(request=ids[args[0]], price=args[1])
+    if kind == "award":
+        req, win, price, considered = args
+        cids = tuple(ids[b] for b in considered)
+        return Award(request=ids[req], winner=ids[win], price=price, considered=cids,
+                     considered_digest=considered_digest(list(cids)),
+                     considered_count=len(cids))
+    if kind == "payment":
+        award, price, k = args
+        return Payment(lease=ids[award], amount=price, currency="EUR", method="card",
+                       reference=f"ch_{k}")
+    if kind == "rating":
+        award, subject, role, sat, score = args
+        return Rating(lease=ids[award], subject=pks[subject], role=role, satisfied=sat,
+                      score=score)
+    price, k = args
+    return Offer(services=(ServiceOffer(name="bandwidth", price=price, capacity=10_240),),
+                 currency="EUR", addrs=(f"/ip4/10.{k % 250}.0.1/tcp/4001",))
+
+
+def generate(path: Path, n_events: int, n_authors: int, end_ms: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    rnd = random.Random(7)
+    plans = plan(n_events, n_authors, end_ms, rnd)
+    t_plan = time.perf_counter() - t0
+    keys = [keypair(_seed(i)) for i in range(n_authors)]
+    pks = [pk for pk, _ in keys]
+    tag = domain_tag(NETWORK)
+    heads: dict[int, tuple[int, bytes]] = {}
+    ids: list[bytes] = []
+    tmp = path.with_suffix(".tmp")
+    for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        p.unlink(missing_ok=True)
+    led = Ledger(tmp, network=NETWORK)
+    batch: list[Event] = []
+    t_sign = 0.0
+    for ts, a, kind, args in plans:
+        t1 = time.perf_counter()
+        seq, prev = heads.get(a, (0, None))  # type: ignore[arg-type]
+        pk, sk = keys[a]
+        ev = sign_fast(pk, sk, tag, seq + 1, prev, ts, _body(kind, args, ids, pks))
+        t_sign += time.perf_counter() - t1
+        heads[a] = (seq + 1, ev.id)
+        ids.append(ev.id)
+        batch.append(ev)
+        if len(batch) >= 20_000:
+            _store(led, batch)
+            batch = []
+    _store(led, batch)
+    kinds = led.count_by_kind()
+    led.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    led.close()
+    tmp.rename(path)
+    return {"gen_s": round(time.perf_counter() - t0, 1), "plan_s": round(t_plan, 1),
+            "sign_s": round(t_sign, 1), "kinds": kinds, "authors_used": len(heads)}
+
+
+def _store(led: Ledger, batch: list[Event]) -> None:
+    for r in led.append_signed(batch):
+        if r.status is not Status.ACCEPTED:
+            raise SystemExit(f"generated event not accepted: {r}")
+
+
+def _mem() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MiB."""
+    got = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            got[k] = int(v.split()[0]) / 1024
+    return got["VmRSS"], got["VmHWM"]
+
+
+def serve(path: str) -> None:
+    """Child process: open the ledger and build the market as the daemon does."""
+    from node.marketview import LiveMarket
+
+    t0 = time.perf_counter()
+    led = Ledger(path, network=NETWORK)
+    live = LiveMarket(led)
+    m = live.market()
+    restart_s = time.perf_counter() - t0
+    gc.collect()
+    rss, hwm = _mem()
+    out: dict[str, Any] = {"restart_s": restart_s, "rss_mb": rss, "peak_rss_mb": hwm,
+                           "auctions": len(m.auctions), "leases": len(m.leases),
+                           "ignored": len(m.ignored)}
+    authors = sorted(led.heads())
+    if authors:
+        rnd = random.Random(3)
+        lo = led.db.execute("SELECT MIN(ts_ms) FROM events").fetchone()[0]
+        qs = [(rnd.choice(authors), rnd.choice(("provider", "recipient")),
+               rnd.randrange(lo, m.now_ms + 1)) for _ in range(20_000)]
+        score = m.reputation.score
+        best = float("inf")
+        for _ in range(3):
+            t1 = time.perf_counter()
+            for k, role, t in qs:
+                score(k, role, t)
+            best = min(best, time.perf_counter() - t1)
+        out["reputation_lookup_us"] = best / len(qs) * 1e6
+        t1 = time.perf_counter()
+        live.market()  # a lookup with nothing new: what every request pays
+        out["market_noop_us"] = (time.perf_counter() - t1) * 1e6
+    print(json.dumps(out))
+
+
+def _child(path: Path) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, __file__, "--serve", str(path)], capture_output=True,
+                       text=True, timeout=3600)
+    if r.returncode:
+        raise SystemExit(f"serving process failed:\n{r.stderr[-4000:]}")
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def bench_sync(path: Path, work: Path, n_authors: int) -> dict[str, Any]:
+    a_path, b_path = work / "a.db", work / "b.db"
+    shutil.copy(path, a_path)
+    shutil.copy(path, b_path)
+    b = Ledger(b_path, network=NETWORK)
+    rnd = random.Random(11)
+    tag = domain_tag(NETWORK)
+    heads = b.heads()
+    raw = 0
+    new = []
+    for i in rnd.sample(range(n_authors), 100):
+        pk, sk = keypair(_seed(i))
+        h = heads.get(pk)
+        seq, prev, ts = (h.seq, h.id, h.ts_ms) if h else (0, None, 1_700_000_000_000)
+        new.append(sign_fast(pk, sk, tag, seq + 1, prev, ts + 1,
+                             Offer(services=(ServiceOffer("bandwidth", 5, 100),),
+                                   currency="EUR", addrs=())))
+        raw += len(new[-1].wire)
+    _store(b, new)
+    a = Ledger(a_path, network=NETWORK)
+    sess = sync.SyncSession(a)
+    nbytes = trips = 0
+    t0 = time.perf_counter()
+    while (req := sess.next_request()) is not None:
+        data = req.encode()
+        resp = sync.handle(b, data)
+        nbytes += len(data) + len(resp)
+        trips += 1
+        sess.on_response(sync.decode_response(resp))
+    sync_s = time.perf_counter() - t0
+    ok = a.digest() == b.digest()
+    a.close()
+    b.close()
+    return {"sync_round_trips": trips, "sync_bytes": nbytes, "sync_s": round(sync_s, 3),
+            "sync_bytes_vs_raw_ratio": round(nbytes / raw, 1), "sync_converged": ok,
+            "sync_accepted": sess.stats.accepted}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="100,000 events, 10,000 authors")
+    ap.add_argument("--events", type=int, default=None)
+    ap.add_argument("--authors", type=int, default=None)
+    ap.add_argument("--cache", default="/tmp/bidmesh-scale")
+    ap.add_argument("--fresh", action="store_true", help="generate the ledger again")
+    ap.add_argument("--no-sync", action="store_true")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        return serve(args.serve)
+    n = args.events or (100_000 if args.quick else 1_000_000)
+    authors = args.authors or max(BIDDERS + 2, n // 10)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"ledger-v{GEN_VERSION}-{n}-{authors}.db"
+    gen: dict[str, Any] = {}
+    if args.fresh or not path.exists():
+        # Ledger time ends an hour before now, so every event is due.
+        gen = generate(path, n, authors, int(time.time() * 1000) - 3_600_000)
+        print(f"generated {n} events from {authors} authors in {gen['gen_s']} s "
+              f"(signing {gen['sign_s']} s): {gen['kinds']}")
+    else:
+        print(f"reusing {path}")
+    out: dict[str, Any] = {"events": n, "authors": authors, "quick": args.quick,
+                           "load1": round(os.getloadavg()[0], 1),
+                           "ledger_mb": round(path.stat().st_size / 2**20, 1)}
+    if gen:
+        out["gen_s"] = gen["gen_s"]
+    empty = cache / "empty.db"
+    empty.unlink(missing_ok=True)
+    Ledger(empty, network=NETWORK).close()
+    base = _child(empty)
+    got = _child(path)
+    print(f"serving: restart {got['restart_s']:.2f} s, RSS {got['rss_mb']:.0f} MiB "
+          f"(peak {got['peak_rss_mb']:.0f}; empty ledger {base['rss_mb']:.0f}), "
+          f"{got['auctions']} auctions, {got['leases']} leases, {got['ignored']} ignored; "
+          f"reputation lookup {got['reputation_lookup_us']:.1f} µs")
+    out.update({
+        "rss_mb": round(got["rss_mb"], 1), "peak_rss_mb": round(got["peak_rss_mb"], 1),
+        "empty_rss_mb": round(base["rss_mb"], 1),
+        "rss_vs_empty_ratio": round(got["rss_mb"] / base["rss_mb"], 2),
+        "rss_kib_per_event": round((got["rss_mb"] - base["rss_mb"]) * 1024 / n, 3),
+        "restart_s": round(got["restart_s"], 2),
+        "reputation_lookup_us": round(got["reputation_lookup_us"], 2),
+        "market_noop_us": round(got["market_noop_us"], 1),
+        "auctions": got["auctions"], "leases": got["leases"],
+    })
+    if not args.no_sync:
+        work = cache / "sync"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        try:
+            s = bench_sync(path, work, authors)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"sync of 100 new events: {s['sync_round_trips']} round trips, "
+              f"{s['sync_bytes']} bytes, {s['sync_s']} s (converged: {s['sync_converged']})")
+        out.update(s)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

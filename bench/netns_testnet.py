@@ -217,7 +217,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                         "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
                 "sync": {"interval_s": 1.0},
                 "provider": {"enabled": True, "offers": p.spec.offers, "currency": "EUR",
-                             "interval_s": 0.25, "note": f"{p.spec.name} (netns)"},
+                             "interval_s": 0.25, "note": f"{p.spec.name} (netns)",
+                             **p.spec.policy},  # the round checks the recipient policies
                 "dataplane": {"workers": 1},
             })
             assert cfg.p2p.listen == ["/ip4/0.0.0.0/tcp/4001"]

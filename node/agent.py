@@ -106,9 +106,8 @@ def recipient_verdict(rec: RecipientRecord, pol: RecipientPolicy, price: int,
         return Verdict(True, price, "", "")
     if not rec.new and s.ppm < pol.min_score_ppm:
         return Verdict(False, price, "recipient_score",
-                       f"recipient paid record {s.ppm / 10_000:.1f}% ({s.ratings} ratings,"
-                       f" {rec.unpaid} unpaid) is below min_recipient_score "
-                       f"{pol.min_score_ppm / 10_000:g}%")
+                       f"recipient paid record {rec.label()} is below "
+                       f"min_recipient_score {pol.min_score_ppm / 10_000:g}%")
     if (rec.unpaid or rec.open_unpaid) and pol.risk_premium_pct:
         high = -(-price * (100 + pol.risk_premium_pct) // 100)
         why = (f"{rec.unpaid} unpaid rating(s), {rec.open_unpaid} lease(s) open unpaid; "

@@ -2,8 +2,9 @@
 
 Four provider daemons (`bidmesh run`, each with its own key, SQLite ledger and
 dataplane) connect on loopback. Recipients act through light clients exactly as a
-user would: a warm-up round gives providers different reputations; then a recipient
-auctions a processing lease (zstd then aes-gcm) shared by three client devices with
+user would: a warm-up round gives providers different reputations, and a recipient
+who does not pay a record that two providers' policies then skip or charge more for;
+a recipient auctions a processing lease (zstd then aes-gcm) shared by three devices with
 a maximum and minimum rate, cleared by best value; a sealed Vickrey auction runs
 beside it; the award is verified; the devices stream a generated MPEG-TS file
 through the winner, which subcontracts the aes-gcm step it lacks; the output is
@@ -33,8 +34,10 @@ from typing import Any, TypeVar
 import trio
 
 from . import config
+from .agent import HOUR_MS, RecipientPolicy, Verdict, recipient_verdict
 from .auction import Market, verify_award
 from .auction.lease import Lease
+from .auction.views import record_text, rep_label
 from .client import LightClient, fold, now_ms
 from .daemon import control_call, read_status
 from .errors import BidmeshError, UsageError
@@ -52,13 +55,17 @@ T = TypeVar("T")
 class ProviderSpec:
     name: str
     offers: dict[str, dict[str, int]]  # service -> price per hour (cents), capacity KiB/s
+    # [provider] recipient policy (docs/provider-guide.md): whom it bids for, at what
+    policy: dict[str, Any] = field(default_factory=dict)
 
 
 PROVIDERS = (
     ProviderSpec("atlas", {"bandwidth": {"price": 3000, "capacity": 20_000},
-                           "zstd": {"price": 4800, "capacity": 50_000}}),
+                           "zstd": {"price": 4800, "capacity": 50_000}},
+                 {"risk_premium_pct": 50}),
     ProviderSpec("borealis", {"bandwidth": {"price": 2500, "capacity": 20_000},
-                              "zstd": {"price": 5000, "capacity": 50_000}}),
+                              "zstd": {"price": 5000, "capacity": 50_000}},
+                 {"min_recipient_score": 50}),
     ProviderSpec("cirrus", {"zstd": {"price": 6000, "capacity": 40_000},
                             "aes-gcm": {"price": 300, "capacity": 80_000}}),
     ProviderSpec("delta", {"bandwidth": {"price": 3500, "capacity": 10_000},
@@ -140,7 +147,8 @@ class Devnet:
                         "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
                 "sync": {"interval_s": 1.0},
                 "provider": {"enabled": True, "offers": p.spec.offers, "currency": "EUR",
-                             "interval_s": 0.25, "note": f"{p.spec.name} (devnet)"},
+                             "interval_s": 0.25, "note": f"{p.spec.name} (devnet)",
+                             **p.spec.policy},
                 "dataplane": {"workers": 1},
                 "http": {"enabled": p.http_port is not None, "port": p.http_port or 0,
                          "growth_interval_s": 1.0},
@@ -293,13 +301,19 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
     base = net.base
     summary: dict[str, Any] = {"state_dir": str(base)}
 
-    # 1. Warm-up: earlier leases give the providers different reputations.
-    async with client(base, "walter", addrs[:2]) as walter:
+    # 1. Warm-up: earlier leases give the providers different reputations, and
+    # mallory a record of not paying.
+    async with contextlib.AsyncExitStack() as stack0:
+        walter = await stack0.enter_async_context(client(base, "walter", addrs[:2]))
         n.say("warm-up: walter buys zstd and bandwidth leases to build reputations")
         r_z = await walter.request("zstd", duration_ms=LEASE_MS, reserve=100,
                                    close_in_ms=CLOSE_MS, rule="lowest")
         r_b = await walter.request("bandwidth", duration_ms=LEASE_MS, reserve=100,
                                    close_in_ms=CLOSE_MS, rule="lowest")
+        mallory = await stack0.enter_async_context(client(base, "mallory", addrs[1:3]))
+        r_m = await mallory.request("bandwidth", duration_ms=MALLORY_LEASE_MS, reserve=100,
+                                    close_in_ms=CLOSE_MS, rule="lowest")
+        n.say("warm-up: mallory takes a 1 s bandwidth lease and will not pay for it")
         await wait_until_ms(max(r_z.body.reveal_ms, r_b.body.reveal_ms))  # type: ignore[attr-defined]
         leases = []
         for r in (r_z, r_b):
@@ -315,6 +329,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         await walter.rate(l_b.id, satisfied=True, score=5, text="solid link")
         n.done("warm-up leases", f"{net.name_of(l_z.provider)} rated 2★ unsatisfied, "
                                  f"{net.name_of(l_b.provider)} rated 5★")
+        await unpaid_warm_up(net, mallory, r_m.id)
 
     # 2. Main auctions: alice's shared processing lease (best value) and dave's sealed one.
     devices = [f"{who}-{dev}" for who, dev in (("alice", "phone"), ("alice", "laptop"),
@@ -340,6 +355,10 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         n.say(f"alice auctions zstd→aes-gcm for 3 devices (best value, 16/0.256 Mbit/s): "
               f"{req_a.id.hex()[:12]}")
         n.say(f"dave auctions bandwidth, sealed Vickrey: {req_b.id.hex()[:12]}")
+        mallory = await stack.enter_async_context(client(base, "mallory", addrs[1:3]))
+        req_m = await mallory.request("bandwidth", duration_ms=LEASE_MS, reserve=40,
+                                      close_in_ms=CLOSE_MS, rule="lowest")
+        n.say(f"mallory, who did not pay, auctions bandwidth again: {req_m.id.hex()[:12]}")
 
         async def bids_in(c: LightClient, rid: bytes, want: int) -> list[Any] | None:
             bids = await c.bids(rid)
@@ -370,6 +389,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
             raise StepFailed("dave's sealed award does not verify")
         n.done("sealed Vickrey auction", f"{net.name_of(lease_b.provider)} wins, pays the "
                                          f"second price {award_b.price}")
+        summary["recipient_policy"] = await recipient_policy_shown(net, mallory, req_m.id)
 
         # 3. Stream: each device sends its own MPEG-TS through the winner.
         winner = next(p for p in net.providers if p.ident.public == lease_a.provider)
@@ -484,6 +504,95 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
     return summary
 
 
+MALLORY_LEASE_MS = 1_000
+
+
+async def unpaid_warm_up(net: Devnet, mallory: LightClient, request: bytes) -> None:
+    """mallory awards her warm-up auction, never pays, and the lease ends: its provider
+    rates her unpaid. Waits until every node holds that rating, so each provider
+    judges her next request on the same record."""
+    aw, body = await mallory.award(request)
+    if body.winner is None:
+        raise StepFailed("mallory's warm-up auction got no bids")
+    _, lease = await mallory.lease(aw.id)
+
+    async def rated_unpaid() -> bool | None:
+        rs = await mallory.find_events(kind="rating", ref=lease.id)
+        return True if any(getattr(r.body, "subject", None) == mallory.key
+                           and not getattr(r.body, "satisfied", True) for r in rs) else None
+
+    await poll("the provider's unpaid rating of mallory", rated_unpaid,
+               timeout=(lease.end_ms - now_ms()) / 1000 + 15)
+    await net.wait_converged()
+    rec = (await mallory.reputation(mallory.key)).recipient
+    net.n.done("unpaid lease rated", f"{net.name_of(lease.provider)} rated mallory unpaid "
+                                     f"after her lease ended; her paid record "
+                                     f"{rep_label(rec)}")
+
+
+async def recipient_policy_shown(net: Devnet, mallory: LightClient,
+                                 request: bytes) -> dict[str, Any]:
+    """After mallory's auction closed: each provider's bid or skip, why (the same pure
+    verdict the provider's agent applies, on her record as of the auction's start), and
+    the skip as the provider counted it in its status."""
+    info = await mallory.auction(request)
+    await wait_until_ms(info.auction.request.close_ms)
+    a, rec = info.auction, info.recipient_record
+    net.n.say(f"mallory's paid record at her auction's start: {rec.label()}")
+    verdicts: dict[bytes, tuple[ProviderProc, int, Verdict]] = {}
+    for p in net.providers:
+        price = _price(p.spec, a.request.service, a.request.duration_ms)
+        if price is not None and price <= a.request.reserve:
+            pol = p.spec.policy
+            verdicts[p.ident.public] = (p, price, recipient_verdict(rec, RecipientPolicy(
+                min_score_ppm=int(pol.get("min_recipient_score", 0) * 10_000),
+                new_recipient=pol.get("new_recipient", "bid"),
+                risk_premium_pct=pol.get("risk_premium_pct", 0)), price, a.request.reserve))
+
+    def as_expected(bids: dict[bytes, int | None]) -> bool:
+        return all(bids.get(k, -1) == (v.price if v.bid else -1)
+                   for k, (_, _, v) in verdicts.items())
+
+    async def settled() -> dict[bytes, int | None] | None:
+        got = {b.provider: b.price for b in await mallory.bids(request)}
+        return got if as_expected(got) else None
+
+    try:
+        bids = await poll("the bids the providers' policies call for", settled, timeout=10)
+    except StepFailed:
+        got = {net.name_of(b.provider): b.price for b in await mallory.bids(request)}
+        want = {p.spec.name: v.price if v.bid else f"skip ({v.reason})"
+                for p, _, v in verdicts.values()}
+        raise StepFailed(f"mallory's auction got bids {got}, the policies say {want}"
+                         ) from None
+    rows: list[dict[str, Any]] = []
+    for key, (p, price, v) in verdicts.items():
+        status = await trio.to_thread.run_sync(control_call, p.data_dir, {"op": "status"}, 10)
+        skipped = status["services"]["provider"]["skipped"]
+        if not v.bid and not skipped.get(v.reason):
+            raise StepFailed(f"{p.spec.name} did not count its skip ({v.reason}): {skipped}")
+        what = (f"skipped ({v.reason}): {v.detail}" if not v.bid else
+                f"bid {v.price} instead of {price} ({v.reason}): {v.detail}" if v.reason
+                else f"bid {price}: no policy against her")
+        net.n.say(f"   {p.spec.name:9} {what}")
+        rows.append({"provider": p.spec.name, "policy": p.spec.policy, "list_price": price,
+                     "bid": bids.get(key), "reason": v.reason, "detail": v.detail,
+                     "skipped_counted": dict(skipped)})
+    if not any(r["bid"] is None for r in rows) or not any(r["reason"] == "premium"
+                                                         for r in rows):
+        raise StepFailed(f"no provider both skipped and charged mallory more: {rows}")
+    net.n.done("provider policy on an unpaid recipient",
+               ", ".join(f"{r['provider']} {'skipped' if r['bid'] is None else 'bid'}"
+                         + (f" (+{r['policy'].get('risk_premium_pct')}%)"
+                            if r["reason"] == "premium" else "") for r in rows))
+    return {"recipient": "mallory", "record": rec.to_json(), "providers": rows}
+
+
+def _price(spec: ProviderSpec, service: str, duration_ms: int) -> int | None:
+    offer = spec.offers.get(service)
+    return None if offer is None else max(1, -(-offer["price"] * duration_ms // HOUR_MS))
+
+
 async def knows(lookup: Callable[[bytes], Awaitable[Any]], event_id: bytes) -> bool | None:
     """True once the client's nodes know `event_id` (gossip takes up to a few hundred
     ms to bring another client's fresh event to them), None before."""
@@ -558,6 +667,14 @@ def print_summary(summary: dict[str, Any], out: Output) -> None:
     _table(out, ["recipient", "score", "ratings", "satisfied"],
               [[r["who"], r["score"], r["ratings"], r["satisfied"]]
                for r in summary["recipients"]])
+    pol = summary.get("recipient_policy")
+    if pol:
+        print(f"\n== provider policy on {pol['recipient']}, who did not pay (paid record "
+              f"{record_text(pol['record'])}) ==")
+        _table(out, ["provider", "policy", "list price", "bid", "why"],
+               [[r["provider"], ", ".join(f"{k} {v}" for k, v in r["policy"].items()) or "-",
+                 r["list_price"], "skipped" if r["bid"] is None else r["bid"],
+                 r["detail"] or "-"] for r in pol["providers"]])
     print("\n== state digests ==")
     _table(out, ["node", "digest"], [[k, v] for k, v in summary["digests"].items()])
 

@@ -15,6 +15,7 @@ STEPS = {
     "network up", "warm-up leases", "bids with reputation", "award verified",
     "sealed Vickrey auction", "streams byte-exact", "payments", "group purchase",
     "provider rated the recipient", "lease ended", "every node has the same state digest",
+    "unpaid lease rated", "provider policy on an unpaid recipient",
 }
 
 
@@ -41,3 +42,12 @@ def test_devnet_full_round(tmp_path: Path) -> None:
     assert after["borealis"]["score"] > before["borealis"]["score"]
     assert after["delta"]["ratings"] >= 1  # the hirer rated its subcontractor
     assert all(r["satisfied"] >= 1 for r in s["recipients"])
+    # mallory did not pay in the warm-up: borealis (min_recipient_score 50) skipped her
+    # next request, atlas (risk_premium_pct 50) bid half again its list price.
+    pol = {r["provider"]: r for r in s["recipient_policy"]["providers"]}
+    assert s["recipient_policy"]["record"]["unpaid"] == 1
+    assert pol["borealis"]["bid"] is None and pol["borealis"]["reason"] == "recipient_score"
+    assert pol["borealis"]["skipped_counted"]["recipient_score"] >= 1
+    assert pol["atlas"]["reason"] == "premium"
+    assert pol["atlas"]["bid"] == -(-pol["atlas"]["list_price"] * 150 // 100)
+    assert pol["delta"]["bid"] == pol["delta"]["list_price"]

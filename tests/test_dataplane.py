@@ -309,12 +309,19 @@ async def test_refusals_are_clear_and_counted() -> None:
         token = make_delegation(M, lease.id, D.public, "alice")
         res = await w.stream("D", lease, packets(3), member=D, chains=one, delegation=token)
         assert res.trailer.ok
-        with pytest.raises(StreamFailed) as e:
+        # A chain the lease was not bought for (issue 13 item 2).
+        with pytest.raises(LeaseRefused) as e:
             await w.stream("M", lease, packets(3), chains=(("nope",),))
+        assert e.value.reason == "wrong_chain"
+        nobody = make_lease(id=hashlib.sha256(b"nobody").digest(), chain=("nope",))
+        w.leases[nobody.id] = nobody
+        with pytest.raises(StreamFailed) as e:
+            await w.stream("M", nobody, packets(3), chains=(("nope",),))
         assert e.value.reason == "unknown_service"
         c = w.nodes["A"].svc.counters
         assert c["refused:not_member"] == 1 and c["refused:no_lease"] == 1
         assert c["refused:outside_window"] == 2 and c["refused:unknown_service"] == 1
+        assert c["refused:wrong_chain"] == 1
 
 
 async def test_oversized_packet_fails_stream_cleanly() -> None:
@@ -375,6 +382,7 @@ async def test_slowloris_header_times_out() -> None:
 async def test_process_protocol_serves_known_providers_only() -> None:
     lease = make_lease()
     async with world({"A": [("zstd", 1)], "B": [("aes-gcm", 1)]}) as w:
+        w.leases[lease.id] = lease
         req = ProcessRequest(lease.id, b"s1", 0, 1, ("aes-gcm",), bytes(range(32)), b"data")
         x = w.members["X"]
         b = w.nodes["B"].host
@@ -391,6 +399,72 @@ async def test_process_protocol_serves_known_providers_only() -> None:
         reply = await request(a, b.peer_id, process_protocol(NET), req.encode(), 1 << 20, 5.0)
         assert len(reply) == 1 + 4 + 12 + 4 + 16
         assert w.nodes["B"].svc.counters["process_refused:unknown_provider"] == 1
+
+
+async def test_process_requests_need_the_lease_they_serve() -> None:
+    """Issue 13 item 1: a request names its lease and is served only for that lease's
+    provider, for services of its chain, in its window, within its volume."""
+    lease = make_lease()  # A's lease, chain zstd → aes-gcm
+    foreign = make_lease(id=hashlib.sha256(b"lease-c").digest(), provider=C.public)
+    transport = make_lease(id=hashlib.sha256(b"lease-bw").digest(), service="bandwidth",
+                           chain=())
+    small = make_lease(id=hashlib.sha256(b"lease-small").digest(), max_rate_bps=8,
+                       end_ms=START + 1000)
+    cfg = DataplaneConfig(window=8, volume_floor=100, process_grace_ms=0)
+    offers = {"A": [("zstd", 1)], "B": [("aes-gcm", 1), ("sha256", 1)], "C": [("zstd", 1)]}
+    async with world(offers, configs={"B": cfg}) as w:
+        for le in (lease, foreign, transport, small):
+            w.leases[le.id] = le
+        a, b = w.nodes["A"].host, w.nodes["B"].host
+        await a.connect(b.addrs[0])
+        req = ProcessRequest(lease.id, b"s1", 0, 1, ("aes-gcm",), bytes(range(32)), b"data")
+
+        async def refused(r: ProcessRequest) -> str:
+            with pytest.raises(RequestRefused) as e:
+                await request(a, b.peer_id, process_protocol(NET), r.encode(), 1 << 20, 5.0)
+            return e.value.reason
+
+        assert await refused(replace(req, lease=hashlib.sha256(b"random").digest())) \
+            == "no_lease"
+        assert await refused(replace(req, lease=foreign.id)) == "not_lease_provider"
+        assert await refused(replace(req, services=("sha256",))) == "not_in_chain"
+        assert await refused(replace(req, step=2)) == "not_in_chain"  # past its position
+        assert await refused(replace(req, lease=transport.id)) == "not_in_chain"
+        w.now[0] = lease.end_ms
+        assert await refused(req) == "outside_window"
+        w.now[0] = START + 10
+        # 8 bit/s for 1 s plus a 100-byte floor: 104 bytes of requests in all.
+        ok = replace(req, lease=small.id, data=b"x" * 100)
+        await request(a, b.peer_id, process_protocol(NET), ok.encode(), 1 << 20, 5.0)
+        assert await refused(ok) == "over_volume"
+        reply = await request(a, b.peer_id, process_protocol(NET), req.encode(), 1 << 20, 5.0)
+        assert len(reply) == 1 + 4 + 12 + 4 + 16
+        c = w.nodes["B"].svc.counters
+        assert {k: v for k, v in c.items() if k.startswith("process_refused")} == {
+            "process_refused:no_lease": 1, "process_refused:not_lease_provider": 1,
+            "process_refused:not_in_chain": 3, "process_refused:outside_window": 1,
+            "process_refused:over_volume": 1}
+        assert c["process_served"] == 2
+
+
+async def test_stream_chains_must_match_the_lease() -> None:
+    """Issue 13 item 2: a bandwidth lease carries no processing; a processing lease
+    allows its chain, a contiguous part of it, or pass-through."""
+    bw = make_lease(service="bandwidth", chain=())
+    zl = make_lease(id=hashlib.sha256(b"lease-z").digest(), service="zstd", chain=())
+    async with world({"A": [("zstd", 1), ("identity", 1), ("aes-gcm", 1)]}) as w:
+        w.leases[bw.id] = bw
+        w.leases[zl.id] = zl
+        pkts = packets(20, seed=9)
+        for lease, chains in ((bw, (("zstd",),)), (bw, (("identity",), ("aes-gcm",))),
+                              (zl, (("zstd", "aes-gcm"),)), (zl, (("aes-gcm",),))):
+            with pytest.raises(LeaseRefused) as e:
+                await w.stream("M", lease, pkts, chains=chains)
+            assert e.value.reason == "wrong_chain"
+        for lease, chains in ((bw, (("identity",),)), (zl, (("zstd",), ("identity",)))):
+            res = await w.stream("M", lease, pkts, chains=chains)
+            assert res.trailer.ok
+        assert w.nodes["A"].svc.counters["refused:wrong_chain"] == 4
 
 
 async def test_lease_end_stops_streams_and_publishes_usage() -> None:

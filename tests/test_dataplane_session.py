@@ -88,6 +88,7 @@ async def test_session_bad_input_is_answered_or_cut_and_counted() -> None:
     lease = make_lease()
     req = ProcessRequest(lease.id, b"s1", 0, 1, ("aes-gcm",), bytes(range(32)), b"data")
     async with world(OFFERS) as w:
+        w.leases[lease.id] = lease
         a, b, x = w.nodes["A"].host, w.nodes["B"].host, w.members["X"]
         counters = w.nodes["B"].svc.counters
 
@@ -103,14 +104,18 @@ async def test_session_bad_input_is_answered_or_cut_and_counted() -> None:
         await write_frame(s, U64.pack(5) + b"\xff garbage", 10.0)  # type: ignore[arg-type]
         await write_frame(s, replace(req, services=("zstd",)).encode(6), 10.0)  # type: ignore[arg-type]
         await write_frame(s, req.encode(7), 10.0)  # type: ignore[arg-type]
+        # A lease nobody knows (issue 13 item 1): refused by id, the session goes on.
+        await write_frame(s, replace(req, lease=bytes(32)).encode(8), 10.0)  # type: ignore[arg-type]
         got = {}
-        for _ in range(3):
+        for _ in range(4):
             frame = await read_frame(s, 1 << 20, 10.0)  # type: ignore[arg-type]
             (rid,) = U64.unpack_from(frame)
             got[rid] = SessionResponse.decode(frame, 1 if rid == 7 else None)
         assert (got[5].ok, got[5].reason) == (False, "bad_request")
         assert (got[6].ok, got[6].reason) == (False, "unknown_service")
         assert got[7].ok and len(got[7].outputs[0]) == 12 + 4 + 16  # nonce, data, tag
+        assert (got[8].ok, got[8].reason) == (False, "no_lease")
+        assert counters["process_refused:no_lease"] == 1
         assert counters["process_refused:bad_request"] == 1
         assert counters["process_refused:unknown_service"] == 1
 

@@ -33,7 +33,8 @@ __all__ = ["InputAcks", "StreamFailed", "StreamResult", "member_key", "split_res
 _SEQ = struct.Struct(">Q")
 DEFAULT_CHUNK = 256 << 10
 _AUTH_REASONS = frozenset({"no_lease", "not_our_lease", "outside_window", "not_member",
-                           "bad_delegation", "lease_closed", "lease_ended", "unauthorized"})
+                           "bad_delegation", "lease_closed", "lease_ended", "unauthorized",
+                           "wrong_chain"})
 
 Source = Iterable[bytes] | AsyncIterable[bytes]
 Sink = Callable[[bytes], Awaitable[None]]

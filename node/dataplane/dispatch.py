@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _RANK_TTL_S = 1.0
 _MAX_SUB_SERVICES = 8  # Subcontract.services holds at most 8 names
 _MAX_STEP = 8  # services in one step (a chain holds at most 8)
+_LEASE_RETRY_S = 0.25
 
 
 @dataclass
@@ -97,11 +98,13 @@ class Dispatcher:
         bad_for_s: float,
         counters: Counter[str],
         session_idle_s: float = 30.0,
+        lease_wait_s: float = 5.0,
     ) -> None:
         self.host = host
         self.protocol = process_protocol(network)
         self.session_protocol = session_protocol(network)
         self.session_idle_s = session_idle_s
+        self.lease_wait_s = lease_wait_s
         self.nursery: trio.Nursery | None = None
         """Where process sessions run; set by `DataplaneService.run`. Without it every
         remote step is one `/process/1` request."""
@@ -186,6 +189,7 @@ class Dispatcher:
                     self.counters["local_failed"] += 1
                     errors.append(f"here: {e}")
         tried: set[bytes] = set()
+        waited = 0.0
         while attempts < self.max_attempts:
             cands = [c for c in self.candidates(step.services) if c.provider not in tried]
             healthy = [c for c in cands if not self.is_bad(c.provider)]
@@ -198,6 +202,16 @@ class Dispatcher:
                 outputs = await self._call(cand, step, data, ctx)
                 await self._verify(step, data, outputs, ctx)
             except BidmeshError as e:
+                if (isinstance(e, RequestRefused) and e.reason == "no_lease"
+                        and waited < self.lease_wait_s):
+                    # The lease has not reached the contractor yet (the award gossips
+                    # while the member already streams): not its fault; ask again soon.
+                    self.counters["contractor_no_lease"] += 1
+                    tried.discard(cand.provider)
+                    attempts -= 1
+                    await trio.sleep(_LEASE_RETRY_S)
+                    waited += _LEASE_RETRY_S
+                    continue
                 kind = "garbage" if isinstance(e, ProcessingError | PeerError) and not isinstance(
                     e, RequestRefused) else "failed"
                 self.counters[f"contractor_{kind}"] += 1

@@ -53,6 +53,7 @@ from ..segments import (
     new_parser,
     plan,
 )
+from .authority import check_process, check_stream_chains, volume_limit
 from .dispatch import Contracts, Dispatcher
 from .wire import (
     SESSION_ERROR_ID,
@@ -91,6 +92,12 @@ class DataplaneConfig:
     services: frozenset[str] | None = None  # offered here; None: every processor of the pool
     params: Mapping[str, Any] = field(default_factory=dict)  # ProcessContext.params
     allow: frozenset[bytes] = frozenset()  # provider keys served even without an Offer
+    # Process requests (authority, docs/dataplane.md §10): the lease window is widened
+    # by this much both ways for segments in flight at its end and clock skew ...
+    process_grace_ms: int = 10_000
+    # ... and one lease's requests may total its max rate x window x factor + floor.
+    volume_factor: float = 4.0
+    volume_floor: int = 16 << 20
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 30.0  # per input frame: a slow sender is cut off
     write_timeout_s: float = 30.0  # per output frame: a member that stops reading
@@ -398,6 +405,7 @@ class DataplaneService:
             connect_timeout_s=cfg.connect_timeout_s, max_result=cfg.max_result,
             bad_for_s=cfg.bad_for_s, counters=self.counters, session_idle_s=cfg.session_idle_s)
         self._leases: dict[bytes, _LeaseState] = {}
+        self._volume: dict[bytes, int] = {}  # lease -> bytes of process requests served
         self._streams = 0
         self._sessions = 0
         self._max_request = cfg.max_segment_bytes * 2 + cfg.max_header
@@ -433,6 +441,7 @@ class DataplaneService:
                     for lid, st in list(self._leases.items()):
                         if not st.closed and st.lease.end_ms <= now:
                             await self.close_lease(lid)
+                    self._prune_volume(now)
             finally:
                 self.dispatcher.nursery = None
 
@@ -526,6 +535,7 @@ class DataplaneService:
         except Unauthorized as e:
             reason = e.reason if e.reason != "unauthorized" else "not_member"
             raise Unauthorized(str(e), reason) from None
+        check_stream_chains(lease, header.chains, self.pool.processors)
         if self._streams >= cfg.max_streams or len(st.streams) >= cfg.max_streams_per_lease:
             raise PeerError("too many streams open; retry later", "busy")
         lim = header.limits
@@ -606,10 +616,31 @@ class DataplaneService:
     async def _on_process(self, peer: bytes, payload: bytes) -> bytes:
         return encode_outputs(await self._process(peer, payload))
 
+    def _authorize(self, peer: bytes, req: ProcessRequest) -> None:
+        """The request's lease must allow it (authority.check_process) and have volume
+        left; Unauthorized with the reason otherwise. Charges the volume."""
+        cfg = self.config
+        lease = self.lease_lookup(req.lease)
+        check_process(lease, req.lease, peer, req.services, req.step, self.clock(),
+                      cfg.process_grace_ms, self.pool.processors)
+        assert lease is not None
+        limit = volume_limit(lease, cfg.volume_factor, cfg.volume_floor, cfg.process_grace_ms)
+        used = self._volume.get(lease.id, 0) + len(req.data)
+        if limit is not None and used > limit:
+            raise Unauthorized(f"lease {lease.id.hex()[:12]} has used its volume here "
+                               f"({limit} bytes of process requests)", "over_volume")
+        self._volume[lease.id] = used
+
+    def _prune_volume(self, now: int) -> None:
+        grace = self.config.process_grace_ms
+        for lid in list(self._volume):
+            lease = self.lease_lookup(lid)
+            if lease is None or lease.end_ms + grace <= now:
+                del self._volume[lid]
+
     async def _process(self, peer: bytes, payload: bytes, offset: int = 0) -> list[bytes]:
         """Serve one process request (at `payload[offset:]`): every output of its step.
         PeerError (with a reason, counted) when it is refused or fails."""
-        served = self.served.setdefault(peer, Counter())
         if not self._knows(peer):
             self.counters["process_refused:unknown_provider"] += 1
             raise Unauthorized("process requests are served to providers with an offer in "
@@ -623,6 +654,12 @@ class DataplaneService:
         if missing:
             self.counters["process_refused:unknown_service"] += 1
             raise PeerError(f"this provider does not offer {missing}", "unknown_service")
+        try:
+            self._authorize(peer, req)
+        except Unauthorized as e:
+            self.counters[f"process_refused:{e.reason}"] += 1
+            raise
+        served = self.served.setdefault(peer, Counter())
         ctx = ProcessContext(req.lease, req.stream_id, req.seq, req.key, self.config.params,
                              req.step)
         try:

@@ -763,6 +763,17 @@ def _client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    "the packets of each result (chains that return packets)")
     c.add_argument("--progress", choices=["auto", "yes", "no"], default="auto")
 
+    c = cmd("tunnel", "a local SOCKS5 proxy through a bandwidth lease")
+    c.add_argument("lease", help="lease id (hex or unique prefix)")
+    c.add_argument("--socks", default="127.0.0.1:1080", metavar="HOST:PORT",
+                   help="where the proxy listens (default 127.0.0.1:1080; port 0: any)")
+    c.add_argument("--allow-lan", action="store_true",
+                   help="allow a non-loopback --socks address (no SOCKS authentication: "
+                        "anyone who reaches it uses your lease)")
+    c.add_argument("--max-connections", type=int, default=64,
+                   help="SOCKS connections at once (default 64)")
+    c.add_argument("--progress", choices=["auto", "yes", "no"], default="auto")
+
     c = cmd("rate", "rate the other party of a lease")
     c.add_argument("lease", help="lease id (hex)")
     c.add_argument("--satisfied", type=_yes_no, required=True, help="yes or no")

@@ -68,6 +68,7 @@ from .reputation import Score
 
 if TYPE_CHECKING:  # libp2p costs ~1 s to import: loaded when a client actually connects
     from . import p2p
+    from .dataplane.tunnel_client import Tunnel
 
 log = logging.getLogger("bidmesh.client")
 
@@ -1019,6 +1020,47 @@ class LightClient:
         return await stream_through_lease(
             self.host, peer, lease, self.identity, source, protocol, use_chains,
             network=self.network, delegation=delegation, sink=sink, timeout=timeout)
+
+
+    # -------------------------------------------------------------- tunnels (bandwidth)
+
+    async def reach_provider(self, lease: Lease) -> p2p.PeerId:
+        """The lease's provider, connected (dialed through its offer's addresses)."""
+        from .p2p import peer_id_from_pubkey
+
+        peer = peer_id_from_pubkey(lease.provider)
+        if self.host.is_connected(peer):
+            return peer
+        addrs = await self.provider_addrs(lease.provider)
+        errors = []
+        for a in [*addrs, *(n.addr for n in self.nodes)]:
+            if a.endswith(str(peer)):
+                try:
+                    await self.host.connect(a, timeout=self.timeout)
+                    return peer
+                except OperationError as e:
+                    errors.append(f"{a}: {e}")
+        if self.host.is_connected(peer):
+            return peer
+        raise OperationError(f"cannot reach provider {lease.provider.hex()[:16]}: "
+                             + ("; ".join(errors[:3]) if errors else
+                                "no dialable address in its offer"))
+
+    async def open_tunnel(self, lease: bytes | Lease, host: str, port: int, *,
+                          delegation: bytes | None = None,
+                          timeout: float | None = None) -> Tunnel:
+        """Open a tunnel to `host:port` through the provider of a bandwidth lease
+        (docs/dataplane.md §14): a trio HalfCloseableStream. The provider resolves
+        `host`. Raises TunnelUnauthorized / TunnelRefused (`.reason`) when refused,
+        OperationError when the provider cannot be reached; reading or writing an open
+        tunnel raises TunnelFailed (`lease_ended`, `broken`, ...)."""
+        from .dataplane.tunnel_client import open_tunnel
+
+        if not isinstance(lease, Lease):
+            _, lease = await self.lease(lease)
+        peer = await self.reach_provider(lease)
+        return await open_tunnel(self.host, peer, lease.id, host, port, network=self.network,
+                                 delegation=delegation, timeout=timeout or self.timeout)
 
 
 def lease_chain(lease: Lease) -> list[str]:

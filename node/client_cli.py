@@ -419,3 +419,12 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "pledge": _cmd_pledge, "stream": _cmd_stream, "rate": _cmd_rate, "leases": _cmd_leases,
     "reputation": _cmd_reputation, "whoami": _cmd_whoami,
 }
+
+
+async def _cmd_tunnel(c: LightClient, a: argparse.Namespace, out: Any) -> int:
+    from .tunnel_cli import run_tunnel  # a local SOCKS5 proxy through a bandwidth lease
+
+    return await run_tunnel(c, a, out)
+
+
+COMMANDS["tunnel"] = _cmd_tunnel

@@ -327,14 +327,25 @@ async def _cmd_stream(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     head = struct.Struct(">IB")
     written = 0
 
+    size = a.packet if a.format == "lp" else TS_READ
+    if inp is sys.stdin.buffer:
+        # A pipe can keep us waiting: its read is abandoned when the stream ends first
+        # (the provider ended it, Ctrl-C). os.read takes no lock, unlike the buffered
+        # reader, which an abandoned thread would hold into interpreter shutdown (a
+        # fatal error there). A pipe's reads may be short: packets of at most --packet.
+        fd = inp.fileno()
+
+        def read() -> bytes:
+            return os.read(fd, size)
+    else:
+        def read() -> bytes:
+            return inp.read(size)
+
     async def source() -> AsyncIterator[bytes]:
-        size = a.packet if a.format == "lp" else TS_READ
         while True:
-            # Abandoned on cancel: a stream the provider ended must not wait for
-            # a pipe that is slow to deliver its next bytes.
             # (trio_typing's stubs predate the `abandon_on_cancel` name of trio >= 0.23)
             chunk: bytes = await trio.to_thread.run_sync(
-                lambda: inp.read(size), abandon_on_cancel=True)  # type: ignore[call-arg]
+                read, abandon_on_cancel=True)  # type: ignore[call-arg]
             if not chunk:
                 acks.end()
                 return
@@ -400,6 +411,9 @@ def _close_stream_files(inp: Any, dst: Any) -> None:
 
 def _interrupted(e: BaseException, acks: InputAcks, partial: str | None, written: int) -> None:
     """Tell the user the stream did not complete and where its partial output is."""
+    while isinstance(e, BaseExceptionGroup):  # trio nurseries wrap what happened
+        ctrl_c = e.subgroup(KeyboardInterrupt)
+        e = (ctrl_c or e).exceptions[0]
     why = "interrupted" if isinstance(e, KeyboardInterrupt) else (
         f"failed ({getattr(e, 'reason', None) or type(e).__name__})")
     done = f"{_size(acks.acked)} of {_size(acks.fed)} sent were acknowledged by the provider"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -241,3 +242,28 @@ async def test_interrupted_stream_keeps_partial_output_aside(tmp_path: Path) -> 
         assert "the partial output" in text and str(partial) in text
         assert out.read_bytes() == b"an older complete output"  # untouched
         assert 0 < partial.stat().st_size < 2 * len(block)
+
+
+async def test_ctrl_c_says_so_and_keeps_partial_output(tmp_path: Path) -> None:
+    alice = tmp_path / "alice"
+    async with provider_node(tmp_path) as p:
+        lease = await lease_for(p, alice, chain=["identity"])
+        out = tmp_path / "out.bin"
+        partial = tmp_path / "out.bin.partial"
+        cmd = [sys.executable, "-m", "node.cli", "client", "--dir", str(alice), "--node",
+               p.addr, "--network", NET, "stream", lease.hex()[:16], "--out", str(out),
+               "--packet", "1024"]
+        with open(tmp_path / "stderr", "wb") as err, trio.fail_after(120):
+            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stderr=err,
+                                                    stdout=subprocess.DEVNULL)
+            assert proc.stdin is not None
+            await proc.stdin.send_all(bytes(range(256)) * 1200)
+            while not (partial.exists() and partial.stat().st_size > 0):
+                await trio.sleep(0.05)
+            proc.send_signal(signal.SIGINT)  # stdin stays open: the read is abandoned
+            rc = await proc.wait()
+            await proc.stdin.aclose()
+        text = (tmp_path / "stderr").read_text()
+        assert rc == 130, text
+        assert "stream interrupted" in text and str(partial) in text
+        assert not out.exists() and partial.stat().st_size > 0

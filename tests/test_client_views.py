@@ -139,3 +139,45 @@ async def test_id_prefixes(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"ambiguous: it matches 2 .*abcd01.*abcd02"):
         match_prefix("abcd", [a, b], "lease")
     assert match_prefix("abcd02", [a, b], "lease") == b
+
+
+async def test_ambiguous_key_prefix_on_real_nodes(tmp_path: Path) -> None:
+    """Two providers whose keys share their first 4 hex digits both publish offers:
+    the 4-digit prefix is refused (in Python and by the command), naming both; one
+    more digit picks one."""
+    import sys
+
+    import trio
+
+    from node.events import Offer, ServiceOffer
+
+    seen: dict[str, Identity] = {}
+    pair: tuple[Identity, Identity] | None = None
+    for i in range(1, 5000):  # a 16-bit prefix collides after ~300 keys
+        who = Identity.from_seed(i.to_bytes(32, "big"))
+        other = seen.setdefault(who.public.hex()[:4], who)
+        if other is not who and other.public.hex()[4] != who.public.hex()[4]:
+            pair = (other, who)
+            break
+    assert pair is not None
+    offer = Offer(services=(ServiceOffer(name="zstd", price=5, capacity=100),),
+                  currency="EUR", addrs=())
+    async with nodes(tmp_path, 2) as ns:
+        for who in pair:
+            publish_everywhere(ns, who, offer, now_ms())  # type: ignore[arg-type]
+        prefix = pair[0].public.hex()[:4]
+        async with LightClient.open(tmp_path / "alice", [n.addr for n in ns],
+                                    network=NET) as c:
+            with pytest.raises(UsageError, match="ambiguous: it matches 2") as e:
+                await resolve(c, prefix, "key")
+            assert all(w.public.hex()[:16] in str(e.value) for w in pair)
+            for who in pair:
+                assert await resolve(c, who.public.hex()[:5], "key") == who.public
+        with trio.fail_after(120):  # the nodes run in this process: do not block it
+            r = await trio.run_process(
+                [sys.executable, "-m", "node.cli", "client", "--dir", str(tmp_path / "alice"),
+                 "--node", ns[0].addr, "--network", NET, "reputation", prefix],
+                capture_stdout=True, capture_stderr=True, check=False)
+        err = r.stderr.decode()
+        assert r.returncode == 2, err
+        assert "ambiguous" in err and "more hex digits" in err

@@ -633,14 +633,15 @@ def _client_defaults(args: argparse.Namespace) -> None:
     if not args.node:
         from .daemon import read_status
 
-        try:
-            st = read_status(data_dir)
-        except UsageError:
-            st = {}
+        hint = "pass --node /ip4/ADDR/tcp/PORT/p2p/ID"
+        if not (data_dir / "status.json").exists():
+            raise UsageError(f"no --node given and no node is running in {data_dir} "
+                             f"(${paths.DATA_DIR_ENV}); {hint}")
+        st = read_status(data_dir)  # unreadable (permissions): its own one line
         args.node = local_dial_addrs(st.get("listen_addrs", []))
         if st.get("state") != "running" or not args.node:
-            raise UsageError(f"no --node given and no node is running in {data_dir} "
-                             f"(${paths.DATA_DIR_ENV}); pass --node /ip4/ADDR/tcp/PORT/p2p/ID")
+            raise UsageError(f"no --node given and the node in {data_dir} is "
+                             f"{st.get('state')}; {hint}")
         args.network = args.network or st.get("network")
     args.network = args.network or DEFAULT_NETWORK
 

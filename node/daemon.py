@@ -751,9 +751,14 @@ def load_run_config(config_path: Path | None, data_dir: Path | None) -> config.C
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, getattr(args, "data_dir", None))
     cfg.node.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    setup_logging(cfg)
     try:
-        trio.run(run, cfg)
+        # As run(), but the lock and the port check come before the log file is
+        # opened: a refused start leaves nothing behind, and never writes into the
+        # running node's node.log.
+        with lifecycle.DataDirLock(cfg.node.data_dir):
+            lifecycle.preflight(_binds(cfg))
+            setup_logging(cfg)
+            trio.run(_run_locked, cfg, trio.Event())
     except BaseExceptionGroup as eg:
         # A start-up step inside a nursery (a listener, a service) raised one of
         # ours: report it as the one line it is, not as a nested traceback.

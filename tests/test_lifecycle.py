@@ -273,7 +273,8 @@ def test_start_failures_are_one_line_and_exit_2(tmp_path: Path, case: str) -> No
     assert proc.returncode == 2
     line = one_line(err)
     assert ("already in use" if case != "not_our_address" else "not an address") in line
-    assert not (tmp_path / "state" / "ledger.db").exists()  # nothing else started
+    # Nothing else started: no ledger, not even a log file.
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["node.lock"]
 
 
 @pytest.mark.slow
@@ -313,3 +314,6 @@ def test_init_run_notifies_systemd_and_stops_cleanly(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate(timeout=30)
     wait_for(lambda: lifecycle.lock_holder(d) is None, 5, "lock released")
+    proc_c = bidmesh("client", "whoami", env={**ENV, paths.DATA_DIR_ENV: str(d)})
+    assert proc_c.returncode == 2 and "node in" in one_line(proc_c.stderr)
+    assert "is stopped" in proc_c.stderr

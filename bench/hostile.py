@@ -210,6 +210,7 @@ def attacks() -> list[Attack]:
     out = [
         Attack("http_head", "7", "dataplane", A.http_head),
         Attack("http_malformed", "7", "dataplane", A.http_malformed),
+        Attack("http_holders", "7", "shield", A.http_holders),
         Attack("control_bad_types", "1", "dataplane", A.control_bad_types),
     ]
     for name in A.LIBP2P_PROTOCOLS:

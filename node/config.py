@@ -315,7 +315,9 @@ class HttpConfig:
     listen: str = _opt("127.0.0.1", str)
     port: int = _opt(8080, int, _range(0, 65535))
     max_connections: int = _opt(64, int, _range(1, 10_000))
+    max_connections_per_ip: int = _opt(16, int, _range(1, 10_000))
     request_timeout_s: float = _opt(10.0, (int, float), _range(0.1, 600))
+    keep_alive_s: float = _opt(5.0, (int, float), _range(0.1, 600))
     max_request_bytes: int = _opt(16 * 1024, int, _range(1024, 1 << 20))
     growth_interval_s: float = _opt(5.0, (int, float), _range(0.1, 3600))
 

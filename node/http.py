@@ -1,7 +1,7 @@
 """The node's read-only HTTP API, web dashboard and Prometheus metrics.
 
 Served by the daemon when enabled in its config (see `HttpSettings`; bind
-127.0.0.1 by default). GET only: any other method gets 405.
+127.0.0.1 by default). GET and HEAD only: any other method gets 405.
 
     GET /api/health              {"ok": true, "state", "events", "digest", ...}
     GET /api/digest              state digest and counts
@@ -15,10 +15,15 @@ Served by the daemon when enabled in its config (see `HttpSettings`; bind
     GET /metrics                 Prometheus text format
     GET /                        the dashboard (node/web/)
 
-The protocol is h11 (sans-I/O) over trio sockets: request heads and bodies are
-bounded, every read and write has a timeout, and connections beyond the cap get a
-503 at once. `HttpApi.handle(method, target)` is pure routing, testable without
-sockets; `serve()` is the I/O shell.
+The protocol is h11 (sans-I/O) over trio sockets (docs/decisions.md says why not a
+server package): keep-alive and pipelined requests are answered in order; a request
+head is bounded in bytes (431) and must arrive within `request_timeout_s` of its
+first byte (408), an idle keep-alive connection is closed after `keep_alive_s`,
+bodies are not wanted (413 beyond the budget); connections are capped in total and
+per client address, and a newcomer finding them full evicts the connection that has
+waited longest for a request (else 503). `HttpApi.handle(method, target)` is pure
+routing and `ConnTable` pure admission, both testable without sockets; `serve()`
+is the I/O shell.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ import contextlib
 import http
 import json
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import h11
 import trio
@@ -69,15 +75,19 @@ class HttpSettings:
     listen: str = "127.0.0.1"
     port: int = 8080
     max_connections: int = 64
-    request_timeout_s: float = 10.0
+    max_connections_per_ip: int = 16
+    request_timeout_s: float = 10.0  # a request, from its first byte; also each response
+    keep_alive_s: float = 5.0  # an idle connection between requests
     max_request_bytes: int = 16 * 1024  # request line + headers (GET has no body)
     growth_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise UsageError("http.port must be 0..65535")
-        if self.max_connections < 1 or self.request_timeout_s <= 0:
-            raise UsageError("http.max_connections >= 1 and http.request_timeout_s > 0")
+        if self.max_connections < 1 or self.max_connections_per_ip < 1:
+            raise UsageError("http.max_connections and max_connections_per_ip must be >= 1")
+        if self.request_timeout_s <= 0 or self.keep_alive_s <= 0:
+            raise UsageError("http.request_timeout_s and http.keep_alive_s must be > 0")
         if not 1024 <= self.max_request_bytes <= 1 << 20:
             raise UsageError("http.max_request_bytes must be 1024..1048576")
 
@@ -114,6 +124,9 @@ class HttpApi:
         self.live = live
         self.status = status
         self.requests: collections.Counter[str] = collections.Counter()
+        self.conn_stats: collections.Counter[str] = collections.Counter()
+        """Connections evicted, refused (full), timed out, too large, malformed."""
+        self.conns: ConnTable | None = None  # set by serve()
         self.growth: collections.deque[tuple[float, int]] = collections.deque(maxlen=growth_size)
         self._static: dict[str, bytes] = {}
 
@@ -125,7 +138,7 @@ class HttpApi:
         path = parsed.path
         if method != "GET":
             self.requests["405"] += 1
-            return _error(405, f"{method} not allowed: this API is read-only (GET)")
+            return _error(405, f"{method} not allowed: this API is read-only (GET, HEAD)")
         q = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
         try:
             resp = self._route(path, q)
@@ -274,6 +287,9 @@ class HttpApi:
         w.gauge("bidmesh_streams_active", "open dataplane streams", dp["active_streams"])
         w.counter("bidmesh_http_requests_total", "HTTP requests by status",
                   [({"status": k}, v) for k, v in sorted(self.requests.items())])
+        w.counter("bidmesh_http_connections_total", "HTTP connections closed early, by "
+                  "cause (evicted, refused_full, timeout_idle, timeout_request, too_large, "
+                  "bad_request)", [({"cause": k}, v) for k, v in sorted(self.conn_stats.items())])
         return w.text()
 
 
@@ -395,9 +411,92 @@ def _int(q: dict[str, str], k: str, default: int, lo: int, hi: int) -> int:
 
 
 # ------------------------------------------------------------------ the server
+#
+# Connection admission is pure (`ConnTable`); `serve()` and `_serve_conn()` are the
+# I/O shell. Rules (docs/decisions.md, "HTTP server"):
+# * at most `max_connections`, and `max_connections_per_ip` from one address;
+# * a connection is *waiting* while it has no complete request head: idle between
+#   keep-alive requests (at most `keep_alive_s`) or receiving a head (which must
+#   complete within `request_timeout_s` of its first byte: slowloris);
+# * when a newcomer finds the node or its address full, the connection waiting
+#   longest (at least EVICT_AFTER_S) is closed for it; only if none is waiting
+#   that long does the newcomer get a 503. Connections being answered are never
+#   evicted.
+
+# A waiting connection younger than this is not evicted for a newcomer: an honest
+# client sends its request head within milliseconds of connecting.
+EVICT_AFTER_S: Final = 1.0
 
 
-async def _send(stream: trio.SocketStream, conn: h11.Connection, events: list[Any],
+@dataclass(eq=False)
+class ConnSlot:
+    ip: str
+    waiting_since: float | None
+    scope: trio.CancelScope | None = None
+    released: bool = False
+    evicted: bool = False
+
+
+class ConnTable:
+    """Which HTTP connections may be open (sans-I/O; the clock is passed in)."""
+
+    def __init__(self, max_total: int, max_per_ip: int, evict_after_s: float = EVICT_AFTER_S
+                 ) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.evict_after_s = evict_after_s
+        self._slots: set[ConnSlot] = set()
+        self._per_ip: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def admit(self, ip: str, now: float) -> tuple[ConnSlot | None, list[ConnSlot]]:
+        """A slot for a new connection from `ip` (None: refuse it with 503) and the
+        connections evicted for it (already released: the shell closes them)."""
+        evicted: list[ConnSlot] = []
+        if self._per_ip[ip] >= self.max_per_ip and not self._evict(now, evicted, ip):
+            return None, []
+        if len(self._slots) >= self.max_total and not self._evict(now, evicted, None):
+            return None, evicted
+        slot = ConnSlot(ip, now)
+        self._slots.add(slot)
+        self._per_ip[ip] += 1
+        return slot, evicted
+
+    def _evict(self, now: float, out: list[ConnSlot], ip: str | None) -> bool:
+        cutoff = now - self.evict_after_s
+        old = [s for s in self._slots if s.waiting_since is not None
+               and s.waiting_since <= cutoff and (ip is None or s.ip == ip)]
+        if not old:
+            return False
+        victim = min(old, key=lambda s: s.waiting_since or 0.0)
+        victim.evicted = True
+        self.release(victim)
+        out.append(victim)
+        return True
+
+    def release(self, slot: ConnSlot) -> None:
+        if slot.released:
+            return
+        slot.released = True
+        self._slots.discard(slot)
+        self._per_ip[slot.ip] -= 1
+        if self._per_ip[slot.ip] <= 0:
+            del self._per_ip[slot.ip]
+
+    @staticmethod
+    def waiting(slot: ConnSlot, now: float) -> None:
+        """The connection waits for a request head (idle keep-alive or a head arriving)."""
+        slot.waiting_since = now
+
+    @staticmethod
+    def busy(slot: ConnSlot) -> None:
+        """A complete request head arrived: it is being answered, not evictable."""
+        slot.waiting_since = None
+
+
+async def _send(stream: trio.abc.Stream, conn: h11.Connection, events: list[Any],
                 timeout: float) -> None:
     data = b"".join(conn.send(ev) or b"" for ev in events)
     with trio.fail_after(timeout):
@@ -409,62 +508,171 @@ def _head(resp: Response, close: bool) -> h11.Response:
                (b"content-length", str(len(resp.body)).encode()),
                (b"cache-control", b"no-store"), *SECURITY_HEADERS]
     if resp.status == 405:
-        headers.append((b"allow", b"GET"))
+        headers.append((b"allow", b"GET, HEAD"))
     if close:
         headers.append((b"connection", b"close"))
     reason = http.HTTPStatus(resp.status).phrase.encode()
     return h11.Response(status_code=resp.status, headers=headers, reason=reason)
 
 
-async def _serve_conn(api: HttpApi, stream: trio.SocketStream, settings: HttpSettings) -> None:
+class _Reader:
+    """Feeds h11 from the socket, within a deadline per request.
+
+    The deadline starts as `idle_s` from the end of the previous response (how long
+    a keep-alive connection may sit idle) and becomes `request_s` from the first
+    byte of a request once one arrives (head and any body: slowloris). Memory is
+    bounded without a byte count here: it reads only when h11 needs data, and h11
+    refuses a head over `max_incomplete_event_size` (431); bodies are counted by
+    the caller."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection, idle_s: float,
+                 request_s: float) -> None:
+        self.stream, self.conn = stream, conn
+        self.idle_s, self.request_s = idle_s, request_s
+        self.received = 0  # bytes of this request and after it (pipelined) given to h11
+        self.got_bytes = False  # of the current request: a timeout then answers 408
+        self.deadline = math.inf
+
+    def next_request(self) -> None:
+        self.received = len(self.conn.trailing_data[0])  # pipelined bytes already here
+        self.got_bytes = bool(self.received)
+        now = trio.current_time()
+        self.deadline = now + (self.request_s if self.got_bytes else self.idle_s)
+
+    async def event(self) -> Any:
+        """The next h11 event (None when h11 pauses, e.g. after an Upgrade request).
+        Raises trio.TooSlowError past the deadline."""
+        while True:
+            ev = self.conn.next_event()
+            if ev is h11.PAUSED:
+                return None
+            if ev is not h11.NEED_DATA:
+                return ev
+            with trio.fail_at(self.deadline):
+                data = await self.stream.receive_some(16 * 1024)
+            if data and not self.got_bytes:
+                self.got_bytes = True
+                self.deadline = trio.current_time() + self.request_s
+            self.received += len(data)
+            self.conn.receive_data(data)
+
+    def head_size(self) -> int:
+        """Right after a Request event: the bytes its head took (h11 itself refuses
+        only a head still incomplete beyond its limit, not one that came whole)."""
+        return self.received - len(self.conn.trailing_data[0])
+
+
+def _raw_error(status: int, message: str) -> bytes:
+    """A complete error response with `connection: close`, for when h11's state
+    machine cannot send one (before any request head, or instead of reading it)."""
+    body = _error(status, message).body
+    phrase = http.HTTPStatus(status).phrase
+    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\ncache-control: no-store\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+async def _send_raw(stream: trio.abc.Stream, data: bytes) -> None:
+    with trio.move_on_after(2), contextlib.suppress(trio.BrokenResourceError,
+                                                    trio.ClosedResourceError):
+        await stream.send_all(data)  # the client may already be gone
+
+
+def _body_length(req: h11.Request) -> int | None:
+    """The declared body size (None: chunked, size unknown); h11 has validated it."""
+    for name, value in req.headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            return int(value)
+    return 0
+
+
+async def _serve_conn(api: HttpApi, stream: trio.abc.Stream, settings: HttpSettings,
+                      slot: ConnSlot) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_request_bytes)
     t = settings.request_timeout_s
+    reader = _Reader(stream, conn, settings.keep_alive_s, t)
+    max_body = settings.max_request_bytes
+    # A new connection gets the request timeout for its first request to arrive.
+    reader.deadline = trio.current_time() + t
+    stats = api.conn_stats
+
+    async def refuse(status: int, message: str, stat: str) -> None:
+        stats[stat] += 1
+        api.requests[str(status)] += 1
+        await _send_raw(stream, _raw_error(status, message))
+
     while True:
-        budget = [settings.max_request_bytes]
+        ConnTable.waiting(slot, trio.current_time())
         try:
-            with trio.fail_after(t):
-                ev = await _next_event(stream, conn, budget)
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            ev = await reader.event()
+        except trio.TooSlowError:
+            if reader.got_bytes:  # slowloris: a head that never completes
+                await refuse(408, f"request not complete within {t} s", "timeout_request")
+            else:  # an idle keep-alive connection: closing it silently is normal
+                stats["timeout_idle"] += 1
             return
-        except (h11.RemoteProtocolError, _TooLarge) as e:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                if isinstance(e, _TooLarge):
-                    resp = _error(431, f"request head over {settings.max_request_bytes} bytes")
-                else:
-                    resp = _error(e.error_status_hint, f"bad request: {e}")
-                api.requests[str(resp.status)] += 1
-                with contextlib.suppress(trio.TooSlowError, trio.BrokenResourceError,
-                                         h11.LocalProtocolError):
-                    await _send(stream, conn, [_head(resp, True), h11.Data(data=resp.body),
-                                               h11.EndOfMessage()], t)
+        except h11.RemoteProtocolError as e:
+            status = e.error_status_hint
+            await refuse(status, f"bad request: {e}", "too_large" if status == 431
+                         else "bad_request")
             return
-        if isinstance(ev, h11.ConnectionClosed) or ev is None:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         if not isinstance(ev, h11.Request):
+            return  # ConnectionClosed (or None: h11 paused)
+        ConnTable.busy(slot)
+        if reader.head_size() > settings.max_request_bytes:
+            await refuse(431, f"request head over {settings.max_request_bytes} bytes",
+                         "too_large")
             return
         method = ev.method.decode("ascii", "replace")
         target = ev.target.decode("ascii", "replace")
-        # A GET carries no body; drain (bounded) whatever a client sent anyway.
-        try:
-            with trio.fail_after(t):
-                while isinstance(await _next_event(stream, conn, budget), h11.Data):
-                    pass
-        except (trio.TooSlowError, trio.BrokenResourceError, h11.RemoteProtocolError,
-                _TooLarge):
-            return
+        length = _body_length(ev)
+        close = method not in ("GET", "HEAD")
+        resp: Response | None = None
+        if length is not None and length > max_body:
+            resp, close = _error(413, f"request body over {max_body} bytes; this API "
+                                 "takes no bodies"), True
+            stats["too_large"] += 1
+        elif conn.they_are_waiting_for_100_continue and length != 0:
+            close = True  # answer without reading the body the client holds back
+        else:
+            # A GET carries no body; drain (bounded) whatever a client sent anyway.
+            got = 0
+            try:
+                while isinstance(part := await reader.event(), h11.Data):
+                    got += len(part.data)
+                    if got > max_body:
+                        await refuse(413, f"request body over {max_body} bytes; this API "
+                                     "takes no bodies", "too_large")
+                        return
+            except trio.TooSlowError:
+                await refuse(408, f"request not complete within {t} s", "timeout_request")
+                return
+            except h11.RemoteProtocolError as e:
+                await refuse(e.error_status_hint, f"bad request: {e}", "bad_request")
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
         # HEAD is GET without the body (RFC 9110 §9.3.2): h11 refuses body bytes after
         # a HEAD's headers, and that LocalProtocolError used to end the daemon.
         head_only = method == "HEAD"
-        try:
-            resp = api.handle("GET" if head_only else method, target)
-        except Exception:  # a bug must answer 500, not kill the server
-            log.exception("HTTP handler failed", extra={"target": target[:200]})
-            resp = _error(500, "internal error; see the node log")
-        close = method not in ("GET", "HEAD")
+        if resp is None:
+            try:
+                resp = api.handle("GET" if head_only else method, target)
+            except Exception:  # a bug must answer 500, not kill the server
+                log.exception("HTTP handler failed", extra={"target": target[:200]})
+                resp = _error(500, "internal error; see the node log")
+                api.requests["500"] += 1
+        else:
+            api.requests[str(resp.status)] += 1
         body = [] if head_only else [h11.Data(data=resp.body)]
         try:
             await _send(stream, conn, [_head(resp, close), *body, h11.EndOfMessage()], t)
-        except (trio.TooSlowError, trio.BrokenResourceError, h11.LocalProtocolError):
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                h11.LocalProtocolError):
             return
         if close or conn.our_state is h11.MUST_CLOSE:
             return
@@ -472,28 +680,7 @@ async def _serve_conn(api: HttpApi, stream: trio.SocketStream, settings: HttpSet
             conn.start_next_cycle()
         except h11.LocalProtocolError:
             return
-
-
-class _TooLarge(Exception):
-    """The request (head plus any body) exceeds `max_request_bytes`."""
-
-
-async def _next_event(stream: trio.SocketStream, conn: h11.Connection,
-                      budget: list[int] | None = None) -> Any:
-    """The next h11 event; `budget[0]` is how many more bytes this request may use."""
-    while True:
-        ev = conn.next_event()
-        if ev is h11.NEED_DATA:
-            data = await stream.receive_some(16 * 1024)
-            if budget is not None:
-                budget[0] -= len(data)
-                if budget[0] < 0:
-                    raise _TooLarge
-            conn.receive_data(data)
-            continue
-        if ev is h11.PAUSED:
-            return None
-        return ev
+        reader.next_request()
 
 
 async def serve(api: HttpApi, settings: HttpSettings, *,
@@ -501,26 +688,31 @@ async def serve(api: HttpApi, settings: HttpSettings, *,
     """Serve until cancelled; `task_status.started(port)` once listening."""
     listeners = await trio.open_tcp_listeners(settings.port, host=settings.listen)
     port = int(listeners[0].socket.getsockname()[1])
-    limiter = trio.CapacityLimiter(settings.max_connections)
+    table = api.conns = ConnTable(settings.max_connections, settings.max_connections_per_ip)
 
     async def handler(stream: trio.SocketStream) -> None:
         async with stream:
             try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
+                ip = str(stream.socket.getpeername()[0])
+            except OSError:
+                return  # already gone
+            slot, evicted = table.admit(ip, trio.current_time())
+            for old in evicted:
+                api.conn_stats["evicted"] += 1
+                if old.scope is not None:
+                    old.scope.cancel()
+            if slot is None:
                 # Answer at once without reading the request; the client sees 503.
-                body = _error(503, "too many connections; retry shortly").body
-                data = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json"
-                        b"\r\ncontent-length: " + str(len(body)).encode()
-                        + b"\r\nconnection: close\r\n\r\n" + body)
-                with trio.move_on_after(2), contextlib.suppress(trio.BrokenResourceError):
-                    await stream.send_all(data)  # the client may already be gone
+                api.conn_stats["refused_full"] += 1
                 api.requests["503"] += 1
+                await _send_raw(stream, _raw_error(503, "too many connections; retry "
+                                                   "shortly"))
                 return
             try:
-                await _serve_conn(api, stream, settings)
+                with trio.CancelScope() as slot.scope:
+                    await _serve_conn(api, stream, settings, slot)
             finally:
-                limiter.release()
+                table.release(slot)
 
     log.info("http api listening", extra={"addr": f"{settings.listen}:{port}"})
     async with trio.open_nursery() as nursery:
@@ -550,9 +742,12 @@ class HttpService:
                 await trio.sleep(self.settings.growth_interval_s)
 
     def status(self) -> dict[str, Any]:
+        api = self.api
         return {"enabled": self.settings.enabled, "port": self.port,
                 "listen": self.settings.listen,
-                "requests": dict(self.api.requests) if self.api else {}}
+                "requests": dict(api.requests) if api else {},
+                "connections": {"open": len(api.conns) if api and api.conns else 0,
+                                **(api.conn_stats if api else {})}}
 
 
 def node_service(node: Any) -> HttpService | None:

@@ -4,6 +4,7 @@ dashboard in a real headless browser (Debian's chromium)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import time
@@ -118,7 +119,7 @@ async def test_api_over_http(tmp_path: Path) -> None:
         assert (await get(base + "/api/events?limit=0"))[0] == 400
         for method in ("POST", "PUT", "DELETE"):
             status, headers, _ = await get(base + "/api/health", method)
-            assert status == 405 and headers["allow"] == "GET"
+            assert status == 405 and headers["allow"] == "GET, HEAD"
         # HEAD: GET's status and headers, no body, and the connection stays usable.
         h = raw_connect(base)
         h.sendall(b"HEAD /api/health HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -177,37 +178,173 @@ def read_all(s: socket.socket) -> bytes:
         out += chunk
 
 
-async def test_limits_cap_timeout_and_oversized_head(tmp_path: Path) -> None:
+async def exchange(base: str, data: bytes, *, drip_s: float = 0.0) -> bytes:
+    """Send `data` on a new connection (a byte every `drip_s` if set), then read until
+    the server closes; bounded."""
+    def run() -> bytes:
+        s = raw_connect(base)
+        s.settimeout(30)
+        try:
+            if drip_s:
+                for i in range(len(data)):
+                    try:
+                        s.sendall(data[i:i + 1])
+                    except OSError:  # the server gave up on us: read its answer
+                        break
+                    time.sleep(drip_s)
+            else:
+                s.sendall(data)
+            return read_all(s)
+        finally:
+            s.close()
+    with trio.fail_after(60):
+        return await trio.to_thread.run_sync(run)
+
+
+def statuses(answer: bytes) -> list[int]:
+    """Status codes of the responses in `answer` (status lines can follow a body)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+async def test_keep_alive_pipelining_and_head(tmp_path: Path) -> None:
     w, _ = world(tmp_path)
-    async with http_server(w, max_connections=1, request_timeout_s=0.5,
+    async with http_server(w) as (base, _):
+        # Pipelined: answered in order on one connection, HEAD without a body.
+        both = await exchange(base, b"GET /api/health HTTP/1.1\r\nhost: x\r\n\r\n"
+                              b"HEAD /api/digest HTTP/1.1\r\nhost: x\r\n\r\n"
+                              b"GET /api/nope HTTP/1.1\r\nhost: x\r\n\r\n"
+                              b"GET /api/digest HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert statuses(both) == [200, 200, 404, 200]
+        parts = both.split(b"HTTP/1.1 ")
+        assert parts[2].endswith(b"\r\n\r\n")  # the HEAD answer: headers only
+        # Keep-alive: request, read the answer, request again on the same socket.
+        def sequential() -> list[bytes]:
+            s = raw_connect(base)
+            out = []
+            try:
+                for _ in range(3):
+                    s.sendall(b"GET /api/health HTTP/1.1\r\nhost: x\r\n\r\n")
+                    got = b""
+                    while b"}" not in got:
+                        got += s.recv(65536)
+                    out.append(got)
+            finally:
+                s.close()
+            return out
+        answers = await trio.to_thread.run_sync(sequential)
+        assert [statuses(a) for a in answers] == [[200]] * 3
+        # Methods: 405 with Allow, and the connection closes after it.
+        status, headers, _ = await get(base + "/api/health", "DELETE")
+        assert status == 405 and headers["allow"] == "GET, HEAD"
+        answer = await exchange(base, b"OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n"
+                                b"GET /api/health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert statuses(answer) == [405]
+
+
+async def test_slowloris_idle_keep_alive_and_sizes(tmp_path: Path) -> None:
+    w, _ = world(tmp_path)
+    async with http_server(w, request_timeout_s=1.0, keep_alive_s=0.5,
                            max_request_bytes=2048) as (base, api):
-        # A slow client holding the only slot is cut off after the timeout ...
-        slow = raw_connect(base)
-        slow.sendall(b"GET /api/health HTTP/1.1\r\n")
-        with trio.fail_after(5):
-            while api.requests["503"] == 0:
-                status, _, _ = await get(base + "/api/health")
-                if status == 503:
-                    break
-        # ... after which the slot is free again.
-        assert await trio.to_thread.run_sync(read_all, slow) == b""
-        slow.close()
-        with trio.fail_after(5):
+        # A head dripped a byte at a time never completes in time: 408, then closed,
+        # although bytes keep arriving (a per-read timeout would never fire).
+        drip = b"GET /api/health HTTP/1.1\r\nhost: x\r\n" + b"x-a: b\r\n" * 40 + b"\r\n"
+        assert statuses(await exchange(base, drip, drip_s=0.02)) == [408]
+        # A body that never arrives: 408 too.
+        assert statuses(await exchange(base, b"GET /api/health HTTP/1.1\r\nhost: x\r\n"
+                                       b"content-length: 10\r\n\r\nab")) == [408]
+        # An idle keep-alive connection is closed after its answer, silently.
+        answer = await exchange(base, b"GET /api/health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert statuses(answer) == [200] and answer.endswith(b"}")
+        # A connection that never sends anything is closed without an answer.
+        assert await exchange(base, b"") == b""
+        # Sizes: an oversized head 431, a declared body over the budget 413 at once
+        # (without sending it), a chunked body running over 413.
+        big = b"GET /api/health HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 4096 + b"\r\n\r\n"
+        assert statuses(await exchange(base, big)) == [431]
+        assert statuses(await exchange(base, b"GET /api/health HTTP/1.1\r\nhost: x\r\n"
+                                       b"content-length: 100000000\r\n\r\n")) == [413]
+        chunked = (b"GET /api/health HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+                   b"\r\n" + (b"400\r\n" + b"z" * 1024 + b"\r\n") * 4)
+        assert statuses(await exchange(base, chunked)) == [413]
+        # A small body is drained and the request answered.
+        assert statuses(await exchange(base, b"GET /api/health HTTP/1.1\r\nhost: x\r\n"
+                                       b"content-length: 3\r\nconnection: close\r\n\r\n"
+                                       b"abc")) == [200]
+        # Expect: 100-continue with a body: answered without waiting for the body.
+        assert statuses(await exchange(base, b"GET /api/health HTTP/1.1\r\nhost: x\r\n"
+                                       b"expect: 100-continue\r\ncontent-length: 3\r\n\r\n"
+                                       )) == [200]
+        # Malformed request lines: 4xx/5xx, never a hang or a crash.
+        for bad in (b"GET\r\n\r\n", b"GET / HTTP/1.1 x\r\n\r\n", b"\x16\x03\x01\x02\x00",
+                    b"GET / HTTP/1.1\r\nhost: x\r\nbad header\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n",
+                    bytes(range(256))):
+            got = statuses(await exchange(base, bad))
+            assert len(got) == 1 and 400 <= got[0] < 600, (bad, got)
+        st = api.conn_stats
+        assert st["timeout_request"] == 2 and st["timeout_idle"] >= 1
+        assert st["too_large"] == 3 and st["bad_request"] >= 6
+        assert (await get(base + "/api/health"))[0] == 200
+
+
+async def test_connection_caps_and_eviction(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    w, _ = world(tmp_path)
+    async with http_server(w, max_connections=3, max_connections_per_ip=2,
+                           request_timeout_s=60, keep_alive_s=60) as (base, api):
+        # Two silent connections fill this address's share; a newcomer from the same
+        # address evicts the one waiting longest once it has waited a second.
+        holders = [raw_connect(base) for _ in range(2)]
+        with trio.fail_after(30):
+            while api.conns is None or len(api.conns) < 2:
+                await trio.sleep(0.05)
+            while (await get(base + "/api/health"))[0] != 200:
+                await trio.sleep(0.2)
+        assert api.conn_stats["evicted"] >= 1
+        assert b"" in [await trio.to_thread.run_sync(read_all, h) for h in holders[:1]]
+        for h in holders:
+            h.close()
+    # Without anyone evictable (every holder younger than the grace), 503 at once.
+    import node.http as http_mod
+    monkeypatch.setattr(http_mod, "EVICT_AFTER_S", 3600.0)
+    async with http_server(w, max_connections=2, request_timeout_s=60,
+                           keep_alive_s=60) as (base, api):
+        holders = [raw_connect(base) for _ in range(2)]
+        with trio.fail_after(30):
+            while api.conns is None or len(api.conns) < 2:
+                await trio.sleep(0.05)
+        status, _, body = await get(base + "/api/health")
+        assert status == 503 and b"too many connections" in body
+        assert api.conn_stats["refused_full"] == 1
+        holders[0].close()
+        with trio.fail_after(30):
             while (await get(base + "/api/health"))[0] != 200:
                 await trio.sleep(0.05)
-        # An oversized request head is refused, not buffered.
-        big = raw_connect(base)
-        big.sendall(b"GET /api/health HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 4096 + b"\r\n\r\n")
-        answer = await trio.to_thread.run_sync(read_all, big)
-        big.close()
-        assert answer.startswith(b"HTTP/1.1 431") or answer.startswith(b"HTTP/1.1 400")
-        # Keep-alive: two requests on one connection.
-        ka = raw_connect(base)
-        ka.sendall(b"GET /api/health HTTP/1.1\r\nhost: x\r\n\r\n"
-                   b"GET /api/digest HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        both = await trio.to_thread.run_sync(read_all, ka)
-        ka.close()
-        assert both.count(b"HTTP/1.1 200") == 2
+        holders[1].close()
+
+
+def test_conn_table_admission() -> None:
+    from node.http import ConnTable
+
+    t = ConnTable(max_total=3, max_per_ip=2, evict_after_s=1.0)
+    a1, ev = t.admit("a", 0.0)
+    a2, _ = t.admit("a", 0.0)
+    assert a1 and a2 and ev == []
+    assert t.admit("a", 0.5) == (None, [])  # a's share full, nobody waited 1 s
+    t.busy(a1)  # being answered: never evicted
+    a3, ev = t.admit("a", 2.0)
+    assert a3 and ev == [a2] and a2.released and a2.evicted
+    b1, ev = t.admit("b", 2.0)
+    assert b1 and ev == [] and len(t) == 3
+    assert t.admit("c", 2.5) == (None, [])  # full: a1 busy, a3 and b1 waited < 1 s
+    t.busy(a3)
+    t.waiting(a1, 2.5)  # a1 answered, now idle keep-alive
+    c1, ev = t.admit("c", 4.0)
+    assert c1 and ev == [b1] and len(t) == 3  # the one waiting longest
+    t.release(b1)  # idempotent
+    for slot in (a1, c1, c1):
+        t.release(slot)
+    assert len(t) == 1
 
 
 # ------------------------------------------------------------------ headless browser

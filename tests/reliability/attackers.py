@@ -219,6 +219,101 @@ async def http_malformed(t: Target, scale: dict[str, Any]) -> Outcome:
     return o
 
 
+async def _honest_gets(port: int, n: int, gap_s: float = 0.1,
+                       source: str = "127.0.0.2") -> tuple[int, dict[str, int]]:
+    """`n` honest GET /api/health, each on a new connection from `source` (another
+    loopback address than the attackers'): (answered 200, other outcomes)."""
+    ok, other = 0, {}
+    for _ in range(n):
+        answer = b""
+        with trio.move_on_after(10):
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+                async with stream:
+                    await stream.send_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n"
+                                          b"Connection: close\r\n\r\n")
+                    while len(answer) < 1 << 16:
+                        chunk = await stream.receive_some(65536)
+                        if not chunk:
+                            break
+                        answer += chunk
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1") or "no answer"
+        if status.startswith("HTTP/1.1 200"):
+            ok += 1
+        else:
+            other[status] = other.get(status, 0) + 1
+        await trio.sleep(gap_s)
+    return ok, other
+
+
+async def http_holders(t: Target, scale: dict[str, Any]) -> Outcome:
+    """Many connections held open against the HTTP API while an honest client
+    makes requests: `slowloris` heads dripped a byte every 0.2 s and re-opened as
+    soon as the server closes them (all from 127.0.0.1), and idle keep-alive
+    connections after one request spread over `http_sources` addresses (enough
+    to fill max_connections, never re-opened). Every honest request must get 200."""
+    o = Outcome()
+    if t.http_port is None:
+        o.failures.append("HTTP API not running on the victim")
+        return o
+    port = t.http_port
+    n_slow, n_idle = int(scale.get("slowloris", 40)), int(scale.get("idle_keepalive", 64))
+    sources = [f"127.0.1.{i + 1}" for i in range(int(scale.get("http_sources", 5)))]
+    counts = {"slow_opened": 0, "slow_closed": 0, "idle_held": 0, "idle_refused": 0}
+    stop = trio.Event()
+
+    async def slowloris() -> None:
+        head = b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: y\r\n" * 500
+        while not stop.is_set():
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                counts["slow_opened"] += 1
+                async with stream:
+                    for i in range(len(head)):
+                        if stop.is_set():
+                            return
+                        await stream.send_all(head[i:i + 1])
+                        await trio.sleep(0.2)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                counts["slow_closed"] += 1
+                await trio.sleep(0.05)
+
+    async def idle(source: str) -> None:
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+            async with stream:
+                await stream.send_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                first = await stream.receive_some(65536)
+                if not first.startswith(b"HTTP/1.1 200"):
+                    counts["idle_refused"] += 1
+                    return
+                counts["idle_held"] += 1
+                while await stream.receive_some(65536):  # hold until the server closes
+                    pass
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n_slow):
+            nursery.start_soon(slowloris)
+        for i in range(n_idle):
+            nursery.start_soon(idle, sources[i % len(sources)])
+        with trio.move_on_after(10):  # the holders are in place (bounded)
+            while counts["slow_opened"] < n_slow or (
+                    counts["idle_held"] + counts["idle_refused"] < n_idle):
+                await trio.sleep(0.05)
+        # Past the eviction grace of the idle holders (node/http.py EVICT_AFTER_S).
+        await trio.sleep(float(scale.get("http_hold_s", 1.5)))
+        ok, other = await _honest_gets(port, int(scale.get("http_honest", 10)))
+        stop.set()
+        nursery.cancel_scope.cancel()
+    o.figures.update(counts, honest_ok=ok, honest_other=other)
+    o.check(not other, f"honest HTTP requests failed while connections were held: {other}")
+    return o
+
+
 # ------------------------------------------------------------------ malformed frames
 
 def _varint(n: int) -> bytes:

@@ -76,6 +76,14 @@ async def test_malformed_http(two: Cluster) -> None:
     assert not out.failures, out.failures
 
 
+async def test_http_slowloris_and_idle_keep_alive(two: Cluster) -> None:
+    out = await run(A.http_holders, target(two), slowloris=24, idle_keepalive=64,
+                    http_honest=6)
+    await trio.to_thread.run_sync(alive, two, two.procs[0])
+    assert out.figures["slow_opened"] >= 24 and out.figures["idle_held"] >= 16, out.figures
+    assert not out.failures, out.figures
+
+
 async def test_control_ops_with_wrong_types(two: Cluster) -> None:
     out = await run(A.control_bad_types, target(two))
     await trio.to_thread.run_sync(alive, two, two.procs[0])

@@ -756,8 +756,8 @@ def _client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     c.add_argument("--packet", type=int, default=64 * 1024,
                    help="--format lp packet size in bytes")
     c.add_argument("--chain", action="append", default=[], metavar="SERVICE",
-                   help="process with these services in order (repeat; default: the "
-                        "lease's chain)")
+                   help="process with these services in order (repeat): a contiguous "
+                        "part of the lease's chain, or identity (default: the lease's chain)")
     c.add_argument("--out-format", choices=["results", "frames", "packets"],
                    default="results", help="results: each segment's result in order "
                    "(default); frames: u32 length, u64 seq, result per segment; packets: "

@@ -192,6 +192,14 @@ async def test_stream_ts_with_chains_and_output_framings(tmp_path: Path) -> None
                                "--format", "ts")
         assert rc == 2 and b"no MPEG-TS packets" in err
 
+        # A chain the lease was not bought for: refused before any data, no output.
+        rc, _, err = await cli(p, alice, "stream", lease.hex()[:16], "--in",
+                               str(tmp_path / "in.ts"), "--out", str(tmp_path / "w.out"),
+                               "--format", "ts", "--chain", "sha256")
+        assert rc == 1 and b"wrong_chain" in err and b"no output was written" in err
+        assert not (tmp_path / "w.out").exists()
+        assert not (tmp_path / "w.out.partial").exists()
+
         # lp with an explicit chain (zstd), results framing: the default before.
         data = bytes(range(256)) * 900
         (tmp_path / "in.bin").write_bytes(data)

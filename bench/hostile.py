@@ -246,6 +246,8 @@ class Bench:
             "node": {"log_level": "warning", "status_interval_s": 1.0},
             "http": {"enabled": True, "port": 0},
             "dataplane": {"workers": 1},
+            # Victims serve tunnels (bandwidth offered): frame_tunnel attacks them.
+            "provider": {"enabled": True, "offers": {"bandwidth": {"price": 1, "capacity": 1}}},
         })
         self.v, self.h, self.f_idle, self.f_tarpit = self.c.procs
         self.acked: list[bytes] = []

@@ -150,6 +150,8 @@ class Devnet:
                              "interval_s": 0.25, "note": f"{p.spec.name} (devnet)",
                              **p.spec.policy},
                 "dataplane": {"workers": 1},
+                # Tunnels of bandwidth leases may reach the devnet's own HTTP server.
+                "bandwidth": {"allow": ["127.0.0.1/32"]},
                 "http": {"enabled": p.http_port is not None, "port": p.http_port or 0,
                          "growth_interval_s": 1.0},
             })
@@ -349,9 +351,11 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
             rule="best_value", devices=[d.key for d in devs], max_devices=3,
             max_rate_bps=16_000_000, min_rate_bps=256_000,
             note="shared by alice's phone, laptop and tv")
+        dave_phone = await stack.enter_async_context(client(base, "dave-phone", addrs[3:4]))
         req_b = await dave.request("bandwidth", duration_ms=LEASE_MS, reserve=40,
                                    close_in_ms=CLOSE_MS, sealed=True, reveal_window_ms=2000,
-                                   rule="vickrey", max_rate_bps=8_000_000)
+                                   rule="vickrey", max_rate_bps=8_000_000,
+                                   devices=[dave_phone.key])
         n.say(f"alice auctions zstd→aes-gcm for 3 devices (best value, 16/0.256 Mbit/s): "
               f"{req_a.id.hex()[:12]}")
         n.say(f"dave auctions bandwidth, sealed Vickrey: {req_b.id.hex()[:12]}")
@@ -390,6 +394,9 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         n.done("sealed Vickrey auction", f"{net.name_of(lease_b.provider)} wins, pays the "
                                          f"second price {award_b.price}")
         summary["recipient_policy"] = await recipient_policy_shown(net, mallory, req_m.id)
+
+        # 2b. dave's phone fetches a file through the bandwidth lease's tunnel.
+        summary["tunnel"] = await tunnel_fetch(net, dave_phone, lease_b)
 
         # 3. Stream: each device sends its own MPEG-TS through the winner.
         winner = next(p for p in net.providers if p.ident.public == lease_a.provider)
@@ -472,6 +479,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
               "and its signed usage summary")
         usage = await poll("the usage summary", usage_seen,
                            timeout=(lease_a.end_ms - now_ms()) / 1000 + 20)
+        await tunnel_usage(net, dave, lease_b, summary["tunnel"])
         auctions = [r_z.id, r_b.id, req_a.id, req_b.id, req_g.id]
         final = await market_of(alice, [*provider_keys, alice.key, dave.key, erin.key],
                                 auctions)
@@ -502,6 +510,83 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
     summary["digests"] = digests
     n.done("every node has the same state digest", next(iter(digests.values()))[:16])
     return summary
+
+
+TUNNEL_FILE_BYTES = 2 << 20
+
+
+async def _http_file(body: bytes, stream: trio.SocketStream) -> None:
+    """A tiny HTTP/1.0 server: any GET gets `body` (the destination of the tunnel)."""
+    head = b""
+    with trio.move_on_after(10):
+        while b"\r\n\r\n" not in head and len(head) < 8192:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            head += chunk
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream"
+                                  b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await stream.aclose()
+
+
+async def tunnel_fetch(net: Devnet, dev: LightClient, lease: Lease) -> dict[str, Any]:
+    """A member device of a bandwidth lease fetches a file from a local HTTP server
+    through the winner's tunnel (the provider connects to the server, not the device);
+    checked byte for byte."""
+    body = os.urandom(TUNNEL_FILE_BYTES)
+    winner = net.name_of(lease.provider)
+    net.n.say(f"dave's phone fetches {len(body) >> 20} MiB over HTTP through {winner}'s "
+              f"tunnel (lease max {(lease.max_rate_bps or 0) / 1e6:.0f} Mbit/s)")
+    await poll("the bandwidth lease to reach the phone's node",
+               functools.partial(knows, dev.lease, lease.id), timeout=10)
+    await wait_until_ms(lease.start_ms)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(
+            trio.serve_tcp, functools.partial(_http_file, body), 0, host="127.0.0.1"))
+        port = int(listeners[0].socket.getsockname()[1])
+        t0 = time.monotonic()
+        tunnel = await dev.open_tunnel(lease, "127.0.0.1", port, timeout=15)
+        await tunnel.send_all(b"GET /file HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        await tunnel.send_eof()
+        got = bytearray()
+        with trio.fail_after(60):
+            while (view := await tunnel.receive_view()) is not None:
+                got += view
+            await tunnel.aclose()
+        took = time.monotonic() - t0
+        nursery.cancel_scope.cancel()
+    head, _, data = bytes(got).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200") or data != body:
+        raise StepFailed(f"the file fetched through the tunnel differs ({len(data)} of "
+                         f"{len(body)} bytes; status {head[:40]!r})")
+    end = tunnel.end
+    net.n.done("tunnel fetch byte-exact", f"{len(body) / 1e6:.1f} MB in {took:.1f} s "
+                                          f"({len(got) * 8 / took / 1e6:.1f} Mbit/s) via "
+                                          f"{winner}, which connected to {tunnel.reply.addr}")
+    return {"lease": lease.id.hex(), "provider": winner, "bytes": len(body), "exact": True,
+            "seconds": round(took, 2), "max_rate_bps": lease.max_rate_bps,
+            "provider_bytes_down": end.bytes_down if end else None,
+            "member": dev.key.hex()}
+
+
+async def tunnel_usage(net: Devnet, c: LightClient, lease: Lease, info: dict[str, Any]) -> None:
+    """The winner's signed usage of the bandwidth lease shows the phone's bytes."""
+    async def seen() -> Usage | None:
+        got = await c.find_events(kind="usage", ref=lease.id)
+        body = got[-1].body if got else None
+        return body if isinstance(body, Usage) else None
+
+    usage = await poll("the bandwidth lease's usage summary", seen,
+                       timeout=(lease.end_ms - now_ms()) / 1000 + 20)
+    m = next((m for m in usage.members if m.member.hex() == info["member"]), None)
+    if m is None or m.bytes_out < info["bytes"]:
+        raise StepFailed(f"the tunnel's usage does not show the phone's download: {usage}")
+    info["usage"] = {"bytes_in": m.bytes_in, "bytes_out": m.bytes_out,
+                     "active_ms": m.active_ms, "rate_limited": usage.rate_limited}
+    net.n.done("tunnel usage signed", f"{net.name_of(lease.provider)} billed dave's phone "
+                                      f"{m.bytes_out} bytes down, {m.bytes_in} up, "
+                                      f"{m.active_ms} ms active")
 
 
 MALLORY_LEASE_MS = 1_000
@@ -658,6 +743,14 @@ def print_summary(summary: dict[str, Any], out: Output) -> None:
     subs = ", ".join(f"{k} x{v}" for k, v in counts.items())
     print(f"subcontracted: {subs}; time below min rate: {lease['shortfall_ms']} ms; "
           f"rate-limit waits: {lease['rate_limited']}")
+    tun = summary.get("tunnel")
+    if tun:
+        use = tun.get("usage", {})
+        print(f"\n== dave's bandwidth lease {tun['lease'][:12]} from {tun['provider']} "
+              f"(max {tun['max_rate_bps']} bit/s) ==\nphone fetched {tun['bytes']} bytes "
+              f"through the tunnel in {tun['seconds']} s, byte-exact; usage: "
+              f"{use.get('bytes_out')} bytes down, {use.get('bytes_in')} up, "
+              f"{use.get('active_ms')} ms active")
     print("\n== provider reputation, before → after ==")
     before = {r["who"]: r for r in summary["reputation_before"]}
     _table(out, ["provider", "before", "after", "ratings", "satisfied", "unsatisfied"],

@@ -16,6 +16,7 @@ STEPS = {
     "sealed Vickrey auction", "streams byte-exact", "payments", "group purchase",
     "provider rated the recipient", "lease ended", "every node has the same state digest",
     "unpaid lease rated", "provider policy on an unpaid recipient",
+    "tunnel fetch byte-exact", "tunnel usage signed",
 }
 
 
@@ -51,3 +52,7 @@ def test_devnet_full_round(tmp_path: Path) -> None:
     assert pol["atlas"]["reason"] == "premium"
     assert pol["atlas"]["bid"] == -(-pol["atlas"]["list_price"] * 150 // 100)
     assert pol["delta"]["bid"] == pol["delta"]["list_price"]
+    # dave's phone fetched a file through the bandwidth lease's tunnel; usage shows it.
+    tun = s["tunnel"]
+    assert tun["exact"] and tun["provider"] == sealed["winner"]
+    assert tun["usage"]["bytes_out"] >= tun["bytes"] and tun["usage"]["active_ms"] > 0

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 from daemon_helpers import NETWORK, Cluster, cluster, wait_for
+from reliability import attackers as A
 from tunnel_proc_helpers import (
     CURL,
     HttpServer,
@@ -120,6 +121,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         with http_server() as http:
             http.files["/50mb"] = os.urandom(50 << 20)
             http.files["/big"] = os.urandom(200 << 20)
+            http.files["/small"] = b"small file\n" * 100
             yield World(c, base, http, leases, {k: v[0] for k, v in devices.items()})
 
 
@@ -234,6 +236,27 @@ def test_refusals_name_the_reason(world: World) -> None:
                 await t.aclose()
 
     trio.run(provider_side)
+
+
+@needs_curl
+def test_socks_listener_survives_malformed_slow_and_many_clients(world: World) -> None:
+    url = f"http://127.0.0.1:{world.http.port}/small"
+    with world.tunnel("dev1", "free", "--max-connections", "16") as t:
+        async def honest() -> bool:
+            r = await trio.run_process(
+                [str(CURL), "-sS", "--socks5-hostname", f"127.0.0.1:{t.port}", url],
+                capture_stdout=True, capture_stderr=True, check=False)
+            return r.returncode == 0 and r.stdout == world.http.files["/small"]
+
+        target = A.Target(world.provider, world.c.procs[1],
+                          extra={"socks_port": t.port, "socks_honest": honest})
+        out = trio.run(A.socks_listener, target, {"socks_slowloris": 16,
+                                                  "socks_connections": 64})
+        assert not out.failures, (out.failures, out.figures)
+        summary = t.stop()
+    rejected = summary["rejected"]
+    assert rejected["busy"] >= 48 and rejected["handshake_timeout"] >= 1
+    assert rejected["bad_version"] >= 2 and rejected["bad_command"] == 1
 
 
 def _restart_provider(world: World, **bandwidth: Any) -> None:

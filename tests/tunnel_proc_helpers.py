@@ -141,16 +141,28 @@ class TunnelCmd:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
         try:
-            out, _ = self.popen.communicate(timeout=timeout)
+            self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait(10)
             raise AssertionError("client tunnel did not stop on SIGTERM") from None
+        assert self.popen.stdout is not None
+        out = self.popen.stdout.read()  # a small summary: it fit in the pipe's buffer
         if self._thread is not None:
             self._thread.join(5)
         assert self.popen.returncode == 0, (self.popen.returncode, self.lines[-5:])
         summary: dict[str, Any] = json.loads(out)
         return summary
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+        if self._thread is not None:
+            self._thread.join(5)
+        for f in (self.popen.stdout, self.popen.stderr):
+            if f is not None:
+                f.close()
 
 
 @contextmanager
@@ -168,9 +180,7 @@ def client_tunnel(client_dir: Path, node_addr: str, network: str, lease_hex: str
         cmd.port = int(cmd.wait_line(r"SOCKS5 proxy on 127\.0\.0\.1:(\d+)", ready_timeout)[1])
         yield cmd
     finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.wait(10)
+        cmd.close()
 
 
 def curl(socks_port: int, url: str, *args: str, timeout: float = 120.0,

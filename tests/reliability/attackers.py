@@ -28,6 +28,7 @@ from daemon_helpers import NETWORK, Proc
 
 from node import codec, gossip, p2p, query, sync
 from node.dataplane import process_protocol, stream_protocol
+from node.dataplane.tunnel_wire import tunnel_protocol
 from node.dataplane.wire import ProcessRequest, session_protocol
 from node.errors import BidmeshError
 from node.events import Offer, ServiceOffer, sign_event
@@ -54,11 +55,8 @@ def own_protocols(network: str = NETWORK) -> dict[str, str]:
     protos = {"sync": sync.protocol_id(network), "query": query.protocol_id(network),
               "stream": stream_protocol(network), "process": process_protocol(network),
               "process_session": session_protocol(network)}
-    try:  # issue 12 "tunnel": attacked as soon as it lands
-        from node import tunnel  # type: ignore[attr-defined]
-        protos["tunnel"] = tunnel.protocol_id(network)
-    except (ImportError, AttributeError):
-        pass
+    # Served by nodes that offer bandwidth (bench/hostile.py's victims do).
+    protos["tunnel"] = tunnel_protocol(network)
     return protos
 
 
@@ -1046,4 +1044,119 @@ async def process_sessions(t: Target, scale: dict[str, Any]) -> Outcome:
                 for i in range(sessions):
                     nursery.start_soon(session, i)
     o.figures.update(sessions=sessions, requests_sent=sent, mb_each=mb, attacker_errors=refused)
+    return o
+
+
+# ------------------------------------------------------------------ SOCKS5 listener
+
+async def _socks_exchange(port: int, data: bytes, wait_s: float) -> tuple[bytes, float]:
+    """Send `data` to the SOCKS listener; (what came back, seconds until it closed)."""
+    t0 = trio.current_time()
+    out = b""
+    with trio.move_on_after(wait_s):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            try:
+                await stream.send_all(data)
+                while len(out) < 4096:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    out += chunk
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    return out, trio.current_time() - t0
+
+
+SOCKS_GARBAGE = [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",              # not SOCKS
+    b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00",                 # SOCKS4
+    b"\x05\x00",                                             # no methods
+    b"\x05\x01\x02",                                         # user/password only
+    b"\x05\x01\x00\x05\x02\x00\x01" + bytes(6),                # BIND
+    b"\x05\x01\x00\x05\x01\x00\x09" + bytes(6),                # unknown address type
+    b"\x05\x01\x00\x05\x01\x00\x03\xff" + b"\xfe" * 255 + b"\x00\x50",  # bad name
+    b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x00",       # port 0
+    b"\x05\xff" + bytes(255) + b"\x05" * 4096,               # long greeting + junk
+]
+
+
+async def socks_listener(t: Target, scale: dict[str, Any]) -> Outcome:
+    """`bidmesh client tunnel`'s SOCKS5 listener (t.extra["socks_port"]): malformed
+    greetings and requests, slowloris handshakes, more connections than it serves;
+    an honest SOCKS client (t.extra["socks_honest"], async -> bool) must work after."""
+    o = Outcome()
+    port: int = t.extra["socks_port"]
+    honest: Callable[[], Awaitable[bool]] = t.extra["socks_honest"]
+    limit_s = float(scale.get("socks_handshake_s", 10.0)) + 5.0
+    answered_badly = 0
+    slowest = 0.0
+    for data in SOCKS_GARBAGE:
+        out, took = await _socks_exchange(port, data, limit_s)
+        slowest = max(slowest, took)
+        # Replies to garbage are a method refusal or a failure code, never success.
+        if len(out) >= 2 and out[:2] == b"\x05\x00" and out[2:4] == b"\x05\x00":
+            answered_badly += 1
+    o.check(answered_badly == 0, f"{answered_badly} malformed requests got a success reply")
+    o.check(slowest < limit_s, f"a malformed handshake was held {slowest:.1f} s")
+    # Slowloris: many handshakes a byte at a time; each is dropped after the timeout.
+    n_slow = int(scale.get("socks_slowloris", 32))
+    held: list[float] = []
+
+    async def slow(i: int) -> None:
+        t0 = trio.current_time()
+        with trio.move_on_after(limit_s + 5):
+            try:
+                s = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                return
+            async with s:
+                try:
+                    for b in b"\x05\x01\x00\x05\x01\x00\x03\x20" + b"a" * 32:
+                        await s.send_all(bytes([b]))
+                        with trio.move_on_after(1.0):
+                            if not await s.receive_some(16):
+                                break
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        held.append(trio.current_time() - t0)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n_slow):
+            nursery.start_soon(slow, i)
+    o.check(max(held, default=0.0) < limit_s + 4, f"a slow handshake was held "
+            f"{max(held, default=0.0):.1f} s")
+    # Many connections at once (beyond the proxy's cap): the extra ones are closed.
+    n_many = int(scale.get("socks_connections", 256))
+    socks_held: list[trio.SocketStream] = []
+    refused = 0
+    try:
+        for _ in range(n_many):
+            try:
+                socks_held.append(await trio.open_tcp_stream("127.0.0.1", port))
+            except OSError:
+                refused += 1
+        closed = 0
+        for s in socks_held:
+            with trio.move_on_after(0.05):
+                try:
+                    if not await s.receive_some(1):
+                        closed += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    closed += 1
+    finally:
+        for s in socks_held:
+            await s.aclose()
+    ok = False
+    with trio.move_on_after(limit_s + 10):
+        while not ok:  # the slots come back once the attacker's connections are gone
+            ok = await honest()
+            if not ok:
+                await trio.sleep(0.2)
+    o.figures.update(socks_malformed=len(SOCKS_GARBAGE), socks_slowest_s=round(slowest, 2),
+                     socks_slowloris=n_slow, socks_slow_held_max_s=round(max(held, default=0), 2),
+                     socks_connections=n_many, socks_closed_at_once=closed,
+                     socks_connect_refused=refused, socks_honest_after=ok)
+    o.check(closed + refused > 0, "every one of the extra connections was kept open")
+    o.check(ok, "an honest SOCKS client failed after the attacks")
     return o

@@ -30,7 +30,10 @@ def two(tmp_path: Path) -> Iterator[Cluster]:
     """A victim (HTTP API on) and its honest peer, bootstrapped to each other."""
     with cluster(tmp_path, 2, overrides={"node": {"log_level": "warning"},
                                          "http": {"enabled": True, "port": 0},
-                                         "dataplane": {"workers": 1}}) as c:
+                                         "dataplane": {"workers": 1},
+                                         # Serve tunnels: their protocol is attacked too.
+                                         "provider": {"enabled": True, "offers": {
+                                             "bandwidth": {"price": 1, "capacity": 1}}}}) as c:
         c.start_all()
         yield c
 

@@ -118,6 +118,13 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
     go-yamux (and the yamux spec) release credit in half-window steps; this
     keeps upstream's window growth and auto-tuning without the per-read
     updates. `open_host` installs it in place of upstream's method.
+
+    Credit is also returned at once while the sender is nearly out of it (under an
+    eighth of the window left): upstream's sender gives up a write after 5 s at a
+    zero window (`YamuxStream.write`, yamux.py:280, "Timed out waiting for window
+    update"), and a reader slower than half a window per 5 s (a provider enforcing a
+    lease's max rate below ~200 kbit/s, ~400 kbit/s once auto-tuning doubled the
+    window) would otherwise let every write to it fail.
     """
     total = 0
     async with self.window_lock:
@@ -125,6 +132,9 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
         delta = self.target_recv_window - (self.recv_window + buffered)
         if delta > 0 and delta >= self._grow_threshold():
             total = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+        elif delta > 0 and self.recv_window < self.target_recv_window // 8:
+            total = self._grow_to_delta(buffered)  # a slow reader: no window growth
             self._pending_recv_release = 0
     if total > 0:
         await self.send_window_update(total, skip_lock=True)

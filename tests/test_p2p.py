@@ -432,6 +432,32 @@ async def test_yamux_credit_is_released_in_half_window_steps() -> None:
         await stream.close()
 
 
+async def test_slow_reader_keeps_a_fast_writer_alive() -> None:
+    """A reader slower than half a window per 5 s (a provider enforcing a low lease
+    rate) must not starve the writer: upstream's writer gives up after 5 s at a zero
+    window, so credit is returned at once while the writer is nearly out of it."""
+    done = trio.Event()
+    got = [0]
+
+    async def slow(stream: object) -> None:
+        # 4 KiB every 0.2 s (20 KiB/s): half of a 256 KiB window takes 6.4 s.
+        with suppress(InvalidMessage, OperationError):
+            while data := await read_frame(stream, 1 << 20, 30):  # type: ignore[arg-type]
+                got[0] += len(data)
+                await trio.sleep(0.2)
+        done.set()
+
+    async with hosts(2) as (a, b):
+        set_stream_handler(a, "/slow/1", slow)  # type: ignore[arg-type]
+        await b.connect(a.addrs[0])
+        stream = await b.new_stream(a.peer_id, "/slow/1")
+        with trio.fail_after(60):
+            for _ in range(100):  # 400 KiB: the window, then 144 KiB at the reader's pace
+                await write_frame(stream, b"s" * 4096, timeout=30)
+            await stream.close()
+        assert got[0] >= 100 * 4096 - (256 << 10) - 4096  # the window's worth may be unread
+
+
 async def test_signed_peer_record_check_is_cached_but_exact() -> None:
     """Upstream verifies the sender's signed peer record on every pubsub RPC; we
     verify each (peer, record bytes) once, and anything else is checked as before."""

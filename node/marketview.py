@@ -12,6 +12,10 @@ Two rules make a lookup cost what changed, never the whole history:
 * **Incremental derivation** (`auction.fold.IncrementalMarket`): the market is folded
   per auction, so a back-dated event re-derives its auction only (plus the auctions
   its outputs can affect); the result is exactly `derive()` over the due events.
+  Only the `max_loaded` most recently touched auctions keep their events and fold in
+  memory; the others load their events back from the ledger (by id) when one of
+  their events arrives. The first build streams the due events in canonical order,
+  a chunk at a time, so it never holds the whole history either.
 
 Work happens lazily, when someone asks for the market. The clock is a parameter.
 """
@@ -19,15 +23,17 @@ Work happens lazily, when someone asks for the market. The clock is a parameter.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from .auction import Market
 from .auction.fold import IncrementalMarket
 from .events import Event, decode_wire
-from .ledger import Ledger
+from .ledger import Ledger, idk
 from .reputation import Policy
 
 DEFAULT_SKEW_MS = 300_000  # node.max_clock_skew_s default: 5 minutes
+DEFAULT_MAX_LOADED = 2048  # partitions (auctions, offer sets) folded in memory
+BUILD_CHUNK = 8192  # events decoded at a time by the first build
 
 
 def wall_ms() -> int:
@@ -39,11 +45,13 @@ class MarketView:
 
     def __init__(self, ledger: Ledger, policy: Policy | None = None, *,
                  skew_ms: int = DEFAULT_SKEW_MS,
-                 clock: Callable[[], int] = wall_ms) -> None:
+                 clock: Callable[[], int] = wall_ms,
+                 max_loaded: int = DEFAULT_MAX_LOADED) -> None:
         self.ledger = ledger
         self.policy = policy
         self.skew_ms = skew_ms
         self.clock = clock
+        self.max_loaded = max_loaded
         self.refolds = 0
         self._new: list[Event] = []
         self._build()
@@ -51,20 +59,47 @@ class MarketView:
     def _build(self) -> None:
         self._forks = self.ledger.forked()
         self._horizon = self.clock() + self.skew_ms
-        self.engine = IncrementalMarket(self.policy)
-        self.engine.add(self._due(None, self._horizon))
+        eng = self.engine = IncrementalMarket(self.policy, source=self._load,
+                                              max_loaded=self.max_loaded)
+        chunk: list[Event] = []
+        for ev in self._due_iter(None, self._horizon):
+            chunk.append(ev)
+            if len(chunk) >= BUILD_CHUNK:
+                eng.add(chunk)
+                eng.market()  # folds and evicts: memory stays at the active auctions
+                chunk = []
+        eng.add(chunk)
 
     def _due(self, after: int | None, upto: int) -> list[Event]:
-        """Stored, non-forked events with after < ts_ms <= upto (canonical index)."""
+        return list(self._due_iter(after, upto))
+
+    def _due_iter(self, after: int | None, upto: int) -> Iterator[Event]:
+        """Stored, non-forked events with after < ts_ms <= upto, in canonical order
+        (the canonical index)."""
         q = "SELECT author, seq, wire FROM events WHERE ts_ms <= ?"
         args: list[object] = [upto]
         if after is not None:
             q += " AND ts_ms > ?"
             args.append(after)
         forks = self._forks
-        led = self.ledger
-        return [decode_wire(w, led.network, verify=False) for a, s, w in led.db.execute(q, args)
-                if s < forks.get(a, 1 << 62)]
+        net = self.ledger.network
+        # A cursor of its own: the engine's loads query the ledger while this one runs.
+        cur = self.ledger.db.cursor()
+        for a, s, w in cur.execute(q + " ORDER BY ts_ms, author, seq", args):
+            if s < forks.get(a, 1 << 62):
+                yield decode_wire(w, net, verify=False)
+
+    def _load(self, ids: list[bytes]) -> list[Event]:
+        """Stored events by id, in the order given (the engine's source)."""
+        wires: dict[bytes, bytes] = {}
+        db = self.ledger.db
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            q = f"SELECT id, wire FROM events WHERE idk IN ({','.join('?' * len(part))})"
+            for id_, w in db.execute(q, [idk(x) for x in part]):
+                wires[id_] = w
+        net = self.ledger.network
+        return [decode_wire(wires[x], net, verify=False) for x in ids if x in wires]
 
     @property
     def horizon_ms(self) -> int:

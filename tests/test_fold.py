@@ -17,8 +17,18 @@ def _canon(evs: list[Event]) -> list[Event]:
     return sorted(evs, key=ckey)
 
 
+def _engine(evs: list[Event], evict: bool) -> IncrementalMarket:
+    """A plain engine, or one that keeps 2 partitions loaded and loads the others'
+    events back by id (from the whole history, as a ledger would)."""
+    if not evict:
+        return IncrementalMarket()
+    by_id = {e.id: e for e in evs}
+    return IncrementalMarket(source=lambda ids: [by_id[i] for i in ids], max_loaded=2)
+
+
+@pytest.mark.parametrize("evict", [False, True])
 @pytest.mark.parametrize("case", range(12))
-def test_any_delivery_order_gives_the_canonical_fold(case: int) -> None:
+def test_any_delivery_order_gives_the_canonical_fold(case: int, evict: bool) -> None:
     rnd = random.Random(case)
     evs = history(rnd, n_auctions=8 + case % 5)
     order = list(evs)
@@ -29,7 +39,7 @@ def test_any_delivery_order_gives_the_canonical_fold(case: int) -> None:
         order = [e for e in order if e not in late] + late
     else:
         order.reverse()
-    eng = IncrementalMarket()
+    eng = _engine(evs, evict)
     seen: list[Event] = []
     i = 0
     while i < len(order):
@@ -42,11 +52,12 @@ def test_any_delivery_order_gives_the_canonical_fold(case: int) -> None:
             assert snapshot(eng.market()) == snapshot(derive(_canon(seen)))
 
 
+@pytest.mark.parametrize("evict", [False, True])
 @pytest.mark.parametrize("case", range(6))
-def test_removals_and_readds_give_the_canonical_fold(case: int) -> None:
+def test_removals_and_readds_give_the_canonical_fold(case: int, evict: bool) -> None:
     rnd = random.Random(100 + case)
     evs = history(rnd, n_auctions=10)
-    eng = IncrementalMarket()
+    eng = _engine(evs, evict)
     eng.add(evs)
     eng.market()
     present = {e.id: e for e in evs}
@@ -76,3 +87,31 @@ def test_back_dated_event_rederives_its_auction_only() -> None:
     m = eng.market()
     assert snapshot(m) == snapshot(derive(evs))
     assert eng.applied - before < len(evs) // 4  # not a re-fold of everything
+
+
+def test_evicted_partitions_load_back_and_memory_follows_the_active_ones() -> None:
+    rnd = random.Random(9)
+    evs = history(rnd, n_auctions=30)
+    eng = _engine(evs, evict=True)
+    half = len(evs) // 2
+    for i in range(0, half, 7):  # in order, a few at a time, as a live node sees them
+        eng.add(evs[i:i + 7])
+        eng.market()
+        assert eng.loaded() <= 2
+    late = [e for e in evs[half:]] + [evs[3]]  # the rest, and one already present
+    rnd.shuffle(late)
+    eng.add(late)
+    assert snapshot(eng.market()) == snapshot(derive(evs))
+    assert eng.loads > 0 and eng.loaded() <= 2 < eng.partitions()
+    assert len(eng) == len(evs) and evs[0].id in eng
+
+
+def test_a_source_that_returns_other_events_is_refused() -> None:
+    from node.errors import UsageError
+
+    evs = history(random.Random(4), n_auctions=3)
+    eng = IncrementalMarket(source=lambda ids: [], max_loaded=1)
+    eng.add(evs)
+    eng.market()
+    with pytest.raises(UsageError):
+        eng.remove([evs[0].id])

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left, bisect_right, insort
+from collections import OrderedDict
+from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
@@ -139,6 +141,7 @@ class _Part:
         "evd",
         "evs",
         "full",
+        "ids",
         "ign",
         "key",
         "linked",
@@ -153,6 +156,7 @@ class _Part:
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.evs: list[tuple[CKey, Event]] = []  # sorted
+        self.ids: list[bytes] | None = None  # evicted: evs is empty, these are its ids
         self.applied = 0  # evs[:applied] are folded into pm, in order
         self.pm: _PartMarket | None = None
         self.linked: dict[str, list[Any]] = {}
@@ -212,18 +216,37 @@ class FoldedMarket(Market):
         return sum(1 for _, end, _ in self._engine._settles.get(key, ()) if end <= at_ms)
 
 
+# Loads events by id (all of them, in the order asked): where evicted partitions'
+# events come back from, e.g. the ledger.
+Source = Callable[[list[bytes]], list[Event]]
+
+
 class IncrementalMarket:
     """`derive()` kept current under insertions and removals in any order.
 
     `add(events)` / `remove(ids)` in any order; `market()` brings the merged market up
     to date and returns it, equal to `derive()` over the present events in canonical
-    order."""
+    order.
 
-    def __init__(self, policy: Policy | None = None) -> None:
+    With a `source`, at most `max_loaded` partitions keep their events and their fold
+    in memory (least recently touched first out, after `market()`); an evicted
+    partition keeps its event ids, its outputs and its reads, and loads its events
+    from `source` when an event reaches it again, then re-derives. Memory then follows
+    the active auctions, not the history (a closed auction costs its merged market
+    entries and ~100 bytes of bookkeeping per event); results do not change."""
+
+    def __init__(self, policy: Policy | None = None, *, source: Source | None = None,
+                 max_loaded: int = 4096) -> None:
+        if max_loaded < 1:
+            raise UsageError("max_loaded must be >= 1")
         self.policy = policy or Policy()
         self.rep = FoldReputation(self.policy)
-        self.events: dict[bytes, Event] = {}
-        self._part_of: dict[bytes, bytes] = {}
+        self._source = source
+        self._max_loaded = max_loaded
+        self._loaded: OrderedDict[bytes, None] = OrderedDict()  # LRU, with a source
+        self._part_of: dict[bytes, bytes] = {}  # present event id -> partition key
+        # (kind, ref) of present commits, awards and subcontracts: what routing reads
+        self._movers: dict[bytes, tuple[str, bytes | None]] = {}
         self._parts: dict[bytes, _Part] = {}
         self._settles: dict[bytes, list[tuple[CKey, int, bytes]]] = {}  # party -> by key
         self._rep_reads: dict[tuple[bytes, str], list[tuple[int, CKey, bytes]]] = {}
@@ -238,6 +261,7 @@ class IncrementalMarket:
         self._evd = _Merged(m.evidence)
         self.applied = 0  # events folded (counting re-folds)
         self.rederived = 0  # partitions re-derived from their first event
+        self.loads = 0  # evicted partitions loaded back from the source
 
     # ------------------------------------------------------------ input
 
@@ -245,10 +269,11 @@ class IncrementalMarket:
         """Include events (duplicates are ignored); returns how many were new."""
         n = 0
         for ev in sorted(events, key=ckey):
-            if ev.id in self.events:
+            if ev.id in self._part_of:
                 continue
             n += 1
-            self.events[ev.id] = ev
+            if ev.kind in _MOVERS:
+                self._movers[ev.id] = (ev.kind, ev.ref)
             c = self._ts.get(ev.ts_ms, 0)
             self._ts[ev.ts_ms] = c + 1
             if c == 0:
@@ -261,18 +286,19 @@ class IncrementalMarket:
     def remove(self, ids: list[bytes]) -> None:
         """Exclude events (a fork proof excludes an author's events from a seq on)."""
         for i in ids:
-            ev = self.events.pop(i, None)
-            if ev is None:
+            pk = self._part_of.pop(i, None)
+            if pk is None:
                 continue
+            self._movers.pop(i, None)
+            p = self._parts[pk]
+            self._load(p)
+            j = next(j for j, (_, e) in enumerate(p.evs) if e.id == i)
+            ck, ev = p.evs.pop(j)
             c = self._ts[ev.ts_ms] - 1
             if c:
                 self._ts[ev.ts_ms] = c
             else:
                 del self._ts[ev.ts_ms]
-            p = self._parts[self._part_of.pop(i)]
-            ck = ckey(ev)
-            j = bisect_left(p.evs, ck, key=lambda e: e[0])
-            del p.evs[j]
             self._dirty(p, ck, full=True)
             if ev.kind in _MOVERS:
                 self._reroute(p)  # events routed through it wait for it again
@@ -285,6 +311,8 @@ class IncrementalMarket:
             p = self._parts.get(pk)
             if p is not None and p.dirty == ck:
                 self._process(p)
+        if self._source is not None:
+            self._evict()
         for o in self._ord.values():
             o.fix()
         h = self._ts_heap
@@ -295,6 +323,45 @@ class IncrementalMarket:
 
     def partitions(self) -> int:
         return len(self._parts)
+
+    def loaded(self) -> int:
+        """Partitions whose events and fold are in memory."""
+        return len(self._loaded) if self._source is not None else len(self._parts)
+
+    def __contains__(self, event_id: bytes) -> bool:
+        return event_id in self._part_of
+
+    def __len__(self) -> int:
+        return len(self._part_of)
+
+    # ------------------------------------------------------------ eviction
+
+    def _load(self, p: _Part) -> None:
+        """Make the partition's events present in memory, and note it as used."""
+        if self._source is None:
+            return
+        if p.ids is not None:
+            evs = self._source(p.ids)
+            if [e.id for e in evs] != p.ids:
+                raise UsageError("the event source returned other events than asked for")
+            p.evs = [(ckey(e), e) for e in evs]  # ids were kept in the sorted order
+            p.ids = None
+            self.loads += 1
+        self._loaded[p.key] = None
+        self._loaded.move_to_end(p.key)
+
+    def _evict(self) -> None:
+        """Drop the least recently used clean partitions' events and folds."""
+        lru = self._loaded
+        while len(lru) > self._max_loaded:
+            pk, _ = lru.popitem(last=False)
+            p = self._parts.get(pk)
+            if p is None or p.ids is not None:
+                continue
+            assert p.dirty is None  # the queue is empty when market() evicts
+            p.ids = [e.id for _, e in p.evs]
+            p.evs = []
+            p.pm = None  # the next event here re-derives from the loaded events
 
     # ------------------------------------------------------------ routing
 
@@ -309,22 +376,24 @@ class IncrementalMarket:
         assert ref is not None
         if kind in ("bid", "commit", "pledge", "award"):
             return ref
-        t = self.events.get(ref)
+        t = self._movers.get(ref)  # other targets route nothing through them
         if t is None:
             return ref
+        t_kind, t_ref = t
         if kind == "reveal":
-            return t.ref if t.kind == "commit" and t.ref is not None else ref
-        if t.kind == "award" and t.ref is not None:
-            return t.ref
-        if t.kind == "subcontract" and kind == "rating" and t.ref is not None:
-            a = self.events.get(t.ref)
-            return a.ref if a is not None and a.kind == "award" and a.ref else t.ref
+            return t_ref if t_kind == "commit" and t_ref is not None else ref
+        if t_kind == "award" and t_ref is not None:
+            return t_ref
+        if t_kind == "subcontract" and kind == "rating" and t_ref is not None:
+            a = self._movers.get(t_ref)
+            return a[1] if a is not None and a[0] == "award" and a[1] else t_ref
         return ref
 
     def _place(self, ev: Event, pk: bytes) -> None:
         p = self._parts.get(pk)
         if p is None:
             p = self._parts[pk] = _Part(pk)
+        self._load(p)
         ck = ckey(ev)
         i = bisect_left(p.evs, ck, key=lambda e: e[0])
         p.evs.insert(i, (ck, ev))
@@ -340,6 +409,7 @@ class IncrementalMarket:
             self._dirty(p, ck, full=i < p.applied)
 
     def _reroute(self, p: _Part) -> None:
+        self._load(p)
         stay = []
         moved: list[Event] = []
         for ck, ev in p.evs:
@@ -365,12 +435,14 @@ class IncrementalMarket:
 
     def _process(self, p: _Part) -> None:
         p.dirty = None
+        self._load(p)
         if p.full or p.pm is None:
             self._rederive(p)
         else:
             self._apply_tail(p)
         if not p.evs:
             del self._parts[p.key]
+            self._loaded.pop(p.key, None)
 
     def _apply_tail(self, p: _Part) -> None:
         """Fold the partition's events after those already folded (all in order)."""

@@ -244,12 +244,6 @@ class Market:
         self._commits: dict[bytes, bytes] = {}  # commit id -> request id
         self._rated: set[tuple[bytes, str]] = set()  # (lease, role of subject)
         self._settled: dict[bytes, list[int]] = {}  # key -> sorted end_ms of paid leases
-        self._handlers: dict[str, Callable[[Event], None]] = {
-            "request": self._request, "bid": self._bid, "commit": self._commit,
-            "reveal": self._reveal, "award": self._award, "payment": self._payment,
-            "rating": self._rating, "offer": self._offer, "pledge": self._pledge,
-            "usage": self._usage, "subcontract": self._subcontract,
-        }
 
     # ------------------------------------------------------------ folding
 
@@ -262,7 +256,7 @@ class Market:
                              "re-derive from Ledger.iter_canonical()")
         self._last = key
         self.now_ms = ev.ts_ms
-        self._handlers[ev.kind](ev)
+        _HANDLERS[ev.kind](self, ev)
 
     def apply_all(self, events: Iterable[Event]) -> Market:
         for ev in events:
@@ -622,6 +616,17 @@ class Market:
                 if k not in got:
                     got.append(k)
         return out
+
+
+# Per class, not per instance: a dict of bound methods costs ~1 KiB per Market and a
+# reference cycle that only the cyclic GC frees (the incremental fold makes one Market
+# per auction, and drops them).
+_HANDLERS: dict[str, Callable[[Market, Event], None]] = {
+    "request": Market._request, "bid": Market._bid, "commit": Market._commit,
+    "reveal": Market._reveal, "award": Market._award, "payment": Market._payment,
+    "rating": Market._rating, "offer": Market._offer, "pledge": Market._pledge,
+    "usage": Market._usage, "subcontract": Market._subcontract,
+}
 
 
 def derive(events: Iterable[Event], policy: Policy | None = None) -> Market:

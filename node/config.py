@@ -214,6 +214,30 @@ class LimitsConfig:
     stream_idle_s: float = _opt(60.0, (int, float), _range(1, 86_400))
     good_peers_max: int = _opt(1024, int, _range(1, 1_000_000))
     peerstore_max: int = _opt(512, int, _range(16, 900))
+    # Replication budgets (node/budget.py, node/gossip.py, node/query.py, node/ledger.py;
+    # docs/RELIABILITY.md section 5). Gossip per forwarding peer, bursts of gossip_burst_s.
+    gossip_peer_events_per_s: int = _opt(1000, int, _range(1, 1_000_000))
+    gossip_peer_bytes_per_s: int = _opt(1 << 20, int, _range(64 * 1024, 1 << 30))
+    gossip_burst_s: int = _opt(4, int, _range(1, 600))
+    # SUBMIT records per requesting peer, per IP (all addresses, loopback included)
+    # and for the whole node: rate per second and burst.
+    submit_peer_per_s: int = _opt(50, int, _range(1, 1_000_000))
+    submit_peer_burst: int = _opt(200, int, _range(16, 10_000_000))
+    submit_ip_per_s: int = _opt(100, int, _range(1, 1_000_000))
+    submit_ip_burst: int = _opt(200, int, _range(16, 10_000_000))
+    submit_node_per_s: int = _opt(500, int, _range(1, 1_000_000))
+    submit_node_burst: int = _opt(1000, int, _range(16, 10_000_000))
+    # Pending buffer (events whose predecessor is missing): charged to the peer that
+    # sent them, bounded per peer and in total, expiring after pending_ttl_s.
+    pending_peer_bytes: int = _opt(4 << 20, int, _range(64 * 1024, 1 << 34))
+    pending_peer_events: int = _opt(2048, int, _range(1, 1_000_000))
+    pending_total_bytes: int = _opt(32 << 20, int, _range(64 * 1024, 1 << 36))
+    pending_ttl_s: int = _opt(60, int, _range(1, 86_400))
+    # Gap fetching: authors asked per round, requests per peer per second (bursts of
+    # 4 s), and peers asked per gap before it is left to expire.
+    gap_authors_per_round: int = _opt(64, int, _range(1, 100_000))
+    gap_peer_requests_per_s: int = _opt(16, int, _range(1, 100_000))
+    gap_tries: int = _opt(2, int, _range(1, 100))
 
 
 def _offers(v: Any) -> str | None:

@@ -72,7 +72,7 @@ from .keys import Identity, load_or_create_key
 from .ledger import AppendResult, Ledger, Status
 from .marketview import LiveMarket
 from .p2p_guard import LONG_LIVED_PREFIXES
-from .resources import Limits
+from .resources import REPLICATION_LIMITS, Limits
 
 log = logging.getLogger("bidmesh.daemon")
 
@@ -266,7 +266,8 @@ class Node:
                 "last_at": rep.stats.last_sync_at,
                 "last_peer": rep.stats.last_sync_peer,
             },
-            "gossip": {**rep.stats.as_dict(), **rep.mesh_state()},
+            "gossip": {**rep.stats.as_dict(), **rep.mesh_state(),
+                       "budget": rep.budget.status()},
             "resources": self.host.guard.status(),
             "services": services,
             "started_at": self.started_at,
@@ -670,7 +671,8 @@ def limits_of(cfg: config.Config) -> Limits:
         conn_grace_s=lim.conn_grace_s,
         idle_pressure=lim.idle_pressure,
         stream_idle_s=lim.stream_idle_s, good_peers_max=lim.good_peers_max,
-        long_lived=LONG_LIVED_PREFIXES)
+        long_lived=LONG_LIVED_PREFIXES,
+        **{name: getattr(lim, name) for name in REPLICATION_LIMITS})
 
 
 def _gossipsub_v11_only(ps: p2p.PubSub) -> None:

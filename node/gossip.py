@@ -37,6 +37,7 @@ from typing import Any
 import trio
 
 from . import codec, p2p, sync
+from .budget import GossipBudget, GossipVerdict
 from .config import Config
 from .errors import BidmeshError, InvalidMessage, OperationError, UsageError
 from .events import MAX_WIRE, Event
@@ -158,6 +159,11 @@ class Replicator:
             range_limit=config.sync.range_limit,
             range_bytes=config.sync.range_bytes,
         )
+        lim = config.limits
+        self.budget = GossipBudget(float(lim.gossip_peer_events_per_s),
+                                   float(lim.gossip_peer_bytes_per_s),
+                                   float(lim.gossip_burst_s), trio.current_time)
+        """Gossip input per forwarding peer (`[limits] gossip_*`)."""
         self.listeners: list[AcceptedListener] = []
         """Called with events newly stored: from gossip, sync, or the node itself."""
         self._outbox: collections.deque[bytes] = collections.deque()
@@ -313,6 +319,9 @@ class Replicator:
     def _store_batch(self, forwarder: p2p.PeerId, data: bytes) -> bool:
         self.stats.batches_received += 1
         self.stats.bytes_received += len(data)
+        verdict = self.budget.charge_bytes(forwarder, len(data))
+        if not verdict.ok:
+            return self._over_budget(forwarder, verdict)
         try:
             wires = decode_batch(data)
         except InvalidMessage as e:
@@ -323,6 +332,9 @@ class Replicator:
         self.stats.events["duplicate"] += len(wires) - len(fresh)
         if not fresh:
             return True
+        verdict = self.budget.charge_events(forwarder, len(fresh))
+        if not verdict.ok:
+            return self._over_budget(forwarder, verdict)
         try:
             results = self.ledger.append_many(fresh)
         except sqlite3.Error as e:
@@ -362,6 +374,17 @@ class Replicator:
             self._gap_peer = forwarder
             self._gap_event.set()
         return bad == 0
+
+    def _over_budget(self, forwarder: p2p.PeerId, verdict: GossipVerdict) -> bool:
+        """Drop a batch beyond the forwarder's budget (the validator rejects it: we do
+        not forward what we did not store; upstream then refuses that message id from
+        anyone for its validation-cache lifetime, and pull sync fetches the events
+        if they are worth having). The forwarder is faulted only for batches it
+        published itself: an honest relay may be carrying someone else's flood, and
+        cutting relays off would let a flooder partition honest nodes."""
+        if self.topic.current_origin == forwarder:
+            self._fault(forwarder, f"gossip_over_budget_{verdict.scope}")
+        return False
 
     def _known(self, wire: bytes) -> bool:
         """Cheap duplicate test: id = sha256(signed) of a well-formed record we store."""

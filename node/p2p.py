@@ -328,6 +328,17 @@ class P2PHost:
         conns = self._swarm.connections.get(peer, [])
         return any(not c.is_closed for c in conns) and not self.is_blocked(peer)
 
+    def remote_ip(self, peer_id: ID | str) -> str | None:
+        """The IP address of an open connection to the peer (None: none, or not IP)."""
+        for conn in self._swarm.connections.get(parse_peer_id(peer_id), []):
+            try:
+                remote = conn.muxed_conn.get_remote_address()
+            except (AttributeError, OSError):
+                continue
+            if remote:
+                return str(remote[0])
+        return None
+
     async def connect(self, maddr: str, timeout: float = 10.0) -> ID:
         """Dial a full multiaddr (with /p2p/...) unless already connected; return its peer id.
 
@@ -974,6 +985,9 @@ class Topic:
         """Messages the validator rejected (or that made it raise)."""
         self._validator: Validator | None = None
         self._subscription: Subscription | None = None
+        self.current_origin: ID | None = None
+        """While the validator runs: the peer that published the message (its signed
+        `from`), which differs from the forwarder when the message was relayed."""
 
     def peers(self) -> set[ID]:
         """Connected peers known to be subscribed to this topic."""
@@ -1052,7 +1066,12 @@ class Topic:
             if forwarder != self._owner.host.peer_id and self._owner.host.is_blocked(forwarder):
                 ok = False
             else:
-                ok = self._validator is None or self._validator(forwarder, bytes(msg.data)) is True
+                self.current_origin = ID(msg.from_id)
+                try:
+                    ok = (self._validator is None
+                          or self._validator(forwarder, bytes(msg.data)) is True)
+                finally:
+                    self.current_origin = None
                 if ok and forwarder != self._owner.host.peer_id:
                     # A valid message: useful traffic, and the forwarder is known-good
                     # (it may use the trusted reserve of node/resources.py).

@@ -36,6 +36,7 @@ import trio
 
 from . import codec
 from .auction import Market
+from .budget import KeyedBuckets, MultiBudget
 from .errors import InvalidMessage, RateLimited
 from .events import KINDS, MAX_WIRE, NETWORK_RE
 from .ledger import AppendResult, Ledger, Status
@@ -671,15 +672,6 @@ class QueryStats:
         }
 
 
-class _Bucket:
-    """Token bucket of one requester's submits."""
-
-    __slots__ = ("tokens", "ts")
-
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens, self.ts = burst, now
-
-
 class QueryService:
     """Answers the query protocol from a ledger. `submit(wire)` stores and gossips a
     record (the daemon passes `Node.submit`); `view` is the derived market (None: build one)."""
@@ -688,6 +680,8 @@ class QueryService:
 
     def __init__(self, ledger: Ledger, view: LiveMarket | MarketView | None, submit: SubmitFn,
                  network: str, *, submit_rate: float = 50.0, submit_burst: float = 200.0,
+                 ip_rate: float | None = None, ip_burst: float | None = None,
+                 node_rate: float | None = None, node_burst: float | None = None,
                  timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         if network != ledger.network:
             raise ValueError(f"network {network!r} is not the ledger's {ledger.network!r}")
@@ -701,7 +695,15 @@ class QueryService:
         self.submit_burst = submit_burst
         self.timeout = timeout
         self._clock = clock
-        self._buckets: collections.OrderedDict[bytes, _Bucket] = collections.OrderedDict()
+        # SUBMIT budgets: per requesting peer (its key), per IP and for the node. A
+        # budget per key alone let rotating identities submit at 10x the rate.
+        scopes = {"peer": KeyedBuckets(submit_rate, submit_burst)}
+        if ip_rate is not None:
+            scopes["ip"] = KeyedBuckets(ip_rate, ip_burst or ip_rate)
+        if node_rate is not None:
+            scopes["node"] = KeyedBuckets(node_rate, node_burst or node_rate, 1)
+        self.submit_budget = MultiBudget(scopes)
+        self._ip_of: Callable[[bytes], str | None] = lambda _pubkey: None
 
     # -- daemon service interface (node/daemon.py)
 
@@ -710,11 +712,13 @@ class QueryService:
         await trio.sleep_forever()
 
     def status(self) -> dict[str, Any]:
-        return self.stats.as_dict()
+        return {**self.stats.as_dict(),
+                "submit_refused": dict(self.submit_budget.refused)}
 
     def register(self, host: p2p.P2PHost) -> None:
-        from .p2p import serve_requests
+        from .p2p import peer_id_from_pubkey, serve_requests
 
+        self._ip_of = lambda pubkey: host.remote_ip(peer_id_from_pubkey(pubkey))
         serve_requests(host, self.protocol, self.handle, MAX_REQUEST, timeout=self.timeout)
 
     # -- requests
@@ -781,20 +785,14 @@ class QueryService:
         return Submitted(tuple(results))
 
     def _take(self, peer: bytes, n: int) -> None:
-        now = self._clock()
-        b = self._buckets.get(peer)
-        if b is None:
-            b = self._buckets[peer] = _Bucket(self.submit_burst, now)
-            while len(self._buckets) > 4096:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(peer)
-            b.tokens = min(self.submit_burst, b.tokens + (now - b.ts) * self.submit_rate)
-            b.ts = now
-        if b.tokens < n:
-            raise RateLimited(f"submitting faster than {self.submit_rate:g} events/s; "
+        scope = self.submit_budget.charge(
+            {"peer": peer, "ip": self._ip_of(peer), "node": "node"}, n, self._clock())
+        if scope is not None:
+            rate = self.submit_budget.scopes[scope].rate
+            whom = {"peer": "you are", "ip": "your address is",
+                    "node": "this node's clients are"}[scope]
+            raise RateLimited(f"{whom} submitting faster than {rate:g} events/s; "
                               "slow down and retry")
-        b.tokens -= n
 
 
 # ------------------------------------------------------------------ daemon integration
@@ -802,4 +800,8 @@ class QueryService:
 
 def node_service(node: Any) -> QueryService:
     """Factory for the daemon (`bidmesh.services` entry point or `node.add_service`)."""
-    return QueryService(node.ledger, node.live, node.submit, node.ledger.network)
+    lim = node.config.limits
+    return QueryService(node.ledger, node.live, node.submit, node.ledger.network,
+                        submit_rate=lim.submit_peer_per_s, submit_burst=lim.submit_peer_burst,
+                        ip_rate=lim.submit_ip_per_s, ip_burst=lim.submit_ip_burst,
+                        node_rate=lim.submit_node_per_s, node_burst=lim.submit_node_burst)

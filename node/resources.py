@@ -119,11 +119,33 @@ class Limits:
     stream_idle_s: float = 60.0
     long_lived: tuple[str, ...] = ()  # protocol prefixes exempt from stream idle expiry
     good_peers_max: int = 1024
+    # Replication budgets, enforced outside the resource manager (node/budget.py users:
+    # gossip, SUBMIT, the pending buffer, gap fetching); here so that status and
+    # metrics show every limit in one place.
+    gossip_peer_events_per_s: int = 1000
+    gossip_peer_bytes_per_s: int = 1 << 20
+    gossip_burst_s: int = 4
+    submit_peer_per_s: int = 50
+    submit_peer_burst: int = 200
+    submit_ip_per_s: int = 100
+    submit_ip_burst: int = 200
+    submit_node_per_s: int = 500
+    submit_node_burst: int = 1000
+    pending_peer_bytes: int = 4 << 20
+    pending_peer_events: int = 2048
+    pending_total_bytes: int = 32 << 20
+    pending_ttl_s: int = 60
+    gap_authors_per_round: int = 64
+    gap_peer_requests_per_s: int = 16
+    gap_tries: int = 2
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
             if not ok:
                 raise UsageError(f"limits: {what}")
+
+        for name in REPLICATION_LIMITS:
+            need(getattr(self, name) >= 1, f"{name} must be at least 1")
 
         for name in ("max_connections", "conns_per_peer", "conns_per_ip", "conns_per_subnet",
                      "streams_per_peer", "streams_per_protocol", "streams_per_peer_protocol",
@@ -152,6 +174,15 @@ class Limits:
     def inbound_max(self) -> int:
         """Inbound connections for trusted peers (strangers: `trusted_reserved` fewer)."""
         return self.max_connections - self.outbound_reserved
+
+
+REPLICATION_LIMITS: Final = (
+    "gossip_peer_events_per_s", "gossip_peer_bytes_per_s", "gossip_burst_s",
+    "submit_peer_per_s", "submit_peer_burst", "submit_ip_per_s", "submit_ip_burst",
+    "submit_node_per_s", "submit_node_burst", "pending_peer_bytes", "pending_peer_events",
+    "pending_total_bytes", "pending_ttl_s", "gap_authors_per_round",
+    "gap_peer_requests_per_s", "gap_tries")
+"""`Limits` fields that are also `[limits]` keys of the same name (copied by the daemon)."""
 
 
 def subnet_of(ip: str, ipv6_prefix: int = 56) -> str:

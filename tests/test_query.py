@@ -250,3 +250,30 @@ def test_submit_result_with_a_non_string_status_is_invalid(status: object) -> No
         with pytest.raises(InvalidMessage):
             query.decode_request(codec.pack([query.FindEvents.TAG, status, None, None,
                                              [0, 1, 2048]]))
+
+
+def test_submit_budget_per_ip_and_node_holds_rotating_identities(tmp_path: Path) -> None:
+    """Issue 12: a budget per key alone let rotating keys submit at 10x the rate."""
+    w = World(tmp_path)
+    now = [0.0]
+    svc = query.QueryService(w.ledger, None, w.ledger.append, NET, submit_rate=50,
+                             submit_burst=16, ip_rate=20, ip_burst=32, node_rate=40,
+                             node_burst=48, clock=lambda: now[0])
+    ips = {b"a" * 32: "10.0.0.1", b"b" * 32: "10.0.0.1", b"x" * 32: "10.0.0.1",
+           b"c" * 32: "10.0.0.2"}
+    svc._ip_of = ips.get
+
+    def chain(seed: int) -> tuple[bytes, ...]:
+        ch = Chain(seed=bytes([seed]) * 32, network=NET)
+        return tuple(ch.next().wire for _ in range(16))
+
+    assert isinstance(svc.answer(b"a" * 32, query.Submit(chain(1))), query.Submitted)
+    assert isinstance(svc.answer(b"b" * 32, query.Submit(chain(2))), query.Submitted)
+    with pytest.raises(RateLimited, match="your address"):  # a third key, same IP
+        svc.answer(b"x" * 32, query.Submit(chain(3)))
+    assert isinstance(svc.answer(b"c" * 32, query.Submit(chain(4))), query.Submitted)
+    with pytest.raises(RateLimited, match="this node"):  # 48 taken: the node's burst
+        svc.answer(b"d" * 32, query.Submit(chain(5)))
+    assert svc.submit_budget.refused == {"ip": 1, "node": 1}
+    now[0] += 1.0  # 40 more for the node, 20 per IP
+    assert isinstance(svc.answer(b"d" * 32, query.Submit(chain(5))), query.Submitted)

@@ -127,11 +127,44 @@ async def test_idle_identities_filling_max_connections(two: Cluster) -> None:
     assert not out.failures, out.failures
 
 
-@xfail(2, "repl", "SUBMIT budget is per identity: rotating identities pass it")
 async def test_submit_flood_rotating_identities(two: Cluster) -> None:
     out = await run(A.submit_flood, target(two), submit_identities=8)
     await trio.to_thread.run_sync(alive, two, two.procs[0])
     assert not out.failures, out.figures
+    assert out.figures["refused"] > 0, out.figures
+    q = (await trio.to_thread.run_sync(two.status, two.procs[0]))["services"]["query"]
+    assert q["submit_refused"].get("ip", 0) > 0, q
+
+
+@pytest.fixture
+def budgeted(tmp_path: Path) -> Iterator[Cluster]:
+    """Like `two`, with gossip budgets small enough to see within seconds."""
+    with cluster(tmp_path, 2, overrides={
+            "node": {"log_level": "warning"}, "http": {"enabled": True, "port": 0},
+            "limits": {"gossip_peer_events_per_s": 200, "gossip_burst_s": 2}}) as c:
+        c.start_all()
+        yield c
+
+
+async def test_gossip_flood_is_held_to_the_peer_budget(budgeted: Cluster) -> None:
+    """One peer gossips valid events as fast as it can: the victim stores at most its
+    budget, faults and cuts the flooder off, and keeps serving and syncing with its
+    honest peer."""
+    c = budgeted
+    t = target(c)
+    out = await run(A.gossip_flood, t, flood_s=8, gossip_peer_events_per_s=200)
+    st = await trio.to_thread.run_sync(alive, c, t.victim)
+    assert not out.failures, out.figures
+    budget = st["gossip"]["budget"]
+    assert budget["dropped_batches"].get("events", 0) > 0, budget
+    assert st["gossip"]["faults"].get("gossip_over_budget_events", 0) > 0, st["gossip"]
+    assert st["gossip"]["cut_off"] >= 1, st["gossip"]
+    assert st["resources"]["limits"]["gossip_peer_events_per_s"] == 200
+    await serves_honest_peer(c, t.victim)
+    # Honest replication still works both ways after the flood.
+    await A.call(t.honest, {"op": "publish", "events": [["offer", {
+        "services": [], "currency": "EUR", "addrs": [], "note": "after the flood"}]]})
+    await trio.to_thread.run_sync(c.wait_converged)
 
 
 async def test_pending_flood_keeps_room_for_honest_out_of_order(two: Cluster) -> None:

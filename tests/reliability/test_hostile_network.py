@@ -138,9 +138,11 @@ async def test_submit_flood_rotating_identities(two: Cluster) -> None:
 
 @pytest.fixture
 def budgeted(tmp_path: Path) -> Iterator[Cluster]:
-    """Like `two`, with gossip budgets small enough to see within seconds."""
+    """Like `two`, with gossip budgets small enough to see within seconds, and a cut-off
+    after 3 faults (a loaded machine delivers only a few batches of a flood)."""
     with cluster(tmp_path, 2, overrides={
             "node": {"log_level": "warning"}, "http": {"enabled": True, "port": 0},
+            "gossip": {"fault_threshold": 3},
             "limits": {"gossip_peer_events_per_s": 200, "gossip_burst_s": 2}}) as c:
         c.start_all()
         yield c

@@ -220,6 +220,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                              "interval_s": 0.25, "note": f"{p.spec.name} (netns)",
                              **p.spec.policy},  # the round checks the recipient policies
                 "dataplane": {"workers": 1},
+                # The round's tunnel fetches from an HTTP server on the client host
+                # (a private address, refused by the default egress policy).
+                "bandwidth": {"allow": [f"{CLIENT_IP}/32"]},
             })
             assert cfg.p2p.listen == ["/ip4/0.0.0.0/tcp/4001"]
             (p.dir / "node.toml").write_text(config.to_toml(cfg))
@@ -406,6 +409,7 @@ def _load_net(state: dict[str, Any]) -> Any:
     net.base = Path(state["base"])
     net.n = Narrator(Output(json_mode=False))
     net.summary = {}
+    net.tunnel_host = CLIENT_IP  # the round's HTTP server, as the providers reach it
     net.providers = []
     for p in state["providers"]:
         d = Path(p["dir"])

@@ -121,6 +121,11 @@ class Narrator:
 
 
 class Devnet:
+    # Where the round's HTTP server (the tunnel's destination) listens: this host's
+    # loopback, which the providers reach on a devnet. bench/netns_testnet.py runs
+    # the round on another host than the providers and sets the client host's address.
+    tunnel_host = "127.0.0.1"
+
     def __init__(self, base: Path, n_providers: int, narrator: Narrator) -> None:
         self.base = base
         self.n = narrator
@@ -297,6 +302,12 @@ def rep_row(market: Market, net: Devnet, key: bytes, role: str) -> dict[str, Any
 # -------------------------------------------------------------------- the round
 
 
+def _nodes(addrs: list[str], start: int, count: int) -> list[str]:
+    """`count` node addresses from `start` on, wrapping: the slices a 4- or 5-node devnet
+    uses, and still one node per client on the 3 hosts of netns_testnet.py --quick."""
+    return list(dict.fromkeys(addrs[(start + j) % len(addrs)] for j in range(count)))
+
+
 async def play(net: Devnet, out: Output) -> dict[str, Any]:
     n = net.n
     addrs = [p.addr for p in net.providers]
@@ -306,13 +317,13 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
     # 1. Warm-up: earlier leases give the providers different reputations, and
     # mallory a record of not paying.
     async with contextlib.AsyncExitStack() as stack0:
-        walter = await stack0.enter_async_context(client(base, "walter", addrs[:2]))
+        walter = await stack0.enter_async_context(client(base, "walter", _nodes(addrs, 0, 2)))
         n.say("warm-up: walter buys zstd and bandwidth leases to build reputations")
         r_z = await walter.request("zstd", duration_ms=LEASE_MS, reserve=100,
                                    close_in_ms=CLOSE_MS, rule="lowest")
         r_b = await walter.request("bandwidth", duration_ms=LEASE_MS, reserve=100,
                                    close_in_ms=CLOSE_MS, rule="lowest")
-        mallory = await stack0.enter_async_context(client(base, "mallory", addrs[1:3]))
+        mallory = await stack0.enter_async_context(client(base, "mallory", _nodes(addrs, 1, 2)))
         r_m = await mallory.request("bandwidth", duration_ms=MALLORY_LEASE_MS, reserve=100,
                                     close_in_ms=CLOSE_MS, rule="lowest")
         n.say("warm-up: mallory takes a 1 s bandwidth lease and will not pay for it")
@@ -337,8 +348,8 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
     devices = [f"{who}-{dev}" for who, dev in (("alice", "phone"), ("alice", "laptop"),
                                                ("alice", "tv"))]
     async with contextlib.AsyncExitStack() as stack:
-        alice = await stack.enter_async_context(client(base, "alice", addrs[:2]))
-        dave = await stack.enter_async_context(client(base, "dave", addrs[2:4]))
+        alice = await stack.enter_async_context(client(base, "alice", _nodes(addrs, 0, 2)))
+        dave = await stack.enter_async_context(client(base, "dave", _nodes(addrs, 2, 2)))
         devs = [await stack.enter_async_context(client(base, d, [addrs[(i + 1) % len(addrs)]]))
                 for i, d in enumerate(devices)]
         provider_keys = [p.ident.public for p in net.providers]
@@ -351,7 +362,8 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
             rule="best_value", devices=[d.key for d in devs], max_devices=3,
             max_rate_bps=16_000_000, min_rate_bps=256_000,
             note="shared by alice's phone, laptop and tv")
-        dave_phone = await stack.enter_async_context(client(base, "dave-phone", addrs[3:4]))
+        dave_phone = await stack.enter_async_context(
+            client(base, "dave-phone", _nodes(addrs, 3, 1)))
         req_b = await dave.request("bandwidth", duration_ms=LEASE_MS, reserve=40,
                                    close_in_ms=CLOSE_MS, sealed=True, reveal_window_ms=2000,
                                    rule="vickrey", max_rate_bps=8_000_000,
@@ -359,7 +371,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         n.say(f"alice auctions zstd→aes-gcm for 3 devices (best value, 16/0.256 Mbit/s): "
               f"{req_a.id.hex()[:12]}")
         n.say(f"dave auctions bandwidth, sealed Vickrey: {req_b.id.hex()[:12]}")
-        mallory = await stack.enter_async_context(client(base, "mallory", addrs[1:3]))
+        mallory = await stack.enter_async_context(client(base, "mallory", _nodes(addrs, 1, 2)))
         req_m = await mallory.request("bandwidth", duration_ms=LEASE_MS, reserve=40,
                                       close_in_ms=CLOSE_MS, rule="lowest")
         n.say(f"mallory, who did not pay, auctions bandwidth again: {req_m.id.hex()[:12]}")
@@ -435,9 +447,9 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
                            f"{net.name_of(lease_a.provider)} 5★")
 
         # 5. Group purchase: erin sponsors frank; grace pays her own share.
-        erin = await stack.enter_async_context(client(base, "erin", addrs[1:3]))
-        frank = await stack.enter_async_context(client(base, "frank", addrs[2:4]))
-        grace = await stack.enter_async_context(client(base, "grace", addrs[:1]))
+        erin = await stack.enter_async_context(client(base, "erin", _nodes(addrs, 1, 2)))
+        frank = await stack.enter_async_context(client(base, "frank", _nodes(addrs, 2, 2)))
+        grace = await stack.enter_async_context(client(base, "grace", _nodes(addrs, 0, 1)))
         req_g = await erin.request("bandwidth", duration_ms=LEASE_MS, reserve=40,
                                    close_in_ms=CLOSE_MS, group=True, rule="lowest",
                                    devices=[frank.key, grace.key],  # who may pledge
@@ -543,11 +555,12 @@ async def tunnel_fetch(net: Devnet, dev: LightClient, lease: Lease) -> dict[str,
     await wait_until_ms(lease.start_ms)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(functools.partial(
-            trio.serve_tcp, functools.partial(_http_file, body), 0, host="127.0.0.1"))
+            trio.serve_tcp, functools.partial(_http_file, body), 0, host=net.tunnel_host))
         port = int(listeners[0].socket.getsockname()[1])
         t0 = time.monotonic()
-        tunnel = await dev.open_tunnel(lease, "127.0.0.1", port, timeout=15)
-        await tunnel.send_all(b"GET /file HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        tunnel = await dev.open_tunnel(lease, net.tunnel_host, port, timeout=15)
+        await tunnel.send_all(b"GET /file HTTP/1.0\r\nHost: %s\r\n\r\n"
+                              % net.tunnel_host.encode())
         await tunnel.send_eof()
         got = bytearray()
         with trio.fail_after(60):

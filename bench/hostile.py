@@ -226,7 +226,7 @@ def attacks() -> list[Attack]:
         Attack("gossip_flood", "2/3", "repl", A.gossip_flood),
         Attack("submit_flood_rotating", "2", "repl", A.submit_flood),
         Attack("process_sessions", "6", "dataplane", A.process_sessions),
-        Attack("sync_tarpit", "5", "repl", sync_tarpit),
+        Attack("sync_tarpit", "5", "sync", sync_tarpit),
         Attack("many_identities", "1", "shield", A.many_identities),
         Attack("back_dated", "4", "fold", A.back_dated),
         Attack("far_future", "4", "fold", A.far_future),  # last: the event stays forever

@@ -181,6 +181,15 @@ class SyncConfig:
     heads_page: int = _opt(512, int, _range(1, 1024))
     range_limit: int = _opt(256, int, _range(1, 512))
     range_bytes: int = _opt(512 * 1024, int, _range(16 * 1024 + 128, 1024 * 1024))
+    # Local bounds of one session and of all of them (node/sync.py, node/sync_peers.py).
+    slots: int = _opt(4, int, _range(1, 256))
+    reserved_slots: int = _opt(1, int, _range(0, 255))  # kept from strangers; < slots
+    session_s: float = _opt(300.0, (int, float), _range(1, 86_400))
+    session_requests: int = _opt(10_000, int, _range(1, 10_000_000))
+    stall_s: float = _opt(30.0, (int, float), _range(1, 86_400))
+    idle_pages: int = _opt(16, int, _range(0, 1_000_000))
+    penalty_s: float = _opt(60.0, (int, float), _range(1, 86_400))
+    penalty_max_s: float = _opt(3600.0, (int, float), _range(1, 30 * 86_400))
 
 
 def _cidrs(v: Any) -> str | None:

@@ -265,6 +265,12 @@ class Node:
                 "events": rep.stats.sync_events,
                 "last_at": rep.stats.last_sync_at,
                 "last_peer": rep.stats.last_sync_peer,
+                # Tarpit defences (node/sync_peers.py): slots in use, peers backed off.
+                "stalled": rep.stats.sync_stalled,
+                "no_slot": rep.stats.sync_no_slot,
+                "backed_off_peers": rep.sync_record.backed_off_count(),
+                "slots": rep.sync_slots.slots.status(),
+                "limits": dataclasses.asdict(self.config.sync),
             },
             "gossip": {**rep.stats.as_dict(), **rep.mesh_state(),
                        "budget": rep.budget.status()},

@@ -42,7 +42,7 @@ from .config import Config
 from .errors import BidmeshError, InvalidMessage, OperationError, UsageError
 from .events import MAX_WIRE, Event
 from .ledger import Ledger, Status
-from .sync_peers import SyncPeers, cause_of
+from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of
 
 log = logging.getLogger("bidmesh.gossip")
 
@@ -118,6 +118,8 @@ class Stats:
     sync_left_live: int = 0  # (round, author) pairs periodic sync left to gossip
     sync_catch_up: int = 0  # periodic rounds that pulled events, so the next came sooner
     sync_served: int = 0
+    sync_stalled: int = 0  # sessions ended because the peer stalled them (then backed off)
+    sync_no_slot: int = 0  # sessions given up: no sync slot came free in session_s
     gap_syncs: int = 0
     last_sync_at: float | None = None
     last_sync_peer: str | None = None
@@ -158,6 +160,10 @@ class Replicator:
             heads_page=config.sync.heads_page,
             range_limit=config.sync.range_limit,
             range_bytes=config.sync.range_bytes,
+            max_requests=config.sync.session_requests,
+            session_s=config.sync.session_s,
+            stall_s=config.sync.stall_s,
+            idle_pages=config.sync.idle_pages,
         )
         lim = config.limits
         self.budget = GossipBudget(float(lim.gossip_peer_events_per_s),
@@ -172,7 +178,10 @@ class Replicator:
         self._syncing: set[p2p.PeerId] = set()
         self.sync_peers = SyncPeers(host, self.protocol)
         self._send_errors: dict[p2p.PeerId, tuple[str, str]] = {}  # why a request failed
-        self._sync_limiter = trio.CapacityLimiter(4)
+        # Sync slots and per-peer history: tarpits (node/sync_peers.py).
+        self.sync_record = SyncRecord(trio.current_time, penalty_s=config.sync.penalty_s,
+                                      penalty_max_s=config.sync.penalty_max_s)
+        self.sync_slots = SlotGate(SyncSlots(config.sync.slots, config.sync.reserved_slots))
         self._gap_event = trio.Event()
         self._gap_peer: p2p.PeerId | None = None
         self._rng = random.Random()
@@ -219,16 +228,29 @@ class Replicator:
         younger than LIVE_S; see `SyncSession`), as the periodic rounds do."""
         if peer in self._syncing or self.host.is_blocked(peer):
             return None
-        if self.sync_peers.lacks_sync(peer):  # a light client, another network
-            self.stats.sync_skipped += 1
+        if self.sync_peers.lacks_sync(peer) or self.sync_record.backed_off(peer):
+            self.stats.sync_skipped += 1  # a light client, another network, a tarpit
             return None
         self._syncing.add(peer)
-        live_after_ms = int((time.time() - self.live_window_s()) * 1000) if leave_live else None
         try:
-            async with self._sync_limiter:
+            if not await self.sync_slots.acquire(peer, lambda: self._known_sync_peer(peer),
+                                                 self.cfg.sync.session_s):
+                self.stats.sync_no_slot += 1
+                return None
+            try:
+                live_after_ms = (int((time.time() - self.live_window_s()) * 1000)
+                                 if leave_live else None)
                 return await self._session(peer, gaps, live_after_ms)
+            finally:
+                self.sync_slots.release(peer)
         finally:
             self._syncing.discard(peer)
+
+    def _known_sync_peer(self, peer: p2p.PeerId) -> bool:
+        """May use the reserved sync slots: a peer we dialed, one whose sessions
+        brought us something, or one the resource manager trusts."""
+        return (self.sync_record.proven(peer) or self.sync_peers.dialed(peer)
+                or self.host.resources.is_trusted(peer))
 
     async def run(self) -> None:
         """Serve sync, validate/store gossip, send batches, run anti-entropy; `ready` is
@@ -468,7 +490,8 @@ class Replicator:
 
     async def _session(self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None,
                        live_after_ms: int | None) -> sync.SyncSession:
-        s = sync.SyncSession(self.ledger, self.limits, gaps=gaps, live_after_ms=live_after_ms)
+        s = sync.SyncSession(self.ledger, self.limits, gaps=gaps, live_after_ms=live_after_ms,
+                             clock=trio.current_time)
         store_failed = False
         while (req := s.next_request()) is not None:
             resp = await self._send(peer, req)
@@ -498,6 +521,14 @@ class Replicator:
         for reason, n in s.stats.faults.items():
             for _ in range(n):
                 self._fault(peer, f"sync_{reason}")
+        if s.stalled:
+            backoff = self.sync_record.stalled(peer)
+            self.stats.sync_stalled += 1
+            self._fault(peer, f"sync_{s.cut}")
+            log.info("sync peer stalled; backing off", extra={
+                "peer": str(peer), "cause": s.failed, "backoff_s": backoff})
+        elif s.progressed:
+            self.sync_record.productive(peer)
         if s.accepted:
             self.stats.events["accepted"] += len(s.accepted)
             self.stats.events["accepted_sync"] += len(s.accepted)
@@ -545,7 +576,7 @@ class Replicator:
 
     def _sync_candidates(self) -> list[p2p.PeerId]:
         peers = self.host.connected_peers()
-        out = self.sync_peers.eligible(peers)
+        out = [p for p in self.sync_peers.eligible(peers) if not self.sync_record.backed_off(p)]
         self.stats.sync_skipped += len(peers) - len(out)
         return out
 

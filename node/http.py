@@ -258,6 +258,12 @@ class HttpApi:
         w.counter("bidmesh_sync_failed_total", "failed anti-entropy sessions",
                   sync.get("failed", 0))
         w.counter("bidmesh_sync_events_total", "events fetched by sync", sync.get("events", 0))
+        w.counter("bidmesh_sync_stalled_total", "sync sessions a peer stalled (then backed off)",
+                  sync.get("stalled", 0))
+        w.gauge("bidmesh_sync_backed_off_peers", "peers not synced with after stalling",
+                sync.get("backed_off_peers", 0))
+        w.gauge("bidmesh_sync_slots_held", "sync sessions running",
+                (sync.get("slots") or {}).get("held", 0))
         for k in ("batches_sent", "batches_received", "bytes_sent", "bytes_received",
                   "gossip_errors", "cut_off"):
             if isinstance(gossip.get(k), int):

@@ -503,7 +503,9 @@ class Ledger:
         out: dict[bytes, tuple[int, bytes | None]] = {}
         for author, h in self._heads.items():
             fseq = self._forks.get(author)
-            if fseq is None:
+            if fseq is None or h.seq < fseq:
+                # Not forked, or the fork proof came before our chain reached it
+                # (FORKS is fetched before RANGE): what we hold is what counts.
                 out[author] = (h.seq, h.id)
             else:
                 out[author] = (fseq - 1, self._id_at(author, fseq - 1))

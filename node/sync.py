@@ -333,7 +333,7 @@ def serve(ledger: Ledger, req: SyncRequest) -> SyncResponse:
         forked = ledger.forked()
         authors = sorted(a for a in sh if req.after is None or a > req.after)
         page = authors[: req.limit]
-        heads = tuple(HeadEntry(a, sh[a][0], sh[a][1], forked.get(a)) for a in page)
+        heads = tuple(HeadEntry(a, *sh[a], _fork_seq(sh[a][0], forked.get(a))) for a in page)
         return HeadsResponse(heads, len(authors) > len(page))
     if isinstance(req, RangeRequest):
         wires = ledger.range(req.author, req.from_seq, req.limit + 1)
@@ -347,6 +347,12 @@ def serve(ledger: Ledger, req: SyncRequest) -> SyncResponse:
         return RangeResponse(tuple(out), len(wires) > len(out))
     proofs = ledger.fork_proofs(req.author)[:FORKS_MAX]
     return ForksResponse(tuple((p.wire_a, p.wire_b) for p in proofs))
+
+
+def _fork_seq(seq: int, fork_seq: int | None) -> int | None:
+    """A HEADS entry names a fork only at its truncation point; a fork proof we hold
+    above our own chain (fetched before the chain caught up) is announced later."""
+    return fork_seq if fork_seq is not None and seq == fork_seq - 1 else None
 
 
 def handle(ledger: Ledger, data: bytes) -> bytes:
@@ -363,10 +369,16 @@ def handle(ledger: Ledger, data: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class SyncLimits:
+    """Page sizes we ask for, and the local bounds of one session (a peer's answers
+    decide nothing about them; see `SyncSession`)."""
+
     heads_page: int = 512
     range_limit: int = 256
     range_bytes: int = 512 * 1024
-    max_requests: int = 100_000  # per session; bounds a peer that keeps us busy
+    max_requests: int = 10_000  # per session; a longer catch-up continues in the next
+    session_s: float = 300.0  # wall time of one session (needs a clock)
+    stall_s: float = 30.0  # longest stretch without a stored event or fork proof (clock)
+    idle_pages: int = 16  # answers that bring nothing new, per session
 
 
 @dataclass
@@ -386,6 +398,7 @@ class SessionStats:
     accepted: int = 0
     fork_proofs: int = 0
     skipped_live: int = 0  # authors left to gossip (see `live_after_ms`)
+    idle: int = 0  # answers that brought nothing new (beyond the free HEADS pages)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -402,6 +415,16 @@ class SyncSession:
     flight (fetching it too would double the work under load). A lost tail shows
     up once our head for that author grows older; a lost batch in the middle is a
     gap, fetched by a `gaps=` session.
+
+    Local bounds (`SyncLimits`; a peer cannot widen them): at most `max_requests`
+    requests and, given a `clock`, `session_s` seconds; a session ends `stalled` when
+    nothing new was stored for `stall_s` seconds (answers just under the request
+    timeout, endless pages) or when more than `idle_pages` answers brought nothing
+    new (an empty or already-held RANGE, a FORKS without a new proof, a HEADS page
+    that names no author we lack, beyond the pages our own authors can fill).
+    `cut` says which bound ended it; `stalled` marks the peer as the cause (the
+    shell backs off from it); a session cut by `max_requests` or `session_s` while
+    making progress is not the peer's fault, and the next session continues.
     """
 
     def __init__(
@@ -411,8 +434,15 @@ class SyncSession:
         *,
         gaps: list[tuple[bytes, int, int]] | None = None,
         live_after_ms: int | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.ledger = ledger
+        self.clock = clock
+        self.started_at = clock() if clock else 0.0
+        self.progress_at = self.started_at  # last time something new was stored
+        self.cut: str | None = None  # the local bound that ended the session
+        self._free_heads: int | None = None  # HEADS pages without news that are not idle
+        self._news = False  # an event or fork proof was stored
         self.live_after_ms = live_after_ms
         self.limits = limits or SyncLimits()
         self.stats = SessionStats()
@@ -435,20 +465,56 @@ class SyncSession:
     def done(self) -> bool:
         return self._phase == "done"
 
+    @property
+    def stalled(self) -> bool:
+        """The peer kept the session busy without bringing anything new."""
+        return self.cut in ("stalled", "idle")
+
+    @property
+    def progressed(self) -> bool:
+        """Something new was stored (or we were already in sync)."""
+        return self.in_sync or self._news
+
+    def _end(self, cut: str, why: str) -> None:
+        self.cut = cut
+        if self.stalled or not self.progressed:
+            self.failed = why
+        self._phase = "done"
+
     def next_request(self) -> SyncRequest | None:
         if self._pending is not None:
             raise RuntimeError("next_request() called before on_response()")
         req = self._next()
         if req is None:
             self._phase = "done"
-        elif self.stats.requests >= self.limits.max_requests:
-            self.failed = "request budget exhausted"
-            self._phase = "done"
-            req = None
+            self._pending = None
+            return None
+        now = self.clock() if self.clock else 0.0
+        lim = self.limits
+        if self.stats.requests >= lim.max_requests:
+            self._end("requests", f"request budget of {lim.max_requests} exhausted")
+        elif self.clock and now - self.progress_at >= lim.stall_s:
+            self._end("stalled", f"nothing new for {now - self.progress_at:.1f} s")
+        elif self.clock and now - self.started_at >= lim.session_s:
+            self._end("time", f"session time limit of {lim.session_s:g} s")
         else:
             self.stats.requests += 1
-        self._pending = req
-        return req
+            self._pending = req
+            return req
+        return None
+
+    def _progress(self) -> None:
+        self._news = True
+        if self.clock:
+            self.progress_at = self.clock()
+
+    def _idle(self, what: str) -> bool:
+        """Count an answer that brought nothing new; True when that ends the session."""
+        self.stats.idle += 1
+        if self.stats.idle > self.limits.idle_pages:
+            self._end("idle", f"{self.stats.idle} answers brought nothing new (last: {what})")
+            return True
+        return False
 
     def _next(self) -> SyncRequest | None:
         if self._phase == "done" or self.failed:
@@ -499,6 +565,7 @@ class SyncSession:
         if isinstance(req, DigestRequest) and isinstance(resp, DigestResponse):
             if resp.digest == self.ledger.digest():
                 self.in_sync = True
+                self._progress()
                 self._phase = "done"
             else:
                 self._phase = "heads"
@@ -526,6 +593,21 @@ class SyncSession:
             self._cursor = resp.heads[-1].author
         local = self.ledger.sync_heads()
         forked = self.ledger.forked()
+        if self._free_heads is None:
+            # An honest peer's pages without news cover authors we hold at the same
+            # head: at most our author count / page size of them (plus a short one).
+            self._free_heads = len(local) // max(1, req.limit) + 1
+        wants = len(self._wants)
+        skipped = self.stats.skipped_live
+        self._heads_page(resp, local, forked)
+        if len(self._wants) == wants and self.stats.skipped_live == skipped:
+            if self._free_heads > 0:
+                self._free_heads -= 1
+            else:
+                self._idle("a HEADS page naming no author we lack")
+
+    def _heads_page(self, resp: HeadsResponse, local: dict[bytes, tuple[int, bytes | None]],
+                    forked: dict[bytes, int]) -> None:
         for h in resp.heads:
             mine_fork = forked.get(h.author)
             if h.fork_seq is not None and (mine_fork is None or h.fork_seq < mine_fork):
@@ -562,13 +644,19 @@ class SyncSession:
                 self._fault(res.reason or "rejected", res.detail)
         if self.failed:
             return
-        if forked or w.probe or not resp.records or self.ledger.head(w.author) == before:
+        after = self.ledger.head(w.author)
+        if forked or after != before:
+            self._progress()
+        elif self._idle("a RANGE answer with nothing new"):
+            return
+        if forked or w.probe or not resp.records or after == before:
             # Done, or nothing more to gain from this peer for this author this round
             # (records we already had, e.g. gossip delivered them meanwhile).
             self._wants.popleft()
 
     def _on_forks(self, req: ForksRequest, resp: ForksResponse) -> None:
         self._wants[0].started = True
+        added = False
         for a, b in resp.proofs:
             try:
                 ea, eb = decode_wire(a, self.ledger.network), decode_wire(b, self.ledger.network)
@@ -582,6 +670,11 @@ class SyncSession:
                 return
             if self.ledger.add_fork_proof(a, b):
                 self.stats.fork_proofs += 1
+                added = True
+        if added:
+            self._progress()
+        else:
+            self._idle("a FORKS answer without a new proof")
 
 
 async def drive(

@@ -6,12 +6,24 @@ serve `/bidmesh/<network>/sync/1`, so a sync with them fails every time (measure
 Identify tells us each peer's protocols; a peer identified without ours is not picked.
 A peer not identified yet is given the benefit of the doubt (identify may still be
 running; its sync fails at worst).
+
+A peer can also answer sync badly on purpose: endless HEADS pages, RANGE answers just
+under our timeout (a tarpit). `SyncSession` ends such a session (`stalled`); here
+`SyncRecord` backs off from the peer (not picked, not synced with, doubling per
+repeat) and remembers peers that brought us something (`proven`), and `SyncSlots`
+shares the session slots: one per peer, and strangers (inbound peers that never
+brought anything) never hold the last `reserved` slots, which peers we dialed
+(bootstrap, `connect`), proven peers and trusted peers of the resource manager may
+use. So a crowd of tarpit identities holds at most `slots - reserved` slots, each
+for at most `stall_s`, and anti-entropy with the peers we chose goes on meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -21,6 +33,144 @@ log = logging.getLogger("bidmesh.gossip")
 
 IDENTIFY_WAIT_S = 3.0  # on connect: how long to wait for identify before syncing anyway
 MAX_LOGGED = 4096  # (peer, cause) pairs remembered for "log once"
+MAX_RECORDS = 4096  # peers remembered by SyncRecord (proven / backed off), LRU
+
+
+@dataclass
+class _Record:
+    strikes: int = 0  # stalled sessions in a row
+    until: float = 0.0  # backed off until (clock time)
+    proven: bool = False  # a session brought us something, or found us in sync
+
+
+class SyncRecord:
+    """Per-peer sync history (pure; `clock` is trio's in the node, virtual in tests).
+
+    A stalled session backs the peer off for `penalty_s` × 2^(strikes - 1), at most
+    `penalty_max_s`, and takes its proven status away; a productive one clears both.
+    Bounded: the least recently touched of more than `max_peers` peers is forgotten."""
+
+    def __init__(self, clock: Callable[[], float], *, penalty_s: float = 60.0,
+                 penalty_max_s: float = 3600.0, max_peers: int = MAX_RECORDS) -> None:
+        self.clock = clock
+        self.penalty_s = penalty_s
+        self.penalty_max_s = penalty_max_s
+        self.max_peers = max_peers
+        self._peers: OrderedDict[Hashable, _Record] = OrderedDict()
+        self.stalls = 0  # sessions ended as stalled, ever
+
+    def _get(self, peer: Hashable) -> _Record:
+        rec = self._peers.get(peer)
+        if rec is None:
+            rec = self._peers[peer] = _Record()
+            while len(self._peers) > self.max_peers:
+                self._peers.popitem(last=False)
+        self._peers.move_to_end(peer)
+        return rec
+
+    def stalled(self, peer: Hashable) -> float:
+        """Record a stalled session; returns the back-off in seconds."""
+        rec = self._get(peer)
+        rec.strikes += 1
+        rec.proven = False
+        self.stalls += 1
+        backoff = min(self.penalty_max_s, self.penalty_s * (1 << min(rec.strikes - 1, 30)))
+        rec.until = self.clock() + backoff
+        return backoff
+
+    def productive(self, peer: Hashable) -> None:
+        rec = self._get(peer)
+        rec.strikes = 0
+        rec.until = 0.0
+        rec.proven = True
+
+    def backed_off(self, peer: Hashable) -> bool:
+        rec = self._peers.get(peer)
+        return rec is not None and rec.until > self.clock()
+
+    def proven(self, peer: Hashable) -> bool:
+        rec = self._peers.get(peer)
+        return rec is not None and rec.proven
+
+    def backed_off_count(self) -> int:
+        now = self.clock()
+        return sum(1 for r in self._peers.values() if r.until > now)
+
+
+class SyncSlots:
+    """Who may start a sync session now (pure bookkeeping; `SlotGate` waits on it).
+
+    `slots` sessions at once, one per peer; strangers hold at most `slots - reserved`
+    of them, and while a known peer (dialed, proven, trusted) waits, no stranger
+    takes a freed slot before it."""
+
+    def __init__(self, slots: int, reserved: int) -> None:
+        if slots < 1:
+            raise ValueError("sync needs at least one slot")
+        self.slots = slots
+        self.reserved = max(0, min(reserved, slots - 1))
+        self.holders: dict[Hashable, bool] = {}  # peer -> known
+        self._waiting: dict[Hashable, bool] = {}
+
+    @property
+    def strangers(self) -> int:
+        return sum(1 for known in self.holders.values() if not known)
+
+    def take(self, peer: Hashable, known: bool) -> bool:
+        if peer in self.holders or len(self.holders) >= self.slots:
+            return False
+        if not known:
+            if self.strangers >= self.slots - self.reserved:
+                return False
+            if any(k for p, k in self._waiting.items() if p != peer):
+                return False  # a known peer waits for this slot
+        self.holders[peer] = known
+        return True
+
+    def wait(self, peer: Hashable, known: bool) -> None:
+        self._waiting[peer] = known
+
+    def unwait(self, peer: Hashable) -> bool:
+        """Stop waiting; True if the peer was a known waiter (strangers may go now)."""
+        return bool(self._waiting.pop(peer, False))
+
+    def release(self, peer: Hashable) -> None:
+        self.holders.pop(peer, None)
+
+    def status(self) -> dict[str, int]:
+        return {"slots": self.slots, "reserved": self.reserved, "held": len(self.holders),
+                "held_by_strangers": self.strangers, "waiting": len(self._waiting)}
+
+
+class SlotGate:
+    """`SyncSlots` for trio tasks: `acquire` waits (bounded) for a slot."""
+
+    def __init__(self, slots: SyncSlots) -> None:
+        self.slots = slots
+        self._changed = trio.Event()
+
+    async def acquire(self, peer: Hashable, known: Callable[[], bool], timeout: float) -> bool:
+        """Take a slot for `peer` within `timeout` s; False if none came free.
+        `known` is asked again on every try (a peer may prove itself meanwhile)."""
+        got = False
+        with trio.move_on_after(timeout):
+            try:
+                while not self.slots.take(peer, k := known()):
+                    self.slots.wait(peer, k)
+                    await self._changed.wait()
+                got = True
+            finally:
+                if self.slots.unwait(peer):
+                    self._wake()
+        return got
+
+    def release(self, peer: Hashable) -> None:
+        self.slots.release(peer)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
 
 class SyncPeers:
@@ -47,6 +197,14 @@ class SyncPeers:
 
     def eligible(self, peers: Sequence[p2p.PeerId]) -> list[p2p.PeerId]:
         return [p for p in peers if not self.lacks_sync(p)]
+
+    def dialed(self, peer: p2p.PeerId) -> bool:
+        """We hold a connection we opened to it (bootstrap, mDNS, `connect`): a peer
+        we chose, which a crowd of inbound identities cannot impersonate."""
+        conns = self.host.libp2p.get_network().connections.get(peer, [])
+        # SwarmConn.direction is libp2p.rcmgr.Direction (as in node/p2p_guard.py).
+        return any(str(getattr(getattr(c, "direction", None), "name", "")).lower()
+                   == "outbound" for c in conns)
 
     async def wait_identified(self, peer: p2p.PeerId, timeout: float = IDENTIFY_WAIT_S) -> None:
         """Wait (bounded) for identify to finish on a new connection."""

@@ -370,3 +370,156 @@ async def test_fake_network_converges_on_forks(
     forks = [led.forked() for led in net.ledgers]
     assert all(f == {net.idents[0].public: 21} for f in forks), forks
     assert net.faults == 0
+
+
+# ------------------------------------------------------------------ tarpits (issue 12 item 5)
+
+
+class FakeTarpit:
+    """Answers like tests/reliability/attackers.py's Tarpit, on the virtual clock:
+    a random DIGEST at once, then endless HEADS pages of made-up authors far ahead of
+    us and empty RANGE answers, each after `delay` s (just under our timeout)."""
+
+    def __init__(self, delay: float, repeat: Ledger | None = None) -> None:
+        self.delay = delay
+        self.repeat = repeat  # answer RANGE with records we already hold, from seq 1
+        self.requests = 0
+        self.next_author = 0
+
+    async def send(self, req: sync.SyncRequest) -> sync.SyncResponse | None:
+        self.requests += 1
+        if isinstance(req, DigestRequest):
+            return DigestResponse(bytes([self.requests % 256]) * 32, 1 << 20, 0)
+        await trio.sleep(self.delay)
+        if isinstance(req, HeadsRequest):
+            heads = []
+            for _ in range(req.limit):
+                self.next_author += 1
+                heads.append(HeadEntry(b"\xfe" + self.next_author.to_bytes(31, "big"),
+                                       1 << 40, bytes(32), None))
+            return HeadsResponse(tuple(heads), True)
+        if isinstance(req, RangeRequest) and self.repeat is not None:
+            return RangeResponse(tuple(self.repeat.range(req.author, 1, 4)), True)
+        return RangeResponse((), True)
+
+
+async def test_tarpit_answering_under_the_timeout_is_cut_when_nothing_new_comes(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    led = ledger(tmp_path, "a")
+    pit = FakeTarpit(delay=4.5)
+    t0 = trio.current_time()
+    s = await sync.drive(SyncSession(led, SyncLimits(stall_s=30.0), clock=trio.current_time),
+                         pit.send)
+    assert s.stalled and s.cut == "stalled" and s.failed and led.count() == 0
+    # Cut at the first request after stall_s: one slow answer past it at most.
+    assert trio.current_time() - t0 < 30.0 + 4.5 + 0.1
+    assert pit.requests < 10
+
+
+async def test_fast_tarpit_is_cut_by_its_idle_answers(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Endless pages answered at once never reach stall_s: the answers that bring
+    nothing new end the session (and without a clock too)."""
+    led = ledger(tmp_path, "a")
+    for clock in (trio.current_time, None):
+        pit = FakeTarpit(delay=0.0)
+        s = await sync.drive(SyncSession(led, SyncLimits(idle_pages=16), clock=clock), pit.send)
+        assert s.stalled and s.cut == "idle"
+        assert pit.requests <= 2 + 17  # DIGEST, one HEADS page, 17 empty RANGEs
+
+
+async def test_peer_repeating_what_we_hold_is_cut(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    ident = Identity.generate()
+    for i in range(5):
+        ev = b.publish(ident, body(i), 1000 + i)
+        a.append(ev.wire)
+    pit = FakeTarpit(delay=0.0, repeat=b)
+
+    async def send(req: sync.SyncRequest) -> sync.SyncResponse | None:
+        if isinstance(req, RangeRequest):
+            req = RangeRequest(ident.public, 1, 4, req.max_bytes)
+        return await pit.send(req)
+
+    s = await sync.drive(SyncSession(a, SyncLimits(idle_pages=4), clock=trio.current_time),
+                         send)
+    assert s.cut == "idle" and s.stalled and s.stats.accepted == 0 and a.count() == 5
+
+
+async def test_slow_honest_peer_is_not_cut_while_it_brings_events(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Every answer 4.5 s late, 60 requests: far past stall_s in total, but each RANGE
+    stores something new, so the session completes."""
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    for i in range(20):
+        ident = Identity.generate()
+        for j in range(3):
+            b.publish(ident, body(i * 10 + j), 1000 + j)
+
+    async def send(req: sync.SyncRequest) -> sync.SyncResponse | None:
+        await trio.sleep(4.5)
+        return sync.decode_response(sync.handle(b, req.encode()))
+
+    lim = SyncLimits(heads_page=8, range_limit=2, stall_s=10.0)
+    s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), send)
+    assert s.failed is None and s.cut is None and a.digest() == b.digest()
+
+
+def test_heads_pages_over_authors_we_share_are_free(tmp_path: Path) -> None:
+    """An honest peer walking its authors pages over the many we already hold at the
+    same head: those pages are not idle (up to our author count / page size)."""
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    for i in range(200):
+        ev = b.publish(Identity.generate(), body(i), 1000)
+        a.append(ev.wire)
+    b.publish(Identity.from_seed(b"\xff" * 32), body(0), 1000)  # the one we lack
+    s = run_session(a, b, SyncLimits(heads_page=8, idle_pages=0))
+    assert s.failed is None and s.stats.idle == 0 and a.digest() == b.digest()
+
+
+async def test_session_time_and_request_bounds_end_without_blame(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """A long honest catch-up cut by session_s or max_requests is not the peer's
+    fault: not stalled, not failed; the next session continues where it ended."""
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    ident = Identity.generate()
+    for i in range(100):
+        b.publish(ident, body(i), 1000 + i)
+
+    async def send(req: sync.SyncRequest) -> sync.SyncResponse | None:
+        await trio.sleep(1.0)
+        return sync.decode_response(sync.handle(b, req.encode()))
+
+    lim = SyncLimits(range_limit=10, session_s=5.0)
+    s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), send)
+    assert s.cut == "time" and not s.stalled and s.failed is None and 0 < a.count() < 100
+    s = run_session(a, b, SyncLimits(range_limit=10, max_requests=3))
+    assert s.cut == "requests" and not s.stalled and s.failed is None
+    run_session(a, b)
+    assert a.digest() == b.digest()
+
+
+def test_fork_proof_above_our_chain_still_serves_heads(tmp_path: Path) -> None:
+    """FORKS is fetched before RANGE, so a node can hold an author's fork proof while
+    its chain of that author ends below the fork (a session cut in between). Its HEADS
+    must still be valid: the stored head counts, the fork is named once the chain
+    reaches it (seen on the fake network: 'head id must be nil exactly when seq is 0'
+    from serve())."""
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    liar = Identity.generate()
+    evs = [b.publish(liar, body(i), 1000 + i) for i in range(5)]
+    x, y = fork_pair(liar, (6, evs[-1].id), 2000)
+    b.append(x)
+    b.append(y)
+    assert b.forked() == {liar.public: 6}
+    a.append_many([e.wire for e in evs[:3]])
+    assert a.add_fork_proof(x, y)
+    assert a.sync_heads()[liar.public] == (3, evs[2].id)
+    resp = sync.decode_response(sync.handle(a, HeadsRequest(None, 10).encode()))
+    assert isinstance(resp, HeadsResponse)
+    assert resp.heads == (HeadEntry(liar.public, 3, evs[2].id, None),)
+    s = run_session(a, b)
+    assert s.failed is None and a.digest() == b.digest()
+    resp = sync.decode_response(sync.handle(a, HeadsRequest(None, 10).encode()))
+    assert resp == HeadsResponse((HeadEntry(liar.public, 5, evs[4].id, 6),), False)

@@ -173,3 +173,39 @@ async def test_pending_flood_keeps_room_for_honest_out_of_order(two: Cluster) ->
     out = await run(A.pending_flood, target(two), pending_keys=8, pending_events=32)
     await trio.to_thread.run_sync(alive, two, two.procs[0])
     assert not out.failures, out.figures
+
+
+async def test_sync_under_tarpit(tmp_path: Path) -> None:
+    """Item 5: six tarpit identities connect to a fresh node first and answer its sync
+    sessions with endless HEADS pages and RANGE answers just under its timeout. The
+    fresh node still pulls its honest peer's ledger (a peer it dialed: a reserved slot
+    no stranger can hold), and the tarpits' sessions are cut and backed off."""
+    with cluster(tmp_path, 2, bootstrap=lambda i, procs: [], overrides={
+            "node": {"log_level": "warning"}, "sync": {"stall_s": 10.0}}) as c:
+        h, f = c.procs
+        c.start_all()
+        want = 1500
+        await A.in_thread(c.publish, h, want)
+        ready, stop = trio.Event(), trio.Event()
+        pits: list[A.Tarpit] = []
+        with trio.fail_after(150):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(A.run_tarpits, f.addr, f.peer_id, 6, 5.0, ready, stop, pits)
+                await ready.wait()
+                held = sum(1 for p in pits if p.requests)
+                await A.call(f, {"op": "connect", "addr": h.addr})
+                while True:
+                    st = await A.call(f, {"op": "status"})
+                    if st is not None and st["events"] >= want:
+                        break
+                    await trio.sleep(0.1)
+                # Then the tarpits' sessions end as stalled and they are backed off.
+                while st is None or st["sync"]["stalled"] < 1 or (
+                        st["sync"]["backed_off_peers"] < 1):
+                    await trio.sleep(0.2)
+                    st = await A.call(f, {"op": "status"})
+                stop.set()
+        assert held >= 3, "the tarpits never held a sync session"
+        assert st["sync"]["slots"]["held_by_strangers"] <= 3
+        assert st["gossip"]["faults"].get("sync_stalled", 0) >= 1
+        await trio.to_thread.run_sync(alive, c, f)

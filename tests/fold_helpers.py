@@ -195,6 +195,7 @@ def snapshot(m: Market) -> dict[str, Any]:
         "ignored": list(m.ignored),
         "evidence": list(m.evidence),
         "count": m.reputation.count,
+        "now_ms": m.now_ms,
         "scores": [(m.reputation.score(k, role, at), m.settled(k, at))
                    for k in keys for role in ("provider", "recipient") for at in times],
     }

@@ -151,12 +151,14 @@ class _Part:
         "reads_rep",
         "reads_set",
         "seen",
+        "top",
     )
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.evs: list[tuple[CKey, Event]] = []  # sorted
         self.ids: list[bytes] | None = None  # evicted: evs is empty, these are its ids
+        self.top = 0  # the latest ts_ms of its events (kept while evicted)
         self.applied = 0  # evs[:applied] are folded into pm, in order
         self.pm: _PartMarket | None = None
         self.linked: dict[str, list[Any]] = {}
@@ -252,8 +254,8 @@ class IncrementalMarket:
         self._rep_reads: dict[tuple[bytes, str], list[tuple[int, CKey, bytes]]] = {}
         self._set_reads: dict[bytes, list[tuple[CKey, int, bytes]]] = {}
         self._queue: list[tuple[CKey, bytes]] = []
-        self._ts: dict[int, int] = {}
-        self._ts_heap: list[int] = []  # negated ts of present events (lazy deletion)
+        self._now = 0  # the latest ts_ms of any present event (the fold's now_ms)
+        self._now_stale = False  # an event at _now was removed
         self.merged = FoldedMarket(self)
         m = self.merged
         self._ord = {name: _Ordered(getattr(m, name)) for name in _DICTS}
@@ -274,10 +276,8 @@ class IncrementalMarket:
             n += 1
             if ev.kind in _MOVERS:
                 self._movers[ev.id] = (ev.kind, ev.ref)
-            c = self._ts.get(ev.ts_ms, 0)
-            self._ts[ev.ts_ms] = c + 1
-            if c == 0:
-                heapq.heappush(self._ts_heap, -ev.ts_ms)
+            if ev.ts_ms > self._now:
+                self._now = ev.ts_ms
             self._place(ev, self._route(ev))
             if ev.kind in _MOVERS and ev.id in self._parts:
                 self._reroute(self._parts[ev.id])  # events that waited for this one
@@ -294,11 +294,10 @@ class IncrementalMarket:
             self._load(p)
             j = next(j for j, (_, e) in enumerate(p.evs) if e.id == i)
             ck, ev = p.evs.pop(j)
-            c = self._ts[ev.ts_ms] - 1
-            if c:
-                self._ts[ev.ts_ms] = c
-            else:
-                del self._ts[ev.ts_ms]
+            if ev.ts_ms == p.top:
+                p.top = max((k[0] for k, _ in p.evs), default=0)
+            if ev.ts_ms == self._now:
+                self._now_stale = True
             self._dirty(p, ck, full=True)
             if ev.kind in _MOVERS:
                 self._reroute(p)  # events routed through it wait for it again
@@ -315,10 +314,10 @@ class IncrementalMarket:
             self._evict()
         for o in self._ord.values():
             o.fix()
-        h = self._ts_heap
-        while h and -h[0] not in self._ts:
-            heapq.heappop(h)
-        self.merged.now_ms = -h[0] if h else 0
+        if self._now_stale:  # rare (forks): one int per partition
+            self._now = max((p.top for p in self._parts.values()), default=0)
+            self._now_stale = False
+        self.merged.now_ms = self._now
         return self.merged
 
     def partitions(self) -> int:
@@ -397,6 +396,8 @@ class IncrementalMarket:
         ck = ckey(ev)
         i = bisect_left(p.evs, ck, key=lambda e: e[0])
         p.evs.insert(i, (ck, ev))
+        if ev.ts_ms > p.top:
+            p.top = ev.ts_ms
         self._part_of[ev.id] = pk
         if p.dirty is None and i == p.applied and (p.pm is not None or i == 0):
             # In order for a clean partition (the usual case, and the whole first
@@ -420,6 +421,7 @@ class IncrementalMarket:
         if not moved:
             return
         p.evs = stay
+        p.top = max((k[0] for k, _ in stay), default=0)
         self._dirty(p, ckey(moved[0]), full=True)
         for ev in moved:
             self._place(ev, self._route(ev))

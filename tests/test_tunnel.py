@@ -4,6 +4,7 @@ lease's end, usage, and the attacks a stranger can try on the protocol."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 
@@ -348,6 +349,54 @@ async def test_lease_end_cuts_tunnels_and_publishes_usage() -> None:
         with pytest.raises(TunnelUnauthorized) as e2:
             await _open(host, prov.host, lease.id, "127.0.0.1", port)
         assert e2.value.reason == "outside_window"
+
+
+async def test_upload_cut_at_lease_end_is_billed_exactly() -> None:
+    """The destination reads slowly, so the provider is part-way through a socket write
+    when the lease ends: bytes_in is exactly what reached the destination."""
+    from node.dataplane.service import wall_clock_ms
+
+    lease = make_lease(end_ms=wall_clock_ms() + 1500)
+    cut = trio.Event()
+    received = [0]
+    done = trio.Event()
+
+    async def dest(s: trio.SocketStream) -> None:
+        try:
+            while data := await s.receive_some(1000 if not cut.is_set() else 1 << 16):
+                received[0] += len(data)
+                if not cut.is_set():
+                    await trio.sleep(0.005)
+        except trio.BrokenResourceError:
+            pass
+        done.set()
+        await s.aclose()
+
+    async with provider([lease]) as prov, tcp_server(dest) as port, member(M, prov) as host:
+        t = await _open(host, prov.host, lease.id, "127.0.0.1", port)
+        chunk = bytes(65_000)
+
+        async def upload() -> None:
+            with contextlib.suppress(TunnelFailed, trio.ClosedResourceError):
+                while True:
+                    await t.send_all(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+            with trio.fail_after(10), pytest.raises(TunnelFailed) as e:
+                while await t.receive_view() is not None:
+                    pass
+            assert e.value.reason == "lease_ended"
+            nursery.cancel_scope.cancel()
+        cut.set()
+        await t.aclose()
+        with trio.fail_after(20):
+            await done.wait()
+            while not prov.published:
+                await trio.sleep(0.02)
+        (usage,) = prov.published
+        (m,) = usage.members
+        assert received[0] > 0 and m.bytes_in == received[0], (m.bytes_in, received[0])
 
 
 async def test_provider_gone_mid_download_fails_at_once() -> None:

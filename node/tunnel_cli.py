@@ -22,7 +22,7 @@ import trio
 from .client import LightClient, now_ms
 from .client_resolve import resolve
 from .errors import Unauthorized, UsageError
-from .tunnel_proxy import TunnelProxy, parse_listen
+from .tunnel_proxy import TunnelProxy, listen, parse_listen
 
 __all__ = ["run_tunnel"]
 
@@ -71,7 +71,7 @@ class _Screen:
 
 
 async def run_tunnel(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    listen = parse_listen(a.socks, allow_lan=a.allow_lan)
+    where = parse_listen(a.socks, allow_lan=a.allow_lan)
     if not 1 <= a.max_connections <= 10_000:
         raise UsageError("--max-connections must be 1..10000")
     lease_id = await resolve(c, a.lease, "lease")
@@ -104,9 +104,12 @@ async def run_tunnel(c: LightClient, a: argparse.Namespace, out: Any) -> int:
                         max_connections=a.max_connections, on_error=on_error)
     ended = "interrupted"
     t0 = time.monotonic()
+    listeners = await listen(*where)  # before anything runs: a port in use is one line
+    bound = listeners[0].socket.getsockname()
+    host, port = str(bound[0]), int(bound[1])
+    hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(proxy.serve, *listen)
-        hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        nursery.start_soon(proxy.serve_listeners, listeners)
         screen.line(f"SOCKS5 proxy on {hp} through lease {short} via provider {peer} "
                     f"({limits}; ends in {(lease.end_ms - now_ms()) // 1000} s); e.g. "
                     f"curl --socks5-hostname {hp} URL")

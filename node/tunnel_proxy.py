@@ -30,7 +30,7 @@ from . import socks
 from .dataplane.tunnel_client import Tunnel, TunnelFailed, TunnelRefused
 from .errors import BidmeshError
 
-__all__ = ["ProxyStats", "TunnelProxy", "parse_listen"]
+__all__ = ["ProxyStats", "TunnelProxy", "listen", "parse_listen"]
 
 log = logging.getLogger("bidmesh.tunnel_proxy")
 Opener = Callable[[str, int], Awaitable[Tunnel]]
@@ -59,6 +59,17 @@ def parse_listen(text: str, *, allow_lan: bool = False) -> tuple[str, int]:
                          "it could use your lease (no SOCKS authentication); add --allow-lan "
                          "if that is what you want")
     return str(ip), port
+
+
+async def listen(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind the proxy's listening socket; UsageError (one line) if that fails."""
+    from .errors import UsageError
+
+    try:
+        return list(await trio.open_tcp_listeners(port, host=host, backlog=128))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} for SOCKS5: {e.strerror or e} "
+                         "(pick another --socks port)") from None
 
 
 @dataclass
@@ -109,9 +120,12 @@ class TunnelProxy:
                     ) -> None:
         """Listen on host:port and serve until cancelled; started() gets the bound
         address (port 0 picks a free one)."""
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=128)
+        listeners = await listen(host, port)
         bound = listeners[0].socket.getsockname()
         task_status.started((str(bound[0]), int(bound[1])))
+        await self.serve_listeners(listeners)
+
+    async def serve_listeners(self, listeners: list[trio.SocketListener]) -> None:
         await trio.serve_listeners(self.handle, listeners)
 
     async def handle(self, stream: trio.SocketStream) -> None:

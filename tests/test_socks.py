@@ -20,7 +20,7 @@ from node.dataplane.tunnel import TunnelConfig
 from node.dataplane.tunnel_client import Tunnel, open_tunnel
 from node.errors import UsageError
 from node.p2p import P2PHost
-from node.tunnel_proxy import TunnelProxy, parse_listen
+from node.tunnel_proxy import TunnelProxy, listen, parse_listen
 from tests.tunnel_helpers import (
     NET,
     M,
@@ -79,6 +79,17 @@ def test_listen_address_is_loopback_unless_allowed() -> None:
         with pytest.raises(UsageError):
             parse_listen(bad)
     assert parse_listen("0.0.0.0:1080", allow_lan=True) == ("0.0.0.0", 1080)
+
+
+async def test_a_port_in_use_is_one_line() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        with pytest.raises(UsageError, match=r"cannot listen on 127\.0\.0\.1:"):
+            await listen("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
 
 
 # ---------------------------------------------------------------- a SOCKS5 client

@@ -76,10 +76,11 @@ def _provider_only_in_bootstrap(i: int, procs: list[Any]) -> list[Any]:
     return [q for q in procs if q is not procs[i]]
 
 
-async def _buy(base: Path, node: str, devices: list[bytes]) -> dict[str, Lease]:
-    specs = {"free": dict(duration_ms=600_000),
-             "limited": dict(duration_ms=600_000, max_rate_bps=RATE),
-             "short": dict(duration_ms=1_000)}
+async def _buy(base: Path, node: str, devices: list[bytes],
+               specs: dict[str, dict[str, int]] | None = None) -> dict[str, Lease]:
+    specs = specs or {"free": dict(duration_ms=600_000),
+                      "limited": dict(duration_ms=600_000, max_rate_bps=RATE),
+                      "short": dict(duration_ms=1_000)}
     async with LightClient.open(base / "alice", [node], network=NETWORK, timeout=10) as alice:
         reqs = {k: await alice.request("bandwidth", reserve=1000, close_in_ms=3000,
                                        devices=devices, **v)  # type: ignore[arg-type]
@@ -257,6 +258,38 @@ def test_socks_listener_survives_malformed_slow_and_many_clients(world: World) -
     rejected = summary["rejected"]
     assert rejected["busy"] >= 48 and rejected["handshake_timeout"] >= 1
     assert rejected["bad_version"] >= 2 and rejected["bad_command"] == 1
+
+
+@needs_curl
+def test_lease_end_cuts_the_download_stops_the_proxy_and_bills_exactly(world: World) -> None:
+    """A 10 s lease: curl downloads until the provider cuts the tunnel at the end; the
+    proxy says so, stops by itself, and its byte counts equal the provider's signed
+    usage for the device."""
+    dev1 = Identity.from_seed(hashlib.sha256(b"dev1").digest()).public
+    lease = trio.run(_buy, world.base, world.node, [dev1],
+                     {"ten": dict(duration_ms=10_000, max_rate_bps=RATE)})["ten"]
+    world.leases["ten"] = lease
+    url = f"http://127.0.0.1:{world.http.port}/big"
+    with world.tunnel("dev1", "ten") as t:
+        r = curl(t.port, url, "-o", os.devnull, timeout=60)
+        assert r.returncode not in (0, 28), r.stderr  # cut by the lease's end
+        t.wait_line(r"failed \(lease_ended\)", 10)
+        t.popen.wait(30)  # the proxy stops at the lease's end by itself
+        summary = t.stop()
+    assert summary["ended"] == "lease_ended" and summary["failed"] == {"lease_ended": 1}
+
+    async def usage() -> Any:
+        async with world.client("dev1") as dev:
+            with trio.fail_after(30):
+                while not (got := await dev.find_events(kind="usage", ref=lease.id)):
+                    await trio.sleep(0.3)
+            return got[-1].body
+
+    body = trio.run(usage)
+    (m,) = body.members
+    assert m.member == dev1
+    assert (m.bytes_out, m.bytes_in) == (summary["bytes_down"], summary["bytes_up"])
+    assert m.bytes_out > 1 << 20 and body.rate_limited > 0
 
 
 def _restart_provider(world: World, **bandwidth: Any) -> None:

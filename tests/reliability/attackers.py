@@ -153,8 +153,10 @@ async def http_head(t: Target, scale: dict[str, Any]) -> Outcome:
         return o
     answers = []
     for path in ("/", "/api/health", "/api/digest", "/metrics", "/nosuch"):
+        # Connection: close, or the answer would be waited for until keep-alive ends.
         answers.append(await _http_exchange(
-            t.http_port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 3.0))
+            t.http_port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            .encode(), 3.0))
     # A HEAD then a GET on one keep-alive connection: the GET must get its own answer.
     both = await _http_exchange(t.http_port, b"HEAD /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
                                 b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -370,13 +372,32 @@ async def malformed_frames(t: Target, scale: dict[str, Any]) -> Outcome:
                     try:
                         await s.write(payload)
                         sent += 1
-                        with trio.move_on_after(0.5):
+                        with trio.move_on_after(float(scale.get("frame_wait_s", 0.5))):
                             await s.read(65536)
                     finally:
                         await p2p.reset_quietly(s)
         except ANY_UPSTREAM:
             errors += 1
     o.figures.update(protocol=proto, frames_sent=sent, streams=negotiated, attacker_errors=errors)
+    return o
+
+
+async def malformed_frames_all(t: Target, scale: dict[str, Any]) -> Outcome:
+    """`malformed_frames` on every protocol at once (py-libp2p's and ours)."""
+    o = Outcome()
+    names = [*LIBP2P_PROTOCOLS, *own_protocols(t.network)]
+    outs: dict[str, Outcome] = {}
+
+    async def one(name: str) -> None:
+        outs[name] = await malformed_frames(t, {**scale, "protocol": name})
+
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(one, name)
+    o.figures["frames_sent"] = {n: outs[n].figures["frames_sent"] for n in names}
+    o.figures["attacker_errors"] = sum(outs[n].figures["attacker_errors"] for n in names)
+    for n in names:
+        o.failures += [f"{n}: {f}" for f in outs[n].failures]
     return o
 
 
@@ -471,9 +492,9 @@ async def control_bad_types(t: Target, scale: dict[str, Any]) -> Outcome:
     reqs = control_requests(ops)
     extra: list[Any] = [[1, 2], "status", 5, None, {"op": "status", 1: 2}, {b"op": b"status"}]
 
-    def run_all() -> tuple[int, int]:
+    def run_all(part: list[Any]) -> tuple[int, int]:
         answered = unanswered = 0
-        for r in reqs + extra:
+        for r in part:
             if not t.victim.alive():
                 break
             if _raw_control(t.victim, r):
@@ -482,7 +503,15 @@ async def control_bad_types(t: Target, scale: dict[str, Any]) -> Outcome:
                 unanswered += 1
         return answered, unanswered
 
-    answered, unanswered = await in_thread(run_all)
+    todo = reqs + extra
+    k = int(scale.get("control_clients", 1))  # concurrent control clients
+    results = []
+    async with trio.open_nursery() as nursery:
+        async def part(i: int) -> None:
+            results.append(await in_thread(run_all, todo[i::k]))
+        for i in range(k):
+            nursery.start_soon(part, i)
+    answered, unanswered = sum(r[0] for r in results), sum(r[1] for r in results)
     o.figures.update(ops=ops, requests=len(reqs) + len(extra), answered=answered,
                      unanswered=unanswered)
     o.check(unanswered == 0, f"{unanswered} control requests got no answer")
@@ -680,7 +709,7 @@ async def submit_flood(t: Target, scale: dict[str, Any]) -> Outcome:
         try:
             async with p2p.open_host(idn.seed) as h:
                 await h.connect(t.victim.addr)
-                for _ in range(20):  # many bursts per identity
+                for _ in range(int(scale.get("submit_bursts", 20))):  # bursts per identity
                     try:
                         data = await p2p.request(h, t.victim.peer_id, query.protocol_id(NETWORK),
                                                  query.Submit(tuple(wires)).encode(),
@@ -972,9 +1001,10 @@ async def idle_streams(t: Target, scale: dict[str, Any]) -> Outcome:
             for proto in protos:
                 for _ in range(per):
                     nursery.start_soon(hold, proto)
-            with trio.move_on_after(10):  # the streams open (bounded)
-                while opened < per * len(protos):
+            with trio.move_on_after(10):  # every stream tried once (bounded)
+                while attempted < per * len(protos):
                     await trio.sleep(0.05)
+            await trio.sleep(0.5)  # the first refusals and resets land
             deadline = trio.current_time() + seconds
             while trio.current_time() < deadline:
                 ok, why = await honest_digest(good, t.victim)

@@ -14,8 +14,10 @@ Steps: network up; advertised addresses (no 0.0.0.0 anywhere; loopback neither
 in offers nor in what identify and signed peer records tell peers on other hosts);
 the devnet round of node/devnet.py (`play`: warm-up leases, bids with reputation, a best-value award
 verified, a sealed Vickrey auction, three devices streaming MPEG-TS through the
-winner which subcontracts aes-gcm to another host, payments, ratings both ways, a
-group purchase, the signed usage summary, equal digests; needs 3+ hosts); an address
+winner which subcontracts aes-gcm to another host, a phone fetching a file from an
+HTTP server on the client host through the bandwidth lease's tunnel (the provider
+on its host connects out), payments, ratings both ways, a group purchase, the signed
+usage summaries, equal digests; needs 3+ hosts); an address
 added to a node's interface is advertised and its offer re-published; every address
 in every offer is dialed from the client host; a partition (one host's link down,
 events published, link up) heals; `tc netem` delay+loss on one host's link where the

@@ -450,16 +450,21 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         erin = await stack.enter_async_context(client(base, "erin", _nodes(addrs, 1, 2)))
         frank = await stack.enter_async_context(client(base, "frank", _nodes(addrs, 2, 2)))
         grace = await stack.enter_async_context(client(base, "grace", _nodes(addrs, 0, 1)))
+        # Longer to close: the request must reach every member's node and three
+        # pledges be confirmed by their nodes first (seen late on a loaded netns run).
         req_g = await erin.request("bandwidth", duration_ms=LEASE_MS, reserve=40,
-                                   close_in_ms=CLOSE_MS, group=True, rule="lowest",
+                                   close_in_ms=2 * CLOSE_MS, group=True, rule="lowest",
                                    devices=[frank.key, grace.key],  # who may pledge
                                    note="erin, frank and grace buy together")
         for c in (frank, grace):  # they use other nodes: wait for the request to get there
             await poll("the group request to reach every member's node",
                        functools.partial(knows, c.auction, req_g.id), timeout=10)
-        await frank.pledge(req_g.id, willing=False)
-        await erin.pledge(req_g.id, willing=True, amount=12, sponsor=[frank.key])
-        await grace.pledge(req_g.id, willing=True, amount=8)
+        async with trio.open_nursery() as nursery:  # at once: each waits for its nodes
+            nursery.start_soon(functools.partial(frank.pledge, req_g.id, willing=False))
+            nursery.start_soon(functools.partial(erin.pledge, req_g.id, willing=True,
+                                                 amount=12, sponsor=[frank.key]))
+            nursery.start_soon(functools.partial(grace.pledge, req_g.id, willing=True,
+                                                 amount=8))
         n.say("group: erin (pays, sponsors frank), frank (won't pay), grace (pays)")
         await wait_until_ms(req_g.body.reveal_ms)  # type: ignore[attr-defined]
         aw_g, award_g = await erin.award(req_g.id)
@@ -468,6 +473,9 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
             raise StepFailed("the group award does not verify")
         if frank.key not in lease_g.group_members:
             raise StepFailed("the sponsored member is not covered by the group lease")
+        for c in (frank, grace):  # other nodes than erin's: wait for the award there
+            await poll("the group lease to reach every member's node",
+                       functools.partial(knows, c.lease, lease_g.id), timeout=10)
         await erin.pay(lease_g.id, method="card", reference="erin+frank",
                        on_behalf=[erin.key, frank.key])
         await grace.pay(lease_g.id, method="card", reference="grace")

@@ -562,6 +562,10 @@ class Replicator:
         # Identify runs right after the connection opens; with its answer we know
         # whether the peer serves sync at all (light clients do not).
         await self.sync_peers.wait_identified(peer)
+        if not self.host.is_connected(peer):
+            # Gone before identify told us what it is: most often a light client's
+            # short command. Syncing now would dial it back and count a failure.
+            return
         await self._sync_quietly(peer, None)
 
     async def _sync_quietly(self, peer: p2p.PeerId,

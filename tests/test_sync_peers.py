@@ -51,3 +51,21 @@ async def test_light_client_not_picked_and_failures_logged_once(
     assert [r.peer for r in records] == [str(refuser.peer_id)]  # type: ignore[attr-defined]
     assert records[0].cause == "RequestRefused:unauthorized"  # type: ignore[attr-defined]
     assert "not serving you today" in records[0].error  # type: ignore[attr-defined]
+
+
+async def test_peer_gone_before_identify_is_not_synced(tmp_path: Path) -> None:
+    """A peer that leaves before identify answers (a light client's one-shot command)
+    is not dialed back for the on-connect sync, so it costs no sync failure."""
+    from libp2p.identity.identify.identify import ID as IDENTIFY
+
+    async with tnodes(tmp_path, 1) as [a]:
+        async with p2p.open_host(Identity.from_seed(b"G" * 32).seed) as gone:
+            gone.libp2p.remove_stream_handler(IDENTIFY)  # identify never finishes
+            await a.host.connect(gone.addrs[0])
+            gone_id = gone.peer_id
+        await wait_until(lambda: not a.host.is_connected(gone_id))
+        failed_before = a.rep.stats.sync_failed
+        with trio.fail_after(30):
+            await a.rep._sync_new_peer(gone_id)
+        assert a.rep.stats.sync_failed == failed_before
+        assert not a.rep.sync_peers.identified(gone_id)

@@ -432,8 +432,21 @@ class P2PHost:
                 f"opening {protocol} to {peer} took longer than {timeout} s"
             ) from None
         except Exception as exc:  # StreamFailure, SwarmException: map at the edge
-            raise OperationError(f"could not open {protocol} to {peer}: {exc}") from exc
+            raise OperationError(f"could not open {protocol} to {peer}: {_why(exc)}") from exc
         return stream
+
+
+def _why(exc: BaseException) -> str:
+    """`exc`'s message with its innermost cause's first line: upstream's StreamFailure
+    says only "failed to open a stream to peer X" (basic_host.py `new_stream`), which
+    hides whether the peer lacks the protocol or the connection broke."""
+    root, depth = exc, 0
+    while root.__cause__ is not None and depth < 8:
+        root, depth = root.__cause__, depth + 1
+    if root is exc:
+        return str(exc)
+    detail = (str(root).strip().splitlines() or [type(root).__name__])[0][:200]
+    return f"{exc} ({detail})"
 
 
 def _build_libp2p_host(

@@ -12,7 +12,7 @@ import trio
 from test_gossip import tnodes, wait_until
 
 from node import p2p
-from node.errors import Unauthorized
+from node.errors import OperationError, Unauthorized
 from node.keys import Identity
 
 
@@ -46,6 +46,10 @@ async def test_light_client_not_picked_and_failures_logged_once(
         with trio.fail_after(5):
             while a.rep._syncing:
                 await trio.sleep(0.02)
+
+        # Why opening a stream failed is told, not just that it did (upstream hides it).
+        with pytest.raises(OperationError, match="protocols not supported"):
+            await a.host.new_stream(light.peer_id, a.rep.protocol)
 
     records = [r for r in caplog.records if r.getMessage() == "sync failed"]
     assert [r.peer for r in records] == [str(refuser.peer_id)]  # type: ignore[attr-defined]

@@ -184,7 +184,8 @@ def lease_for(lease_id: bytes, provider: Identity) -> Lease:
 LEASES = {lease.id: lease for lease in (lease_for(hashlib.sha256(b"direct").digest(), PROV),
                                         lease_for(hashlib.sha256(b"subcontract").digest(), PROV2))}
 LEASE_B, LEASE_C = LEASES.values()
-CONFIG = DataplaneConfig(window=8, remote_in_flight=4)
+CONFIG = DataplaneConfig(window=8, remote_in_flight=4,
+                         contractor_addrs_allow=("127.0.0.0/8",))  # all on loopback
 
 
 def sub_offer(addrs: list[str]) -> Market:

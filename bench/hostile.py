@@ -242,6 +242,7 @@ def attacks(quick: bool = False) -> list[Attack]:
         Attack("gossip_flood", "2/3", "repl", A.gossip_flood),
         Attack("submit_flood_rotating", "2", "repl", A.submit_flood),
         Attack("process_sessions", "6", "dataplane", A.process_sessions),
+        Attack("process_foreign_lease", "13.1", "dataplane", A.foreign_lease),
         Attack("sync_tarpit", "5", "sync", sync_tarpit),
         Attack("many_identities", "1", "shield", A.many_identities),
         Attack("back_dated", "4", "fold", A.back_dated),

@@ -221,7 +221,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 "provider": {"enabled": True, "offers": p.spec.offers, "currency": "EUR",
                              "interval_s": 0.25, "note": f"{p.spec.name} (netns)",
                              **p.spec.policy},  # the round checks the recipient policies
-                "dataplane": {"workers": 1},
+                # Subcontractors are on the namespaces' private subnet.
+                "dataplane": {"workers": 1, "contractor_addrs_allow": [f"{SUBNET}.0/24"]},
                 # The round's tunnel fetches from an HTTP server on the client host
                 # (a private address, refused by the default egress policy).
                 "bandwidth": {"allow": [f"{CLIENT_IP}/32"]},

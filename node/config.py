@@ -306,6 +306,22 @@ class DataplaneConfig:
     exec: dict[str, list[str]] = _opt({}, dict, _exec)
     max_streams: int = _opt(64, int, _range(1, 100_000))
     window: int = _opt(16, int, _range(1, 4096))
+    # Serving other providers' process requests (docs/dataplane.md §9): bytes of
+    # requests and answers in flight per requesting peer and in all, sessions per peer.
+    process_peer_bytes: int = _opt(16 << 20, int, _range(64 << 10, 1 << 34))
+    process_total_bytes: int = _opt(64 << 20, int, _range(64 << 10, 1 << 36))
+    process_sessions_per_peer: int = _opt(2, int, _range(1, 1024))
+    served_max: int = _opt(256, int, _range(1, 1_000_000))  # per-requester stats kept
+    served_ttl_s: float = _opt(3600.0, (int, float), _range(1, 30 * 86_400))
+    # Hiring subcontractors (node/dataplane/contractors.py): unrated providers
+    # "fallback" (only when no acceptable rated one can), "never" or "always"; rated
+    # ones below this score (percent; 50 = neutral) never; offer addresses dialed only
+    # when global, or admitted by an allow rule (CIDR [PORTS]; e.g. 127.0.0.0/8).
+    contractor_unrated: str = _opt("fallback", str, lambda v: None if v in (
+        "fallback", "never", "always") else "must be fallback, never or always")
+    contractor_min_score: float = _opt(40.0, (int, float), _range(0, 100))
+    contractor_addrs_allow: list[str] = _opt([], list, lambda v: _egress_rules(v))
+    contractor_addrs_deny: list[str] = _opt([], list, lambda v: _egress_rules(v))
 
 
 def _egress_rules(v: Any) -> str | None:

@@ -154,7 +154,8 @@ class Devnet:
                 "provider": {"enabled": True, "offers": p.spec.offers, "currency": "EUR",
                              "interval_s": 0.25, "note": f"{p.spec.name} (devnet)",
                              **p.spec.policy},
-                "dataplane": {"workers": 1},
+                # Every node is on loopback: subcontractors' addresses are too.
+                "dataplane": {"workers": 1, "contractor_addrs_allow": ["127.0.0.0/8"]},
                 # Tunnels of bandwidth leases may reach the devnet's own HTTP server.
                 "bandwidth": {"allow": ["127.0.0.1/32"]},
                 "http": {"enabled": p.http_port is not None, "port": p.http_port or 0,

@@ -103,6 +103,8 @@ class Cluster:
                         "bootstrap": [q.addr for q in peers],
                         "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
                 "sync": {"interval_s": 1.0, "request_timeout_s": 5.0},
+                # Loopback nodes hire each other: allowed explicitly (default: refused).
+                "dataplane": {"contractor_addrs_allow": ["127.0.0.0/8"]},
             }
             for k, v in (overrides or {}).items():
                 sections.setdefault(k, {}).update(v)

@@ -136,7 +136,9 @@ async def world(offers: dict[str, list[tuple[str, int]]],
         for name in ("A", "B", "C"):
             cfg = (configs or {}).get(name) or DataplaneConfig(window=8)
             services = frozenset(s for s, _ in offers.get(name, []))
-            cfg = replace(cfg, services=services, subcontract_timeout_s=5.0, bad_for_s=60.0)
+            # Every host is on loopback: allowed explicitly (the default refuses it).
+            cfg = replace(cfg, services=services, subcontract_timeout_s=5.0, bad_for_s=60.0,
+                          contractor_addrs_allow=cfg.contractor_addrs_allow or ("127.0.0.0/8",))
             node = await nursery.start(_run_provider, w, ids[name], cfg,
                                        (pools or {}).get(name, pool))
             w.nodes[name] = node

@@ -5,8 +5,10 @@ per-contractor record a `Subcontract` event is made from."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
+import socket
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +24,11 @@ from ..errors import (
 )
 from ..events import Subcontract
 from ..p2p import P2PHost, RequestRefused, peer_id_from_pubkey, request
-from ..processors import ProcessContext, Processor, run_chain, verify_result
+from ..processors import ProcessContext, Processor, output_bounds, run_chain, verify_result
 from ..processors.pool import WorkerPool
 from ..segments import Step
+from .contractors import choose, dial_target
+from .egress import EgressPolicy
 from .session import ProcessSession
 from .wire import ProcessRequest, decode_outputs, process_protocol, session_protocol
 
@@ -36,6 +40,7 @@ _RANK_TTL_S = 1.0
 _MAX_SUB_SERVICES = 8  # Subcontract.services holds at most 8 names
 _MAX_STEP = 8  # services in one step (a chain holds at most 8)
 _LEASE_RETRY_S = 0.25
+_MAX_ADDRS = 8  # offer addresses (and resolved IPs) tried per contractor
 
 
 @dataclass
@@ -99,12 +104,18 @@ class Dispatcher:
         counters: Counter[str],
         session_idle_s: float = 30.0,
         lease_wait_s: float = 5.0,
+        unrated: str = "fallback",
+        min_score_ppm: int = 0,
+        addr_policy: EgressPolicy | None = None,
     ) -> None:
         self.host = host
         self.protocol = process_protocol(network)
         self.session_protocol = session_protocol(network)
         self.session_idle_s = session_idle_s
         self.lease_wait_s = lease_wait_s
+        self.unrated, self.min_score_ppm = unrated, min_score_ppm
+        choose([], unrated, min_score_ppm)  # UsageError now for a bad policy
+        self.addr_policy = addr_policy or EgressPolicy()  # non-global addresses refused
         self.nursery: trio.Nursery | None = None
         """Where process sessions run; set by `DataplaneService.run`. Without it every
         remote step is one `/process/1` request."""
@@ -136,15 +147,19 @@ class Dispatcher:
     # ------------------------------------------------------------------ choosing
 
     def candidates(self, services: tuple[str, ...]) -> list[RankedOffer]:
-        """Other providers offering every service of the step, best first (cached 1 s)."""
+        """Other providers offering every service of the step that our policy lets us
+        hire (contractors.choose), best first (cached 1 s)."""
         now = trio.current_time()
         hit = self._ranked.get(services)
         if hit is not None and now - hit[0] < _RANK_TTL_S:
             return hit[1]
         ranked = rank_offers(self.market(), services[0], self.clock(), exclude=self.host.pubkey)
         need = set(services)
-        out = [r for r in ranked
-               if need <= {s.name for s in self.market().offers[r.provider].offer.services}]
+        able = [r for r in ranked
+                if need <= {s.name for s in self.market().offers[r.provider].offer.services}]
+        out = choose(able, self.unrated, self.min_score_ppm)
+        if len(out) < len(able):
+            self.counters["contractors_passed_over"] += len(able) - len(out)
         self._ranked[services] = (now, out)
         return out
 
@@ -215,6 +230,8 @@ class Dispatcher:
                 kind = "garbage" if isinstance(e, ProcessingError | PeerError) and not isinstance(
                     e, RequestRefused) else "failed"
                 self.counters[f"contractor_{kind}"] += 1
+                if isinstance(e, PeerError) and e.reason in ("oversized", "oversized_response"):
+                    self.counters["contractor_oversized"] += 1  # refused unread
                 if not (isinstance(e, RequestRefused) and e.reason == "busy"):
                     self.mark_bad(cand.provider)
                 errors.append(f"{cand.provider.hex()[:12]}: {e}")
@@ -243,14 +260,49 @@ class Dispatcher:
                 # the same dead peer (a window of them would stall the stream).
                 raise OperationError(f"provider {peer} failed recently; not redialling")
             last: BidmeshError | None = None
-            for addr in cand.addrs:
-                full = addr if "/p2p/" in addr else f"{addr}/p2p/{peer}"
-                try:
-                    await self.host.connect(full, timeout=self.connect_timeout_s)
-                    return
-                except BidmeshError as e:
-                    last = e
-            raise OperationError(f"cannot reach provider {peer}: {last or 'no addresses'}")
+            refused = 0
+            for addr in cand.addrs[:_MAX_ADDRS]:
+                checked = await self._dialable(addr)
+                refused += not checked
+                for full in checked:
+                    try:
+                        await self.host.connect(f"{full}/p2p/{peer}",
+                                                timeout=self.connect_timeout_s)
+                        return
+                    except BidmeshError as e:
+                        last = e
+            why = last or (f"none of its {refused} offer address(es) passes our address "
+                           "policy" if refused else "no addresses")
+            raise OperationError(f"cannot reach provider {peer}: {why}")
+
+    async def _dialable(self, addr: str) -> list[str]:
+        """The forms of an offer address we may dial (`/ipN/IP/tcp/PORT`, without
+        /p2p/), each IP checked by the address policy; a DNS name is resolved once
+        and its checked IPs are what we dial. Refusals are counted."""
+        target = dial_target(addr)
+        if target is None:
+            self.counters["contractor_addr_refused:unsupported"] += 1
+            return []
+        family, host, port, _ = target  # any /p2p/ part: we dial the candidate's own id
+        ips: list[str] = [host]
+        if family.startswith("dns"):
+            want = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6}.get(family, 0)
+            try:
+                with trio.fail_after(self.connect_timeout_s):
+                    infos = await trio.socket.getaddrinfo(host, port, want,
+                                                          socket.SOCK_STREAM)
+            except (OSError, trio.TooSlowError):
+                self.counters["contractor_addr_refused:resolve_failed"] += 1
+                return []
+            ips = list(dict.fromkeys(str(info[4][0]) for info in infos))[:_MAX_ADDRS]
+        out = []
+        for ip in ips:
+            reason = self.addr_policy.check(ip, port)
+            if reason is not None:
+                self.counters[f"contractor_addr_refused:{reason}"] += 1
+                continue
+            out.append(f"/ip{ipaddress.ip_address(ip).version}/{ip}/tcp/{port}")
+        return out
 
     async def _call(self, cand: RankedOffer, step: Step, data: bytes,
                     ctx: ProcessContext) -> list[bytes]:
@@ -259,12 +311,16 @@ class Dispatcher:
         req = ProcessRequest(ctx.lease_id, ctx.stream_id, ctx.seq, ctx.step, step.services,
                              ctx.key, data)
         n = len(step.services)
+        # The declared expansion bound of each service: an answer longer than what the
+        # request can legitimately produce is refused before it is read (issue 12 item 6).
+        most = 1 + sum(4 + b for b in output_bounds(self.processors, step.services,
+                                                       len(data), self.max_result))
         async with limit:
             session = await self._session(cand.provider)
             if session is not None:  # no checkpoint before call(): see ProcessSession.call
-                return await session.call(req, n, self.timeout_s)
+                return await session.call(req, n, self.timeout_s, most)
             reply = await request(self.host, peer_id_from_pubkey(cand.provider), self.protocol,
-                                  req.encode(), self.max_result * n + 1024, self.timeout_s)
+                                  req.encode(), max(most, 2048), self.timeout_s)
         return decode_outputs(reply, n)
 
     async def _session(self, provider: bytes) -> ProcessSession | None:

@@ -29,10 +29,20 @@ class DataplaneNodeService:
         # Pass-through (`identity`) serves transport leases such as bandwidth.
         offered = ({*cfg.provider.offers, "identity"} if cfg.provider.enabled
                    else set(self.processors))
+        dp = cfg.dataplane
         self.config = DataplaneConfig(
             services=frozenset(offered & set(self.processors)),
-            max_streams=cfg.dataplane.max_streams,
-            window=cfg.dataplane.window,
+            max_streams=dp.max_streams,
+            window=dp.window,
+            process_peer_bytes=dp.process_peer_bytes,
+            process_total_bytes=max(dp.process_total_bytes, dp.process_peer_bytes),
+            process_sessions_per_peer=dp.process_sessions_per_peer,
+            served_max=dp.served_max,
+            served_ttl_s=dp.served_ttl_s,
+            contractor_unrated=dp.contractor_unrated,
+            contractor_min_score_ppm=int(dp.contractor_min_score * 10_000),
+            contractor_addrs_allow=tuple(dp.contractor_addrs_allow),
+            contractor_addrs_deny=tuple(dp.contractor_addrs_deny),
         )
         self.svc: DataplaneService | None = None
 

@@ -10,7 +10,7 @@ import math
 import statistics
 import struct
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +34,8 @@ from ..p2p import (
     P2PHost,
     StreamTimeout,
     read_frame,
+    remote_peer_id,
     remote_pubkey,
-    serve_requests,
     set_stream_handler,
     write_frame,
 )
@@ -54,7 +54,9 @@ from ..segments import (
     plan,
 )
 from .authority import check_process, check_stream_chains, volume_limit
+from .budget import ByteBudget, read_exactly, read_frame_length
 from .dispatch import Contracts, Dispatcher
+from .egress import EgressPolicy
 from .wire import (
     SESSION_ERROR_ID,
     TRAILER_SEQ,
@@ -75,6 +77,16 @@ __all__ = ["DataplaneConfig", "DataplaneService", "wall_clock_ms"]
 log = logging.getLogger(__name__)
 _SEQ = struct.Struct(">Q")
 _MAX_USAGE_MEMBERS = 256  # Usage.members holds at most 256 entries
+_OK = 0  # node.p2p's request wire: 0x00 | payload, or 0x01 | u8 n | reason | message
+_SHOWN_LIMITS = ("process_peer_bytes", "process_total_bytes", "process_sessions_per_peer",
+                 "process_max_sessions", "process_max_concurrent", "served_max", "served_ttl_s",
+                 "max_streams", "window", "contractor_unrated", "contractor_min_score_ppm",
+                 "contractor_addrs_allow", "contractor_addrs_deny")
+
+
+def _error_answer(reason: str, message: str) -> bytes:
+    code = reason.encode("ascii", "replace")[:255]
+    return bytes([1, len(code)]) + code + message.encode("utf-8", "replace")[:1024]
 
 
 def wall_clock_ms() -> int:
@@ -125,6 +137,22 @@ class DataplaneConfig:
     process_max_sessions: int = 16  # open process sessions served at once
     process_session_concurrency: int = 4  # requests of one session read and processed at once
     process_idle_s: float = 120.0  # serving side: a session without requests is closed
+    # Serving side, across every session and single request (issue 12 item 6): bytes of
+    # requests held and responses not yet written, per requesting peer and in total ...
+    process_peer_bytes: int = 16 << 20
+    process_total_bytes: int = 64 << 20
+    process_sessions_per_peer: int = 2  # ... and sessions one peer may hold open
+    served_max: int = 256  # `served` stats: requesting keys kept (least recently used go)
+    served_ttl_s: float = 3600.0  # ... and dropped after this long without a request
+    # Whom we hire (node/dataplane/contractors.py): unrated providers "fallback" (only
+    # when no acceptable rated one offers the step), "never" or "always"; rated ones
+    # below this score (ppm; the neutral prior is 500_000) never ...
+    contractor_unrated: str = "fallback"
+    contractor_min_score_ppm: int = 400_000
+    # ... and which offer addresses we dial: non-global ones (loopback, private...) only
+    # when an allow rule admits them ("127.0.0.0/8" for a devnet); deny rules first.
+    contractor_addrs_allow: tuple[str, ...] = ()
+    contractor_addrs_deny: tuple[str, ...] = ()
     session_idle_s: float = 30.0  # requesting side: close our idle sessions (< the above)
     burst_ms: int = 250  # token bucket depth, in time at the max rate (at least 4 KiB)
     rate_window_ms: int = 1000  # min-rate judgement window
@@ -137,9 +165,15 @@ class DataplaneConfig:
         if self.process_session_concurrency < 1 or self.process_max_sessions < 0:
             raise UsageError("DataplaneConfig: process_session_concurrency must be >= 1 and "
                              "process_max_sessions >= 0")
+        if not 1 <= self.process_peer_bytes <= self.process_total_bytes:
+            raise UsageError("DataplaneConfig: need 1 <= process_peer_bytes <= "
+                             "process_total_bytes")
+        if self.process_sessions_per_peer < 1 or self.served_max < 1:
+            raise UsageError("DataplaneConfig: process_sessions_per_peer and served_max "
+                             "must be >= 1")
         for name in ("header_timeout_s", "idle_timeout_s", "write_timeout_s",
                      "subcontract_timeout_s", "process_timeout_s", "lease_check_s",
-                     "process_idle_s", "session_idle_s"):
+                     "process_idle_s", "session_idle_s", "served_ttl_s"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"DataplaneConfig.{name} must be positive")
 
@@ -397,13 +431,21 @@ class DataplaneService:
         self.local: frozenset[str] = frozenset(offered & set(pool.processors))
         self.counters: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=100_000)
-        self.served: dict[bytes, Counter[str]] = {}
+        # Per requesting key, least recently served first; bounded (served_max, ttl).
+        self.served: OrderedDict[bytes, Counter[str]] = OrderedDict()
+        self._served_at: dict[bytes, float] = {}
+        self.budget = ByteBudget(cfg.process_peer_bytes, cfg.process_total_bytes)
+        self._peer_sessions: Counter[bytes] = Counter()
+        self._singles = 0  # /process/1 requests being served
         self.dispatcher = Dispatcher(
             host, network, pool, self.local, market, clock,
             local_attempts=cfg.local_attempts, max_attempts=cfg.max_attempts,
             remote_in_flight=cfg.remote_in_flight, timeout_s=cfg.subcontract_timeout_s,
             connect_timeout_s=cfg.connect_timeout_s, max_result=cfg.max_result,
-            bad_for_s=cfg.bad_for_s, counters=self.counters, session_idle_s=cfg.session_idle_s)
+            bad_for_s=cfg.bad_for_s, counters=self.counters, session_idle_s=cfg.session_idle_s,
+            unrated=cfg.contractor_unrated, min_score_ppm=cfg.contractor_min_score_ppm,
+            addr_policy=EgressPolicy(allow=cfg.contractor_addrs_allow,
+                                     deny=cfg.contractor_addrs_deny))
         self._leases: dict[bytes, _LeaseState] = {}
         self._volume: dict[bytes, int] = {}  # lease -> bytes of process requests served
         self._streams = 0
@@ -422,9 +464,7 @@ class DataplaneService:
         self._installed = True
         set_stream_handler(self.host, stream_protocol(self.network), self._on_stream)
         cfg = self.config
-        serve_requests(self.host, process_protocol(self.network), self._on_process,
-                       self._max_request, timeout=cfg.process_timeout_s,
-                       max_concurrent=cfg.process_max_concurrent)
+        set_stream_handler(self.host, process_protocol(self.network), self._on_single)
         if cfg.process_sessions:
             set_stream_handler(self.host, session_protocol(self.network), self._on_session)
 
@@ -442,6 +482,7 @@ class DataplaneService:
                         if not st.closed and st.lease.end_ms <= now:
                             await self.close_lease(lid)
                     self._prune_volume(now)
+                    self._prune_served()
             finally:
                 self.dispatcher.nursery = None
 
@@ -488,6 +529,8 @@ class DataplaneService:
             "active_streams": self._streams,
             "process_sessions": {"serving": self._sessions,
                                  "open_to_contractors": self.dispatcher.open_sessions},
+            "process_memory": self.budget.stats(),
+            "limits": {k: getattr(self.config, k) for k in _SHOWN_LIMITS},
             "leases": {lid.hex(): {
                 "streams": len(st.streams), "closed": st.closed,
                 "rate_limited": st.rate_limited, "shortfall_ms": st.shortfall_ms,
@@ -613,8 +656,91 @@ class DataplaneService:
     def _knows(self, peer: bytes) -> bool:
         return peer in self.config.allow or peer in self.market().offers
 
-    async def _on_process(self, peer: bytes, payload: bytes) -> bytes:
-        return encode_outputs(await self._process(peer, payload))
+    def _served(self, peer: bytes) -> Counter[str]:
+        """The requester's stats entry, made the most recently used; the least recently
+        used beyond `served_max` are dropped (a stranger per key must not grow it)."""
+        c = self.served.get(peer)
+        if c is None:
+            c = self.served[peer] = Counter()
+            while len(self.served) > self.config.served_max:
+                old, _ = self.served.popitem(last=False)
+                self._served_at.pop(old, None)
+                self.counters["served_pruned"] += 1
+        else:
+            self.served.move_to_end(peer)
+        self._served_at[peer] = trio.current_time()
+        return c
+
+    def _prune_served(self) -> None:
+        cutoff = trio.current_time() - self.config.served_ttl_s
+        while self.served:
+            oldest = next(iter(self.served))
+            if self._served_at.get(oldest, -math.inf) > cutoff:
+                break
+            del self.served[oldest]
+            self._served_at.pop(oldest, None)
+            self.counters["served_pruned"] += 1
+
+    async def _on_single(self, stream: INetStream) -> None:
+        """`/process/1`: one request per stream, on node.p2p's request wire (response
+        `0x00 | outputs` or `0x01 | u8 n | reason | message`), like `serve_requests`
+        plus the byte budget: waiting for it between the request's length and its
+        body, so a peer's requests in flight never hold more than its share."""
+        peer_id = remote_peer_id(stream)
+        ticket = self.host.resources.try_start_request(peer_id, process_protocol(self.network))
+        if ticket is None:
+            self.host.guard.fault(peer_id, "limit_requests_per_peer")
+            await write_frame(stream, _error_answer("busy", "too many requests in flight "
+                                                    "from you"), 5.0)
+            return
+        try:
+            if self._singles >= self.config.process_max_concurrent:
+                self.counters["process_refused:busy"] += 1
+                await write_frame(stream, _error_answer("busy", "too many requests in "
+                                                        "flight"), 5.0)
+                return
+            self._singles += 1
+            try:
+                await self._serve_single(stream, remote_pubkey(stream))
+            finally:
+                self._singles -= 1
+            self.host.resources.touch(peer_id)
+        finally:
+            self.host.resources.end_request(ticket)
+
+    async def _serve_single(self, stream: INetStream, peer: bytes) -> None:
+        cfg = self.config
+        deadline = trio.current_time() + cfg.process_timeout_s
+        charged = 0
+        try:
+            try:
+                with trio.fail_at(deadline):
+                    try:
+                        length = await read_frame_length(stream, self._max_request, math.inf)
+                        await self.budget.acquire(peer, length)
+                        charged = length
+                        payload = await read_exactly(stream, length, math.inf)
+                        outputs = await self._process(peer, payload)
+                        del payload
+                        out = sum(map(len, outputs))
+                        self.budget.charge(peer, out)
+                        charged += out
+                        response = encode_outputs(outputs, bytes([_OK]))
+                    except PeerError as e:
+                        if e.reason in ("eof", "truncated"):
+                            raise  # the request never arrived whole: nobody to answer
+                        if e.reason == "oversized":
+                            self.counters["process_refused:oversized"] += 1
+                        response = _error_answer(e.reason, str(e))
+            except trio.TooSlowError:
+                self.counters["process_refused:timeout"] += 1
+                response = _error_answer("timeout", f"not served within "
+                                         f"{cfg.process_timeout_s} s")
+                deadline = trio.current_time() + 5.0
+            await write_frame(stream, response, max(0.0, deadline - trio.current_time()))
+        finally:
+            if charged:
+                self.budget.release(peer, charged)
 
     def _authorize(self, peer: bytes, req: ProcessRequest) -> None:
         """The request's lease must allow it (authority.check_process) and have volume
@@ -659,7 +785,7 @@ class DataplaneService:
         except Unauthorized as e:
             self.counters[f"process_refused:{e.reason}"] += 1
             raise
-        served = self.served.setdefault(peer, Counter())
+        served = self._served(peer)
         ctx = ProcessContext(req.lease, req.stream_id, req.seq, req.key, self.config.params,
                              req.step)
         try:
@@ -704,7 +830,13 @@ class DataplaneService:
         if self._sessions >= cfg.process_max_sessions:
             await self._refuse_session(stream, "busy", "too many process sessions open")
             return
+        if self._peer_sessions[peer] >= cfg.process_sessions_per_peer:
+            await self._refuse_session(stream, "busy", "you hold "
+                                       f"{cfg.process_sessions_per_peer} process sessions "
+                                       "already; pipeline requests on one")
+            return
         self._sessions += 1
+        self._peer_sessions[peer] += 1
         self.counters["process_sessions"] += 1
         slots = trio.Semaphore(cfg.process_session_concurrency)
         write_lock = trio.Lock()
@@ -719,8 +851,8 @@ class DataplaneService:
                 while True:
                     await slots.acquire()
                     try:
-                        frame = await read_frame(stream, self._max_request + 8,
-                                                cfg.process_idle_s)
+                        length = await read_frame_length(stream, self._max_request + 8,
+                                                         cfg.process_idle_s)
                     except StreamTimeout:
                         self.counters["process_sessions_idle"] += 1
                         break  # answer what is in flight, then close
@@ -732,40 +864,67 @@ class DataplaneService:
                     except BidmeshError as e:
                         failed(e)
                         break
-                    if len(frame) < 8:
+                    if length < 8:
                         self.counters["process_refused:bad_request"] += 1
                         failed(InvalidMessage("process-session request shorter than its id",
                                               "bad_request"))
+                        break
+                    # Waiting here stops reading: yamux flow control then holds the
+                    # requester, whichever of its sessions it uses.
+                    await self.budget.acquire(peer, length)
+                    try:
+                        frame = await read_exactly(stream, length, cfg.process_timeout_s)
+                    except BaseException as e:
+                        self.budget.release(peer, length)
+                        if not isinstance(e, BidmeshError):
+                            raise
+                        failed(e)
                         break
                     nursery.start_soon(self._session_request, stream, write_lock, slots, peer,
                                        frame, failed)
         finally:
             self._sessions -= 1
+            self._peer_sessions[peer] -= 1
+            if self._peer_sessions[peer] <= 0:
+                del self._peer_sessions[peer]
         if errors:
             raise errors[0]  # the stream handler resets the stream
 
     async def _session_request(self, stream: INetStream, write_lock: trio.Lock,
                                slots: trio.Semaphore, peer: bytes, frame: bytes,
                                failed: Callable[[BidmeshError], None]) -> None:
+        """Process one session request and write its answer. The frame's bytes were
+        charged to the budget by the reader: they are released once it is processed,
+        and the outputs are charged until written."""
         cfg = self.config
         (rid,) = _SEQ.unpack_from(frame)
         data = b""
+        out = 0
         try:
-            with trio.fail_after(cfg.process_timeout_s):
-                async with self._process_slots:
-                    head, data = session_response_parts(rid, await self._process(peer, frame, 8))
-        except PeerError as e:
-            log.info("process request from %s refused (%s): %s", peer.hex()[:12], e.reason, e)
-            head = encode_session_error(rid, e.reason, str(e))
-        except trio.TooSlowError:
-            self.counters["process_refused:timeout"] += 1
-            head = encode_session_error(rid, "timeout",
-                                        f"not processed within {cfg.process_timeout_s} s")
+            try:
+                with trio.fail_after(cfg.process_timeout_s):
+                    async with self._process_slots:
+                        outputs = await self._process(peer, frame, 8)
+                        out = sum(map(len, outputs))
+                        self.budget.charge(peer, out)
+                        head, data = session_response_parts(rid, outputs)
+            except PeerError as e:
+                log.info("process request from %s refused (%s): %s", peer.hex()[:12],
+                         e.reason, e)
+                head = encode_session_error(rid, e.reason, str(e))
+            except trio.TooSlowError:
+                self.counters["process_refused:timeout"] += 1
+                head = encode_session_error(rid, "timeout",
+                                            f"not processed within {cfg.process_timeout_s} s")
+            finally:
+                slots.release()
+                self.budget.release(peer, len(frame))
+                del frame
+            try:
+                async with write_lock:
+                    await write_frame(stream, data, cfg.write_timeout_s, head)
+            except BidmeshError as e:
+                failed(e)
         finally:
-            slots.release()
-        del frame
-        try:
-            async with write_lock:
-                await write_frame(stream, data, cfg.write_timeout_s, head)
-        except BidmeshError as e:
-            failed(e)
+            if out:
+                self.budget.release(peer, out)

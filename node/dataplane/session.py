@@ -22,10 +22,10 @@ from ..p2p import (
     RequestRefused,
     StreamTimeout,
     close_quietly,
-    read_frame,
     reset_quietly,
     write_frame,
 )
+from .budget import read_exactly, read_frame_length
 from .wire import SESSION_ERROR_ID, ProcessRequest, SessionResponse
 
 __all__ = ["ProcessSession"]
@@ -33,13 +33,15 @@ __all__ = ["ProcessSession"]
 log = logging.getLogger(__name__)
 _U64 = struct.Struct(">Q")
 CLOSE_GRACE_S = 5.0
+_ERROR_LIMIT = 1 + 1 + 255 + 1024  # an error answer: status, reason, message
 
 
 class _Slot:
-    __slots__ = ("abandoned", "done", "error", "expected", "response")
+    __slots__ = ("abandoned", "done", "error", "expected", "limit", "response")
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, limit: int) -> None:
         self.expected = expected
+        self.limit = limit  # most bytes of its outputs (`encode_outputs`) or error body
         self.done = trio.Event()
         self.response: SessionResponse | None = None
         self.error: BidmeshError | None = None
@@ -83,10 +85,13 @@ class ProcessSession:
         self._slots.clear()
         self._scope.cancel()
 
-    async def call(self, req: ProcessRequest, expected: int, timeout: float) -> list[bytes]:
+    async def call(self, req: ProcessRequest, expected: int, timeout: float,
+                   limit: int | None = None) -> list[bytes]:
         """The outputs of `req` (`expected` of them). RequestRefused when the contractor
         answers an error; the session's error (StreamTimeout after `timeout`,
-        RemoteError, InvalidMessage...) when the session fails."""
+        RemoteError, InvalidMessage...) when the session fails. `limit`: the most bytes
+        its encoded outputs may hold (from the outputs' expansion bound, see `node.processors.
+        output_bounds`); a longer answer fails the session unread ("oversized_response")."""
         if not self.usable:
             raise self.error or OperationError(f"the process session to {self.name} is closed")
         # Register before the first checkpoint: the idle reaper only closes a session
@@ -94,7 +99,7 @@ class ProcessSession:
         # session keeps it.
         rid = self._next_id
         self._next_id += 1
-        slot = self._slots[rid] = _Slot(expected)
+        slot = self._slots[rid] = _Slot(expected, self.max_frame if limit is None else limit)
         self.last_used = trio.current_time()
         deadline = self.last_used + timeout
         head = req.encode_head(rid)
@@ -151,12 +156,29 @@ class ProcessSession:
             self.fail(self.error or OperationError("closed"))
             await reset_quietly(self.stream)
 
+    async def _read_response(self) -> tuple[int, bytes]:
+        """One response frame as (request id, the rest), checked against the limit of
+        the request it answers before its body is read: a contractor answering junk
+        costs us at most what the request could legitimately produce."""
+        length = await read_frame_length(self.stream, self.max_frame, math.inf)
+        if length < 9:
+            raise InvalidMessage(f"{self.name} sent a process-session response shorter than "
+                                 "its header", "bad_response")
+        (rid,) = _U64.unpack(await read_exactly(self.stream, 8, math.inf))
+        slot = self._slots.get(rid)
+        limit = _ERROR_LIMIT if rid == SESSION_ERROR_ID or slot is None else max(
+            slot.limit, _ERROR_LIMIT)
+        if length - 9 > limit:  # after the id and the status byte
+            raise InvalidMessage(f"{self.name} answered {length - 9} bytes to request {rid}, "
+                                 f"whose outputs hold at most {limit}", "oversized_response")
+        return rid, await read_exactly(self.stream, length - 8, math.inf)
+
     async def _reader(self) -> None:
         while True:
             try:
                 # No timeout here: each call bounds its own wait and fails the session
                 # (cancelling this read) when it passes; the reaper ends idle sessions.
-                frame = await read_frame(self.stream, self.max_frame, math.inf)
+                rid, body = await self._read_response()
             except InvalidMessage as e:
                 if e.reason == "eof" and self.closing and self._only_abandoned():
                     return  # we closed an idle session and the contractor closed its side
@@ -166,18 +188,14 @@ class ProcessSession:
                 self.fail(e)
                 return
             try:
-                self._deliver(frame)
+                self._deliver(rid, body)
             except BidmeshError as e:
                 self.fail(e)
                 return
 
-    def _deliver(self, frame: bytes) -> None:
-        if len(frame) < 9:
-            raise InvalidMessage(f"{self.name} sent a process-session response shorter than "
-                                 "its header", "bad_response")
-        (rid,) = _U64.unpack_from(frame)
+    def _deliver(self, rid: int, body: bytes) -> None:
         if rid == SESSION_ERROR_ID:
-            r = SessionResponse.decode(frame, None)
+            r = SessionResponse.decode_body(rid, body, None)
             raise RequestRefused(f"{self.name} refused the process session ({r.reason}): "
                                  f"{r.message}", r.reason)
         slot = self._slots.pop(rid, None)
@@ -185,7 +203,7 @@ class ProcessSession:
             raise InvalidMessage(f"{self.name} answered request {rid}, which is not in "
                                  "flight", "bad_response")
         if not slot.abandoned:
-            slot.response = SessionResponse.decode(frame, slot.expected)
+            slot.response = SessionResponse.decode_body(rid, body, slot.expected)
             slot.done.set()
 
     def _only_abandoned(self) -> bool:

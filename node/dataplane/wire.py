@@ -388,14 +388,25 @@ class SessionResponse:
             raise InvalidMessage("process-session response shorter than its header",
                                  "bad_response")
         (rid,) = _U64.unpack_from(frame)
-        view = memoryview(frame)[9:]
-        if frame[8] == _S_ERR:
+        return cls.decode_body(rid, memoryview(frame)[8:], expected)
+
+    @classmethod
+    def decode_body(cls, rid: int, body: bytes | memoryview,
+                    expected: int | None) -> SessionResponse:
+        """`decode` of a frame whose 8-byte id was already read: `body` starts at the
+        status byte."""
+        if len(body) < 1:
+            raise InvalidMessage("process-session response without a status",
+                                 "bad_response")
+        status = body[0]
+        view = memoryview(body)[1:]
+        if status == _S_ERR:
             if len(view) < 1 or len(view) < 1 + view[0]:
                 raise InvalidMessage("malformed process-session error", "bad_response")
             reason = bytes(view[1 : 1 + view[0]]).decode("ascii", "replace")
             return cls(rid, False, reason=reason,
                        message=bytes(view[1 + view[0] :]).decode("utf-8", "replace"))
-        if frame[8] != _S_OK or expected is None:
+        if status != _S_OK or expected is None:
             raise InvalidMessage("malformed process-session response", "bad_response")
         return cls(rid, True, tuple(decode_outputs(view, expected)))
 

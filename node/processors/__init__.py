@@ -29,6 +29,7 @@ __all__ = [
     "Processor",
     "Verifier",
     "load_processors",
+    "output_bounds",
     "run_chain",
     "verify_result",
 ]
@@ -85,6 +86,32 @@ class Processor(Protocol):
     def name(self) -> str: ...
 
     def process(self, data: bytes, ctx: ProcessContext) -> bytes: ...
+
+
+class Bounded(Protocol):
+    """Optional extra of a Processor: its declared expansion bound, the most bytes it
+    outputs for `n` bytes of input. A requester reads no more than this from another
+    provider's answer (docs/dataplane.md §9); without it, `default` applies."""
+
+    def output_bound(self, n: int) -> int: ...
+
+
+def output_bounds(processors: Mapping[str, Processor], services: Sequence[str], n: int,
+                  default: int) -> list[int]:
+    """The most bytes each service of a step may output for `n` input bytes, applying
+    the services' `output_bound` in order (`default` for a service that declares none,
+    unknown here, or whose bound fails); each bound is at most `default`."""
+    out = []
+    for name in services:
+        bound = getattr(processors.get(name), "output_bound", None)
+        try:
+            b = int(bound(n)) if bound is not None else default
+        except Exception:  # plugin code: an unusable bound falls back to the cap
+            log.warning("processor %s: output_bound(%d) failed; using %d", name, n, default)
+            b = default
+        n = max(0, min(b, default))
+        out.append(n)
+    return out
 
 
 class Verifier(Protocol):

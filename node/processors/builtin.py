@@ -52,6 +52,9 @@ class Identity:
     # Costs nothing: the dataplane runs it in-process instead of paying a worker round trip.
     inline: ClassVar[bool] = True
 
+    def output_bound(self, n: int) -> int:
+        return n
+
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         return data
 
@@ -66,6 +69,9 @@ class Sha256:
 
     name: str = "sha256"
 
+    def output_bound(self, n: int) -> int:
+        return 32
+
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         return hashlib.sha256(data).digest()
 
@@ -79,6 +85,10 @@ class Zstd:
     """Single-threaded so the output is a pure function of (input, level)."""
 
     name: str = "zstd"
+
+    def output_bound(self, n: int) -> int:
+        # ZSTD_compressBound (n + n/256 + a small constant) and the frame header, rounded up.
+        return n + (n >> 7) + 1024
 
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         level = ctx.params.get("zstd_level", 3)
@@ -104,6 +114,9 @@ class Zstd:
 class ZstdDecompress:
     name: str = "zstd-d"
     max_output: int = DEFAULT_MAX_OUTPUT
+
+    def output_bound(self, n: int) -> int:
+        return self.max_output  # any ratio up to the bomb cap
 
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         limit = _limit(ctx, self.max_output)
@@ -171,6 +184,9 @@ class AesGcm:
 
     name: str = "aes-gcm"
 
+    def output_bound(self, n: int) -> int:
+        return n + NONCE_LEN + TAG_LEN
+
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         nonce = nonce_for(ctx.stream_id, ctx.seq, ctx.step)
         return nonce + _aead(ctx, self.name).encrypt(nonce, data, AAD)
@@ -186,6 +202,9 @@ class AesGcm:
 @dataclass(frozen=True)
 class AesGcmDecrypt:
     name: str = "aes-gcm-d"
+
+    def output_bound(self, n: int) -> int:
+        return max(0, n - NONCE_LEN - TAG_LEN)
 
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         if len(data) < NONCE_LEN + TAG_LEN:
@@ -226,6 +245,9 @@ class Exec:
             raise ConfigError(f"{self.name}: argv must be a non-empty list of non-empty strings")
         if self.timeout_s <= 0 or self.max_output <= 0:
             raise ConfigError(f"{self.name}: timeout_s and max_output must be positive")
+
+    def output_bound(self, n: int) -> int:
+        return self.max_output
 
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         limit = _limit(ctx, self.max_output)

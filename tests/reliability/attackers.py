@@ -27,11 +27,21 @@ import trio
 from daemon_helpers import NETWORK, Proc
 
 from node import codec, gossip, p2p, query, sync
+from node.auction import Lease, derive
 from node.dataplane import process_protocol, stream_protocol
 from node.dataplane.tunnel_wire import tunnel_protocol
-from node.dataplane.wire import ProcessRequest, session_protocol
+from node.dataplane.wire import ProcessRequest, SessionResponse, session_protocol
 from node.errors import BidmeshError
-from node.events import Offer, ServiceOffer, sign_event
+from node.events import (
+    Award,
+    Bid,
+    Members,
+    Offer,
+    Request,
+    ServiceOffer,
+    considered_digest,
+    sign_event,
+)
 from node.keys import Identity
 
 ATTACK_ERRORS = (BidmeshError, OSError, trio.TooSlowError, trio.BrokenResourceError,
@@ -1034,21 +1044,64 @@ async def idle_streams(t: Target, scale: dict[str, Any]) -> Outcome:
 
 # ------------------------------------------------------------------ dataplane
 
+def offer_and_lease(provider: Identity, tag: str, chain: tuple[str, ...] = ("identity",)
+                    ) -> tuple[list[bytes], Lease]:
+    """A real lease anyone can make, with an offer: `provider` offers `chain[0]`, a
+    fresh recipient key requests `chain`, `provider` bids, the recipient awards.
+    Submitted by SUBMIT, it is a lease in every node's fold with `provider` as its
+    provider (issue 13 item 1: such a lease is all the authority a process request
+    needs, so the memory limits must hold against it)."""
+    now = int(time.time() * 1000)
+    recipient = ident(f"{tag}-recipient", now)
+    offer = sign_event(provider.seed, 1, None, now - 6000, Offer(
+        services=(ServiceOffer(name=chain[0], price=1, capacity=1),), currency="EUR",
+        addrs=(), note=tag), NETWORK)
+    req = sign_event(recipient.seed, 1, None, now - 5000, Request(
+        service=chain[0], chain=chain, start_ms=now - 1000, duration_ms=3_600_000,
+        max_rate_bps=None, min_rate_bps=None, members=Members(), reserve=1000,
+        currency="EUR", close_ms=now - 3000, reveal_ms=now - 3000, rule="lowest",
+        sealed=False, group=False), NETWORK)
+    bid = sign_event(provider.seed, 2, offer.id, now - 4000, Bid(request=req.id, price=10),
+                     NETWORK)
+    award = sign_event(recipient.seed, 2, req.id, now - 2000, Award(
+        request=req.id, winner=bid.id, price=10, considered=(bid.id,),
+        considered_digest=considered_digest([bid.id]), considered_count=1), NETWORK)
+    events = [offer, req, bid, award]
+    (lease,) = derive(events).leases.values()
+    return [e.wire for e in events], lease
+
+
+async def _dataplane_status(t: Target) -> dict[str, Any]:
+    st = await call(t.victim, {"op": "status"})
+    return (st or {}).get("services", {}).get("dataplane", {})
+
+
 async def process_sessions(t: Target, scale: dict[str, Any]) -> Outcome:
-    """A peer with an offer in the ledger opens `sessions` process sessions and sends
-    `requests` x `mb` MB requests on each without reading the answers."""
+    """A provider with an offer and a lease of its own (both self-made) opens
+    `sessions` process sessions and sends `requests` x `mb` MB requests on each, under
+    its lease, without reading the answers (issue 12 item 6: 16 x 4 x 8 MB took a
+    provider from 196 to 961 MB in 5 s)."""
     o = Outcome()
     sessions, reqs, mb = (int(scale["proc_sessions"]), int(scale["proc_requests"]),
                           int(scale["proc_mb"]))
     idn = ident("proc-hog", int(time.time()))
-    ev = sign_event(idn.seed, 1, None, int(time.time() * 1000),
-                    Offer(services=(ServiceOffer(name="identity", price=1, capacity=1),),
-                          currency="EUR", addrs=(), note="hog"), NETWORK)
-    statuses = await submit_events(t, idn, [ev.wire])
-    o.figures["offer"] = statuses
+    lease_wires, lease = offer_and_lease(idn, "proc-hog")
+    statuses = await submit_events(t, idn, lease_wires)
+    o.figures["submitted"] = statuses
     data = b"\x00" * (mb << 20)
     sent = 0
     refused: dict[str, int] = {}
+    peak_in_flight = 0
+    stop = trio.Event()
+
+    async def sample() -> None:
+        nonlocal peak_in_flight
+        while not stop.is_set():
+            mem = (await _dataplane_status(t)).get("process_memory", {})
+            peak_in_flight = max(peak_in_flight, int(mem.get("bytes_in_flight", 0)))
+            with trio.move_on_after(0.2):
+                await stop.wait()
+
     async with p2p.open_host(idn.seed) as h:
         await h.connect(t.victim.addr)
 
@@ -1061,8 +1114,7 @@ async def process_sessions(t: Target, scale: dict[str, Any]) -> Outcome:
                 return
             try:
                 for r in range(reqs):
-                    req = ProcessRequest(os.urandom(32), b"s%d" % i, r, 0, ("identity",), None,
-                                         b"")
+                    req = ProcessRequest(lease.id, b"s%d" % i, r, 0, ("identity",), None, b"")
                     head = req.encode(request_id=r)
                     await p2p.write_frame(s, data, 20.0, head)
                     sent += 1
@@ -1075,9 +1127,84 @@ async def process_sessions(t: Target, scale: dict[str, Any]) -> Outcome:
 
         with trio.move_on_after(60):
             async with trio.open_nursery() as nursery:
-                for i in range(sessions):
-                    nursery.start_soon(session, i)
-    o.figures.update(sessions=sessions, requests_sent=sent, mb_each=mb, attacker_errors=refused)
+                nursery.start_soon(sample)
+                async with trio.open_nursery() as flood:
+                    for i in range(sessions):
+                        flood.start_soon(session, i)
+                stop.set()
+    dp = await _dataplane_status(t)
+    counters = dp.get("counters", {})
+    limits = dp.get("limits", {})
+    o.figures.update(sessions=sessions, requests_sent=sent, mb_each=mb, attacker_errors=refused,
+                     peak_bytes_in_flight=peak_in_flight,
+                     sessions_refused_busy=counters.get("process_refused:busy", 0),
+                     served=counters.get("process_served", 0), limits=limits)
+    cap = int(limits.get("process_total_bytes", 0)) + 2 * (mb << 20) + (1 << 20)
+    o.check(bool(limits), "the victim's status shows no dataplane limits")
+    o.check(peak_in_flight <= cap, f"{peak_in_flight} bytes in flight, above the total "
+            f"budget plus answers ({cap})")
+    per_peer = int(limits.get("process_sessions_per_peer", sessions))
+    o.check(sessions <= per_peer or counters.get("process_refused:busy", 0) >= 1,
+            "sessions beyond the per-peer limit were not refused")
+    return o
+
+
+async def foreign_lease(t: Target, scale: dict[str, Any]) -> Outcome:
+    """Process requests without the authority of the lease they name (issue 13 item
+    1): a lease id nobody knows, another provider's lease, and the attacker's own lease
+    for a service its chain does not name. Each must be refused with its reason and
+    counted, and nothing served."""
+    o = Outcome()
+    idn = ident("foreign", int(time.time()))
+    other = ident("foreign-provider", int(time.time()))
+    mine, my_lease = offer_and_lease(idn, "foreign-mine")
+    theirs, their_lease = offer_and_lease(other, "foreign-theirs")
+    o.figures["submitted"] = await submit_events(t, idn, [*mine, *theirs])
+    before = (await _dataplane_status(t)).get("counters", {})
+    cases = {
+        "no_lease": ProcessRequest(os.urandom(32), b"f", 0, 0, ("identity",), None, b"x"),
+        "not_lease_provider": ProcessRequest(their_lease.id, b"f", 0, 0, ("identity",), None,
+                                             b"x"),
+        "not_in_chain": ProcessRequest(my_lease.id, b"f", 0, 0, ("sha256",), None, b"x"),
+    }
+    got: dict[str, str] = {}
+    async with p2p.open_host(idn.seed) as h:
+        await h.connect(t.victim.addr)
+        for want, req in cases.items():
+            try:
+                await p2p.request(h, t.victim.peer_id, process_protocol(t.network),
+                                  req.encode(), 1 << 20, 10)
+                got[want] = "served"
+            except p2p.RequestRefused as e:
+                got[want] = e.reason
+            except ATTACK_ERRORS as e:
+                got[want] = type(e).__name__
+        # The same over a session, pipelined: answered by id, the session goes on.
+        try:
+            s = await h.new_stream(t.victim.peer_id, session_protocol(t.network), timeout=5)
+            for rid, req in enumerate(cases.values()):
+                await p2p.write_frame(s, req.encode(request_id=rid), 10.0)
+            for _ in cases:
+                frame = await p2p.read_frame(s, 1 << 16, 10.0)
+                r = SessionResponse.decode(frame, None if frame[8] else 1)
+                if r.request_id >= len(cases):
+                    got["session"] = f"refused whole: {r.reason}: {r.message}"
+                    break
+                got[f"session:{list(cases)[r.request_id]}"] = r.reason or "served"
+            await p2p.reset_quietly(s)
+        except ATTACK_ERRORS as e:
+            got["session"] = f"{type(e).__name__}: {str(e)[:100]}"
+    after = (await _dataplane_status(t)).get("counters", {})
+    o.figures.update(answers=got)
+    o.check("session" not in got, f"the session failed: {got.get('session')}")
+    for want in cases:
+        o.check(got.get(want) == want and got.get(f"session:{want}") == want,
+                f"a request for {want} was answered {got.get(want)!r} / "
+                f"{got.get(f'session:{want}')!r}")
+        k = f"process_refused:{want}"
+        o.check(after.get(k, 0) - before.get(k, 0) >= 2, f"{k} not counted")
+    o.check(after.get("process_served", 0) == before.get("process_served", 0),
+            "a request without authority was served")
     return o
 
 

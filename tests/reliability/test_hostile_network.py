@@ -209,3 +209,26 @@ async def test_sync_under_tarpit(tmp_path: Path) -> None:
         assert st["sync"]["slots"]["held_by_strangers"] <= 3
         assert st["gossip"]["faults"].get("sync_stalled", 0) >= 1
         await trio.to_thread.run_sync(alive, c, f)
+
+
+async def test_process_session_flood_is_bounded(two: Cluster) -> None:
+    """Issue 12 item 6: a provider with a lease of its own floods 4 sessions x 4
+    requests of 8 MB without reading: at most 2 sessions served, the bytes in flight
+    stay within the budget, the node serves its honest peer."""
+    v = two.procs[0]
+    out = await run(A.process_sessions, target(two), proc_sessions=4, proc_requests=4,
+                    proc_mb=8, proc_hold_s=2.0)
+    st = await trio.to_thread.run_sync(alive, two, v)
+    assert not out.failures, out.figures
+    assert out.figures["sessions_refused_busy"] >= 2
+    assert st["services"]["dataplane"]["process_memory"]["bytes_in_flight"] <= (64 << 20)
+    await serves_honest_peer(two, v)
+
+
+async def test_process_requests_without_lease_authority(two: Cluster) -> None:
+    """Issue 13 item 1 against a node process: unknown lease, another provider's lease,
+    a service outside the lease's chain; refused with reasons, counted, never served."""
+    out = await run(A.foreign_lease, target(two))
+    await trio.to_thread.run_sync(alive, two, two.procs[0])
+    assert not out.failures, out.figures
+

@@ -1157,7 +1157,9 @@ async def foreign_lease(t: Target, scale: dict[str, Any]) -> Outcome:
     o = Outcome()
     idn = ident("foreign", int(time.time()))
     other = ident("foreign-provider", int(time.time()))
-    mine, my_lease = offer_and_lease(idn, "foreign-mine")
+    # The attacker's own lease pays for zstd; it asks for identity (which every node
+    # serves) under it.
+    mine, my_lease = offer_and_lease(idn, "foreign-mine", ("zstd",))
     theirs, their_lease = offer_and_lease(other, "foreign-theirs")
     o.figures["submitted"] = await submit_events(t, idn, [*mine, *theirs])
     before = (await _dataplane_status(t)).get("counters", {})
@@ -1165,7 +1167,7 @@ async def foreign_lease(t: Target, scale: dict[str, Any]) -> Outcome:
         "no_lease": ProcessRequest(os.urandom(32), b"f", 0, 0, ("identity",), None, b"x"),
         "not_lease_provider": ProcessRequest(their_lease.id, b"f", 0, 0, ("identity",), None,
                                              b"x"),
-        "not_in_chain": ProcessRequest(my_lease.id, b"f", 0, 0, ("sha256",), None, b"x"),
+        "not_in_chain": ProcessRequest(my_lease.id, b"f", 0, 0, ("identity",), None, b"x"),
     }
     got: dict[str, str] = {}
     async with p2p.open_host(idn.seed) as h:

@@ -323,6 +323,21 @@ def decode_wire(
     split = _split_canonical_wire(wire)
     if split is not None:
         return decode_signed(split[0], split[1], network, tag=tag, verify=verify)
+    return _decode_general(wire, network, tag, verify)
+
+
+def decode_stored(wire: bytes, network: str) -> Event:
+    """Decode a record this node's ledger stored, so already checked in full on
+    append: neither the signature nor the canonical encoding is checked again (a
+    quarter of the decoding; derivation re-reads every stored record on a restart).
+    Never for bytes from anywhere else."""
+    split = _split_canonical_wire(wire)
+    if split is not None:
+        return decode_signed(split[0], split[1], network, verify=False, canonical=False)
+    return _decode_general(wire, network, None, False)
+
+
+def _decode_general(wire: bytes, network: str, tag: bytes | None, verify: bool) -> Event:
     # Not the canonical shape: the general decoder finds the precise reason.
     try:
         outer = codec.unpack_canonical(wire, MAX_WIRE)
@@ -358,13 +373,16 @@ def _split_canonical_wire(wire: bytes) -> tuple[bytes, bytes] | None:
 
 
 def decode_signed(
-    signed: bytes, sig: bytes, network: str, *, tag: bytes | None = None, verify: bool = True
+    signed: bytes, sig: bytes, network: str, *, tag: bytes | None = None, verify: bool = True,
+    canonical: bool = True,
 ) -> Event:
-    """Check an envelope; `verify=False` only for bytes we stored after verifying them."""
+    """Check an envelope; `verify=False` (and `canonical=False`) only for bytes we
+    stored after checking them."""
     if len(signed) > MAX_SIGNED:
         raise InvalidEvent(f"event is {len(signed)} bytes, limit {MAX_SIGNED}", "oversized")
     try:
-        env = codec.unpack_canonical(signed, MAX_SIGNED)
+        env = (codec.unpack_canonical(signed, MAX_SIGNED) if canonical
+               else codec.unpack(signed, MAX_SIGNED))
     except InvalidMessage as e:
         raise InvalidEvent(f"envelope: {e}", e.reason) from e
     if type(env) is not list or len(env) != 7:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from .auction import Market
 from .auction.fold import IncrementalMarket
-from .events import Event, decode_wire
+from .events import Event, decode_stored
 from .ledger import Ledger, idk
 from .reputation import Policy
 
@@ -96,7 +96,7 @@ class MarketView:
         cur = self.ledger.db.cursor()
         for a, s, w in cur.execute(q + " ORDER BY ts_ms, author, seq", args):
             if s < forks.get(a, 1 << 62):
-                yield decode_wire(w, net, verify=False)
+                yield decode_stored(w, net)
 
     def _load(self, ids: list[bytes]) -> list[Event]:
         """Stored events by id, in the order given (the engine's source)."""
@@ -108,7 +108,7 @@ class MarketView:
             for id_, w in db.execute(q, [idk(x) for x in part]):
                 wires[id_] = w
         net = self.ledger.network
-        return [decode_wire(wires[x], net, verify=False) for x in ids if x in wires]
+        return [decode_stored(wires[x], net) for x in ids if x in wires]
 
     @property
     def horizon_ms(self) -> int:

@@ -50,6 +50,15 @@ OFFERS = b"offers:"  # + author: the partition of one provider's offers (not a 3
 _MOVERS = ("commit", "award", "subcontract")  # kinds other events are routed through
 _DICTS = ("auctions", "awards", "leases", "paid", "payments", "ratings", "subcontracts",
           "usage", "offers")
+# The merged dicts folding one event of a kind can add keys to (Market's handlers):
+# `_link` looks at those only (it runs per folded event). Other kinds add none.
+_KIND_DICTS: dict[str, tuple[str, ...]] = {
+    "request": ("auctions",), "award": ("awards", "leases", "paid"),
+    "payment": ("payments", "paid"), "rating": ("ratings",),
+    "subcontract": ("subcontracts",), "usage": ("usage",), "offer": ("offers",),
+    "bid": (), "commit": (), "reveal": (), "pledge": (),
+}
+_REASSIGNED = ("paid", "offers")  # dicts whose values a fold replaces (<= 1 key a partition)
 
 
 def ckey(ev: Event) -> CKey:
@@ -453,7 +462,7 @@ class IncrementalMarket:
         n_r, n_s = len(p.out_r), len(p.out_s)
         for ck, ev in p.evs[p.applied:]:
             pm.apply(ev)
-            self._link(p, ck)
+            self._link(p, ck, ev.kind)
         self.applied += len(p.evs) - p.applied
         p.applied = len(p.evs)
         self._propagate(p, list(islice(p.out_r.items(), n_r, None)),
@@ -479,7 +488,7 @@ class IncrementalMarket:
         pm = p.pm = _PartMarket(self, p)
         for ck, ev in p.evs:
             pm.apply(ev)
-            self._link(p, ck)
+            self._link(p, ck, ev.kind)
         for name, keys in old_keys.items():
             now = set(p.linked.get(name, ()))
             for k in keys:
@@ -517,12 +526,12 @@ class IncrementalMarket:
 
     # ------------------------------------------------------------ merged market
 
-    def _link(self, p: _Part, ck: CKey) -> None:
+    def _link(self, p: _Part, ck: CKey, kind: str) -> None:
         """Put what folding the event at `ck` added to the partition into the merged
         market (new keys at the position a full fold gives them; shared objects)."""
         pm = p.pm
         assert pm is not None
-        for name in _DICTS:
+        for name in _KIND_DICTS.get(kind, _DICTS):
             src: dict[Any, Any] = getattr(pm, name)
             n = p.seen.get(name, 0)
             if len(src) > n:
@@ -532,10 +541,10 @@ class IncrementalMarket:
                     o.put(k, ck, src[k])
                     got.append(k)
                 p.seen[name] = len(src)
-        for name in ("paid", "offers"):  # values a fold reassigns (≤ 1 key per partition)
-            d = self._ord[name].d
-            for k, v in getattr(pm, name).items():
-                d[k] = v
+            if name in _REASSIGNED:
+                d = self._ord[name].d
+                for k, v in src.items():
+                    d[k] = v
         for src_l, mine, merged in ((pm.ignored, p.ign, self._ign),
                                     (pm.evidence, p.evd, self._evd)):
             for i in range(len(mine), len(src_l)):

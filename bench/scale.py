@@ -13,10 +13,11 @@
    (default /tmp/bidmesh-scale) so later runs skip the generation (`--fresh` redoes it).
 2. **Serving.** A fresh process opens the ledger and builds the derived market as the
    daemon does (`LiveMarket`, then `market()`): `restart_s` is the time to that
-   point (`restart_cpu_s` its CPU time, steadier on a shared machine), `rss_mb` the process RSS once serving (after a GC), `peak_rss_mb` its high
-   water mark. Baseline for `rss_vs_empty_ratio`: the same process over an empty
-   ledger (`empty_rss_mb`). `reputation_lookup_us`: `market.reputation.score` of a
-   random author as of a random time of the ledger, mean over 20,000.
+   point (`restart_cpu_s` its CPU time, steadier on a shared machine), `rss_mb` the
+   process RSS once serving (after a GC), `peak_rss_mb` its high water mark.
+   Baseline for `rss_vs_empty_ratio`: the same process over an empty ledger
+   (`empty_rss_mb`). `reputation_lookup_us`: `market.reputation.score` of a random
+   author as of a random time of the ledger, mean over 20,000.
 3. **Sync** (the current protocol, `node.sync`): two copies of the ledger, one with
    100 more events (one each from 100 existing authors); a `SyncSession` on the other
    driven against `sync.handle` of the first, in one process (no network, so

@@ -23,8 +23,10 @@ bounds the input size and rejects malformed input with `InvalidMessage`.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -324,17 +326,48 @@ def decode_response(data: bytes) -> SyncResponse:
 # ------------------------------------------------------------------ server side
 
 
+@dataclass(frozen=True)
+class HeadsSnapshot:
+    """`ledger.sync_heads()` with its authors sorted, and the fork map, as of `digest`."""
+
+    digest: bytes
+    heads: dict[bytes, tuple[int, bytes | None]]
+    authors: list[bytes]
+    forked: dict[bytes, int]
+
+
+_snapshots: weakref.WeakKeyDictionary[Ledger, HeadsSnapshot] = weakref.WeakKeyDictionary()
+
+
+def heads_snapshot(ledger: Ledger) -> HeadsSnapshot:
+    """Heads as of the ledger's current digest, rebuilt only when that changed.
+
+    Building one costs O(authors log authors) (~90 ms at 20,000 authors on a loaded
+    2-core machine); per HEADS page, that let a peer paging our authors (or a fresh
+    node pulling them) cost O(authors) each, and our own session the same per page
+    it received. The digest covers every effective head and fork, so an equal
+    digest means an equal snapshot."""
+    digest = ledger.digest()
+    snap = _snapshots.get(ledger)
+    if snap is None or snap.digest != digest:
+        heads = ledger.sync_heads()
+        snap = HeadsSnapshot(digest, heads, sorted(heads), ledger.forked())
+        _snapshots[ledger] = snap
+    return snap
+
+
 def serve(ledger: Ledger, req: SyncRequest) -> SyncResponse:
     """Answer one request from the local ledger (cheap, bounded work)."""
     if isinstance(req, DigestRequest):
-        return DigestResponse(ledger.digest(), len(ledger.heads()), len(ledger.forked()))
+        snap = heads_snapshot(ledger)
+        return DigestResponse(snap.digest, len(snap.heads), len(snap.forked))
     if isinstance(req, HeadsRequest):
-        sh = ledger.sync_heads()
-        forked = ledger.forked()
-        authors = sorted(a for a in sh if req.after is None or a > req.after)
-        page = authors[: req.limit]
+        snap = heads_snapshot(ledger)
+        start = 0 if req.after is None else bisect.bisect_right(snap.authors, req.after)
+        page = snap.authors[start:start + req.limit]
+        sh, forked = snap.heads, snap.forked
         heads = tuple(HeadEntry(a, *sh[a], _fork_seq(sh[a][0], forked.get(a))) for a in page)
-        return HeadsResponse(heads, len(authors) > len(page))
+        return HeadsResponse(heads, start + len(page) < len(snap.authors))
     if isinstance(req, RangeRequest):
         wires = ledger.range(req.author, req.from_seq, req.limit + 1)
         out: list[bytes] = []
@@ -591,8 +624,8 @@ class SyncSession:
         self._heads_more = resp.more and bool(resp.heads)
         if resp.heads:
             self._cursor = resp.heads[-1].author
-        local = self.ledger.sync_heads()
-        forked = self.ledger.forked()
+        snap = heads_snapshot(self.ledger)
+        local, forked = snap.heads, snap.forked
         if self._free_heads is None:
             # An honest peer's pages without news cover authors we hold at the same
             # head: at most our author count / page size of them (plus a short one).

@@ -139,6 +139,13 @@ class TunnelProxy:
         st.connections += 1
         try:
             await self._serve(stream)
+        except Exception as e:
+            # The boundary of one SOCKS connection: py-libp2p's error types are not a
+            # closed set, and one connection's surprise must not end the proxy.
+            st.failed["internal"] += 1
+            log.error("SOCKS connection failed unexpectedly", exc_info=True)
+            self.on_error(f"internal error on a SOCKS connection: {type(e).__name__}: {e}")
+            _abort(stream)
         finally:
             st.open -= 1
             with trio.CancelScope(shield=True):

@@ -92,6 +92,25 @@ async def test_a_port_in_use_is_one_line() -> None:
         taken.close()
 
 
+async def test_an_unexpected_error_ends_one_connection_not_the_proxy() -> None:
+    async def opener(host: str, port: int) -> Tunnel:
+        raise RuntimeError("upstream surprise")
+
+    lines: list[str] = []
+    proxy = TunnelProxy(opener, on_error=lines.append)
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(proxy.serve, "127.0.0.1", 0)
+        for _ in range(2):
+            with trio.fail_after(10):
+                s = await trio.open_tcp_stream("127.0.0.1", port)
+                await s.send_all(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50")
+                with contextlib.suppress(trio.BrokenResourceError):
+                    assert await read_all(s) == b"\x05\x00"  # no CONNECT reply: closed
+                await s.aclose()
+        nursery.cancel_scope.cancel()
+    assert proxy.stats.failed == {"internal": 2} and "upstream surprise" in lines[-1]
+
+
 # ---------------------------------------------------------------- a SOCKS5 client
 
 

@@ -1,7 +1,8 @@
 """Tunnels of bandwidth leases on loopback, side by side in one run:
 
   (a) raw py-libp2p stream, one way: the provider process writes frames to the member
-      (node.p2p's write_frame/read_frame, 64 KiB frames, as the tunnel's DATA frames);
+      (node.p2p's write_frame/read_frame, 64 KiB frames, as the tunnel's DATA frames;
+      the member hashes what arrives, as it does in (b));
   (b) bulk download through a tunnel: destination --TCP--> provider --libp2p--> member;
   (c) direct TCP from the destination to the member.
 
@@ -168,19 +169,22 @@ def _child(role: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     return p, json.loads(line)
 
 
-async def raw_mb_s(host: Any, peer: Any, n: int) -> float:
+async def raw_mb_s(host: Any, peer: Any, n: int) -> tuple[float, bool]:
+    """(MB/s, output exact): hashed as it arrives, like the tunnel's output."""
     from node.p2p import read_frame, write_frame
 
     s = await host.new_stream(peer, RAW_PROTO)
     t0 = time.perf_counter()
     await write_frame(s, _N.pack(n), 30)
+    h = hashlib.sha256()
     got = 0
     while got < n:
         frame = await read_frame(s, 1 << 20, 30)
+        h.update(memoryview(frame)[1:])
         got += len(frame) - 1
     secs = time.perf_counter() - t0
     await s.close()
-    return n / secs / 1e6
+    return n / secs / 1e6, h.digest() == expected_digest(n)
 
 
 async def tunnel_mb_s(host: Any, peer: Any, lid: bytes, port: int, n: int,
@@ -286,7 +290,9 @@ async def member_main(args: argparse.Namespace, prov: dict[str, Any], dest_port:
         await tunnel_mb_s(host, peer, lease_id("free"), dest_port, 8 << 20)
         raws, tuns, tcps, exact = [], [], [], True
         for _ in range(args.rounds):  # interleaved: load from elsewhere hits all three
-            raws.append(await raw_mb_s(host, peer, n))
+            mb, ok = await raw_mb_s(host, peer, n)
+            raws.append(mb)
+            exact = exact and ok
             mb, ok = await tunnel_mb_s(host, peer, lease_id("free"), dest_port, n)
             tuns.append(mb)
             exact = exact and ok

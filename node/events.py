@@ -11,6 +11,7 @@ derivations (auction.py, reputation.py), so every node stores the same events.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
@@ -326,15 +327,22 @@ def decode_wire(
     return _decode_general(wire, network, tag, verify)
 
 
-def decode_stored(wire: bytes, network: str) -> Event:
+def decode_stored(wire: bytes, network: str, keys: dict[bytes, bytes] | None = None) -> Event:
     """Decode a record this node's ledger stored, so already checked in full on
     append: neither the signature nor the canonical encoding is checked again (a
     quarter of the decoding; derivation re-reads every stored record on a restart).
-    Never for bytes from anywhere else."""
+    Never for bytes from anywhere else. With `keys`, the author is the one bytes
+    object kept there per key (derived state holds an author per event)."""
     split = _split_canonical_wire(wire)
     if split is not None:
-        return decode_signed(split[0], split[1], network, verify=False, canonical=False)
-    return _decode_general(wire, network, None, False)
+        ev = decode_signed(split[0], split[1], network, verify=False, canonical=False)
+    else:
+        ev = _decode_general(wire, network, None, False)
+    if keys is not None:
+        author = keys.setdefault(ev.author, ev.author)
+        if author is not ev.author:
+            ev = dataclasses.replace(ev, author=author)
+    return ev
 
 
 def _decode_general(wire: bytes, network: str, tag: bytes | None, verify: bool) -> Event:

@@ -55,6 +55,7 @@ class MarketView:
         self.max_loaded = max_loaded
         self.refolds = 0
         self._new: list[Event] = []
+        self._authors: dict[bytes, bytes] = {}  # one bytes object per author key
         self._build()
 
     def _build(self) -> None:
@@ -96,7 +97,7 @@ class MarketView:
         cur = self.ledger.db.cursor()
         for a, s, w in cur.execute(q + " ORDER BY ts_ms, author, seq", args):
             if s < forks.get(a, 1 << 62):
-                yield decode_stored(w, net)
+                yield decode_stored(w, net, self._authors)
 
     def _load(self, ids: list[bytes]) -> list[Event]:
         """Stored events by id, in the order given (the engine's source)."""
@@ -108,7 +109,7 @@ class MarketView:
             for id_, w in db.execute(q, [idk(x) for x in part]):
                 wires[id_] = w
         net = self.ledger.network
-        return [decode_stored(wires[x], net) for x in ids if x in wires]
+        return [decode_stored(wires[x], net, self._authors) for x in ids if x in wires]
 
     @property
     def horizon_ms(self) -> int:

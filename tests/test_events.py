@@ -207,3 +207,7 @@ def test_decode_stored_equals_the_full_decode_of_stored_records() -> None:
     for i, body in enumerate(sample_bodies().values()):
         ev = sign_event(seed(i), 1, None, 1000 + i, body, NETWORK)
         assert decode_stored(ev.wire, NETWORK) == decode_wire(ev.wire, NETWORK)
+    keys: dict[bytes, bytes] = {}
+    a = decode_stored(ev.wire, NETWORK, keys)
+    b = decode_stored(ev.wire, NETWORK, keys)
+    assert a == b and a.author is b.author and list(keys) == [a.author]

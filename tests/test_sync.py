@@ -523,3 +523,28 @@ def test_fork_proof_above_our_chain_still_serves_heads(tmp_path: Path) -> None:
     assert s.failed is None and a.digest() == b.digest()
     resp = sync.decode_response(sync.handle(a, HeadsRequest(None, 10).encode()))
     assert resp == HeadsResponse((HeadEntry(liar.public, 5, evs[4].id, 6),), False)
+
+
+def test_heads_snapshot_follows_the_ledger(tmp_path: Path) -> None:
+    """HEADS is served from a snapshot keyed by the digest: every change shows."""
+    a = ledger(tmp_path, "a")
+    ids = [Identity.generate() for _ in range(5)]
+    for i, ident in enumerate(ids[:3]):
+        a.publish(ident, body(i), 1000)
+
+    def page(after: bytes | None = None, limit: int = 10) -> HeadsResponse:
+        resp = sync.decode_response(sync.handle(a, HeadsRequest(after, limit).encode()))
+        assert isinstance(resp, HeadsResponse)
+        return resp
+
+    assert len(page().heads) == 3
+    a.publish(ids[3], body(3), 1000)
+    ev = a.publish(ids[0], body(4), 1001)
+    heads = {h.author: h for h in page().heads}
+    assert len(heads) == 4 and heads[ids[0].public].id == ev.id
+    first = page(limit=2)
+    assert first.more and len(first.heads) == 2
+    rest = page(first.heads[-1].author, 10)
+    assert not rest.more and [h.author for h in first.heads + rest.heads] == sorted(heads)
+    d = sync.decode_response(sync.handle(a, DigestRequest().encode()))
+    assert d == DigestResponse(a.digest(), 4, 0)

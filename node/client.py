@@ -846,14 +846,17 @@ class LightClient:
             await self._flush_unconfirmed()
         return self.pending()
 
-    async def publish(self, body: Body) -> Event:
+    async def publish(self, body: Body | Callable[[int], Body]) -> Event:
         """Sign `body` as our next event, submit it to every node, and keep it in our
-        state file until a quorum of our nodes hands it back (`pending()`)."""
+        state file until a quorum of our nodes hands it back (`pending()`). A callable
+        is given the event's timestamp and returns the body (times relative to it)."""
         async with self._lock:
             await self._flush_unconfirmed()
             await self.sync_head()
             h = self.state.head
             ts = max(now_ms(), h.ts_ms)
+            if not isinstance(body, Body):
+                body = body(ts)
             ev = sign_event(self.identity.seed, h.seq + 1, h.id, ts, body, self.network)
             before = ChainHead(h.seq, h.id, h.ts_ms)
             # Write ahead: once signed and sent, this is our event at this seq forever.
@@ -894,23 +897,30 @@ class LightClient:
         reveal_window_ms: int = 30_000, group: bool = False, note: str = "",
     ) -> Event:
         """Post a request (an auction). Times are ms since the epoch; by default bids
-        close `close_in_ms` from now, sealed bids are revealed within
-        `reveal_window_ms` after that, and the lease starts at the bid deadline."""
-        close = close_ms if close_ms is not None else now_ms() + close_in_ms
-        reveal = reveal_ms if reveal_ms is not None else (
-            close + reveal_window_ms if sealed else close)
-        try:
-            body = Request(
-                service=service, chain=tuple(chain),
-                start_ms=start_ms if start_ms is not None else reveal,
-                duration_ms=duration_ms, max_rate_bps=max_rate_bps, min_rate_bps=min_rate_bps,
-                members=Members(devices=tuple(devices), phones=tuple(phones),
-                                users=tuple(users), max_devices=max_devices),
-                reserve=reserve, currency=currency, close_ms=close, reveal_ms=reveal,
-                rule=rule, sealed=sealed, group=group, note=note)
-        except InvalidEvent as e:
-            raise UsageError(f"invalid request: {e}") from e
-        return await self.publish(body)
+        close `close_in_ms` after the request's own timestamp, sealed bids are revealed
+        within `reveal_window_ms` after that, and the lease starts at the bid deadline."""
+        def build(posted_ms: int) -> Request:
+            # From the signed timestamp, not from before the round trips publish()
+            # makes first: on a slow link or a loaded host those took longer than a
+            # short window, and the request closed before it was posted.
+            close = close_ms if close_ms is not None else posted_ms + close_in_ms
+            reveal = reveal_ms if reveal_ms is not None else (
+                close + reveal_window_ms if sealed else close)
+            try:
+                return Request(
+                    service=service, chain=tuple(chain),
+                    start_ms=start_ms if start_ms is not None else reveal,
+                    duration_ms=duration_ms, max_rate_bps=max_rate_bps,
+                    min_rate_bps=min_rate_bps,
+                    members=Members(devices=tuple(devices), phones=tuple(phones),
+                                    users=tuple(users), max_devices=max_devices),
+                    reserve=reserve, currency=currency, close_ms=close, reveal_ms=reveal,
+                    rule=rule, sealed=sealed, group=group, note=note)
+            except InvalidEvent as e:
+                raise UsageError(f"invalid request: {e}") from e
+
+        build(now_ms())  # a bad request is refused before any network traffic
+        return await self.publish(build)
 
     async def award(self, request_id: bytes) -> tuple[Event, Award]:
         """Award our auction to the winner the rule gives over every valid bid (as

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,10 +28,54 @@ ROOT = Path(__file__).resolve().parent.parent
 NETWORK = "proctest"
 
 
+_PORT_LOCKS = Path(tempfile.gettempdir()) / "bidmesh-test-ports"
+_held_ports: dict[int, int] = {}  # port -> fd of its lock file, held while this process lives
+_rng = random.Random(os.urandom(16))
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 for a node process to bind later, reserved for this process.
+
+    Not bind(("127.0.0.1", 0)): that gives an ephemeral port, which the kernel may hand
+    to any outgoing connection or other bind(0) between our pick and the node's bind
+    (a loaded CI run saw "Address already in use"). Ports below the ephemeral range are
+    never handed out by the kernel, and a lock file per port keeps parallel test
+    processes (xdist workers, other runs) from picking the same one."""
+    hi = _ephemeral_low()
+    lo = max(10_000, hi - 12_000)
+    _PORT_LOCKS.mkdir(exist_ok=True)
+    for _ in range(1000):
+        port = _rng.randrange(lo, hi) if hi - lo >= 1000 else 0
+        if port in _held_ports:
+            continue
+        if port == 0:  # no room below the ephemeral range: the racy way
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return int(s.getsockname()[1])
+        fd = os.open(_PORT_LOCKS / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        try:  # and nothing else listens there (or sits in a state a node cannot bind)
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                s.listen(1)
+        except OSError:
+            os.close(fd)
+            continue
+        _held_ports[port] = fd
+        return port
+    raise AssertionError(f"no free port in [{lo}, {hi}) after 1000 tries")
 
 
 def run_command(cfg_path: Path) -> list[str]:
@@ -130,7 +177,7 @@ class Cluster:
         for p in procs:
             self.wait_ready(p)
 
-    def wait_ready(self, p: Proc, timeout: float = 30.0) -> None:
+    def wait_ready(self, p: Proc, timeout: float = 120.0) -> None:
         def ready() -> bool:
             if not p.alive():
                 raise AssertionError(f"node {p.index} exited: {self.stderr(p)[-2000:]}")
@@ -151,7 +198,7 @@ class Cluster:
     def digests(self, procs: list[Proc] | None = None) -> list[str]:
         return [self.status(p)["digest"] for p in (procs or self.procs)]
 
-    def wait_converged(self, procs: list[Proc] | None = None, timeout: float = 30.0) -> str:
+    def wait_converged(self, procs: list[Proc] | None = None, timeout: float = 120.0) -> str:
         procs = procs or self.procs
         wait_for(lambda: len(set(self.digests(procs))) == 1, timeout,
                  f"digests of nodes {[p.index for p in procs]} equal")

@@ -89,7 +89,7 @@ async def test_full_round_on_own_key(tmp_path: Path) -> None:
         for n in ns:  # the client submitted to both nodes
             assert n.ledger.has(req.id)
         bob, carol = ident(1), ident(2)
-        t = now_ms()
+        t = req.ts_ms + 1  # on time however long the submission above took
         publish_everywhere(ns, bob, Bid(request=req.id, price=700), t)
         publish_everywhere(ns, carol, Bid(request=req.id, price=650), t)
         bids = await c.bids(req.id)
@@ -202,7 +202,7 @@ async def test_member_device_streams_and_rates_with_its_own_key(tmp_path: Path) 
             async with LightClient.open(tmp_path / "alice", [addr], network=NET) as alice:
                 req = await alice.request("zstd", chain=["zstd"], duration_ms=60_000,
                                           reserve=100, close_in_ms=500, devices=[device])
-                led.publish(provider, Bid(request=req.id, price=40), now_ms())
+                led.publish(provider, Bid(request=req.id, price=40), req.ts_ms + 1)
                 await wait_past(req.body.reveal_ms)  # type: ignore[attr-defined]
                 award_ev, _ = await alice.award(req.id)
             pkts = [bytes([i]) * (100 + i) for i in range(50)]

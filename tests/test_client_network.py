@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import NETWORK, ROOT, Cluster, Proc, free_port
+from daemon_helpers import NETWORK, ROOT, Cluster, Proc, wait_for
 
 from node import config
 from node.client import LightClient, UntrustedAnswer, now_ms
@@ -84,18 +84,27 @@ def make_shim(base: Path) -> Path:
 
 class ServiceCluster(Cluster):
     def __init__(self, base: Path, n: int, tamper: set[int]) -> None:
-        ports = [free_port() for _ in range(n)]
         super().__init__(base, n)
-        for p, port in zip(self.procs, ports, strict=True):
+        for p in self.procs:
+            # Port 0: the daemon binds a free port itself and reports it in its status
+            # (a port picked here could be taken before the daemon binds it).
             cfg = config.load(p.cfg_path)
-            cfg = replace(cfg, http=replace(cfg.http, enabled=True, port=port,
+            cfg = replace(cfg, http=replace(cfg.http, enabled=True, port=0,
                                             growth_interval_s=0.5))
             p.cfg_path.write_text(config.to_toml(cfg))
         self.shim = make_shim(base)
-        for p, port in zip(self.procs, ports, strict=True):
-            p.extra["http_port"] = port
+        for p in self.procs:
             (p.data_dir / "test-services.json").write_text(json.dumps(
-                {"http_port": p.extra["http_port"], "tamper": p.index in tamper}))
+                {"tamper": p.index in tamper}))
+
+    def wait_ready(self, p: Proc, timeout: float = 120.0) -> None:
+        super().wait_ready(p, timeout)
+
+        def http_port() -> bool:
+            port = self.status(p)["services"].get("http", {}).get("port")
+            p.extra["http_port"] = port
+            return bool(port)
+        wait_for(http_port, timeout, f"node {p.index}'s HTTP port")
 
     def start(self, p: Proc, wait: bool = True) -> None:
         from daemon_helpers import run_command
@@ -133,7 +142,18 @@ async def publish(p: Proc, body: Any) -> str:
 
 
 async def converged(c: Cluster) -> str:
-    return await trio.to_thread.run_sync(lambda: c.wait_converged(timeout=30))
+    return await trio.to_thread.run_sync(c.wait_converged)
+
+
+async def bid_window_ms(net: ServiceCluster, floor_ms: int) -> int:
+    """A bidding window for a request the test bids on from the nodes (their clocks
+    sign the bids): four times what a convergence round and two control calls take on
+    this machine now, at least `floor_ms` (a loaded CI host is many times slower)."""
+    t0 = trio.current_time()
+    await converged(net)
+    for p in net.procs[:2]:
+        await trio.to_thread.run_sync(net.status, p)
+    return max(floor_ms, int((trio.current_time() - t0) * 4000))
 
 
 async def wait_past(ms: int) -> None:
@@ -149,7 +169,8 @@ async def test_full_round_against_three_daemons(net: ServiceCluster, tmp_path: P
     p1_key = p1.ident.public
     # Round 1 (another recipient): node 1 wins, is paid and rated: it has a reputation.
     async with LightClient.open(tmp_path / "bea", addrs[:2], network=NETWORK) as bea:
-        r1 = await bea.request("bandwidth", duration_ms=600_000, reserve=500, close_in_ms=1500)
+        r1 = await bea.request("bandwidth", duration_ms=600_000, reserve=500,
+                               close_in_ms=await bid_window_ms(net, 1500))
         await converged(net)
         await publish(p1, Bid(request=r1.id, price=300))
         await converged(net)
@@ -161,7 +182,8 @@ async def test_full_round_against_three_daemons(net: ServiceCluster, tmp_path: P
 
     # Round 2 on the client's own key, talking to all three nodes.
     async with LightClient.open(tmp_path / "alice", addrs, network=NETWORK) as c:
-        req = await c.request("bandwidth", duration_ms=600_000, reserve=1000, close_in_ms=4000,
+        req = await c.request("bandwidth", duration_ms=600_000, reserve=1000,
+                              close_in_ms=await bid_window_ms(net, 4000),
                               max_rate_bps=10_000_000, devices=[b"\x05" * 32])
         await converged(net)
         await publish(net.procs[0], Bid(request=req.id, price=450))

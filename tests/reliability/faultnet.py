@@ -85,7 +85,7 @@ def stored(p: Proc, ids: list[bytes]) -> int:
         return sum(1 for i in ids if led.has(i))
 
 
-def wait_converged(c: Cluster, procs: list[Proc] | None = None, timeout: float = 45.0) -> float:
+def wait_converged(c: Cluster, procs: list[Proc] | None = None, timeout: float = 120.0) -> float:
     """Seconds until every node reports the same digest (status over the control socket)."""
     procs = procs or c.procs
     t0 = time.monotonic()

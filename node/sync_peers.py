@@ -178,25 +178,45 @@ class SyncPeers:
         self.host = host
         self.protocol = protocol
         self._logged: set[tuple[str, str]] = set()
+        # When eligible() first saw each peer it was given (bounded: those peers only).
+        self._first_seen: dict[p2p.PeerId, float] = {}
 
     def identified(self, peer: p2p.PeerId) -> bool:
-        # Upstream (host/basic_host.py `_identify_peer`) records a finished identify
-        # in `_identified_peers`; the peerstore's protocol list alone is not proof,
-        # since stream negotiation caches protocols there too.
-        return peer in getattr(self.host.libp2p, "_identified_peers", {})
+        """Identify told us the peer's protocols, on this connection or an earlier one.
+
+        Upstream (host/basic_host.py) records an identify finished on the current
+        connection in `_identified_peers`, but skips identify altogether when the
+        peerstore still holds the peer's protocols from an earlier connection
+        (`_has_cached_protocols`): a light client reconnecting for its next command
+        was then never "identified" and was picked for sync, failing each time. In
+        0.8.1 only identify writes protocols to the peerstore (identity/update.py),
+        so a non-empty list is an earlier identify's answer."""
+        if peer in getattr(self.host.libp2p, "_identified_peers", {}):
+            return True
+        return bool(self._protocols(peer))
+
+    def _protocols(self, peer: p2p.PeerId) -> list[str]:
+        try:
+            return list(self.host.libp2p.get_peerstore().get_protocols(peer))
+        except Exception:  # PeerStoreError: never seen, or pruned from the peerstore
+            return []
 
     def lacks_sync(self, peer: p2p.PeerId) -> bool:
-        """True when identify finished and the peer did not list our sync protocol."""
+        """True when identify told us the peer's protocols and ours is not among them."""
         if not self.identified(peer):
             return False
-        try:
-            protocols = self.host.libp2p.get_peerstore().get_protocols(peer)
-        except Exception:  # PeerStoreError: pruned from the peerstore meanwhile
-            return False
-        return self.protocol not in protocols
+        return self.protocol not in self._protocols(peer)
 
     def eligible(self, peers: Sequence[p2p.PeerId]) -> list[p2p.PeerId]:
-        return [p for p in peers if not self.lacks_sync(p)]
+        """Peers a sync round may pick: not known to lack sync, and identified, or
+        connected for IDENTIFY_WAIT_S without identify finishing (benefit of the doubt).
+        An unidentified newcomer is most often a light client whose identify is still
+        in flight (seen on loaded netns hosts: the picks failed "protocol not
+        supported"); a new node peer is synced on connect anyway."""
+        now = trio.current_time()
+        self._first_seen = {p: self._first_seen.get(p, now) for p in peers}
+        return [p for p in peers if not self.lacks_sync(p) and (
+            self.identified(p) or now - self._first_seen[p] >= IDENTIFY_WAIT_S)]
 
     def dialed(self, peer: p2p.PeerId) -> bool:
         """We hold a connection we opened to it (bootstrap, mDNS, `connect`): a peer

@@ -73,3 +73,47 @@ async def test_peer_gone_before_identify_is_not_synced(tmp_path: Path) -> None:
             await a.rep._sync_new_peer(gone_id)
         assert a.rep.stats.sync_failed == failed_before
         assert not a.rep.sync_peers.identified(gone_id)
+
+
+async def test_unidentified_newcomer_not_picked_by_rounds(tmp_path: Path) -> None:
+    """A peer whose identify has not finished is left out of sync rounds for
+    IDENTIFY_WAIT_S (it is most likely a light client), then given the benefit of
+    the doubt."""
+    from libp2p.identity.identify.identify import ID as IDENTIFY
+
+    from node.sync_peers import IDENTIFY_WAIT_S
+
+    async with tnodes(tmp_path, 1) as [a], \
+            p2p.open_host(Identity.from_seed(b"U" * 32).seed) as quiet:
+        quiet.libp2p.remove_stream_handler(IDENTIFY)  # identify never finishes
+        await a.host.connect(quiet.addrs[0])
+        sp = a.rep.sync_peers
+        assert quiet.peer_id in a.host.connected_peers()
+        assert not sp.identified(quiet.peer_id) and not sp.lacks_sync(quiet.peer_id)
+        skipped = a.rep.stats.sync_skipped
+        assert quiet.peer_id not in a.rep._sync_candidates()
+        assert a.rep.stats.sync_skipped > skipped
+        await trio.sleep(IDENTIFY_WAIT_S + 0.1)  # the wait itself is what is tested
+        assert quiet.peer_id in sp.eligible([quiet.peer_id])
+
+
+async def test_reconnecting_light_client_still_known_to_lack_sync(tmp_path: Path) -> None:
+    """Upstream does not identify a peer again when the peerstore holds its protocols
+    from an earlier connection; a light client reconnecting for its next command must
+    still not be picked for sync."""
+    async with tnodes(tmp_path, 1) as [a], \
+            p2p.open_host(Identity.from_seed(b"R" * 32).seed) as light:
+        sp = a.rep.sync_peers
+        await a.host.connect(light.addrs[0])
+        await wait_until(lambda: sp.lacks_sync(light.peer_id))
+        await a.host.disconnect(light.peer_id)
+        await wait_until(lambda: not a.host.is_connected(light.peer_id))
+        await a.host.connect(light.addrs[0])
+        # Upstream's cache, as observed in 0.8.1 (the reason for this test).
+        assert light.peer_id not in a.host.libp2p._identified_peers
+        assert sp.identified(light.peer_id) and sp.lacks_sync(light.peer_id)
+        assert light.peer_id not in a.rep._sync_candidates()
+        failed = a.rep.stats.sync_failed
+        with trio.fail_after(30):
+            await a.rep._sync_new_peer(light.peer_id)
+        assert a.rep.stats.sync_failed == failed

@@ -5,8 +5,11 @@ processes, side by side with an idle run.
     .venv/bin/python bench/hostile.py [--quick] [--only NAME ...] [--list]
 
 Victims: `bidmesh run` daemons on loopback (tests/daemon_helpers.py): V (the node
-under attack, HTTP API on) and H (its honest peer, bootstrapped to V); two fresh
-nodes join only for the sync-tarpit attack. Attackers are Python code in this
+under attack, HTTP API on) and H (its honest peer, bootstrapped to V), both offering
+bandwidth so that they serve (and `frame_tunnel` attacks) the tunnel protocol; two
+fresh nodes join only for the sync-tarpit attack. (The SOCKS5 listener of `bidmesh
+client tunnel` is a client's socket: `attackers.socks_listener` plays its attacks
+against a real one in tests/test_tunnel_proc.py.) Attackers are Python code in this
 process (tests/reliability/attackers.py: real libp2p hosts, many identities) that
 misbehave on purpose; every loop is bounded and all traffic stays on loopback.
 

@@ -311,6 +311,8 @@ class DataplaneConfig:
     process_peer_bytes: int = _opt(16 << 20, int, _range(64 << 10, 1 << 34))
     process_total_bytes: int = _opt(64 << 20, int, _range(64 << 10, 1 << 36))
     process_sessions_per_peer: int = _opt(2, int, _range(1, 1024))
+    # A lease's process requests may total max rate x window x this (+ 16 MiB).
+    process_volume_factor: float = _opt(4.0, (int, float), _range(1, 1_000_000))
     served_max: int = _opt(256, int, _range(1, 1_000_000))  # per-requester stats kept
     served_ttl_s: float = _opt(3600.0, (int, float), _range(1, 30 * 86_400))
     # Hiring subcontractors (node/dataplane/contractors.py): unrated providers

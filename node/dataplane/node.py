@@ -37,6 +37,7 @@ class DataplaneNodeService:
             process_peer_bytes=dp.process_peer_bytes,
             process_total_bytes=max(dp.process_total_bytes, dp.process_peer_bytes),
             process_sessions_per_peer=dp.process_sessions_per_peer,
+            volume_factor=dp.process_volume_factor,
             served_max=dp.served_max,
             served_ttl_s=dp.served_ttl_s,
             contractor_unrated=dp.contractor_unrated,

@@ -1077,22 +1077,36 @@ async def _dataplane_status(t: Target) -> dict[str, Any]:
 
 
 async def process_sessions(t: Target, scale: dict[str, Any]) -> Outcome:
-    """A provider with an offer and a lease of its own (both self-made) opens
-    `sessions` process sessions and sends `requests` x `mb` MB requests on each, under
-    its lease, without reading the answers (issue 12 item 6: 16 x 4 x 8 MB took a
-    provider from 196 to 961 MB in 5 s)."""
+    """`proc_identities` providers, each with an offer and a lease of its own (all
+    self-made), open `sessions` process sessions each and send `requests` x `mb` MB
+    requests on each under their lease (issue 12 item 6: 16 x 4 x 8 MB took a provider
+    from 196 to 961 MB in 5 s). With `proc_read` they drain the answers, so the victim
+    keeps processing at full speed; without, they hold them unread (py-libp2p 0.8.1's
+    yamux then fails the victim's blocked answer after 5 s, which ends the session)."""
     o = Outcome()
     sessions, reqs, mb = (int(scale["proc_sessions"]), int(scale["proc_requests"]),
                           int(scale["proc_mb"]))
-    idn = ident("proc-hog", int(time.time()))
-    lease_wires, lease = offer_and_lease(idn, "proc-hog")
-    statuses = await submit_events(t, idn, lease_wires)
+    n_ids = int(scale.get("proc_identities", 1))
+    read = bool(scale.get("proc_read", True))
+    ids = [ident("proc-hog", int(time.time() * 1000) + k) for k in range(n_ids)]
+    leases = []
+    statuses: list[str] = []
+    for k, idn in enumerate(ids):
+        wires, lease = offer_and_lease(idn, f"proc-hog-{k}")
+        statuses += await submit_events(t, idn, wires)
+        leases.append(lease)
     o.figures["submitted"] = statuses
     data = b"\x00" * (mb << 20)
-    sent = 0
+    sent = answered = 0
     refused: dict[str, int] = {}
     peak_in_flight = 0
     stop = trio.Event()
+
+    def count(e: BaseException) -> None:
+        while isinstance(e, BaseExceptionGroup) and e.exceptions:
+            e = e.exceptions[0]  # the first cause is what the attacker ran into
+        why = f"{type(e).__name__}: {str(e)[:60]}"
+        refused[why] = refused.get(why, 0) + 1
 
     async def sample() -> None:
         nonlocal peak_in_flight
@@ -1102,44 +1116,63 @@ async def process_sessions(t: Target, scale: dict[str, Any]) -> Outcome:
             with trio.move_on_after(0.2):
                 await stop.wait()
 
-    async with p2p.open_host(idn.seed) as h:
-        await h.connect(t.victim.addr)
+    async def attacker(idn: Identity, lease: Lease) -> None:
+        async with p2p.open_host(idn.seed) as h:
+            await h.connect(t.victim.addr)
 
-        async def session(i: int) -> None:
-            nonlocal sent
-            try:
-                s = await h.new_stream(t.victim.peer_id, session_protocol(t.network), timeout=5)
-            except ANY_UPSTREAM as e:
-                refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
-                return
-            try:
-                for r in range(reqs):
-                    req = ProcessRequest(lease.id, b"s%d" % i, r, 0, ("identity",), None, b"")
-                    head = req.encode(request_id=r)
-                    await p2p.write_frame(s, data, 20.0, head)
-                    sent += 1
-                with trio.move_on_after(float(scale.get("proc_hold_s", 3.0))):
-                    await trio.sleep_forever()
-            except ANY_UPSTREAM as e:
-                refused[type(e).__name__] = refused.get(type(e).__name__, 0) + 1
-            finally:
-                await p2p.reset_quietly(s)
+            async def session(i: int) -> None:
+                nonlocal sent, answered
+                try:
+                    s = await h.new_stream(t.victim.peer_id, session_protocol(t.network),
+                                           timeout=5)
+                except ANY_UPSTREAM as e:
+                    count(e)
+                    return
 
-        with trio.move_on_after(60):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sample)
-                async with trio.open_nursery() as flood:
-                    for i in range(sessions):
-                        flood.start_soon(session, i)
-                stop.set()
+                async def drain() -> None:
+                    nonlocal answered
+                    for _ in range(reqs):
+                        await p2p.read_frame(s, (mb << 20) + 4096, 30.0)
+                        answered += 1
+
+                try:
+                    async with trio.open_nursery() as n:
+                        if read:
+                            n.start_soon(drain)
+                        for r in range(reqs):
+                            req = ProcessRequest(lease.id, b"s%d" % i, r, 0, ("identity",),
+                                                 None, b"")
+                            await p2p.write_frame(s, data, 20.0, req.encode(request_id=r))
+                            sent += 1
+                        if not read:
+                            with trio.move_on_after(float(scale.get("proc_hold_s", 3.0))):
+                                await trio.sleep_forever()
+                except ANY_UPSTREAM as e:
+                    count(e)
+                finally:
+                    await p2p.reset_quietly(s)
+
+            async with trio.open_nursery() as flood:
+                for i in range(sessions):
+                    flood.start_soon(session, i)
+
+    with trio.move_on_after(90):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample)
+            async with trio.open_nursery() as attackers:
+                for idn, lease in zip(ids, leases, strict=True):
+                    attackers.start_soon(attacker, idn, lease)
+            stop.set()
     dp = await _dataplane_status(t)
     counters = dp.get("counters", {})
     limits = dp.get("limits", {})
-    o.figures.update(sessions=sessions, requests_sent=sent, mb_each=mb, attacker_errors=refused,
+    o.figures.update(identities=n_ids, sessions=sessions, requests_sent=sent,
+                     answers_read=answered, mb_each=mb, attacker_errors=refused,
                      peak_bytes_in_flight=peak_in_flight,
                      sessions_refused_busy=counters.get("process_refused:busy", 0),
-                     served=counters.get("process_served", 0), limits=limits)
-    cap = int(limits.get("process_total_bytes", 0)) + 2 * (mb << 20) + (1 << 20)
+                     served=counters.get("process_served", 0),
+                     budget_waits=dp.get("process_memory", {}).get("waited", 0), limits=limits)
+    cap = int(limits.get("process_total_bytes", 0)) + 2 * n_ids * (mb << 20) + (1 << 20)
     o.check(bool(limits), "the victim's status shows no dataplane limits")
     o.check(peak_in_flight <= cap, f"{peak_in_flight} bytes in flight, above the total "
             f"budget plus answers ({cap})")

@@ -247,10 +247,8 @@ class Replicator:
             self._syncing.discard(peer)
 
     def _known_sync_peer(self, peer: p2p.PeerId) -> bool:
-        """May use the reserved sync slots: a peer we dialed, one whose sessions
-        brought us something, or one the resource manager trusts."""
-        return (self.sync_record.proven(peer) or self.sync_peers.dialed(peer)
-                or self.host.resources.is_trusted(peer))
+        """May use the reserved sync slots: a peer we dialed (node/sync_peers.py)."""
+        return self.sync_peers.dialed(peer)
 
     async def run(self) -> None:
         """Serve sync, validate/store gossip, send batches, run anti-entropy; `ready` is

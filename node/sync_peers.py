@@ -10,12 +10,12 @@ running; its sync fails at worst).
 A peer can also answer sync badly on purpose: endless HEADS pages, RANGE answers just
 under our timeout (a tarpit). `SyncSession` ends such a session (`stalled`); here
 `SyncRecord` backs off from the peer (not picked, not synced with, doubling per
-repeat) and remembers peers that brought us something (`proven`), and `SyncSlots`
-shares the session slots: one per peer, and strangers (inbound peers that never
-brought anything) never hold the last `reserved` slots, which peers we dialed
-(bootstrap, `connect`), proven peers and trusted peers of the resource manager may
-use. So a crowd of tarpit identities holds at most `slots - reserved` slots, each
-for at most `stall_s`, and anti-entropy with the peers we chose goes on meanwhile.
+repeat), and `SyncSlots` shares the session slots: one per peer, and strangers
+never hold the last `reserved` slots, which only peers we dialed (bootstrap, mDNS,
+`connect`) may use. Having brought us events is no such proof: anyone can mint valid
+events under keys of their own; whom we dial is our choice. So a crowd of tarpit
+identities holds at most `slots - reserved` slots, each for about `stall_s`, and
+anti-entropy with the peers we chose goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -33,21 +33,20 @@ log = logging.getLogger("bidmesh.gossip")
 
 IDENTIFY_WAIT_S = 3.0  # on connect: how long to wait for identify before syncing anyway
 MAX_LOGGED = 4096  # (peer, cause) pairs remembered for "log once"
-MAX_RECORDS = 4096  # peers remembered by SyncRecord (proven / backed off), LRU
+MAX_RECORDS = 4096  # peers remembered by SyncRecord (strikes, back-off), LRU
 
 
 @dataclass
 class _Record:
     strikes: int = 0  # stalled sessions in a row
     until: float = 0.0  # backed off until (clock time)
-    proven: bool = False  # a session brought us something, or found us in sync
 
 
 class SyncRecord:
     """Per-peer sync history (pure; `clock` is trio's in the node, virtual in tests).
 
     A stalled session backs the peer off for `penalty_s` × 2^(strikes - 1), at most
-    `penalty_max_s`, and takes its proven status away; a productive one clears both.
+    `penalty_max_s`; a productive session clears the strikes and the back-off.
     Bounded: the least recently touched of more than `max_peers` peers is forgotten."""
 
     def __init__(self, clock: Callable[[], float], *, penalty_s: float = 60.0,
@@ -72,7 +71,6 @@ class SyncRecord:
         """Record a stalled session; returns the back-off in seconds."""
         rec = self._get(peer)
         rec.strikes += 1
-        rec.proven = False
         self.stalls += 1
         backoff = min(self.penalty_max_s, self.penalty_s * (1 << min(rec.strikes - 1, 30)))
         rec.until = self.clock() + backoff
@@ -82,15 +80,10 @@ class SyncRecord:
         rec = self._get(peer)
         rec.strikes = 0
         rec.until = 0.0
-        rec.proven = True
 
     def backed_off(self, peer: Hashable) -> bool:
         rec = self._peers.get(peer)
         return rec is not None and rec.until > self.clock()
-
-    def proven(self, peer: Hashable) -> bool:
-        rec = self._peers.get(peer)
-        return rec is not None and rec.proven
 
     def backed_off_count(self) -> int:
         now = self.clock()
@@ -101,7 +94,7 @@ class SyncSlots:
     """Who may start a sync session now (pure bookkeeping; `SlotGate` waits on it).
 
     `slots` sessions at once, one per peer; strangers hold at most `slots - reserved`
-    of them, and while a known peer (dialed, proven, trusted) waits, no stranger
+    of them, and while a known peer (one we dialed) waits, no stranger
     takes a freed slot before it."""
 
     def __init__(self, slots: int, reserved: int) -> None:
@@ -151,7 +144,7 @@ class SlotGate:
 
     async def acquire(self, peer: Hashable, known: Callable[[], bool], timeout: float) -> bool:
         """Take a slot for `peer` within `timeout` s; False if none came free.
-        `known` is asked again on every try (a peer may prove itself meanwhile)."""
+        `known` is asked again on every try (we may dial the peer meanwhile)."""
         got = False
         with trio.move_on_after(timeout):
             try:

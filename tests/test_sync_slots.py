@@ -37,9 +37,9 @@ def test_record_backs_off_doubling_and_forgives_progress() -> None:
     now = [0.0]
     r = SyncRecord(lambda: now[0], penalty_s=10.0, penalty_max_s=35.0, max_peers=3)
     r.productive("a")
-    assert r.proven("a") and not r.backed_off("a")
+    assert not r.backed_off("a")
     assert [r.stalled("a"), r.stalled("a"), r.stalled("a")] == [10.0, 20.0, 35.0]
-    assert r.backed_off("a") and not r.proven("a") and r.backed_off_count() == 1
+    assert r.backed_off("a") and r.backed_off_count() == 1
     now[0] = 35.0
     assert not r.backed_off("a")
     r.productive("a")
@@ -63,8 +63,7 @@ class Node:
     async def sync_with(self, peer: str, send: object, dialed: bool) -> SyncSession | None:
         if self.record.backed_off(peer):
             return None
-        known = lambda: dialed or self.record.proven(peer)  # noqa: E731
-        if not await self.gate.acquire(peer, known, self.limits.session_s):
+        if not await self.gate.acquire(peer, lambda: dialed, self.limits.session_s):
             return None
         try:
             s = SyncSession(self.led, self.limits, clock=trio.current_time)

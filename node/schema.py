@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
+import sys
 from typing import Any, Self
 
 from .errors import InvalidEvent
@@ -73,8 +74,12 @@ class Str(Spec):
             raise _bad(path, "expected string")
         if not self.lo <= len(v) <= self.hi:
             raise _bad(path, f"length {len(v)} outside [{self.lo}, {self.hi}]")
-        if self.pattern is not None and not self.pattern.fullmatch(v):
-            raise _bad(path, f"{v!r} does not match {self.pattern.pattern}")
+        if self.pattern is not None:
+            if not self.pattern.fullmatch(v):
+                raise _bad(path, f"{v!r} does not match {self.pattern.pattern}")
+            # Patterned strings are names (services, currencies, methods) that recur in
+            # every event: one object each in the derived state, not one per event.
+            return sys.intern(v)
         return v
 
 
@@ -83,9 +88,9 @@ class Enum(Spec):
         self.values = values
 
     def check(self, v: Any, path: str) -> str:
-        if v not in self.values or type(v) is not str:
+        if type(v) is not str or v not in self.values:
             raise _bad(path, f"expected one of {', '.join(self.values)}")
-        return str(v)
+        return self.values[self.values.index(v)]  # the shared constant, not a copy
 
 
 class Opt(Spec):

@@ -350,3 +350,29 @@ def test_choose_and_dial_target() -> None:
     for bad_addr in ("/ip4/1.2.3.4/udp/1", "/ip6/1.2.3.4/tcp/1", "/ip4/x/tcp/1",
                      "/ip4/1.2.3.4/tcp/0", "/ip4/1.2.3.4/tcp/99999", "/unix/a", ""):
         assert dial_target(bad_addr) is None, bad_addr
+
+
+async def test_contractor_that_has_not_seen_the_lease_yet_is_asked_again() -> None:
+    """The award reaches B a moment after A starts streaming: B answers `no_lease`, A
+    asks again (not held against B) and the stream completes through B."""
+    lease = make_lease()
+    pkts = packets(40, seed=25)
+    async with world({"A": [("zstd", 1)], "B": [("aes-gcm", 1)]}) as w:
+        w.leases[lease.id] = lease
+        b = w.nodes["B"].svc
+        known = trio.Event()
+        b.lease_lookup = lambda lid: w.leases.get(lid) if known.is_set() else None
+
+        async def gossip_arrives() -> None:
+            while not b.counters["process_refused:no_lease"]:
+                await trio.sleep(0.01)
+            known.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(gossip_arrives)
+            res = await w.stream("M", lease, pkts)
+        assert res.trailer.ok and res.output == reference(pkts, lease, res.stream_id)
+        a = w.nodes["A"].svc
+        assert a.counters["contractor_no_lease"] >= 1
+        assert a.counters["contractor_failed"] == 0 and not a.dispatcher.is_bad(B.public)
+        assert [s.contractor for s in subcontracts(w.nodes["A"])] == [B.public]

@@ -370,6 +370,7 @@ class IncrementalMarket:
             p.ids = [e.id for _, e in p.evs]
             p.evs = []
             p.pm = None  # the next event here re-derives from the loaded events
+            p.seen = {}  # counts of pm's dicts: a re-derivation starts them afresh
 
     # ------------------------------------------------------------ routing
 

@@ -78,7 +78,7 @@ from libp2p.transport.tcp.tcp import TCP
 
 from .errors import BidmeshError, InvalidMessage, OperationError, PeerError, RemoteError, UsageError
 from .p2p_addrs import AddrPolicy
-from .p2p_guard import LONG_LIVED_PREFIXES, Guard, touch_stream
+from .p2p_guard import LONG_LIVED_PREFIXES, Guard, limit_inbound_handshakes, touch_stream
 from .resources import Limits, ResourceManager
 
 __all__ = [
@@ -492,6 +492,7 @@ def _build_libp2p_host(
     # an unbounded one; the real cap is enforced at registration (add_conn,
     # network/swarm.py:2678) which counts live connections only.
     swarm._inbound_limiter = trio.CapacityLimiter(math.inf)
+    limit_inbound_handshakes(swarm)
     return host
 
 

@@ -52,7 +52,7 @@ from libp2p.peer.id import ID
 from libp2p.protocol_muxer.exceptions import MultiselectError
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 
-from .errors import BidmeshError, PeerError
+from .errors import BidmeshError, OperationError, PeerError
 from .resources import ConnLease, Direction, LimitExceeded, ResourceManager, StreamLease
 
 if TYPE_CHECKING:
@@ -71,6 +71,10 @@ _LOG_KEYS_MAX: Final = 1024
 # peer records): the peer's fault, not a bug of ours.
 _MALFORMED: Final = (DecodeError, BaseLibp2pError, ValueError, KeyError, IndexError,
                      TypeError, struct.error, UnicodeDecodeError, OverflowError)
+# Inbound connection handshakes (noise, yamux, registration) run at most this many
+# at a time; a connection waits at most HANDSHAKE_QUEUE_S for its turn, then is closed.
+INBOUND_HANDSHAKES: Final = 4
+HANDSHAKE_QUEUE_S: Final = 10.0
 # Pubsub and ping streams stay open without carrying framed messages.
 LONG_LIVED_PREFIXES: Final = ("/meshsub/", "/floodsub/", "/ipfs/ping/")
 
@@ -375,6 +379,35 @@ class Guard:
                           "own_entry_restored": self.own_entry_restored},
             "leases_reconciled": self.leases_reconciled,
         }
+
+
+def limit_inbound_handshakes(swarm: Any, limit: int = INBOUND_HANDSHAKES,
+                             queue_s: float = HANDSHAKE_QUEUE_S) -> None:
+    """Run at most `limit` inbound connection upgrades at once.
+
+    Upstream starts the security and muxer handshake of every accepted socket at
+    once (network/swarm.py `_do_handle_inbound_connection` ->
+    `upgrade_inbound_raw_conn`): a crowd of new identities then runs dozens of
+    handshakes side by side on the event loop, and every established peer's
+    requests wait behind all of them (an honest DIGEST went from ~0.1 s to 1-5 s
+    while 48 identities connected). Queued, the crowd costs the same CPU, but
+    the loop interleaves at most `limit` handshakes with everyone else's work.
+    """
+    limiter = trio.CapacityLimiter(limit)
+    upgrade = swarm.upgrade_inbound_raw_conn
+
+    async def limited(raw_conn: Any, maddr: Any) -> Any:
+        with trio.move_on_after(queue_s) as waited:
+            await limiter.acquire()
+        if waited.cancelled_caught:
+            # The caller (swarm.py) catches Exception and closes the connection.
+            raise OperationError(f"{limit} inbound handshakes in progress for {queue_s} s")
+        try:
+            return await upgrade(raw_conn, maddr)
+        finally:
+            limiter.release()
+
+    swarm.upgrade_inbound_raw_conn = limited
 
 
 async def _close_conn(conn: INetConn) -> None:

@@ -343,3 +343,42 @@ async def test_a_missed_disconnect_notification_does_not_leak_a_slot() -> None:
         await wait_until(lambda: not victim._swarm.connections.get(peer.peer_id))
         await wait_until(lambda: victim.resources.status()["connections"]["inbound"] == 0, 5)
         assert victim.guard.status()["leases_reconciled"] == 1
+
+
+async def test_inbound_handshakes_run_a_few_at_a_time(autojump_clock: trio.abc.Clock) -> None:
+    from node.p2p_guard import limit_inbound_handshakes
+
+    class Swarm:  # the one method limit_inbound_handshakes wraps
+        running = peak = 0
+
+        async def upgrade_inbound_raw_conn(self, raw_conn: object, maddr: object) -> object:
+            Swarm.running += 1
+            Swarm.peak = max(Swarm.peak, Swarm.running)
+            await trio.sleep(0.05)
+            Swarm.running -= 1
+            return raw_conn
+
+    swarm = Swarm()
+    limit_inbound_handshakes(swarm, limit=3, queue_s=0.12)
+    done: list[object] = []
+    refused: list[str] = []
+
+    async def one(i: int) -> None:
+        try:
+            done.append(await swarm.upgrade_inbound_raw_conn(i, None))
+        except OperationError as e:
+            refused.append(str(e))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(12):
+            nursery.start_soon(one, i)
+    # At most 3 at once; those that waited past the queue bound are refused.
+    assert Swarm.peak == 3 and len(done) == 9 and len(refused) == 3
+
+
+async def test_a_crowd_connecting_at_once_is_queued_and_admitted() -> None:
+    async with open_host(os.urandom(32)) as victim, many(10) as crowd:
+        async with trio.open_nursery() as nursery:
+            for p in crowd:
+                nursery.start_soon(p.connect, victim.addrs[0])
+        await wait_until(lambda: len(victim.connected_peers()) == 10)

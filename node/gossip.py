@@ -164,6 +164,7 @@ class Replicator:
             session_s=config.sync.session_s,
             stall_s=config.sync.stall_s,
             idle_pages=config.sync.idle_pages,
+            slow_s=config.sync.request_timeout_s / 2,
         )
         lim = config.limits
         self.budget = GossipBudget(float(lim.gossip_peer_events_per_s),

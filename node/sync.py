@@ -412,6 +412,7 @@ class SyncLimits:
     session_s: float = 300.0  # wall time of one session (needs a clock)
     stall_s: float = 30.0  # longest stretch without a stored event or fork proof (clock)
     idle_pages: int = 16  # answers that bring nothing new, per session
+    slow_s: float = 5.0  # a slower RANGE answer must bring half a page to count (clock)
 
 
 @dataclass
@@ -432,6 +433,7 @@ class SessionStats:
     fork_proofs: int = 0
     skipped_live: int = 0  # authors left to gossip (see `live_after_ms`)
     idle: int = 0  # answers that brought nothing new (beyond the free HEADS pages)
+    thin: int = 0  # slow RANGE answers with less than half a page of new events
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -452,7 +454,9 @@ class SyncSession:
     Local bounds (`SyncLimits`; a peer cannot widen them): at most `max_requests`
     requests and, given a `clock`, `session_s` seconds; a session ends `stalled` when
     nothing new was stored for `stall_s` seconds (answers just under the request
-    timeout, endless pages) or when more than `idle_pages` answers brought nothing
+    timeout, endless pages; a RANGE answer slower than `slow_s` that stores less
+    than half a page does not count as news: a trickle) or when more than
+    `idle_pages` answers brought nothing
     new (an empty or already-held RANGE, a FORKS without a new proof, a HEADS page
     that names no author we lack, beyond the pages our own authors can fill).
     `cut` says which bound ended it; `stalled` marks the peer as the cause (the
@@ -476,6 +480,8 @@ class SyncSession:
         self.cut: str | None = None  # the local bound that ended the session
         self._free_heads: int | None = None  # HEADS pages without news that are not idle
         self._news = False  # an event or fork proof was stored
+        self._sent_at = 0.0  # when the outstanding request went out (clock)
+        self._slow = False  # the answer being handled came after slow_s
         self.live_after_ms = live_after_ms
         self.limits = limits or SyncLimits()
         self.stats = SessionStats()
@@ -533,12 +539,15 @@ class SyncSession:
         else:
             self.stats.requests += 1
             self._pending = req
+            self._sent_at = now
             return req
         return None
 
-    def _progress(self) -> None:
+    def _progress(self, substantial: bool = True) -> None:
         self._news = True
-        if self.clock:
+        if not substantial:
+            self.stats.thin += 1
+        elif self.clock:
             self.progress_at = self.clock()
 
     def _idle(self, what: str) -> bool:
@@ -589,6 +598,8 @@ class SyncSession:
         req, self._pending = self._pending, None
         if req is None:
             raise RuntimeError("on_response() without an outstanding request")
+        self._slow = (self.clock is not None
+                      and self.clock() - self._sent_at > self.limits.slow_s)
         if resp is None:
             self.failed = "no response"
             return
@@ -668,8 +679,10 @@ class SyncSession:
         before = self.ledger.head(w.author)
         results = self.ledger.append_many(resp.records)
         forked = False
+        new = 0
         for res in results:
             self.accepted.extend(res.accepted)
+            new += len(res.accepted)
             self.stats.accepted += len(res.accepted)
             if res.status is Status.FORK:
                 forked = True
@@ -679,7 +692,8 @@ class SyncSession:
             return
         after = self.ledger.head(w.author)
         if forked or after != before:
-            self._progress()
+            # A slow answer with a few events: a trickle keeps no session alive.
+            self._progress(forked or not self._slow or 2 * new >= req.limit)
         elif self._idle("a RANGE answer with nothing new"):
             return
         if forked or w.probe or not resp.records or after == before:

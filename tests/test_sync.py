@@ -4,6 +4,7 @@ seeded fake network (drops, duplicates, delays) on trio's virtual clock."""
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -464,6 +465,36 @@ async def test_slow_honest_peer_is_not_cut_while_it_brings_events(
     lim = SyncLimits(heads_page=8, range_limit=2, stall_s=10.0)
     s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), send)
     assert s.failed is None and s.cut is None and a.digest() == b.digest()
+
+
+async def test_trickle_of_real_events_under_the_timeout_is_cut(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """A tarpit relaying real events one per answer, each just under the timeout,
+    stores something every time, but no slow answer with less than half a page
+    counts as news: stalled after stall_s, like an empty one. The same peer answering
+    at once is not blamed."""
+    a, b = ledger(tmp_path, "a"), ledger(tmp_path, "b")
+    ident = Identity.generate()
+    for i in range(200):
+        b.publish(ident, body(i), 1000 + i)
+
+    def trickle(delay: float) -> Callable[[sync.SyncRequest], Awaitable[sync.SyncResponse]]:
+        async def send(req: sync.SyncRequest) -> sync.SyncResponse:
+            if isinstance(req, RangeRequest):
+                # Two records: the session's one of overlap, and one new event.
+                req = RangeRequest(req.author, req.from_seq, 2, req.max_bytes)
+                await trio.sleep(delay)
+            return sync.decode_response(sync.handle(b, req.encode()))
+        return send
+
+    lim = SyncLimits(range_limit=64, stall_s=30.0, slow_s=2.5)
+    t0 = trio.current_time()
+    s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), trickle(4.5))
+    assert s.stalled and s.cut == "stalled" and trio.current_time() - t0 < 30.0 + 4.5 + 0.1
+    # Every RANGE answer (all but DIGEST and HEADS) stored two events and was thin.
+    assert s.stats.thin == s.stats.requests - 2 > 0 and a.count() == 2 * s.stats.thin
+    s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), trickle(0.1))
+    assert s.cut is None and s.failed is None and a.digest() == b.digest()
 
 
 def test_heads_pages_over_authors_we_share_are_free(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ from .errors import (
 from .events import KINDS, Body, Event, sign_event
 from .gossip import Discovery, Replicator
 from .keys import Identity, load_or_create_key
-from .ledger import AppendResult, Ledger, Status
+from .ledger import AppendResult, Ledger, PendingLimits, Status
 from .marketview import LiveMarket
 from .p2p_guard import LONG_LIVED_PREFIXES
 from .resources import REPLICATION_LIMITS, Limits
@@ -248,6 +248,7 @@ class Node:
             "authors": len(led.heads()),
             "forked_authors": len(led.forked()),
             "pending": led.pending_count,
+            "pending_buffer": led.pending_status(),
             "gaps": len(gaps),
             "outbox": rep.outbox_len,
             "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
@@ -273,7 +274,7 @@ class Node:
                 "limits": dataclasses.asdict(self.config.sync),
             },
             "gossip": {**rep.stats.as_dict(), **rep.mesh_state(),
-                       "budget": rep.budget.status()},
+                       "budget": rep.budget.status(), "gap_fetch": rep.gap_planner.status()},
             "resources": self.host.guard.status(),
             "services": services,
             "started_at": self.started_at,
@@ -590,7 +591,10 @@ def _binds(cfg: config.Config) -> list[lifecycle.Bind]:
 async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
     data_dir = cfg.node.data_dir
     identity = load_or_create_key(cfg.key_path)
-    ledger = Ledger(cfg.ledger_path, network=cfg.node.network)
+    lim = cfg.limits
+    ledger = Ledger(cfg.ledger_path, network=cfg.node.network, pending=PendingLimits(
+        peer_events=lim.pending_peer_events, peer_bytes=lim.pending_peer_bytes,
+        total_bytes=lim.pending_total_bytes, ttl_s=float(lim.pending_ttl_s)))
     try:
         async with p2p.open_host(identity.seed, cfg.p2p.listen, limits=limits_of(cfg),
                                  bootstrap=cfg.p2p.bootstrap,

@@ -11,8 +11,13 @@
   batches that are undecodable or carry invalid events (so we do not forward them).
 * Pull: `node.sync` sessions over request/response `/bidmesh/<network>/sync/1`:
   with every newly connected peer, every `sync.interval_s` with a random peer, and
-  at once for `ledger.gaps()` (preferably with the peer that sent the orphans).
+  soon after `ledger.pending_gaps()` appear (asking the peers that sent the orphans first).
   Convergence never depends on gossip delivering everything.
+* Budgets (`[limits]`, node/budget.py): gossip input per forwarding peer in
+  events/s and bytes/s, beyond which batches are dropped (a fault only for the
+  peer's own publishes); pending events charged to their forwarder and expired
+  (`_expire_pending`; a fault when the forwarder published them); gap pulls
+  planned within per-peer and per-round budgets (node/gaps.py).
 * Accounting: invalid input per peer (gossip and sync) within a sliding window;
   at `gossip.fault_threshold` the peer is disconnected and blocked for
   `gossip.block_s`, logged, and counted in `stats.cut_off`.
@@ -32,7 +37,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -41,6 +46,7 @@ from .budget import GossipBudget, GossipVerdict
 from .config import Config
 from .errors import BidmeshError, InvalidMessage, OperationError, UsageError
 from .events import MAX_WIRE, Event
+from .gaps import GapPlanner
 from .ledger import Ledger, Status
 from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of
 
@@ -121,6 +127,7 @@ class Stats:
     sync_stalled: int = 0  # sessions ended because the peer stalled them (then backed off)
     sync_no_slot: int = 0  # sessions given up: no sync slot came free in session_s
     gap_syncs: int = 0
+    pending_expired: int = 0  # events dropped from the pending buffer unfilled
     last_sync_at: float | None = None
     last_sync_peer: str | None = None
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -184,7 +191,9 @@ class Replicator:
                                       penalty_max_s=config.sync.penalty_max_s)
         self.sync_slots = SlotGate(SyncSlots(config.sync.slots, config.sync.reserved_slots))
         self._gap_event = trio.Event()
-        self._gap_peer: p2p.PeerId | None = None
+        self.gap_planner = GapPlanner(lim.gap_authors_per_round,
+                                      float(lim.gap_peer_requests_per_s), lim.gap_tries)
+        """Which gaps to pull from whom (`[limits] gap_*`, node/gaps.py)."""
         self._rng = random.Random()
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
@@ -265,6 +274,7 @@ class Replicator:
             nursery.start_soon(self._watch_peers)
             nursery.start_soon(self._periodic_sync)
             nursery.start_soon(self._gap_sync)
+            nursery.start_soon(self._expire_pending)
             self.ready.set()
 
     async def flush(self, timeout: float) -> bool:
@@ -357,7 +367,10 @@ class Replicator:
         if not verdict.ok:
             return self._over_budget(forwarder, verdict)
         try:
-            results = self.ledger.append_many(fresh)
+            # Events that go pending are charged to the forwarder (node/ledger.py);
+            # if they never chain, that is its fault only if it published them.
+            results = self.ledger.append_many(
+                fresh, source=forwarder, blame=self.topic.current_origin == forwarder)
         except sqlite3.Error as e:
             # Our disk, not the peer: accept (others may store it), fetch it by sync later.
             log.error("storing a gossip batch failed", extra={"error": str(e)})
@@ -392,7 +405,6 @@ class Replicator:
                                                     - self.stats.gossip_delay_s)
             self.notify(accepted)
         if pending:
-            self._gap_peer = forwarder
             self._gap_event.set()
         return bad == 0
 
@@ -613,29 +625,48 @@ class Replicator:
                 interval = min(base, CATCH_UP_S)
 
     async def _gap_sync(self) -> None:
+        """Pull the predecessors of pending events, within the gap budgets
+        (node/gaps.py): a bounded number of authors per round and of requests per
+        peer, each gap asked of at most `gap_tries` peers (those that sent the
+        waiting events first); the rest is left to periodic sync or to expire."""
+        due: float | None = None
         while True:
-            await self._gap_event.wait()
+            with trio.move_on_at(math.inf if due is None else due):
+                await self._gap_event.wait()
             # Batches of one author take different mesh paths, so gossip often
             # arrives out of order and fills its own gaps within a few hundred ms
             # (longer while gossip runs late); pulling at once would fetch what is
             # already in flight.
             await trio.sleep(max(GAP_GRACE_S, min(self.stats.gossip_delay_s, 5.0)))
             self._gap_event = trio.Event()
-            gaps = self.ledger.gaps()
-            if not gaps:
-                continue
-            peers = self._sync_candidates()
-            peer = self._gap_peer if self._gap_peer in peers else (
-                self._rng.choice(peers) if peers else None)
-            if peer is None:
-                continue
-            self.stats.gap_syncs += 1
-            await self._sync_quietly(peer, gaps)
-            if self.ledger.gaps():
-                # Still missing (peer lacked them or is busy): retry shortly, maybe elsewhere.
-                self._gap_peer = None
-                await trio.sleep(0.2)
-                self._gap_event.set()
+            gaps = self.ledger.pending_gaps()
+            now = trio.current_time()
+            plan = self.gap_planner.plan(gaps, self._sync_candidates(), now)
+            if plan is not None:
+                self.stats.gap_syncs += 1
+                await self._sync_quietly(cast(p2p.PeerId, plan.peer), list(plan.gaps))
+                gaps = self.ledger.pending_gaps()
+                now = trio.current_time()
+            due = self.gap_planner.next_due(gaps, now)
+
+    async def _expire_pending(self) -> None:
+        """Drop pending events older than `pending_ttl_s`; fault the peers that
+        published events that never chained (relayed ones are not the relay's fault)."""
+        g = self.cfg.gossip
+        period = max(0.5, min(5.0, self.cfg.limits.pending_ttl_s / 4))
+        while True:
+            await trio.sleep(period)
+            expired = self.ledger.expire_pending()
+            for (source, blame), n in expired.items():
+                self.stats.pending_expired += n
+                if blame and isinstance(source, p2p.PeerId):
+                    # One fault per event, up to a cut-off's worth.
+                    for _ in range(min(n, g.fault_threshold)):
+                        self._fault(source, "pending_expired")
+            if expired:
+                log.info("pending events expired", extra={
+                    "events": sum(expired.values()),
+                    "sources": len({src for src, _ in expired})})
 
 
 # ------------------------------------------------------------------ discovery

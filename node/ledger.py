@@ -4,8 +4,9 @@
 fork. Checks here are self-contained (codec, signature, schema, chain), so every
 honest node stores exactly the same events; rules that depend on other events are
 applied by the derivations. Per-author chains must be contiguous: an event whose
-predecessor is missing waits in a bounded in-memory pending buffer and is accepted
-when the gap fills. Two valid events at one (author, seq) are a fork proof: stored,
+predecessor is missing waits in an in-memory pending buffer, charged to the peer
+that sent it (bounded per peer and in total, in events and bytes; entries expire)
+and is accepted when the gap fills. Two valid events at one (author, seq) are a fork proof: stored,
 and the author's events from that seq on are excluded from derived state.
 
 Durability: WAL with synchronous=NORMAL. A committed append survives the process
@@ -18,10 +19,11 @@ import concurrent.futures
 import hashlib
 import os
 import sqlite3
+import time
 import urllib.parse
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
@@ -112,7 +114,9 @@ class _Batch:
     staged: dict[tuple[bytes, int], _Row] = field(default_factory=dict)
     overlay: dict[bytes, Head] = field(default_factory=dict)
     forks: list[ForkProof] = field(default_factory=list)
-    popped: list[Event] = field(default_factory=list)
+    popped: list[_Held] = field(default_factory=list)
+    source: Source = None  # whom events that go pending are charged to
+    blame: bool = False
 
 
 class Head(NamedTuple):
@@ -129,59 +133,174 @@ class ForkProof:
     wire_b: bytes
 
 
-@dataclass
+Source = Hashable
+"""Whom a pending event is charged to: the forwarding peer (None: local / unattributed)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Held:
+    """One pending event: its wire only (decoded again, unverified, when it is due), so
+    memory is the record's size plus this header, whatever the body decodes into."""
+
+    author: bytes
+    seq: int
+    id: bytes
+    wire: bytes
+    source: Source
+    blame: bool  # the source published it itself: its expiry is the source's fault
+    added: float
+
+    @property
+    def size(self) -> int:
+        return len(self.wire) + HELD_OVERHEAD
+
+
+HELD_OVERHEAD = 256  # bytes charged per pending event beyond its wire (header, dict slots)
+
+
+@dataclass(frozen=True)
+class PendingLimits:
+    """Bounds of the pending buffer (`[limits] pending_*`)."""
+
+    per_author: int = 1024
+    total: int = 65_536
+    peer_events: int = 2048
+    peer_bytes: int = 4 << 20
+    total_bytes: int = 32 << 20
+    ttl_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Missing seqs `first..last` of `author`, with who sent the events waiting on it."""
+
+    author: bytes
+    first: int
+    last: int
+    sources: tuple[Source, ...]
+    added: float  # when the oldest event waiting on it arrived
+
+
 class _Pending:
-    """Events waiting for their predecessor, bounded per author and in total.
+    """Events waiting for their predecessor, charged to the source that sent them:
+    bounded per author, per source (events, bytes) and in total (events, bytes);
+    entries expire `ttl_s` after they arrive.
 
-    Several candidates may wait at one (author, seq): which of them chains is only
-    known when the gap fills, and keeping them all lets a fork be detected no matter
-    in which order its two halves arrive."""
+    When the total is full, an event from a source holding less than the biggest
+    holder evicts that holder's oldest entries: one source cannot keep everyone
+    else's out-of-order events out. Several candidates may wait at one
+    (author, seq): which of them chains is only known when the gap fills, and
+    keeping them all lets a fork be detected in whichever order its halves arrive."""
 
-    per_author: int
-    total: int
-    by_author: dict[bytes, dict[int, dict[bytes, Event]]] = field(default_factory=dict)
-    counts: dict[bytes, int] = field(default_factory=dict)
-    size: int = 0
+    def __init__(self, limits: PendingLimits) -> None:
+        self.limits = limits
+        self.by_author: dict[bytes, dict[int, dict[bytes, _Held]]] = {}
+        self.counts: dict[bytes, int] = {}
+        self.size = 0
+        self.bytes = 0
+        self.by_source: dict[Source, OrderedDict[int, _Held]] = {}  # in arrival order
+        self.source_bytes: Counter[Source] = Counter()
+        self.evicted = 0
 
-    def add(self, ev: Event) -> bool:
+    def add(self, ev: Event, source: Source, blame: bool, now: float) -> str | None:
+        """Hold `ev`; None if held (or already held), else why not: "pending_full"."""
         slot = self.by_author.get(ev.author)
         if slot is not None and ev.id in slot.get(ev.seq, {}):
-            return True
-        n = self.counts.get(ev.author, 0)
-        if n >= self.per_author or self.size >= self.total:
-            return False
-        if slot is None:
-            slot = self.by_author[ev.author] = {}
-        slot.setdefault(ev.seq, {})[ev.id] = ev
-        self.counts[ev.author] = n + 1
+            return None
+        return self.restore(_Held(ev.author, ev.seq, ev.id, ev.wire, source, blame, now))
+
+    def restore(self, h: _Held) -> str | None:
+        lim = self.limits
+        if self.counts.get(h.author, 0) >= lim.per_author:
+            return "pending_full"
+        mine = self.by_source.get(h.source)
+        if (mine is not None and len(mine) >= lim.peer_events) or \
+                self.source_bytes[h.source] + h.size > lim.peer_bytes:
+            return "pending_full"
+        while self.size >= lim.total or self.bytes + h.size > lim.total_bytes:
+            if not self._evict_for(h.source, h.size):
+                return "pending_full"
+        slot = self.by_author.setdefault(h.author, {})
+        slot.setdefault(h.seq, {})[h.id] = h
+        self.counts[h.author] = self.counts.get(h.author, 0) + 1
         self.size += 1
+        self.bytes += h.size
+        self.by_source.setdefault(h.source, OrderedDict())[id(h)] = h
+        self.source_bytes[h.source] += h.size
+        return None
+
+    def _evict_for(self, source: Source, size: int) -> bool:
+        """Make room by dropping the oldest entry of the biggest holder, if that is
+        not `source` and holds more than `source` would after adding."""
+        if not self.source_bytes:
+            return False
+        big, held = max(self.source_bytes.items(), key=lambda kv: kv[1])
+        if big == source or held <= self.source_bytes[source] + size:
+            return False
+        oldest = next(iter(self.by_source[big].values()))
+        self._remove(oldest)
+        self.evicted += 1
         return True
 
-    def pop(self, author: bytes, seq: int) -> list[Event]:
+    def _remove(self, h: _Held) -> None:
+        slot = self.by_author[h.author]
+        cands = slot[h.seq]
+        del cands[h.id]
+        if not cands:
+            del slot[h.seq]
+        self._forget(h)
+        if not slot:
+            del self.by_author[h.author]
+
+    def _forget(self, h: _Held) -> None:
+        """Uncount `h`, already gone from `by_author[author][seq]`."""
+        self.size -= 1
+        self.bytes -= h.size
+        self.counts[h.author] -= 1
+        if not self.counts[h.author]:
+            del self.counts[h.author]
+        mine = self.by_source[h.source]
+        del mine[id(h)]
+        self.source_bytes[h.source] -= h.size
+        if not mine:
+            del self.by_source[h.source]
+            del self.source_bytes[h.source]
+
+    def pop(self, author: bytes, seq: int) -> list[_Held]:
         """Remove and return every candidate at (author, seq), in arrival order."""
         slot = self.by_author.get(author)
         if not slot or seq not in slot:
             return []
-        evs = list(slot.pop(seq).values())
-        self._forget(author, slot, len(evs))
-        return evs
+        held = list(slot.pop(seq).values())
+        for h in held:
+            self._forget(h)
+        if not slot:
+            del self.by_author[author]
+        return held
 
     def drop_upto(self, author: bytes, seq: int) -> None:
         """Forget buffered events at or below a seq we now hold."""
         slot = self.by_author.get(author)
         if not slot:
             return
-        n = 0
         for s in [s for s in slot if s <= seq]:
-            n += len(slot.pop(s))
-        self._forget(author, slot, n)
-
-    def _forget(self, author: bytes, slot: dict[int, dict[bytes, Event]], n: int) -> None:
-        self.size -= n
-        self.counts[author] -= n
+            for h in slot.pop(s).values():
+                self._forget(h)
         if not slot:
             del self.by_author[author]
-            del self.counts[author]
+
+    def expire(self, now: float) -> list[_Held]:
+        """Remove and return entries older than `ttl_s`."""
+        cutoff = now - self.limits.ttl_s
+        out: list[_Held] = []
+        for mine in list(self.by_source.values()):
+            while mine:
+                h = next(iter(mine.values()))
+                if h.added > cutoff:
+                    break
+                out.append(h)
+                self._remove(h)  # may delete `mine` from by_source once empty
+        return out
 
 
 class Ledger:
@@ -195,6 +314,8 @@ class Ledger:
         readonly: bool = False,
         pending_per_author: int = 1024,
         pending_total: int = 65_536,
+        pending: PendingLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
         self.network = network
@@ -222,7 +343,9 @@ class Ledger:
         self.db.create_function("idk", 1, idk, deterministic=True)
         self.db.execute("PRAGMA busy_timeout=5000")
         self._check_network()
-        self._pending = _Pending(pending_per_author, pending_total)
+        self._pending = _Pending(pending or PendingLimits(per_author=pending_per_author,
+                                                          total=pending_total))
+        self._clock = clock
         self.counters: Counter[str] = Counter()  # outcome and rejection-reason counts
         self._digest: bytes | None = None
         self._load_heads()
@@ -290,10 +413,15 @@ class Ledger:
     def append(self, wire: bytes) -> AppendResult:
         return self.append_many([wire])[0]
 
-    def append_many(self, wires: Iterable[bytes]) -> list[AppendResult]:
-        """Check and store a batch in one transaction. Never raises on peer input."""
+    def append_many(self, wires: Iterable[bytes], *, source: Source = None,
+                    blame: bool = False) -> list[AppendResult]:
+        """Check and store a batch in one transaction. Never raises on peer input.
+
+        Events whose predecessor is missing are held, charged to `source` (the peer
+        that sent them; None: local); `blame`: `source` published them itself, so
+        if they expire unfilled, `expire_pending` reports it as the source's fault."""
         batch = list(wires)
-        return self._append(batch, _decode_all(batch, self.network))
+        return self._append(batch, _decode_all(batch, self.network), source, blame)
 
     def append_signed(self, events: list[Event]) -> list[AppendResult]:
         """Store events this process just made with `sign_event` (our own): the
@@ -301,12 +429,12 @@ class Ledger:
         made it; verifying costs as much as signing)."""
         return self._append([ev.wire for ev in events], list(events))
 
-    def _append(self, batch: list[bytes],
-                decoded_all: list[Event | AppendResult]) -> list[AppendResult]:
+    def _append(self, batch: list[bytes], decoded_all: list[Event | AppendResult],
+                source: Source = None, blame: bool = False) -> list[AppendResult]:
         if self.readonly:
             raise UsageError("this ledger handle is read-only")
         results: list[AppendResult] = []
-        b = _Batch()
+        b = _Batch(source=source, blame=blame)
         for wire, decoded in zip(batch, decoded_all, strict=True):
             res = self._check_one(wire, decoded, b)
             self.counters[res.status.value] += 1
@@ -330,8 +458,8 @@ class Ledger:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
                 # Undo in-memory effects: buffered events popped by this batch go back.
-                for ev in b.popped:
-                    self._pending.add(ev)
+                for h in b.popped:
+                    self._pending.restore(h)
                 raise
             self._heads.update(b.overlay)
             for p in b.forks:
@@ -364,11 +492,13 @@ class Ledger:
             self._add_fork(ForkProof(ev.author, ev.seq, stored[1], wire), b)
             return AppendResult(Status.FORK, ev.id, detail=f"equivocation at seq {ev.seq}")
         if ev.seq > have + 1:
-            if self._pending.add(ev):
+            why = self._pending.add(ev, b.source, b.blame, self._clock())
+            if why is None:
                 return AppendResult(Status.PENDING, ev.id,
                                     detail=f"waiting for seq {have + 1}..{ev.seq - 1}")
-            return AppendResult(Status.REJECTED, ev.id, reason="pending_full",
-                                detail="pending buffer full; fetch the gap first")
+            return AppendResult(Status.REJECTED, ev.id, reason=why,
+                                detail="pending buffer full (for you or in total); "
+                                "fetch the gap first")
         err = _chain_error(ev, head)
         if err:
             return AppendResult(Status.REJECTED, ev.id, reason=err[0], detail=err[1])
@@ -378,13 +508,13 @@ class Ledger:
         # the first that chains is stored; others that chain are fork proofs.
         while True:
             top = accepted[-1]
-            cands = self._pending.pop(ev.author, top.seq + 1)
-            if not cands:
+            held = self._pending.pop(ev.author, top.seq + 1)
+            if not held:
                 break
-            b.popped.extend(cands)
+            b.popped.extend(held)
             base = b.overlay[ev.author]
             nxt: Event | None = None
-            for cand in cands:
+            for cand in (self._decode(h.wire) for h in held):
                 if _chain_error(cand, base):
                     # Does not chain: discarded; a peer resends the right one in sync.
                     self.counters["pending_discarded"] += 1
@@ -539,6 +669,34 @@ class Ledger:
             have = head.seq if head else 0
             out.append((author, have + 1, min(slot) - 1))
         return out
+
+    def pending_gaps(self) -> list[Gap]:
+        """Like `gaps()`, with the sources charged for the waiting events and when the
+        oldest of them arrived (for budgeted gap fetching)."""
+        out = []
+        for author, slot in self._pending.by_author.items():
+            head = self._heads.get(author)
+            have = head.seq if head else 0
+            held = [h for cands in slot.values() for h in cands.values()]
+            sources = tuple(dict.fromkeys(h.source for h in held))
+            out.append(Gap(author, have + 1, min(slot) - 1, sources,
+                           min(h.added for h in held)))
+        return out
+
+    def expire_pending(self) -> Counter[tuple[Source, bool]]:
+        """Drop pending events older than the pending TTL; count them per
+        (source, blame) so the caller can fault sources whose events never chained."""
+        out: Counter[tuple[Source, bool]] = Counter()
+        for h in self._pending.expire(self._clock()):
+            out[(h.source, h.blame)] += 1
+        self.counters["pending_expired"] += sum(out.values())
+        return out
+
+    def pending_status(self) -> dict[str, object]:
+        p = self._pending
+        return {"events": p.size, "bytes": p.bytes, "sources": len(p.by_source),
+                "evicted": p.evicted, "expired": self.counters["pending_expired"],
+                "limits": asdict(p.limits)}
 
     @property
     def pending_count(self) -> int:

@@ -543,8 +543,11 @@ class Gossiper:
         await self.host.connect(self.t.victim.addr)
         sub = await self.topic.subscribe()
         del sub
+        # In our mesh, not only subscribed: upstream publishes to the topic mesh only
+        # (nobody while it is empty), so batches sent before the first heartbeat's
+        # GRAFT never left this process.
         with trio.move_on_after(timeout):
-            while self.t.victim.peer_id not in {str(p) for p in self.topic.peers()}:
+            while self.t.victim.peer_id not in {str(p) for p in self.topic.mesh_peers()}:
                 await trio.sleep(0.05)
             return True
         return False
@@ -578,6 +581,12 @@ async def run_gossiper(t: Target, tag: str, body: Callable[[Gossiper], Awaitable
             if not await g.ready():
                 return "victim never joined our topic"
             await body(g)
+            # Publishing only queues (upstream's per-peer RPC queue); leaving at once
+            # would close the connection before the batches are written.
+            with trio.move_on_after(10):
+                while ps.max_queue_len() > 0:
+                    await trio.sleep(0.05)
+                await trio.sleep(0.5)
             return "done"
     except ANY_UPSTREAM as e:
         return f"ended: {type(e).__name__}: {str(e)[:100]}"

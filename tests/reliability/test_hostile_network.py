@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trio
-from daemon_helpers import Cluster, Proc, cluster
+from daemon_helpers import Cluster, Proc, cluster, wait_for
 
 from node.errors import BidmeshError
 
@@ -231,4 +231,67 @@ async def test_process_requests_without_lease_authority(two: Cluster) -> None:
     out = await run(A.foreign_lease, target(two))
     await trio.to_thread.run_sync(alive, two, two.procs[0])
     assert not out.failures, out.figures
+
+
+@pytest.fixture
+def short_pending(tmp_path: Path) -> Iterator[Cluster]:
+    """Like `two`, with a small per-peer pending budget and a short pending TTL."""
+    with cluster(tmp_path, 2, overrides={
+            "node": {"log_level": "warning"}, "http": {"enabled": True, "port": 0},
+            "limits": {"pending_peer_bytes": 256 * 1024, "pending_ttl_s": 3,
+                       "gap_peer_requests_per_s": 8}}) as c:
+        c.start_all()
+        yield c
+
+
+async def test_pending_flood_is_charged_to_its_sender_and_expires(
+        short_pending: Cluster) -> None:
+    """Large orphans published by one peer: the victim holds at most that peer's
+    pending budget, still holds an honest out-of-order pair, and once the orphans
+    expire the sender is faulted (it published events that never chained)."""
+    c = short_pending
+    t = target(c)
+    out = await run(A.pending_flood, t, pending_keys=8, pending_events=32)
+    assert not out.failures, out.figures
+    st = await trio.to_thread.run_sync(alive, c, t.victim)
+    assert st["pending_buffer"]["bytes"] <= 256 * 1024, st["pending_buffer"]
+    assert out.figures["mb_sent"] >= 1.5, out.figures  # ~8x what it may park here
+
+    def expired() -> bool:
+        g = c.status(t.victim)["gossip"]
+        return bool(g["faults"].get("pending_expired", 0) and g["pending_expired"])
+
+    await trio.to_thread.run_sync(wait_for, expired, 30, "the orphans to expire")
+    st = await trio.to_thread.run_sync(alive, c, t.victim)
+    assert st["pending"] == 0 and st["gaps"] == 0, st["pending_buffer"]
+    await serves_honest_peer(c, t.victim)
+
+
+async def test_unfillable_gap_storm_costs_bounded_requests(short_pending: Cluster) -> None:
+    """2,000 fresh authors with one event at seq 2, then the attacker leaves: the
+    victim asks its honest peer for those gaps within the per-peer gap budget
+    (8 requests/s here), and stops when the gaps expire."""
+    c = short_pending
+    t = target(c)
+    served0 = (await trio.to_thread.run_sync(c.status, t.honest))["gossip"]["sync_served"]
+    t0 = trio.current_time()
+    out = await run(A.gap_storm, t, gap_authors=2000)
+    assert out.figures.get("victim_gaps", 0) > 0, out.figures
+
+    def drained() -> bool:
+        return int(c.status(t.victim)["gaps"]) == 0
+
+    await trio.to_thread.run_sync(wait_for, drained, 30, "the unfillable gaps to expire")
+    took = trio.current_time() - t0
+    st = await trio.to_thread.run_sync(alive, c, t.victim)
+    asked = st["gossip"]["gap_fetch"]["asked"]
+    assert 0 < asked <= 8 * took + 8 * 4, (asked, took, st["gossip"]["gap_fetch"])
+    served = (await trio.to_thread.run_sync(c.status, t.honest))["gossip"]["sync_served"]
+    # Gap requests plus periodic anti-entropy (a few requests per round each way).
+    assert served - served0 <= asked + 10 * (took / 5 + 2), (served - served0, asked)
+    # Quiet afterwards: no more gap rounds once nothing is pending.
+    rounds = st["gossip"]["gap_fetch"]["rounds"]
+    await trio.sleep(2)
+    st = await trio.to_thread.run_sync(alive, c, t.victim)
+    assert st["gossip"]["gap_fetch"]["rounds"] == rounds
 

@@ -1,0 +1,144 @@
+"""Budgeted gap fetching (sans-I/O): which gaps to pull, from whom, and when to stop.
+
+A gap is a run of missing seqs of one author that pending events wait on
+(`Ledger.pending_gaps`). Pulling one costs a RANGE request at the peer we ask,
+so a stranger who sends 20,000 fresh authors with one event at seq 2 each must
+not buy 20,000 requests per round, repeated until restart. Rules:
+
+* a round asks one peer for at most `authors_per_round` gaps;
+* each peer has a request budget (`peer_requests_per_s`, bursts of `BURST_S`);
+  a round takes one token per gap asked, and a peer without tokens is not asked;
+* each gap is asked of at most `tries` different peers, no sooner than
+  `RETRY_S` after the previous try (gossip often fills gaps by itself), the
+  peers that sent the waiting events first (they claimed to have the chain);
+  after that it is left to periodic sync or to expire with its events
+  (`pending_ttl_s`), and the planner forgets it;
+* gaps are taken round-robin across the sources that caused them, oldest
+  first within each, so one source's thousands of gaps cannot delay another
+  source's one.
+
+`plan()` returns the next round or None; `next_due()` says when one could be due
+again if nothing new happens. The shell (node/gossip.py) performs the rounds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .budget import KeyedBuckets
+from .ledger import Gap
+
+BURST_S = 4.0
+RETRY_S = 1.0
+
+Peer = Hashable
+
+
+@dataclass(frozen=True)
+class GapRound:
+    peer: Peer
+    gaps: tuple[tuple[bytes, int, int], ...]  # (author, first, last) for SyncSession
+
+
+@dataclass
+class _Tried:
+    peers: set[Peer] = field(default_factory=set)
+    not_before: float = 0.0
+
+
+class GapPlanner:
+    def __init__(self, authors_per_round: int, peer_requests_per_s: float, tries: int) -> None:
+        self.authors_per_round = authors_per_round
+        self.tries = tries
+        self._tokens = KeyedBuckets(peer_requests_per_s, peer_requests_per_s * BURST_S)
+        self._tried: dict[bytes, _Tried] = {}
+        self.rounds = 0
+        self.asked = 0
+        self.given_up = 0  # gaps that used all their tries (until they fill or expire)
+
+    def _eligible(self, gaps: Sequence[Gap], now: float) -> list[Gap]:
+        live = {g.author for g in gaps}
+        for author in [a for a in self._tried if a not in live]:
+            del self._tried[author]  # filled or expired: forget
+        out = []
+        for g in gaps:
+            t = self._tried.get(g.author)
+            if t is None or (len(t.peers) < self.tries and t.not_before <= now):
+                out.append(g)
+        return out
+
+    def plan(self, gaps: Sequence[Gap], peers: Sequence[Peer], now: float) -> GapRound | None:
+        """The next round for these gaps and connected sync-capable `peers`, or None."""
+        if not peers:
+            return None
+        if not any(self._tokens.bucket(p, now).tokens >= 1 for p in peers):
+            return None
+        eligible = self._eligible(gaps, now)
+        if not eligible:
+            return None
+        connected = set(peers)
+        target = None
+        for g in eligible:  # the first gap that some peer with tokens can be asked about
+            tried = self._tried.get(g.author)
+            asked = tried.peers if tried else set()
+            choices = [p for p in g.sources if p in connected and p not in asked]
+            choices += [p for p in peers if p not in asked and p not in choices]
+            for p in choices:
+                if self._tokens.bucket(p, now).tokens >= 1:
+                    target = p
+                    break
+            if target is not None:
+                break
+        if target is None:
+            return None
+        bucket = self._tokens.bucket(target, now)
+        room = min(self.authors_per_round, int(bucket.tokens))
+        picked: list[Gap] = []
+        for g in _round_robin(eligible):
+            if len(picked) >= room:
+                break
+            tried = self._tried.get(g.author)
+            if tried is None or target not in tried.peers:
+                picked.append(g)
+        for g in picked:
+            t = self._tried.setdefault(g.author, _Tried())
+            t.peers.add(target)
+            t.not_before = now + RETRY_S
+            if len(t.peers) >= self.tries:
+                self.given_up += 1
+        bucket.tokens -= len(picked)
+        self.rounds += 1
+        self.asked += len(picked)
+        return GapRound(target, tuple((g.author, g.first, g.last) for g in picked))
+
+    def next_due(self, gaps: Sequence[Gap], now: float) -> float | None:
+        """The earliest time a round could be due for these gaps (None: never, until
+        new gaps arrive): a retry coming of age, or a peer's tokens refilling."""
+        due: float | None = None
+        for g in gaps:
+            t = self._tried.get(g.author)
+            if t is None:
+                return now + 1 / self._tokens.rate  # untried: as soon as a token is back
+            if len(t.peers) < self.tries:
+                due = t.not_before if due is None else min(due, t.not_before)
+        return None if due is None else max(due, now + 1 / self._tokens.rate)
+
+    def status(self) -> dict[str, int]:
+        return {"rounds": self.rounds, "asked": self.asked, "given_up": self.given_up,
+                "tracked": len(self._tried)}
+
+
+def _round_robin(gaps: list[Gap]) -> Iterator[Gap]:
+    """Interleave gaps by their first source, in the given order (the ledger lists
+    authors by when their first pending event arrived) within each source; lazy, as a
+    round takes only the first few of possibly tens of thousands."""
+    by_source: dict[Hashable, deque[Gap]] = {}
+    for g in gaps:
+        by_source.setdefault(g.sources[0] if g.sources else None, deque()).append(g)
+    queues = list(by_source.values())
+    while queues:
+        for q in queues:
+            yield q.popleft()
+        queues = [q for q in queues if q]

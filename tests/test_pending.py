@@ -1,0 +1,117 @@
+"""The pending buffer (issue 12 item 3): events whose predecessor is missing are
+charged to the peer that sent them, bounded per peer and in total (events, bytes),
+and expire. Pure: a real SQLite ledger in a temp dir, a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.ledger import HELD_OVERHEAD, Ledger, PendingLimits, Status
+from node.testing import NETWORK, Chain, seed
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def orphans(tag: int, n: int) -> tuple[Chain, list[bytes]]:
+    """`n` events of one author from seq 2 on: all wait for seq 1."""
+    c = Chain(seed(tag))
+    evs = [c.next() for _ in range(n + 1)]
+    return c, [e.wire for e in evs[1:]]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make(tmp_path: Path, clock: Clock, **kw: float) -> Ledger:
+    lim = PendingLimits(**kw)  # type: ignore[arg-type]
+    return Ledger(tmp_path / "l.db", network=NETWORK, pending=lim, clock=clock)
+
+
+@pytest.fixture
+def small(tmp_path: Path, clock: Clock) -> Iterator[Ledger]:
+    led = make(tmp_path, clock, peer_events=4, total=8, ttl_s=60.0)
+    yield led
+    led.close()
+
+
+def test_charged_per_source_and_other_sources_keep_room(small: Ledger) -> None:
+    _, flood = orphans(1, 6)
+    got = small.append_many(flood, source="attacker", blame=True)
+    assert [r.status for r in got] == [Status.PENDING] * 4 + [Status.REJECTED] * 2
+    assert got[-1].reason == "pending_full" and not got[-1].peer_fault
+    c, honest = orphans(2, 2)
+    assert [r.status for r in small.append_many(honest, source="honest")] == [
+        Status.PENDING] * 2
+    [gap_a, gap_b] = sorted(small.pending_gaps(), key=lambda g: g.sources)
+    assert gap_a.sources == ("attacker",) and gap_b.sources == ("honest",)
+    assert (gap_b.author, gap_b.first, gap_b.last) == (c.public, 1, 1)
+    # The honest gap fills: both waiting events are stored.
+    assert len(small.append(c.events[0].wire).accepted) == 3
+    assert small.pending_status()["sources"] == 1
+
+
+def test_full_buffer_evicts_the_biggest_holder_not_the_newcomer(small: Ledger) -> None:
+    for i, src in enumerate(("a", "b")):
+        _, w = orphans(10 + i, 4)
+        small.append_many(w, source=src)
+    assert small.pending_count == 8  # full
+    _, w = orphans(20, 1)
+    assert small.append_many(w, source="c")[0].status is Status.PENDING
+    assert small.pending_count == 8 and small.pending_status()["evicted"] == 1
+    # A holder cannot evict others to grow past them: "a" (now biggest at 4, "b" 3)
+    # is refused rather than evicting "b".
+    _, w = orphans(21, 1)
+    assert small.append_many(w, source="a")[0].reason == "pending_full"
+
+
+def test_bytes_bounded_per_source_and_in_total(tmp_path: Path, clock: Clock) -> None:
+    _, w = orphans(30, 40)
+    size = len(w[0]) + HELD_OVERHEAD
+    led = make(tmp_path, clock, peer_bytes=10 * size + size // 2, total_bytes=25 * size)
+    got = led.append_many(w, source="big")
+    assert sum(r.status is Status.PENDING for r in got) == 10
+    for src in ("x", "y"):
+        _, w2 = orphans(31 if src == "x" else 32, 10)
+        led.append_many(w2, source=src)
+    st = led.pending_status()
+    assert isinstance(st["bytes"], int) and st["bytes"] <= 25 * size + size
+    led.close()
+
+
+def test_entries_expire_and_report_their_source(small: Ledger, clock: Clock) -> None:
+    _, w = orphans(40, 3)
+    small.append_many(w[:2], source="p", blame=True)
+    clock.t += 30
+    small.append_many(w[2:], source="relay", blame=False)
+    clock.t += 31  # the first two are 61 s old, the last 31 s
+    expired = small.expire_pending()
+    assert expired == {("p", True): 2}
+    assert small.pending_count == 1 and small.counters["pending_expired"] == 2
+    clock.t += 30
+    assert small.expire_pending() == {("relay", False): 1}
+    assert small.gaps() == [] and small.pending_status()["sources"] == 0
+    # Expired events can come again (another peer, or the gap filled by then).
+    assert small.append_many([w[0]], source="q")[0].status is Status.PENDING
+
+
+def test_rollback_puts_popped_events_back_with_their_source(small: Ledger) -> None:
+    c, w = orphans(50, 2)
+    small.append_many(w, source="s")
+    small.db.execute("CREATE TRIGGER nope BEFORE INSERT ON events BEGIN "
+                     "SELECT RAISE(ABORT, 'disk says no'); END")
+    with pytest.raises(Exception, match="disk says no"):
+        small.append(c.events[0].wire)
+    small.db.execute("DROP TRIGGER nope")
+    assert small.pending_count == 2 and [g.sources for g in small.pending_gaps()] == [("s",)]
+    assert len(small.append(c.events[0].wire).accepted) == 3

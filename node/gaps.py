@@ -8,7 +8,8 @@ not buy 20,000 requests per round, repeated until restart. Rules:
 * a round asks one peer for at most `authors_per_round` gaps;
 * each peer has a request budget (`peer_requests_per_s`, bursts of `BURST_S`);
   a round takes one token per gap asked, and a peer without tokens is not asked;
-* each gap is asked of at most `tries` different peers, no sooner than
+* each gap (author, first missing seq: one that made progress is a new gap) is
+  asked of at most `tries` different peers, no sooner than
   `RETRY_S` after the previous try (gossip often fills gaps by itself), the
   peers that sent the waiting events first (they claimed to have the chain);
   after that it is left to periodic sync or to expire with its events
@@ -53,18 +54,20 @@ class GapPlanner:
         self.authors_per_round = authors_per_round
         self.tries = tries
         self._tokens = KeyedBuckets(peer_requests_per_s, peer_requests_per_s * BURST_S)
-        self._tried: dict[bytes, _Tried] = {}
+        # Keyed by (author, first missing seq): a gap that made progress is a new gap.
+        self._tried: dict[tuple[bytes, int], _Tried] = {}
         self.rounds = 0
         self.asked = 0
         self.given_up = 0  # gaps that used all their tries (until they fill or expire)
 
     def _eligible(self, gaps: Sequence[Gap], now: float) -> list[Gap]:
-        live = {g.author for g in gaps}
-        for author in [a for a in self._tried if a not in live]:
-            del self._tried[author]  # filled or expired: forget
+        if self._tried:
+            live = {(g.author, g.first) for g in gaps}
+            for key in [k for k in self._tried if k not in live]:
+                del self._tried[key]  # filled, moved on or expired: forget
         out = []
         for g in gaps:
-            t = self._tried.get(g.author)
+            t = self._tried.get((g.author, g.first))
             if t is None or (len(t.peers) < self.tries and t.not_before <= now):
                 out.append(g)
         return out
@@ -81,7 +84,7 @@ class GapPlanner:
         connected = set(peers)
         target = None
         for g in eligible:  # the first gap that some peer with tokens can be asked about
-            tried = self._tried.get(g.author)
+            tried = self._tried.get((g.author, g.first))
             asked = tried.peers if tried else set()
             choices = [p for p in g.sources if p in connected and p not in asked]
             choices += [p for p in peers if p not in asked and p not in choices]
@@ -99,11 +102,11 @@ class GapPlanner:
         for g in _round_robin(eligible):
             if len(picked) >= room:
                 break
-            tried = self._tried.get(g.author)
+            tried = self._tried.get((g.author, g.first))
             if tried is None or target not in tried.peers:
                 picked.append(g)
         for g in picked:
-            t = self._tried.setdefault(g.author, _Tried())
+            t = self._tried.setdefault((g.author, g.first), _Tried())
             t.peers.add(target)
             t.not_before = now + RETRY_S
             if len(t.peers) >= self.tries:
@@ -113,12 +116,23 @@ class GapPlanner:
         self.asked += len(picked)
         return GapRound(target, tuple((g.author, g.first, g.last) for g in picked))
 
+    def failed(self, rnd: GapRound) -> None:
+        """The round's session failed (busy, timed out, cut): that says nothing about
+        whether the peer has the events, so it does not use up a try. The tokens stay
+        spent and the retry delay stands, so a peer that always fails costs no more."""
+        for author, first, _last in rnd.gaps:
+            t = self._tried.get((author, first))
+            if t is not None:
+                if len(t.peers) >= self.tries:
+                    self.given_up -= 1
+                t.peers.discard(rnd.peer)
+
     def next_due(self, gaps: Sequence[Gap], now: float) -> float | None:
         """The earliest time a round could be due for these gaps (None: never, until
         new gaps arrive): a retry coming of age, or a peer's tokens refilling."""
         due: float | None = None
         for g in gaps:
-            t = self._tried.get(g.author)
+            t = self._tried.get((g.author, g.first))
             if t is None:
                 return now + 1 / self._tokens.rate  # untried: as soon as a token is back
             if len(t.peers) < self.tries:

@@ -644,7 +644,9 @@ class Replicator:
             plan = self.gap_planner.plan(gaps, self._sync_candidates(), now)
             if plan is not None:
                 self.stats.gap_syncs += 1
-                await self._sync_quietly(cast(p2p.PeerId, plan.peer), list(plan.gaps))
+                s = await self._sync_quietly(cast(p2p.PeerId, plan.peer), list(plan.gaps))
+                if s is None or s.failed:
+                    self.gap_planner.failed(plan)
                 gaps = self.ledger.pending_gaps()
                 now = trio.current_time()
             due = self.gap_planner.next_due(gaps, now)

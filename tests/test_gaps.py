@@ -57,3 +57,17 @@ def test_no_peers_no_tokens_no_round() -> None:
     assert gp.plan(gaps, ["p"], 0.5) is None  # budget spent, no other peer
     due = gp.next_due(gaps, 0.5)
     assert due is not None and due >= 1.5
+
+
+def test_a_failed_round_does_not_use_up_a_try_and_progress_makes_a_new_gap() -> None:
+    gp = GapPlanner(authors_per_round=64, peer_requests_per_s=16, tries=1)
+    g = gap(1, "B")
+    r = gp.plan([g], ["B"], 0.0)
+    assert r is not None
+    gp.failed(r)
+    r = gp.plan([g], ["B"], RETRY_S)  # asked again after the retry delay
+    assert r is not None and r.peer == "B"
+    assert gp.plan([g], ["B"], 10.0) is None  # that one counted
+    moved = Gap(g.author, 2, 2, g.sources, g.added)  # seq 1 arrived, seq 2 still missing
+    r = gp.plan([moved], ["B"], 10.0)
+    assert r is not None and r.gaps == ((g.author, 2, 2),)

@@ -227,7 +227,10 @@ async def test_keep_alive_pipelining_and_head(tmp_path: Path) -> None:
                     s.sendall(b"GET /api/health HTTP/1.1\r\nhost: x\r\n\r\n")
                     got = b""
                     while b"}" not in got:
-                        got += s.recv(65536)
+                        chunk = s.recv(65536)
+                        if not chunk:  # closed: the assertion below says so
+                            break
+                        got += chunk
                     out.append(got)
             finally:
                 s.close()
@@ -302,7 +305,15 @@ async def test_connection_caps_and_eviction(tmp_path: Path,
             while (await get(base + "/api/health"))[0] != 200:
                 await trio.sleep(0.2)
         assert api.conn_stats["evicted"] >= 1
-        assert b"" in [await trio.to_thread.run_sync(read_all, h) for h in holders[:1]]
+
+        def closed_by_server(s: socket.socket) -> bool:
+            s.settimeout(5)
+            try:
+                return s.recv(1) == b""
+            except TimeoutError:
+                return False
+        # Which holder went depends on the order their handlers started.
+        assert any([await trio.to_thread.run_sync(closed_by_server, h) for h in holders])
         for h in holders:
             h.close()
     # Without anyone evictable (every holder younger than the grace), 503 at once.

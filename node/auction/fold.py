@@ -140,6 +140,8 @@ class _Merged:
 
 
 _Rating = tuple[bytes, str, bool, int, int]  # subject, role, satisfied, score, weight
+_RepRead = tuple[bytes, str, int, CKey]  # key, role, as of, read at
+_SetRead = tuple[bytes, CKey, int]  # key, read at, ended by
 _Settle = tuple[tuple[bytes, ...], int, bytes]  # parties, end_ms, lease id
 
 
@@ -174,8 +176,9 @@ class _Part:
         self.seen: dict[str, int] = {}
         self.ign: list[_MKey] = []
         self.evd: list[_MKey] = []
-        self.reads_rep: set[tuple[bytes, str, int, CKey]] = set()
-        self.reads_set: set[tuple[bytes, CKey, int]] = set()
+        # Sets while loaded; tuples once evicted (a set costs 216 bytes even empty).
+        self.reads_rep: set[_RepRead] | tuple[_RepRead, ...] = set()
+        self.reads_set: set[_SetRead] | tuple[_SetRead, ...] = set()
         self.out_r: dict[CKey, _Rating] = {}
         self.out_s: dict[CKey, _Settle] = {}
         self.dirty: CKey | None = None
@@ -371,6 +374,7 @@ class IncrementalMarket:
             p.evs = []
             p.pm = None  # the next event here re-derives from the loaded events
             p.seen = {}  # counts of pm's dicts: a re-derivation starts them afresh
+            p.reads_rep, p.reads_set = tuple(p.reads_rep), tuple(p.reads_set)
 
     # ------------------------------------------------------------ routing
 
@@ -568,16 +572,20 @@ class IncrementalMarket:
 
     def _read_rep(self, p: _Part, key: bytes, role: str, as_of: int, at: CKey) -> None:
         r = (key, role, as_of, at)
-        if r not in p.reads_rep:
-            p.reads_rep.add(r)
+        reads = p.reads_rep
+        assert isinstance(reads, set)  # only a loaded partition folds
+        if r not in reads:
+            reads.add(r)
             insort(self._rep_reads.setdefault((key, role), []), (as_of, at, p.key))
 
     def _read_settled(self, p: _Part, key: bytes, at: CKey, at_ms: int) -> int:
         """Leases of `key` settled by events before `at` that ended by `at_ms`, counted
         up to the rater cap (all a weight needs)."""
         r = (key, at, at_ms)
-        if r not in p.reads_set:
-            p.reads_set.add(r)
+        reads = p.reads_set
+        assert isinstance(reads, set)  # only a loaded partition folds
+        if r not in reads:
+            reads.add(r)
             insort(self._set_reads.setdefault(key, []), (at, at_ms, p.key))
         cap = self.policy.rater_cap
         n = 0

@@ -584,6 +584,26 @@ async def _send_raw(stream: trio.abc.Stream, data: bytes) -> None:
         await stream.send_all(data)  # the client may already be gone
 
 
+# After an error answer, unread request bytes are drained this long (at most
+# LINGER_BYTES) before closing: closing with them unread makes the kernel send a
+# reset, and the client may then lose the answer (a "lingering close").
+LINGER_S: Final = 1.0
+LINGER_BYTES: Final = 64 * 1024
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    with trio.move_on_after(LINGER_S), contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        if isinstance(stream, trio.SocketStream):
+            await stream.send_eof()
+        got = 0
+        while got < LINGER_BYTES:
+            data = await stream.receive_some(16 * 1024)
+            if not data:
+                return
+            got += len(data)
+
+
 def _body_length(req: h11.Request) -> int | None:
     """The declared body size (None: chunked, size unknown); h11 has validated it."""
     for name, value in req.headers:
@@ -608,6 +628,7 @@ async def _serve_conn(api: HttpApi, stream: trio.abc.Stream, settings: HttpSetti
         stats[stat] += 1
         api.requests[str(status)] += 1
         await _send_raw(stream, _raw_error(status, message))
+        await _linger(stream)
 
     while True:
         ConnTable.waiting(slot, trio.current_time())
@@ -681,6 +702,8 @@ async def _serve_conn(api: HttpApi, stream: trio.abc.Stream, settings: HttpSetti
                 h11.LocalProtocolError):
             return
         if close or conn.our_state is h11.MUST_CLOSE:
+            if conn.their_state is not h11.DONE:  # a body we did not read
+                await _linger(stream)
             return
         try:
             conn.start_next_cycle()
@@ -713,6 +736,7 @@ async def serve(api: HttpApi, settings: HttpSettings, *,
                 api.requests["503"] += 1
                 await _send_raw(stream, _raw_error(503, "too many connections; retry "
                                                    "shortly"))
+                await _linger(stream)
                 return
             try:
                 with trio.CancelScope() as slot.scope:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import shutil
 import socket
 import time
@@ -188,11 +189,12 @@ async def exchange(base: str, data: bytes, *, drip_s: float = 0.0) -> bytes:
         try:
             if drip_s:
                 for i in range(len(data)):
+                    if select.select([s], [], [], drip_s)[0]:
+                        break  # the server answered (gave up on us): read it
                     try:
                         s.sendall(data[i:i + 1])
-                    except OSError:  # the server gave up on us: read its answer
+                    except OSError:
                         break
-                    time.sleep(drip_s)
             else:
                 s.sendall(data)
             return read_all(s)

@@ -266,11 +266,16 @@ def test_lease_end_cuts_the_download_stops_the_proxy_and_bills_exactly(world: Wo
     proxy says so, stops by itself, and its byte counts equal the provider's signed
     usage for the device."""
     dev1 = Identity.from_seed(hashlib.sha256(b"dev1").digest()).public
+    # It starts 30 s from now, whatever the award and the proxy's start-up take on a
+    # loaded machine: the proxy waits for the window, curl runs through all of it.
     lease = trio.run(_buy, world.base, world.node, [dev1],
-                     {"ten": dict(duration_ms=10_000, max_rate_bps=RATE)})["ten"]
+                     {"ten": dict(duration_ms=10_000, max_rate_bps=RATE,
+                                  start_ms=now_ms() + 30_000)})["ten"]
     world.leases["ten"] = lease
     url = f"http://127.0.0.1:{world.http.port}/big"
-    with world.tunnel("dev1", "ten") as t:
+    assert now_ms() < lease.start_ms - 5_000, "buying the lease took longer than 25 s"
+    with world.tunnel("dev1", "ten") as t:  # ready once the window opened and it listens
+        t.wait_line(r"starts in \d+ s; waiting", 1)  # said before it waited
         r = curl(t.port, url, "-o", os.devnull, timeout=60)
         assert r.returncode not in (0, 28), r.stderr  # cut by the lease's end
         t.wait_line(r"failed \(lease_ended\)", 10)

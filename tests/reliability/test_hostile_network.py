@@ -25,17 +25,25 @@ def xfail(item: int, owner: str, what: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, reason=f"{what}: issue 12 item {item}, owner {owner}")
 
 
+def _two(tmp_path: Path, **extra: dict[str, Any]) -> Iterator[Cluster]:
+    with cluster(tmp_path, 2, overrides={"node": {"log_level": "warning"},
+                                         "http": {"enabled": True, "port": 0},
+                                         "dataplane": {"workers": 1}, **extra}) as c:
+        c.start_all()
+        yield c
+
+
 @pytest.fixture
 def two(tmp_path: Path) -> Iterator[Cluster]:
     """A victim (HTTP API on) and its honest peer, bootstrapped to each other."""
-    with cluster(tmp_path, 2, overrides={"node": {"log_level": "warning"},
-                                         "http": {"enabled": True, "port": 0},
-                                         "dataplane": {"workers": 1},
-                                         # Serve tunnels: their protocol is attacked too.
-                                         "provider": {"enabled": True, "offers": {
-                                             "bandwidth": {"price": 1, "capacity": 1}}}}) as c:
-        c.start_all()
-        yield c
+    yield from _two(tmp_path)
+
+
+@pytest.fixture
+def two_bandwidth(tmp_path: Path) -> Iterator[Cluster]:
+    """The same, offering bandwidth: they serve the tunnel protocol, attacked too."""
+    yield from _two(tmp_path, provider={"enabled": True, "offers": {
+        "bandwidth": {"price": 1, "capacity": 1}}})
 
 
 def target(c: Cluster) -> A.Target:
@@ -93,7 +101,9 @@ async def test_control_ops_with_wrong_types(two: Cluster) -> None:
     assert not out.failures, out.failures
 
 
-async def test_malformed_frames_on_identify_ping_and_our_protocols(two: Cluster) -> None:
+async def test_malformed_frames_on_identify_ping_and_our_protocols(
+        two_bandwidth: Cluster) -> None:
+    two = two_bandwidth
     t = target(two)
     for name in ("identify", "identify_push", "ping", *A.own_protocols()):
         out = await run(A.malformed_frames, t, protocol=name)

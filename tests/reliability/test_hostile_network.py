@@ -132,7 +132,10 @@ async def test_idle_streams_from_one_peer(two: Cluster) -> None:
 
 
 async def test_idle_identities_filling_max_connections(two: Cluster) -> None:
-    out = await run(A.fill_connections, target(two), idle_identities=64, reconnect_wait_s=5)
+    # Bounded well inside run()'s 60 s: <= 20 s to connect them, 5 s for the
+    # redial, 15 s for the newcomer (it needs an idle holder past conn_grace_s, 5 s).
+    out = await run(A.fill_connections, target(two), idle_identities=64, reconnect_wait_s=5,
+                    newcomer_wait_s=15)
     await trio.to_thread.run_sync(alive, two, two.procs[0])
     assert not out.failures, out.failures
 

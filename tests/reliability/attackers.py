@@ -932,17 +932,17 @@ async def fill_connections(t: Target, scale: dict[str, Any]) -> Outcome:
     o = Outcome()
     n = int(scale.get("idle_identities", 64))
     stop = trio.Event()
-    held = 0
+    held = failed = 0
 
     async def idle(i: int) -> None:
-        nonlocal held
+        nonlocal held, failed
         try:
             async with p2p.open_host(ident("idle", i).seed) as h:
                 await h.connect(t.victim.addr)
                 held += 1
                 await stop.wait()
         except ANY_UPSTREAM:
-            return
+            failed += 1
 
     async with trio.open_nursery() as nursery:
         # Drop the honest link first (a short block, then unblock so the victim
@@ -950,8 +950,8 @@ async def fill_connections(t: Target, scale: dict[str, Any]) -> Outcome:
         await call(t.victim, {"op": "block", "peers": [t.honest.peer_id], "seconds": 30})
         for i in range(n):
             nursery.start_soon(idle, i)
-        with trio.move_on_after(20):
-            while held < n:
+        with trio.move_on_after(20):  # every identity connected or failed (bounded)
+            while held + failed < n:
                 await trio.sleep(0.05)
         await call(t.victim, {"op": "unblock", "peers": [t.honest.peer_id]})
         reconnected = False
@@ -975,7 +975,8 @@ async def fill_connections(t: Target, scale: dict[str, Any]) -> Outcome:
                         await trio.sleep(0.5)
         newcomer_s = trio.current_time() - t_new
         stop.set()
-    o.figures.update(idle_held=held, bootstrap_redial_ok=reconnected, newcomer_served=newcomer_ok,
+    o.figures.update(idle_held=held, idle_failed=failed, bootstrap_redial_ok=reconnected,
+                     newcomer_served=newcomer_ok,
                      newcomer_tries=tries, newcomer_s=round(newcomer_s, 1))
     o.check(reconnected, "the victim's bootstrap dial to its honest peer was starved")
     o.check(newcomer_ok, f"a new honest peer was refused ({why})")

@@ -49,7 +49,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
@@ -163,13 +163,15 @@ class Node:
         """The market derived from everything stored so far."""
         return self.live.market()
 
-    def submit(self, wire: bytes) -> AppendResult:
+    def submit(self, wire: bytes, source: Hashable = None) -> AppendResult:
         """Store a record that came from a local client, gossip what was stored, and
-        tell the replication listeners, exactly as for events from the network."""
+        tell the replication listeners, exactly as for events from the network.
+        `source`: whom the event is charged to if it has to wait for its predecessor
+        (the pending buffer's per-source bounds; None: the shared local source)."""
         if self.stopping:
             return AppendResult(Status.REJECTED, reason="stopping",
                                 detail="the node is stopping; submit to another node")
-        res = self.ledger.append(wire)
+        res = self.ledger.append_many([wire], source=source)[0]
         if res.accepted:
             events = list(res.accepted)
             self.replicator.gossip([ev.wire for ev in events])

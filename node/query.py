@@ -28,7 +28,7 @@ import collections
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -653,6 +653,8 @@ def heads_of(ledger: Ledger, authors: Iterable[bytes]) -> Heads:
 # ------------------------------------------------------------------ the service
 
 SubmitFn = Callable[[bytes], AppendResult]
+SubmitFromFn = Callable[[bytes, Hashable], AppendResult]
+"""`submit_from(wire, source)`: like `submit`, charging pending events to `source`."""
 
 
 @dataclass
@@ -682,12 +684,14 @@ class QueryService:
                  network: str, *, submit_rate: float = 50.0, submit_burst: float = 200.0,
                  ip_rate: float | None = None, ip_burst: float | None = None,
                  node_rate: float | None = None, node_burst: float | None = None,
-                 timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 timeout: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 submit_from: SubmitFromFn | None = None) -> None:
         if network != ledger.network:
             raise ValueError(f"network {network!r} is not the ledger's {ledger.network!r}")
         self.ledger = ledger
         self.live = view if isinstance(view, LiveMarket) else LiveMarket(ledger, view)
         self.submit_fn = submit
+        self.submit_from = submit_from
         self.network = network
         self.protocol = protocol_id(network)
         self.stats = QueryStats()
@@ -773,7 +777,10 @@ class QueryService:
         results = []
         for wire in req.records:
             try:
-                res = self.submit_fn(wire)
+                # Charged to the submitter if it must wait for a predecessor, so one
+                # client's orphans cannot take the pending room of every other one.
+                res = (self.submit_fn(wire) if self.submit_from is None
+                       else self.submit_from(wire, ("submit", peer)))
             except sqlite3.Error as e:
                 log.error("storing a submitted event failed", extra={"error": str(e)})
                 res = AppendResult(Status.REJECTED, reason="store_error",
@@ -804,4 +811,5 @@ def node_service(node: Any) -> QueryService:
     return QueryService(node.ledger, node.live, node.submit, node.ledger.network,
                         submit_rate=lim.submit_peer_per_s, submit_burst=lim.submit_peer_burst,
                         ip_rate=lim.submit_ip_per_s, ip_burst=lim.submit_ip_burst,
-                        node_rate=lim.submit_node_per_s, node_burst=lim.submit_node_burst)
+                        node_rate=lim.submit_node_per_s, node_burst=lim.submit_node_burst,
+                        submit_from=node.submit)

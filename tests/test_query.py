@@ -277,3 +277,24 @@ def test_submit_budget_per_ip_and_node_holds_rotating_identities(tmp_path: Path)
     assert svc.submit_budget.refused == {"ip": 1, "node": 1}
     now[0] += 1.0  # 40 more for the node, 20 per IP
     assert isinstance(svc.answer(b"d" * 32, query.Submit(chain(5))), query.Submitted)
+
+
+def test_submitted_orphans_are_charged_to_the_submitter(tmp_path: Path) -> None:
+    """One client's orphans fill its own pending room, not every client's."""
+    from node.ledger import Ledger, PendingLimits
+
+    led = Ledger(tmp_path / "p.db", network=NET, pending=PendingLimits(peer_events=4))
+    svc = query.QueryService(led, None, led.append, NET, submit_rate=1e9, submit_burst=1e9,
+                             submit_from=lambda w, src: led.append_many([w], source=src)[0])
+    flood, honest = Chain(seed=b"\x0a" * 32, network=NET), Chain(seed=b"\x0b" * 32, network=NET)
+    orphans = [flood.next() for _ in range(9)][1:]
+    resp = svc.answer(b"f" * 32, query.Submit(tuple(e.wire for e in orphans)))
+    assert isinstance(resp, query.Submitted)
+    assert [r.status for r in resp.results].count("pending") == 4
+    h1, h2 = honest.next(), honest.next()
+    resp = svc.answer(b"h" * 32, query.Submit((h2.wire,)))
+    assert isinstance(resp, query.Submitted) and resp.results[0].status == "pending"
+    resp = svc.answer(b"h" * 32, query.Submit((h1.wire,)))
+    assert isinstance(resp, query.Submitted) and resp.results[0].status == "accepted"
+    assert led.head(honest.public) is not None and led.head(honest.public).seq == 2
+    led.close()

@@ -270,13 +270,14 @@ async def test_pending_flood_is_charged_to_its_sender_and_expires(
     assert st["pending_buffer"]["bytes"] <= 256 * 1024, st["pending_buffer"]
     assert out.figures["mb_sent"] >= 1.5, out.figures  # ~8x what it may park here
 
-    def expired() -> bool:
-        g = c.status(t.victim)["gossip"]
-        return bool(g["faults"].get("pending_expired", 0) and g["pending_expired"])
+    def expired() -> bool:  # all of them: batches arrive over a few seconds
+        st = c.status(t.victim)
+        return bool(st["pending"] == 0 and st["gossip"]["pending_expired"])
 
     await trio.to_thread.run_sync(wait_for, expired, 30, "the orphans to expire")
     st = await trio.to_thread.run_sync(alive, c, t.victim)
-    assert st["pending"] == 0 and st["gaps"] == 0, st["pending_buffer"]
+    assert st["gaps"] == 0, st["pending_buffer"]
+    assert st["gossip"]["faults"].get("pending_expired", 0) > 0, st["gossip"]["faults"]
     await serves_honest_peer(c, t.victim)
 
 

@@ -48,7 +48,7 @@ from .errors import BidmeshError, InvalidMessage, OperationError, UsageError
 from .events import MAX_WIRE, Event
 from .gaps import GapPlanner
 from .ledger import Ledger, Status
-from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of
+from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of, lacks_protocol
 
 log = logging.getLogger("bidmesh.gossip")
 
@@ -490,7 +490,8 @@ class Replicator:
             self._send_errors[peer] = (cause_of(e), str(e))
             return None
         except OperationError as e:
-            self._send_errors[peer] = (cause_of(e), str(e))
+            self._send_errors[peer] = ("lacks_protocol" if lacks_protocol(e) else cause_of(e),
+                                       str(e))
             return None
         self.stats.sync_bytes += len(data)
         try:
@@ -523,7 +524,11 @@ class Replicator:
         self.stats.sync_events += s.stats.accepted
         self.stats.sync_left_live += s.stats.skipped_live
         send_error = self._send_errors.pop(peer, None)
-        if s.failed or store_failed:
+        if send_error is not None and send_error[0] == "lacks_protocol":
+            # Picked before identify finished (over IDENTIFY_WAIT_S on a loaded host):
+            # its "na" says what identify would have, a light client. A skip.
+            self.stats.sync_skipped += 1
+        elif s.failed or store_failed:
             self.stats.sync_failed += 1
             if send_error is None:
                 send_error = ((s.failed or "store_error").split(":", 1)[0],

@@ -5,7 +5,8 @@ serve `/bidmesh/<network>/sync/1`, so a sync with them fails every time (measure
 `sync failed 16 of 29` on a healthy 2-node network with devnet clients attached).
 Identify tells us each peer's protocols; a peer identified without ours is not picked.
 A peer not identified yet is given the benefit of the doubt (identify may still be
-running; its sync fails at worst).
+running, for seconds on a loaded host); if it then refuses the protocol, that is
+counted as a skip, not logged as a failure.
 
 A peer can also answer sync badly on purpose: endless HEADS pages, RANGE answers just
 under our timeout (a tarpit). `SyncSession` ends such a session (`stalled`); here
@@ -236,6 +237,22 @@ class SyncPeers:
         log.info("sync failed", extra={"peer": str(peer), "cause": cause,
                                        "error": detail[:300],
                                        "note": "logged once per peer and cause"})
+
+
+def lacks_protocol(error: BaseException) -> bool:
+    """True when a request failed because the peer answered multistream's "na" to our
+    protocol: it does not serve it (a light client, before identify told us so).
+    Upstream (0.8.1, protocol_muxer/multiselect_client.py `select_one_of`) raises a
+    plain MultiselectClientError for that, wrapped in StreamFailure; only its message,
+    "protocols not supported", tells it from a broken connection."""
+    e: BaseException | None = error
+    for _ in range(8):
+        if e is None:
+            return False
+        if "protocols not supported" in str(e):
+            return True
+        e = e.__cause__
+    return False
 
 
 def cause_of(error: BaseException) -> str:

@@ -214,7 +214,7 @@ async def test_member_device_streams_and_rates_with_its_own_key(tmp_path: Path) 
                 async def sink(frame: bytes) -> None:
                     got.append(frame)
 
-                with trio.fail_after(60):
+                with trio.fail_after(120):
                     res = await phone.stream(award_ev.id, [encode_lp(pkts)], sink=sink)
                 assert res.trailer.ok and res.trailer.packets == 50
                 procs = load_processors()
@@ -228,10 +228,11 @@ async def test_member_device_streams_and_rates_with_its_own_key(tmp_path: Path) 
             # The same through `bidmesh client stream`: a file in, results out in order.
             data = bytes(range(256)) * 1000
             (tmp_path / "in.bin").write_bytes(data)
-            with trio.fail_after(60):
+            with trio.fail_after(120):
                 proc = await trio.run_process(
                     [sys.executable, "-m", "node.cli", "client", "--dir", str(tmp_path / "phone"),
-                     "--node", addr, "--network", NET, "stream", award_ev.id.hex(),
+                     "--node", addr, "--network", NET, "--timeout", "60",
+                     "stream", award_ev.id.hex(),
                      "--in", str(tmp_path / "in.bin"), "--out", str(tmp_path / "out.bin"),
                      "--packet", "10000", "--progress", "yes"],
                     capture_stdout=True, capture_stderr=True, check=False)

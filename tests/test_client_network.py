@@ -246,7 +246,7 @@ async def test_full_round_against_three_daemons(net: ServiceCluster, tmp_path: P
         return r.stdout.decode()
 
     client = ["client", "--dir", str(tmp_path / "alice"), "--node", honest[0].addr,
-              "--node", honest[1].addr, "--network", NETWORK]
+              "--node", honest[1].addr, "--network", NETWORK, "--timeout", "60"]
     leases_out = await trio.to_thread.run_sync(lambda: json.loads(cli(*client, "leases",
                                                                       "--json")))
     assert leases_out[0]["id"] == award_ev.id.hex() and leases_out[0]["paid"] == 420

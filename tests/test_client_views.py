@@ -176,7 +176,8 @@ async def test_ambiguous_key_prefix_on_real_nodes(tmp_path: Path) -> None:
         with trio.fail_after(120):  # the nodes run in this process: do not block it
             r = await trio.run_process(
                 [sys.executable, "-m", "node.cli", "client", "--dir", str(tmp_path / "alice"),
-                 "--node", ns[0].addr, "--network", NET, "reputation", prefix],
+                 "--node", ns[0].addr, "--network", NET, "--timeout", "60",
+                 "reputation", prefix],
                 capture_stdout=True, capture_stderr=True, check=False)
         err = r.stderr.decode()
         assert r.returncode == 2, err

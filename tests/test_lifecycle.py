@@ -297,7 +297,8 @@ def test_init_run_notifies_systemd_and_stops_cleanly(tmp_path: Path) -> None:
         assert st["network"] == "t" and any(f"/tcp/{port}/" in a for a in st["listen_addrs"])
         assert notify.recv(4096) == b"WATCHDOG=1"
         # A client with no --dir, --node or --network: the node of the default data dir.
-        proc_c = bidmesh("client", "whoami", "--json", env={**ENV, paths.DATA_DIR_ENV: str(d)})
+        proc_c = bidmesh("client", "--timeout", "60", "whoami", "--json",  # a loaded host
+                         env={**ENV, paths.DATA_DIR_ENV: str(d)}, timeout=180)
         assert proc_c.returncode == 0, proc_c.stderr
         assert (d / "client" / "client.key").exists()
         proc.send_signal(signal.SIGTERM)
@@ -313,7 +314,7 @@ def test_init_run_notifies_systemd_and_stops_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
-    wait_for(lambda: lifecycle.lock_holder(d) is None, 5, "lock released")
+    wait_for(lambda: lifecycle.lock_holder(d) is None, 30, "lock released")
     proc_c = bidmesh("client", "whoami", env={**ENV, paths.DATA_DIR_ENV: str(d)})
     assert proc_c.returncode == 2 and "node in" in one_line(proc_c.stderr)
     assert "is stopped" in proc_c.stderr

@@ -117,3 +117,22 @@ async def test_reconnecting_light_client_still_known_to_lack_sync(tmp_path: Path
         with trio.fail_after(30):
             await a.rep._sync_new_peer(light.peer_id)
         assert a.rep.stats.sync_failed == failed
+
+
+async def test_light_client_not_identified_in_time_is_a_skip(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Identify slower than IDENTIFY_WAIT_S (seconds on a loaded host): the on-connect
+    sync opens a stream to a light client after all; its "na" to the sync protocol is
+    what identify would have said, so it counts as a skip, not as a logged failure."""
+    from libp2p.identity.identify.identify import ID as IDENTIFY
+
+    caplog.set_level(logging.INFO, logger="bidmesh.gossip")
+    async with tnodes(tmp_path, 1) as [a], \
+            p2p.open_host(Identity.from_seed(b"S" * 32).seed) as slow:
+        slow.libp2p.remove_stream_handler(IDENTIFY)  # identify never finishes
+        await a.host.connect(slow.addrs[0])
+        with trio.fail_after(30):
+            await a.rep._sync_new_peer(slow.peer_id)  # waits IDENTIFY_WAIT_S, then tries
+        assert not a.rep.sync_peers.identified(slow.peer_id)
+        assert a.rep.stats.sync_failed == 0
+    assert [r for r in caplog.records if r.getMessage() == "sync failed"] == []

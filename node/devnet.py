@@ -191,7 +191,7 @@ class Devnet:
                 tail = (p.dir / "stderr.log").read_text(errors="replace")[-600:]
                 raise StepFailed(f"node {p.spec.name} exited with {p.popen.returncode}: {tail}")
 
-    async def wait_ready(self, timeout: float = 60.0) -> None:
+    async def wait_ready(self, timeout: float = 120.0) -> None:
         want = len(self.providers) - 1
         with trio.fail_after(timeout):
             while True:
@@ -210,7 +210,7 @@ class Devnet:
         return {p.spec.name: str(control_call(p.data_dir, {"op": "status"}, 10)["digest"])
                 for p in self.providers}
 
-    async def wait_converged(self, timeout: float = 30.0) -> dict[str, str]:
+    async def wait_converged(self, timeout: float = 120.0) -> dict[str, str]:
         with trio.fail_after(timeout):
             while True:
                 self.check_alive()
@@ -240,6 +240,15 @@ async def poll(what: str, fn: Callable[[], Awaitable[T | None]], timeout: float,
         if trio.current_time() > deadline:
             raise StepFailed(f"timed out after {timeout:.0f} s waiting for {what}")
         await trio.sleep(every)
+
+
+async def bids_final(net: Devnet, deadline_ms: int) -> None:
+    """Wait out an auction's bid deadline, then until every node holds the same events:
+    a bid signed just before the deadline can still be on its way to the recipient's
+    nodes (seconds on a loaded host), and an award that leaves out a valid on-time bid
+    does not verify (omitted_bids_change_result)."""
+    await wait_until_ms(deadline_ms)
+    await net.wait_converged()
 
 
 async def wait_until_ms(ms: int) -> None:
@@ -328,7 +337,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         r_m = await mallory.request("bandwidth", duration_ms=MALLORY_LEASE_MS, reserve=100,
                                     close_in_ms=CLOSE_MS, rule="lowest")
         n.say("warm-up: mallory takes a 1 s bandwidth lease and will not pay for it")
-        await wait_until_ms(max(r_z.body.reveal_ms, r_b.body.reveal_ms))  # type: ignore[attr-defined]
+        await bids_final(net, max(r_z.body.reveal_ms, r_b.body.reveal_ms))  # type: ignore[attr-defined]
         leases = []
         for r in (r_z, r_b):
             aw, body = await walter.award(r.id)
@@ -389,7 +398,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
                   f"reputation {r.score:.3f} ({r.ratings} ratings)")
         n.done("bids with reputation", f"{len(bids_a)} open bids on alice's auction")
 
-        await wait_until_ms(req_a.body.reveal_ms)  # type: ignore[attr-defined]
+        await bids_final(net, req_a.body.reveal_ms)  # type: ignore[attr-defined]
         aw_a, award_a = await alice.award(req_a.id)
         market_a, lease_a = await alice.lease(aw_a.id)
         check = verify_award(market_a, aw_a.id)
@@ -398,7 +407,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         n.done("award verified", f"{net.name_of(lease_a.provider)} wins at {award_a.price} "
                                  f"(best value over {check.considered_count} bids)")
 
-        await wait_until_ms(req_b.body.reveal_ms)  # type: ignore[attr-defined]
+        await bids_final(net, req_b.body.reveal_ms)  # type: ignore[attr-defined]
         await poll("sealed reveals", lambda: bids_in_revealed(dave, req_b.id, 2), timeout=10)
         aw_b, award_b = await dave.award(req_b.id)
         market_b, lease_b = await dave.lease(aw_b.id)
@@ -467,7 +476,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
             nursery.start_soon(functools.partial(grace.pledge, req_g.id, willing=True,
                                                  amount=8))
         n.say("group: erin (pays, sponsors frank), frank (won't pay), grace (pays)")
-        await wait_until_ms(req_g.body.reveal_ms)  # type: ignore[attr-defined]
+        await bids_final(net, req_g.body.reveal_ms)  # type: ignore[attr-defined]
         aw_g, award_g = await erin.award(req_g.id)
         market_g, lease_g = await erin.lease(aw_g.id)
         if not verify_award(market_g, aw_g.id).valid or award_g.winner is None:
@@ -618,6 +627,7 @@ async def unpaid_warm_up(net: Devnet, mallory: LightClient, request: bytes) -> N
     """mallory awards her warm-up auction, never pays, and the lease ends: its provider
     rates her unpaid. Waits until every node holds that rating, so each provider
     judges her next request on the same record."""
+    await bids_final(net, (await mallory.auction(request)).auction.deadline_ms)
     aw, body = await mallory.award(request)
     if body.winner is None:
         raise StepFailed("mallory's warm-up auction got no bids")

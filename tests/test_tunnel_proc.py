@@ -82,7 +82,7 @@ async def _buy(base: Path, node: str, devices: list[bytes],
                       "limited": dict(duration_ms=600_000, max_rate_bps=RATE),
                       "short": dict(duration_ms=1_000)}
     async with LightClient.open(base / "alice", [node], network=NETWORK, timeout=10) as alice:
-        reqs = {k: await alice.request("bandwidth", reserve=1000, close_in_ms=3000,
+        reqs = {k: await alice.request("bandwidth", reserve=1000, close_in_ms=8000,
                                        devices=devices, **v)  # type: ignore[arg-type]
                 for k, v in specs.items()}
         out = {}

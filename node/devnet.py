@@ -37,7 +37,7 @@ from . import config
 from .agent import HOUR_MS, RecipientPolicy, Verdict, recipient_verdict
 from .auction import Market, verify_award
 from .auction.lease import Lease
-from .auction.views import record_text, rep_label
+from .auction.views import record_text, rep_label, rep_text
 from .client import LightClient, fold, now_ms
 from .daemon import control_call, read_status
 from .errors import BidmeshError, UsageError
@@ -306,7 +306,8 @@ def _table(out: Output, headers: list[str], rows: list[list[Any]]) -> None:
 def rep_row(market: Market, net: Devnet, key: bytes, role: str) -> dict[str, Any]:
     s = market.reputation.score(key, role)
     return {"who": net.name_of(key), "role": role, "score": round(s.score, 3),
-            "ratings": s.ratings, "satisfied": s.satisfied, "unsatisfied": s.unsatisfied}
+            "score_ppm": s.ppm, "ratings": s.ratings, "satisfied": s.satisfied,
+            "unsatisfied": s.unsatisfied}
 
 
 # -------------------------------------------------------------------- the round
@@ -395,7 +396,7 @@ async def play(net: Devnet, out: Output) -> dict[str, Any]:
         for b in bids_a:
             r = b.reputation
             n.say(f"   bid {b.price:>3} EUR-cents from {net.name_of(b.provider):9} "
-                  f"reputation {r.score:.3f} ({r.ratings} ratings)")
+                  f"reputation {rep_label(r)}")
         n.done("bids with reputation", f"{len(bids_a)} open bids on alice's auction")
 
         await bids_final(net, req_a.body.reveal_ms)  # type: ignore[attr-defined]
@@ -739,12 +740,16 @@ def auction_row(market: Market, net: Devnet, rid: bytes) -> dict[str, Any]:
         "id": rid.hex()[:12], "service": a.request.service, "rule": a.request.rule,
         "sealed": a.request.sealed, "group": a.request.group, "status": a.status(now_ms()),
         "bids": [{"provider": net.name_of(b.provider), "price": b.price, "status": b.status,
-                  "reputation": round(market.reputation.score(
-                      b.provider, "provider", a.request.close_ms).score, 3)}
+                  "reputation": rep_label(market.reputation.score(
+                      b.provider, "provider", a.request.close_ms))}
                  for b in a.bids.values()],
         "winner": net.name_of(a.bids[out.winner].provider) if out and out.winner else None,
         "price": out.price if out else None,
     }
+
+
+def _rep(row: dict[str, Any]) -> str:
+    return rep_text(int(row["score_ppm"]), int(row["ratings"]))
 
 
 def print_summary(summary: dict[str, Any], out: Output) -> None:
@@ -754,7 +759,7 @@ def print_summary(summary: dict[str, Any], out: Output) -> None:
     print("\n== auctions ==")
     rows = []
     for a in summary["auctions"]:
-        bids = ", ".join(f"{b['provider']} {b['price']} (rep {b['reputation']})"
+        bids = "; ".join(f"{b['provider']} {b['price']}: {b['reputation']}"
                          for b in a["bids"])
         kind = "sealed " if a["sealed"] else ("group " if a["group"] else "")
         rows.append([a["id"], a["service"], kind + a["rule"], a["winner"] or "-",
@@ -786,11 +791,11 @@ def print_summary(summary: dict[str, Any], out: Output) -> None:
     print("\n== provider reputation, before → after ==")
     before = {r["who"]: r for r in summary["reputation_before"]}
     _table(out, ["provider", "before", "after", "ratings", "satisfied", "unsatisfied"],
-              [[r["who"], before[r["who"]]["score"], r["score"], r["ratings"], r["satisfied"],
+              [[r["who"], _rep(before[r["who"]]), _rep(r), r["ratings"], r["satisfied"],
                 r["unsatisfied"]] for r in summary["reputation_after"]])
     print("\n== recipient reputation (rated by providers: did they pay?) ==")
     _table(out, ["recipient", "score", "ratings", "satisfied"],
-              [[r["who"], r["score"], r["ratings"], r["satisfied"]]
+              [[r["who"], _rep(r), r["ratings"], r["satisfied"]]
                for r in summary["recipients"]])
     pol = summary.get("recipient_policy")
     if pol:

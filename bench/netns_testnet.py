@@ -180,10 +180,11 @@ def _wait(cond: Any, timeout: float, what: str, every: float = 0.25) -> Any:
 
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     from node import config
-    from node.daemon import control_call, read_status
+    from node.control import control_call
     from node.devnet import PROVIDERS, ProviderProc
     from node.keys import Identity, save_key
     from node.p2p import peer_id_from_pubkey
+    from node.status_file import read_status
 
     t0 = time.monotonic()
     topo = Topology(args.hosts)

@@ -489,7 +489,7 @@ def cmd_import(args: argparse.Namespace, led: Ledger, out: Output) -> int:
 
 
 def _status(args: argparse.Namespace) -> dict[str, Any]:
-    from .daemon import read_status
+    from .status_file import read_status
 
     return read_status(args.data_dir or paths.default_data_dir())
 
@@ -528,7 +528,7 @@ def _sync_args(p: argparse.ArgumentParser) -> None:
 def cmd_sync(args: argparse.Namespace, led: Ledger, out: Output) -> int:
     data: dict[str, Any] = {}
     if args.now:
-        from .daemon import control_call
+        from .control import control_call
 
         data["sync_now"] = control_call(args.data_dir or paths.default_data_dir(),
                                         {"op": "sync"}, timeout=120)
@@ -631,7 +631,7 @@ def _client_defaults(args: argparse.Namespace) -> None:
     if args.dir is None:
         args.dir = paths.client_dir(data_dir)
     if not args.node:
-        from .daemon import read_status
+        from .status_file import read_status
 
         hint = "pass --node /ip4/ADDR/tcp/PORT/p2p/ID"
         if not (data_dir / "status.json").exists():

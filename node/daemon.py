@@ -22,9 +22,10 @@ API, ...):
   newly replicated events with `node.replicator.listeners.append(fn)`.
 * Local control: `control.sock` (mode 0600) speaks u32-length-prefixed msgpack
   maps `{"op": ..., ...}` → `{"ok": true, ...}` / `{"ok": false, "error", "reason"}`.
-  Built-in ops: status, publish, connect, block, unblock, sync. Add one with
-  `node.control_ops["name"] = async fn(node, request) -> dict`.
-  `control_call(data_dir, request)` is the blocking client (CLI, tests, bench).
+  Built-in ops: status, publish, connect, block, unblock, sync (node/control_server.py).
+  Add one with `node.control_ops["name"] = async fn(node, request) -> dict`.
+  `node.control.control_call(data_dir, request)` is the blocking client (CLI, tests,
+  bench). Logs: node/logs.py; the status file: node/status_file.py.
 
 Graceful stop: on SIGTERM/SIGINT the control socket stops taking publishes, the
 gossip outbox is flushed (bounded), the final status is written, services are
@@ -36,94 +37,37 @@ acknowledgement, so nothing acknowledged is lost, even with SIGKILL.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
-import logging.handlers
 import os
 import signal
-import socket
 import sqlite3
-import struct
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Hashable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
-from . import codec, config, lifecycle, p2p, paths
+from . import config, lifecycle, p2p, paths
 from .auction import Market
-from .errors import (
-    BidmeshError,
-    InvalidEvent,
-    InvalidMessage,
-    OperationError,
-    RemoteError,
-    UsageError,
-)
-from .events import KINDS, Body, Event, sign_event
+from .control_server import BUILTIN_OPS, ControlOp, serve_control
+from .errors import BidmeshError, OperationError, UsageError
+from .events import Body, Event, sign_event
 from .gossip import Discovery, Replicator
 from .keys import Identity, load_or_create_key
 from .ledger import AppendResult, Ledger, PendingLimits, Status
+from .logs import setup_logging
 from .marketview import LiveMarket
 from .p2p_guard import LONG_LIVED_PREFIXES
 from .resources import REPLICATION_LIMITS, Limits
+from .status_file import write_status
 
 log = logging.getLogger("bidmesh.daemon")
-
-CONTROL_MAX = 8 * 1024 * 1024
-_LEN = struct.Struct(">I")
-
-
-# ------------------------------------------------------------------ logging
-
-_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, and every `extra=` field."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for k, v in vars(record).items():
-            if k not in _STD_ATTRS and not k.startswith("_"):
-                out[k] = v
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def setup_logging(cfg: config.Config) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    fmt = JsonFormatter()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if cfg.log_path is not None:
-        # Rotated by size: a long-running node's log must not fill the disk.
-        handlers.append(logging.handlers.RotatingFileHandler(
-            cfg.log_path, maxBytes=cfg.node.log_max_bytes,
-            backupCount=cfg.node.log_backups, encoding="utf-8"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    level = getattr(logging, cfg.node.log_level.upper())
-    root.setLevel(level)
-    # py-libp2p logs routine peer churn at INFO/ERROR; keep it to warnings and up.
-    logging.getLogger("libp2p").setLevel(max(level, logging.WARNING))
-    if level > logging.DEBUG:
-        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-
 
 # ------------------------------------------------------------------ the node
 
@@ -132,9 +76,6 @@ class Service(Protocol):
     name: str
 
     async def run(self, node: Node) -> None: ...
-
-
-ControlOp = Callable[["Node", dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class Node:
@@ -294,238 +235,6 @@ def _task_count() -> int:
             stack.extend(nursery.child_tasks)
     return n
 
-
-# ------------------------------------------------------------------ control socket
-
-
-def _body(kind: Any, body: Any) -> Body:
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise InvalidMessage(f"unknown event kind {kind!r}", "unknown_kind")
-    if not isinstance(body, dict):
-        raise InvalidMessage("an event body is a map", "malformed")
-    return KINDS[kind].from_map(body)
-
-
-async def _op_status(node: Node, req: dict[str, Any]) -> dict[str, Any]:
-    return node.status()
-
-
-async def _op_publish(node: Node, req: dict[str, Any]) -> dict[str, Any]:
-    """`{"events": [[kind, body], ...]}`: stored (committed) before the answer."""
-    items = req.get("events")
-    if not isinstance(items, list) or not 0 < len(items) <= 10_000:
-        raise InvalidMessage("publish needs events: [[kind, body], ...] (1..10000)", "malformed")
-    bodies = []
-    for it in items:
-        if not isinstance(it, list) or len(it) != 2:
-            raise InvalidMessage("each event is [kind, body]", "malformed")
-        bodies.append(_body(it[0], it[1]))
-    return {"ids": [ev.id for ev in node.publish_many(bodies)]}
-
-
-async def _op_connect(node: Node, req: dict[str, Any]) -> dict[str, Any]:
-    addr = req.get("addr")
-    if not isinstance(addr, str):
-        raise InvalidMessage("connect needs addr", "malformed")
-    peer = await node.host.connect(addr)
-    if req.get("keep", True):
-        node.discovery.add(addr)
-    return {"peer": str(peer)}
-
-
-def _peer_ids(values: list[Any]) -> list[p2p.PeerId]:
-    """Parse every peer id before acting on any, so one bad entry changes nothing
-    (a None here used to raise AttributeError in base58 and end the daemon)."""
-    if not all(isinstance(v, str) and 0 < len(v) <= 128 for v in values):
-        raise InvalidMessage("peer ids are base58 strings", "malformed")
-    return [p2p.parse_peer_id(v) for v in values]
-
-
-async def _op_block(node: Node, req: dict[str, Any]) -> dict[str, Any]:
-    peers, seconds = req.get("peers"), req.get("seconds", 3600)
-    if not isinstance(peers, list) or not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise InvalidMessage("block needs peers: [peer id, ...] and seconds > 0", "malformed")
-    for p in _peer_ids(peers):
-        node.host.block(p, float(seconds))
-    return {"blocked": len(peers)}
-
-
-async def _op_unblock(node: Node, req: dict[str, Any]) -> dict[str, Any]:
-    peers = req.get("peers")
-    if not isinstance(peers, list):
-        raise InvalidMessage("unblock needs peers: [peer id, ...]", "malformed")
-    for p in _peer_ids(peers):
-        node.host.unblock(p)
-    node.discovery.retry_now()
-    return {"unblocked": len(peers)}
-
-
-async def _op_sync(node: Node, req: dict[str, Any]) -> dict[str, Any]:
-    peers = node.host.connected_peers()
-    if "peer" in req:
-        peers = _peer_ids([req["peer"]])
-    done = 0
-    for p in peers:
-        if await node.replicator.sync_with(p) is not None:
-            done += 1
-    return {"synced_with": done, "digest": node.ledger.digest().hex()}
-
-
-BUILTIN_OPS: dict[str, ControlOp] = {
-    "status": _op_status, "publish": _op_publish, "connect": _op_connect,
-    "block": _op_block, "unblock": _op_unblock, "sync": _op_sync,
-}
-
-
-async def _read_exact(stream: trio.SocketStream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.receive_some(n - len(buf))
-        if not chunk:
-            raise InvalidMessage("control connection closed mid-message", "truncated")
-        buf += chunk
-    return bytes(buf)
-
-
-async def _control_conn(node: Node, stream: trio.SocketStream) -> None:
-    async with stream:
-        while True:
-            try:
-                with trio.fail_after(60):
-                    head = await stream.receive_some(_LEN.size)
-                    if not head:
-                        return
-                    head += await _read_exact(stream, _LEN.size - len(head))
-                    (n,) = _LEN.unpack(head)
-                    if n > CONTROL_MAX:
-                        raise InvalidMessage(f"control request over {CONTROL_MAX} bytes",
-                                             "oversized")
-                    raw = await _read_exact(stream, n)
-            except (trio.TooSlowError, trio.BrokenResourceError, InvalidMessage):
-                return
-            try:
-                resp = await _dispatch(node, codec.unpack(raw, CONTROL_MAX))
-            except InvalidMessage as e:  # undecodable: say so instead of hanging up
-                resp = {"ok": False, "reason": e.reason, "error": str(e)}
-            data = codec.pack(resp)
-            try:
-                await stream.send_all(_LEN.pack(len(data)) + data)
-            except trio.BrokenResourceError:
-                return
-
-
-async def _dispatch(node: Node, req: Any) -> dict[str, Any]:
-    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-        return {"ok": False, "reason": "malformed", "error": "a request is a map with op"}
-    op = node.control_ops.get(req["op"])
-    if op is None:
-        return {"ok": False, "reason": "unknown_op",
-                "error": f"unknown op {req['op']!r}; known: {', '.join(sorted(node.control_ops))}"}
-    try:
-        return {"ok": True, **await op(node, req)}
-    except (InvalidEvent, InvalidMessage) as e:
-        return {"ok": False, "reason": e.reason, "error": str(e)}
-    except BidmeshError as e:
-        return {"ok": False, "reason": type(e).__name__, "error": str(e)}
-    except Exception as e:  # the daemon's outermost boundary: a bug answers, never ends it
-        log.exception("control op %s failed", req["op"][:40])
-        return {"ok": False, "reason": "internal", "error": f"{type(e).__name__}: see node log"}
-
-
-async def serve_control(node: Node, path: Path,
-                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    if len(str(path).encode()) > 100:
-        raise UsageError(f"control socket path {path} is too long for a Unix socket "
-                         "(max ~100 bytes); use a shorter node.data_dir")
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        await sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(64)
-    listener = trio.SocketListener(sock)
-    task_status.started()
-    try:
-        await trio.serve_listeners(lambda s: _control_conn(node, s), [listener])
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def control_call(data_dir: str | Path, request: dict[str, Any], timeout: float = 30.0,
-                 ) -> dict[str, Any]:
-    """Blocking client for a running node's control socket."""
-    path = Path(data_dir) / "control.sock"
-    data = codec.pack(request)
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            s.sendall(_LEN.pack(len(data)) + data)
-            head = _recv_exact(s, _LEN.size)
-            (n,) = _LEN.unpack(head)
-            resp = codec.unpack(_recv_exact(s, n), CONTROL_MAX)
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise OperationError(f"no node running with data dir {data_dir} ({e.strerror})") from e
-    except OSError as e:
-        raise OperationError(f"control socket {path}: {e}") from e
-    if not isinstance(resp, dict):
-        raise RemoteError("malformed control response")
-    if not resp.get("ok"):
-        raise RemoteError(f"{resp.get('reason')}: {resp.get('error')}")
-    return resp
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise OperationError("control socket closed before the answer")
-        buf += chunk
-    return bytes(buf)
-
-
-# ------------------------------------------------------------------ status file
-
-
-def write_status(path: Path, status: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(status, default=str, indent=1))
-    os.replace(tmp, path)
-
-
-def read_status(data_dir: str | Path) -> dict[str, Any]:
-    """The last status written by the node using `data_dir` (read-only)."""
-    path = Path(data_dir) / "status.json"
-    try:
-        status: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"no status file at {path}: is a node running with this data dir?"
-                         ) from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from e
-    age = time.time() - float(status.get("updated_at", 0))
-    status["age_s"] = round(age, 1)
-    if status.get("state") == "running" and not _pid_alive(int(status.get("pid", 0))):
-        status["state"] = "dead"
-    return status
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def _lag_monitor(node: Node) -> None:
@@ -741,7 +450,7 @@ async def _mdns(node: Node) -> None:
     await run_mdns(node.host, node.discovery, node.config.node.network)
 
 
-# ------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------ `bidmesh run`
 
 
 def load_run_config(config_path: Path | None, data_dir: Path | None) -> config.Config:
@@ -781,33 +490,3 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         raise one from None
     return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add `run` to the `bidmesh` command (node/cli.py's per-group pattern)."""
-    p = subparsers.add_parser("run", help="run a node daemon from a TOML config",
-                              description="Run a bidmesh node until SIGTERM/SIGINT.",
-                              allow_abbrev=False)
-    from .cli import add_run_args
-
-    add_run_args(p)
-    p.set_defaults(func=cmd_run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bidmesh", allow_abbrev=False)
-    sub = parser.add_subparsers(required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UsageError as e:
-        print(f"bidmesh: error: {e}", file=sys.stderr)
-        return 2
-    except BidmeshError as e:
-        print(f"bidmesh: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

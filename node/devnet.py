@@ -39,13 +39,14 @@ from .auction import Market, verify_award
 from .auction.lease import Lease
 from .auction.views import record_text, rep_label, rep_text
 from .client import LightClient, fold, now_ms
-from .daemon import control_call, read_status
+from .control import control_call
 from .errors import BidmeshError, UsageError
 from .events import Usage
 from .keys import Identity, save_key
 from .output import Output, table
 from .p2p import peer_id_from_pubkey
 from .segments import MpegTs, local_reference
+from .status_file import read_status
 
 NETWORK = "devnet"
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from node import config
-from node.daemon import control_call
+from node.control import control_call
 from node.errors import OperationError, RemoteError
 from node.keys import Identity, save_key
 from node.p2p import peer_id_from_pubkey
@@ -83,7 +83,7 @@ def run_command(cfg_path: Path) -> list[str]:
     exe = Path(sys.executable).parent / "bidmesh"
     if exe.exists() and _cli_has_run(exe):
         return [str(exe), "run", "--config", str(cfg_path)]
-    return [sys.executable, "-m", "node.daemon", "run", "--config", str(cfg_path)]
+    return [sys.executable, "-m", "node.cli", "run", "--config", str(cfg_path)]
 
 
 _CLI_OK: dict[str, bool] = {}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from daemon_helpers import NETWORK, cluster, wait_for
 
-from node.daemon import read_status
 from node.ledger import Ledger
+from node.status_file import read_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
 

@@ -18,8 +18,9 @@ import pytest
 from daemon_helpers import ROOT, cluster, free_port, run_command, wait_for
 
 from node import cli, config, lifecycle, paths
-from node.daemon import control_call, setup_logging
+from node.control import control_call
 from node.errors import UsageError
+from node.logs import setup_logging
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 

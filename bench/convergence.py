@@ -15,6 +15,19 @@ ts_ms (set by the publishing node when it signed it; same machine clock).
 lost; `converge_s` = from the last acknowledgement until all state digests are
 equal; `rss_mb_max` = the largest node RSS sampled during the run.
 
+CPU: `cpu_us_per_event` = node CPU (user + system, /proc via psutil) from the start
+of publishing until the poller has seen every event in every ledger, divided by
+the events each node stored, averaged over the nodes (each node signs its share,
+stores everything, relays, syncs, writes its status file: everything it does).
+`verify_us` = one Ed25519 check (PyNaCl, as the node verifies) of this run's
+kind of event, in CPU time of the bench process right after the nodes stop (median
+of rounds); `cpu_vs_verify_ratio` = cpu_us_per_event / verify_us (target <= 2.5).
+`idle_cpu_ms_per_s` = mean node CPU per second over the 2 s before publishing
+(heartbeats, periodic sync, status): included in cpu_us_per_event, shown apart.
+`--runs K` repeats the bidmesh phase K times (fresh nodes each time; the raw
+baseline runs once): the JSON's `p99_ms` is the worst run, `p99_ms_runs` each,
+`runs_p99_ok` how many kept p99 <= 1 s, the CPU figures are means over the runs.
+
 Phase 2 (raw): the same load as raw gossipsub payloads of the same size, paced
 like the daemon (one message per `gossip.batch_ms`), between N processes running
 only node/p2p.py's gossipsub (same mesh degree; no ledger, no signatures):
@@ -44,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import psutil  # noqa: E402
-from daemon_helpers import Cluster, Proc, free_port, wait_for  # noqa: E402
+from daemon_helpers import NETWORK, Cluster, Proc, free_port, wait_for  # noqa: E402
 
 from node.config import Config  # noqa: E402
 from node.errors import OperationError, RemoteError  # noqa: E402
@@ -116,13 +129,18 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         c.start_all()
         wait_for(lambda: all(len(c.status(p)["peers"]) >= min(n - 1, 3) for p in c.procs), 30,
                  "peers connected")
+        nodes = [psutil.Process(p.popen.pid) for p in c.procs if p.popen]
+        idle0, t_idle = node_cpu(nodes), time.time()
         time.sleep(2.0)  # let gossipsub form its mesh (heartbeat 1 s) before the clock starts
+        idle_s = time.time() - t_idle
+        idle_cpu = [b - a for a, b in zip(idle0, node_cpu(nodes), strict=True)]
         poller = Poller(c.procs)
         poller.start()
         per_call = max(1, round(rate / n / ticks))
         acked: list[bytes] = []
         lock = threading.Lock()
         errors: list[str] = []
+        cpu0 = node_cpu(nodes)
         t_start = time.time()
         t_end = t_start + seconds
 
@@ -154,6 +172,14 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         t_last = time.time()
         publish_s = t_last - t_start
         conv_deadline = t_last + 60
+        # The CPU window ends when every ledger holds every event: watched by the
+        # read-only poller, so no status call adds to the nodes' CPU meanwhile.
+        missing = list(acked)
+        while missing and time.time() < conv_deadline:
+            missing = [i for i in missing if not all(i in s for s in poller.seen)]
+            time.sleep(0.02)
+        cpu_s = [b - a for a, b in zip(cpu0, node_cpu(nodes), strict=True)]
+        cpu_window_s = time.time() - t_start
 
         def converged() -> bool:
             return len(set(c.digests())) == 1
@@ -180,6 +206,12 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         return {
             "events": len(acked),
             "publish_s": publish_s,
+            "cpu_us_per_event": (sum(cpu_s) / len(cpu_s) / len(acked) * 1e6
+                                 if acked and cpu_s else float("nan")),
+            "cpu_window_s": cpu_window_s,
+            "cpu_window_s_per_node": [round(x, 2) for x in cpu_s],
+            "idle_cpu_ms_per_s": (sum(idle_cpu) / len(idle_cpu) / idle_s * 1000
+                                  if idle_cpu else float("nan")),
             "events_per_s": len(acked) / publish_s if not lost else 0.0,
             "p50_ms": pct(lats, 50) * 1000,
             "p99_ms": pct(lats, 99) * 1000,
@@ -202,6 +234,41 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         }
     finally:
         c.stop_all()
+
+
+def node_cpu(procs: list[psutil.Process]) -> list[float]:
+    """User + system CPU seconds of each node process so far (0 for one that exited)."""
+    out = []
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out.append(t.user + t.system)
+        except psutil.NoSuchProcess:
+            out.append(0.0)
+    return out
+
+
+def measure_verify_us(rounds: int = 9, per_round: int = 400) -> float:
+    """One Ed25519 check as the node does it (PyNaCl over domain tag + envelope) of an
+    event like the bench's, in CPU time of this thread (as the nodes' CPU is counted:
+    wall time on a loaded machine counts other processes' turns), median round."""
+    import nacl.bindings
+
+    from node.events import Offer, domain_tag, sign_event
+
+    tag = domain_tag(NETWORK)
+    evs = [sign_event(bytes([7, i % 256]) * 16, 1, None, 1_700_000_000_000,
+                      Offer(services=(), currency="EUR", addrs=(),
+                            note=f"{i}-0-0-{EVENT_NOTE}"), NETWORK)
+           for i in range(per_round)]
+    msgs = [(e.sig + tag + e.signed, e.author) for e in evs]
+    times = []
+    for _ in range(rounds):
+        t0 = time.thread_time()
+        for m, pk in msgs:
+            nacl.bindings.crypto_sign_open(m, pk)
+        times.append((time.thread_time() - t0) / per_round * 1e6)
+    return sorted(times)[len(times) // 2]
 
 
 # ------------------------------------------------------------------ raw baseline
@@ -333,6 +400,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a [gossip] option of the nodes (e.g. batch_ms=200)")
     ap.add_argument("--verbose", action="store_true", help="print per-node replication stats")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="bidmesh phases to run (fresh nodes each; p99_ms is the worst)")
     a = ap.parse_args()
     n = a.nodes or (4 if a.quick else 10)
     seconds = a.seconds or (8.0 if a.quick else 20.0)
@@ -341,20 +410,31 @@ def main() -> int:
     load = os.getloadavg()[0]
     print(f"load average before the run: {load:.2f} on {os.cpu_count()} CPUs "
           "(other work on the machine skews every figure)", flush=True)
-    print(f"bidmesh: {n} nodes, {rate:.0f} events/s offered for {seconds:.0f} s ...", flush=True)
     gossip = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
-    r = run_bidmesh(base / "b", n, rate, seconds, a.ticks, gossip)
-    print(f"  {r['events']} events, {r['events_per_s']:.0f}/s, p50 {r['p50_ms']:.0f} ms, "
-          f"p99 {r['p99_ms']:.0f} ms, lost {r['lost']}, converged {r['converge_s']:.2f} s "
-          f"after the last publish, max RSS {r['rss_mb_max']:.0f} MB; "
-          f"{r['gossip_batches_sent']} gossip batches, {r['accepted_via_sync']} events via sync",
-          flush=True)
-    for e in r["errors"][:5]:
-        print("  publish error:", e)
-    if a.verbose:
-        print("  cpu s per node:", r["cpu_s"], "bench process:", r["bench_cpu_s"])
-        for i, pn in enumerate(r["per_node"]):
-            print(f"  node {i}: {json.dumps(pn)}")
+    runs: list[dict[str, Any]] = []
+    verify: list[float] = []
+    for k in range(max(1, a.runs)):
+        print(f"bidmesh: {n} nodes, {rate:.0f} events/s offered for {seconds:.0f} s "
+              f"(run {k + 1}/{max(1, a.runs)}, load {os.getloadavg()[0]:.2f}) ...", flush=True)
+        r = run_bidmesh(base / f"b{k}", n, rate, seconds, a.ticks, gossip)
+        verify.append(measure_verify_us())  # same run, right after its nodes stopped
+        r["verify_us"] = verify[-1]
+        runs.append(r)
+        print(f"  {r['events']} events, {r['events_per_s']:.0f}/s, p50 {r['p50_ms']:.0f} ms, "
+              f"p99 {r['p99_ms']:.0f} ms, lost {r['lost']}, converged {r['converge_s']:.2f} s "
+              f"after the last publish, max RSS {r['rss_mb_max']:.0f} MB; "
+              f"{r['gossip_batches_sent']} gossip batches, {r['accepted_via_sync']} events via "
+              f"sync; node CPU {r['cpu_us_per_event']:.0f} us/event (idle "
+              f"{r['idle_cpu_ms_per_s']:.0f} ms/s), one verify {r['verify_us']:.1f} us",
+              flush=True)
+        for e in r["errors"][:5]:
+            print("  publish error:", e)
+        if a.verbose:
+            print("  cpu s per node:", r["cpu_s"], "in the window:", r["cpu_window_s_per_node"],
+                  "bench process:", r["bench_cpu_s"])
+            for i, pn in enumerate(r["per_node"]):
+                print(f"  node {i}: {json.dumps(pn)}")
+    r = max(runs, key=lambda x: x["p99_ms"])  # the worst run speaks for the set
     raw: dict[str, Any] = {"raw_events_per_s": float("nan")}
     if not a.no_raw:
         print("raw gossipsub baseline, same load ...", flush=True)
@@ -382,8 +462,21 @@ def main() -> int:
         "raw_p99_ms": round(raw.get("raw_p99_ms", float("nan")), 1),
         "offered_events_per_s": rate,
         "loadavg_before": round(load, 2),
+        "cpu_us_per_event": round(sum(x["cpu_us_per_event"] for x in runs) / len(runs), 1),
+        "verify_us": round(sum(verify) / len(verify), 2),
+        "cpu_vs_verify_ratio": round(sum(x["cpu_us_per_event"] / x["verify_us"] for x in runs)
+                                     / len(runs), 2),
+        "idle_cpu_ms_per_s": round(sum(x["idle_cpu_ms_per_s"] for x in runs) / len(runs), 1),
+        "runs": len(runs),
+        "p99_ms_runs": [round(x["p99_ms"], 1) for x in runs],
+        "runs_p99_ok": sum(1 for x in runs if x["p99_ms"] <= 1000 and x["lost"] == 0),
+        "cpu_us_per_event_runs": [round(x["cpu_us_per_event"], 1) for x in runs],
+        "loadavg_after": round(os.getloadavg()[0], 2),
+        "cpu_target_met": all(x["cpu_us_per_event"] / x["verify_us"] <= 2.5 for x in runs),
         "targets_met": bool(r["events_per_s"] >= 1000 and r["p99_ms"] <= 1000 and r["lost"] == 0
-                            and r["converge_s"] <= 5 and ratio >= 0.5 and r["rss_mb_max"] < 150),
+                            and r["converge_s"] <= 5 and ratio >= 0.5 and r["rss_mb_max"] < 150
+                            and all(x["cpu_us_per_event"] / x["verify_us"] <= 2.5
+                                    for x in runs)),
     }
     print(json.dumps(out))
     return 0

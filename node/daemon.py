@@ -36,7 +36,6 @@ acknowledgement, so nothing acknowledged is lost, even with SIGKILL.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -48,12 +47,11 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
-from . import config, lifecycle, p2p, paths
+from . import config, lifecycle, p2p
 from .auction import Market
 from .control_server import BUILTIN_OPS, ControlOp, serve_control
 from .errors import BidmeshError, OperationError, UsageError
@@ -453,31 +451,12 @@ async def _mdns(node: Node) -> None:
 # ------------------------------------------------------------------ `bidmesh run`
 
 
-def load_run_config(config_path: Path | None, data_dir: Path | None) -> config.Config:
-    """`bidmesh run`'s config: --config FILE, else DATA_DIR/node.toml (what `bidmesh
-    init` writes) when it exists, else the defaults; --data-dir overrides
-    node.data_dir. DATA_DIR defaults to the one every bidmesh command uses."""
-    if config_path is None:
-        d = data_dir or paths.default_data_dir()
-        path = paths.config_path(d)
-        if path.exists():
-            cfg = config.load(path)
-        else:
-            cfg, data_dir = config.Config(), d
-    else:
-        cfg = config.load(config_path)
-    if data_dir is not None:
-        cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, data_dir=data_dir))
-    return cfg
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args.config, getattr(args, "data_dir", None))
+def run_foreground(cfg: config.Config) -> None:
+    """What `bidmesh run` does: as `run()`, but the lock and the port check come
+    before the log file is opened, so a refused start leaves nothing behind and never
+    writes into the running node's node.log."""
     cfg.node.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        # As run(), but the lock and the port check come before the log file is
-        # opened: a refused start leaves nothing behind, and never writes into the
-        # running node's node.log.
         with lifecycle.DataDirLock(cfg.node.data_dir):
             lifecycle.preflight(_binds(cfg))
             setup_logging(cfg)
@@ -489,4 +468,3 @@ def cmd_run(args: argparse.Namespace) -> int:
         if one is eg:
             raise
         raise one from None
-    return 0

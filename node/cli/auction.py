@@ -1,7 +1,8 @@
 """`bidmesh ledger auctions | auction ID | leases | reputation [KEY] | ignored`.
 
-Registered into `node.cli` through `ledger_command`; each derives the market from the
-ledger's canonical order (a pure fold, no daemon needed) and prints a table, or the
+Registered into `node.cli` through `ledger_command` (the CLI layer; the pure core
+in node/auction/ knows nothing of it); each derives the market from the ledger's
+canonical order (a pure fold, no daemon needed) and prints a table, or the
 `node.auction.views` dicts with `--json`. Times shown are ledger time: an auction's
 status is judged against the newest event in the ledger, never the wall clock.
 """
@@ -11,11 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..cli import EXIT_OK, fmt_time, ledger_command, parse_time_ms, resolve_author, short
-from ..ledger import Ledger
-from ..output import Output, pairs, table
-from .market import Market, derive, find_auction
-from .views import (
+from ..auction.market import Market, derive, find_auction
+from ..auction.views import (
     auction_json,
     auctions_json,
     ignored_json,
@@ -24,6 +22,9 @@ from .views import (
     rep_json_text,
     reputation_json,
 )
+from ..ledger import Ledger
+from ..output import Output, pairs, table
+from .common import EXIT_OK, fmt_time, ledger_command, parse_time_ms, resolve_author, short
 
 
 def _market(led: Ledger) -> Market:

@@ -29,6 +29,7 @@ VERSION = 1
 MAX_SIGNED = 16 * 1024  # envelope bytes
 MAX_WIRE = MAX_SIGNED + 128  # [signed, sig] framing adds at most a few bytes
 MAX_TS_MS = (1 << 53) - 1  # keeps timestamps exact in JSON clients
+MAX_SEQ = (1 << 53) - 1  # per author; the same bound holds in sync and query messages
 NETWORK_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 SERVICE_RE = r"[a-z0-9][a-z0-9._:+-]{0,63}"
 
@@ -400,7 +401,7 @@ def decode_signed(
         raise InvalidEvent(f"unsupported version {v!r}", "bad_version")
     if type(author) is not bytes or len(author) != 32:
         raise InvalidEvent("author must be 32 bytes", "malformed")
-    if type(seq) is not int or not 1 <= seq <= MAX_TS_MS:
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
         raise InvalidEvent("seq must be an integer >= 1", "malformed")
     if seq == 1:
         if prev is not None:

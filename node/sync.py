@@ -29,12 +29,12 @@ import itertools
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import codec
+from . import schema
 from .errors import InvalidEvent, InvalidMessage
-from .events import MAX_WIRE, Event, decode_wire
+from .events import MAX_SEQ, MAX_WIRE, Event, decode_wire
 from .ledger import AppendResult, Ledger, Status
+from .schema import Bool, Bytes, Fixed, Int, List, Nested, Opt, Str, f
 
 # ------------------------------------------------------------------ limits
 
@@ -44,7 +44,6 @@ HEADS_PAGE_MAX = 1024  # authors per HEADS page (~85 bytes each)
 RANGE_LIMIT_MAX = 512  # records per RANGE response
 RANGE_BYTES_MAX = 1024 * 1024  # record bytes per RANGE response (one record may exceed)
 FORKS_MAX = 8  # fork proofs per FORKS response (lowest seqs first)
-MAX_SEQ = (1 << 53) - 1
 
 # Chain rejections an honest relayer can cause when an author equivocated: the
 # relayer holds the other branch. They cost the author, not the sender.
@@ -61,61 +60,29 @@ def counts_against_peer(res: AppendResult) -> bool:
 
 
 # ------------------------------------------------------------------ messages
+#
+# Declared with node/schema.py: each message is a `Row` sent as `[TAG, field...]`;
+# `decode_request` / `decode_response` bound the size and reject anything that does
+# not match the declaration with `InvalidMessage` (reason "malformed").
 
-
-def _bad(what: str) -> InvalidMessage:
-    return InvalidMessage(f"sync message: {what}", "malformed")
-
-
-def _bytes(v: Any, n: int, what: str) -> bytes:
-    if type(v) is not bytes or len(v) != n:
-        raise _bad(f"{what} must be {n} bytes")
-    return v
-
-
-def _int(v: Any, lo: int, hi: int, what: str) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise _bad(f"{what} must be an integer in [{lo}, {hi}]")
-    return v
-
-
-def _bool(v: Any, what: str) -> bool:
-    if type(v) is not bool:
-        raise _bad(f"{what} must be a boolean")
-    return v
-
-
-def _list(v: Any, hi: int, what: str) -> list[Any]:
-    if type(v) is not list or len(v) > hi:
-        raise _bad(f"{what} must be a list of at most {hi} items")
-    return v
-
-
-Message = codec.TaggedMessage
+Message = schema.Message
+AUTHOR = Bytes(32)
+ID = Bytes(32)
+SEQ = Int(0, MAX_SEQ)
+RECORD = Bytes(1, MAX_WIRE)  # one event's wire bytes
 
 
 @dataclass(frozen=True)
 class DigestRequest(Message):
     TAG = 1
 
-    def to_list(self) -> list[Any]:
-        return []
-
 
 @dataclass(frozen=True)
 class DigestResponse(Message):
     TAG = 1
-    digest: bytes
-    authors: int
-    forks: int
-
-    def __post_init__(self) -> None:
-        _bytes(self.digest, 32, "digest")
-        _int(self.authors, 0, MAX_SEQ, "authors")
-        _int(self.forks, 0, MAX_SEQ, "forks")
-
-    def to_list(self) -> list[Any]:
-        return [self.digest, self.authors, self.forks]
+    digest: bytes = f(ID)
+    authors: int = f(SEQ)
+    forks: int = f(SEQ)
 
 
 @dataclass(frozen=True)
@@ -123,74 +90,43 @@ class HeadsRequest(Message):
     """Heads of authors strictly after `after` (byte order), at most `limit`."""
 
     TAG = 2
-    after: bytes | None
-    limit: int
-
-    def __post_init__(self) -> None:
-        if self.after is not None:
-            _bytes(self.after, 32, "after")
-        _int(self.limit, 1, HEADS_PAGE_MAX, "limit")
-
-    def to_list(self) -> list[Any]:
-        return [self.after, self.limit]
+    after: bytes | None = f(Opt(AUTHOR))
+    limit: int = f(Int(1, HEADS_PAGE_MAX))
 
 
 @dataclass(frozen=True)
-class HeadEntry:
-    author: bytes
-    seq: int  # effective head: truncated before the author's first fork
-    id: bytes | None  # None only when seq == 0 (forked at seq 1)
-    fork_seq: int | None  # lowest seq with a fork proof, if any
+class HeadEntry(schema.Row):
+    author: bytes = f(AUTHOR)
+    seq: int = f(SEQ)  # effective head: truncated before the author's first fork
+    id: bytes | None = f(Opt(ID))  # None only when seq == 0 (forked at seq 1)
+    fork_seq: int | None = f(Opt(Int(1, MAX_SEQ)))  # lowest seq with a fork proof, if any
 
-    def __post_init__(self) -> None:
-        _bytes(self.author, 32, "head author")
-        _int(self.seq, 0, MAX_SEQ, "head seq")
+    def validate(self) -> None:
         if (self.id is None) != (self.seq == 0):
-            raise _bad("head id must be nil exactly when seq is 0")
-        if self.id is not None:
-            _bytes(self.id, 32, "head id")
-        if self.fork_seq is not None:
-            _int(self.fork_seq, 1, MAX_SEQ, "fork_seq")
-            if self.seq != self.fork_seq - 1:
-                raise _bad("a forked author's head must be just before its fork")
-
-    def to_list(self) -> list[Any]:
-        return [self.author, self.seq, self.id, self.fork_seq]
+            raise self.reject("id", "must be nil exactly when seq is 0")
+        if self.fork_seq is not None and self.seq != self.fork_seq - 1:
+            raise self.reject("fork_seq", "a forked author's head must be just before its fork")
 
 
 @dataclass(frozen=True)
 class HeadsResponse(Message):
     TAG = 2
-    heads: tuple[HeadEntry, ...]
-    more: bool
+    heads: tuple[HeadEntry, ...] = f(List(Nested(HeadEntry), HEADS_PAGE_MAX))
+    more: bool = f(Bool())
 
-    def __post_init__(self) -> None:
-        if len(self.heads) > HEADS_PAGE_MAX:
-            raise _bad(f"at most {HEADS_PAGE_MAX} heads per page")
+    def validate(self) -> None:
         authors = [h.author for h in self.heads]
         if any(a >= b for a, b in itertools.pairwise(authors)):
-            raise _bad("heads must be in strictly ascending author order")
-
-    def to_list(self) -> list[Any]:
-        return [[h.to_list() for h in self.heads], self.more]
+            raise self.reject("heads", "must be in strictly ascending author order")
 
 
 @dataclass(frozen=True)
 class RangeRequest(Message):
     TAG = 3
-    author: bytes
-    from_seq: int
-    limit: int
-    max_bytes: int
-
-    def __post_init__(self) -> None:
-        _bytes(self.author, 32, "author")
-        _int(self.from_seq, 1, MAX_SEQ, "from_seq")
-        _int(self.limit, 1, RANGE_LIMIT_MAX, "limit")
-        _int(self.max_bytes, 1, RANGE_BYTES_MAX, "max_bytes")
-
-    def to_list(self) -> list[Any]:
-        return [self.author, self.from_seq, self.limit, self.max_bytes]
+    author: bytes = f(AUTHOR)
+    from_seq: int = f(Int(1, MAX_SEQ))
+    limit: int = f(Int(1, RANGE_LIMIT_MAX))
+    max_bytes: int = f(Int(1, RANGE_BYTES_MAX))
 
 
 @dataclass(frozen=True)
@@ -198,34 +134,18 @@ class RangeResponse(Message):
     """Consecutive wire records of one author from `from_seq`; `more` if cut short."""
 
     TAG = 3
-    records: tuple[bytes, ...]
-    more: bool
+    records: tuple[bytes, ...] = f(List(RECORD, RANGE_LIMIT_MAX))
+    more: bool = f(Bool())
 
-    def __post_init__(self) -> None:
-        if len(self.records) > RANGE_LIMIT_MAX:
-            raise _bad(f"at most {RANGE_LIMIT_MAX} records")
-        total = 0
-        for r in self.records:
-            if type(r) is not bytes or not 0 < len(r) <= MAX_WIRE:
-                raise _bad(f"records must be 1..{MAX_WIRE} bytes")
-            total += len(r)
-        if total > RANGE_BYTES_MAX + MAX_WIRE:
-            raise _bad("records exceed the byte limit")
-
-    def to_list(self) -> list[Any]:
-        return [list(self.records), self.more]
+    def validate(self) -> None:
+        if sum(len(r) for r in self.records) > RANGE_BYTES_MAX + MAX_WIRE:
+            raise self.reject("records", "exceed the byte limit")
 
 
 @dataclass(frozen=True)
 class ForksRequest(Message):
     TAG = 4
-    author: bytes
-
-    def __post_init__(self) -> None:
-        _bytes(self.author, 32, "author")
-
-    def to_list(self) -> list[Any]:
-        return [self.author]
+    author: bytes = f(AUTHOR)
 
 
 @dataclass(frozen=True)
@@ -233,94 +153,30 @@ class ForksResponse(Message):
     """Fork proofs for one author, lowest seq first: pairs of conflicting wires."""
 
     TAG = 4
-    proofs: tuple[tuple[bytes, bytes], ...]
-
-    def __post_init__(self) -> None:
-        if len(self.proofs) > FORKS_MAX:
-            raise _bad(f"at most {FORKS_MAX} fork proofs")
-        for a, b in self.proofs:
-            for w in (a, b):
-                if type(w) is not bytes or not 0 < len(w) <= MAX_WIRE:
-                    raise _bad(f"fork proof records must be 1..{MAX_WIRE} bytes")
-
-    def to_list(self) -> list[Any]:
-        return [[[a, b] for a, b in self.proofs]]
+    proofs: tuple[tuple[bytes, bytes], ...] = f(List(Fixed(RECORD, RECORD), FORKS_MAX))
 
 
 @dataclass(frozen=True)
 class ErrorResponse(Message):
     TAG = 0
-    code: str
-    message: str
-
-    def __post_init__(self) -> None:
-        if type(self.code) is not str or not 0 < len(self.code) <= 32:
-            raise _bad("error code must be a short string")
-        if type(self.message) is not str or len(self.message) > 512:
-            raise _bad("error message must be a string of at most 512 characters")
-
-    def to_list(self) -> list[Any]:
-        return [self.code, self.message]
+    code: str = f(Str(32, 1))
+    message: str = f(Str(512))
 
 
 SyncRequest = DigestRequest | HeadsRequest | RangeRequest | ForksRequest
 SyncResponse = DigestResponse | HeadsResponse | RangeResponse | ForksResponse | ErrorResponse
-
-
-def _split(data: bytes, max_size: int) -> tuple[int, list[Any]]:
-    return codec.split_tagged(data, max_size, "sync")
-
-
-def _arity(args: Any, n: int, what: str) -> None:
-    codec.check_arity(args, n, what, "sync")
+REQUESTS = schema.Messages("sync", "request", MAX_REQUEST,
+                           DigestRequest, HeadsRequest, RangeRequest, ForksRequest)
+RESPONSES = schema.Messages("sync", "response", MAX_RESPONSE, ErrorResponse,
+                            DigestResponse, HeadsResponse, RangeResponse, ForksResponse)
 
 
 def decode_request(data: bytes) -> SyncRequest:
-    tag, a = _split(data, MAX_REQUEST)
-    if tag == DigestRequest.TAG:
-        _arity(a, 0, "DIGEST request")
-        return DigestRequest()
-    if tag == HeadsRequest.TAG:
-        _arity(a, 2, "HEADS request")
-        return HeadsRequest(a[0], a[1])
-    if tag == RangeRequest.TAG:
-        _arity(a, 4, "RANGE request")
-        return RangeRequest(a[0], a[1], a[2], a[3])
-    if tag == ForksRequest.TAG:
-        _arity(a, 1, "FORKS request")
-        return ForksRequest(a[0])
-    raise InvalidMessage(f"unknown sync request tag {tag}", "unknown_request")
+    return REQUESTS.decode(data)  # type: ignore[return-value]  # one of the classes above
 
 
 def decode_response(data: bytes) -> SyncResponse:
-    tag, a = _split(data, MAX_RESPONSE)
-    if tag == ErrorResponse.TAG:
-        _arity(a, 2, "ERROR response")
-        return ErrorResponse(a[0], a[1])
-    if tag == DigestResponse.TAG:
-        _arity(a, 3, "DIGEST response")
-        return DigestResponse(a[0], a[1], a[2])
-    if tag == HeadsResponse.TAG:
-        _arity(a, 2, "HEADS response")
-        heads = []
-        for h in _list(a[0], HEADS_PAGE_MAX, "heads"):
-            h = _list(h, 4, "head entry")
-            _arity(h, 4, "head entry")
-            heads.append(HeadEntry(h[0], h[1], h[2], h[3]))
-        return HeadsResponse(tuple(heads), _bool(a[1], "more"))
-    if tag == RangeResponse.TAG:
-        _arity(a, 2, "RANGE response")
-        return RangeResponse(tuple(_list(a[0], RANGE_LIMIT_MAX, "records")),
-                             _bool(a[1], "more"))
-    if tag == ForksResponse.TAG:
-        _arity(a, 1, "FORKS response")
-        proofs = []
-        for p in _list(a[0], FORKS_MAX, "proofs"):
-            p = _list(p, 2, "proof")
-            _arity(p, 2, "proof")
-            proofs.append((p[0], p[1]))
-        return ForksResponse(tuple(proofs))
-    raise InvalidMessage(f"unknown sync response tag {tag}", "unknown_response")
+    return RESPONSES.decode(data)  # type: ignore[return-value]  # one of the classes above
 
 
 # ------------------------------------------------------------------ server side

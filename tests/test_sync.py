@@ -111,6 +111,22 @@ def test_oversized_and_garbage_rejected() -> None:
         sync.decode_response(codec.pack([4, [[b"a"]] * 2]))
 
 
+def test_errors_name_the_field() -> None:
+    """A rejection says which field of which message was wrong (the declared schema)."""
+    with pytest.raises(InvalidMessage, match=r"sync\.HeadsRequest\.limit") as e:
+        sync.decode_request(codec.pack([2, None, 0]))
+    assert e.value.reason == "malformed"
+    bad_entry = [[A32, 1, b"short", None]]
+    with pytest.raises(InvalidMessage, match=r"HeadsResponse\.heads\[0\]\.id"):
+        sync.decode_response(codec.pack([2, bad_entry, False]))
+    with pytest.raises(InvalidMessage, match=r"ForksResponse\.proofs\[0\]"):
+        sync.decode_response(codec.pack([4, [[b"a", b"b", b"c"]]]))
+    with pytest.raises(InvalidMessage, match="takes 2 fields, got 3"):
+        sync.decode_request(codec.pack([2, None, 1, 1]))
+    with pytest.raises(InvalidMessage, match=r"HeadEntry\.id"):  # built in Python, same rules
+        HeadEntry(A32, 0, A32, None)
+
+
 def test_handle_answers_errors(tmp_path: Path) -> None:
     led = Ledger(tmp_path / "l.db", network=NET)
     resp = sync.decode_response(sync.handle(led, b"\x91\x07"))

@@ -31,6 +31,7 @@ from typing import NamedTuple
 from .errors import InvalidEvent, UsageError
 from .events import MAX_WIRE, Body, Event, decode_wire, sign_event
 from .keys import Identity
+from .recon import Item, ReconIndex
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -348,6 +349,7 @@ class Ledger:
         self._clock = clock
         self.counters: Counter[str] = Counter()  # outcome and rejection-reason counts
         self._digest: bytes | None = None
+        self._recon: ReconIndex | None = None  # built on first use, then kept up to date
         self._load_heads()
 
     # ------------------------------------------------------------ setup
@@ -377,6 +379,7 @@ class Ledger:
         for author, seq in self.db.execute("SELECT author, MIN(seq) FROM forks GROUP BY author"):
             self._forks[author] = seq
         self._digest = None
+        self._recon = None
 
     @staticmethod
     def stored_network(path: str | Path) -> str | None:
@@ -461,10 +464,13 @@ class Ledger:
                 for h in b.popped:
                     self._pending.restore(h)
                 raise
+            old = None if self._recon is None else self._recon_items(
+                set(b.overlay).union(p.author for p in b.forks))
             self._heads.update(b.overlay)
             for p in b.forks:
                 if p.seq < self._forks.get(p.author, 1 << 62):
                     self._forks[p.author] = p.seq
+            self._recon_update(old)
             for author, head in b.overlay.items():
                 self._pending.drop_upto(author, head.seq)
             self._digest = None
@@ -604,8 +610,10 @@ class Ledger:
         with self.db:
             self.db.execute("INSERT OR IGNORE INTO forks VALUES(?,?,?,?)",
                             (a.author, a.seq, wire_a, wire_b))
+        old = self._recon_items([a.author])
         if a.seq < self._forks.get(a.author, 1 << 62):
             self._forks[a.author] = a.seq
+        self._recon_update(old)
         self._digest = None
         return True
 
@@ -640,6 +648,40 @@ class Ledger:
             else:
                 out[author] = (fseq - 1, self._id_at(author, fseq - 1))
         return out
+
+    def recon_item(self, author: bytes) -> Item | None:
+        """The author's reconciliation item: its HEADS entry (sync_heads, and the
+        fork seq when the effective head is just before it)."""
+        h = self._heads.get(author)
+        if h is None:
+            return None
+        fseq = self._forks.get(author)
+        if fseq is None or h.seq < fseq - 1:
+            return Item(h.seq, h.id, None)
+        if h.seq == fseq - 1:
+            return Item(h.seq, h.id, fseq)
+        return Item(fseq - 1, self._id_at(author, fseq - 1), fseq)
+
+    def recon_index(self) -> ReconIndex:
+        """Fingerprints for set reconciliation (node/recon.py), built once from the
+        heads (one hash per author) and then updated on every head or fork change."""
+        if self._recon is None:
+            items = ((a, self.recon_item(a)) for a in self._heads)
+            self._recon = ReconIndex(self.recon_item,
+                                     ((a, it) for a, it in items if it is not None))
+        return self._recon
+
+    def _recon_items(self, authors: Iterable[bytes]) -> dict[bytes, Item | None] | None:
+        """Items before a change (None while no index is built: nothing to update)."""
+        if self._recon is None:
+            return None
+        return {a: self.recon_item(a) for a in authors}
+
+    def _recon_update(self, old: dict[bytes, Item | None] | None) -> None:
+        if self._recon is None or old is None:
+            return
+        for author, item in old.items():
+            self._recon.update(author, item, self.recon_item(author))
 
     def _id_at(self, author: bytes, seq: int) -> bytes | None:
         if seq < 1:

@@ -9,7 +9,7 @@ reach. As go-libp2p does:
   container: the address others reach); `p2p.announce_append` adds to either;
 * loopback addresses are left out whenever the node has any other address: peers on
   other hosts cannot use them, peers on the same host can dial the interface address,
-  and one list for everyone keeps the signed peer record stable (node/p2p_addrs.py).
+  and one list for everyone keeps the signed peer record stable (node/p2p/addrs.py).
   A loopback-only node (a devnet on 127.0.0.1) keeps them.
 
 `advertised()` and the filters are pure; `interface_ips()` reads the interfaces (via

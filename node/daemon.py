@@ -61,7 +61,7 @@ from .keys import Identity, load_or_create_key
 from .ledger import AppendResult, Ledger, PendingLimits, Status
 from .logs import setup_logging
 from .marketview import LiveMarket
-from .p2p_guard import LONG_LIVED_PREFIXES
+from .p2p import LONG_LIVED_PREFIXES
 from .resources import REPLICATION_LIMITS, Limits
 from .status_file import write_status
 

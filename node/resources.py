@@ -5,7 +5,7 @@ connection, stream and request in flight is a *lease* charged to scopes
 (the whole node, the peer, its IP and subnet, the protocol) and refused at
 once when a scope is full. Pure: no trio, no libp2p, no sockets; the clock
 is passed in (`clock()`, seconds, monotonic), so tests run on a fake one.
-`node/p2p.py` (the I/O shell) owns one per host as `host.resources` and
+`node/p2p/` (the I/O shell) owns one per host as `host.resources` and
 performs what it decides: closing refused or idle connections, resetting
 refused or idle streams.
 

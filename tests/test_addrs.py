@@ -12,11 +12,12 @@ import trio
 from daemon_helpers import NETWORK, cluster, wait_for
 from test_lifecycle import bidmesh
 
-from node import addrs, config, p2p_addrs
+from node import addrs, config
 from node.errors import ConfigError
 from node.events import Event
 from node.keys import Identity
 from node.ledger import Ledger
+from node.p2p import addrs as p2p_addrs
 from node.p2p import open_host
 
 IPS = tuple(ipaddress.ip_address(a) for a in

@@ -1,4 +1,4 @@
-"""node/p2p.py on real py-libp2p hosts over loopback."""
+"""node/p2p/ on real py-libp2p hosts over loopback."""
 
 from __future__ import annotations
 

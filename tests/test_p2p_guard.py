@@ -1,4 +1,4 @@
-"""node/p2p_guard.py on real py-libp2p hosts over loopback: the host boundary.
+"""node/p2p/guard.py on real py-libp2p hosts over loopback: the host boundary.
 
 No handler (ours or py-libp2p's) ends the host, the peerstore keeps our own
 entry, and the resource manager's limits hold on real connections and streams.
@@ -346,7 +346,7 @@ async def test_a_missed_disconnect_notification_does_not_leak_a_slot() -> None:
 
 
 async def test_inbound_handshakes_run_a_few_at_a_time(autojump_clock: trio.abc.Clock) -> None:
-    from node.p2p_guard import limit_inbound_handshakes
+    from node.p2p.guard import limit_inbound_handshakes
 
     class Swarm:  # the one method limit_inbound_handshakes wraps
         running = peak = 0

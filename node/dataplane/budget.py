@@ -13,9 +13,8 @@ import trio
 from libp2p.abc import INetStream
 
 from ..errors import InvalidMessage, UsageError
-from ..p2p import FRAME_HEADER, StreamTimeout
+from ..p2p import FRAME_HEADER, StreamTimeout, touch_stream
 from ..p2p import _read_exactly as _p2p_read_exactly  # the same EOF/reset mapping as read_frame
-from ..p2p_guard import touch_stream
 
 __all__ = ["ByteBudget", "read_exactly", "read_frame_length"]
 

@@ -231,7 +231,7 @@ async def stream_through_lease(
         finally:
             if not sent.is_set():
                 # The provider is done with us (error trailer) while we still send:
-                # resetting ends our write, which is never cancelled (node/p2p.py).
+                # resetting ends our write, which is never cancelled (node/p2p/frames.py).
                 await reset_quietly(stream)
             cancel.cancel()
 

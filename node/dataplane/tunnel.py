@@ -38,9 +38,9 @@ from ..p2p import (
     remote_pubkey,
     reset_quietly,
     set_stream_handler,
+    touch_stream,
     write_frame,
 )
-from ..p2p_guard import touch_stream
 from ..segments import TokenBucket
 from .egress import EgressPolicy
 from .metering import DemandMeter, FairQueue, Ticket

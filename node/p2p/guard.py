@@ -1,6 +1,6 @@
 """The libp2p host boundary: inbound streams, connection admission, the peerstore.
 
-`node/p2p.py`'s `open_host` installs one `Guard` per host (`host.guard`); it
+`node/p2p/host.py`'s `open_host` installs one `Guard` per host (`host.guard`); it
 applies the pure `node/resources.py` decisions (`host.resources`) to py-libp2p
 0.8.1 and works around two upstream behaviours that end the daemon
 (docs/libp2p-notes.md, "Host boundary"):
@@ -37,7 +37,6 @@ import logging
 import math
 import struct
 import time
-import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
@@ -52,11 +51,12 @@ from libp2p.peer.id import ID
 from libp2p.protocol_muxer.exceptions import MultiselectError
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 
-from .errors import BidmeshError, OperationError, PeerError
-from .resources import ConnLease, Direction, LimitExceeded, ResourceManager, StreamLease
+from ..errors import BidmeshError, OperationError, PeerError
+from ..resources import ConnLease, Direction, LimitExceeded, ResourceManager, StreamLease
+from .frames import _STREAM_LEASES, reset_quietly
 
 if TYPE_CHECKING:
-    from .p2p import P2PHost
+    from .host import P2PHost
 
 log = logging.getLogger("node.p2p")
 
@@ -77,18 +77,6 @@ INBOUND_HANDSHAKES: Final = 4
 HANDSHAKE_QUEUE_S: Final = 10.0
 # Pubsub and ping streams stay open without carrying framed messages.
 LONG_LIVED_PREFIXES: Final = ("/meshsub/", "/floodsub/", "/ipfs/ping/")
-
-_STREAM_LEASES: weakref.WeakKeyDictionary[INetStream, tuple[ResourceManager, StreamLease]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def touch_stream(stream: INetStream) -> None:
-    """A complete message arrived on `stream` (read_frame calls this): not idle."""
-    entry = _STREAM_LEASES.get(stream)
-    if entry is not None:
-        entry[0].touch_stream(entry[1])
-
 
 class RateLimitedLog:
     """Log one line per key per `interval` seconds, saying how many were suppressed."""
@@ -214,8 +202,6 @@ class Guard:
 
     async def inbound_stream(self, stream: INetStream) -> None:
         """The swarm's stream handler: negotiate, charge, run the handler in a boundary."""
-        from .p2p import reset_quietly
-
         peer: ID = stream.muxed_conn.peer_id
         if self.host.is_blocked(peer):
             await reset_quietly(stream)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import multiaddr
 
-from . import addrs
+from .. import addrs
 
 
 class AddrPolicy:

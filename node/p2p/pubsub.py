@@ -1,0 +1,365 @@
+"""Gossipsub: topics with backpressure, subscriptions, validators that never raise.
+
+    async with make_pubsub(host) as ps:
+        topic = ps.topic("bidmesh/net-1")
+        topic.set_validator(lambda forwarder, data: True)
+        async with await topic.subscribe() as sub:
+            async for origin_pubkey, data in sub: ...
+        await topic.publish(b"…")                # waits while receivers' queues are full
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub import pubsub as _pubsub_module
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, OutBoundQueueSize
+from libp2p.tools.anyio_service import background_trio_service
+
+from ..errors import InvalidMessage, UsageError
+from ._compat import _cache_signed_records
+from .host import P2PHost
+from .ids import pubkey_from_peer_id
+
+log = logging.getLogger("node.p2p")
+
+Validator = Callable[[ID, bytes], bool]
+
+# Verdicts are only consulted for message ids that left the seen-cache; the
+# upstream LRU costs O(size) per message (`ValidationCache.put`, pubsub.py:287).
+_VALIDATION_CACHE: Final = 128
+
+class _SendChannel(Protocol):
+    def send_nowait(self, value: rpc_pb2.Message) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _CountingSend:
+    """Stands in for a subscription's send channel to count what upstream drops.
+
+    `Pubsub.notify_subscriptions` drops a message with only a log line when the
+    subscription channel is full (pubsub/pubsub.py:1371); we count it so the
+    owner can trigger a pull sync.
+    """
+
+    def __init__(self, inner: _SendChannel, topic: Topic) -> None:
+        self._inner = inner
+        self._topic = topic
+
+    def send_nowait(self, value: rpc_pb2.Message) -> None:
+        try:
+            self._inner.send_nowait(value)
+        except trio.WouldBlock:
+            self._topic.dropped += 1
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class Subscription:
+    """Async iterator of `(origin_pubkey, data)` for one topic; `aclose()` unsubscribes."""
+
+    def __init__(self, topic: Topic, upstream: Any) -> None:
+        self._topic = topic
+        self._upstream = upstream  # libp2p TrioSubscriptionAPI
+        self._closed = False
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> tuple[bytes, bytes]:
+        while not self._closed:
+            try:
+                msg = await self._upstream.get()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                await self.aclose()
+                break
+            try:
+                origin = pubkey_from_peer_id(ID(msg.from_id))
+            except InvalidMessage:
+                continue  # unreachable with strict signing; never yield unattributed data
+            return origin, bytes(msg.data)
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._topic._subscription = None
+        if not self._topic._owner.closing:
+            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                await self._upstream.unsubscribe()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class Topic:
+    """One gossipsub topic: publish with backpressure, subscribe, validate."""
+
+    def __init__(self, owner: PubSub, name: str) -> None:
+        self._owner = owner
+        self.name = name
+        self.dropped = 0
+        """Messages accepted by the validator but dropped because `subscribe()` lagged."""
+        self.rejected = 0
+        """Messages the validator rejected (or that made it raise)."""
+        self._validator: Validator | None = None
+        self._subscription: Subscription | None = None
+        self.current_origin: ID | None = None
+        """While the validator runs: the peer that published the message (its signed
+        `from`), which differs from the forwarder when the message was relayed."""
+
+    def peers(self) -> set[ID]:
+        """Connected peers known to be subscribed to this topic."""
+        return set(self._owner.pubsub.peer_topics.get(self.name, set()))
+
+    def mesh_peers(self) -> set[ID]:
+        """Peers in our gossipsub mesh for this topic (empty until we subscribe)."""
+        return set(self._owner.router.mesh.get(self.name, set()))
+
+    async def publish(self, data: bytes, timeout: float = 1.0) -> int:
+        """Publish `data`, first waiting (at most `timeout` s) while a receiving peer's
+        queue is high; return how many receivers still had a full queue (they miss it).
+
+        Upstream `Pubsub.publish` never yields and each peer's outbound queue
+        (pubsub/rpc_queue.py, 32 RPCs) drops silently when full, so we wait
+        until the queues of the peers that get the message (our mesh for the
+        topic; all topic peers before the mesh forms) are below the high-water
+        mark. Only those peers matter: waiting on any other (a stuck one, say)
+        would stall every publish. After `timeout` we publish anyway: a peer
+        that stays full misses the message, which is the caller's to repair
+        (bidmesh: pull sync). Raises UsageError if `data` is too large.
+        """
+        if len(data) > self._owner.max_message_size:
+            raise UsageError(
+                f"gossip message of {len(data)} bytes exceeds {self._owner.max_message_size}; "
+                "split it (upstream drops oversized RPCs silently)"
+            )
+        # GossipSub.publish sends our own message to the topic mesh
+        # (pubsub/gossipsub.py `_get_peers_to_send`), to nobody while it is empty.
+        receivers = self.mesh_peers() or self.peers()
+        await self._owner.wait_for_queues(timeout, receivers)
+        queues = self._owner.pubsub.peer_queues
+        missed = sum(1 for p in receivers if p in queues and len(queues[p]) >= OutBoundQueueSize)
+        await self._owner.pubsub.publish(self.name, data)
+        return missed
+
+    async def subscribe(self) -> Subscription:
+        """Subscribe; the returned `Subscription` yields `(origin_pubkey, data)`.
+
+        `origin_pubkey` is the 32-byte Ed25519 key of the publisher (the
+        message signature was checked against it). Our own publishes are
+        delivered too. One subscription per topic at a time; `aclose()` it (or
+        use `async with`) to unsubscribe. Iteration ends when `make_pubsub` exits.
+        """
+        if self._subscription is not None:
+            raise UsageError(f"topic {self.name!r} already has a subscriber")
+        pubsub = self._owner.pubsub
+        # SUBSCRIPTION_CHANNEL_SIZE is read when Pubsub.subscribe() creates the
+        # channel, before its first await (pubsub/pubsub.py:1405).
+        saved = _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
+        _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = self._owner.subscription_channel_size
+        try:
+            upstream = await pubsub.subscribe(self.name)
+        finally:
+            _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = saved
+        inner = pubsub.subscribed_topics_send[self.name]
+        pubsub.subscribed_topics_send[self.name] = _CountingSend(inner, self)
+        self._subscription = Subscription(self, upstream)
+        return self._subscription
+
+    def set_validator(self, fn: Validator) -> None:
+        """Check each incoming message with `fn(forwarder_peer_id, data) -> bool`.
+
+        `forwarder_peer_id` is the peer that sent it to us (ourselves for our own
+        publishes) — the one to account for invalid input. `fn` must be fast and
+        synchronous, and must not reject for a temporary reason: upstream caches
+        verdicts per message id for 300 s. If `fn` raises, the message is
+        rejected and the error logged (upstream would kill the Pubsub service).
+        Messages forwarded by blocked peers are rejected without calling `fn`.
+        """
+        self._validator = fn
+        self._owner.pubsub.set_topic_validator(self.name, self._validate, False)
+
+    def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        try:
+            if forwarder != self._owner.host.peer_id and self._owner.host.is_blocked(forwarder):
+                ok = False
+            else:
+                self.current_origin = ID(msg.from_id)
+                try:
+                    ok = (self._validator is None
+                          or self._validator(forwarder, bytes(msg.data)) is True)
+                finally:
+                    self.current_origin = None
+                if ok and forwarder != self._owner.host.peer_id:
+                    # A valid message: useful traffic, and the forwarder is known-good
+                    # (it may use the trusted reserve of node/resources.py).
+                    self._owner.host.resources.touch(forwarder)
+                    self._owner.host.resources.mark_good(forwarder)
+        except Exception:  # a raising validator would kill py-libp2p's Pubsub service
+            log.exception("validator for topic %r raised; rejecting the message", self.name)
+            ok = False
+        if not ok:
+            self.rejected += 1
+        return ok
+
+
+@dataclass(frozen=True)
+class _PubSubConfig:
+    queue_high_water: int
+    subscription_channel_size: int
+    prune_interval: float
+    delivery_window: float
+
+
+class PubSub:
+    """A running gossipsub router; get topics with `ps.topic(name)`."""
+
+    def __init__(
+        self, host: P2PHost, pubsub: Pubsub, router: GossipSub, config: _PubSubConfig
+    ) -> None:
+        self.host = host
+        self.pubsub: Any = pubsub
+        """The upstream `libp2p.pubsub.pubsub.Pubsub`."""
+        self.router: Any = router
+        """The upstream `libp2p.pubsub.gossipsub.GossipSub`."""
+        self.queue_high_water = config.queue_high_water
+        self.subscription_channel_size = config.subscription_channel_size
+        self.max_message_size = DefaultMaxMessageSize - 16 * 1024  # room for signature, ids, record
+        self._config = config
+        self._topics: dict[str, Topic] = {}
+        self.closing = False
+
+    async def _end_subscriptions(self) -> None:
+        """Close every subscription channel so `subscribe()` loops end with the router."""
+        self.closing = True
+        for channel in list(self.pubsub.subscribed_topics_send.values()):
+            await channel.aclose()
+
+    def topic(self, name: str) -> Topic:
+        """The `Topic` object for `name` (one per name)."""
+        if not name:
+            raise UsageError("topic names must be non-empty")
+        if name not in self._topics:
+            self._topics[name] = Topic(self, name)
+        return self._topics[name]
+
+    def max_queue_len(self, peers: set[ID] | None = None) -> int:
+        """Longest outbound queue (pubsub.peer_queues) among `peers` (default: all)."""
+        queues = self.pubsub.peer_queues
+        return max(
+            (len(q) for p, q in list(queues.items()) if peers is None or p in peers), default=0
+        )
+
+    async def wait_for_queues(self, timeout: float, peers: set[ID] | None = None) -> bool:
+        """Wait at most `timeout` s until the outbound queues of `peers` (default all)
+        are below the high-water mark; False if one stayed at or above it."""
+        await trio.lowlevel.checkpoint()
+        with trio.move_on_after(timeout) as scope:
+            # RpcQueue has no "drained" event; poll at a short interval.
+            while self.max_queue_len(peers) >= self.queue_high_water:
+                await trio.sleep(0.002)
+        return not scope.cancelled_caught
+
+    def prune(self) -> None:
+        """Drop state upstream never prunes when adaptive gossip is off.
+
+        `GossipSub.publish` appends a timestamp per message to
+        `recent_message_deliveries[topic]` (pubsub/gossipsub.py:1089); only
+        `_calculate_message_delivery_health` trims it (:2659), and that runs
+        only with adaptive gossip on. Nothing else reads it.
+        """
+        deliveries: dict[str, list[float]] = self.router.recent_message_deliveries
+        cutoff = time.time() - self._config.delivery_window  # upstream stamps use time.time()
+        for topic in list(deliveries):
+            kept = [t for t in deliveries[topic] if t > cutoff]
+            if kept:
+                deliveries[topic] = kept
+            else:
+                del deliveries[topic]
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await trio.sleep(self._config.prune_interval)
+            self.prune()
+
+
+@asynccontextmanager
+async def make_pubsub(
+    host: P2PHost,
+    *,
+    degree: int = 6,
+    degree_low: int = 4,
+    degree_high: int = 12,
+    queue_high_water: int = OutBoundQueueSize // 2,
+    subscription_channel_size: int = 4096,
+    prune_interval: float = 10.0,
+    delivery_window: float = 60.0,
+) -> AsyncIterator[PubSub]:
+    """Run gossipsub on `host` for the duration of the block.
+
+    Configured against the 0.8.1 defaults that lose messages: adaptive gossip
+    off (it stretches the heartbeat to 30–60 s), heartbeat 1 s, the per-peer
+    per-topic rate limit off (it also counts our own publishes, drops
+    silently, and costs O(messages in the last second) per message), a
+    validation-verdict cache of `_VALIDATION_CACHE` (upstream's LRU does O(size)
+    list work per message), subscription channels of
+    `subscription_channel_size`, strict signing on. A trio task
+    prunes `recent_message_deliveries` every `prune_interval` s. Peers already
+    connected when this starts are added too.
+    """
+    if not 0 < queue_high_water <= OutBoundQueueSize:
+        raise UsageError(f"queue_high_water must be in 1..{OutBoundQueueSize}")
+    _cache_signed_records()
+    router = GossipSub(
+        protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+        degree=degree,
+        degree_low=degree_low,
+        degree_high=degree_high,
+        heartbeat_interval=1,
+        adaptive_gossip_enabled=False,
+        spam_protection_enabled=False,
+    )
+    pubsub = Pubsub(host.libp2p, router, strict_signing=True,
+                    validation_cache_size=_VALIDATION_CACHE)
+    config = _PubSubConfig(
+        queue_high_water, subscription_channel_size, prune_interval, delivery_window
+    )
+    ps = PubSub(host, pubsub, router, config)
+    try:
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            # The PubsubNotifee only hears about connections made after it was
+            # registered (pubsub/pubsub.py:432); register existing peers ourselves.
+            for peer in host.connected_peers():
+                pubsub.manager.run_task(pubsub._handle_new_peer_with_retry, peer)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ps._prune_forever)
+                try:
+                    yield ps
+                finally:
+                    nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await ps._end_subscriptions()
+    finally:
+        # LastSeenCache starts a sweeper *thread* per Pubsub and nothing stops
+        # it (tools/timed_cache/base_timed_cache.py:26).
+        pubsub.seen_messages.stop()

@@ -8,8 +8,7 @@ peer input goes through `unpack`, so limits live in one place.
 
 from __future__ import annotations
 
-import abc
-from typing import Any, ClassVar
+from typing import Any
 
 import msgpack
 
@@ -113,33 +112,3 @@ def _walk(value: Any, depth: int) -> bool:
             elif tv is float:
                 raise InvalidMessage("floats are not allowed; use integer units", "malformed")
     return in_order
-
-
-def split_tagged(data: bytes, max_size: int, protocol: str) -> tuple[int, list[Any]]:
-    """Decode a protocol message `[tag, field...]` (sync, query): (tag, fields)."""
-    v = unpack(data, max_size)
-    if type(v) is not list or not v or type(v[0]) is not int:
-        raise InvalidMessage(f"{protocol} message: must be an array starting with an integer "
-                             "tag", "malformed")
-    return v[0], v[1:]
-
-
-def check_arity(args: Any, n: int, what: str, protocol: str) -> None:
-    """A message part must be an array of exactly `n` fields."""
-    if type(args) is not list or len(args) != n:
-        got = len(args) if type(args) is list else type(args).__name__
-        raise InvalidMessage(f"{protocol} message: {what} takes {n} fields, got {got}",
-                             "malformed")
-
-
-class TaggedMessage(abc.ABC):
-    """A protocol message encoded as `[TAG, field...]` (the sync and query protocols)."""
-
-    TAG: ClassVar[int]
-
-    @abc.abstractmethod
-    def to_list(self) -> list[Any]:
-        """The fields after the tag, as msgpack-ready values."""
-
-    def encode(self) -> bytes:
-        return pack([self.TAG, *self.to_list()])

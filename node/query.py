@@ -34,13 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import codec
+from . import schema
 from .auction import Market
 from .budget import KeyedBuckets, MultiBudget
 from .errors import InvalidMessage, RateLimited
-from .events import KINDS, MAX_WIRE, NETWORK_RE
+from .events import KINDS, MAX_SEQ, MAX_TS_MS, MAX_WIRE, NETWORK_RE
 from .ledger import AppendResult, Ledger, Status
 from .marketview import LiveMarket, MarketView
+from .schema import Bool, Bytes, Enum, Int, List, Nested, Opt, Str, f
 
 if TYPE_CHECKING:  # p2p pulls in libp2p (~1 s): only the node side needs it
     from . import p2p
@@ -58,7 +59,6 @@ MIN_PAGE_BYTES = 1024
 MAX_REQUEST = MAX_SUBMIT * (MAX_WIRE + 8) + 1024
 MAX_RESPONSE = MAX_PAGE_BYTES + MAX_WIRE + 64 * 1024
 MAX_CURSOR = (1 << 63) - 1
-MAX_SEQ = (1 << 53) - 1
 DEFAULT_LIMIT = 512
 DEFAULT_PAGE_BYTES = 512 * 1024
 KIND_NAMES = frozenset(KINDS)
@@ -68,98 +68,43 @@ def protocol_id(network: str) -> str:
     return f"/bidmesh/{network}/query/1"
 
 
-# ------------------------------------------------------------------ field checks
-
-
-def _bad(what: str) -> InvalidMessage:
-    return InvalidMessage(f"query message: {what}", "malformed")
-
-
-def _bytes(v: Any, n: int, what: str) -> bytes:
-    if type(v) is not bytes or len(v) != n:
-        raise _bad(f"{what} must be {n} bytes")
-    return v
-
-
-def _opt_bytes(v: Any, n: int, what: str) -> bytes | None:
-    return None if v is None else _bytes(v, n, what)
-
-
-def _int(v: Any, lo: int, hi: int, what: str) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise _bad(f"{what} must be an integer in [{lo}, {hi}]")
-    return v
-
-
-def _opt_int(v: Any, lo: int, hi: int, what: str) -> int | None:
-    return None if v is None else _int(v, lo, hi, what)
-
-
-def _bool(v: Any, what: str) -> bool:
-    if type(v) is not bool:
-        raise _bad(f"{what} must be a boolean")
-    return v
-
-
-def _str(v: Any, hi: int, what: str) -> str:
-    if type(v) is not str or len(v) > hi:
-        raise _bad(f"{what} must be a string of at most {hi} characters")
-    return v
-
-
-def _list(v: Any, hi: int, what: str) -> list[Any]:
-    if type(v) not in (list, tuple) or len(v) > hi:
-        raise _bad(f"{what} must be a list of at most {hi} items")
-    return list(v)
-
-
-def _ids(v: Any, hi: int, what: str, lo: int = 0) -> tuple[bytes, ...]:
-    items = _list(v, hi, what)
-    if len(items) < lo:
-        raise _bad(f"{what} needs at least {lo} item(s)")
-    out = tuple(_bytes(x, 32, f"{what} item") for x in items)
-    if len(set(out)) != len(out):
-        raise _bad(f"{what} has duplicates")
-    return out
-
-
-def _records(v: Any, hi: int, what: str) -> tuple[bytes, ...]:
-    out = []
-    for r in _list(v, hi, what):
-        if type(r) is not bytes or not 0 < len(r) <= MAX_WIRE:
-            raise _bad(f"{what} must be records of 1..{MAX_WIRE} bytes")
-        out.append(r)
-    return tuple(out)
-
-
 # ------------------------------------------------------------------ messages
+#
+# Declared with node/schema.py: each message is a `Row` sent as `[TAG, field...]`;
+# `decode_request` / `decode_response` bound the size and reject anything that does
+# not match the declaration with `InvalidMessage` (reason "malformed", or
+# "unknown_kind" for a FIND naming no event kind).
+
+Message = schema.Message
+ID = Bytes(32)
+KEY = Bytes(32)
+RECORD = Bytes(1, MAX_WIRE)  # one event's wire bytes
+CURSOR = Int(0, MAX_CURSOR)
 
 
-Message = codec.TaggedMessage
+class KindName(Str):
+    """An event kind's name; an unknown one is refused as `unknown_kind`."""
+
+    def __init__(self) -> None:
+        super().__init__(32)
+
+    def check(self, v: Any, path: str, bad: schema.Invalid = schema.bad) -> str:
+        name = super().check(v, path, bad)
+        if name not in KIND_NAMES:
+            raise InvalidMessage(f"field {path!r}: unknown event kind {name!r}", "unknown_kind")
+        return name
 
 
 @dataclass(frozen=True)
-class Page:
+class Page(schema.Row):
     """Paging of a query that returns events."""
 
-    after: int = 0
-    limit: int = DEFAULT_LIMIT
-    max_bytes: int = DEFAULT_PAGE_BYTES
-
-    def __post_init__(self) -> None:
-        _int(self.after, 0, MAX_CURSOR, "after")
-        _int(self.limit, 1, MAX_LIMIT, "limit")
-        _int(self.max_bytes, MIN_PAGE_BYTES, MAX_PAGE_BYTES, "max_bytes")
-
-    def to_list(self) -> list[Any]:
-        return [self.after, self.limit, self.max_bytes]
+    after: int = f(CURSOR, default=0)
+    limit: int = f(Int(1, MAX_LIMIT), default=DEFAULT_LIMIT)
+    max_bytes: int = f(Int(MIN_PAGE_BYTES, MAX_PAGE_BYTES), default=DEFAULT_PAGE_BYTES)
 
 
-def _page(v: Any) -> Page:
-    items = _list(v, 3, "page")
-    if len(items) != 3:
-        raise _bad("page is [after, limit, max_bytes]")
-    return Page(items[0], items[1], items[2])
+PAGE = Nested(Page)
 
 
 @dataclass(frozen=True)
@@ -167,13 +112,7 @@ class GetEvents(Message):
     """Events by id (1..256); unknown ids are simply absent from the answer."""
 
     TAG = 1
-    ids: tuple[bytes, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ids", _ids(self.ids, MAX_IDS, "ids", lo=1))
-
-    def to_list(self) -> list[Any]:
-        return [list(self.ids)]
+    ids: tuple[bytes, ...] = f(List(ID, MAX_IDS, unique=True, lo=1))
 
 
 @dataclass(frozen=True)
@@ -181,21 +120,10 @@ class FindEvents(Message):
     """Events matching every given filter (kind, author, referenced id), paged."""
 
     TAG = 2
-    kind: str | None = None
-    author: bytes | None = None
-    ref: bytes | None = None
-    page: Page = field(default_factory=Page)
-
-    def __post_init__(self) -> None:
-        if self.kind is not None and (type(self.kind) is not str
-                                      or self.kind not in KIND_NAMES):
-            raise InvalidMessage(f"query message: unknown event kind {str(self.kind)[:32]!r}",
-                                 "unknown_kind")
-        _opt_bytes(self.author, 32, "author")
-        _opt_bytes(self.ref, 32, "ref")
-
-    def to_list(self) -> list[Any]:
-        return [self.kind, self.author, self.ref, self.page.to_list()]
+    kind: str | None = f(Opt(KindName()), default=None)
+    author: bytes | None = f(Opt(KEY), default=None)
+    ref: bytes | None = f(Opt(ID), default=None)
+    page: Page = f(PAGE, default_factory=Page)
 
 
 @dataclass(frozen=True)
@@ -204,14 +132,8 @@ class AuctionBundle(Message):
     every reveal referencing one of its commits."""
 
     TAG = 3
-    request: bytes
-    page: Page = field(default_factory=Page)
-
-    def __post_init__(self) -> None:
-        _bytes(self.request, 32, "request")
-
-    def to_list(self) -> list[Any]:
-        return [self.request, self.page.to_list()]
+    request: bytes = f(ID)
+    page: Page = f(PAGE, default_factory=Page)
 
 
 @dataclass(frozen=True)
@@ -220,14 +142,8 @@ class ReputationBundle(Message):
     `reputation_ids`)."""
 
     TAG = 4
-    keys: tuple[bytes, ...]
-    page: Page = field(default_factory=Page)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "keys", _ids(self.keys, MAX_KEYS, "keys", lo=1))
-
-    def to_list(self) -> list[Any]:
-        return [list(self.keys), self.page.to_list()]
+    keys: tuple[bytes, ...] = f(List(KEY, MAX_KEYS, unique=True, lo=1))
+    page: Page = f(PAGE, default_factory=Page)
 
 
 @dataclass(frozen=True)
@@ -237,14 +153,8 @@ class LeasesOf(Message):
     (payments, ratings, usage, subcontracts)."""
 
     TAG = 5
-    key: bytes
-    page: Page = field(default_factory=Page)
-
-    def __post_init__(self) -> None:
-        _bytes(self.key, 32, "key")
-
-    def to_list(self) -> list[Any]:
-        return [self.key, self.page.to_list()]
+    key: bytes = f(KEY)
+    page: Page = f(PAGE, default_factory=Page)
 
 
 @dataclass(frozen=True)
@@ -252,21 +162,12 @@ class GetHeads(Message):
     """The node's effective chain head of each author (1..256)."""
 
     TAG = 6
-    authors: tuple[bytes, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "authors", _ids(self.authors, MAX_IDS, "authors", lo=1))
-
-    def to_list(self) -> list[Any]:
-        return [list(self.authors)]
+    authors: tuple[bytes, ...] = f(List(KEY, MAX_IDS, unique=True, lo=1))
 
 
 @dataclass(frozen=True)
 class GetDigest(Message):
     TAG = 7
-
-    def to_list(self) -> list[Any]:
-        return []
 
 
 @dataclass(frozen=True)
@@ -274,16 +175,7 @@ class Submit(Message):
     """Wire records (1..16) for the node to validate, store and gossip."""
 
     TAG = 8
-    records: tuple[bytes, ...]
-
-    def __post_init__(self) -> None:
-        recs = _records(self.records, MAX_SUBMIT, "records")
-        if not recs:
-            raise _bad("submit needs at least one record")
-        object.__setattr__(self, "records", recs)
-
-    def to_list(self) -> list[Any]:
-        return [list(self.records)]
+    records: tuple[bytes, ...] = f(List(RECORD, MAX_SUBMIT, lo=1))
 
 
 QueryRequest = (GetEvents | FindEvents | AuctionBundle | ReputationBundle | LeasesOf | GetHeads
@@ -295,100 +187,58 @@ class EventsPage(Message):
     """Wire records in arrival order; pass `cursor` as `after` for the next page."""
 
     TAG = 1
-    records: tuple[bytes, ...]
-    cursor: int
-    more: bool
+    records: tuple[bytes, ...] = f(List(RECORD, MAX_LIMIT + MAX_IDS))
+    cursor: int = f(CURSOR)
+    more: bool = f(Bool())
 
-    def __post_init__(self) -> None:
-        recs = _records(self.records, MAX_LIMIT + MAX_IDS, "records")
-        if sum(len(r) for r in recs) > MAX_PAGE_BYTES + MAX_WIRE:
-            raise _bad("records exceed the page byte limit")
-        object.__setattr__(self, "records", recs)
-        _int(self.cursor, 0, MAX_CURSOR, "cursor")
-        _bool(self.more, "more")
-
-    def to_list(self) -> list[Any]:
-        return [list(self.records), self.cursor, self.more]
+    def validate(self) -> None:
+        if sum(len(r) for r in self.records) > MAX_PAGE_BYTES + MAX_WIRE:
+            raise self.reject("records", "exceed the page byte limit")
 
 
 @dataclass(frozen=True)
-class HeadInfo:
-    author: bytes
-    seq: int  # 0: no event of this author (or forked at seq 1)
-    id: bytes | None
-    ts_ms: int
-    fork_seq: int | None  # lowest seq with a fork proof; the head is just before it
+class HeadInfo(schema.Row):
+    author: bytes = f(KEY)
+    seq: int = f(Int(0, MAX_SEQ))  # 0: no event of this author (or forked at seq 1)
+    id: bytes | None = f(Opt(ID))
+    ts_ms: int = f(Int(0, MAX_TS_MS))
+    # Lowest seq with a fork proof; the head is just before it.
+    fork_seq: int | None = f(Opt(Int(1, MAX_SEQ)))
 
-    def __post_init__(self) -> None:
-        _bytes(self.author, 32, "head author")
-        _int(self.seq, 0, MAX_SEQ, "head seq")
+    def validate(self) -> None:
         if (self.id is None) != (self.seq == 0):
-            raise _bad("head id must be nil exactly when seq is 0")
-        _opt_bytes(self.id, 32, "head id")
-        _int(self.ts_ms, 0, MAX_SEQ, "head ts_ms")
-        _opt_int(self.fork_seq, 1, MAX_SEQ, "fork_seq")
-
-    def to_list(self) -> list[Any]:
-        return [self.author, self.seq, self.id, self.ts_ms, self.fork_seq]
+            raise self.reject("id", "must be nil exactly when seq is 0")
 
 
 @dataclass(frozen=True)
 class Heads(Message):
     TAG = 2
-    heads: tuple[HeadInfo, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.heads) > MAX_IDS:
-            raise _bad(f"at most {MAX_IDS} heads")
-
-    def to_list(self) -> list[Any]:
-        return [[h.to_list() for h in self.heads]]
+    heads: tuple[HeadInfo, ...] = f(List(Nested(HeadInfo), MAX_IDS))
 
 
 @dataclass(frozen=True)
 class Digest(Message):
     TAG = 3
-    network: str
-    digest: bytes
-    events: int
-    authors: int
-    forks: int
-
-    def __post_init__(self) -> None:
-        if type(self.network) is not str or not NETWORK_RE.fullmatch(self.network):
-            raise _bad("network must be a network id")
-        _bytes(self.digest, 32, "digest")
-        for name in ("events", "authors", "forks"):
-            _int(getattr(self, name), 0, MAX_CURSOR, name)
-
-    def to_list(self) -> list[Any]:
-        return [self.network, self.digest, self.events, self.authors, self.forks]
+    network: str = f(Str(32, 1, NETWORK_RE.pattern))
+    digest: bytes = f(ID)
+    events: int = f(CURSOR)
+    authors: int = f(CURSOR)
+    forks: int = f(CURSOR)
 
 
-STATUSES = frozenset(s.value for s in Status)
+STATUSES = tuple(s.value for s in Status)
 
 
 @dataclass(frozen=True)
-class SubmitResult:
-    status: str  # accepted | duplicate | pending | rejected | fork
-    event_id: bytes | None
-    reason: str | None  # stable code for rejected
-    detail: str
-
-    def __post_init__(self) -> None:
-        if type(self.status) is not str or self.status not in STATUSES:
-            raise _bad(f"unknown submit status {str(self.status)[:32]!r}")
-        _opt_bytes(self.event_id, 32, "event_id")
-        if self.reason is not None:
-            _str(self.reason, 64, "reason")
-        _str(self.detail, 512, "detail")
+class SubmitResult(schema.Row):
+    status: str = f(Enum(*STATUSES))  # accepted | duplicate | pending | rejected | fork
+    event_id: bytes | None = f(Opt(ID))
+    reason: str | None = f(Opt(Str(64)))  # stable code for rejected
+    detail: str = f(Str(512))
 
     @property
     def ok(self) -> bool:
         return self.status in ("accepted", "duplicate", "pending")
-
-    def to_list(self) -> list[Any]:
-        return [self.status, self.event_id, self.reason, self.detail]
 
     @classmethod
     def of(cls, res: AppendResult) -> SubmitResult:
@@ -398,83 +248,22 @@ class SubmitResult:
 @dataclass(frozen=True)
 class Submitted(Message):
     TAG = 4
-    results: tuple[SubmitResult, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.results) > MAX_SUBMIT:
-            raise _bad(f"at most {MAX_SUBMIT} submit results")
-
-    def to_list(self) -> list[Any]:
-        return [[r.to_list() for r in self.results]]
+    results: tuple[SubmitResult, ...] = f(List(Nested(SubmitResult), MAX_SUBMIT))
 
 
 QueryResponse = EventsPage | Heads | Digest | Submitted
-
-
-def _split(data: bytes, max_size: int) -> tuple[int, list[Any]]:
-    return codec.split_tagged(data, max_size, "query")
-
-
-def _arity(args: Any, n: int, what: str) -> None:
-    codec.check_arity(args, n, what, "query")
+REQUESTS = schema.Messages("query", "request", MAX_REQUEST, GetEvents, FindEvents,
+                           AuctionBundle, ReputationBundle, LeasesOf, GetHeads, GetDigest, Submit)
+RESPONSES = schema.Messages("query", "response", MAX_RESPONSE,
+                            EventsPage, Heads, Digest, Submitted)
 
 
 def decode_request(data: bytes) -> QueryRequest:
-    tag, a = _split(data, MAX_REQUEST)
-    if tag == GetEvents.TAG:
-        _arity(a, 1, "GET")
-        return GetEvents(a[0])
-    if tag == FindEvents.TAG:
-        _arity(a, 4, "FIND")
-        if a[0] is not None:
-            _str(a[0], 32, "kind")
-        return FindEvents(a[0], a[1], a[2], _page(a[3]))
-    if tag == AuctionBundle.TAG:
-        _arity(a, 2, "AUCTION")
-        return AuctionBundle(a[0], _page(a[1]))
-    if tag == ReputationBundle.TAG:
-        _arity(a, 2, "REPUTATION")
-        return ReputationBundle(a[0], _page(a[1]))
-    if tag == LeasesOf.TAG:
-        _arity(a, 2, "LEASES")
-        return LeasesOf(a[0], _page(a[1]))
-    if tag == GetHeads.TAG:
-        _arity(a, 1, "HEADS")
-        return GetHeads(a[0])
-    if tag == GetDigest.TAG:
-        _arity(a, 0, "DIGEST")
-        return GetDigest()
-    if tag == Submit.TAG:
-        _arity(a, 1, "SUBMIT")
-        return Submit(a[0])
-    raise InvalidMessage(f"unknown query request tag {tag}", "unknown_request")
+    return REQUESTS.decode(data)  # type: ignore[return-value]  # one of the classes above
 
 
 def decode_response(data: bytes) -> QueryResponse:
-    tag, a = _split(data, MAX_RESPONSE)
-    if tag == EventsPage.TAG:
-        _arity(a, 3, "EVENTS")
-        return EventsPage(a[0], a[1], a[2])
-    if tag == Heads.TAG:
-        _arity(a, 1, "HEADS")
-        heads = []
-        for h in _list(a[0], MAX_IDS, "heads"):
-            h = _list(h, 5, "head")
-            _arity(h, 5, "head")
-            heads.append(HeadInfo(h[0], h[1], h[2], h[3], h[4]))
-        return Heads(tuple(heads))
-    if tag == Digest.TAG:
-        _arity(a, 5, "DIGEST")
-        return Digest(a[0], a[1], a[2], a[3], a[4])
-    if tag == Submitted.TAG:
-        _arity(a, 1, "SUBMITTED")
-        results = []
-        for r in _list(a[0], MAX_SUBMIT, "results"):
-            r = _list(r, 4, "result")
-            _arity(r, 4, "result")
-            results.append(SubmitResult(r[0], r[1], r[2], r[3]))
-        return Submitted(tuple(results))
-    raise InvalidMessage(f"unknown query response tag {tag}", "unknown_response")
+    return RESPONSES.decode(data)  # type: ignore[return-value]  # one of the classes above
 
 
 # ------------------------------------------------------------------ derived state, kept current

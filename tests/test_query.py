@@ -298,3 +298,14 @@ def test_submitted_orphans_are_charged_to_the_submitter(tmp_path: Path) -> None:
     assert isinstance(resp, query.Submitted) and resp.results[0].status == "accepted"
     assert led.head(honest.public) is not None and led.head(honest.public).seq == 2
     led.close()
+
+
+def test_find_with_an_unknown_kind_is_refused_as_unknown_kind() -> None:
+    with pytest.raises(InvalidMessage, match=r"FindEvents\.kind") as e:
+        query.decode_request(codec.pack([2, "nokind", None, None, [0, 1, 2048]]))
+    assert e.value.reason == "unknown_kind"
+    with pytest.raises(InvalidMessage) as e:  # not a string at all: malformed
+        query.decode_request(codec.pack([2, 7, None, None, [0, 1, 2048]]))
+    assert e.value.reason == "malformed"
+    with pytest.raises(InvalidMessage, match=r"FindEvents\.page\.limit"):
+        query.decode_request(codec.pack([2, None, None, None, [0, 0, 2048]]))

@@ -2,10 +2,11 @@
 """Soak: a small network of real node processes under steady gossip, sync and stream
 load; does memory, file descriptors and task count stay flat?
 
-    .venv/bin/python bench/soak.py [--quick] [--duration S] [--nodes N] [--rate R]
+    .venv/bin/python bench/soak.py [--quick] [--minutes M | --duration S] [--nodes N]
+                                   [--rate R]
 
-N `bidmesh run` daemons (default 3), full mesh. Load for `--duration` seconds
-(`--quick`: 60 s, default 1800 s):
+N `bidmesh run` daemons (default 3), full mesh. Load for `--minutes` (or `--duration`
+seconds; `--quick`: 60 s, default 30 minutes):
 
 * gossip: `--rate` events/s published in batches round-robin over the control
   sockets (the daemons gossip and store them);
@@ -20,8 +21,12 @@ third of the run, at most 300 s), `rss_end_mb` the mean at the end; growth figur
 are the largest over the nodes. Baseline for the ratio: RSS of an idle node
 (`idle_rss_mb`, measured before the load starts) — `rss_end_vs_idle_ratio`.
 
+`rss_kib_per_kevent` is the slope of RSS over stored events after warm-up (least
+squares over the samples, worst node; `baseline_kib_per_kevent` the baseline's): what
+a shorter run extrapolates with, e.g. to the default run's ~180,000 events.
+
 Last line: JSON with `duration_s`, `rss_start_mb`, `rss_end_mb`, `rss_growth_mb`,
-`fds_growth`, `tasks_growth`, `threads_growth`, `events`, `streams`, ...
+`rss_kib_per_kevent`, `fds_growth`, `tasks_growth`, `threads_growth`, `events`, ...
 """
 
 from __future__ import annotations
@@ -154,6 +159,11 @@ def mean(rows: list[list[dict[str, float]]], node: int, key: str) -> float:
     return statistics.fmean(r[node][key] for r in rows)
 
 
+def _fin(x: float) -> float | None:
+    """Rounded, or None (JSON null) when there were too few samples."""
+    return None if x != x else round(x, 1)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="bidmesh-soak-"))
     c, lease = setup(base, args.nodes)
@@ -202,6 +212,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     def growth(key: str) -> float:
         return max(mean(end_rows, i, key) - mean(warm_rows, i, key) for i in range(n))
 
+    def slope(node: int, events_of: int) -> float:
+        """KiB of RSS per 1,000 stored events after warm-up (least squares)."""
+        pts = [(s[events_of]["events"], s[node]["rss_mb"]) for t, s in samples if t > warm]
+        if len(pts) < 3 or pts[-1][0] <= pts[0][0]:
+            return float("nan")
+        return statistics.linear_regression([e for e, _ in pts],
+                                            [r for _, r in pts]).slope * 1024 * 1000
+
     rss_start = statistics.fmean(mean(warm_rows, i, "rss_mb") for i in range(n))
     rss_end = statistics.fmean(mean(end_rows, i, "rss_mb") for i in range(n))
     b_growth = mean(end_rows, n, "rss_mb") - mean(warm_rows, n, "rss_mb")
@@ -218,6 +236,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_start_mb": round(rss_start, 1),
         "rss_end_mb": round(rss_end, 1),
         "rss_growth_mb": round(growth("rss_mb"), 1),
+        "rss_kib_per_kevent": _fin(max(slope(i, i) for i in range(n))),
+        # The baseline follows node 1's ledger.
+        "baseline_kib_per_kevent": _fin(slope(n, 1)),
         "baseline_growth_mb": round(b_growth, 1),
         "net_growth_mb": round(growth("rss_mb") - b_growth, 1),
         "fds_growth": round(growth("fds"), 1),
@@ -228,7 +249,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"RSS after warm-up {out['rss_start_mb']} MB, at the end {out['rss_end_mb']} MB: "
           f"growth {out['rss_growth_mb']} MB (worst node), of which storage and the "
           f"derived market {out['baseline_growth_mb']} MB (baseline: the same events stored "
-          f"and folded without networking), the rest {out['net_growth_mb']} MB; "
+          f"and folded without networking), the rest {out['net_growth_mb']} MB; slope "
+          f"{out['rss_kib_per_kevent']} KiB per 1,000 events (baseline "
+          f"{out['baseline_kib_per_kevent']}); "
           f"fds {out['fds_growth']:+}, "
           f"tasks {out['tasks_growth']:+}, threads {out['threads_growth']:+}; "
           f"{out['events']} events, {out['streams']} streams")
@@ -238,10 +261,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="60 s")
-    ap.add_argument("--duration", type=float, default=1800.0)
+    ap.add_argument("--duration", type=float, default=1800.0, help="seconds of load")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="minutes of load (instead of --duration)")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--rate", type=float, default=100.0, help="events/s over all nodes")
     args = ap.parse_args()
+    if args.minutes is not None:
+        args.duration = args.minutes * 60
     if args.quick:
         args.duration = 60.0
     out = trio.run(run, args)

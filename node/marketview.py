@@ -62,7 +62,7 @@ class MarketView:
         self._forks = self.ledger.forked()
         self._horizon = self.clock() + self.skew_ms
         eng = self.engine = IncrementalMarket(self.policy, source=self._load,
-                                              max_loaded=self.max_loaded)
+                                              offers=self._offer, max_loaded=self.max_loaded)
         # The build allocates millions of long-lived objects and no garbage cycles:
         # the cyclic GC would rescan them all, ever more often (~30% of the build).
         gc_was = gc.isenabled()
@@ -110,6 +110,17 @@ class MarketView:
                 wires[id_] = w
         net = self.ledger.network
         return [decode_stored(wires[x], net, self._authors) for x in ids if x in wires]
+
+    def _offer(self, author: bytes, latest: bool) -> Event | None:
+        """The author's earliest or latest due, non-forked stored offer (the engine's
+        offer source: it keeps only those two per provider)."""
+        order = "DESC" if latest else "ASC"
+        row = self.ledger.db.execute(
+            "SELECT wire FROM events WHERE author = ? AND kind = 'offer' AND ts_ms <= ? "
+            f"AND seq < ? ORDER BY ts_ms {order}, seq {order} LIMIT 1",
+            (author, self._horizon, self._forks.get(author, 1 << 62))).fetchone()
+        return None if row is None else decode_stored(row[0], self.ledger.network,
+                                                      self._authors)
 
     @property
     def horizon_ms(self) -> int:

@@ -526,7 +526,8 @@ def test_rank_offers(w: World) -> None:
     ranked = [r.provider for r in rank_offers(m, "zstd", 200)]
     assert ranked == [key("good"), key("big"), key("cheap"), key("dear")]
     assert rank_offers(m, "zstd", 200, exclude=key("good"))[0].provider == key("big")
-    assert reasons(m, first) == ["replaced"]
+    assert reasons(m, first) == []  # superseded, not ignored: it counted until replaced
+    assert m.offers[key("dear")].event_id != first
 
 
 # ---------------------------------------------------------------- folding

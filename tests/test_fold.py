@@ -17,13 +17,23 @@ def _canon(evs: list[Event]) -> list[Event]:
     return sorted(evs, key=ckey)
 
 
-def _engine(evs: list[Event], evict: bool) -> IncrementalMarket:
+def _engine(evs: list[Event], evict: bool,
+            present: dict[bytes, Event] | None = None) -> IncrementalMarket:
     """A plain engine, or one that keeps 2 partitions loaded and loads the others'
-    events back by id (from the whole history, as a ledger would)."""
+    events back by id (from the whole history, as a ledger would), and keeps only the
+    first and latest offer of each provider, asking `present` (the events the caller
+    has added and not removed, as a ledger with its fork table would) for others."""
     if not evict:
         return IncrementalMarket()
     by_id = {e.id: e for e in evs}
-    return IncrementalMarket(source=lambda ids: [by_id[i] for i in ids], max_loaded=2)
+    have = present if present is not None else by_id
+
+    def offers(author: bytes, latest: bool) -> Event | None:
+        mine = [e for e in have.values() if e.author == author and e.kind == "offer"]
+        return (max if latest else min)(mine, key=ckey, default=None)
+
+    return IncrementalMarket(source=lambda ids: [by_id[i] for i in ids], offers=offers,
+                             max_loaded=2)
 
 
 @pytest.mark.parametrize("evict", [False, True])
@@ -39,7 +49,8 @@ def test_any_delivery_order_gives_the_canonical_fold(case: int, evict: bool) -> 
         order = [e for e in order if e not in late] + late
     else:
         order.reverse()
-    eng = _engine(evs, evict)
+    present: dict[bytes, Event] = {}
+    eng = _engine(evs, evict, present)
     seen: list[Event] = []
     i = 0
     while i < len(order):
@@ -48,6 +59,7 @@ def test_any_delivery_order_gives_the_canonical_fold(case: int, evict: bool) -> 
         i += n
         eng.add(batch)
         seen += batch
+        present.update((e.id, e) for e in batch)
         if rnd.random() < 0.3 or i >= len(order):
             assert snapshot(eng.market()) == snapshot(derive(_canon(seen)))
 
@@ -57,17 +69,17 @@ def test_any_delivery_order_gives_the_canonical_fold(case: int, evict: bool) -> 
 def test_removals_and_readds_give_the_canonical_fold(case: int, evict: bool) -> None:
     rnd = random.Random(100 + case)
     evs = history(rnd, n_auctions=10)
-    eng = _engine(evs, evict)
+    present = {e.id: e for e in evs}
+    eng = _engine(evs, evict, present)
     eng.add(evs)
     eng.market()
-    present = {e.id: e for e in evs}
     for _ in range(6):
         author = rnd.choice(evs).author  # a fork excludes an author from a seq on
         cut = rnd.randint(1, 6)
         gone = [e.id for e in evs if e.author == author and e.seq >= cut]
-        eng.remove(gone)
-        for g in gone:
+        for g in gone:  # the source no longer has them when the engine asks
             present.pop(g, None)
+        eng.remove(gone)
         assert snapshot(eng.market()) == snapshot(derive(_canon(list(present.values()))))
         back = rnd.sample(gone, len(gone) // 2)
         eng.add([e for e in evs if e.id in back])
@@ -103,7 +115,35 @@ def test_evicted_partitions_load_back_and_memory_follows_the_active_ones() -> No
     eng.add(late)
     assert snapshot(eng.market()) == snapshot(derive(evs))
     assert eng.loads > 0 and eng.loaded() <= 2 < eng.partitions()
-    assert len(eng) == len(evs) and evs[0].id in eng
+    n_offers = sum(e.kind == "offer" for e in evs)
+    assert len(evs) - n_offers < len(eng) < len(evs) and evs[0].id in eng
+
+
+def test_a_republished_offer_costs_nothing_per_offer() -> None:
+    """With an offer source, the engine keeps a provider's first and latest offer only;
+    removing the latest (a fork) brings back the one before it, from the source."""
+    from node.events import Offer, ServiceOffer, sign_event
+
+    seed = b"p" * 32
+    evs, prev = [], None
+    for seq in range(1, 51):
+        ev = sign_event(seed, seq, prev, 1000 + seq,
+                        Offer(services=(ServiceOffer(name="zstd", price=seq, capacity=1),),
+                              currency="EUR", addrs=()), "t")
+        evs.append(ev)
+        prev = ev.id
+    present = {e.id: e for e in evs}
+    eng = _engine(evs, True, present)
+    for ev in evs:
+        eng.add([ev])
+        eng.market()
+    assert len(eng) == 2 and snapshot(eng.market()) == snapshot(derive(evs))
+    for e in evs[40:]:
+        del present[e.id]
+    eng.remove([e.id for e in evs[40:]])
+    m = eng.market()
+    assert snapshot(m) == snapshot(derive(evs[:40])) and m.now_ms == evs[39].ts_ms
+    assert not m.ignored  # a superseded offer is not an ignored event
 
 
 def test_a_source_that_returns_other_events_is_refused() -> None:
@@ -114,4 +154,4 @@ def test_a_source_that_returns_other_events_is_refused() -> None:
     eng.add(evs)
     eng.market()
     with pytest.raises(UsageError):
-        eng.remove([evs[0].id])
+        eng.remove([next(e.id for e in evs if e.kind == "request")])

@@ -8,9 +8,13 @@ property test checks against `derive()`), but folds each **partition** apart:
 * an auction's partition holds its request and everything that reaches it through
   references: bids, commits, pledges, awards (`request`), reveals (commit → request),
   payments, usage, subcontracts and ratings (lease = award → request; a rating of a
-  subcontract → subcontract → award → request); each provider's offers are one more
-  partition. An event whose referenced event is unknown waits in a partition keyed by
-  that id, and moves when the event arrives (or is excluded again, on a fork);
+  subcontract → subcontract → award → request). An event whose referenced event is
+  unknown waits in a partition keyed by that id, and moves when the event arrives (or
+  is excluded again, on a fork);
+* offers are no partition: the market keeps each provider's latest offer, placed where
+  its first one was, and nothing else reads them. With an offer source the engine
+  keeps just those two per provider and asks the source when one of them is removed,
+  so a provider re-publishing its offer for months costs no memory per offer;
 * a partition folds with the plain `Market` code (`_PartMarket`), in canonical order:
   an event after its partition's last one is applied; one that sorts earlier
   re-derives that partition only.
@@ -40,13 +44,12 @@ from itertools import islice
 from typing import Any
 
 from ..errors import UsageError
-from ..events import Event
+from ..events import Event, Offer
 from ..reputation import FoldReputation, Policy
 from .lease import Lease
-from .market import Market, RatingRecord
+from .market import Market, OfferRecord, RatingRecord
 
 CKey = tuple[int, bytes, int]  # canonical key (ts_ms, author, seq)
-OFFERS = b"offers:"  # + author: the partition of one provider's offers (not a 32-byte id)
 _MOVERS = ("commit", "award", "subcontract")  # kinds other events are routed through
 _DICTS = ("auctions", "awards", "leases", "paid", "payments", "ratings", "subcontracts",
           "usage", "offers")
@@ -233,6 +236,20 @@ class FoldedMarket(Market):
 # Loads events by id (all of them, in the order asked): where evicted partitions'
 # events come back from, e.g. the ledger.
 Source = Callable[[list[bytes]], list[Event]]
+# (author, latest): the author's earliest (latest=False) or latest present offer in
+# canonical order, or None; "present" already excludes the events being removed.
+OfferSource = Callable[[bytes, bool], Event | None]
+
+
+class _Offers:
+    """One provider's present offers: the first (its place in `Market.offers`) and the
+    latest (its value); `all` holds every one (sorted) when there is no offer source."""
+
+    __slots__ = ("all", "first", "last")
+
+    def __init__(self, ent: tuple[CKey, Event], keep_all: bool) -> None:
+        self.first = self.last = ent
+        self.all: list[tuple[CKey, Event]] | None = [ent] if keep_all else None
 
 
 class IncrementalMarket:
@@ -250,12 +267,15 @@ class IncrementalMarket:
     entries and ~100 bytes of bookkeeping per event); results do not change."""
 
     def __init__(self, policy: Policy | None = None, *, source: Source | None = None,
-                 max_loaded: int = 4096) -> None:
+                 offers: OfferSource | None = None, max_loaded: int = 4096) -> None:
         if max_loaded < 1:
             raise UsageError("max_loaded must be >= 1")
         self.policy = policy or Policy()
         self.rep = FoldReputation(self.policy)
         self._source = source
+        self._offer_source = offers
+        self._offers: dict[bytes, _Offers] = {}  # provider -> its present offers
+        self._offer_of: dict[bytes, bytes] = {}  # id of a kept offer -> provider
         self._max_loaded = max_loaded
         self._loaded: OrderedDict[bytes, None] = OrderedDict()  # LRU, with a source
         self._part_of: dict[bytes, bytes] = {}  # present event id -> partition key
@@ -283,6 +303,10 @@ class IncrementalMarket:
         """Include events (duplicates are ignored); returns how many were new."""
         n = 0
         for ev in sorted(events, key=ckey):
+            if ev.kind == "offer":
+                n += self._add_offer(ev)
+                self._now = max(self._now, ev.ts_ms)
+                continue
             if ev.id in self._part_of:
                 continue
             n += 1
@@ -300,6 +324,8 @@ class IncrementalMarket:
         for i in ids:
             pk = self._part_of.pop(i, None)
             if pk is None:
+                if i in self._offer_of:
+                    self._remove_offer(i)
                 continue
             self._movers.pop(i, None)
             p = self._parts[pk]
@@ -327,7 +353,8 @@ class IncrementalMarket:
         for o in self._ord.values():
             o.fix()
         if self._now_stale:  # rare (forks): one int per partition
-            self._now = max((p.top for p in self._parts.values()), default=0)
+            self._now = max(max((p.top for p in self._parts.values()), default=0),
+                            max((o.last[0][0] for o in self._offers.values()), default=0))
             self._now_stale = False
         self.merged.now_ms = self._now
         return self.merged
@@ -340,10 +367,88 @@ class IncrementalMarket:
         return len(self._loaded) if self._source is not None else len(self._parts)
 
     def __contains__(self, event_id: bytes) -> bool:
-        return event_id in self._part_of
+        """Whether an event is present (of offers: only those the engine keeps)."""
+        return event_id in self._part_of or event_id in self._offer_of
 
     def __len__(self) -> int:
-        return len(self._part_of)
+        """Present events in partitions, plus the offers the engine keeps."""
+        return len(self._part_of) + len(self._offer_of)
+
+    # ------------------------------------------------------------ offers
+
+    def _add_offer(self, ev: Event) -> int:
+        ck = ckey(ev)
+        o = self._offers.get(ev.author)
+        if o is None:
+            o = self._offers[ev.author] = _Offers((ck, ev), self._offer_source is None)
+            self._offer_of[ev.id] = ev.author
+            self._offers_changed(ev.author, o)
+            return 1
+        if o.all is not None:
+            i = bisect_left(o.all, ck, key=lambda e: e[0])
+            if i < len(o.all) and o.all[i][0] == ck:
+                return 0
+            o.all.insert(i, (ck, ev))
+            self._offer_of[ev.id] = ev.author
+            o.first, o.last = o.all[0], o.all[-1]
+        elif ck < o.first[0]:
+            self._keep_offers(o, (ck, ev), o.last)
+        elif ck > o.last[0]:
+            self._keep_offers(o, o.first, (ck, ev))
+        else:
+            return int(ck != o.first[0] and ck != o.last[0])  # between: changes nothing
+        self._offers_changed(ev.author, o)
+        return 1
+
+    def _remove_offer(self, event_id: bytes) -> None:
+        author = self._offer_of.pop(event_id)
+        o = self._offers[author]
+        if o.last[1].id == event_id and o.last[0][0] == self._now:
+            self._now_stale = True
+        left = True
+        if o.all is not None:
+            o.all = [e for e in o.all if e[1].id != event_id]
+            if o.all:
+                o.first, o.last = o.all[0], o.all[-1]
+            left = bool(o.all)
+        else:
+            src = self._offer_source
+            assert src is not None
+            first = o.first if o.first[1].id != event_id else _ent(src(author, False))
+            last = o.last if o.last[1].id != event_id else _ent(src(author, True))
+            if first is None or last is None:
+                # The other one we keep is going too (later in this removal): the
+                # source, which no longer has either, decides.
+                first, last = _ent(src(author, False)), _ent(src(author, True))
+            if first is not None and last is not None:
+                self._keep_offers(o, first, last)
+            elif first is None and last is None:
+                for e in (o.first, o.last):
+                    self._offer_of.pop(e[1].id, None)
+                left = False
+            else:
+                raise UsageError("the offer source found an earliest but no latest offer")
+        if not left:
+            del self._offers[author]
+            self._ord["offers"].remove(author)
+            return
+        self._offers_changed(author, o)
+
+    def _keep_offers(self, o: _Offers, first: tuple[CKey, Event],
+                     last: tuple[CKey, Event]) -> None:
+        for e in (o.first, o.last):
+            if e[1].id not in (first[1].id, last[1].id):
+                self._offer_of.pop(e[1].id, None)
+        o.first, o.last = first, last
+        self._offer_of[first[1].id] = first[1].author
+        self._offer_of[last[1].id] = last[1].author
+
+    def _offers_changed(self, author: bytes, o: _Offers) -> None:
+        """The merged market's entry, as `Market._offer` leaves it after a full fold."""
+        ev = o.last[1]
+        body = ev.body
+        assert isinstance(body, Offer)
+        self._ord["offers"].put(author, o.first[0], OfferRecord(ev.id, author, ev.ts_ms, body))
 
     # ------------------------------------------------------------ eviction
 
@@ -383,8 +488,6 @@ class IncrementalMarket:
         kind = ev.kind
         if kind == "request":
             return ev.id
-        if kind == "offer":
-            return OFFERS + ev.author
         ref = ev.ref
         assert ref is not None
         if kind in ("bid", "commit", "pledge", "award"):
@@ -604,3 +707,7 @@ class IncrementalMarket:
         for k in parties:
             lst = self._settles[k]
             del lst[bisect_left(lst, ck, key=lambda e: e[0])]
+
+
+def _ent(ev: Event | None) -> tuple[CKey, Event] | None:
+    return None if ev is None else (ckey(ev), ev)

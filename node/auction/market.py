@@ -600,9 +600,9 @@ class Market:
     def _offer(self, ev: Event) -> None:
         body = ev.body
         assert isinstance(body, Offer)
-        old = self.offers.get(ev.author)
-        if old is not None:
-            self.ignored.append(Ignored(old.event_id, "offer", "replaced"))
+        # An earlier offer is superseded, not ignored: it counted until this one came.
+        # No `Ignored` record for it, so a provider re-publishing its offer for months
+        # costs no memory per offer (issue 18; docs/auctions.md "Provider offers").
         self.offers[ev.author] = OfferRecord(ev.id, ev.author, ev.ts_ms, body)
 
     # ------------------------------------------------------------ queries

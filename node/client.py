@@ -48,6 +48,7 @@ from .errors import (
     OperationError,
     PeerError,
     RemoteError,
+    UntrustedAnswer,
     UsageError,
 )
 from .events import (
@@ -78,13 +79,6 @@ MAX_PAGES = 10_000  # per query and node: bounds a node that keeps answering "mo
 MAX_CONTEXT_AUCTIONS = 256  # auction bundles fetched per level to verify awards
 T = TypeVar("T")
 _Results = list[tuple[str, "query.SubmitResult"]]  # (node, its answer) per submitted record
-
-
-class UntrustedAnswer(PeerError):
-    """A node returned something that does not verify: a forged or altered event, an
-    event that was not asked for, or a chain of our own events that does not link."""
-
-    reason = "untrusted_answer"
 
 
 @dataclass(frozen=True)

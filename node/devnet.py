@@ -40,7 +40,7 @@ from .auction.lease import Lease
 from .auction.views import record_text, rep_label, rep_text
 from .client import LightClient, fold, now_ms
 from .control import control_call
-from .errors import BidmeshError, UsageError
+from .errors import BidmeshError, StepFailed, UsageError
 from .events import Usage
 from .keys import Identity, save_key
 from .output import Output, table
@@ -76,10 +76,6 @@ PROVIDERS = (
 )
 LEASE_MS = 20_000
 CLOSE_MS = 2_500
-
-
-class StepFailed(BidmeshError):
-    """A devnet step did not do what it should."""
 
 
 def _free_port() -> int:

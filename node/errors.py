@@ -9,9 +9,24 @@
   The message says what was wrong and what to do.
 
 `OperationError` covers the rest: a remote refused, a timeout, nobody could serve.
+
+Every exception class bidmesh defines lives here, so a caller can see the whole tree
+in one place (the modules that raise them import them from here).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
+
+
+class _ErrorTrailer(Protocol):
+    """What `StreamFailed` reads from a dataplane trailer (node/dataplane/wire.py)."""
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def error(self) -> str: ...
 
 
 class BidmeshError(Exception):
@@ -49,6 +64,30 @@ class RateLimited(PeerError):
     reason = "rate_limited"
 
 
+class LimitExceeded(RateLimited):
+    """A scope is full; `scope` says which (e.g. "conns_per_ip", "streams_per_peer_protocol")."""
+
+    def __init__(self, scope: str, message: str) -> None:
+        super().__init__(message, f"limit_{scope}")
+        self.scope = scope
+
+
+class SocksError(InvalidMessage):
+    """The client's greeting or request is not what we serve; `code` is the reply to
+    send before closing (None: close without a reply, e.g. not SOCKS5 at all)."""
+
+    def __init__(self, message: str, reason: str, code: int | None) -> None:
+        super().__init__(message, reason)
+        self.code = code
+
+
+class UntrustedAnswer(PeerError):
+    """A node returned something that does not verify: a forged or altered event, an
+    event that was not asked for, or a chain of our own events that does not link."""
+
+    reason = "untrusted_answer"
+
+
 class UsageError(BidmeshError):
     """We were misused: bad config, bad arguments, unusable files."""
 
@@ -65,9 +104,76 @@ class OperationError(BidmeshError):
     """An operation could not complete (timeouts, refusals, nobody able to serve)."""
 
 
+class StreamTimeout(OperationError):
+    """A network operation (dial, stream open, read, write, request) ran out of time."""
+
+
+class ClientGone(OperationError):
+    """A local client (e.g. of the SOCKS proxy) reset or closed its connection under us."""
+
+
 class RemoteError(OperationError):
     """The remote side answered with an error."""
 
 
+class RequestRefused(RemoteError):
+    """The remote request handler answered with an error; `reason` is its short code."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class StreamFailed(RemoteError):
+    """The provider ended the stream with an error trailer (`reason`, `trailer`)."""
+
+    def __init__(self, trailer: _ErrorTrailer) -> None:
+        super().__init__(f"provider refused or failed the stream ({trailer.reason}): "
+                         f"{trailer.error}")
+        self.reason = trailer.reason
+        self.trailer = trailer
+
+
+class LeaseRefused(StreamFailed, Unauthorized):
+    """The provider refused us under this lease (not a member, outside the window...)."""
+
+
+class TunnelRefused(RemoteError):
+    """The provider refused to open the tunnel; `reason` is its code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"tunnel refused ({reason}): {message}")
+        self.reason = reason
+
+
+class TunnelUnauthorized(TunnelRefused, Unauthorized):
+    """Refused under the lease: not a member, outside the window, wrong lease..."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        TunnelRefused.__init__(self, reason, message)
+
+
+class TunnelFailed(RemoteError):
+    """An open tunnel ended in error: the provider's END reason (`lease_ended`, `idle`,
+    `destination_reset`...) or `broken` when the connection to the provider was lost."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"tunnel failed ({reason}): {message}")
+        self.reason = reason
+
+
 class ProcessingError(OperationError):
     """A processing service failed on a segment."""
+
+
+class Refusal(BidmeshError):
+    """A stream or tunnel we serve is refused or ended; `reason` is the code sent to the
+    peer in the trailer or END frame (lease_ended, egress_denied, internal...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class StepFailed(BidmeshError):
+    """A devnet step did not do what it should."""

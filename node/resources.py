@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Final
 
-from .errors import RateLimited, UsageError
+from .errors import LimitExceeded, UsageError
 
 __all__ = [
     "ConnLease",
@@ -86,14 +86,6 @@ Peer = Hashable
 class Direction(Enum):
     INBOUND = "inbound"
     OUTBOUND = "outbound"
-
-
-class LimitExceeded(RateLimited):
-    """A scope is full; `scope` says which (e.g. "conns_per_ip", "streams_per_peer_protocol")."""
-
-    def __init__(self, scope: str, message: str) -> None:
-        super().__init__(message, f"limit_{scope}")
-        self.scope = scope
 
 
 @dataclass(frozen=True)

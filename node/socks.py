@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .dataplane.tunnel_wire import check_host
-from .errors import InvalidMessage
+from .errors import InvalidMessage, SocksError
 
 __all__ = [
     "ATYP_DOMAIN", "ATYP_IPV4", "ATYP_IPV6", "NO_ACCEPTABLE", "NO_AUTH", "REPLY_FOR_REASON",
@@ -63,15 +63,6 @@ REPLY_FOR_REASON: Final = {
 def reply_code(reason: str) -> int:
     """The SOCKS reply for a tunnel refusal reason (general failure if unknown)."""
     return REPLY_FOR_REASON.get(reason, GENERAL_FAILURE)
-
-
-class SocksError(InvalidMessage):
-    """The client's greeting or request is not what we serve; `code` is the reply to
-    send before closing (None: close without a reply, e.g. not SOCKS5 at all)."""
-
-    def __init__(self, message: str, reason: str, code: int | None) -> None:
-        super().__init__(message, reason)
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import trio
 
 from . import socks
 from .dataplane.tunnel_client import Tunnel, TunnelFailed, TunnelRefused
-from .errors import BidmeshError
+from .errors import BidmeshError, ClientGone
 
 __all__ = ["ProxyStats", "TunnelProxy", "listen", "parse_listen"]
 
@@ -89,10 +89,6 @@ class ProxyStats:
                 "active": self.active, "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down, "refused": dict(self.refused),
                 "failed": dict(self.failed), "rejected": dict(self.rejected)}
-
-
-class _ClientGone(Exception):
-    """The SOCKS client reset or closed its connection under us."""
 
 
 def _abort(stream: trio.SocketStream) -> None:
@@ -230,7 +226,7 @@ class TunnelProxy:
                 try:
                     data = await stream.receive_some(_CHUNK)
                 except (trio.BrokenResourceError, OSError) as e:
-                    raise _ClientGone(str(e)) from None
+                    raise ClientGone(str(e)) from None
                 if not data:
                     await tunnel.send_eof()
                     return
@@ -246,14 +242,14 @@ class TunnelProxy:
                         return
                     await stream.send_all(view)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    raise _ClientGone(str(e)) from None
+                    raise ClientGone(str(e)) from None
                 st.bytes_down += len(view)
 
         async with trio.open_nursery() as nursery:
             async def run(fn: Callable[[], Awaitable[None]]) -> None:
                 try:
                     await fn()
-                except (TunnelFailed, _ClientGone, trio.ClosedResourceError) as e:
+                except (TunnelFailed, ClientGone, trio.ClosedResourceError) as e:
                     errors.append(e)
                     nursery.cancel_scope.cancel()
 

@@ -16,7 +16,8 @@ import trio
 import zstandard
 
 from node import codec, query
-from node.client import ClientState, LightClient, UntrustedAnswer, now_ms
+from node.client import ClientState, LightClient, now_ms
+from node.errors import UntrustedAnswer
 from node.events import Bid, decode_wire
 from node.keys import Identity
 from node.ledger import Ledger

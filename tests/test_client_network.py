@@ -20,7 +20,8 @@ import trio
 from daemon_helpers import NETWORK, ROOT, Cluster, Proc, wait_for
 
 from node import config
-from node.client import LightClient, UntrustedAnswer, now_ms
+from node.client import LightClient, now_ms
+from node.errors import UntrustedAnswer
 from node.events import Bid, Rating
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node.errors import RateLimited, UsageError
-from node.resources import Direction, LimitExceeded, Limits, ResourceManager, subnet_of
+from node.errors import LimitExceeded, RateLimited, UsageError
+from node.resources import Direction, Limits, ResourceManager, subnet_of
 
 IN, OUT = Direction.INBOUND, Direction.OUTBOUND
 

@@ -34,7 +34,7 @@ from tunnel_proc_helpers import (
 from node import config
 from node.auction import Lease
 from node.client import LightClient, now_ms
-from node.dataplane.tunnel_client import TunnelRefused, TunnelUnauthorized
+from node.errors import TunnelRefused, TunnelUnauthorized
 from node.keys import Identity, save_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]

@@ -10,9 +10,8 @@ Formats and decisions: docs/dataplane.md. The pure parts are in `node/segments.p
 and `node/processors/`.
 """
 
+from ..errors import LeaseRefused, StreamFailed
 from .client import (
-    LeaseRefused,
-    StreamFailed,
     StreamResult,
     member_key,
     split_results,

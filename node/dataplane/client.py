@@ -13,7 +13,14 @@ from typing import Any
 import trio
 
 from ..auction import Lease
-from ..errors import BidmeshError, InvalidMessage, RemoteError, Unauthorized, UsageError
+from ..errors import (
+    BidmeshError,
+    InvalidMessage,
+    LeaseRefused,
+    RemoteError,
+    StreamFailed,
+    UsageError,
+)
 from ..keys import Identity
 from ..p2p import (
     FRAME_HEADER,
@@ -27,7 +34,7 @@ from ..p2p import (
 from ..segments import FrameReader, Packet, Segmenter, new_parser
 from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, stream_protocol
 
-__all__ = ["InputAcks", "StreamFailed", "StreamResult", "member_key", "split_results",
+__all__ = ["InputAcks", "StreamResult", "member_key", "split_results",
            "stream_through_lease"]
 
 _SEQ = struct.Struct(">Q")
@@ -38,20 +45,6 @@ _AUTH_REASONS = frozenset({"no_lease", "not_our_lease", "outside_window", "not_m
 
 Source = Iterable[bytes] | AsyncIterable[bytes]
 Sink = Callable[[bytes], Awaitable[None]]
-
-
-class StreamFailed(RemoteError):
-    """The provider ended the stream with an error trailer (`reason`, `trailer`)."""
-
-    def __init__(self, trailer: Trailer) -> None:
-        super().__init__(f"provider refused or failed the stream ({trailer.reason}): "
-                         f"{trailer.error}")
-        self.reason = trailer.reason
-        self.trailer = trailer
-
-
-class LeaseRefused(StreamFailed, Unauthorized):
-    """The provider refused us under this lease (not a member, outside the window...)."""
 
 
 @dataclass(frozen=True)

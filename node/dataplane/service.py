@@ -24,6 +24,7 @@ from ..errors import (
     InvalidMessage,
     PeerError,
     ProcessingError,
+    Refusal,
     RemoteError,
     Unauthorized,
     UsageError,
@@ -230,14 +231,8 @@ class _LeaseState:
             self.shortfalls.extend(self.meter.record(n, _mono_ms()))
 
 
-class _Failed(BidmeshError):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 def _reason(e: BaseException) -> str:
-    if isinstance(e, _Failed | PeerError):
+    if isinstance(e, Refusal | PeerError):
         return e.reason
     if isinstance(e, StreamTimeout):
         return "timeout"
@@ -282,7 +277,7 @@ class _Ingest:
             self.fail(e)
         except Exception as e:  # a bug or an unmapped library error: fail the stream clearly
             log.exception("dataplane stream task failed")
-            self.fail(_Failed("internal", f"provider error: {type(e).__name__}: {e}"))
+            self.fail(Refusal("internal", f"provider error: {type(e).__name__}: {e}"))
 
     async def run(self) -> Trailer:
         with self.scope:
@@ -297,7 +292,7 @@ class _Ingest:
                       bytes_out=self.bytes_out, garbage_bytes=p.garbage_bytes,
                       subcontracted=self.contracts.segments, redispatched=self.redispatched)
         if self.error is None and self.scope.cancelled_caught:
-            self.error = _Failed("cancelled", "the provider stopped the stream")
+            self.error = Refusal("cancelled", "the provider stopped the stream")
         if self.error is not None:
             return Trailer(False, _reason(self.error), str(self.error), **counts)
         return Trailer(True, **counts)
@@ -308,7 +303,7 @@ class _Ingest:
         while True:
             chunk = await read_frame(self.stream, cfg.max_chunk, cfg.idle_timeout_s)
             if not st.lease.active(self.svc.clock()):
-                raise _Failed("lease_ended", f"lease {st.lease.id.hex()[:12]} is not active now")
+                raise Refusal("lease_ended", f"lease {st.lease.id.hex()[:12]} is not active now")
             final = not chunk
             if final:
                 packets = self.parser.end()
@@ -496,7 +491,7 @@ class DataplaneService:
             return None
         st.closed = True
         for ing in list(st.streams):
-            ing.fail(_Failed("lease_ended", f"lease {lease_id.hex()[:12]} has ended"))
+            ing.fail(Refusal("lease_ended", f"lease {lease_id.hex()[:12]} has ended"))
         with trio.move_on_after(self.config.close_grace_s):
             await st.idle.wait()
         members = sorted(st.members.items(), key=lambda kv: (-kv[1].bytes_in, kv[0]))

@@ -26,7 +26,15 @@ import trio
 from libp2p.abc import INetStream
 
 from ..auction import DeviceAdmission, Lease
-from ..errors import BidmeshError, InvalidMessage, PeerError, RemoteError, Unauthorized, UsageError
+from ..errors import (
+    BidmeshError,
+    InvalidMessage,
+    PeerError,
+    Refusal,
+    RemoteError,
+    Unauthorized,
+    UsageError,
+)
 from ..events import Body, MemberUsage, Usage
 from ..p2p import (
     FRAME_HEADER,
@@ -143,12 +151,6 @@ class TunnelConfig:
             if getattr(self, name) <= 0:
                 raise UsageError(f"TunnelConfig.{name} must be positive")
         EgressPolicy(allow=self.allow, deny=self.deny)  # rules parse, or UsageError
-
-
-class _Refused(BidmeshError):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class SharedRate:
@@ -292,7 +294,7 @@ class _Tunnel:
         self.st, self.stream, self.member, self.req = st, stream, member, req
         self.sock: trio.SocketStream | None = None
         self.scope = trio.CancelScope()
-        self.error: _Refused | None = None
+        self.error: Refusal | None = None
         self.member_gone = False  # the member reset the stream: nobody to tell
         self.up_eof = self.down_eof = False
         self.bytes_up = self.bytes_down = 0
@@ -300,7 +302,7 @@ class _Tunnel:
 
     def fail(self, reason: str, message: str) -> None:
         if self.error is None:
-            self.error = _Refused(reason, message)
+            self.error = Refusal(reason, message)
         self.scope.cancel()
 
 
@@ -466,13 +468,13 @@ class TunnelService:
             try:
                 addrs = await self.resolve(req.host, req.port)
             except OSError as e:
-                raise _Refused("resolve_failed", f"cannot resolve {req.host}: {e}") from None
+                raise Refusal("resolve_failed", f"cannot resolve {req.host}: {e}") from None
             if not addrs:
-                raise _Refused("resolve_failed", f"{req.host} has no address")
+                raise Refusal("resolve_failed", f"{req.host} has no address")
             allowed = [a for a in addrs if self.policy.check(a, req.port) is None]
             if not allowed:
                 first = addrs[0]
-                raise _Refused(self.policy.check(first, req.port) or "egress_denied",
+                raise Refusal(self.policy.check(first, req.port) or "egress_denied",
                                f"{req.host} ({first}): {self.policy.explain(first, req.port)}")
             last: OSError | None = None
             for ip in allowed[:4]:  # connect to exactly the address checked: no rebinding
@@ -482,11 +484,11 @@ class TunnelService:
                     last = e
             code = getattr(last, "errno", None)
             if code == errno.ECONNREFUSED:
-                raise _Refused("connection_refused",
+                raise Refusal("connection_refused",
                                f"{req.host} port {req.port} refused the connection")
-            raise _Refused("unreachable", f"cannot connect to {req.host} port {req.port}: "
+            raise Refusal("unreachable", f"cannot connect to {req.host} port {req.port}: "
                                           f"{last}")
-        raise _Refused("timeout", f"resolving and connecting to {req.host} port {req.port} "
+        raise Refusal("timeout", f"resolving and connecting to {req.host} port {req.port} "
                                   f"took longer than {cfg.connect_timeout_s} s")
 
     async def _on_stream(self, stream: INetStream) -> None:
@@ -516,7 +518,7 @@ class TunnelService:
         try:
             try:
                 t.sock, ip = await self._connect(req)
-            except _Refused as e:
+            except Refusal as e:
                 await self._refuse(stream, e.reason, str(e))
                 return
             lease = st.lease
@@ -548,7 +550,7 @@ class TunnelService:
                     pumps.start_soon(self._guard, t, self._down)
                 outer.cancel_scope.cancel()
         if t.error is None and t.scope.cancelled_caught:
-            t.error = _Refused("cancelled", "the provider stopped the tunnel")
+            t.error = Refusal("cancelled", "the provider stopped the tunnel")
         if t.error is None:
             self.counters["tunnels_ok"] += 1
             end = TunnelEnd(True, bytes_up=t.bytes_up, bytes_down=t.bytes_down)
@@ -590,7 +592,7 @@ class TunnelService:
     async def _guard(self, t: _Tunnel, fn: Callable[[_Tunnel], Awaitable[None]]) -> None:
         try:
             await fn(t)
-        except _Refused as e:
+        except Refusal as e:
             t.fail(e.reason, str(e))
         except RemoteError:
             t.member_gone = True

@@ -15,7 +15,13 @@ import math
 import trio
 from libp2p.abc import INetStream
 
-from ..errors import BidmeshError, InvalidMessage, RemoteError, Unauthorized
+from ..errors import (
+    BidmeshError,
+    InvalidMessage,
+    TunnelFailed,
+    TunnelRefused,
+    TunnelUnauthorized,
+)
 from ..p2p import (
     FRAME_HEADER,
     WRITE_PIECE,
@@ -42,30 +48,6 @@ from .tunnel_wire import (
 __all__ = ["Tunnel", "TunnelFailed", "TunnelRefused", "TunnelUnauthorized", "open_tunnel"]
 
 _PIECE = WRITE_PIECE - FRAME_HEADER.size - 1  # one DATA frame = one yamux frame
-
-
-class TunnelRefused(RemoteError):
-    """The provider refused to open the tunnel; `reason` is its code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"tunnel refused ({reason}): {message}")
-        self.reason = reason
-
-
-class TunnelUnauthorized(TunnelRefused, Unauthorized):
-    """Refused under the lease: not a member, outside the window, wrong lease..."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        TunnelRefused.__init__(self, reason, message)
-
-
-class TunnelFailed(RemoteError):
-    """An open tunnel ended in error: the provider's END reason (`lease_ended`, `idle`,
-    `destination_reset`...) or `broken` when the connection to the provider was lost."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"tunnel failed ({reason}): {message}")
-        self.reason = reason
 
 
 class Tunnel(trio.abc.HalfCloseableStream):

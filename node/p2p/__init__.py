@@ -49,11 +49,11 @@ the remote refused or reset: `RemoteError`).
 
 from __future__ import annotations
 
+from ..errors import RequestRefused, StreamTimeout
 from .frames import (
     FRAME_HEADER,
     MAX_FRAME,
     WRITE_PIECE,
-    StreamTimeout,
     _read_exactly,
     close_quietly,
     read_frame,
@@ -80,7 +80,7 @@ from .ids import (
     remote_pubkey,
 )
 from .pubsub import PubSub, Subscription, Topic, Validator, make_pubsub
-from .rpc import RequestHandler, RequestRefused, _parse_response, request, serve_requests
+from .rpc import RequestHandler, _parse_response, request, serve_requests
 
 __all__ = [
     "DEFAULT_LISTEN",

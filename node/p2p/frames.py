@@ -17,7 +17,7 @@ from libp2p.abc import INetStream
 from libp2p.io.exceptions import IOException
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
-from ..errors import InvalidMessage, OperationError, RemoteError, UsageError
+from ..errors import InvalidMessage, OperationError, RemoteError, StreamTimeout, UsageError
 from ..resources import ResourceManager, StreamLease
 
 log = logging.getLogger("node.p2p")
@@ -34,10 +34,6 @@ WRITE_ABORT_GRACE: Final = 5.0
 # (65519 + 17 bytes: two AEAD calls and sends each way); 65507-byte writes make every
 # yamux frame exactly one. Measured on a two-process stream: -30 % sender CPU.
 WRITE_PIECE: Final = 65535 - 16 - 12
-
-
-class StreamTimeout(OperationError):
-    """A network operation (dial, stream open, read, write, request) ran out of time."""
 
 
 # The resource-manager lease of each inbound stream (node/p2p/guard.py registers it),

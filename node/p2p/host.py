@@ -31,11 +31,11 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.transport.tcp.tcp import TCP
 
-from ..errors import BidmeshError, OperationError, PeerError, UsageError
+from ..errors import BidmeshError, OperationError, PeerError, StreamTimeout, UsageError
 from ..resources import Limits, ResourceManager
 from ._compat import _window_update_at_half
 from .addrs import AddrPolicy
-from .frames import StreamTimeout, close_quietly, reset_quietly
+from .frames import close_quietly, reset_quietly
 from .guard import LONG_LIVED_PREFIXES, Guard, limit_inbound_handshakes
 from .ids import _keypair_from_seed, parse_peer_id, remote_peer_id
 

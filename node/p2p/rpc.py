@@ -15,8 +15,8 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.peer.id import ID
 
-from ..errors import BidmeshError, InvalidMessage, PeerError, RemoteError
-from .frames import StreamTimeout, close_quietly, read_frame, reset_quietly, write_frame
+from ..errors import BidmeshError, InvalidMessage, PeerError, RequestRefused, StreamTimeout
+from .frames import close_quietly, read_frame, reset_quietly, write_frame
 from .host import P2PHost, set_stream_handler
 from .ids import parse_peer_id, pubkey_from_peer_id, remote_peer_id
 
@@ -24,13 +24,6 @@ log = logging.getLogger("node.p2p")
 
 RequestHandler = Callable[[bytes, bytes], Awaitable[bytes]]
 
-
-class RequestRefused(RemoteError):
-    """The remote request handler answered with an error; `reason` is its short code."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 # Wire: request = one frame (the payload). Response = one frame whose first
 # byte is 0x00 (ok: the rest is the payload) or 0x01 (error: one byte n, n bytes

@@ -47,7 +47,8 @@ from .config import Config
 from .errors import BidmeshError, InvalidMessage, OperationError, UsageError
 from .events import MAX_WIRE, Event
 from .gaps import GapPlanner
-from .ledger import Ledger, Status
+from .ingest import FairIngest
+from .ledger import AppendResult, Ledger, Status, check_records
 from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of, lacks_protocol
 
 log = logging.getLogger("bidmesh.gossip")
@@ -178,6 +179,9 @@ class Replicator:
                                    float(lim.gossip_peer_bytes_per_s),
                                    float(lim.gossip_burst_s), trio.current_time)
         """Gossip input per forwarding peer (`[limits] gossip_*`)."""
+        self.ingest: FairIngest[p2p.PeerId, Event | AppendResult] = FairIngest(
+            lambda wires: check_records(wires, self.network), self._store_slice)
+        """Received gossip, checked and stored in slices fairly between peers."""
         self.listeners: list[AcceptedListener] = []
         """Called with events newly stored: from gossip, sync, or the node itself."""
         self._outbox: collections.deque[bytes] = collections.deque()
@@ -265,11 +269,12 @@ class Replicator:
         set once the topic is subscribed."""
         p2p.serve_requests(self.host, self.protocol, self._serve, sync.MAX_REQUEST,
                            timeout=self.cfg.sync.request_timeout_s)
-        self.topic.set_validator(self._validate)
+        self.topic.set_async_validator(self._validate)
         messages = await self.topic.subscribe()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._drain, messages)
+            nursery.start_soon(self.ingest.run)
             nursery.start_soon(self._sender)
             nursery.start_soon(self._watch_peers)
             nursery.start_soon(self._periodic_sync)
@@ -337,22 +342,25 @@ class Replicator:
                 finally:
                     self._sending = False
 
-    def _validate(self, forwarder: p2p.PeerId, data: bytes) -> bool:
-        """Topic validator: store the batch; never raises, never rejects transiently."""
+    async def _validate(self, forwarder: p2p.PeerId, origin: p2p.PeerId, data: bytes) -> bool:
+        """Topic validator: store the batch; never raises, never rejects transiently.
+        The cheap checks (budget, decoding, duplicates) run at once; the rest waits
+        its turn in the fair ingest queue (node/ingest.py)."""
         if forwarder == self.host.peer_id:
             return True  # our own publish: the events are already stored
-        t0 = time.perf_counter()
-        try:
-            return self._store_batch(forwarder, data)
-        finally:
-            self.stats.validate_s += time.perf_counter() - t0
+        fresh = self._precheck(forwarder, origin, data)
+        if isinstance(fresh, bool):
+            return fresh
+        return await self.ingest.submit(forwarder, fresh, origin == forwarder)
 
-    def _store_batch(self, forwarder: p2p.PeerId, data: bytes) -> bool:
+    def _precheck(self, forwarder: p2p.PeerId, origin: p2p.PeerId,
+                  data: bytes) -> list[bytes] | bool:
+        """The records of a batch worth checking and storing, or the verdict."""
         self.stats.batches_received += 1
         self.stats.bytes_received += len(data)
         verdict = self.budget.charge_bytes(forwarder, len(data))
         if not verdict.ok:
-            return self._over_budget(forwarder, verdict)
+            return self._over_budget(forwarder, origin, verdict)
         try:
             wires = decode_batch(data)
         except InvalidMessage as e:
@@ -365,17 +373,25 @@ class Replicator:
             return True
         verdict = self.budget.charge_events(forwarder, len(fresh))
         if not verdict.ok:
-            return self._over_budget(forwarder, verdict)
+            return self._over_budget(forwarder, origin, verdict)
+        return fresh
+
+    def _store_slice(self, forwarder: p2p.PeerId, wires: list[bytes],
+                     checked: list[Event | AppendResult], blame: bool) -> bool:
+        """Store one checked slice of a received batch (node/ingest.py calls it);
+        False if it held input the forwarder is at fault for."""
+        t0 = time.perf_counter()
         try:
             # Events that go pending are charged to the forwarder (node/ledger.py);
             # if they never chain, that is its fault only if it published them.
-            results = self.ledger.append_many(
-                fresh, source=forwarder, blame=self.topic.current_origin == forwarder)
+            results = self.ledger.append_checked(wires, checked, source=forwarder, blame=blame)
         except sqlite3.Error as e:
             # Our disk, not the peer: accept (others may store it), fetch it by sync later.
             log.error("storing a gossip batch failed", extra={"error": str(e)})
             self.stats.events["store_error"] += len(wires)
             return True
+        finally:
+            self.stats.validate_s += time.perf_counter() - t0
         accepted: list[Event] = []
         bad = 0
         pending = False
@@ -408,14 +424,15 @@ class Replicator:
             self._gap_event.set()
         return bad == 0
 
-    def _over_budget(self, forwarder: p2p.PeerId, verdict: GossipVerdict) -> bool:
+    def _over_budget(self, forwarder: p2p.PeerId, origin: p2p.PeerId,
+                     verdict: GossipVerdict) -> bool:
         """Drop a batch beyond the forwarder's budget (the validator rejects it: we do
         not forward what we did not store; upstream then refuses that message id from
         anyone for its validation-cache lifetime, and pull sync fetches the events
         if they are worth having). The forwarder is faulted only for batches it
         published itself: an honest relay may be carrying someone else's flood, and
         cutting relays off would let a flooder partition honest nodes."""
-        if self.topic.current_origin == forwarder:
+        if origin == forwarder:
             self._fault(forwarder, f"gossip_over_budget_{verdict.scope}")
         return False
 

@@ -426,6 +426,14 @@ class Ledger:
         batch = list(wires)
         return self._append(batch, _decode_all(batch, self.network), source, blame)
 
+    def append_checked(self, wires: list[bytes], checked: list[Event | AppendResult], *,
+                       source: Source = None, blame: bool = False) -> list[AppendResult]:
+        """As `append_many`, for records already put through `check_records` (on a
+        worker thread, say: node/ingest.py); `checked[i]` must be that of `wires[i]`."""
+        if len(wires) != len(checked):
+            raise UsageError("append_checked needs one checked record per wire")
+        return self._append(list(wires), list(checked), source, blame)
+
     def append_signed(self, events: list[Event]) -> list[AppendResult]:
         """Store events this process just made with `sign_event` (our own): the
         chain checks run as for any record, the signature check is skipped (we
@@ -864,6 +872,12 @@ def _decode_one(wire: bytes, network: str) -> Event | AppendResult:
         return decode_wire(wire, network)
     except InvalidEvent as e:
         return AppendResult(Status.REJECTED, reason=e.reason, detail=str(e))
+
+
+def check_records(wires: list[bytes], network: str) -> list[Event | AppendResult]:
+    """The self-contained checks (size, codec, signature, schema) of each record, for
+    `Ledger.append_checked`: no ledger state, so safe on another thread."""
+    return [_decode_one(w, network) for w in wires]
 
 
 PARALLEL_MIN = 128  # records per batch before a second thread shares the checks

@@ -79,7 +79,7 @@ from .ids import (
     remote_peer_id,
     remote_pubkey,
 )
-from .pubsub import PubSub, Subscription, Topic, Validator, make_pubsub
+from .pubsub import AsyncValidator, PubSub, Subscription, Topic, Validator, make_pubsub
 from .rpc import RequestHandler, _parse_response, request, serve_requests
 
 __all__ = [
@@ -89,6 +89,7 @@ __all__ = [
     "MAX_FRAME",
     "SHUTDOWN_TIMEOUT",
     "WRITE_PIECE",
+    "AsyncValidator",
     "P2PHost",
     "PeerId",
     "PubSub",

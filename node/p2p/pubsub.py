@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -34,6 +34,11 @@ from .ids import pubkey_from_peer_id
 log = logging.getLogger("node.p2p")
 
 Validator = Callable[[ID, bytes], bool]
+AsyncValidator = Callable[[ID, ID, bytes], Awaitable[bool]]
+# Async topic validators in flight at once (upstream's default is 10), and how long one
+# may take before upstream rejects the message. Each holds one message (<= 1 MiB).
+ASYNC_VALIDATORS: Final = 64
+ASYNC_VALIDATION_TIMEOUT_S: Final = 30.0
 
 # Verdicts are only consulted for message ids that left the seen-cache; the
 # upstream LRU costs O(size) per message (`ValidationCache.put`, pubsub.py:287).
@@ -125,6 +130,11 @@ class Topic:
         self.current_origin: ID | None = None
         """While the validator runs: the peer that published the message (its signed
         `from`), which differs from the forwarder when the message was relayed."""
+        self._async_validator: AsyncValidator | None = None
+        self._validating: set[bytes] = set()
+        self.concurrent_copies = 0
+        """Copies of a message that arrived while another copy was being validated
+        (rejected: that copy's verdict decides; see `set_async_validator`)."""
 
     def peers(self) -> set[ID]:
         """Connected peers known to be subscribed to this topic."""
@@ -197,6 +207,46 @@ class Topic:
         """
         self._validator = fn
         self._owner.pubsub.set_topic_validator(self.name, self._validate, False)
+
+    def set_async_validator(self, fn: AsyncValidator) -> None:
+        """Check each incoming message with `await fn(forwarder, origin, data) -> bool`
+        (`origin`: the publisher, its signed `from`). Unlike `set_validator`, `fn`
+        may take its time (node/ingest.py: slices between which the loop serves
+        others), at most ASYNC_VALIDATION_TIMEOUT_S; the other rules are the same.
+
+        Upstream marks a message seen only after validation (pubsub/pubsub.py
+        `push_msg`), so copies that arrive from other mesh peers meanwhile would be
+        validated again and each forwarded again. A copy of a message already being
+        validated is rejected instead (a verdict is cached per message id and peer
+        scoring has no thresholds by default: rejecting costs its forwarder
+        nothing), counted in `concurrent_copies`, not in `rejected`."""
+        self._async_validator = fn
+        self._owner.pubsub.set_topic_validator(self.name, self._validate_async, True)
+
+    async def _validate_async(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        key = bytes(msg.from_id) + bytes(msg.seqno)
+        if key in self._validating:
+            self.concurrent_copies += 1
+            return False
+        me = self._owner.host.peer_id
+        ok = False
+        try:
+            if forwarder == me or not self._owner.host.is_blocked(forwarder):
+                self._validating.add(key)
+                try:
+                    ok = (self._async_validator is None or await self._async_validator(
+                        forwarder, ID(msg.from_id), bytes(msg.data)) is True)
+                finally:
+                    self._validating.discard(key)
+                if ok and forwarder != me:
+                    self._owner.host.resources.touch(forwarder)
+                    self._owner.host.resources.mark_good(forwarder)
+        except Exception:  # upstream would count it invalid anyway; say why once
+            log.exception("validator for topic %r raised; rejecting the message", self.name)
+            ok = False
+        if not ok:
+            self.rejected += 1
+        return ok
 
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
         try:
@@ -339,7 +389,9 @@ async def make_pubsub(
         spam_protection_enabled=False,
     )
     pubsub = Pubsub(host.libp2p, router, strict_signing=True,
-                    validation_cache_size=_VALIDATION_CACHE)
+                    validation_cache_size=_VALIDATION_CACHE,
+                    max_concurrent_validator_count=ASYNC_VALIDATORS,
+                    validation_timeout=ASYNC_VALIDATION_TIMEOUT_S)
     config = _PubSubConfig(
         queue_high_water, subscription_channel_size, prune_interval, delivery_window
     )

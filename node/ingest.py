@@ -1,0 +1,162 @@
+"""Fair ingest: received events are checked and stored in small slices, round-robin
+between the peers that sent them (issue 12 item 2, "fair between peers").
+
+Why: the trio event loop is shared by everything a node serves. Checking and storing
+a 256-event gossip batch costs ~30-100 ms of CPU on a loaded 2-core machine; done
+in one piece (py-libp2p's synchronous topic validator), a flooder within its own
+budget made an honest peer's DIGEST wait behind several such pieces (23x its idle
+p99). Here one worker task takes `slice_events` records at a time from the next
+peer in turn, runs the signature checks on a worker thread (libsodium through cffi
+releases the GIL, so the loop keeps serving meanwhile), stores the slice on the loop
+(one short transaction) and yields before the next slice. A peer's backlog thus
+delays others by at most one slice, and its own batches stay in arrival order.
+
+`RoundRobin` is the pure part (per-key FIFO queues served in turn); `FairIngest`
+is the trio driver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import trio
+
+from .errors import UsageError
+
+log = logging.getLogger("bidmesh.ingest")
+
+__all__ = ["FairIngest", "IngestJob", "RoundRobin"]
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+D = TypeVar("D")
+
+SLICE_EVENTS = 32
+
+
+class RoundRobin(Generic[K, T]):
+    """Per-key FIFO queues served in turn: `head()` is the first item of the key
+    whose turn it is; `rotate()` passes the turn on; `pop()` removes the head."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[K, deque[T]] = OrderedDict()
+        self._items = 0
+
+    def push(self, key: K, item: T) -> None:
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = deque()
+        q.append(item)
+        self._items += 1
+
+    def head(self) -> tuple[K, T] | None:
+        for key, q in self._queues.items():
+            return key, q[0]
+        return None
+
+    def rotate(self) -> None:
+        """The key in turn goes to the back of the line."""
+        if self._queues:
+            key, q = self._queues.popitem(last=False)
+            self._queues[key] = q
+
+    def pop(self) -> T:
+        """Remove the head item (its key keeps its turn until `rotate`)."""
+        key, q = next(iter(self._queues.items()))
+        item = q.popleft()
+        self._items -= 1
+        if not q:
+            del self._queues[key]
+        return item
+
+    def queued(self, key: K) -> int:
+        q = self._queues.get(key)
+        return len(q) if q else 0
+
+    def __len__(self) -> int:
+        return self._items
+
+    @property
+    def keys(self) -> int:
+        return len(self._queues)
+
+
+@dataclass(eq=False)
+class IngestJob(Generic[K]):
+    """One received batch: its records, whom they came from, and the verdict."""
+
+    peer: K
+    records: list[bytes]
+    blame: bool
+    pos: int = 0
+    ok: bool = True
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class FairIngest(Generic[K, D]):
+    """One worker over per-peer queues of received batches.
+
+    `check(records)` runs on a worker thread and must be thread-safe (no shared
+    state): the self-contained checks of each record (codec, signature).
+    `store(peer, records, checked, blame)` runs on the loop, stores one slice and
+    returns False if the slice held input the peer is at fault for. A batch's
+    verdict is the AND of its slices'."""
+
+    def __init__(self, check: Callable[[list[bytes]], list[D]],
+                 store: Callable[[K, list[bytes], list[D], bool], bool],
+                 slice_events: int = SLICE_EVENTS) -> None:
+        if slice_events < 1:
+            raise UsageError("an ingest slice holds at least one record")
+        self._check = check
+        self._store = store
+        self.slice_events = slice_events
+        self._queue: RoundRobin[K, IngestJob[K]] = RoundRobin()
+        self._wake = trio.Event()
+        # One checking thread: the loop's thread does the rest, two cores in all.
+        self._limiter = trio.CapacityLimiter(1)
+        self.slices = 0
+        self.max_queued = 0
+
+    def queued(self) -> int:
+        """Batches waiting or in progress."""
+        return len(self._queue)
+
+    async def submit(self, peer: K, records: list[bytes], blame: bool) -> bool:
+        """Queue a batch and wait for its verdict. If the caller is cancelled the
+        batch is still stored (its events are valid work done for the network)."""
+        job = IngestJob(peer, records, blame)
+        self._queue.push(peer, job)
+        self.max_queued = max(self.max_queued, len(self._queue))
+        self._wake.set()
+        await job.done.wait()
+        return job.ok
+
+    async def run(self) -> None:
+        while True:
+            nxt = self._queue.head()
+            if nxt is None:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            peer, job = nxt
+            chunk = job.records[job.pos:job.pos + self.slice_events]
+            try:
+                checked = await trio.to_thread.run_sync(self._check, chunk,
+                                                        limiter=self._limiter)
+                job.ok = self._store(peer, chunk, checked, job.blame) and job.ok
+            except Exception:  # a bug here must not end the node: drop the batch
+                log.exception("ingest of a received batch failed; dropping it")
+                job.ok = False
+                job.pos = len(job.records)
+            job.pos += len(chunk)
+            self.slices += 1
+            if job.pos >= len(job.records):
+                self._queue.pop()
+                job.done.set()
+            self._queue.rotate()
+            # Let everything else that is ready run before the next slice.
+            await trio.lowlevel.checkpoint()

@@ -18,13 +18,29 @@ Two rules make a lookup cost what changed, never the whole history:
   a chunk at a time, so it never holds the whole history either.
 
 Work happens lazily, when someone asks for the market. The clock is a parameter.
+
+**Snapshots** (`save_snapshot` / `load_snapshot`): a restart need not fold the whole
+history again. A snapshot is the view's derived state at an arrival cursor, tagged with
+a hash of the code that derives it (an upgrade rebuilds once, nothing to bump by hand),
+the network, policy and skew, and the set of events up to the cursor (count and a sum
+of id keys: the same events in another arrival order fit); a
+restart that finds a matching one loads it and folds only what arrived after it. The
+file is Python's pickle: it lives in the node's own data dir, written by the node (a
+process that can write there owns the node anyway). The daemon writes it from a forked
+child (`save_snapshot_forked`), so the node never stops for it.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
+import os
+import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 from .auction import Market
 from .auction.fold import IncrementalMarket
@@ -174,18 +190,34 @@ class LiveMarket:
 
     Every event stored by any path (gossip, sync, the node's own publishes, client
     submits) has a higher arrival number, so `market()` first notes whatever arrived
-    since the last call. Give it a view nobody else notes to (or None for a new one)."""
+    since the last call. Give it a view nobody else notes to (or None for a new one),
+    or a `snapshot` file to start from (see `load_snapshot`; `restored` says whether it
+    did)."""
 
     def __init__(self, ledger: Ledger, view: MarketView | None = None, *,
                  skew_ms: int = DEFAULT_SKEW_MS,
-                 clock: Callable[[], int] = wall_ms) -> None:
+                 clock: Callable[[], int] = wall_ms,
+                 snapshot: Path | None = None) -> None:
         self.ledger = ledger
+        self.restored = False
+        if view is None and snapshot is not None:
+            got = load_snapshot(ledger, snapshot, skew_ms=skew_ms, clock=clock)
+            if got is not None:
+                view, self._cursor = got
+                self.view = view
+                self.restored = True
+                return
         self._cursor = _last_arrival(ledger)
         if view is None:
             view = MarketView(ledger, skew_ms=skew_ms, clock=clock)
         else:
             view.refold()  # it may have missed events before our cursor
         self.view = view
+
+    @property
+    def cursor(self) -> int:
+        """The last arrival number noted."""
+        return self._cursor
 
     def market(self) -> Market:
         while True:
@@ -194,7 +226,137 @@ class LiveMarket:
                 break
             self._cursor = rows[-1][0]
             self.view.note(ev for _, ev in rows)
+            if len(self.view._new) >= BUILD_CHUNK:
+                self.view.market()  # a long catch-up (after a snapshot) folds as it reads
         return self.view.market()
+
+
+# ------------------------------------------------------------------ snapshots
+
+SNAPSHOT_FORMAT = 1
+_MAGIC = b"bidmesh-market-snapshot\n"
+
+
+def _code_hash() -> str:
+    """Hash of the source of everything a snapshot's objects come from."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    files = sorted([*(here / "auction").glob("*.py"),
+                    *(here / f"{m}.py" for m in ("codec", "events", "marketview", "reputation",
+                                                 "schema"))])
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+CODE_HASH = _code_hash()
+
+
+def _header(view: MarketView, cursor: int) -> dict[str, Any]:
+    led = view.ledger
+    # The set of events up to the cursor, whatever their arrival order: the count and a
+    # sum of id keys (modulo a prime below 2**32, so a million rows cannot overflow).
+    count, ids = led.db.execute("SELECT COUNT(*), SUM(idk % 4294967291) FROM events "
+                                "WHERE n <= ?", (cursor,)).fetchone()
+    return {"format": SNAPSHOT_FORMAT, "code": CODE_HASH, "network": led.network,
+            "policy": repr(view.engine.policy), "skew_ms": view.skew_ms, "cursor": cursor,
+            "count": int(count),
+            "ids": int(ids or 0)}
+
+
+def _state(live: LiveMarket) -> tuple[dict[str, Any], bytes]:
+    """(header, pickled state) of the live market, brought up to date first."""
+    live.market()
+    v = live.view
+    eng = v.engine
+    sources = eng._source, eng._offer_source
+    eng._source = eng._offer_source = None  # bound to the ledger: re-attached on load
+    try:
+        body = pickle.dumps((eng, v._forks, v._horizon, v._authors, v.refolds),
+                            protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+        eng._source, eng._offer_source = sources
+    return _header(v, live.cursor), body
+
+
+def _write(path: Path, header: dict[str, Any], body: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(_MAGIC + json.dumps(header).encode() + b"\n")
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_snapshot(live: LiveMarket, path: Path) -> None:
+    """Write the live market's derived state to `path` (atomically), in this process."""
+    header, body = _state(live)
+    _write(path, header, body)
+
+
+def save_snapshot_forked(live: LiveMarket, path: Path) -> int:
+    """Like `save_snapshot`, but the pickling and writing happen in a forked child
+    (copy-on-write: a consistent state at no pause for the caller beyond the fork).
+    Returns the child's pid; reap it with `os.waitpid` (exit status 0: written)."""
+    live.market()
+    header = _header(live.view, live.cursor)
+    pid = os.fork()
+    if pid == 0:  # the child: no locks, no I/O but the file; never returns
+        code = 1
+        try:
+            eng = live.view.engine
+            eng._source = eng._offer_source = None
+            v = live.view
+            _write(path, header, pickle.dumps((eng, v._forks, v._horizon, v._authors,
+                                               v.refolds), protocol=pickle.HIGHEST_PROTOCOL))
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def load_snapshot(ledger: Ledger, path: Path, *, skew_ms: int = DEFAULT_SKEW_MS,
+                  clock: Callable[[], int] = wall_ms,
+                  ) -> tuple[MarketView, int] | None:
+    """(view, arrival cursor) from a snapshot that fits this ledger and this code, or
+    None (missing, other code or settings, a ledger that is not the one it was taken
+    from): then build as usual."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_MAGIC)) != _MAGIC:
+                return None
+            header = json.loads(f.readline())
+            body = f.read()
+    except (OSError, ValueError):
+        return None
+    view = MarketView.__new__(MarketView)
+    view.ledger, view.policy, view.skew_ms, view.clock = ledger, None, skew_ms, clock
+    view.max_loaded, view._new = DEFAULT_MAX_LOADED, []
+    cursor = header.get("cursor")
+    if not isinstance(cursor, int):
+        return None
+    probe = IncrementalMarket()
+    view.engine = probe
+    if header != _header(view, cursor):
+        return None
+    gc_was = gc.isenabled()
+    gc.disable()  # millions of long-lived objects, no cycles to find (as in the build)
+    try:
+        eng, forks, horizon, authors, refolds = pickle.loads(body)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
+            KeyError, ValueError, TypeError):
+        return None  # a damaged file: build instead
+    finally:
+        if gc_was:
+            gc.enable()
+    if not isinstance(eng, IncrementalMarket):
+        return None
+    eng._source, eng._offer_source = view._load, view._offer
+    view.engine, view._forks, view._horizon, view._authors = eng, forks, horizon, authors
+    view.refolds = refolds
+    view.max_loaded = eng._max_loaded
+    return view, cursor
 
 
 def _last_arrival(ledger: Ledger) -> int:

@@ -136,3 +136,84 @@ def test_random_arrival_and_clock_equal_derive_of_due_events(tmp_path: Path) -> 
         clock.ms = 1 << 50
         m = live.market()
         assert views.market_json(m) == views.market_json(derive(led.iter_canonical()))
+
+
+def _history_ledger(led: Ledger, evs: list, upto: int) -> None:
+    led.append_many([e.wire for e in evs[:upto]])
+
+
+def test_snapshot_restart_equals_a_fresh_build(tmp_path: Path) -> None:
+    """A restart from a snapshot folds only what arrived after it (new events, a new
+    fork proof, held events now due) and ends equal to a fresh build."""
+    import os
+
+    from fold_helpers import NETWORK as HNET
+    from fold_helpers import history
+
+    from node.marketview import load_snapshot, save_snapshot, save_snapshot_forked
+
+    evs = history(random.Random(8), n_auctions=12)
+    snap = tmp_path / "market.snapshot"
+    clock = Clock(max(e.ts_ms for e in evs) - 50)  # the last events are held at first
+    with Ledger(tmp_path / "l.db", network=HNET) as led:
+        _history_ledger(led, evs, len(evs) * 2 // 3)
+        live = LiveMarket(led, skew_ms=10, clock=clock, snapshot=snap)
+        assert not live.restored  # no file yet
+        live.market()
+        save_snapshot(live, snap)
+        applied = live.view.engine.applied
+        # after the snapshot: the rest of the history, a fork proof, the clock moves on
+        _history_ledger(led, evs, len(evs))
+        victim = next(e for e in evs if e.kind == "bid")
+        other = sign_event(b"\x00" * 32, 1, None, 1, Bid(request=victim.ref or b"", price=1),
+                           HNET)
+        assert other.author != victim.author
+        clock.ms += 100
+        again = LiveMarket(led, skew_ms=10, clock=clock, snapshot=snap)
+        assert again.restored and again.view.engine.applied == applied
+        fresh = LiveMarket(led, skew_ms=10, clock=clock)
+        assert views.market_json(again.market()) == views.market_json(fresh.market())
+        assert views.market_json(again.market()) == views.market_json(
+            derive(led.iter_canonical()))
+        # a forked child writes the same thing, and the parent goes on meanwhile
+        pid = save_snapshot_forked(again, snap)
+        assert os.waitpid(pid, 0)[1] == 0
+        third = LiveMarket(led, skew_ms=10, clock=clock, snapshot=snap)
+        assert third.restored
+        assert views.market_json(third.market()) == views.market_json(fresh.market())
+        # other settings, or a damaged file: no snapshot, a build instead
+        assert load_snapshot(led, snap, skew_ms=11, clock=clock) is None
+        snap.write_bytes(snap.read_bytes()[:-100])
+        assert load_snapshot(led, snap, skew_ms=10, clock=clock) is None
+        assert not LiveMarket(led, skew_ms=10, clock=clock, snapshot=snap).restored
+
+
+def test_snapshot_of_another_ledger_is_not_used(tmp_path: Path) -> None:
+    from fold_helpers import NETWORK as HNET
+    from fold_helpers import history
+
+    from node.marketview import load_snapshot, save_snapshot
+
+    evs = history(random.Random(9), n_auctions=4)
+    snap = tmp_path / "market.snapshot"
+    with Ledger(tmp_path / "a.db", network=HNET) as a:
+        _history_ledger(a, evs, len(evs))
+        save_snapshot(LiveMarket(a), snap)
+        assert load_snapshot(a, snap) is not None
+    with Ledger(tmp_path / "b.db", network=HNET) as b:  # fewer events
+        _history_ledger(b, evs, len(evs) // 2)
+        assert load_snapshot(b, snap) is None
+    others = history(random.Random(10), n_auctions=8)
+    with Ledger(tmp_path / "c.db", network=HNET) as c:  # as many, other events
+        c.append_many([e.wire for e in others][:len(evs)])
+        assert c.count() == len(evs) and load_snapshot(c, snap) is None
+    with Ledger(tmp_path / "d.db", network=HNET) as d:  # the same events, another order
+        by_author: dict[bytes, list[bytes]] = {}
+        for e in evs:
+            by_author.setdefault(e.author, []).append(e.wire)
+        for wires in reversed(list(by_author.values())):
+            d.append_many(wires)
+        got = load_snapshot(d, snap)
+        assert got is not None
+        assert views.market_json(got[0].market()) == views.market_json(
+            derive(d.iter_canonical()))

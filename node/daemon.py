@@ -60,7 +60,7 @@ from .gossip import Discovery, Replicator
 from .keys import Identity, load_or_create_key
 from .ledger import AppendResult, Ledger, PendingLimits, Status
 from .logs import setup_logging
-from .marketview import LiveMarket
+from .marketview import LiveMarket, Snapshotter
 from .p2p import LONG_LIVED_PREFIXES
 from .resources import REPLICATION_LIMITS, Limits
 from .status_file import write_status
@@ -96,7 +96,9 @@ class Node:
         self.stopping = False
         self.loop_lag_max_s = 0.0
         # One derived market for every service (provider agent, query, HTTP, dataplane).
-        self.live = LiveMarket(ledger, skew_ms=int(cfg.node.max_clock_skew_s * 1000))
+        self.live = LiveMarket(ledger, skew_ms=int(cfg.node.max_clock_skew_s * 1000),
+                               snapshot=cfg.node.data_dir / SNAPSHOT_FILE)
+        self.snapshots = Snapshotter(self.live, cfg.node.data_dir / SNAPSHOT_FILE)
 
     def market(self) -> Market:
         """The market derived from everything stored so far."""
@@ -199,6 +201,7 @@ class Node:
                 "held_events": self.live.view.held(),
                 "partitions": self.live.view.engine.partitions(),
                 "rederived": self.live.view.engine.rederived,
+                "snapshot": self.snapshots.status(),
             },
             "sync": {
                 "rounds": rep.stats.sync_rounds,
@@ -246,6 +249,39 @@ async def _lag_monitor(node: Node) -> None:
         if lag > 0.25 and lag > worst / 2:
             worst = max(worst, lag)
             log.warning("event loop stalled", extra={"lag_s": round(lag, 3)})
+
+
+SNAPSHOT_FILE = "market.snapshot"  # the derived market, for a fast restart
+SNAPSHOT_CHECK_S = 60.0
+SNAPSHOT_FIRST_S = 5.0  # the first check: a node that had none writes one soon
+
+
+async def _snapshot_loop(node: Node) -> None:
+    """Write the derived market's snapshot now and then (marketview.Snapshotter), from
+    a forked child, so a restart loads it instead of folding the whole ledger."""
+    snap = node.snapshots
+    wait = SNAPSHOT_FIRST_S
+    try:
+        while True:
+            await trio.sleep(wait)
+            done = snap.poll()
+            if done is not None:
+                log.log(logging.INFO if done else logging.WARNING,
+                        "market snapshot written" if done else "market snapshot failed",
+                        extra={"cursor": snap.saved_cursor})
+            if snap.due():
+                try:
+                    snap.start()
+                except OSError as e:  # fork refused (memory, process limits): next time
+                    snap.failures += 1
+                    log.warning("cannot fork to write the market snapshot",
+                                extra={"error": str(e)})
+            wait = SNAPSHOT_CHECK_S if snap.pid is None else 1.0
+    finally:
+        if snap.pid is not None:
+            # Stopping: the child finishes on its own (it replaces the file atomically);
+            # nobody is left to reap it, and init does.
+            log.info("market snapshot still being written at stop")
 
 
 async def _status_loop(node: Node) -> None:
@@ -341,11 +377,13 @@ async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
                     nursery.start_soon(_mdns, node)
                 _start_services(node)
                 nursery.start_soon(_status_loop, node)
+                nursery.start_soon(_snapshot_loop, node)
                 nursery.start_soon(_lag_monitor, node)
                 log.info("node started", extra={
                     "peer_id": str(host.peer_id), "addrs": host.addrs,
                     "network": cfg.node.network, "data_dir": str(data_dir),
-                    "events": ledger.count(), "digest": ledger.digest().hex()})
+                    "events": ledger.count(), "digest": ledger.digest().hex(),
+                    "market_from_snapshot": node.live.restored})
                 lifecycle.sd_notify(f"READY=1\nSTATUS=peer {host.peer_id}, "
                                     f"{ledger.count()} events")
                 ping = lifecycle.watchdog_interval()

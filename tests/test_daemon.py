@@ -101,3 +101,23 @@ def test_partitioned_halves_diverge_then_converge(tmp_path: Path) -> None:
                 p.call({"op": "unblock", "peers": [q.peer_id for q in other]})
         c.wait_converged()
         assert {c.status(p)["events"] for p in c.procs} == {10 + 60 + 60}
+
+
+def test_restart_loads_the_market_snapshot(tmp_path: Path) -> None:
+    """A node writes its derived market's snapshot soon after it has events; killed and
+    started again, it loads the snapshot and folds only what arrived after it."""
+    with cluster(tmp_path, 1) as c:
+        p = c.procs[0]
+        c.start_all()
+        c.publish(p, 30)
+        wait_for(lambda: c.status(p)["market"]["snapshot"]["saves"] >= 1, 120,
+                 "a market snapshot")
+        assert (p.data_dir / "market.snapshot").exists()
+        assert not c.status(p)["market"]["snapshot"]["restored"]
+        c.publish(p, 10)  # after the snapshot
+        digest = c.status(p)["digest"]
+        c.terminate(p, signal.SIGKILL)
+        c.start(p)
+        st = c.status(p)
+        assert st["market"]["snapshot"]["restored"]
+        assert st["events"] == 40 and st["digest"] == digest

@@ -184,6 +184,9 @@ class SyncConfig:
     # Local bounds of one session and of all of them (node/sync.py, node/sync_peers.py).
     slots: int = _opt(4, int, _range(1, 256))
     reserved_slots: int = _opt(1, int, _range(0, 255))  # kept from strangers; < slots
+    # Strangers' sessions at once per subnet of their address (/24, /56): a stream of
+    # fresh identities from one network holds at most this many (node/sync_peers.py).
+    stranger_slots_per_subnet: int = _opt(2, int, _range(1, 256))
     session_s: float = _opt(300.0, (int, float), _range(1, 86_400))
     session_requests: int = _opt(10_000, int, _range(1, 10_000_000))
     stall_s: float = _opt(30.0, (int, float), _range(1, 86_400))

@@ -49,6 +49,7 @@ from .events import MAX_WIRE, Event
 from .gaps import GapPlanner
 from .ingest import FairIngest
 from .ledger import AppendResult, Ledger, Status, check_records
+from .resources import subnet_of
 from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of, lacks_protocol
 
 log = logging.getLogger("bidmesh.gossip")
@@ -126,6 +127,7 @@ class Stats:
     sync_catch_up: int = 0  # periodic rounds that pulled events, so the next came sooner
     sync_served: int = 0
     sync_stalled: int = 0  # sessions ended because the peer stalled them (then backed off)
+    sync_timed_out: int = 0  # sessions without progress ended by a request timeout (ditto)
     sync_no_slot: int = 0  # sessions given up: no sync slot came free in session_s
     gap_syncs: int = 0
     pending_expired: int = 0  # events dropped from the pending buffer unfilled
@@ -193,7 +195,8 @@ class Replicator:
         # Sync slots and per-peer history: tarpits (node/sync_peers.py).
         self.sync_record = SyncRecord(trio.current_time, penalty_s=config.sync.penalty_s,
                                       penalty_max_s=config.sync.penalty_max_s)
-        self.sync_slots = SlotGate(SyncSlots(config.sync.slots, config.sync.reserved_slots))
+        self.sync_slots = SlotGate(SyncSlots(config.sync.slots, config.sync.reserved_slots,
+                                             config.sync.stranger_slots_per_subnet))
         self._gap_event = trio.Event()
         self.gap_planner = GapPlanner(lim.gap_authors_per_round,
                                       float(lim.gap_peer_requests_per_s), lim.gap_tries)
@@ -248,7 +251,8 @@ class Replicator:
         self._syncing.add(peer)
         try:
             if not await self.sync_slots.acquire(peer, lambda: self._known_sync_peer(peer),
-                                                 self.cfg.sync.session_s):
+                                                 self.cfg.sync.session_s, self._subnet(peer),
+                                                 self.sync_record.good(peer)):
                 self.stats.sync_no_slot += 1
                 return None
             try:
@@ -259,6 +263,14 @@ class Replicator:
                 self.sync_slots.release(peer)
         finally:
             self._syncing.discard(peer)
+
+    def _subnet(self, peer: p2p.PeerId) -> str | None:
+        """The subnet a stranger's sync sessions are counted in (None: unknown)."""
+        ip = self.host.remote_ip(peer)
+        try:
+            return None if ip is None else subnet_of(ip)
+        except ValueError:
+            return None
 
     def _known_sync_peer(self, peer: p2p.PeerId) -> bool:
         """May use the reserved sync slots: a peer we dialed (node/sync_peers.py)."""
@@ -507,8 +519,9 @@ class Replicator:
             self._send_errors[peer] = (cause_of(e), str(e))
             return None
         except OperationError as e:
-            self._send_errors[peer] = ("lacks_protocol" if lacks_protocol(e) else cause_of(e),
-                                       str(e))
+            cause = ("lacks_protocol" if lacks_protocol(e) else
+                     "timeout" if isinstance(e, p2p.StreamTimeout) else cause_of(e))
+            self._send_errors[peer] = (cause, str(e))
             return None
         self.stats.sync_bytes += len(data)
         try:
@@ -560,6 +573,14 @@ class Replicator:
             self._fault(peer, f"sync_{s.cut}")
             log.info("sync peer stalled; backing off", extra={
                 "peer": str(peer), "cause": s.failed, "backoff_s": backoff})
+        elif send_error is not None and send_error[0] == "timeout" and not s.progressed:
+            # A peer that lets our requests run out of time holds a slot for the
+            # whole timeout each session: backed off like a staller (no fault: a
+            # slow link or a loaded host is no misbehaviour).
+            backoff = self.sync_record.timed_out(peer)
+            self.stats.sync_timed_out += 1
+            log.info("sync peer timed out; backing off", extra={
+                "peer": str(peer), "backoff_s": backoff})
         elif s.progressed:
             self.sync_record.productive(peer)
         if s.accepted:

@@ -125,6 +125,11 @@ class FairIngest(Generic[K, D]):
         """Batches waiting or in progress."""
         return len(self._queue)
 
+    def status(self) -> dict[str, int]:
+        return {"queued_batches": len(self._queue), "queued_peers": self._queue.keys,
+                "max_queued_batches": self.max_queued, "slices": self.slices,
+                "slice_events": self.slice_events}
+
     async def submit(self, peer: K, records: list[bytes], blame: bool) -> bool:
         """Queue a batch and wait for its verdict. If the caller is cancelled the
         batch is still stored (its events are valid work done for the network)."""

@@ -11,12 +11,15 @@ counted as a skip, not logged as a failure.
 A peer can also answer sync badly on purpose: endless HEADS pages, RANGE answers just
 under our timeout (a tarpit). `SyncSession` ends such a session (`stalled`); here
 `SyncRecord` backs off from the peer (not picked, not synced with, doubling per
-repeat), and `SyncSlots` shares the session slots: one per peer, and strangers
-never hold the last `reserved` slots, which only peers we dialed (bootstrap, mDNS,
-`connect`) may use. Having brought us events is no such proof: anyone can mint valid
-events under keys of their own; whom we dial is our choice. So a crowd of tarpit
-identities holds at most `slots - reserved` slots, each for about `stall_s`, and
-anti-entropy with the peers we chose goes on meanwhile.
+repeat; also when our requests to it time out without progress), and `SyncSlots`
+shares the session slots: one per peer, and strangers never hold the last
+`reserved` slots, which only peers we dialed (bootstrap, mDNS, `connect`) may use,
+nor more than `stranger_slots_per_subnet` per subnet of their address (/24, /56),
+and strangers whose last session was productive go first. Having brought us events
+is no such proof of who a peer is: anyone can mint valid events under keys of their
+own; whom we dial is our choice. So a crowd of tarpit identities holds at most
+`slots - reserved` slots, each for about `stall_s`, and anti-entropy with the peers
+we chose goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ MAX_RECORDS = 4096  # peers remembered by SyncRecord (strikes, back-off), LRU
 class _Record:
     strikes: int = 0  # stalled sessions in a row
     until: float = 0.0  # backed off until (clock time)
+    good: bool = False  # the last session was productive
 
 
 class SyncRecord:
@@ -58,6 +62,7 @@ class SyncRecord:
         self.max_peers = max_peers
         self._peers: OrderedDict[Hashable, _Record] = OrderedDict()
         self.stalls = 0  # sessions ended as stalled, ever
+        self.timeouts = 0  # sessions ended by a request timeout without progress, ever
 
     def _get(self, peer: Hashable) -> _Record:
         rec = self._peers.get(peer)
@@ -70,9 +75,24 @@ class SyncRecord:
 
     def stalled(self, peer: Hashable) -> float:
         """Record a stalled session; returns the back-off in seconds."""
+        self.stalls += 1
+        return self._strike(peer)
+
+    def timed_out(self, peer: Hashable) -> float:
+        """Record a session that ended, without progress, on a request timeout (the
+        same back-off as a stall: it held a slot as long); returns it in seconds."""
+        self.timeouts += 1
+        return self._strike(peer)
+
+    def good(self, peer: Hashable) -> bool:
+        """Its last session with us brought something new or found us in sync."""
+        rec = self._peers.get(peer)
+        return rec is not None and rec.good
+
+    def _strike(self, peer: Hashable) -> float:
         rec = self._get(peer)
         rec.strikes += 1
-        self.stalls += 1
+        rec.good = False
         backoff = min(self.penalty_max_s, self.penalty_s * (1 << min(rec.strikes - 1, 30)))
         rec.until = self.clock() + backoff
         return backoff
@@ -81,6 +101,7 @@ class SyncRecord:
         rec = self._get(peer)
         rec.strikes = 0
         rec.until = 0.0
+        rec.good = True
 
     def backed_off(self, peer: Hashable) -> bool:
         rec = self._peers.get(peer)
@@ -95,45 +116,57 @@ class SyncSlots:
     """Who may start a sync session now (pure bookkeeping; `SlotGate` waits on it).
 
     `slots` sessions at once, one per peer; strangers hold at most `slots - reserved`
-    of them, and while a known peer (one we dialed) waits, no stranger
-    takes a freed slot before it."""
+    of them, and at most `per_group` per group (the subnet of their address: fresh
+    identities cost nothing to make, addresses do); while a known peer (one we
+    dialed) waits, no stranger takes a freed slot before it, and while a stranger
+    with a good record (its last session was productive) waits, no other stranger."""
 
-    def __init__(self, slots: int, reserved: int) -> None:
-        if slots < 1:
-            raise ValueError("sync needs at least one slot")
+    def __init__(self, slots: int, reserved: int, per_group: int = 1_000_000) -> None:
+        if slots < 1 or per_group < 1:
+            raise ValueError("sync needs at least one slot, and one per group")
         self.slots = slots
         self.reserved = max(0, min(reserved, slots - 1))
-        self.holders: dict[Hashable, bool] = {}  # peer -> known
-        self._waiting: dict[Hashable, bool] = {}
+        self.per_group = per_group
+        self.holders: dict[Hashable, tuple[bool, Hashable | None]] = {}  # peer -> known, group
+        self._waiting: dict[Hashable, tuple[bool, bool]] = {}  # peer -> known, good
+        self.refused_group = 0  # takes refused by the per-group bound
 
     @property
     def strangers(self) -> int:
-        return sum(1 for known in self.holders.values() if not known)
+        return sum(1 for known, _ in self.holders.values() if not known)
 
-    def take(self, peer: Hashable, known: bool) -> bool:
+    def take(self, peer: Hashable, known: bool, group: Hashable | None = None,
+             good: bool = False) -> bool:
         if peer in self.holders or len(self.holders) >= self.slots:
             return False
         if not known:
             if self.strangers >= self.slots - self.reserved:
                 return False
-            if any(k for p, k in self._waiting.items() if p != peer):
-                return False  # a known peer waits for this slot
-        self.holders[peer] = known
+            if group is not None and sum(1 for k, g in self.holders.values()
+                                         if not k and g == group) >= self.per_group:
+                self.refused_group += 1
+                return False
+            for p, (k, g) in self._waiting.items():
+                if p != peer and (k or (g and not good)):
+                    return False  # a known peer, or a good stranger, waits for this slot
+        self.holders[peer] = (known, group)
         return True
 
-    def wait(self, peer: Hashable, known: bool) -> None:
-        self._waiting[peer] = known
+    def wait(self, peer: Hashable, known: bool, good: bool = False) -> None:
+        self._waiting[peer] = (known, good)
 
     def unwait(self, peer: Hashable) -> bool:
-        """Stop waiting; True if the peer was a known waiter (strangers may go now)."""
-        return bool(self._waiting.pop(peer, False))
+        """Stop waiting; True if the peer had precedence (others may go now)."""
+        known, good = self._waiting.pop(peer, (False, False))
+        return known or good
 
     def release(self, peer: Hashable) -> None:
         self.holders.pop(peer, None)
 
     def status(self) -> dict[str, int]:
         return {"slots": self.slots, "reserved": self.reserved, "held": len(self.holders),
-                "held_by_strangers": self.strangers, "waiting": len(self._waiting)}
+                "held_by_strangers": self.strangers, "waiting": len(self._waiting),
+                "per_subnet": self.per_group, "refused_per_subnet": self.refused_group}
 
 
 class SlotGate:
@@ -143,14 +176,15 @@ class SlotGate:
         self.slots = slots
         self._changed = trio.Event()
 
-    async def acquire(self, peer: Hashable, known: Callable[[], bool], timeout: float) -> bool:
+    async def acquire(self, peer: Hashable, known: Callable[[], bool], timeout: float,
+                      group: Hashable | None = None, good: bool = False) -> bool:
         """Take a slot for `peer` within `timeout` s; False if none came free.
         `known` is asked again on every try (we may dial the peer meanwhile)."""
         got = False
         with trio.move_on_after(timeout):
             try:
-                while not self.slots.take(peer, k := known()):
-                    self.slots.wait(peer, k)
+                while not self.slots.take(peer, k := known(), group, good):
+                    self.slots.wait(peer, k, good)
                     await self._changed.wait()
                 got = True
             finally:

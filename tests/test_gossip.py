@@ -17,7 +17,7 @@ from node.errors import InvalidMessage
 from node.events import Offer
 from node.keys import Identity
 from node.ledger import Ledger
-from node.p2p import P2PHost, PubSub, make_pubsub, open_host
+from node.p2p import P2PHost, PubSub, make_pubsub, open_host, set_stream_handler
 
 NET = "gossiptest"
 
@@ -219,3 +219,22 @@ async def test_mdns_discovers_lan_peers(tmp_path: Path) -> None:
             nursery.start_soon(gossip.run_mdns, h, disc, NET)
         await wait_until(lambda: a.is_connected(b.peer_id) or b.is_connected(a.peer_id), 20)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_sync_peer_that_lets_requests_time_out_is_backed_off(tmp_path: Path) -> None:
+    """Issue 12: a peer that takes our sync requests and never answers held a sync slot
+    for the whole request timeout every time it was picked; now it is backed off."""
+    async def never_answer(stream: Any) -> None:
+        await trio.sleep(30)  # bounded: the requester gives up after 1 s
+
+    async with tnodes(tmp_path, 1, sync={"request_timeout_s": 1.0, "on_connect": False,
+                                         "interval_s": 3600}) as (a,), \
+            open_host(bytes([77]) * 32) as silent:
+        set_stream_handler(silent, a.rep.protocol, never_answer)
+        await a.host.connect(silent.addrs[0])
+        s = await a.rep.sync_with(silent.peer_id)
+        assert s is not None and s.failed and not s.progressed
+        assert a.rep.stats.sync_timed_out == 1
+        assert a.rep.sync_record.backed_off(silent.peer_id)
+        assert await a.rep.sync_with(silent.peer_id) is None  # not picked again now
+        assert silent.peer_id not in a.rep._sync_candidates()

@@ -29,7 +29,7 @@ def test_strangers_never_hold_the_reserved_slots() -> None:
     assert s.take("known", True)
     s.unwait("known")
     assert s.status() == {"slots": 4, "reserved": 1, "held": 4, "held_by_strangers": 2,
-                          "waiting": 0}
+                          "waiting": 0, "per_subnet": 1_000_000, "refused_per_subnet": 0}
     assert SyncSlots(1, 5).reserved == 0  # at least one slot stays open to strangers
 
 
@@ -48,6 +48,35 @@ def test_record_backs_off_doubling_and_forgives_progress() -> None:
         r.stalled(p)
     assert not r.backed_off("a")  # forgotten: bounded memory (least recently touched)
     assert r.stalls == 7
+
+
+def test_strangers_of_one_subnet_share_its_slots_and_good_ones_go_first() -> None:
+    s = SyncSlots(4, 1, per_group=2)
+    # A stream of fresh identities from one subnet: two sessions, not three.
+    assert [s.take(f"n{i}", False, "10.0.0.0/24") for i in range(3)] == [True, True, False]
+    assert s.take("other", False, "10.0.1.0/24")  # another subnet: the last stranger slot
+    assert s.status()["refused_per_subnet"] == 1
+    assert s.take("known", True, "10.0.0.0/24")  # peers we dialed are not counted
+    s.release("n0")
+    s.release("other")
+    s.wait("good", False, good=True)  # a stranger whose last session was productive
+    assert not s.take("fresh", False, "10.0.2.0/24")  # waits behind it
+    assert s.take("good", False, "10.0.3.0/24", good=True)
+    assert s.unwait("good")  # it had precedence: waiters are woken
+    s.release("good")
+    assert s.take("fresh", False, "10.0.2.0/24")
+    assert s.take("no-address", False, None)  # an unknown address is not grouped
+    assert s.status()["held_by_strangers"] == 3
+
+
+def test_a_peer_whose_requests_time_out_is_backed_off_and_loses_its_good_record() -> None:
+    now = [0.0]
+    r = SyncRecord(lambda: now[0], penalty_s=10.0, penalty_max_s=100.0)
+    r.productive("a")
+    assert r.good("a") and not r.good("b")
+    assert r.timed_out("a") == 10.0 and r.backed_off("a") and not r.good("a")
+    assert r.stalled("a") == 20.0  # timeouts and stalls are strikes in one row
+    assert (r.timeouts, r.stalls) == (1, 1)
 
 
 class Node:

@@ -34,11 +34,18 @@ def pack(value: Any) -> bytes:
 
 
 def _sorted(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value, key=lambda s: s.encode())}
-    if isinstance(value, (list, tuple)):
-        return [_sorted(v) for v in value]
+    # Exact types first (the hot path: every envelope we sign goes through here).
+    # Plain `sorted` on str keys is UTF-8 byte order: code points compare as their
+    # UTF-8 encodings do.
+    t = type(value)
+    if t is dict or (t is not list and t is not tuple and isinstance(value, dict)):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if t is list or t is tuple or isinstance(value, (list, tuple)):
+        return [v if type(v) in _SCALARS else _sorted(v) for v in value]
     return value
+
+
+_SCALARS = frozenset({bytes, str, int, bool, type(None)})
 
 
 def unpack(data: bytes, max_size: int) -> Any:

@@ -283,7 +283,13 @@ class Event:
 
     @property
     def wire(self) -> bytes:
-        return codec.pack([self.signed, self.sig])
+        """`packb([signed, sig])`, put together directly (as `_split_canonical_wire`
+        takes it apart): the envelope as bin8/bin16, the 64-byte signature as bin8."""
+        n = len(self.signed)
+        if len(self.sig) != 64 or n > 0xFFFF:
+            return codec.pack([self.signed, self.sig])
+        head = b"\x92\xc4" + bytes((n,)) if n < 256 else b"\x92\xc5" + n.to_bytes(2, "big")
+        return b"".join((head, self.signed, b"\xc4\x40", self.sig))
 
     @property
     def ref(self) -> bytes | None:
@@ -379,6 +385,30 @@ def _split_canonical_wire(wire: bytes) -> tuple[bytes, bytes] | None:
     if end + 66 != n or wire[end] != 0xC4 or wire[end + 1] != 64:
         return None
     return wire[off:end], wire[end + 2:]
+
+
+_UINT_WIDTH = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # msgpack uint 8/16/32/64 headers
+
+
+def peek_chain_position(wire: bytes) -> tuple[bytes, int, bytes] | None:
+    """(author, seq, signed) read straight from the bytes of a wire record in the
+    canonical shape (docs/PROTOCOL.md: `[bin signed, bin(64) sig]`, the envelope a
+    7-array starting `1, bin(32) author, seq`), without decoding it; None for any
+    other shape. Nothing here is checked: use it only to find a stored record to
+    compare with."""
+    split = _split_canonical_wire(wire) if type(wire) is bytes else None
+    if split is None:
+        return None
+    signed = split[0]
+    if len(signed) < 37 or signed[:4] != b"\x97\x01\xc4\x20":
+        return None
+    b = signed[36]
+    if b < 0x80:
+        return signed[4:36], b, signed
+    width = _UINT_WIDTH.get(b)
+    if width is None or len(signed) < 37 + width:
+        return None
+    return signed[4:36], int.from_bytes(signed[37:37 + width], "big"), signed
 
 
 def decode_signed(

@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import math
 import random
@@ -379,7 +378,7 @@ class Replicator:
             self._fault(forwarder, f"batch_{e.reason}")
             return False
         # Events we already hold (re-gossip, sync overlap) skip the signature check.
-        fresh = [w for w in wires if not self._known(w)]
+        fresh = [w for w in wires if not self.ledger.holds(w)]
         self.stats.events["duplicate"] += len(wires) - len(fresh)
         if not fresh:
             return True
@@ -447,17 +446,6 @@ class Replicator:
         if origin == forwarder:
             self._fault(forwarder, f"gossip_over_budget_{verdict.scope}")
         return False
-
-    def _known(self, wire: bytes) -> bool:
-        """Cheap duplicate test: id = sha256(signed) of a well-formed record we store."""
-        try:
-            outer = codec.unpack(wire, MAX_WIRE)
-        except InvalidMessage:
-            return False
-        if type(outer) is not list or len(outer) != 2 or type(outer[0]) is not bytes:
-            return False
-        event_id = hashlib.sha256(outer[0]).digest()
-        return self.ledger.get_wire(event_id) == wire
 
     def notify(self, events: list[Event]) -> None:
         for fn in self.listeners:

@@ -26,10 +26,10 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from .errors import InvalidEvent, UsageError
-from .events import MAX_WIRE, Body, Event, decode_wire, sign_event
+from .events import MAX_WIRE, Body, Event, decode_wire, peek_chain_position, sign_event
 from .keys import Identity
 from .recon import Item, ReconIndex
 
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS forks(
 CACHE_KIB = 32 << 10  # SQLite page cache of the writer (part of the RSS budget)
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MiB of WAL between automatic checkpoints
 
-_Row = tuple[bytes, bytes, int, int, str, bytes | None, bytes]
+_Row = tuple[bytes, bytes, int, int, str, bytes | None, bytes, int]  # ..., wire, idk
 
 
 def idk(event_id: bytes) -> int:
@@ -422,9 +422,40 @@ class Ledger:
 
         Events whose predecessor is missing are held, charged to `source` (the peer
         that sent them; None: local); `blame`: `source` published them itself, so
-        if they expire unfilled, `expire_pending` reports it as the source's fault."""
+        if they expire unfilled, `expire_pending` reports it as the source's fault.
+        A record byte for byte identical to a stored one is a duplicate without
+        being decoded or verified again (re-gossip and sync overlap)."""
         batch = list(wires)
-        return self._append(batch, _decode_all(batch, self.network), source, blame)
+        decoded: list[Event | AppendResult | None] = [
+            AppendResult(Status.DUPLICATE, hashlib.sha256(held).digest())
+            if (held := self._held_signed(w)) is not None else None for w in batch]
+        todo = [w for w, d in zip(batch, decoded, strict=True) if d is None]
+        if todo:
+            fresh = iter(_decode_all(todo, self.network))
+            decoded = [next(fresh) if d is None else d for d in decoded]
+        return self._append(batch, cast(list[Event | AppendResult], decoded), source, blame)
+
+    def holds(self, wire: bytes) -> bool:
+        """Whether `wire` is, byte for byte, a record this ledger stores: a duplicate
+        that needs no signature check. Costs a dictionary lookup unless the record's
+        (author, seq) is at or below the author's stored head, then one indexed read."""
+        return self._held_signed(wire) is not None
+
+    def _held_signed(self, wire: bytes) -> bytes | None:
+        """The envelope of `wire` if `wire` equals the record stored at its (author,
+        seq), else None. The (author, seq) read from the raw bytes is only a hint of
+        where to look: what decides is the byte comparison with a stored record,
+        which was checked in full when it was appended."""
+        hint = peek_chain_position(wire)
+        if hint is None:
+            return None
+        author, seq, signed = hint
+        head = self._heads.get(author)
+        if head is None or seq > head.seq:
+            return None
+        row = self.db.execute("SELECT wire FROM events WHERE author=? AND seq=?",
+                              (author, seq)).fetchone()
+        return signed if row is not None and row[0] == wire else None
 
     def append_checked(self, wires: list[bytes], checked: list[Event | AppendResult], *,
                        source: Source = None, blame: bool = False) -> list[AppendResult]:
@@ -457,7 +488,7 @@ class Ledger:
                 self.db.execute("BEGIN IMMEDIATE")
                 self.db.executemany(
                     "INSERT INTO events(id, idk, author, seq, ts_ms, kind, ref, wire) "
-                    "VALUES(?1, idk(?1), ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "VALUES(?1, ?8, ?2, ?3, ?4, ?5, ?6, ?7)",  # idk from Python: no callback
                     b.rows,
                 )
                 self.db.executemany(
@@ -543,7 +574,7 @@ class Ledger:
         return AppendResult(Status.ACCEPTED, ev.id, accepted=tuple(accepted))
 
     def _stage(self, ev: Event, wire: bytes, b: _Batch) -> None:
-        row = (ev.id, ev.author, ev.seq, ev.ts_ms, ev.kind, ev.ref, wire)
+        row = (ev.id, ev.author, ev.seq, ev.ts_ms, ev.kind, ev.ref, wire, idk(ev.id))
         b.rows.append(row)
         b.staged[(ev.author, ev.seq)] = row
         b.overlay[ev.author] = Head(ev.seq, ev.id, ev.ts_ms)

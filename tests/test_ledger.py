@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node import codec
+from node import ledger as ledger_mod
 from node.errors import UsageError
-from node.events import MAX_SIGNED, Bid, Event, Offer, decode_wire
+from node.events import MAX_SEQ, MAX_SIGNED, Bid, Event, Offer, decode_wire, peek_chain_position
 from node.keys import Identity
-from node.ledger import Ledger, Status, read_stream
+from node.ledger import AppendResult, Ledger, Status, read_stream
 from node.testing import NETWORK, Chain, fake_id, raw_event, sample_bodies, seed, wire_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,6 +274,53 @@ def test_replay_is_duplicate_even_with_another_signature(ledger: Ledger) -> None
     # one for the same envelope: same id, so a duplicate, never a fork.
     assert ledger.fork_proofs() == []
     assert snapshot(ledger) == before
+
+
+def test_a_stored_record_is_a_duplicate_without_decoding_again(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = Chain(seed(5))
+    evs = [c.next() for _ in range(3)]
+    assert all(r.status is Status.ACCEPTED for r in ledger.append_many([e.wire for e in evs]))
+    checked: list[bytes] = []
+    real = ledger_mod._decode_all
+
+    def spy(wires: list[bytes], network: str) -> list[Event | AppendResult]:
+        checked.extend(wires)
+        return real(wires, network)
+
+    monkeypatch.setattr(ledger_mod, "_decode_all", spy)
+    nxt = c.next()
+    res = ledger.append_many([evs[0].wire, nxt.wire, evs[2].wire])
+    assert [r.status for r in res] == [Status.DUPLICATE, Status.ACCEPTED, Status.DUPLICATE]
+    assert [r.event_id for r in res] == [evs[0].id, nxt.id, evs[2].id]
+    assert checked == [nxt.wire]  # only the new record was decoded and verified
+    assert ledger.holds(evs[1].wire) and not ledger.holds(c.make(5, nxt.id).wire)
+
+
+def test_same_envelope_with_a_bad_signature_is_rejected_not_a_duplicate(
+        ledger: Ledger) -> None:
+    # Byte-identical records skip the signature check; one that differs in its
+    # signature only must still be checked, or we would relay it (and be faulted by
+    # every peer that checks it) as a duplicate.
+    c = Chain(seed(5))
+    ev = c.next()
+    assert ledger.append(ev.wire).status is Status.ACCEPTED
+    bad = wire_of(ev.signed, bytes(64))
+    assert not ledger.holds(bad)
+    res = ledger.append(bad)
+    assert res.status is Status.REJECTED and res.reason == "bad_signature"
+
+
+@pytest.mark.parametrize("seq", [1, 127, 128, 255, 256, 65_535, 65_536, 2**32, MAX_SEQ])
+def test_peek_chain_position_reads_author_and_seq(seq: int) -> None:
+    c = Chain(seed(9))
+    ev = c.make(seq, None if seq == 1 else fake_id("prev"), ts_ms=1_700_000_000_000)
+    assert peek_chain_position(ev.wire) == (ev.author, seq, ev.signed)
+    for junk in (b"", ev.wire[:40], b"\x92" + ev.wire[1:30], ev.signed, 12345):
+        assert peek_chain_position(junk) is None  # type: ignore[arg-type]
+    # Another shape (bin16 header for a short envelope): no hint, full decode decides.
+    odd = b"\x92\xc5" + len(ev.signed).to_bytes(2, "big") + ev.signed + ev.wire[-66:]
+    assert peek_chain_position(odd) is None
 
 
 # ---------------------------------------------------------------- pending and forks

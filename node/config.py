@@ -231,6 +231,9 @@ class LimitsConfig:
     gossip_peer_events_per_s: int = _opt(1000, int, _range(1, 1_000_000))
     gossip_peer_bytes_per_s: int = _opt(1 << 20, int, _range(64 * 1024, 1 << 30))
     gossip_burst_s: int = _opt(4, int, _range(1, 600))
+    # Received gossip events waiting to be checked and stored, all peers (node/ingest.py):
+    # beyond it, batches of the peers holding more than an equal share are dropped.
+    gossip_ingest_queue_events: int = _opt(8192, int, _range(512, 1 << 24))
     # SUBMIT records per requesting peer, per IP (all addresses, loopback included)
     # and for the whole node: rate per second and burst.
     submit_peer_per_s: int = _opt(50, int, _range(1, 1_000_000))

@@ -181,7 +181,8 @@ class Replicator:
                                    float(lim.gossip_burst_s), trio.current_time)
         """Gossip input per forwarding peer (`[limits] gossip_*`)."""
         self.ingest: FairIngest[p2p.PeerId, Event | AppendResult] = FairIngest(
-            lambda wires: check_records(wires, self.network), self._store_slice)
+            lambda wires: check_records(wires, self.network), self._store_slice,
+            max_events=lim.gossip_ingest_queue_events)
         """Received gossip, checked and stored in slices fairly between peers."""
         self.listeners: list[AcceptedListener] = []
         """Called with events newly stored: from gossip, sync, or the node itself."""
@@ -382,6 +383,11 @@ class Replicator:
         self.stats.events["duplicate"] += len(wires) - len(fresh)
         if not fresh:
             return True
+        if not self.ingest.admits(forwarder, len(fresh)):
+            # The node-wide ingest queue is full and this peer holds its share of it:
+            # dropped (not forwarded; pull sync fetches what is worth having), no fault.
+            self.stats.events["ingest_full"] += len(fresh)
+            return False
         verdict = self.budget.charge_events(forwarder, len(fresh))
         if not verdict.ok:
             return self._over_budget(forwarder, origin, verdict)

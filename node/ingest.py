@@ -11,6 +11,12 @@ releases the GIL, so the loop keeps serving meanwhile), stores the slice on the 
 (one short transaction) and yields before the next slice. A peer's backlog thus
 delays others by at most one slice, and its own batches stay in arrival order.
 
+The queue is bounded node-wide (`max_events`, `[limits] gossip_ingest_queue_events`):
+per-peer budgets alone let many identities multiply them. Beyond the bound a batch
+is refused unless its peer's queued events stay within an equal share of the bound
+among the peers with a backlog, so the peers filling the queue are the ones refused
+and a light peer still gets in.
+
 `RoundRobin` is the pure part (per-key FIFO queues served in turn); `FairIngest`
 is the trio driver.
 """
@@ -40,6 +46,7 @@ D = TypeVar("D")
 # (~60 events at 1,200 events/s from 10 nodes) in one slice, and a slice's store
 # step on the loop short (~1-2 ms).
 SLICE_EVENTS = 64
+MAX_EVENTS = 8192
 
 
 class RoundRobin(Generic[K, T]):
@@ -112,9 +119,9 @@ class FairIngest(Generic[K, D]):
 
     def __init__(self, check: Callable[[list[bytes]], list[D]],
                  store: Callable[[K, list[bytes], list[D], bool], bool],
-                 slice_events: int = SLICE_EVENTS) -> None:
-        if slice_events < 1:
-            raise UsageError("an ingest slice holds at least one record")
+                 slice_events: int = SLICE_EVENTS, max_events: int = MAX_EVENTS) -> None:
+        if slice_events < 1 or max_events < 1:
+            raise UsageError("an ingest slice and the queue hold at least one record")
         self._check = check
         self._store = store
         self.slice_events = slice_events
@@ -122,22 +129,44 @@ class FairIngest(Generic[K, D]):
         self._wake = trio.Event()
         # One checking thread: the loop's thread does the rest, two cores in all.
         self._limiter = trio.CapacityLimiter(1)
+        self.max_events = max_events
+        self._events = 0  # records queued, all peers
+        self._peer_events: dict[K, int] = {}  # records queued per peer (peers with a backlog)
         self.slices = 0
         self.max_queued = 0
+        self.refused_batches = 0
+        self.refused_events = 0
 
     def queued(self) -> int:
         """Batches waiting or in progress."""
         return len(self._queue)
 
     def status(self) -> dict[str, int]:
-        return {"queued_batches": len(self._queue), "queued_peers": self._queue.keys,
-                "max_queued_batches": self.max_queued, "slices": self.slices,
+        return {"queued_batches": len(self._queue), "queued_events": self._events,
+                "queued_peers": self._queue.keys, "max_queued_batches": self.max_queued,
+                "max_events": self.max_events, "refused_batches": self.refused_batches,
+                "refused_events": self.refused_events, "slices": self.slices,
                 "slice_events": self.slice_events}
 
+    def admits(self, peer: K, n: int) -> bool:
+        """Whether a batch of `n` records from `peer` may be queued now (see above);
+        a refusal is counted."""
+        if self._events + n > self.max_events:
+            mine = self._peer_events.get(peer, 0)
+            backlogged = len(self._peer_events) + (mine == 0)
+            if mine + n > self.max_events // backlogged:
+                self.refused_batches += 1
+                self.refused_events += n
+                return False
+        return True
+
     async def submit(self, peer: K, records: list[bytes], blame: bool) -> bool:
-        """Queue a batch and wait for its verdict. If the caller is cancelled the
-        batch is still stored (its events are valid work done for the network)."""
+        """Queue a batch (`admits` first) and wait for its verdict. If the caller is
+        cancelled the batch is still stored (its events are valid work done for the
+        network)."""
         job = IngestJob(peer, records, blame)
+        self._events += len(records)
+        self._peer_events[peer] = self._peer_events.get(peer, 0) + len(records)
         self._queue.push(peer, job)
         self.max_queued = max(self.max_queued, len(self._queue))
         self._wake.set()
@@ -160,8 +189,17 @@ class FairIngest(Generic[K, D]):
             except Exception:  # a bug here must not end the node: drop the batch
                 log.exception("ingest of a received batch failed; dropping it")
                 job.ok = False
+                dropped = len(job.records) - job.pos - len(chunk)
+                self._events -= dropped
+                self._peer_events[peer] = self._peer_events.get(peer, 0) - dropped
                 job.pos = len(job.records)
             job.pos += len(chunk)
+            self._events -= len(chunk)
+            left = self._peer_events.get(peer, 0) - len(chunk)
+            if left > 0:
+                self._peer_events[peer] = left
+            else:
+                self._peer_events.pop(peer, None)
             self.slices += 1
             if job.pos >= len(job.records):
                 self._queue.pop()

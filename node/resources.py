@@ -117,6 +117,7 @@ class Limits:
     gossip_peer_events_per_s: int = 1000
     gossip_peer_bytes_per_s: int = 1 << 20
     gossip_burst_s: int = 4
+    gossip_ingest_queue_events: int = 8192
     submit_peer_per_s: int = 50
     submit_peer_burst: int = 200
     submit_ip_per_s: int = 100
@@ -170,6 +171,7 @@ class Limits:
 
 REPLICATION_LIMITS: Final = (
     "gossip_peer_events_per_s", "gossip_peer_bytes_per_s", "gossip_burst_s",
+    "gossip_ingest_queue_events",
     "submit_peer_per_s", "submit_peer_burst", "submit_ip_per_s", "submit_ip_burst",
     "submit_node_per_s", "submit_node_burst", "pending_peer_bytes", "pending_peer_events",
     "pending_total_bytes", "pending_ttl_s", "gap_authors_per_round",

@@ -115,3 +115,29 @@ async def test_a_bad_slice_fails_its_batch_only_and_a_bug_does_not_stop_the_work
 def test_slices_hold_at_least_one_record() -> None:
     with pytest.raises(UsageError):
         FairIngest(lambda r: r, lambda p, r, c, b: True, 0)
+
+
+async def test_a_full_queue_refuses_the_peers_holding_it_not_a_light_peer() -> None:
+    log: list[tuple[str, list[bytes]]] = []
+    ing = _ingest(log, slice_events=4)
+    ing.max_events = 40
+    async with trio.open_nursery() as n:
+        # The worker is not running yet: everything queues.
+        for _ in range(4):
+            assert ing.admits("a", 10)
+            n.start_soon(ing.submit, "a", [b"a%d" % i for i in range(10)], True)
+            await trio.testing.wait_all_tasks_blocked()
+        assert ing.status()["queued_events"] == 40
+        assert not ing.admits("a", 10)  # full, and "a" holds all of it
+        assert ing.admits("b", 10)  # a light peer's share: 40 // 2 peers
+        n.start_soon(ing.submit, "b", [b"b%d" % i for i in range(10)], True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not ing.admits("b", 11)  # beyond its share
+        assert ing.status()["refused_batches"] == 2
+        n.start_soon(ing.run)
+        with trio.fail_after(30):
+            while ing.status()["queued_events"]:
+                await trio.sleep(0.01)
+        assert ing.admits("a", 40)  # drained: room again
+        n.cancel_scope.cancel()
+    assert sum(len(r) for _, r in log) == 50

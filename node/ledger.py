@@ -722,6 +722,10 @@ class Ledger:
         for author, item in old.items():
             self._recon.update(author, item, self.recon_item(author))
 
+    def id_at(self, author: bytes, seq: int) -> bytes | None:
+        """The id of the stored event at (author, seq), if any."""
+        return self._id_at(author, seq)
+
     def _id_at(self, author: bytes, seq: int) -> bytes | None:
         if seq < 1:
             return None

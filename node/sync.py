@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from . import schema
+from . import recon, schema
 from .errors import InvalidEvent, InvalidMessage
 from .events import MAX_SEQ, MAX_WIRE, Event, decode_wire
 from .ledger import AppendResult, Ledger, Status
@@ -50,8 +50,13 @@ FORKS_MAX = 8  # fork proofs per FORKS response (lowest seqs first)
 CHAIN_REASONS = frozenset({"prev_mismatch", "ts_regress", "bad_chain"})
 
 
-def protocol_id(network: str) -> str:
-    return f"/bidmesh/{network}/sync/1"
+MAX_REQUEST_V2 = 16 * 1024  # bytes; RECON and FETCH list nodes and authors
+FETCH_ENTRIES_MAX = 128  # authors per FETCH request
+
+
+def protocol_id(network: str, version: int = 1) -> str:
+    """`/sync/1` (HEADS paging) or `/sync/2` (adds RECON and FETCH: node/sync_recon.py)."""
+    return f"/bidmesh/{network}/sync/{version}"
 
 
 def counts_against_peer(res: AppendResult) -> bool:
@@ -163,20 +168,129 @@ class ErrorResponse(Message):
     message: str = f(Str(512))
 
 
-SyncRequest = DigestRequest | HeadsRequest | RangeRequest | ForksRequest
-SyncResponse = DigestResponse | HeadsResponse | RangeResponse | ForksResponse | ErrorResponse
+# ---- /sync/2 only: set reconciliation (node/recon.py) and batched fetching
+
+
+@dataclass(frozen=True)
+class ReconNode(schema.Row):
+    """A trie node: the authors whose first `bits` bits are `prefix` (left-aligned in
+    ceil(bits/8) bytes, unused low bits zero)."""
+
+    bits: int = f(Int(0, recon.KEY_BITS))
+    prefix: bytes = f(Bytes(0, recon.KEY_BITS // 8))
+
+    def validate(self) -> None:
+        if recon.node_from_bytes(self.prefix, self.bits) is None:
+            raise self.reject("prefix", "must be ceil(bits/8) bytes with the unused bits zero")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(prefix as an integer, bits)."""
+        return recon.node_from_bytes(self.prefix, self.bits) or 0, self.bits
+
+
+@dataclass(frozen=True)
+class ReconRequest(Message):
+    """Summaries of `nodes` (disjoint, ascending), each split into 2^split children."""
+
+    TAG = 5
+    salt: bytes = f(Bytes(recon.SALT_BYTES))
+    split: int = f(Int(1, recon.SPLIT_MAX))
+    nodes: tuple[ReconNode, ...] = f(List(Nested(ReconNode), recon.NODES_MAX, lo=1))
+
+    def validate(self) -> None:
+        keys = [n.key for n in self.nodes]
+        problem = recon.check_disjoint(keys)
+        if problem:
+            raise self.reject("nodes", problem)
+        if max(bits for _, bits in keys) + self.split > recon.KEY_BITS:
+            raise self.reject("split", "a node cannot be split below a full key")
+
+
+@dataclass(frozen=True)
+class ReconAnswer(schema.Row):
+    """One node: split (`counts` of its 2^split children, `fps` the fingerprints of
+    the non-empty ones, concatenated) or, when it holds at most LEAF_ITEMS items,
+    those `items` (then `counts` and `fps` are empty)."""
+
+    counts: tuple[int, ...] = f(List(SEQ, 1 << recon.SPLIT_MAX))
+    fps: bytes = f(Bytes(0, recon.FP_BYTES << recon.SPLIT_MAX))
+    items: tuple[HeadEntry, ...] = f(List(Nested(HeadEntry), recon.LEAF_ITEMS))
+
+    def validate(self) -> None:
+        if self.items and (self.counts or self.fps):
+            raise self.reject("items", "an answer is either a split or items")
+        if sum(1 for c in self.counts if c) * recon.FP_BYTES != len(self.fps):
+            raise self.reject("fps", "one fingerprint per non-empty child")
+
+
+@dataclass(frozen=True)
+class ReconResponse(Message):
+    TAG = 5
+    answers: tuple[ReconAnswer, ...] = f(List(Nested(ReconAnswer), recon.NODES_MAX))
+
+
+@dataclass(frozen=True)
+class FetchEntry(schema.Row):
+    """Records of `author` from `from_seq` on; the first is left out when its id is
+    `skip_id` (our head: sent only if the peer's differs, i.e. a fork)."""
+
+    author: bytes = f(AUTHOR)
+    from_seq: int = f(Int(1, MAX_SEQ))
+    skip_id: bytes | None = f(Opt(ID))
+
+
+@dataclass(frozen=True)
+class FetchRequest(Message):
+    TAG = 6
+    entries: tuple[FetchEntry, ...] = f(List(Nested(FetchEntry), FETCH_ENTRIES_MAX, lo=1))
+    limit: int = f(Int(1, RANGE_LIMIT_MAX))
+    max_bytes: int = f(Int(1, RANGE_BYTES_MAX))
+
+    def validate(self) -> None:
+        if any(a.author >= b.author for a, b in itertools.pairwise(self.entries)):
+            raise self.reject("entries", "must be in strictly ascending author order")
+
+
+@dataclass(frozen=True)
+class FetchResponse(Message):
+    """One list of records per entry, in order, until `limit` or `max_bytes` ran out
+    (one record may exceed it): entries past the end of the list were not reached."""
+
+    TAG = 6
+    records: tuple[tuple[bytes, ...], ...] = f(
+        List(List(RECORD, RANGE_LIMIT_MAX), FETCH_ENTRIES_MAX))
+
+    def validate(self) -> None:
+        if sum(len(r) for r in self.records) > RANGE_LIMIT_MAX:
+            raise self.reject("records", f"at most {RANGE_LIMIT_MAX} records in all")
+        if sum(len(w) for r in self.records for w in r) > RANGE_BYTES_MAX + MAX_WIRE:
+            raise self.reject("records", "exceed the byte limit")
+
+
+SyncRequest = (DigestRequest | HeadsRequest | RangeRequest | ForksRequest | ReconRequest
+               | FetchRequest)
+SyncResponse = (DigestResponse | HeadsResponse | RangeResponse | ForksResponse | ErrorResponse
+                | ReconResponse | FetchResponse)
 REQUESTS = schema.Messages("sync", "request", MAX_REQUEST,
                            DigestRequest, HeadsRequest, RangeRequest, ForksRequest)
 RESPONSES = schema.Messages("sync", "response", MAX_RESPONSE, ErrorResponse,
                             DigestResponse, HeadsResponse, RangeResponse, ForksResponse)
+REQUESTS_V2 = schema.Messages("sync", "request", MAX_REQUEST_V2, DigestRequest, HeadsRequest,
+                              RangeRequest, ForksRequest, ReconRequest, FetchRequest)
+RESPONSES_V2 = schema.Messages("sync", "response", MAX_RESPONSE, ErrorResponse,
+                               DigestResponse, HeadsResponse, RangeResponse, ForksResponse,
+                               ReconResponse, FetchResponse)
 
 
-def decode_request(data: bytes) -> SyncRequest:
-    return REQUESTS.decode(data)  # type: ignore[return-value]  # one of the classes above
+def decode_request(data: bytes, version: int = 1) -> SyncRequest:
+    decoder = REQUESTS_V2 if version == 2 else REQUESTS
+    return decoder.decode(data)  # type: ignore[return-value]  # one of the classes above
 
 
-def decode_response(data: bytes) -> SyncResponse:
-    return RESPONSES.decode(data)  # type: ignore[return-value]  # one of the classes above
+def decode_response(data: bytes, version: int = 1) -> SyncResponse:
+    decoder = RESPONSES_V2 if version == 2 else RESPONSES
+    return decoder.decode(data)  # type: ignore[return-value]  # one of the classes above
 
 
 # ------------------------------------------------------------------ server side
@@ -212,8 +326,18 @@ def heads_snapshot(ledger: Ledger) -> HeadsSnapshot:
     return snap
 
 
-def serve(ledger: Ledger, req: SyncRequest) -> SyncResponse:
-    """Answer one request from the local ledger (cheap, bounded work)."""
+def serve(ledger: Ledger, req: SyncRequest, version: int = 1) -> SyncResponse:
+    """Answer one request from the local ledger (cheap, bounded work). `/sync/2`
+    answers HEADS from the reconciliation index (no snapshot to sort)."""
+    if isinstance(req, ReconRequest):
+        return _serve_recon(ledger, req)
+    if isinstance(req, FetchRequest):
+        return _serve_fetch(ledger, req)
+    if isinstance(req, HeadsRequest) and version == 2:
+        index = ledger.recon_index()
+        page, more = index.page(req.after, req.limit)
+        return HeadsResponse(tuple(HeadEntry(a, *it) for a in page
+                                   if (it := index.item_of(a)) is not None), more)
     if isinstance(req, DigestRequest):
         snap = heads_snapshot(ledger)
         return DigestResponse(snap.digest, len(snap.heads), len(snap.forked))
@@ -238,19 +362,58 @@ def serve(ledger: Ledger, req: SyncRequest) -> SyncResponse:
     return ForksResponse(tuple((p.wire_a, p.wire_b) for p in proofs))
 
 
+def _serve_recon(ledger: Ledger, req: ReconRequest) -> ReconResponse:
+    index = ledger.recon_index()
+    out = []
+    for node in req.nodes:
+        prefix, bits = node.key
+        ans = recon.answer(index, prefix, bits, req.split, req.salt)
+        if isinstance(ans, recon.Items):
+            out.append(ReconAnswer((), b"", tuple(HeadEntry(a, *it) for a, it in ans.items)))
+        else:
+            out.append(ReconAnswer(ans.counts, b"".join(ans.fps), ()))
+    return ReconResponse(tuple(out))
+
+
+def _serve_fetch(ledger: Ledger, req: FetchRequest) -> FetchResponse:
+    out: list[tuple[bytes, ...]] = []
+    n = size = 0
+    for e in req.entries:
+        if n >= req.limit or size >= req.max_bytes:
+            break  # the rest are not reached
+        start = e.from_seq
+        if e.skip_id is not None and ledger.id_at(e.author, start) == e.skip_id:
+            start += 1
+        recs: list[bytes] = []
+        full = False
+        for w in ledger.range(e.author, start, req.limit - n):
+            if n and size + len(w) > req.max_bytes:
+                full = True
+                break
+            recs.append(w)
+            n += 1
+            size += len(w)
+        if full and not recs:
+            break  # no room for this one: not reached (an empty list says "nothing")
+        out.append(tuple(recs))
+        if full:
+            break
+    return FetchResponse(tuple(out))
+
+
 def _fork_seq(seq: int, fork_seq: int | None) -> int | None:
     """A HEADS entry names a fork only at its truncation point; a fork proof we hold
     above our own chain (fetched before the chain caught up) is announced later."""
     return fork_seq if fork_seq is not None and seq == fork_seq - 1 else None
 
 
-def handle(ledger: Ledger, data: bytes) -> bytes:
+def handle(ledger: Ledger, data: bytes, version: int = 1) -> bytes:
     """Decode, serve and encode; invalid requests get an ERROR response."""
     try:
-        req = decode_request(data)
+        req = decode_request(data, version)
     except InvalidMessage as e:
         return ErrorResponse(e.reason[:32], str(e)[:512]).encode()
-    return serve(ledger, req).encode()
+    return serve(ledger, req, version).encode()
 
 
 # ------------------------------------------------------------------ client side
@@ -462,6 +625,9 @@ class SyncSession:
         if isinstance(resp, ErrorResponse):
             self.failed = f"peer error {resp.code}: {resp.message}"
             return
+        self._on_answer(req, resp)
+
+    def _on_answer(self, req: SyncRequest, resp: SyncResponse) -> None:
         if isinstance(req, DigestRequest) and isinstance(resp, DigestResponse):
             if resp.digest == self.ledger.digest():
                 self.in_sync = True
@@ -509,20 +675,23 @@ class SyncSession:
     def _heads_page(self, resp: HeadsResponse, local: dict[bytes, tuple[int, bytes | None]],
                     forked: dict[bytes, int]) -> None:
         for h in resp.heads:
-            mine_fork = forked.get(h.author)
-            if h.fork_seq is not None and (mine_fork is None or h.fork_seq < mine_fork):
-                self._wants.append(_Want(h.author, 0, forks=True))
-            seq, id_ = local.get(h.author, (0, None))
-            if h.seq > seq:
-                if self.live_after_ms is not None and seq > 0:
-                    mine = self.ledger.head(h.author)
-                    if mine is not None and mine.ts_ms >= self.live_after_ms:
-                        self.stats.skipped_live += 1
-                        continue
-                self._wants.append(_Want(h.author, h.seq))
-            elif h.seq == seq and h.seq > 0 and h.id != id_ and mine_fork is None:
-                # Same height, different event: fetch it; the ledger records the fork.
-                self._wants.append(_Want(h.author, h.seq, probe=True))
+            self._consider(h, *local.get(h.author, (0, None)), forked.get(h.author))
+
+    def _consider(self, h: HeadEntry, seq: int, id_: bytes | None,
+                  mine_fork: int | None) -> None:
+        """Want what the peer's entry `h` has beyond ours (`seq`, `id_`, `mine_fork`)."""
+        if h.fork_seq is not None and (mine_fork is None or h.fork_seq < mine_fork):
+            self._wants.append(_Want(h.author, 0, forks=True))
+        if h.seq > seq:
+            if self.live_after_ms is not None and seq > 0:
+                mine = self.ledger.head(h.author)
+                if mine is not None and mine.ts_ms >= self.live_after_ms:
+                    self.stats.skipped_live += 1
+                    return
+            self._wants.append(_Want(h.author, h.seq))
+        elif h.seq == seq and h.seq > 0 and h.id != id_ and mine_fork is None:
+            # Same height, different event: fetch it; the ledger records the fork.
+            self._wants.append(_Want(h.author, h.seq, probe=True))
 
     def _on_range(self, req: RangeRequest, resp: RangeResponse) -> None:
         w = self._wants[0]

@@ -259,3 +259,19 @@ def test_ledger_keeps_its_index_up_to_date(tmp_path: Path) -> None:
     assert other.add_fork_proof(z.wire, w.wire)
     assert other.recon_item(liar.public) == Item(3, evs[-1].id, None)
     assert same(other.recon_index(), rebuilt(other))
+
+
+def test_pages_walk_every_author_in_order() -> None:
+    items = rand_items(random.Random(10), 700)
+    idx = index_of(items)
+    got: list[bytes] = []
+    after = None
+    while True:
+        page, more = idx.page(after, 37)
+        got.extend(page)
+        if not more:
+            break
+        after = page[-1]
+    assert got == sorted(items)
+    assert idx.page(None, 1000) == (sorted(items), False)
+    assert idx.page(b"\xff" * 32, 5) == ([], False)

@@ -1,5 +1,9 @@
 """Replication for a running node: gossipsub push, pull anti-entropy, discovery.
 
+The decisions (pacing, live window, gap grace, regossip, fault cut-off, periodic
+sync schedule, mesh watchdog) are `node.replication.ReplicationPolicy`'s, sans-I/O
+and tested on a fake network; `Replicator` here performs them over libp2p.
+
 * Push: one gossipsub topic per network, `bidmesh/<network>/events/1`. Events are
   batched per pubsub message (`[1, [wire, ...]]`, up to `gossip.batch_events`
   events or `gossip.batch_ms` of waiting) and published with backpressure
@@ -13,6 +17,9 @@
   with every newly connected peer, every `sync.interval_s` with a random peer, and
   soon after `ledger.pending_gaps()` appear (asking the peers that sent the orphans first).
   Convergence never depends on gossip delivering everything.
+* Mesh watchdog: a node whose gossipsub mesh stays empty while it has topic peers
+  GRAFTs some again (`Topic.regraft`; docs/libp2p-notes.md, "Mesh loss"); counted
+  in `stats.mesh_lost`, `mesh_empty_s`, `mesh_regrafts`.
 * Budgets (`[limits]`, node/budget.py): gossip input per forwarding peer in
   events/s and bytes/s, beyond which batches are dropped (a fault only for the
   peer's own publishes); pending events charged to their forwarder and expired
@@ -35,7 +42,6 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import trio
@@ -48,6 +54,17 @@ from .events import MAX_WIRE, Event
 from .gaps import GapPlanner
 from .ingest import FairIngest
 from .ledger import AppendResult, Ledger, Status, check_records
+from .replication import (  # noqa: F401  (LIVE_S & co. re-exported for callers)
+    CATCH_UP_S,
+    GAP_GRACE_S,
+    LIVE_S,
+    LIVE_WINDOW_MAX_S,
+    MESH_CHECK_S,
+    REGOSSIP_MIN_AGE_MS,
+    Clock,
+    ReplicationPolicy,
+    Stats,
+)
 from .resources import subnet_of
 from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of, lacks_protocol
 
@@ -56,12 +73,7 @@ log = logging.getLogger("bidmesh.gossip")
 BATCH_VERSION = 1
 BATCH_MAX_EVENTS = 512
 BATCH_MAX_BYTES = 1000 * 1024
-REGOSSIP_MIN_AGE_MS = 10_000
-GAP_GRACE_S = 0.5  # wait before pulling a gap that gossip may still fill
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
-LIVE_S = 3.0  # periodic sync leaves to gossip an author we hold an event this young from
-CATCH_UP_S = 1.0  # next periodic round after one that pulled events gossip had not brought
-LIVE_WINDOW_MAX_S = 10.0  # ... however late gossip runs: a lost tail is fetched eventually
 
 
 def topic_name(network: str) -> str:
@@ -91,72 +103,20 @@ def decode_batch(data: bytes) -> list[bytes]:
     return wires
 
 
-# ------------------------------------------------------------------ stats
-
-
-@dataclass
-class Stats:
-    """Counters of the replication service; `as_dict()` is JSON-safe."""
-
-    started_at: float = field(default_factory=time.time)
-    peers: int = 0
-    published: int = 0  # own events queued for gossip
-    batches_sent: int = 0
-    batches_received: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    # Outcomes of received events: accepted (stored: accepted_gossip + accepted_sync),
-    # duplicate, pending, rejected, fork.
-    events: collections.Counter[str] = field(default_factory=collections.Counter)
-    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
-    regossiped: int = 0
-    gossip_errors: int = 0
-    outbox_max: int = 0  # most events ever waiting to be gossiped
-    publish_wait_s: float = 0.0  # total time spent in backpressured publishes
-    publish_missed: int = 0  # (batch, peer) pairs skipped because the peer's queue was full
-    validate_s: float = 0.0  # total time spent storing received batches
-    gossip_delay_s: float = 0.0  # moving average: now - ts of a received batch's newest event
-    sync_rounds: int = 0
-    sync_in_sync: int = 0
-    sync_failed: int = 0
-    sync_skipped: int = 0  # sync picks avoided: identify showed no sync protocol
-    sync_events: int = 0
-    sync_bytes: int = 0
-    sync_left_live: int = 0  # (round, author) pairs periodic sync left to gossip
-    sync_catch_up: int = 0  # periodic rounds that pulled events, so the next came sooner
-    sync_served: int = 0
-    sync_stalled: int = 0  # sessions ended because the peer stalled them (then backed off)
-    sync_timed_out: int = 0  # sessions without progress ended by a request timeout (ditto)
-    sync_no_slot: int = 0  # sessions given up: no sync slot came free in session_s
-    gap_syncs: int = 0
-    pending_expired: int = 0  # events dropped from the pending buffer unfilled
-    last_sync_at: float | None = None
-    last_sync_peer: str | None = None
-    faults: collections.Counter[str] = field(default_factory=collections.Counter)
-    cut_off: int = 0
-    cut_off_peers: dict[str, float] = field(default_factory=dict)  # peer -> blocked until
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("events", "rejected", "faults"):
-            d[k] = dict(getattr(self, k))
-        return d
-
-
-@dataclass
-class _PeerFaults:
-    times: collections.deque[float] = field(default_factory=collections.deque)
-    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
-
-
 AcceptedListener = Callable[[list[Event]], None]
 
 
 class Replicator:
-    """The replication service of one node. Run `run()` in a nursery."""
+    """The replication service of one node: performs what its `ReplicationPolicy`
+    (node/replication.py) decides, over libp2p. Run `run()` in a nursery.
+
+    `clock` defaults to trio's clock with `time.time()` for wall time; `rng` (the
+    policy's only randomness: sync jitter and peer picks) to a fresh
+    `random.Random()`. Tests pass a virtual clock and a seeded one."""
 
     def __init__(self, host: p2p.P2PHost, pubsub: p2p.PubSub, ledger: Ledger,
-                 config: Config) -> None:
+                 config: Config, *, clock: Clock | None = None,
+                 rng: random.Random | None = None) -> None:
         self.host = host
         self.pubsub = pubsub
         self.ledger = ledger
@@ -164,7 +124,10 @@ class Replicator:
         self.network = ledger.network
         self.topic = pubsub.topic(topic_name(self.network))
         self.protocol = sync.protocol_id(self.network)
-        self.stats = Stats()
+        self.clock = clock or Clock(trio.current_time, time.time)
+        self.policy: ReplicationPolicy[p2p.PeerId] = ReplicationPolicy(
+            config, self.clock, rng or random.Random())
+        self.stats: Stats = self.policy.stats
         self.limits = sync.SyncLimits(
             heads_page=config.sync.heads_page,
             range_limit=config.sync.range_limit,
@@ -178,7 +141,7 @@ class Replicator:
         lim = config.limits
         self.budget = GossipBudget(float(lim.gossip_peer_events_per_s),
                                    float(lim.gossip_peer_bytes_per_s),
-                                   float(lim.gossip_burst_s), trio.current_time)
+                                   float(lim.gossip_burst_s), self.clock.now)
         """Gossip input per forwarding peer (`[limits] gossip_*`)."""
         self.ingest: FairIngest[p2p.PeerId, Event | AppendResult] = FairIngest(
             lambda wires: check_records(wires, self.network), self._store_slice,
@@ -186,14 +149,14 @@ class Replicator:
         """Received gossip, checked and stored in slices fairly between peers."""
         self.listeners: list[AcceptedListener] = []
         """Called with events newly stored: from gossip, sync, or the node itself."""
-        self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_event = trio.Event()
-        self._faults: dict[p2p.PeerId, _PeerFaults] = {}
+        self._idle = trio.Event()  # set while nothing waits to be published
+        self._idle.set()
         self._syncing: set[p2p.PeerId] = set()
         self.sync_peers = SyncPeers(host, self.protocol)
         self._send_errors: dict[p2p.PeerId, tuple[str, str]] = {}  # why a request failed
         # Sync slots and per-peer history: tarpits (node/sync_peers.py).
-        self.sync_record = SyncRecord(trio.current_time, penalty_s=config.sync.penalty_s,
+        self.sync_record = SyncRecord(self.clock.now, penalty_s=config.sync.penalty_s,
                                       penalty_max_s=config.sync.penalty_max_s)
         self.sync_slots = SlotGate(SyncSlots(config.sync.slots, config.sync.reserved_slots,
                                              config.sync.stranger_slots_per_subnet))
@@ -201,7 +164,6 @@ class Replicator:
         self.gap_planner = GapPlanner(lim.gap_authors_per_round,
                                       float(lim.gap_peer_requests_per_s), lim.gap_tries)
         """Which gaps to pull from whom (`[limits] gap_*`, node/gaps.py)."""
-        self._rng = random.Random()
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
 
@@ -209,9 +171,13 @@ class Replicator:
 
     def gossip(self, wires: list[bytes]) -> None:
         """Queue stored events for gossip (batched and paced by the sender task)."""
-        self._outbox.extend(wires)
-        self.stats.outbox_max = max(self.stats.outbox_max, len(self._outbox))
-        self._outbox_event.set()
+        self.policy.queue(wires)
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        if self.policy.outbox_len:
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            self._outbox_event.set()
 
     def publish_event(self, ev: Event) -> None:
         self.stats.published += 1
@@ -219,22 +185,18 @@ class Replicator:
 
     @property
     def outbox_len(self) -> int:
-        return len(self._outbox)
+        return self.policy.outbox_len
 
     def mesh_state(self) -> dict[str, int]:
         """Our view of the gossip topology: a node with peers but an empty mesh
-        gets events only by sync (seen in benchmarks, cause not yet found)."""
+        gets events only by sync (the mesh watchdog, `_watch_mesh`, rejoins it)."""
         return {"mesh_peers": len(self.topic.mesh_peers()),
                 "topic_peers": len(self.topic.peers()),
                 "pubsub_streams": len(self.pubsub.pubsub.peers)}
 
     def live_window_s(self) -> float:
-        """How recent an author's newest event we hold must be for periodic sync to
-        leave that author to gossip: LIVE_S, widened by how far behind gossip
-        currently reaches us. A node that is behind (busy CPU, a backlog in its
-        own queues) would otherwise pull everything still on its way to it, and
-        the extra work puts it further behind: a sync storm."""
-        return min(LIVE_WINDOW_MAX_S, LIVE_S + 2 * self.stats.gossip_delay_s)
+        """See `ReplicationPolicy.live_window_s`."""
+        return self.policy.live_window_s()
 
     async def sync_with(
         self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None,
@@ -242,7 +204,7 @@ class Replicator:
     ) -> sync.SyncSession | None:
         """Run one anti-entropy session with `peer` now; None if one is already running.
         `leave_live`: skip authors whose events gossip is delivering (we hold one
-        younger than LIVE_S; see `SyncSession`), as the periodic rounds do."""
+        younger than the live window; see `SyncSession`), as the periodic rounds do."""
         if peer in self._syncing or self.host.is_blocked(peer):
             return None
         if self.sync_peers.lacks_sync(peer) or self.sync_record.backed_off(peer):
@@ -256,8 +218,7 @@ class Replicator:
                 self.stats.sync_no_slot += 1
                 return None
             try:
-                live_after_ms = (int((time.time() - self.live_window_s()) * 1000)
-                                 if leave_live else None)
+                live_after_ms = self.policy.live_after_ms() if leave_live else None
                 return await self._session(peer, gaps, live_after_ms)
             finally:
                 self.sync_slots.release(peer)
@@ -292,18 +253,16 @@ class Replicator:
             nursery.start_soon(self._periodic_sync)
             nursery.start_soon(self._gap_sync)
             nursery.start_soon(self._expire_pending)
+            nursery.start_soon(self._watch_mesh)
             self.ready.set()
 
     async def flush(self, timeout: float) -> bool:
         """Wait until the outbox is published (graceful stop); False on timeout."""
         with trio.move_on_after(timeout):
-            while self._outbox or self._sending:
-                await trio.sleep(0.005)
-        return not (self._outbox or self._sending)
+            await self._idle.wait()
+        return self._idle.is_set()
 
     # ---------------------------------------------------------- push
-
-    _sending = False
 
     async def _drain(self, messages: Any) -> None:
         # Messages are handled (stored) in the validator; keep the channel empty.
@@ -311,48 +270,37 @@ class Replicator:
             pass
 
     async def _sender(self) -> None:
-        g = self.cfg.gossip
-        last = -math.inf
         while True:
             await self._outbox_event.wait()
             self._outbox_event = trio.Event()
-            # Pacing: one round of messages per batch_ms at most. py-libp2p's cost
-            # is per message at every hop, not per byte, so under load events wait
-            # here to share a message; an event after a quiet spell goes out at once.
-            await trio.sleep_until(last + g.batch_ms / 1000)
-            last = trio.current_time()
-            while self._outbox:
-                batch: list[bytes] = []
-                size = 16
-                while self._outbox and len(batch) < g.batch_events:
-                    w = self._outbox[0]
-                    if batch and size + len(w) + 8 > g.max_batch_bytes:
-                        break
-                    batch.append(self._outbox.popleft())
-                    size += len(w) + 8
-                data = encode_batch(batch)
-                self._sending = True
-                t0 = time.perf_counter()
-                try:
-                    missed = await self.topic.publish(data, timeout=PUBLISH_WAIT_S)
-                    waited = time.perf_counter() - t0
-                    self.stats.publish_wait_s += waited
-                    if missed:
-                        # A receiver's queue stayed full: it misses this batch, pull
-                        # sync repairs that; waiting longer would stall every batch.
-                        self.stats.publish_missed += missed
-                        log.info("gossip peer queue full; it gets the batch by sync",
-                                 extra={"waited_s": round(waited, 2), "peers": missed,
-                                        "outbox": len(self._outbox)})
-                    self.stats.batches_sent += 1
-                    self.stats.bytes_sent += len(data)
-                except BidmeshError as e:
-                    # A stopping router: the events are stored, pull sync delivers them.
-                    self.stats.gossip_errors += 1
-                    log.warning("gossip publish failed; sync will deliver the batch",
-                                extra={"error": str(e), "events": len(batch)})
-                finally:
-                    self._sending = False
+            await trio.sleep_until(self.policy.round_at())  # pacing (node/replication.py)
+            self.policy.start_round()
+            while batch := self.policy.next_batch():
+                await self._publish(batch)
+            if not self.policy.outbox_len:
+                self._idle.set()
+
+    async def _publish(self, batch: list[bytes]) -> None:
+        data = encode_batch(batch)
+        t0 = self.clock.now()
+        try:
+            missed = await self.topic.publish(data, timeout=PUBLISH_WAIT_S)
+            waited = self.clock.now() - t0
+            self.stats.publish_wait_s += waited
+            if missed:
+                # A receiver's queue stayed full: it misses this batch, pull
+                # sync repairs that; waiting longer would stall every batch.
+                self.stats.publish_missed += missed
+                log.info("gossip peer queue full; it gets the batch by sync",
+                         extra={"waited_s": round(waited, 2), "peers": missed,
+                                "outbox": self.policy.outbox_len})
+            self.stats.batches_sent += 1
+            self.stats.bytes_sent += len(data)
+        except BidmeshError as e:
+            # A stopping router: the events are stored, pull sync delivers them.
+            self.stats.gossip_errors += 1
+            log.warning("gossip publish failed; sync will deliver the batch",
+                        extra={"error": str(e), "events": len(batch)})
 
     async def _validate(self, forwarder: p2p.PeerId, origin: p2p.PeerId, data: bytes) -> bool:
         """Topic validator: store the batch; never raises, never rejects transiently.
@@ -428,14 +376,7 @@ class Replicator:
         if accepted:
             self.stats.events["accepted"] += len(accepted)
             self.stats.events["accepted_gossip"] += len(accepted)
-            # How far behind its authors gossip reaches us (their clocks, ours): the
-            # freshest event of the batch bounds transit + batching + our backlog.
-            # A batch of old events only (re-gossip after a pull, a restarted peer's
-            # backlog) says nothing about that and would hold the window wide open.
-            delay = time.time() - max(ev.ts_ms for ev in accepted) / 1000
-            if delay < REGOSSIP_MIN_AGE_MS / 1000:
-                self.stats.gossip_delay_s += 0.1 * (max(delay, 0.0)
-                                                    - self.stats.gossip_delay_s)
+            self.policy.gossip_received(max(ev.ts_ms for ev in accepted))
             self.notify(accepted)
         if pending:
             self._gap_event.set()
@@ -463,34 +404,13 @@ class Replicator:
     # ---------------------------------------------------------- accounting
 
     def _fault(self, peer: p2p.PeerId, reason: str) -> None:
-        g = self.cfg.gossip
-        now = trio.current_time()
-        pf = self._faults.setdefault(peer, _PeerFaults())
-        pf.times.append(now)
-        pf.reasons[reason] += 1
-        self.stats.faults[reason] += 1
-        while pf.times and pf.times[0] < now - g.fault_window_s:
-            pf.times.popleft()
-        self._prune_accounts(now)
-        if len(pf.times) >= g.fault_threshold and not self.host.is_blocked(peer):
-            self.host.block(peer, g.block_s)
-            self.stats.cut_off += 1
-            self.stats.cut_off_peers[str(peer)] = time.time() + g.block_s
+        """Count invalid input from `peer`; cut it off at the threshold (policy)."""
+        cut = self.policy.fault(peer, reason, self.host.is_blocked)
+        if cut is not None:
+            self.host.block(peer, cut.block_s)
             log.warning("peer cut off for invalid input", extra={
-                "peer": str(peer), "faults": len(pf.times), "reasons": dict(pf.reasons),
-                "blocked_s": g.block_s})
-            del self._faults[peer]
-
-    def _prune_accounts(self, now: float) -> None:
-        """Keep accounting state bounded on a long-running node."""
-        if len(self._faults) > 1024:
-            cutoff = now - self.cfg.gossip.fault_window_s
-            for peer in [p for p, pf in self._faults.items() if not pf.times or
-                         pf.times[-1] < cutoff]:
-                del self._faults[peer]
-        wall = time.time()
-        for name in [p for p, until in self.stats.cut_off_peers.items() if until < wall]:
-            del self.stats.cut_off_peers[name]
+                "peer": str(peer), "faults": cut.faults, "reasons": cut.reasons,
+                "blocked_s": cut.block_s})
 
     # ---------------------------------------------------------- pull
 
@@ -527,7 +447,7 @@ class Replicator:
     async def _session(self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None,
                        live_after_ms: int | None) -> sync.SyncSession:
         s = sync.SyncSession(self.ledger, self.limits, gaps=gaps, live_after_ms=live_after_ms,
-                             clock=trio.current_time)
+                             clock=self.clock.now)
         store_failed = False
         while (req := s.next_request()) is not None:
             resp = await self._send(peer, req)
@@ -542,7 +462,7 @@ class Replicator:
                 store_failed = True
                 break
         self.stats.sync_rounds += 1
-        self.stats.last_sync_at = time.time()
+        self.stats.last_sync_at = self.clock.wall()
         self.stats.last_sync_peer = str(peer)
         self.stats.sync_in_sync += s.in_sync
         self.stats.sync_events += s.stats.accepted
@@ -587,20 +507,10 @@ class Replicator:
         return s
 
     def _regossip(self, events: list[Event]) -> None:
-        """Push events we had to pull that gossip clearly failed to deliver (older
-        than REGOSSIP_MIN_AGE_MS: a partition, a restart), so peers that missed
-        them get them without waiting for their own sync. Younger ones are most
-        likely still in flight, and re-sending them under load would only add to it."""
-        window_ms = self.cfg.gossip.regossip_window_s * 1000
-        if window_ms <= 0 or self._outbox:
-            return  # off, or gossip is already behind: pushing more would only add load
-        now_ms = time.time() * 1000
-        fresh = [ev.wire for ev in events
-                 if REGOSSIP_MIN_AGE_MS <= now_ms - ev.ts_ms <= window_ms]
-        fresh = fresh[:self.cfg.gossip.batch_events]
-        if fresh:
-            self.stats.regossiped += len(fresh)
-            self.gossip(fresh)
+        """Push pulled events gossip clearly failed to deliver (policy), so peers that
+        missed them get them without waiting for their own sync."""
+        if self.policy.regossip(events):
+            self._wake_sender()
 
     def _spawn_sync(self, peer: p2p.PeerId) -> None:
         if self._nursery is not None and peer not in self._syncing:
@@ -634,32 +544,21 @@ class Replicator:
 
     async def _watch_peers(self) -> None:
         """Sync with every newly connected peer (polls the host's connection table)."""
-        known: set[p2p.PeerId] = set()
         while True:
-            now = set(self.host.connected_peers())
-            self.stats.peers = len(now)
+            new = self.policy.connected(set(self.host.connected_peers()))
             if self.cfg.sync.on_connect:
-                for peer in now - known:
+                for peer in new:
                     self._spawn_sync(peer)
-            known = now
             await trio.sleep(0.2)
 
     async def _periodic_sync(self) -> None:
-        base = self.cfg.sync.interval_s
-        interval = base
         while True:
-            await trio.sleep(interval * self._rng.uniform(0.5, 1.5))
-            interval = base
-            peers = self._sync_candidates()
-            if not peers:
+            await trio.sleep(self.policy.periodic_delay())
+            peer = self.policy.pick(self._sync_candidates())
+            if peer is None:
                 continue
-            s = await self._sync_quietly(self._rng.choice(peers), None, leave_live=True)
-            if s is not None and s.accepted:
-                # We pulled events gossip had not brought (authors we had not heard
-                # from lately): this node may be out of the gossip mesh for now
-                # (pruned, in back-off), or a burst was lost. Look again soon.
-                self.stats.sync_catch_up += 1
-                interval = min(base, CATCH_UP_S)
+            s = await self._sync_quietly(peer, None, leave_live=True)
+            self.policy.periodic_done(len(s.accepted) if s is not None else 0)
 
     async def _gap_sync(self) -> None:
         """Pull the predecessors of pending events, within the gap budgets
@@ -670,14 +569,12 @@ class Replicator:
         while True:
             with trio.move_on_at(math.inf if due is None else due):
                 await self._gap_event.wait()
-            # Batches of one author take different mesh paths, so gossip often
-            # arrives out of order and fills its own gaps within a few hundred ms
-            # (longer while gossip runs late); pulling at once would fetch what is
-            # already in flight.
-            await trio.sleep(max(GAP_GRACE_S, min(self.stats.gossip_delay_s, 5.0)))
+            # Gossip often fills its own gaps: pulling at once would fetch what is
+            # already in flight (policy).
+            await trio.sleep(self.policy.gap_grace_s())
             self._gap_event = trio.Event()
             gaps = self.ledger.pending_gaps()
-            now = trio.current_time()
+            now = self.clock.now()
             plan = self.gap_planner.plan(gaps, self._sync_candidates(), now)
             if plan is not None:
                 self.stats.gap_syncs += 1
@@ -685,7 +582,7 @@ class Replicator:
                 if s is None or s.failed:
                     self.gap_planner.failed(plan)
                 gaps = self.ledger.pending_gaps()
-                now = trio.current_time()
+                now = self.clock.now()
             due = self.gap_planner.next_due(gaps, now)
 
     async def _expire_pending(self) -> None:
@@ -707,6 +604,20 @@ class Replicator:
                     "events": sum(expired.values()),
                     "sources": len({src for src, _ in expired})})
 
+    async def _watch_mesh(self) -> None:
+        """Mesh watchdog: GRAFT topic peers again when our mesh stays empty while we
+        have some (the policy decides when; docs/libp2p-notes.md says why)."""
+        while True:
+            await trio.sleep(MESH_CHECK_S)
+            action = self.policy.mesh_check(self.topic.mesh_peers(), self.topic.peers())
+            if action is None:
+                continue
+            grafted = await self.topic.regraft(action.peers, action.want)
+            if action.want:
+                log.info("gossip mesh empty; grafting topic peers again", extra={
+                    "empty_s": round(action.empty_s, 1), "grafted": grafted,
+                    "topic_peers": len(action.peers)})
+
 
 # ------------------------------------------------------------------ discovery
 
@@ -714,13 +625,14 @@ class Replicator:
 class Discovery:
     """Keeps connections to bootstrap peers (and mDNS finds) with backoff."""
 
-    def __init__(self, host: p2p.P2PHost, config: Config) -> None:
+    def __init__(self, host: p2p.P2PHost, config: Config, *,
+                 rng: random.Random | None = None) -> None:
         self.host = host
         self.cfg = config.p2p
         self.addrs: dict[str, float] = {}  # multiaddr -> next attempt (trio time)
         self.failures: collections.Counter[str] = collections.Counter()
         self._wake = trio.Event()
-        self._rng = random.Random()
+        self._rng = rng or random.Random()  # redial jitter
         for a in self.cfg.bootstrap:
             self.add(a)
 

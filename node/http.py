@@ -265,10 +265,13 @@ class HttpApi:
         w.gauge("bidmesh_sync_slots_held", "sync sessions running",
                 (sync.get("slots") or {}).get("held", 0))
         for k in ("batches_sent", "batches_received", "bytes_sent", "bytes_received",
-                  "gossip_errors", "cut_off"):
+                  "gossip_errors", "cut_off", "mesh_lost", "mesh_regrafts"):
             if isinstance(gossip.get(k), int):
                 w.counter(f"bidmesh_gossip_{k}_total", f"gossip {k.replace('_', ' ')}",
                           gossip[k])
+        if isinstance(gossip.get("mesh_peers"), int):
+            w.gauge("bidmesh_gossip_mesh_peers", "peers in our gossipsub mesh",
+                    gossip["mesh_peers"])
         if isinstance(gossip.get("faults"), dict):
             w.counter("bidmesh_peer_faults_total", "invalid input from peers by reason",
                       [({"reason": k}, v) for k, v in sorted(gossip["faults"].items())])

@@ -44,7 +44,8 @@ class TNode:
 
 
 @asynccontextmanager
-async def tnodes(tmp: Path, n: int, **overrides: dict[str, Any]) -> AsyncIterator[list[TNode]]:
+async def tnodes(tmp: Path, n: int, *, pubsub: dict[str, int] | None = None,
+                 **overrides: dict[str, Any]) -> AsyncIterator[list[TNode]]:
     cfg = config.from_dict({"node": {"network": NET},
                             "sync": {"interval_s": 0.5, "request_timeout_s": 5},
                             **overrides})
@@ -53,7 +54,7 @@ async def tnodes(tmp: Path, n: int, **overrides: dict[str, Any]) -> AsyncIterato
         for i in range(n):
             ident = Identity.from_seed(bytes([i + 1]) * 32)
             host = await stack.enter_async_context(open_host(ident.seed))
-            ps = await stack.enter_async_context(make_pubsub(host))
+            ps = await stack.enter_async_context(make_pubsub(host, **(pubsub or {})))
             led = Ledger(tmp / f"n{i}.db", network=NET)
             stack.callback(led.close)
             nodes.append(TNode(ident, host, ps, led, gossip.Replicator(host, ps, led, cfg)))
@@ -173,6 +174,36 @@ async def test_periodic_sync_that_pulls_looks_again_soon(tmp_path: Path) -> None
             a.ledger.publish(a.ident, body(i), int(time.time() * 1000))
         await wait_until(lambda: b.ledger.digest() == a.ledger.digest())
         assert b.rep.stats.sync_events == 50 and b.rep.stats.sync_catch_up >= 1
+
+
+async def test_node_pruned_out_of_the_mesh_returns(tmp_path: Path) -> None:
+    """A node PRUNEd by every topic peer, as over-full heartbeats do, backed off 60 s
+    from all of them (py-libp2p 0.8.1 `handle_prune`), and peers whose mesh is full
+    never GRAFT it: it stayed outside the mesh for a minute, getting events only by
+    sync. With heartbeat PRUNEs costing `PRUNER_BACK_OFF_S` on both sides and the
+    mesh watchdog it is back within seconds, and gossip reaches it again."""
+    async with tnodes(tmp_path, 3, pubsub={"degree": 2, "degree_low": 1, "degree_high": 3},
+                      sync={"interval_s": 3600.0, "on_connect": False}) as ns:
+        a, b, c = ns
+        ta, tb, tc = (n.ps.topic(gossip.topic_name(NET)) for n in ns)
+        await b.host.connect(c.host.addrs[0])
+        await wait_until(lambda: c.host.peer_id in tb.mesh_peers()
+                         and b.host.peer_id in tc.mesh_peers())
+        await a.host.connect(b.host.addrs[0])
+        await a.host.connect(c.host.addrs[0])
+        await wait_until(lambda: len(ta.peers()) == 2 and bool(ta.mesh_peers()))
+        # Pushed out: both PRUNE it (as an over-full heartbeat would).
+        await tb.prune(a.host.peer_id)
+        await tc.prune(a.host.peer_id)
+        await wait_until(lambda: a.rep.stats.mesh_lost >= 1)
+        await wait_until(lambda: bool(ta.mesh_peers()), timeout=45)  # upstream alone: >= 60 s
+        back = ta.mesh_peers()
+        await wait_until(lambda: a.host.peer_id in tb.mesh_peers() | tc.mesh_peers())
+        # Gossip reaches it again (sync is off here).
+        (b if b.host.peer_id in back else c).publish(5)
+        await wait_until(lambda: a.ledger.count() == 5)
+        assert a.rep.stats.sync_rounds == 0 and a.rep.stats.events["accepted_gossip"] == 5
+        assert a.rep.mesh_state()["mesh_peers"] >= 1
 
 
 async def test_garbage_peer_is_counted_and_cut_off(tmp_path: Path) -> None:

@@ -7,9 +7,10 @@ around (docs/libp2p-notes.md has the measurements).
 
 from __future__ import annotations
 
+import random
 import time
 import weakref
-from typing import Final
+from typing import Any, Final
 
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
@@ -110,3 +111,114 @@ def _cache_signed_records() -> None:
         setattr(module, "env_to_send_in_RPC", env_to_send)  # noqa: B010
 
 
+
+
+# ------------------------------------------------------------------ gossipsub mesh
+# docs/libp2p-notes.md, "Mesh loss": why a node could stay outside the mesh.
+
+PRUNER_BACK_OFF_S: Final = 10  # after a heartbeat PRUNE, both sides (int: upstream's unit)
+PRUNED_MAX: Final = 4096  # PRUNE records kept before expired ones are dropped
+
+PruneBook = dict[tuple[ID, str], tuple[float, int]]
+"""(peer, topic) -> (time.monotonic(), back-off s) of the last PRUNE between us."""
+
+
+def track_prunes(router: Any, sent: PruneBook, received: PruneBook) -> None:
+    """Keep PRUNE back-offs symmetric on this router, and record both ends.
+
+    Upstream's heartbeat PRUNEs an over-full mesh with no back-off in the message
+    and none recorded on its own side (`mesh_heartbeat`, `_emit_control_msgs`),
+    while the pruned peer backs off 60 s (`handle_prune`, its default
+    `prune_back_off` when the field is 0). So when the pruner's mesh runs low a
+    heartbeat or two later it GRAFTs that peer again, which refuses
+    (`handle_graft`), answers PRUNE with an explicit 60 s, and both back off for
+    a minute; at start-up, when every mesh overshoots at once, these cascades
+    leave nodes with an empty mesh. Here a heartbeat PRUNE costs
+    `PRUNER_BACK_OFF_S` on both sides: sending one backs us off that long,
+    receiving one (field 0) backs off that long instead of 60 s. Explicit
+    back-offs (a refused GRAFT, `leave`) stay upstream's. Every PRUNE leaves
+    through `emit_control_message` and arrives through `handle_prune`: both are
+    wrapped on this router instance only (upstream calls them via `self`).
+    """
+    upstream_emit = router.emit_control_message
+    upstream_handle = router.handle_prune
+
+    def remember(book: PruneBook, peer: ID, topic: str, back_off: int) -> None:
+        now = time.monotonic()
+        book[(peer, topic)] = (now, back_off)
+        if len(book) > PRUNED_MAX:
+            for key in [k for k, (t, b) in book.items() if t + b < now]:
+                del book[key]
+
+    async def emit_control_message(control_msg: rpc_pb2.ControlMessage, to_peer: ID) -> None:
+        for prune in control_msg.prune:
+            remember(sent, to_peer, prune.topicID, prune.backoff or PRUNER_BACK_OFF_S)
+            if not prune.backoff:
+                router._add_back_off(to_peer, prune.topicID, False, PRUNER_BACK_OFF_S)
+        await upstream_emit(control_msg, to_peer)
+
+    async def handle_prune(prune_msg: rpc_pb2.ControlPrune, sender_peer_id: ID) -> None:
+        if not prune_msg.backoff:
+            prune_msg = rpc_pb2.ControlPrune(topicID=prune_msg.topicID, peers=prune_msg.peers,
+                                             backoff=PRUNER_BACK_OFF_S)
+        remember(received, sender_peer_id, prune_msg.topicID, prune_msg.backoff)
+        await upstream_handle(prune_msg, sender_peer_id)
+
+    router.emit_control_message = emit_control_message
+    router.handle_prune = handle_prune
+
+
+def prune_at_random(router: Any, rng: random.Random) -> None:
+    """Choose the peers an over-full mesh PRUNEs at random, as the spec says.
+
+    Upstream `_select_peers_for_pruning` sorts by score (all 0 with the default
+    zero-weight `ScoreParams`, our configuration) and then, with
+    `eclipse_protection_enabled` (the default), `_prune_for_ip_diversity` takes the
+    first peers sharing an IP with two others: on one machine (loopback, a test
+    net, one NAT) that is set-iteration order, fixed per process for a given mesh,
+    so every over-full neighbour prunes the same peer again and again. Bound on
+    this router instance only (upstream calls it via `self`)."""
+
+    def select(topic: str, num_to_prune: int) -> list[ID]:
+        mesh = sorted(router.mesh.get(topic, ()), key=lambda p: p.to_bytes())
+        return rng.sample(mesh, min(max(num_to_prune, 0), len(mesh)))
+
+    router._select_peers_for_pruning = select
+
+
+def forget_back_off(router: Any, topic: str, peers: set[ID]) -> None:
+    """Drop our back-off and GRAFT-flood entries for `peers` on `topic`: upstream
+    keeps them past the PRUNE that made them (`handle_graft` re-arms a back-off on
+    every refused GRAFT; `_check_graft_flood_protection` refuses a GRAFT within
+    10 s of the sender's PRUNE), and `mesh_heartbeat` grafts only peers outside
+    back-off."""
+    back_off = router.back_off.get(topic, {})
+    for peer in peers:
+        back_off.pop(peer, None)
+        router.graft_flood_tracking.get(peer, {}).pop(topic, None)
+
+
+async def graft(router: Any, topic: str, peer: ID) -> bool:
+    """Add `peer` to our mesh for `topic` and send it GRAFT, as upstream's heartbeat
+    does (`mesh_heartbeat`); False if it is not a gossipsub peer or already in."""
+    mesh: set[ID] | None = router.mesh.get(topic)
+    if mesh is None or peer in mesh or not router._is_gossipsub_peer(peer):
+        return False
+    mesh.add(peer)
+    router._notify_mesh_peer_added(peer, topic)  # wakes upstream's wait_for_mesh
+    if router.scorer is not None:
+        router.scorer.on_join_mesh(peer, topic)
+    await router.emit_graft(topic, peer)
+    return True
+
+
+async def prune(router: Any, topic: str, peer: ID) -> None:
+    """Drop `peer` from our mesh for `topic` and send it a PRUNE as upstream's
+    heartbeat does (no back-off in the message)."""
+    if peer in router.mesh.get(topic, ()):
+        router.mesh[topic].discard(peer)
+        if router.scorer is not None:
+            router.scorer.on_leave_mesh(peer, topic)
+    control = rpc_pb2.ControlMessage()
+    control.prune.extend([rpc_pb2.ControlPrune(topicID=topic)])
+    await router.emit_control_message(control, peer)

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -27,6 +29,7 @@ from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, OutBoundQueueSize
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import InvalidMessage, UsageError
+from . import _compat
 from ._compat import _cache_signed_records
 from .host import P2PHost
 from .ids import pubkey_from_peer_id
@@ -143,6 +146,33 @@ class Topic:
     def mesh_peers(self) -> set[ID]:
         """Peers in our gossipsub mesh for this topic (empty until we subscribe)."""
         return set(self._owner.router.mesh.get(self.name, set()))
+
+    async def regraft(self, peers: Sequence[ID], want: int) -> int:
+        """Rejoin our gossipsub mesh for this topic (a node whose mesh stayed empty;
+        docs/libp2p-notes.md, "Mesh loss"): forget our back-off against the
+        topic's peers outside the back-off of a PRUNE between us (stale: upstream
+        re-arms entries on refused GRAFTs), so their GRAFTs are accepted; then
+        GRAFT the first `want` of `peers`, in that order, that are among them and
+        outside our mesh. Peers still in such a back-off would refuse and re-arm
+        theirs: skipped. Returns how many were grafted (0 unless subscribed)."""
+        router = self._owner.router
+        if self.name not in router.mesh:
+            return 0
+        welcome = {p for p in self.peers() if not self._owner.backs_off(p, self.name)}
+        _compat.forget_back_off(router, self.name, welcome)
+        grafted = 0
+        for peer in peers:
+            if grafted >= want:
+                break
+            if peer in welcome and await _compat.graft(router, self.name, peer):
+                grafted += 1
+        return grafted
+
+    async def prune(self, peer: ID) -> None:
+        """Drop `peer` from our mesh for this topic and send it PRUNE, as upstream's
+        heartbeat does to an over-full mesh. For tests and attack tools that need
+        a node pushed out of the mesh."""
+        await _compat.prune(self._owner.router, self.name, peer)
 
     async def publish(self, data: bytes, timeout: float = 1.0) -> int:
         """Publish `data`, first waiting (at most `timeout` s) while a receiving peer's
@@ -297,6 +327,19 @@ class PubSub:
         self._config = config
         self._topics: dict[str, Topic] = {}
         self.closing = False
+        # Both ends of every PRUNE (docs/libp2p-notes.md, "Mesh loss").
+        self._pruned: _compat.PruneBook = {}
+        self._pruned_us: _compat.PruneBook = {}
+        _compat.track_prunes(router, self._pruned, self._pruned_us)
+        _compat.prune_at_random(router, random.Random())
+
+    def backs_off(self, peer: ID, topic: str) -> bool:
+        """Whether the back-off of a PRUNE between `peer` and us on `topic` still runs
+        (with a second's margin): a GRAFT either way would be refused."""
+        now = time.monotonic()
+        return any(t + b + 1.0 > now for t, b in (
+            self._pruned.get((peer, topic), (-math.inf, 0)),
+            self._pruned_us.get((peer, topic), (-math.inf, 0))))
 
     async def _end_subscriptions(self) -> None:
         """Close every subscription channel so `subscribe()` loops end with the router."""

@@ -225,6 +225,40 @@ async def test_sessions_per_peer_and_single_requests_share_the_budget() -> None:
         assert b.budget.used == 0
 
 
+async def test_leases_without_a_max_rate_are_capped_per_requester_at_the_offer() -> None:
+    """Issue 12: a lease without a max rate has no volume, and anyone can make one; the
+    contractor processes at most its offer's capacity per requesting key (bursts of
+    process_rate_burst_s), refusing beyond with `over_rate`; a lease with a max rate
+    keeps its own volume bound instead."""
+    free = make_lease(chain=("identity",))
+    rated = make_lease(id=hashlib.sha256(b"lease-rated").digest(), chain=("identity",),
+                       max_rate_bps=8_000_000)
+    cfg = DataplaneConfig(window=8, process_rates=(("zstd", 1_000),),
+                          process_rate_burst_s=20.0)  # identity: our largest offer's rate
+    async with world({"A": [("zstd", 1)], "B": [("identity", 1)]}, configs={"B": cfg}) as w:
+        w.leases.update({free.id: free, rated.id: rated})
+        a, bh, b = w.nodes["A"].host, w.nodes["B"].host, w.nodes["B"].svc
+        await a.connect(bh.addrs[0])
+
+        async def ask(lease_id: bytes, n: int) -> str:
+            req = ProcessRequest(lease_id, b"s", 0, 0, ("identity",), None, b"r" * n)
+            try:
+                await request(a, bh.peer_id, process_protocol(NET), req.encode(), 1 << 20, 10)
+            except RequestRefused as e:
+                return e.reason
+            return "ok"
+
+        # A burst of 20 000 bytes, then refused: the rate is 1 000 bytes/s.
+        assert [await ask(free.id, 10_000) for _ in range(2)] == ["ok", "ok"]
+        got = await ask(free.id, 10_000)
+        assert got in ("over_rate", "ok")  # refilled meanwhile on a very slow machine
+        refused = [await ask(free.id, 10_000) for _ in range(3)]
+        assert "over_rate" in [*refused, got]
+        assert b.counters["process_refused:over_rate"] >= 1
+        # A lease with a max rate is held by its own volume bound, not by this cap.
+        assert await ask(rated.id, 30_000) == "ok"
+
+
 async def test_served_stats_are_bounded() -> None:
     """`served` keeps the most recently served requesters only (and so does status)."""
     la = make_lease(chain=("identity",))

@@ -44,6 +44,10 @@ class DataplaneNodeService:
             contractor_min_score_ppm=int(dp.contractor_min_score * 10_000),
             contractor_addrs_allow=tuple(dp.contractor_addrs_allow),
             contractor_addrs_deny=tuple(dp.contractor_addrs_deny),
+            # Offer capacities are KiB/s (PROTOCOL.md, Offer).
+            process_rates=tuple((name, max(1, spec["capacity"]) * 1024)
+                                for name, spec in cfg.provider.offers.items())
+            if cfg.provider.enabled else (),
         )
         self.svc: DataplaneService | None = None
 

@@ -19,6 +19,7 @@ import trio
 from libp2p.abc import INetStream
 
 from ..auction import DeviceAdmission, Lease, Market
+from ..budget import KeyedBuckets
 from ..errors import (
     BidmeshError,
     InvalidMessage,
@@ -111,6 +112,13 @@ class DataplaneConfig:
     # ... and one lease's requests may total its max rate x window x factor + floor.
     volume_factor: float = 4.0
     volume_floor: int = 16 << 20
+    # A lease without a max rate has no volume either (a requester can make such a
+    # lease itself): its requests are capped per requesting key at the capacity our
+    # offer commits to for the service (bytes/s; a service we serve without an offer
+    # of its own, such as `identity`, at our largest), with bursts of
+    # process_rate_burst_s seconds. Empty: no offers, no cap (an allow-list contractor).
+    process_rates: tuple[tuple[str, int], ...] = ()
+    process_rate_burst_s: float = 10.0
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 30.0  # per input frame: a slow sender is cut off
     write_timeout_s: float = 30.0  # per output frame: a member that stops reading
@@ -443,6 +451,8 @@ class DataplaneService:
                                      deny=cfg.contractor_addrs_deny))
         self._leases: dict[bytes, _LeaseState] = {}
         self._volume: dict[bytes, int] = {}  # lease -> bytes of process requests served
+        self._rates = dict(cfg.process_rates)
+        self._rate_buckets: dict[int, KeyedBuckets] = {}  # rate -> per-requester buckets
         self._streams = 0
         self._sessions = 0
         self._max_request = cfg.max_segment_bytes * 2 + cfg.max_header
@@ -750,7 +760,30 @@ class DataplaneService:
         if limit is not None and used > limit:
             raise Unauthorized(f"lease {lease.id.hex()[:12]} has used its volume here "
                                f"({limit} bytes of process requests)", "over_volume")
+        if limit is None:
+            self._charge_rate(peer, req)
         self._volume[lease.id] = used
+
+    def _charge_rate(self, peer: bytes, req: ProcessRequest) -> None:
+        """The per-requester cap of leases without a max rate (`process_rates`). A
+        request larger than the burst passes when the bucket is full and leaves it in
+        debt, so a requester's average stays at the rate whatever its segment size."""
+        if not self._rates:
+            return
+        top = max(self._rates.values())
+        rate = min(self._rates.get(s, top) for s in req.services)
+        kb = self._rate_buckets.get(rate)
+        if kb is None:
+            burst = max(1.0, rate * self.config.process_rate_burst_s)
+            kb = self._rate_buckets[rate] = KeyedBuckets(rate, burst,
+                                                         max(64, self.config.served_max))
+        b = kb.bucket(peer, self.clock() / 1000)
+        n = len(req.data)
+        if b.tokens < min(n, b.burst):
+            raise Unauthorized(f"process requests from you under leases without a max rate "
+                               f"are capped at {rate} bytes/s here (our offer's capacity); "
+                               "retry later", "over_rate")
+        b.tokens -= n
 
     def _prune_volume(self, now: int) -> None:
         grace = self.config.process_grace_ms

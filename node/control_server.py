@@ -13,21 +13,39 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from . import codec, p2p
+from .context import NodeContext
 from .control import CONTROL_MAX, LEN
 from .errors import BidmeshError, InvalidEvent, InvalidMessage, UsageError
-from .events import KINDS, Body
+from .events import KINDS, Body, Event
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from .gossip import Discovery, Replicator
 
 log = logging.getLogger("bidmesh.daemon")
 
-ControlOp = Callable[["Node", dict[str, Any]], Awaitable[dict[str, Any]]]
+
+class ControlNode(NodeContext, Protocol):
+    """What control ops may use: a service's view of the node, plus the replication
+    and discovery it steers (connect, block, sync) and batch publishing."""
+
+    @property
+    def replicator(self) -> Replicator: ...
+
+    @property
+    def discovery(self) -> Discovery: ...
+
+    @property
+    def control_ops(self) -> dict[str, ControlOp]: ...
+
+    def publish_many(self, bodies: list[Body]) -> list[Event]: ...
+
+
+ControlOp = Callable[[ControlNode, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def _body(kind: Any, body: Any) -> Body:
@@ -38,11 +56,11 @@ def _body(kind: Any, body: Any) -> Body:
     return KINDS[kind].from_map(body)
 
 
-async def _op_status(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+async def _op_status(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     return node.status()
 
 
-async def _op_publish(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+async def _op_publish(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     """`{"events": [[kind, body], ...]}`: stored (committed) before the answer."""
     items = req.get("events")
     if not isinstance(items, list) or not 0 < len(items) <= 10_000:
@@ -55,7 +73,7 @@ async def _op_publish(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     return {"ids": [ev.id for ev in node.publish_many(bodies)]}
 
 
-async def _op_connect(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+async def _op_connect(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     addr = req.get("addr")
     if not isinstance(addr, str):
         raise InvalidMessage("connect needs addr", "malformed")
@@ -73,7 +91,7 @@ def _peer_ids(values: list[Any]) -> list[p2p.PeerId]:
     return [p2p.parse_peer_id(v) for v in values]
 
 
-async def _op_block(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+async def _op_block(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     peers, seconds = req.get("peers"), req.get("seconds", 3600)
     if not isinstance(peers, list) or not isinstance(seconds, (int, float)) or seconds <= 0:
         raise InvalidMessage("block needs peers: [peer id, ...] and seconds > 0", "malformed")
@@ -82,7 +100,7 @@ async def _op_block(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     return {"blocked": len(peers)}
 
 
-async def _op_unblock(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+async def _op_unblock(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     peers = req.get("peers")
     if not isinstance(peers, list):
         raise InvalidMessage("unblock needs peers: [peer id, ...]", "malformed")
@@ -92,7 +110,7 @@ async def _op_unblock(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     return {"unblocked": len(peers)}
 
 
-async def _op_sync(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+async def _op_sync(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     peers = node.host.connected_peers()
     if "peer" in req:
         peers = _peer_ids([req["peer"]])
@@ -119,7 +137,7 @@ async def _read_exact(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def _control_conn(node: Node, stream: trio.SocketStream) -> None:
+async def _control_conn(node: ControlNode, stream: trio.SocketStream) -> None:
     async with stream:
         while True:
             try:
@@ -146,7 +164,7 @@ async def _control_conn(node: Node, stream: trio.SocketStream) -> None:
                 return
 
 
-async def _dispatch(node: Node, req: Any) -> dict[str, Any]:
+async def _dispatch(node: ControlNode, req: Any) -> dict[str, Any]:
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
         return {"ok": False, "reason": "malformed", "error": "a request is a map with op"}
     op = node.control_ops.get(req["op"])
@@ -164,7 +182,7 @@ async def _dispatch(node: Node, req: Any) -> dict[str, Any]:
         return {"ok": False, "reason": "internal", "error": f"{type(e).__name__}: see node log"}
 
 
-async def serve_control(node: Node, path: Path,
+async def serve_control(node: ControlNode, path: Path,
                         task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     if len(str(path).encode()) > 100:
         raise UsageError(f"control socket path {path} is too long for a Unix socket "

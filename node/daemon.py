@@ -11,15 +11,17 @@ API, ...):
 
 * `Node` holds the config, identity, ledger, libp2p host, pubsub, the replication
   service (`node.replicator`), discovery and the node's nursery.
-* A service is any object with `name` and `async def run(self, node)`; optionally
-  `status(self) -> dict` (merged into status.json under `services.<name>`). The
-  built-ins (query protocol, HTTP API, provider agent, dataplane) are started from
-  the config in `_start_services`; plugins list a factory `f(node) -> service | None`
-  in the `bidmesh.services` entry-point group (loaded at start), or call
-  `node.add_service(svc)`. `node.market()` is the derived market every service shares,
-  `node.submit(wire)` stores and gossips a client's record. Services register their
-  own libp2p protocols on `node.host` (e.g. `p2p.serve_requests`) and may watch
-  newly replicated events with `node.replicator.listeners.append(fn)`.
+* Services see the node only as a `node.context.NodeContext` (which `Node`
+  implements): a service is any object with `name` and `async def run(self, node)`;
+  optionally `status(self) -> dict` (merged into status.json under
+  `services.<name>`). The built-ins (query protocol, HTTP API, provider agent,
+  dataplane, tunnels) are started from the config in `_start_services`; plugins list
+  a factory `f(node) -> service | None` in the `bidmesh.services` entry-point group
+  (loaded at start), or call `node.add_service(svc)`. `node.market()` is the derived
+  market every service shares, `node.submit(wire)` stores and gossips a client's
+  record. Services register their own libp2p protocols on `node.host` (e.g.
+  `p2p.serve_requests`) and may watch newly stored events with
+  `node.add_listener(fn)`.
 * Local control: `control.sock` (mode 0600) speaks u32-length-prefixed msgpack
   maps `{"op": ..., ...}` → `{"ok": true, ...}` / `{"ok": false, "error", "reason"}`.
   Built-in ops: status, publish, connect, block, unblock, sync (node/control_server.py).
@@ -45,14 +47,15 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from importlib.metadata import entry_points
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from . import config, lifecycle, p2p
 from .auction import Market
+from .context import EventListener, Service, ServiceFactory
 from .control_server import BUILTIN_OPS, ControlOp, serve_control
 from .errors import BidmeshError, OperationError, UsageError
 from .events import Body, Event, sign_event
@@ -70,14 +73,9 @@ log = logging.getLogger("bidmesh.daemon")
 # ------------------------------------------------------------------ the node
 
 
-class Service(Protocol):
-    name: str
-
-    async def run(self, node: Node) -> None: ...
-
-
 class Node:
-    """A running node; services plug in with `add_service`."""
+    """A running node; services plug in with `add_service` and see it as a
+    `NodeContext`; control ops see it as a `ControlNode`."""
 
     def __init__(self, cfg: config.Config, identity: Identity, ledger: Ledger,
                  host: p2p.P2PHost, pubsub: p2p.PubSub, replicator: Replicator,
@@ -118,6 +116,9 @@ class Node:
             self.replicator.gossip([ev.wire for ev in events])
             self.replicator.notify(events)
         return res
+
+    def add_listener(self, fn: EventListener) -> None:
+        self.replicator.listeners.append(fn)
 
     def add_service(self, service: Service) -> None:
         if service.name in self.services:
@@ -311,7 +312,7 @@ def _start_services(node: Node) -> None:
     from .dataplane import node as dataplane
     from .dataplane import tunnel_node
 
-    factories: list[Callable[[Node], Service | None]] = [
+    factories: list[ServiceFactory] = [
         query.node_service, http.node_service, provider.node_service, dataplane.node_service,
         tunnel_node.node_service,  # bandwidth leases: when the provider offers bandwidth
     ]

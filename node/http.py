@@ -39,7 +39,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import h11
 import trio
@@ -49,6 +49,9 @@ from .errors import UsageError
 from .events import KINDS, event_to_json
 from .ledger import Ledger
 from .marketview import LiveMarket
+
+if TYPE_CHECKING:
+    from .context import NodeContext
 
 log = logging.getLogger("bidmesh.http")
 
@@ -763,7 +766,7 @@ class HttpService:
         self.api: HttpApi | None = None
         self.port: int | None = None
 
-    async def run(self, node: Any) -> None:
+    async def run(self, node: NodeContext) -> None:
         if not self.settings.enabled:
             log.info("http api disabled (http.enabled = false)")
             return
@@ -783,7 +786,7 @@ class HttpService:
                                 **(api.conn_stats if api else {})}}
 
 
-def node_service(node: Any) -> HttpService | None:
+def node_service(node: NodeContext) -> HttpService | None:
     """Factory for the daemon: an HTTP API when `[http] enabled = true`."""
     settings = HttpSettings.from_config(node.config.http)
     return HttpService(settings) if settings.enabled else None

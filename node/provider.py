@@ -22,7 +22,7 @@ from .errors import BidmeshError
 from .events import Body, Event, Offer
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from .context import NodeContext
 
 log = logging.getLogger("bidmesh.provider")
 
@@ -43,15 +43,15 @@ class ProviderService:
     def _on_events(self, events: list[Event]) -> None:
         self._wake.set()
 
-    async def run(self, node: Node) -> None:
-        node.replicator.listeners.append(self._on_events)
+    async def run(self, node: NodeContext) -> None:
+        node.add_listener(self._on_events)
         while True:
             self.tick(node)
             with trio.move_on_after(self.interval_s):
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    def tick(self, node: Node) -> list[Body]:
+    def tick(self, node: NodeContext) -> list[Body]:
         """One decision round; returns what was published."""
         now = int(time.time() * 1000)
         addrs = offer_addrs(node)
@@ -97,13 +97,13 @@ class ProviderService:
                 "offer_addrs": list(self.policy.addrs)}
 
 
-def offer_addrs(node: Node) -> tuple[str, ...]:
+def offer_addrs(node: NodeContext) -> tuple[str, ...]:
     """The dataplane addresses an offer carries: the advertised ones every node may
     be told (no loopback unless there is nothing else), at most 8."""
     return tuple(addrs.for_everyone(node.host.addrs)[:8])
 
 
-def node_service(node: Node) -> ProviderService | None:
+def node_service(node: NodeContext) -> ProviderService | None:
     """Factory: a provider agent when `[provider] enabled = true`."""
     cfg = node.config.provider
     if not cfg.enabled:

@@ -45,6 +45,7 @@ from .schema import Bool, Bytes, Enum, Int, List, Nested, Opt, Str, f
 
 if TYPE_CHECKING:  # p2p pulls in libp2p (~1 s): only the node side needs it
     from . import p2p
+    from .context import NodeContext
 
 log = logging.getLogger("bidmesh.query")
 
@@ -500,7 +501,7 @@ class QueryService:
 
     # -- daemon service interface (node/daemon.py)
 
-    async def run(self, node: Any) -> None:
+    async def run(self, node: NodeContext) -> None:
         self.register(node.host)
         await trio.sleep_forever()
 
@@ -594,7 +595,7 @@ class QueryService:
 # ------------------------------------------------------------------ daemon integration
 
 
-def node_service(node: Any) -> QueryService:
+def node_service(node: NodeContext) -> QueryService:
     """Factory for the daemon (`bidmesh.services` entry point or `node.add_service`)."""
     lim = node.config.limits
     return QueryService(node.ledger, node.live, node.submit, node.ledger.network,

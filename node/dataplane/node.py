@@ -17,13 +17,13 @@ from ..processors.pool import WorkerPool
 from .service import DataplaneConfig, DataplaneService
 
 if TYPE_CHECKING:
-    from ..daemon import Node
+    from ..context import NodeContext
 
 
 class DataplaneNodeService:
     name = "dataplane"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeContext) -> None:
         cfg = node.config
         self.processors = load_processors(cfg.dataplane.exec)
         # Pass-through (`identity`) serves transport leases such as bandwidth.
@@ -51,7 +51,7 @@ class DataplaneNodeService:
         )
         self.svc: DataplaneService | None = None
 
-    async def run(self, node: Node) -> None:
+    async def run(self, node: NodeContext) -> None:
         workers = node.config.dataplane.workers or None
         async with WorkerPool(self.processors, workers) as pool:
 
@@ -68,5 +68,5 @@ class DataplaneNodeService:
         return self.svc.stats() if self.svc else {"state": "starting"}
 
 
-def node_service(node: Node) -> DataplaneNodeService | None:
+def node_service(node: NodeContext) -> DataplaneNodeService | None:
     return DataplaneNodeService(node) if node.config.dataplane.enabled else None

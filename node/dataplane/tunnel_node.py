@@ -19,7 +19,7 @@ from .service import wall_clock_ms
 from .tunnel import TunnelConfig, TunnelService, local_addresses
 
 if TYPE_CHECKING:
-    from ..daemon import Node
+    from ..context import NodeContext
 
 __all__ = ["TunnelNodeService", "node_service", "tunnel_config"]
 
@@ -52,11 +52,11 @@ def _announced_ips(addrs: list[str]) -> list[str]:
 class TunnelNodeService:
     name = "tunnel"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeContext) -> None:
         self.config = tunnel_config(node.config.bandwidth)
         self.svc: TunnelService | None = None
 
-    async def run(self, node: Node) -> None:
+    async def run(self, node: NodeContext) -> None:
         def publish(body: Body) -> None:
             node.publish(body)
 
@@ -73,7 +73,7 @@ class TunnelNodeService:
         return self.svc.stats() if self.svc else {"state": "starting"}
 
 
-def node_service(node: Node) -> TunnelNodeService | None:
+def node_service(node: NodeContext) -> TunnelNodeService | None:
     """A tunnel service when this node serves bandwidth leases, else None."""
     cfg = node.config
     offers_bandwidth = cfg.provider.enabled and "bandwidth" in cfg.provider.offers

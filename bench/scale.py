@@ -12,9 +12,13 @@
    (`node.testing.sign_fast`), stored with `Ledger.append_signed`; kept in `--cache`
    (default /tmp/bidmesh-scale) so later runs skip the generation (`--fresh` redoes it).
 2. **Serving.** A fresh process opens the ledger and builds the derived market as the
-   daemon does (`LiveMarket`, then `market()`): `restart_s` is the time to that
-   point (`restart_cpu_s` its CPU time, steadier on a shared machine), `rss_mb` the
-   process RSS once serving (after a GC), `peak_rss_mb` its high water mark.
+   daemon does on a first start (`LiveMarket`, then `market()`): `build_s` is the time
+   to that point (`build_cpu_s` its CPU time, steadier on a shared machine), `rss_mb`
+   the process RSS once serving (after a GC), `peak_rss_mb` its high water mark; it
+   then writes the market snapshot (`snapshot_save_s`, `snapshot_mb`; the daemon does
+   that in a forked child). A second process restarts as the daemon does, from the
+   snapshot: `restart_s` / `restart_cpu_s`, `restored_rss_mb`;
+   `restart_vs_build_ratio` compares their CPU times.
    Baseline for `rss_vs_empty_ratio`: the same process over an empty ledger
    (`empty_rss_mb`). `reputation_lookup_us`: `market.reputation.score` of a random
    author as of a random time of the ledger, mean over 20,000.
@@ -214,21 +218,32 @@ def _mem() -> tuple[float, float]:
     return got["VmRSS"], got["VmHWM"]
 
 
-def serve(path: str) -> None:
-    """Child process: open the ledger and build the market as the daemon does."""
-    from node.marketview import LiveMarket
+def serve(path: str, snapshot: str | None) -> None:
+    """Child process: open the ledger and build the market as the daemon does (and
+    write its snapshot), or, with `snapshot` existing, restart from it."""
+    from node.marketview import LiveMarket, save_snapshot
 
+    snap = Path(snapshot) if snapshot else None
+    restoring = snap is not None and snap.exists()
     t0, c0 = time.perf_counter(), time.process_time()
     led = Ledger(path, network=NETWORK)
-    live = LiveMarket(led)
+    live = LiveMarket(led, snapshot=snap if restoring else None)
     m = live.market()
     restart_s, restart_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    if restoring and not live.restored:
+        raise SystemExit("the snapshot was not used")
     gc.collect()
     rss, hwm = _mem()
     out: dict[str, Any] = {"restart_s": restart_s, "restart_cpu_s": restart_cpu_s,
                            "rss_mb": rss, "peak_rss_mb": hwm,
                            "auctions": len(m.auctions), "leases": len(m.leases),
-                           "ignored": len(m.ignored)}
+                           "ignored": len(m.ignored), "restored": live.restored}
+    if snap is not None and not restoring:
+        t1, c1 = time.perf_counter(), time.process_time()
+        save_snapshot(live, snap)
+        out["snapshot_save_s"] = time.perf_counter() - t1
+        out["snapshot_save_cpu_s"] = time.process_time() - c1
+        out["snapshot_mb"] = snap.stat().st_size / 2**20
     authors = sorted(led.heads())
     if authors:
         rnd = random.Random(3)
@@ -249,9 +264,10 @@ def serve(path: str) -> None:
     print(json.dumps(out))
 
 
-def _child(path: Path) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, __file__, "--serve", str(path)], capture_output=True,
-                       text=True, timeout=3600)
+def _child(path: Path, snapshot: Path | None = None) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, __file__, "--serve", str(path),
+                        *(["--snapshot", str(snapshot)] if snapshot else [])],
+                       capture_output=True, text=True, timeout=3600)
     if r.returncode:
         raise SystemExit(f"serving process failed:\n{r.stderr[-4000:]}")
     return dict(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -304,9 +320,10 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="generate the ledger again")
     ap.add_argument("--no-sync", action="store_true")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--snapshot", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        return serve(args.serve)
+        return serve(args.serve, args.snapshot)
     n = args.events or (100_000 if args.quick else 1_000_000)
     authors = args.authors or max(BIDDERS + 2, n // 10)
     cache = Path(args.cache)
@@ -329,11 +346,28 @@ def main() -> None:
     empty.unlink(missing_ok=True)
     Ledger(empty, network=NETWORK).close()
     base = _child(empty)
-    got = _child(path)
-    print(f"serving: restart {got['restart_s']:.2f} s, RSS {got['rss_mb']:.0f} MiB "
+    snap = path.with_suffix(".snapshot")
+    snap.unlink(missing_ok=True)  # written by this code, in the first serving process
+    got = _child(path, snap)
+    print(f"serving: first build {got['restart_s']:.2f} s, RSS {got['rss_mb']:.0f} MiB "
           f"(peak {got['peak_rss_mb']:.0f}; empty ledger {base['rss_mb']:.0f}), "
           f"{got['auctions']} auctions, {got['leases']} leases, {got['ignored']} ignored; "
-          f"reputation lookup {got['reputation_lookup_us']:.1f} µs")
+          f"reputation lookup {got['reputation_lookup_us']:.1f} µs; snapshot written in "
+          f"{got['snapshot_save_s']:.1f} s ({got['snapshot_mb']:.0f} MiB)")
+    again = _child(path, snap)
+    snap.unlink(missing_ok=True)
+    print(f"restart from the snapshot: {again['restart_s']:.2f} s "
+          f"({again['restart_cpu_s']:.2f} CPU s), RSS {again['rss_mb']:.0f} MiB")
+    out.update({
+        "build_s": round(got["restart_s"], 2),
+        "build_cpu_s": round(got["restart_cpu_s"], 2),
+        "snapshot_save_s": round(got["snapshot_save_s"], 2),
+        "snapshot_save_cpu_s": round(got["snapshot_save_cpu_s"], 2),
+        "snapshot_mb": round(got["snapshot_mb"], 1),
+        "restored_rss_mb": round(again["rss_mb"], 1),
+        "restart_vs_build_ratio": round(again["restart_cpu_s"] / got["restart_cpu_s"], 3),
+    })
+    got = got | {k: again[k] for k in ("restart_s", "restart_cpu_s")}
     out.update({
         "rss_mb": round(got["rss_mb"], 1), "peak_rss_mb": round(got["peak_rss_mb"], 1),
         "empty_rss_mb": round(base["rss_mb"], 1),

@@ -329,33 +329,36 @@ def load_snapshot(ledger: Ledger, path: Path, *, skew_ms: int = DEFAULT_SKEW_MS,
     None (missing, other code or settings, a ledger that is not the one it was taken
     from): then build as usual."""
     try:
-        with open(path, "rb") as f:
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below; open errors apart)
+    except OSError:
+        return None
+    with f:
+        try:
             if f.read(len(_MAGIC)) != _MAGIC:
                 return None
             header = json.loads(f.readline())
-            body = f.read()
-    except (OSError, ValueError):
-        return None
-    view = MarketView.__new__(MarketView)
-    view.ledger, view.policy, view.skew_ms, view.clock = ledger, None, skew_ms, clock
-    view.max_loaded, view._new = DEFAULT_MAX_LOADED, []
-    cursor = header.get("cursor")
-    if not isinstance(cursor, int):
-        return None
-    probe = IncrementalMarket()
-    view.engine = probe
-    if header != _header(view, cursor):
-        return None
-    gc_was = gc.isenabled()
-    gc.disable()  # millions of long-lived objects, no cycles to find (as in the build)
-    try:
-        eng, forks, horizon, authors, refolds = pickle.loads(body)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
-            KeyError, ValueError, TypeError):
-        return None  # a damaged file: build instead
-    finally:
-        if gc_was:
-            gc.enable()
+        except (OSError, ValueError):
+            return None
+        view = MarketView.__new__(MarketView)
+        view.ledger, view.policy, view.skew_ms, view.clock = ledger, None, skew_ms, clock
+        view.max_loaded, view._new = DEFAULT_MAX_LOADED, []
+        cursor = header.get("cursor") if isinstance(header, dict) else None
+        if not isinstance(cursor, int):
+            return None
+        view.engine = IncrementalMarket()  # for _header: the default policy
+        if header != _header(view, cursor):
+            return None
+        gc_was = gc.isenabled()
+        gc.disable()  # millions of long-lived objects, no cycles to find (as in the build)
+        try:
+            # From the file, not from one bytes object: no second copy in memory.
+            eng, forks, horizon, authors, refolds = pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError,
+                IndexError, KeyError, ValueError, TypeError):
+            return None  # a damaged file: build instead
+        finally:
+            if gc_was:
+                gc.enable()
     if not isinstance(eng, IncrementalMarket):
         return None
     eng._source, eng._offer_source = view._load, view._offer

@@ -18,7 +18,9 @@
    then writes the market snapshot (`snapshot_save_s`, `snapshot_mb`; the daemon does
    that in a forked child). A second process restarts as the daemon does, from the
    snapshot: `restart_s` / `restart_cpu_s`, `restored_rss_mb`;
-   `restart_vs_build_ratio` compares their CPU times.
+   `restart_vs_build_ratio` compares their CPU times. `open_auctions_us` and
+   `leases_of_us` (one party): the indexed lookups the provider agent and queries
+   make every tick, with ratios against scanning every auction / lease.
    Baseline for `rss_vs_empty_ratio`: the same process over an empty ledger
    (`empty_rss_mb`). `reputation_lookup_us`: `market.reputation.score` of a random
    author as of a random time of the ledger, mean over 20,000.
@@ -261,6 +263,26 @@ def serve(path: str, snapshot: str | None) -> None:
         t1 = time.perf_counter()
         live.market()  # a lookup with nothing new: what every request pays
         out["market_noop_us"] = (time.perf_counter() - t1) * 1e6
+        # What the provider agent and queries ask every tick: open auctions, the
+        # leases of a party; indexed, against a scan of every auction / lease.
+        now = m.now_ms
+        m.open_auctions(now - 1)  # the first ask drops what ended before it
+        t1 = time.perf_counter()
+        n_open = len(m.open_auctions(now))
+        out["open_auctions_us"] = (time.perf_counter() - t1) * 1e6
+        t1 = time.perf_counter()
+        scan = [a for a in m.auctions.values() if a.deadline_ms >= now]
+        out["open_auctions_scan_us"] = (time.perf_counter() - t1) * 1e6
+        assert len(scan) == n_open
+        keys = [rnd.choice(authors) for _ in range(100)]
+        t1 = time.perf_counter()
+        got = [len(m.leases_of(k)) for k in keys]
+        out["leases_of_us"] = (time.perf_counter() - t1) * 1e6 / len(keys)
+        t1 = time.perf_counter()
+        want = [sum(1 for x in m.leases.values() if k == x.provider or k in x.keys)
+                for k in keys[:10]]
+        out["leases_of_scan_us"] = (time.perf_counter() - t1) * 1e6 / 10
+        assert got[:10] == want
     print(json.dumps(out))
 
 
@@ -377,6 +399,11 @@ def main() -> None:
         "restart_cpu_s": round(got["restart_cpu_s"], 2),
         "reputation_lookup_us": round(got["reputation_lookup_us"], 2),
         "market_noop_us": round(got["market_noop_us"], 1),
+        "open_auctions_us": round(got["open_auctions_us"], 1),
+        "open_auctions_vs_scan_ratio": round(got["open_auctions_us"]
+                                             / got["open_auctions_scan_us"], 4),
+        "leases_of_us": round(got["leases_of_us"], 1),
+        "leases_of_vs_scan_ratio": round(got["leases_of_us"] / got["leases_of_scan_us"], 4),
         "auctions": got["auctions"], "leases": got["leases"],
     })
     if not args.no_sync:

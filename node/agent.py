@@ -153,7 +153,7 @@ def provider_plan(
     current = market.offers.get(me)
     if (current is None or current.offer != offer) and published_offer != offer:
         out.append(offer)
-    for a in market.auctions.values():
+    for a in market.open_auctions(now_ms):  # indexed: not every auction ever held
         action = _bid_action(market, a, me, seed, policy, now_ms)
         if isinstance(action, Skip):
             skips.append(action)
@@ -208,7 +208,7 @@ def _ratings(market: Market, me: bytes, now_ms: int) -> list[Body]:
             continue
         out.append(Rating(lease=sc.event_id, subject=sc.contractor, role="provider",
                           satisfied=True, score=5, text="subcontracted results verified"))
-    for lease in market.leases.values():
+    for lease in market.leases_of(me):
         if lease.provider != me or now_ms < lease.start_ms:
             continue
         if any(r.rater == me for r in market.ratings.get(lease.id, ())):

@@ -325,9 +325,8 @@ def lease_ids(ledger: Ledger, market: Market, key: bytes) -> set[bytes]:
     """Auction bundles of every lease `key` is a party to, plus the events that
     reference those leases."""
     out: set[bytes] = set()
-    for lease in market.leases.values():
-        if key == lease.provider or key in lease.keys:
-            out |= _lease_closure(ledger, lease.request, lease.id)
+    for lease in market.leases_of(key):
+        out |= _lease_closure(ledger, lease.request, lease.id)
     return out
 
 

@@ -196,6 +196,10 @@ def snapshot(m: Market) -> dict[str, Any]:
         "evidence": list(m.evidence),
         "count": m.reputation.count,
         "now_ms": m.now_ms,
+        # the readers' indexes (times ascending, then once more from the start)
+        "open": [(t, [a.id for a in m.open_auctions(t)]) for t in [*times, *times]],
+        "leases_of": [(k, [x.id for x in m.leases_of(k)]) for k in sorted(
+            {p for x in m.leases.values() for p in (x.provider, *x.keys)})],
         "scores": [(m.reputation.score(k, role, at), m.settled(k, at))
                    for k in keys for role in ("provider", "recipient") for at in times],
     }

@@ -47,7 +47,7 @@ from ..errors import UsageError
 from ..events import Event, Offer
 from ..reputation import FoldReputation, Policy
 from .lease import Lease
-from .market import Market, OfferRecord, RatingRecord
+from .market import Auction, Market, OfferRecord, RatingRecord
 
 CKey = tuple[int, bytes, int]  # canonical key (ts_ms, author, seq)
 _MOVERS = ("commit", "award", "subcontract")  # kinds other events are routed through
@@ -74,22 +74,28 @@ class _Ordered:
     order marks the dict for one rebuild in place, at the end of `market()`: O(its
     size), only when back-dated events arrived."""
 
-    __slots__ = ("d", "order", "pos", "stale")
+    __slots__ = ("d", "order", "pos", "stale", "watch")
 
     def __init__(self, d: dict[Any, Any]) -> None:
         self.d = d
         self.order: list[tuple[CKey, Any]] = []
         self.pos: dict[Any, CKey] = {}
         self.stale = False
+        # Told (key, old value, new value) of every change: keeps an index current.
+        self.watch: Callable[[Any, Any, Any], None] | None = None
 
     def put(self, k: Any, sk: CKey, v: Any) -> None:
         d = self.d
         old = self.pos.get(k)
         if old is not None:
             if old == sk:
+                if self.watch is not None:
+                    self.watch(k, d[k], v)
                 d[k] = v  # re-derived, same first event: same position
                 return
             self.remove(k)
+        if self.watch is not None:
+            self.watch(k, None, v)
         self.pos[k] = sk
         ent = (sk, k)
         if self.order and ent < self.order[-1]:
@@ -102,6 +108,8 @@ class _Ordered:
     def remove(self, k: Any) -> None:
         sk = self.pos.pop(k)
         del self.order[bisect_left(self.order, (sk, k))]
+        if self.watch is not None:
+            self.watch(k, self.d[k], None)
         del self.d[k]
 
     def fix(self) -> None:
@@ -232,6 +240,14 @@ class FoldedMarket(Market):
     def settled(self, key: bytes, at_ms: int) -> int:
         return sum(1 for _, end, _ in self._engine._settles.get(key, ()) if end <= at_ms)
 
+    def open_auctions(self, now_ms: int) -> list[Auction]:
+        return self._engine._open_auctions(now_ms)
+
+    def leases_of(self, key: bytes) -> list[Lease]:
+        eng = self._engine
+        pos = eng._ord["leases"].pos
+        return [self.leases[k] for k in sorted(eng._leases_of.get(key, ()), key=pos.__getitem__)]
+
 
 # Loads events by id (all of them, in the order asked): where evicted partitions'
 # events come back from, e.g. the ledger.
@@ -293,6 +309,14 @@ class IncrementalMarket:
         self._ord = {name: _Ordered(getattr(m, name)) for name in _DICTS}
         self._ign = _Merged(m.ignored)
         self._evd = _Merged(m.evidence)
+        # Indexes for readers that run often (the provider agent, queries): auctions by
+        # deadline, kept from the earliest time asked for on (`_open_from`), and the
+        # leases of each party (provider, recipient, devices, group members).
+        self._deadlines: list[tuple[int, bytes]] = []
+        self._open_from = -1
+        self._leases_of: dict[bytes, list[bytes]] = {}
+        self._ord["auctions"].watch = self._watch_auction
+        self._ord["leases"].watch = self._watch_lease
         self.applied = 0  # events folded (counting re-folds)
         self.rederived = 0  # partitions re-derived from their first event
         self.loads = 0  # evicted partitions loaded back from the source
@@ -373,6 +397,45 @@ class IncrementalMarket:
     def __len__(self) -> int:
         """Present events in partitions, plus the offers the engine keeps."""
         return len(self._part_of) + len(self._offer_of)
+
+    # ------------------------------------------------------------ reader indexes
+
+    def _watch_auction(self, k: bytes, old: Auction | None, new: Auction | None) -> None:
+        dl_old = old.deadline_ms if old is not None else None
+        dl_new = new.deadline_ms if new is not None else None
+        if dl_old == dl_new:
+            return
+        if dl_old is not None:
+            i = bisect_left(self._deadlines, (dl_old, k))
+            if i < len(self._deadlines) and self._deadlines[i] == (dl_old, k):
+                del self._deadlines[i]  # (pruned already if it ended before _open_from)
+        if dl_new is not None and dl_new >= self._open_from:
+            insort(self._deadlines, (dl_new, k))
+
+    def _open_auctions(self, now_ms: int) -> list[Auction]:
+        """Auctions whose deadline is at or after `now_ms`, in canonical order. Those
+        that ended before the latest time asked for are dropped from the index; asking
+        for an earlier time than ever before scans every auction once."""
+        d = self.merged.auctions
+        if now_ms < self._open_from:
+            return [a for a in d.values() if a.deadline_ms >= now_ms]
+        dl = self._deadlines
+        cut = bisect_left(dl, (now_ms,))
+        del dl[:cut]
+        self._open_from = now_ms
+        pos = self._ord["auctions"].pos
+        return [d[k] for k in sorted((k for _, k in dl), key=pos.__getitem__)]
+
+    def _watch_lease(self, k: bytes, old: Lease | None, new: Lease | None) -> None:
+        if old is not None:
+            for p in {old.provider, *old.keys}:
+                lst = self._leases_of[p]
+                lst.remove(k)
+                if not lst:
+                    del self._leases_of[p]
+        if new is not None:
+            for p in {new.provider, *new.keys}:
+                self._leases_of.setdefault(p, []).append(k)
 
     # ------------------------------------------------------------ offers
 

@@ -607,6 +607,16 @@ class Market:
 
     # ------------------------------------------------------------ queries
 
+    def open_auctions(self, now_ms: int) -> list[Auction]:
+        """Auctions still taking bids, commits or reveals at `now_ms` (deadline at or
+        after it), in canonical order. The live market answers from an index."""
+        return [a for a in self.auctions.values() if a.deadline_ms >= now_ms]
+
+    def leases_of(self, key: bytes) -> list[Lease]:
+        """Leases `key` is a party to (provider, recipient, device or group member), in
+        canonical order. The live market answers from an index."""
+        return [x for x in self.leases.values() if key == x.provider or key in x.keys]
+
     def payers_for(self, lease_id: bytes) -> dict[bytes, list[bytes]]:
         """Who paid for whom: payer -> members it paid on behalf of (itself if none)."""
         out: dict[bytes, list[bytes]] = {}

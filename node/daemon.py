@@ -94,8 +94,9 @@ class Node:
         self.stopping = False
         self.loop_lag_max_s = 0.0
         # One derived market for every service (provider agent, query, HTTP, dataplane).
+        snap = cfg.node.data_dir / SNAPSHOT_FILE if cfg.node.market_snapshot else None
         self.live = LiveMarket(ledger, skew_ms=int(cfg.node.max_clock_skew_s * 1000),
-                               snapshot=cfg.node.data_dir / SNAPSHOT_FILE)
+                               snapshot=snap)
         self.snapshots = Snapshotter(self.live, cfg.node.data_dir / SNAPSHOT_FILE)
 
     def market(self) -> Market:
@@ -202,7 +203,8 @@ class Node:
                 "held_events": self.live.view.held(),
                 "partitions": self.live.view.engine.partitions(),
                 "rederived": self.live.view.engine.rederived,
-                "snapshot": self.snapshots.status(),
+                "snapshot": (self.snapshots.status() if self.config.node.market_snapshot
+                             else {"enabled": False}),
             },
             "sync": {
                 "rounds": rep.stats.sync_rounds,
@@ -387,7 +389,8 @@ async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
                     nursery.start_soon(_mdns, node)
                 _start_services(node)
                 nursery.start_soon(_status_loop, node)
-                nursery.start_soon(_snapshot_loop, node)
+                if cfg.node.market_snapshot:
+                    nursery.start_soon(_snapshot_loop, node)
                 nursery.start_soon(_lag_monitor, node)
                 log.info("node started", extra={
                     "peer_id": str(host.peer_id), "addrs": host.addrs,

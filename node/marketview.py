@@ -425,6 +425,7 @@ class Snapshotter:
         return False
 
     def status(self) -> dict[str, Any]:
-        return {"restored": self.live.restored, "saved_cursor": self.saved_cursor,
+        return {"enabled": True, "restored": self.live.restored,
+                "saved_cursor": self.saved_cursor,
                 "saves": self.saves, "failures": self.failures,
                 "writing": self.pid is not None}

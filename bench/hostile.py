@@ -6,10 +6,12 @@ processes, side by side with an idle run.
 
 Victims: `bidmesh run` daemons on loopback (tests/daemon_helpers.py): V (the node
 under attack, HTTP API on) and H (its honest peer, bootstrapped to V), both offering
-bandwidth so that they serve (and `frame_tunnel` attacks) the tunnel protocol; two
-fresh nodes join only for the sync-tarpit attack. (The SOCKS5 listener of `bidmesh
-client tunnel` is a client's socket: `attackers.socks_listener` plays its attacks
-against a real one in tests/test_tunnel_proc.py.) Attackers are Python code in this
+bandwidth, so that they serve (and `frame_tunnel` attacks) the tunnel protocol; two
+fresh nodes join only for the sync-tarpit attack. The SOCKS5 listener of `bidmesh
+client tunnel` (a client's socket) is attacked too (`socks_listener`): a light client
+buys a bandwidth lease from V at the start of the run (a real auction, in the
+background), a `client tunnel` process serves it, and an honest SOCKS client fetches
+a page from a local HTTP server through it after the attacks. Attackers are Python code in this
 process (tests/reliability/attackers.py: real libp2p hosts, many identities) that
 misbehave on purpose; every loop is bounded and all traffic stays on loopback.
 
@@ -45,10 +47,10 @@ entries in); `limits.trusted_reserved` 24, so that 28 idle identities fill the 2
 inbound slots left to strangers (the default leaves 40); `limits.conn_grace_s` 2 s
 (a newcomer evicts an idle identity sooner). It runs the malformed frames on every
 protocol at once as one attack, skips the tarpit attack's baseline sync
-(`sync_idle_s` null) and runs the tarpit attack (against a fresh node) beside the
-attacks after it. The JSON also has `seconds`, `startup_s`, `load_average_before`
-and `cpu_s` (bench, prober and nodes): on a machine shared with other work the wall
-time says little.
+(`sync_idle_s` null) and runs the tarpit attack (against a fresh node) and the SOCKS
+attack (against a client's proxy) beside the attacks after them. The JSON also has
+`seconds`, `startup_s`, `load_average_before` and `cpu_s` (bench, prober and nodes):
+on a machine shared with other work the wall time says little.
 
 Last line: JSON with `attacks`, `crashes`, `max_rss_mb`, `honest_digest_p99_ratio`,
 `sync_under_tarpit_s`, `events_lost` and `results` (one entry per attack).
@@ -103,12 +105,14 @@ QUICK = {"preload": 1000, "concurrency": 16, "crowd_hold_s": 0.5,
          "gap_after_s": 3.0, "frame_wait_s": 0.2, "http_wait_s": 2.0, "slowloris": 24,
          "idle_keepalive": 64, "http_honest": 5, "idle_identities": 28, "newcomer_wait_s": 20,
          "conn_grace_s": 2.0, "trusted_reserved": 24, "identities": 48, "peerstore_max": 16,
-         "control_clients": 4, "proc_hold_s": 1.5}
+         "control_clients": 4, "proc_hold_s": 1.5, "socks_slowloris": 16,
+         "socks_connections": 64}
 FULL = {"preload": 20000, "identities": 2000, "pending_keys": 64, "pending_events": 512,
         "gap_authors": 20000, "flood_s": 10.0, "submit_identities": 200,
         "proc_identities": 4, "proc_sessions": 16,
         "proc_requests": 4, "proc_mb": 8, "idle_streams": 64, "idle_streams_s": 6.0,
         "tarpit_cap_s": 60.0, "tarpits": 8, "back_dated": 100, "back_dated_s": 8.0,
+        "socks_slowloris": 32, "socks_connections": 256,
         "lookup_rounds": 10, "idle_s": 10.0, "idle_gap_s": 2.0, "after_s": 3.0, "gap_after_s": 10.0}
 
 
@@ -253,6 +257,7 @@ SOCKETS = {
     "http": "tcp:http (HTTP API, [http])",
     "control": "unix:control.sock (local control socket)",
     "libp2p": "tcp:libp2p listener (multistream, noise, yamux; connection limits)",
+    "socks": "tcp:socks5 (bidmesh client tunnel --socks)",
 }
 
 
@@ -301,6 +306,10 @@ def attacks(quick: bool = False) -> list[Attack]:
         Attack("sync_tarpit", "5", "sync", sync_tarpit, background=quick, protocols=("sync",)),
         Attack("many_identities", "1", "shield", A.many_identities,
                protocols=("libp2p", "identify")),
+        # A client's socket, not V's: --quick runs it beside the attacks after it (its
+        # slowloris waits out the proxy's 10 s handshake timeout).
+        Attack("socks_listener", "1/7", "shield", socks_listener, background=quick,
+               protocols=("socks", "tunnel")),
         Attack("back_dated", "4", "fold", A.back_dated, protocols=("query",)),
         Attack("far_future", "4", "fold", A.far_future, protocols=("query",)),  # last: stays
     ]
@@ -319,8 +328,10 @@ class Bench:
             "node": {"log_level": "warning", "status_interval_s": 1.0},
             "http": {"enabled": True, "port": 0},
             "dataplane": {"workers": 1},
-            # Victims serve tunnels (bandwidth offered): frame_tunnel attacks them.
+            # Victims serve tunnels (bandwidth offered): frame_tunnel attacks them, and
+            # the SOCKS attack's honest client fetches from a local HTTP server.
             "provider": {"enabled": True, "offers": {"bandwidth": {"price": 1, "capacity": 1}}},
+            "bandwidth": {"allow": ["127.0.0.1/32"]},
         }
         overrides["limits"] = {k: scale[k] for k in ("peerstore_max", "conn_grace_s",
                                                      "trusted_reserved") if k in scale}
@@ -335,6 +346,10 @@ class Bench:
         self.idle_windows: list[tuple[float, float]] = []
         self.background_windows: list[tuple[float, float | None]] = []
         self.idle_samples: dict[str, int] = {}
+        # The lease bought for the SOCKS attack: (id hex, provider peer id).
+        self.socks_lease: tuple[str, str] | None = None
+        self.socks_error: str | None = None
+        self.socks_buyer: threading.Thread | None = None
 
     # -- nodes
 
@@ -352,6 +367,15 @@ class Bench:
         # Connected and warm (its first samples include the dial) before any window.
         wait_for(lambda: all(len(prober.samples(k, time.time() - 1, time.time())[0]) >= 5
                              for k in ("victim", "honest", "control")), 30, "the prober running")
+        # The SOCKS attack's lease: an auction takes seconds of wall time, not CPU.
+        self.socks_buyer = threading.Thread(target=self._buy_socks_lease, daemon=True)
+        self.socks_buyer.start()
+
+    def _buy_socks_lease(self) -> None:
+        try:
+            self.socks_lease = trio.run(buy_bandwidth_lease, self.base, self.h.addr)
+        except Exception as e:  # reported by the attack that needs it
+            self.socks_error = f"{type(e).__name__}: {str(e)[:200]}"
 
     def http_port(self) -> int | None:
         try:
@@ -663,6 +687,106 @@ async def sync_tarpit(t: A.Target, scale: dict[str, Any]) -> A.Outcome:
         fresh_node_events_at_cap=got)
     o.check(b.sync_tarpit_s is not None and b.sync_tarpit_s <= TARPIT_MAX_S,
             f"the fresh node had {got}/{want} events after {cap:.0f} s with a tarpit connected")
+    return o
+
+
+# ------------------------------------------------------------------ the SOCKS listener
+
+SOCKS_DEVICE_SEED = b"hostile-socks-device".ljust(32, b".")
+SMALL_PAGE = b"small file\n" * 100
+
+
+async def buy_bandwidth_lease(base: Path, node_addr: str) -> tuple[str, str]:
+    """A light client requests bandwidth for one device key; V and H (offering
+    bandwidth) bid; the client awards it. Returns the lease id (hex) and the
+    provider's peer id."""
+    from node.client import LightClient, now_ms
+    from node.keys import Identity, save_key
+    from node.p2p import peer_id_from_pubkey
+
+    device = base / "socks-device"
+    device.mkdir(mode=0o700, exist_ok=True)
+    dev = Identity.from_seed(SOCKS_DEVICE_SEED)
+    save_key(device / "client.key", dev)
+    async with LightClient.open(base / "socks-buyer", [node_addr], network=NETWORK,
+                                timeout=20) as buyer:
+        req = await buyer.request("bandwidth", reserve=1000, close_in_ms=4000,
+                                  devices=[dev.public], duration_ms=3_600_000)
+        with trio.fail_after(120):
+            while now_ms() <= req.body.reveal_ms or not await buyer.bids(req.id):  # type: ignore[attr-defined]
+                await trio.sleep(0.3)
+        award, body = await buyer.award(req.id)
+        if body.winner is None:
+            raise BidmeshError("nobody bid for the SOCKS attack's bandwidth request")
+        _, lease = await buyer.lease(award.id)
+        return lease.id.hex(), str(peer_id_from_pubkey(lease.provider))
+
+
+async def _socks_get(port: int, http_port: int) -> bool:
+    """An honest SOCKS5 client: CONNECT to the local HTTP server, GET /small."""
+    with trio.move_on_after(20):
+        try:
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            async with s:
+                await s.send_all(b"\x05\x01\x00")
+                if await s.receive_some(2) != b"\x05\x00":
+                    return False
+                await s.send_all(b"\x05\x01\x00\x01\x7f\x00\x00\x01"
+                                 + http_port.to_bytes(2, "big"))
+                reply = b""
+                while len(reply) < 10:
+                    chunk = await s.receive_some(10 - len(reply))
+                    if not chunk:
+                        return False
+                    reply += chunk
+                if reply[1] != 0:
+                    return False
+                await s.send_all(b"GET /small HTTP/1.1\r\nHost: x\r\n"
+                                 b"Connection: close\r\n\r\n")
+                data = b""
+                while len(data) < 65536:
+                    chunk = await s.receive_some(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.startswith(b"HTTP/1.1 200") and data.endswith(SMALL_PAGE)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+    return False
+
+
+async def socks_listener(t: A.Target, scale: dict[str, Any]) -> A.Outcome:
+    """`bidmesh client tunnel`'s SOCKS5 listener under attackers.socks_listener
+    (malformed greetings and requests, slowloris, more connections than it serves),
+    over a real bandwidth lease from V; the proxy must survive, serve an honest client
+    after, and stop cleanly on SIGTERM with its refusals counted."""
+    from tunnel_proc_helpers import client_tunnel, http_server
+
+    o = A.Outcome()
+    b: Bench = t.extra["bench"]
+    if b.socks_buyer is not None:
+        await A.in_thread(b.socks_buyer.join, 150)
+    if b.socks_lease is None:
+        o.check(False, f"no lease for the SOCKS listener: {b.socks_error or 'still buying'}")
+        return o
+    lease_hex, provider = b.socks_lease
+    node = b.v if b.v.peer_id == provider else b.h  # the client asks the provider's node
+    o.figures["provider"] = "victim" if node is b.v else "honest"
+    with http_server() as web, client_tunnel(b.base / "socks-device", node.addr, NETWORK,
+                                             lease_hex, "--max-connections", "16") as tun:
+        web.files["/small"] = SMALL_PAGE
+        target = A.Target(t.victim, t.honest, t.http_port, t.network, {
+            "socks_port": tun.port, "socks_honest": lambda: _socks_get(tun.port, web.port)})
+        out = await A.socks_listener(target, {
+            "socks_slowloris": int(scale["socks_slowloris"]),
+            "socks_connections": int(scale["socks_connections"])})
+        o.failures += out.failures
+        o.figures.update(out.figures)
+        try:
+            summary = await A.in_thread(tun.stop)
+            o.figures["proxy_rejected"] = summary.get("rejected")
+        except AssertionError as e:  # a non-zero exit or no summary: the proxy crashed
+            o.check(False, f"the SOCKS proxy did not stop cleanly: {str(e)[:200]}")
     return o
 
 

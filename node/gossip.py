@@ -546,8 +546,9 @@ class Replicator:
         """Sync with every newly connected peer (polls the host's connection table)."""
         while True:
             new = self.policy.connected(set(self.host.connected_peers()))
-            if self.cfg.sync.on_connect:
-                for peer in new:
+            for peer in new:
+                self.sync_record.reconnected(peer)
+                if self.cfg.sync.on_connect:
                     self._spawn_sync(peer)
             await trio.sleep(0.2)
 

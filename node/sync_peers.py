@@ -45,6 +45,7 @@ class _Record:
     strikes: int = 0  # stalled sessions in a row
     until: float = 0.0  # backed off until (clock time)
     good: bool = False  # the last session was productive
+    timed_out: bool = False  # the back-off is for a timeout (forgiven on a new connection)
 
 
 class SyncRecord:
@@ -82,7 +83,19 @@ class SyncRecord:
         """Record a session that ended, without progress, on a request timeout (the
         same back-off as a stall: it held a slot as long); returns it in seconds."""
         self.timeouts += 1
-        return self._strike(peer)
+        backoff = self._strike(peer)
+        self._peers[peer].timed_out = True
+        return backoff
+
+    def reconnected(self, peer: Hashable) -> None:
+        """A new connection to the peer: a back-off for timeouts ends (the old one may
+        have been stranded by a partition that has healed; a peer that keeps letting
+        requests time out is backed off again after one session). One for stalls
+        stays: a tarpit must not clear it by reconnecting."""
+        rec = self._peers.get(peer)
+        if rec is not None and rec.timed_out:
+            rec.until = 0.0
+            rec.timed_out = False
 
     def good(self, peer: Hashable) -> bool:
         """Its last session with us brought something new or found us in sync."""
@@ -93,6 +106,7 @@ class SyncRecord:
         rec = self._get(peer)
         rec.strikes += 1
         rec.good = False
+        rec.timed_out = False
         backoff = min(self.penalty_max_s, self.penalty_s * (1 << min(rec.strikes - 1, 30)))
         rec.until = self.clock() + backoff
         return backoff

@@ -77,6 +77,12 @@ def test_a_peer_whose_requests_time_out_is_backed_off_and_loses_its_good_record(
     assert r.timed_out("a") == 10.0 and r.backed_off("a") and not r.good("a")
     assert r.stalled("a") == 20.0  # timeouts and stalls are strikes in one row
     assert (r.timeouts, r.stalls) == (1, 1)
+    r.reconnected("a")
+    assert r.backed_off("a")  # a stall's back-off survives a reconnection ...
+    now[0] = 100.0
+    assert r.timed_out("a") == 40.0
+    r.reconnected("a")  # ... a timeout's does not (a partition healed, say)
+    assert not r.backed_off("a")
 
 
 class Node:

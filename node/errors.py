@@ -100,6 +100,10 @@ class KeyFileError(UsageError):
     """A key file is missing, malformed or readable by others."""
 
 
+class IncompatibleDependency(UsageError):
+    """An installed dependency is not the release bidmesh was written for."""
+
+
 class OperationError(BidmeshError):
     """An operation could not complete (timeouts, refusals, nobody able to serve)."""
 

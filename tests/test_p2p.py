@@ -465,9 +465,11 @@ async def test_signed_peer_record_check_is_cached_but_exact() -> None:
     from libp2p.pubsub import pubsub as upstream
     from libp2p.pubsub.pb import rpc_pb2
 
+    from node.p2p import _compat
+
     async with gossip_net(2) as (hs, _):
         consume = upstream.maybe_consume_signed_record  # type: ignore[attr-defined]
-        assert getattr(consume, "_bidmesh_cached", False)
+        assert _compat.is_ours(consume)
         record, _ = env_to_send_in_RPC(hs[1].libp2p)
 
         def rpc(data: bytes) -> Any:
@@ -483,3 +485,30 @@ async def test_signed_peer_record_check_is_cached_but_exact() -> None:
         tampered[-1] ^= 1
         assert consume(rpc(bytes(tampered)), me, hs[1].peer_id) is False
         assert consume(rpc_pb2.RPC(), me, hs[1].peer_id) is True  # no record attached
+
+
+def test_another_libp2p_release_is_refused_with_both_versions_named() -> None:
+    from node.errors import IncompatibleDependency
+    from node.p2p import _compat
+
+    _compat.check_version()  # the installed (pinned) release passes
+    with pytest.raises(IncompatibleDependency) as err:
+        _compat.check_version("0.9.0")
+    assert "0.8.1" in str(err.value) and "0.9.0" in str(err.value)
+
+
+def test_upstream_replacements_are_installed_once() -> None:
+    from libp2p.pubsub import gossipsub as upstream_gossipsub
+    from libp2p.pubsub import pubsub as upstream_pubsub
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    from node.p2p import _compat
+
+    _compat.install()
+    consume = upstream_pubsub.maybe_consume_signed_record  # type: ignore[attr-defined]
+    window = YamuxStream._auto_tune_and_send_window_update
+    _compat.install()  # again: nothing is wrapped a second time
+    assert upstream_pubsub.maybe_consume_signed_record is consume  # type: ignore[attr-defined]
+    assert upstream_gossipsub.maybe_consume_signed_record is consume  # type: ignore[attr-defined]
+    assert YamuxStream._auto_tune_and_send_window_update is window
+    assert _compat.is_ours(consume) and _compat.is_ours(window)

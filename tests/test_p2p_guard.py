@@ -346,7 +346,7 @@ async def test_a_missed_disconnect_notification_does_not_leak_a_slot() -> None:
 
 
 async def test_inbound_handshakes_run_a_few_at_a_time(autojump_clock: trio.abc.Clock) -> None:
-    from node.p2p.guard import limit_inbound_handshakes
+    from node.p2p._compat import limit_inbound_handshakes
 
     class Swarm:  # the one method limit_inbound_handshakes wraps
         running = peak = 0

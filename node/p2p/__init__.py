@@ -14,7 +14,9 @@ Modules (the names below are re-exported here; import them from `node.p2p`):
     addrs     the advertised addresses (addrs_factory)
     rpc       request/response on one stream per request
     pubsub    gossipsub topics, subscriptions and validators
-    _compat   every run-time replacement of an upstream function
+    mdns      LAN discovery (zeroconf) feeding dial addresses to a callback
+    _compat   every replacement of an upstream function and edit of its private
+              state, the version check, typed Protocols for the upstream members used
 
 Host::
 
@@ -50,6 +52,9 @@ the remote refused or reset: `RemoteError`).
 from __future__ import annotations
 
 from ..errors import RequestRefused, StreamTimeout
+
+# First: _compat checks the installed py-libp2p release before anything imports it.
+from ._compat import LIBP2P_VERSION
 from .frames import (
     FRAME_HEADER,
     MAX_FRAME,
@@ -85,6 +90,7 @@ from .rpc import RequestHandler, _parse_response, request, serve_requests
 __all__ = [
     "DEFAULT_LISTEN",
     "FRAME_HEADER",
+    "LIBP2P_VERSION",
     "LONG_LIVED_PREFIXES",
     "MAX_FRAME",
     "SHUTDOWN_TIMEOUT",

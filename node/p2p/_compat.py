@@ -1,25 +1,277 @@
-"""Every run-time replacement of a py-libp2p 0.8.1 function, in one place.
+"""Every run-time replacement of a py-libp2p function and every edit of its private state.
 
-The installed package is never modified: these rebind names the upstream
-modules look up, with a comment naming the upstream behaviour each one works
-around (docs/libp2p-notes.md has the measurements).
+bidmesh never patches the installed package. Where py-libp2p 0.8.1 misbehaves,
+the workaround rebinds a name upstream looks up, or edits an attribute of an
+upstream object, and all of those live here, each next to a comment naming the
+upstream behaviour (docs/libp2p-notes.md has the measurements):
+
+process-wide, applied once by `install()` (idempotent: a marker on each replacement)
+  * `YamuxStream._auto_tune_and_send_window_update` -> `_window_update_at_half`
+  * `maybe_consume_signed_record`, `env_to_send_in_RPC` in the pubsub modules ->
+    per-peer caches (`_cache_signed_records`)
+
+per object (idempotent as well)
+  * swarm: the inbound limiter, the inbound upgrade (a handshake queue), the
+    stream handler (our guard instead of BasicHost's)
+  * peerstore: eviction off, entries dropped by our policy, identify's record of
+    identified peers
+  * pubsub: the subscription channel size, the subscription send channel (counts
+    drops), peers connected before pubsub started, the seen-cache thread
+  * gossipsub: `recent_message_deliveries` pruned, the protocols we dial
+
+Importing this module checks the installed version first (`check_version`): these
+edits are right for the version they were read from only, and another version
+fails here, naming both, rather than later with an AttributeError in a handler.
+The Protocols below name every upstream member the package uses; `_conforms`
+makes mypy check them against the installed classes.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
 
+import importlib.metadata
+from typing import Final
+
+from ..errors import IncompatibleDependency
+
+LIBP2P_VERSION: Final = "0.8.1"
+"""The py-libp2p release this package was written and measured against."""
+
+
+def check_version(installed: str | None = None) -> None:
+    """Raise IncompatibleDependency unless py-libp2p `LIBP2P_VERSION` is installed."""
+    if installed is None:
+        try:
+            installed = importlib.metadata.version("libp2p")
+        except importlib.metadata.PackageNotFoundError:
+            raise IncompatibleDependency(
+                f"py-libp2p is not installed; bidmesh needs libp2p=={LIBP2P_VERSION}"
+            ) from None
+    if installed != LIBP2P_VERSION:
+        raise IncompatibleDependency(
+            f"bidmesh's libp2p layer (node/p2p/) was written for py-libp2p {LIBP2P_VERSION}, "
+            f"but {installed} is installed: its workarounds replace upstream functions and "
+            f"edit private state of that exact release. Install libp2p=={LIBP2P_VERSION} "
+            "(pyproject.toml pins it), or port node/p2p/_compat.py and re-run tests/test_p2p.py "
+            "and tests/test_p2p_guard.py."
+        )
+
+
+# Before any upstream import: another release may not even have these modules.
+check_version()
+
+# The imports below come after the version check on purpose (E402 for this file).
+import math
 import random
+import sys
 import time
 import weakref
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from libp2p.abc import IHost
+import multiaddr.exceptions
+import trio
+from libp2p.abc import IHost, IListener, INetConn, INotifee, ISubscriptionAPI
+from libp2p.custom_types import TProtocol, ValidatorFn
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStore, PeerStoreError
 from libp2p.pubsub import gossipsub as _gossipsub_module
 from libp2p.pubsub import pubsub as _pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
+from ..errors import OperationError
 
+MARKER: Final = "_bidmesh_compat"
+"""Attribute set on every replacement installed here: installing twice is a no-op."""
+
+_T = TypeVar("_T")
+
+
+BAD_ADDRESS: Final = (multiaddr.exceptions.Error, ValueError, LookupError, TypeError)
+"""What `Multiaddr(text)` and `info_from_p2p_addr` raise for a malformed address
+(multiaddr's own errors, base58 and multihash ValueErrors, InvalidAddrError)."""
+
+UPSTREAM_FAILURES: Final = (BaseLibp2pError, PeerStoreError, OSError,
+                            trio.BrokenResourceError, trio.ClosedResourceError)
+"""What upstream's dial and stream-open paths raise when they fail (SwarmException,
+StreamFailure, MultiselectClientError, MuxedConnUnavailable and IOException are all
+BaseLibp2pError). Anything else (an AttributeError after an upstream change) is a bug
+and propagates."""
+
+
+def _mark(fn: _T) -> _T:
+    setattr(fn, MARKER, True)
+    return fn
+
+
+def is_ours(fn: object) -> bool:
+    """Whether `fn` is one of our replacements (already installed)."""
+    return getattr(fn, MARKER, False) is True
+
+
+# --------------------------------------------------------------------------- Protocols
+#
+# The upstream members used, typed. Read-only members are properties (mypy then
+# accepts upstream's narrower types); members we assign are plain attributes.
+
+
+class _TaskRunner(Protocol):
+    def run_task(self, async_fn: Callable[..., Awaitable[Any]], *args: Any,
+                 daemon: bool = False, name: str | None = None) -> None: ...
+
+
+class _Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+class SwarmInternals(Protocol):
+    """The members of `libp2p.network.swarm.Swarm` the package uses."""
+
+    _inbound_limiter: trio.CapacityLimiter
+
+    @property
+    def connections(self) -> dict[ID, list[INetConn]]: ...
+
+    @property
+    def listeners(self) -> dict[str, IListener]: ...
+
+    @property
+    def manager(self) -> _TaskRunner: ...
+
+    @property
+    def auto_connector(self) -> _Stoppable: ...
+
+    def unblock_peer(self, peer_id: ID) -> None: ...
+
+    def register_notifee(self, notifee: INotifee) -> None: ...
+
+    def set_stream_handler(self, stream_handler: Callable[[Any], Awaitable[None]]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class PeerStoreInternals(Protocol):
+    """The members of `libp2p.peer.peerstore.PeerStore` the package uses."""
+
+    max_peers: int
+
+    @property
+    def peer_data_map(self) -> dict[ID, Any]: ...
+
+    @property
+    def peer_record_map(self) -> dict[ID, Any]: ...
+
+    @property
+    def addr_update_channels(self) -> dict[ID, Any]: ...
+
+    def add_key_pair(self, peer_id: ID, key_pair: Any) -> None: ...
+
+    def get_protocols(self, peer_id: ID) -> list[str]: ...
+
+
+class HostInternals(Protocol):
+    """The private member of `libp2p.host.basic_host.BasicHost` the package reads."""
+
+    @property
+    def _identified_peers(self) -> dict[ID, str]: ...
+
+
+class _SeenCache(Protocol):
+    def stop(self) -> None: ...
+
+
+class PubsubInternals(Protocol):
+    """The members of `libp2p.pubsub.pubsub.Pubsub` the package uses."""
+
+    @property
+    def peer_topics(self) -> dict[str, set[ID]]: ...
+
+    @property
+    def peer_queues(self) -> dict[ID, RpcQueue]: ...
+
+    @property
+    def peers(self) -> dict[ID, Any]: ...
+
+    @property
+    def subscribed_topics_send(self) -> dict[str, trio.MemorySendChannel[rpc_pb2.Message]]: ...
+
+    @property
+    def manager(self) -> _TaskRunner: ...
+
+    @property
+    def seen_messages(self) -> _SeenCache: ...
+
+    async def subscribe(self, topic_id: str) -> ISubscriptionAPI: ...
+
+    def set_topic_validator(self, topic: str, validator: ValidatorFn,
+                            is_async_validator: bool) -> None: ...
+
+    async def publish(self, topic_id: str | list[str], data: bytes) -> None: ...
+
+    async def wait_until_ready(self) -> None: ...
+
+    async def _handle_new_peer_with_retry(self, peer_id: ID,
+                                          timeout: float | None = None) -> None: ...
+
+
+class GossipSubInternals(Protocol):
+    """The members of `libp2p.pubsub.gossipsub.GossipSub` the package uses."""
+
+    protocols: list[TProtocol]
+
+    @property
+    def mesh(self) -> dict[str, set[ID]]: ...
+
+    @property
+    def recent_message_deliveries(self) -> dict[str, list[float]]: ...
+
+
+if TYPE_CHECKING:
+    from libp2p.host.basic_host import BasicHost
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+
+    def _conforms(swarm: Swarm, store: PeerStore, host: BasicHost, pubsub: Pubsub,
+                  router: GossipSub) -> tuple[SwarmInternals, PeerStoreInternals,
+                                              HostInternals, PubsubInternals,
+                                              GossipSubInternals]:
+        """Never called: mypy checks that the installed classes have these members."""
+        return swarm, store, host, pubsub, router
+
+
+def swarm_of(host: IHost) -> SwarmInternals:
+    """The host's network as the concrete `Swarm` (BasicHost.get_network is typed
+    as the interface, which lacks the members we need)."""
+    network = host.get_network()
+    if not isinstance(network, Swarm):
+        raise TypeError(f"expected py-libp2p's Swarm, got {type(network).__name__}")
+    return network
+
+
+def peerstore_of(host: IHost) -> PeerStoreInternals:
+    """The host's peerstore as the concrete `PeerStore`."""
+    store = host.get_peerstore()
+    if not isinstance(store, PeerStore):
+        raise TypeError(f"expected py-libp2p's PeerStore, got {type(store).__name__}")
+    return store
+
+
+# --------------------------------------------------------------------------- process-wide
+
+
+def install() -> None:
+    """Install the process-wide replacements; later calls do nothing."""
+    if not is_ours(getattr(YamuxStream, "_auto_tune_and_send_window_update")):  # noqa: B009
+        setattr(YamuxStream, "_auto_tune_and_send_window_update",  # noqa: B010
+                _window_update_at_half)
+    _cache_signed_records()
+
+
+@_mark
 async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
     """Send a WINDOW_UPDATE only once half the receive window is consumed.
 
@@ -30,7 +282,7 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
     gossip connection were window updates, each encrypted, sent and parsed.
     go-yamux (and the yamux spec) release credit in half-window steps; this
     keeps upstream's window growth and auto-tuning without the per-read
-    updates. `open_host` installs it in place of upstream's method.
+    updates. `install()` puts it in place of upstream's method.
 
     Credit is also returned at once while the sender is nearly out of it (under an
     eighth of the window left): upstream's sender gives up a write after 5 s at a
@@ -53,7 +305,6 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
         await self.send_window_update(total, skip_lock=True)
 
 
-
 _RECORD_TTL_S: Final = 600.0
 _RECORD_CACHE_MAX: Final = 4096
 _OWN_RECORD_TTL_S: Final = 1.0
@@ -74,7 +325,7 @@ def _cache_signed_records() -> None:
     pubsub modules look up; the installed package is unchanged. Idempotent.
     """
     upstream_consume = getattr(_pubsub_module, "maybe_consume_signed_record")  # noqa: B009
-    if getattr(upstream_consume, "_bidmesh_cached", False):
+    if is_ours(upstream_consume):
         return
     upstream_env = getattr(_pubsub_module, "env_to_send_in_RPC")  # noqa: B009
     seen: dict[tuple[bytes, bytes], float] = {}
@@ -82,6 +333,7 @@ def _cache_signed_records() -> None:
         weakref.WeakKeyDictionary()
     )
 
+    @_mark
     def consume(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
         if not msg.HasField("senderRecord"):
             return True
@@ -96,6 +348,7 @@ def _cache_signed_records() -> None:
             seen[key] = now + _RECORD_TTL_S
         return ok
 
+    @_mark
     def env_to_send(host: IHost) -> tuple[bytes, bool]:
         now = time.monotonic()
         cached = own.get(host)
@@ -105,12 +358,9 @@ def _cache_signed_records() -> None:
         own[host] = (now + _OWN_RECORD_TTL_S, result)
         return result
 
-    consume._bidmesh_cached = True  # type: ignore[attr-defined]
     for module in (_pubsub_module, _gossipsub_module):
         setattr(module, "maybe_consume_signed_record", consume)  # noqa: B010
         setattr(module, "env_to_send_in_RPC", env_to_send)  # noqa: B010
-
-
 
 
 # ------------------------------------------------------------------ gossipsub mesh
@@ -222,3 +472,180 @@ async def prune(router: Any, topic: str, peer: ID) -> None:
     control = rpc_pb2.ControlMessage()
     control.prune.extend([rpc_pb2.ControlPrune(topicID=topic)])
     await router.emit_control_message(control, peer)
+
+
+# --------------------------------------------------------------------------- swarm
+
+INBOUND_HANDSHAKES: Final = 4
+HANDSHAKE_QUEUE_S: Final = 10.0
+
+
+def unbound_inbound_limiter(swarm: SwarmInternals) -> None:
+    """Upstream bug: the inbound handler holds its `_inbound_limiter` slot until
+    the *swarm* stops, not until the connection closes (network/swarm.py:1982
+    acquires, :2060 waits for manager.wait_finished()), so after
+    max_connections - min_connections inbound connections in the node's
+    lifetime every new inbound connection is refused. Replace the limiter by
+    an unbounded one; the real cap is enforced at registration (add_conn,
+    network/swarm.py:2678) which counts live connections only."""
+    if swarm._inbound_limiter.total_tokens != math.inf:
+        swarm._inbound_limiter = trio.CapacityLimiter(math.inf)
+
+
+def limit_inbound_handshakes(swarm: Any, limit: int = INBOUND_HANDSHAKES,
+                             queue_s: float = HANDSHAKE_QUEUE_S) -> None:
+    """Run at most `limit` inbound connection upgrades at once (`swarm` needs only
+    `upgrade_inbound_raw_conn`; a second call on the same swarm does nothing).
+
+    Upstream starts the security and muxer handshake of every accepted socket at
+    once (network/swarm.py `_do_handle_inbound_connection` ->
+    `upgrade_inbound_raw_conn`): a crowd of new identities then runs dozens of
+    handshakes side by side on the event loop, and every established peer's
+    requests wait behind all of them (an honest DIGEST went from ~0.1 s to 1-5 s
+    while 48 identities connected). Queued, the crowd costs the same CPU, but
+    the loop interleaves at most `limit` handshakes with everyone else's work.
+    """
+    upgrade = swarm.upgrade_inbound_raw_conn
+    if is_ours(upgrade):
+        return
+    limiter = trio.CapacityLimiter(limit)
+
+    @_mark
+    async def limited(raw_conn: Any, maddr: Any) -> Any:
+        with trio.move_on_after(queue_s) as waited:
+            await limiter.acquire()
+        if waited.cancelled_caught:
+            # The caller (swarm.py) catches Exception and closes the connection.
+            raise OperationError(f"{limit} inbound handshakes in progress for {queue_s} s")
+        try:
+            return await upgrade(raw_conn, maddr)
+        finally:
+            limiter.release()
+
+    swarm.upgrade_inbound_raw_conn = limited
+
+
+def route_inbound_streams(swarm: SwarmInternals,
+                          handler: Callable[[Any], Awaitable[None]]) -> None:
+    """Every inbound stream (upstream's protocols and ours) goes to `handler`
+    instead of BasicHost._swarm_stream_handler, whose handler exceptions end the
+    host (see node/p2p/guard.py). `Swarm.set_stream_handler` is the hook
+    BasicHost itself uses; setting it again replaces ours."""
+    swarm.set_stream_handler(handler)
+
+
+# --------------------------------------------------------------------------- peerstore
+
+
+def disable_peerstore_eviction(store: PeerStoreInternals) -> None:
+    """Upstream eviction (peer/peerstore.py:201) caps the store at 1,000 peers and
+    removes entries without addresses first, our own (our key pair) among them;
+    node/p2p/guard.py bounds the store by its own policy instead."""
+    store.max_peers = sys.maxsize
+
+
+def drop_peer(store: PeerStoreInternals, peer: ID) -> None:
+    """Forget a peer entirely: PeerStore has no public removal that
+    takes everything (`clear_peerdata` leaves the address-update channel behind)."""
+    store.peer_data_map.pop(peer, None)
+    store.peer_record_map.pop(peer, None)
+    store.addr_update_channels.pop(peer, None)
+
+
+def identified_peers(host: IHost) -> dict[ID, str]:
+    """BasicHost's record of peers whose identify finished on their current
+    connection (host/basic_host.py `_identified_peers`); upstream pops entries
+    only on its own disconnect path. Empty for a host without one."""
+    found: dict[ID, str] = getattr(host, "_identified_peers", {})
+    return found
+
+
+# --------------------------------------------------------------------------- pubsub
+
+
+class _SendChannel(Protocol):
+    def send_nowait(self, value: rpc_pb2.Message) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _CountingSend:
+    """Stands in for a subscription's send channel to count what upstream drops.
+
+    `Pubsub.notify_subscriptions` drops a message with only a log line when the
+    subscription channel is full (pubsub/pubsub.py:1371); we count it so the
+    owner can trigger a pull sync.
+    """
+
+    _bidmesh_compat = True  # MARKER: never wrapped twice
+
+    def __init__(self, inner: _SendChannel, on_drop: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_drop = on_drop
+
+    def send_nowait(self, value: rpc_pb2.Message) -> None:
+        try:
+            self._inner.send_nowait(value)
+        except trio.WouldBlock:
+            self._on_drop()
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def subscribe(pubsub: PubsubInternals, topic: str, channel_size: int,
+                    on_drop: Callable[[], None]) -> ISubscriptionAPI:
+    """`pubsub.subscribe(topic)` with a channel of `channel_size` messages, calling
+    `on_drop` for each message upstream drops because the channel is full."""
+    # SUBSCRIPTION_CHANNEL_SIZE is read when Pubsub.subscribe() creates the
+    # channel, before its first await (pubsub/pubsub.py:1405).
+    saved = _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
+    _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = channel_size
+    try:
+        upstream = await pubsub.subscribe(topic)
+    finally:
+        _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = saved
+    inner = pubsub.subscribed_topics_send[topic]
+    if not is_ours(inner):
+        # Upstream only calls send_nowait and aclose on it.
+        pubsub.subscribed_topics_send[topic] = _CountingSend(inner, on_drop)  # type: ignore[assignment]
+    return upstream
+
+
+def add_connected_peers(pubsub: PubsubInternals, peers: list[ID]) -> None:
+    """The PubsubNotifee only hears about connections made after it was
+    registered (pubsub/pubsub.py:432); register existing peers ourselves."""
+    for peer in peers:
+        pubsub.manager.run_task(pubsub._handle_new_peer_with_retry, peer)
+
+
+def stop_seen_cache(pubsub: PubsubInternals) -> None:
+    """LastSeenCache starts a sweeper *thread* per Pubsub and nothing stops it
+    (tools/timed_cache/base_timed_cache.py:26)."""
+    pubsub.seen_messages.stop()
+
+
+def prune_recent_deliveries(router: GossipSubInternals, window: float) -> None:
+    """Drop state upstream never prunes when adaptive gossip is off.
+
+    `GossipSub.publish` appends a timestamp per message to
+    `recent_message_deliveries[topic]` (pubsub/gossipsub.py:1089); only
+    `_calculate_message_delivery_health` trims it (:2659), and that runs
+    only with adaptive gossip on. Nothing else reads it.
+    """
+    deliveries = router.recent_message_deliveries
+    cutoff = time.time() - window  # upstream stamps use time.time()
+    for topic in list(deliveries):
+        kept = [t for t in deliveries[topic] if t > cutoff]
+        if kept:
+            deliveries[topic] = kept
+        else:
+            del deliveries[topic]
+
+
+def dial_protocols(router: GossipSubInternals, protocols: list[TProtocol]) -> None:
+    """The pubsub protocols we offer when *we* open a stream (`GossipSub.protocols`,
+    read when a peer is added); inbound streams are still accepted for every
+    protocol the router was built with (registered at start)."""
+    router.protocols = list(protocols)

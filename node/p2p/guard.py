@@ -51,8 +51,9 @@ from libp2p.peer.id import ID
 from libp2p.protocol_muxer.exceptions import MultiselectError
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 
-from ..errors import BidmeshError, OperationError, PeerError
+from ..errors import BidmeshError, PeerError
 from ..resources import ConnLease, Direction, LimitExceeded, ResourceManager, StreamLease
+from . import _compat
 from .frames import _STREAM_LEASES, reset_quietly
 
 if TYPE_CHECKING:
@@ -71,10 +72,6 @@ _LOG_KEYS_MAX: Final = 1024
 # peer records): the peer's fault, not a bug of ours.
 _MALFORMED: Final = (DecodeError, BaseLibp2pError, ValueError, KeyError, IndexError,
                      TypeError, struct.error, UnicodeDecodeError, OverflowError)
-# Inbound connection handshakes (noise, yamux, registration) run at most this many
-# at a time; a connection waits at most HANDSHAKE_QUEUE_S for its turn, then is closed.
-INBOUND_HANDSHAKES: Final = 4
-HANDSHAKE_QUEUE_S: Final = 10.0
 # Pubsub and ping streams stay open without carrying framed messages.
 LONG_LIVED_PREFIXES: Final = ("/meshsub/", "/floodsub/", "/ipfs/ping/")
 
@@ -101,7 +98,8 @@ class RateLimitedLog:
         log.log(level, msg, *args, exc_info=exc_info)
 
 
-def _remote_ip(conn: INetConn) -> str | None:
+def conn_remote_ip(conn: INetConn) -> str | None:
+    """The remote IP of a connection (None: not an IP transport, or already gone)."""
     try:
         remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
     except (AttributeError, OSError):
@@ -138,10 +136,9 @@ class Guard:
         self.own_entry_restored = 0
         self.leases_reconciled = 0
         self._log = RateLimitedLog()
-        peerstore: Any = host.libp2p.get_peerstore()
-        # Upstream eviction (peer/peerstore.py:201) would remove our own entry
-        # first; our prune_peerstore() bounds the store instead.
-        peerstore.max_peers = math.inf
+        # Upstream eviction would remove our own entry first; our
+        # prune_peerstore() bounds the store instead.
+        _compat.disable_peerstore_eviction(_compat.peerstore_of(host.libp2p))
 
     def set_bootstrap(self, peers: Iterable[ID]) -> None:
         self._bootstrap = set(peers)
@@ -166,7 +163,7 @@ class Guard:
             self.prune_peerstore()
         try:
             self._conns[conn] = self.resources.open_connection(
-                peer, _remote_ip(conn), _direction(conn))
+                peer, conn_remote_ip(conn), _direction(conn))
         except LimitExceeded as exc:
             self._log(logging.INFO, ("conn", exc.scope), "refusing a connection from %s: %s",
                       peer, exc)
@@ -276,12 +273,11 @@ class Guard:
     # ------------------------------------------------------------- peerstore
 
     def _peerstore_size(self) -> int:
-        peerstore: Any = self.host.libp2p.get_peerstore()
-        return len(peerstore.peer_data_map)
+        return len(_compat.peerstore_of(self.host.libp2p).peer_data_map)
 
     def ensure_own_entry(self) -> None:
         """Our key pair in the peerstore is what identify and pubsub sign with."""
-        peerstore: Any = self.host.libp2p.get_peerstore()
+        peerstore = _compat.peerstore_of(self.host.libp2p)
         own = self.host.peer_id
         if own not in peerstore.peer_data_map:
             peerstore.add_key_pair(own, self._keypair)
@@ -291,8 +287,8 @@ class Guard:
     def prune_peerstore(self) -> int:
         """Drop disconnected non-bootstrap peers, least recently seen first, down to
         `peerstore_max`; our own entry is never dropped. Returns how many went."""
-        peerstore: Any = self.host.libp2p.get_peerstore()
-        entries: dict[ID, Any] = peerstore.peer_data_map
+        peerstore = _compat.peerstore_of(self.host.libp2p)
+        entries = peerstore.peer_data_map
         own = self.host.peer_id
         connected = set(self.host._swarm.connections)
         keep = {own} | self._bootstrap | connected
@@ -306,11 +302,9 @@ class Guard:
                     break
                 if peer in keep or peer not in entries:
                     continue
-                del entries[peer]
-                peerstore.peer_record_map.pop(peer, None)
-                peerstore.addr_update_channels.pop(peer, None)
+                _compat.drop_peer(peerstore, peer)
                 dropped += 1
-        identified: dict[ID, str] = getattr(self.host.libp2p, "_identified_peers", {})
+        identified = _compat.identified_peers(self.host.libp2p)
         for peer in [p for p in identified if p not in entries]:
             del identified[peer]  # upstream pops these only on its own disconnect path
         for peer in [p for p in self._seen if p not in entries and p not in connected]:
@@ -365,35 +359,6 @@ class Guard:
                           "own_entry_restored": self.own_entry_restored},
             "leases_reconciled": self.leases_reconciled,
         }
-
-
-def limit_inbound_handshakes(swarm: Any, limit: int = INBOUND_HANDSHAKES,
-                             queue_s: float = HANDSHAKE_QUEUE_S) -> None:
-    """Run at most `limit` inbound connection upgrades at once.
-
-    Upstream starts the security and muxer handshake of every accepted socket at
-    once (network/swarm.py `_do_handle_inbound_connection` ->
-    `upgrade_inbound_raw_conn`): a crowd of new identities then runs dozens of
-    handshakes side by side on the event loop, and every established peer's
-    requests wait behind all of them (an honest DIGEST went from ~0.1 s to 1-5 s
-    while 48 identities connected). Queued, the crowd costs the same CPU, but
-    the loop interleaves at most `limit` handshakes with everyone else's work.
-    """
-    limiter = trio.CapacityLimiter(limit)
-    upgrade = swarm.upgrade_inbound_raw_conn
-
-    async def limited(raw_conn: Any, maddr: Any) -> Any:
-        with trio.move_on_after(queue_s) as waited:
-            await limiter.acquire()
-        if waited.cancelled_caught:
-            # The caller (swarm.py) catches Exception and closes the connection.
-            raise OperationError(f"{limit} inbound handshakes in progress for {queue_s} s")
-        try:
-            return await upgrade(raw_conn, maddr)
-        finally:
-            limiter.release()
-
-    swarm.upgrade_inbound_raw_conn = limited
 
 
 async def _close_conn(conn: INetConn) -> None:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Final
 
 import multiaddr
 import trio
@@ -28,15 +27,16 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 
 from ..errors import BidmeshError, OperationError, PeerError, StreamTimeout, UsageError
 from ..resources import Limits, ResourceManager
-from ._compat import _window_update_at_half
+from . import _compat
+from ._compat import BAD_ADDRESS, UPSTREAM_FAILURES
 from .addrs import AddrPolicy
 from .frames import close_quietly, reset_quietly
-from .guard import LONG_LIVED_PREFIXES, Guard, limit_inbound_handshakes
+from .guard import LONG_LIVED_PREFIXES, Guard, conn_remote_ip
 from .ids import _keypair_from_seed, parse_peer_id, remote_peer_id
 
 log = logging.getLogger("node.p2p")
@@ -103,7 +103,7 @@ class P2PHost:
         """This node's raw 32-byte Ed25519 public key."""
         self.max_connections = limits.max_connections
         self._blocked: dict[ID, float] = {}
-        self._swarm: Any = libp2p_host.get_network()  # the concrete Swarm (private knobs)
+        self._swarm = _compat.swarm_of(libp2p_host)
         self.resources = ResourceManager(limits, trio.current_time)
         """Connection, stream and request limits (node/resources.py); charge requests
         in flight with `host.resources.try_start_request(peer, protocol)`."""
@@ -149,12 +149,9 @@ class P2PHost:
     def remote_ip(self, peer_id: ID | str) -> str | None:
         """The IP address of an open connection to the peer (None: none, or not IP)."""
         for conn in self._swarm.connections.get(parse_peer_id(peer_id), []):
-            try:
-                remote = conn.muxed_conn.get_remote_address()
-            except (AttributeError, OSError):
-                continue
-            if remote:
-                return str(remote[0])
+            ip = conn_remote_ip(conn)
+            if ip is not None:
+                return ip
         return None
 
     async def connect(self, maddr: str, timeout: float = 10.0) -> ID:
@@ -166,7 +163,7 @@ class P2PHost:
         """
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(maddr))
-        except Exception as exc:  # multiaddr raises several unrelated types
+        except BAD_ADDRESS as exc:  # multiaddr raises several unrelated types
             raise UsageError(f"not a dialable multiaddr with /p2p/<peer id>: {maddr!r}") from exc
         peer: ID = info.peer_id
         if peer == self.peer_id:
@@ -183,7 +180,7 @@ class P2PHost:
                 await self.libp2p.connect(info)
         except trio.TooSlowError:
             raise StreamTimeout(f"dialing {maddr} took longer than {timeout} s") from None
-        except Exception as exc:  # SwarmException and friends: map at the edge
+        except UPSTREAM_FAILURES as exc:  # SwarmException and friends: map at the edge
             raise OperationError(f"could not connect to {maddr}: {exc}") from exc
         if not self.is_connected(peer):
             raise OperationError(
@@ -249,7 +246,7 @@ class P2PHost:
             raise StreamTimeout(
                 f"opening {protocol} to {peer} took longer than {timeout} s"
             ) from None
-        except Exception as exc:  # StreamFailure, SwarmException: map at the edge
+        except UPSTREAM_FAILURES as exc:  # StreamFailure, SwarmException: map at the edge
             raise OperationError(f"could not open {protocol} to {peer}: {_why(exc)}") from exc
         return stream
 
@@ -301,16 +298,9 @@ def _build_libp2p_host(
         connection_config=config,
         addrs_factory=addr_policy or AddrPolicy(),
     )
-    swarm: Any = host.get_network()
-    # Upstream bug: the inbound handler holds its `_inbound_limiter` slot until
-    # the *swarm* stops, not until the connection closes (network/swarm.py:1982
-    # acquires, :2060 waits for manager.wait_finished()), so after
-    # max_connections - min_connections inbound connections in the node's
-    # lifetime every new inbound connection is refused. Replace the limiter by
-    # an unbounded one; the real cap is enforced at registration (add_conn,
-    # network/swarm.py:2678) which counts live connections only.
-    swarm._inbound_limiter = trio.CapacityLimiter(math.inf)
-    limit_inbound_handshakes(swarm)
+    swarm = _compat.swarm_of(host)
+    _compat.unbound_inbound_limiter(swarm)
+    _compat.limit_inbound_handshakes(swarm)
     return host
 
 
@@ -358,20 +348,17 @@ async def open_host(
     keypair = _keypair_from_seed(seed)
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
-    except Exception as exc:
+    except BAD_ADDRESS as exc:
         raise UsageError(f"bad listen multiaddr in {list(listen)!r}: {exc}") from exc
     if not maddrs:
         raise UsageError("open_host needs at least one listen address")
-    setattr(YamuxStream, "_auto_tune_and_send_window_update", _window_update_at_half)  # noqa: B010
+    _compat.install()
     host = _build_libp2p_host(keypair, maddrs, limits.max_connections,
                               AddrPolicy(announce, announce_append))
     node = P2PHost(host, keypair, limits, boot_ids, peerstore_max)
-    swarm: Any = host.get_network()
+    swarm = node._swarm
     swarm.register_notifee(_Gate(node))
-    # Every inbound stream (upstream's protocols and ours) goes through the
-    # guard's boundary instead of BasicHost._swarm_stream_handler, whose
-    # handler exceptions end the host (see node/p2p/guard.py).
-    swarm.set_stream_handler(node.guard.inbound_stream)
+    _compat.route_inbound_streams(swarm, node.guard.inbound_stream)
     async with host.run(maddrs):
         try:
             # The auto-connector would re-dial any peer in the peerstore
@@ -392,8 +379,6 @@ async def open_host(
                 # Close connections before the service manager is torn down;
                 # otherwise sockets leak (ResourceWarning) on the cancel path.
                 await swarm.close()
-
-
 
 
 def set_stream_handler(host: P2PHost, protocol_id: str, handler: StreamHandler) -> None:

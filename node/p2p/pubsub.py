@@ -17,11 +17,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final
 
 import trio
+from libp2p.abc import ISubscriptionAPI
 from libp2p.peer.id import ID
-from libp2p.pubsub import pubsub as _pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
@@ -30,7 +30,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import InvalidMessage, UsageError
 from . import _compat
-from ._compat import _cache_signed_records
+from ._compat import GossipSubInternals, PubsubInternals
 from .host import P2PHost
 from .ids import pubkey_from_peer_id
 
@@ -47,41 +47,12 @@ ASYNC_VALIDATION_TIMEOUT_S: Final = 30.0
 # upstream LRU costs O(size) per message (`ValidationCache.put`, pubsub.py:287).
 _VALIDATION_CACHE: Final = 128
 
-class _SendChannel(Protocol):
-    def send_nowait(self, value: rpc_pb2.Message) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-class _CountingSend:
-    """Stands in for a subscription's send channel to count what upstream drops.
-
-    `Pubsub.notify_subscriptions` drops a message with only a log line when the
-    subscription channel is full (pubsub/pubsub.py:1371); we count it so the
-    owner can trigger a pull sync.
-    """
-
-    def __init__(self, inner: _SendChannel, topic: Topic) -> None:
-        self._inner = inner
-        self._topic = topic
-
-    def send_nowait(self, value: rpc_pb2.Message) -> None:
-        try:
-            self._inner.send_nowait(value)
-        except trio.WouldBlock:
-            self._topic.dropped += 1
-            raise
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 class Subscription:
     """Async iterator of `(origin_pubkey, data)` for one topic; `aclose()` unsubscribes."""
 
-    def __init__(self, topic: Topic, upstream: Any) -> None:
+    def __init__(self, topic: Topic, upstream: ISubscriptionAPI) -> None:
         self._topic = topic
-        self._upstream = upstream  # libp2p TrioSubscriptionAPI
+        self._upstream = upstream
         self._closed = False
 
     def __aiter__(self) -> Subscription:
@@ -211,19 +182,14 @@ class Topic:
         """
         if self._subscription is not None:
             raise UsageError(f"topic {self.name!r} already has a subscriber")
-        pubsub = self._owner.pubsub
-        # SUBSCRIPTION_CHANNEL_SIZE is read when Pubsub.subscribe() creates the
-        # channel, before its first await (pubsub/pubsub.py:1405).
-        saved = _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
-        _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = self._owner.subscription_channel_size
-        try:
-            upstream = await pubsub.subscribe(self.name)
-        finally:
-            _pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = saved
-        inner = pubsub.subscribed_topics_send[self.name]
-        pubsub.subscribed_topics_send[self.name] = _CountingSend(inner, self)
+        upstream = await _compat.subscribe(self._owner.pubsub, self.name,
+                                           self._owner.subscription_channel_size,
+                                           self._count_drop)
         self._subscription = Subscription(self, upstream)
         return self._subscription
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
 
     def set_validator(self, fn: Validator) -> None:
         """Check each incoming message with `fn(forwarder_peer_id, data) -> bool`.
@@ -317,9 +283,9 @@ class PubSub:
         self, host: P2PHost, pubsub: Pubsub, router: GossipSub, config: _PubSubConfig
     ) -> None:
         self.host = host
-        self.pubsub: Any = pubsub
+        self.pubsub: PubsubInternals = pubsub
         """The upstream `libp2p.pubsub.pubsub.Pubsub`."""
-        self.router: Any = router
+        self.router: GossipSubInternals = router
         """The upstream `libp2p.pubsub.gossipsub.GossipSub`."""
         self.queue_high_water = config.queue_high_water
         self.subscription_channel_size = config.subscription_channel_size
@@ -373,21 +339,26 @@ class PubSub:
         return not scope.cancelled_caught
 
     def prune(self) -> None:
-        """Drop state upstream never prunes when adaptive gossip is off.
+        """Drop state upstream never prunes when adaptive gossip is off
+        (`_compat.prune_recent_deliveries`)."""
+        _compat.prune_recent_deliveries(self.router, self._config.delivery_window)
 
-        `GossipSub.publish` appends a timestamp per message to
-        `recent_message_deliveries[topic]` (pubsub/gossipsub.py:1089); only
-        `_calculate_message_delivery_health` trims it (:2659), and that runs
-        only with adaptive gossip on. Nothing else reads it.
+    def stream_count(self) -> int:
+        """Peers with an open pubsub stream (any topic)."""
+        return len(self.pubsub.peers)
+
+    def dial_gossipsub_v11_only(self) -> None:
+        """Open our pubsub streams with gossipsub v1.1 only (inbound v1.2 streams from
+        other implementations are still accepted).
+
+        Upstream (0.8.1) `GossipSub.publish` sends an IDONTWANT control RPC to every
+        v1.2 mesh peer for *every* message it publishes or forwards
+        (pubsub/gossipsub.py `_emit_idontwant_for_message`), each carrying a signed
+        peer record the receiver verifies (`maybe_consume_signed_record`). With small
+        batched messages that doubles the RPCs in the per-peer queues and costs a
+        signature check per RPC, for no saving. Peers negotiating v1.1 get none.
         """
-        deliveries: dict[str, list[float]] = self.router.recent_message_deliveries
-        cutoff = time.time() - self._config.delivery_window  # upstream stamps use time.time()
-        for topic in list(deliveries):
-            kept = [t for t in deliveries[topic] if t > cutoff]
-            if kept:
-                deliveries[topic] = kept
-            else:
-                del deliveries[topic]
+        _compat.dial_protocols(self.router, [PROTOCOL_ID_V11])
 
     async def _prune_forever(self) -> None:
         while True:
@@ -421,7 +392,7 @@ async def make_pubsub(
     """
     if not 0 < queue_high_water <= OutBoundQueueSize:
         raise UsageError(f"queue_high_water must be in 1..{OutBoundQueueSize}")
-    _cache_signed_records()
+    _compat.install()
     router = GossipSub(
         protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
         degree=degree,
@@ -442,10 +413,7 @@ async def make_pubsub(
     try:
         async with background_trio_service(pubsub), background_trio_service(router):
             await pubsub.wait_until_ready()
-            # The PubsubNotifee only hears about connections made after it was
-            # registered (pubsub/pubsub.py:432); register existing peers ourselves.
-            for peer in host.connected_peers():
-                pubsub.manager.run_task(pubsub._handle_new_peer_with_retry, peer)
+            _compat.add_connected_peers(pubsub, host.connected_peers())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ps._prune_forever)
                 try:
@@ -455,6 +423,4 @@ async def make_pubsub(
                     with trio.CancelScope(shield=True):
                         await ps._end_subscriptions()
     finally:
-        # LastSeenCache starts a sweeper *thread* per Pubsub and nothing stops
-        # it (tools/timed_cache/base_timed_cache.py:26).
-        pubsub.seen_messages.stop()
+        _compat.stop_seen_cache(pubsub)

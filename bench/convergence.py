@@ -16,12 +16,15 @@ lost; `converge_s` = from the last acknowledgement until all state digests are
 equal; `rss_mb_max` = the largest node RSS sampled during the run.
 
 CPU: `cpu_us_per_event` = node CPU (user + system, /proc via psutil) from the start
-of publishing until the poller has seen every event in every ledger, divided by
-the events each node stored, averaged over the nodes (each node signs its share,
-stores everything, relays, syncs, writes its status file: everything it does).
+of publishing until the poller has seen every event in every ledger (or the 60 s
+deadline), divided by the events that node stored, averaged over the nodes (each
+node signs its share, stores everything, relays, syncs, writes its status file:
+everything it does).
 `verify_us` = one Ed25519 check (PyNaCl, as the node verifies) of this run's
-kind of event, in CPU time of the bench process right after the nodes stop (median
-of rounds); `cpu_vs_verify_ratio` = cpu_us_per_event / verify_us (target <= 2.5).
+kind of event, in thread CPU time of the bench process, sampled every 0.25 s over
+the same window (median round: the check under the load the nodes work under);
+`verify_us_after` the same once the nodes have stopped; `cpu_vs_verify_ratio` =
+cpu_us_per_event / verify_us (target <= 2.5).
 `idle_cpu_ms_per_s` = mean node CPU per second over the 2 s before publishing
 (heartbeats, periodic sync, status): included in cpu_us_per_event, shown apart.
 `--runs K` repeats the bidmesh phase K times (fresh nodes each time; the raw
@@ -140,7 +143,9 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         acked: list[bytes] = []
         lock = threading.Lock()
         errors: list[str] = []
+        sampler = VerifySampler()
         cpu0 = node_cpu(nodes)
+        sampler.start()
         t_start = time.time()
         t_end = t_start + seconds
 
@@ -180,6 +185,12 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
             time.sleep(0.02)
         cpu_s = [b - a for a, b in zip(cpu0, node_cpu(nodes), strict=True)]
         cpu_window_s = time.time() - t_start
+        sampler.stop.set()
+        sampler.join()
+        # What each node stored by then (all of it unless the run missed the deadline).
+        acked_set = set(acked)
+        stored = [len(acked_set.intersection(s)) for s in poller.seen]
+        per_node_us = [c / k * 1e6 for c, k in zip(cpu_s, stored, strict=True) if k]
 
         def converged() -> bool:
             return len(set(c.digests())) == 1
@@ -206,9 +217,10 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         return {
             "events": len(acked),
             "publish_s": publish_s,
-            "cpu_us_per_event": (sum(cpu_s) / len(cpu_s) / len(acked) * 1e6
-                                 if acked and cpu_s else float("nan")),
+            "cpu_us_per_event": (sum(per_node_us) / len(per_node_us) if per_node_us
+                                 else float("nan")),
             "cpu_window_s": cpu_window_s,
+            "verify_us": sampler.verifier.median(),
             "cpu_window_s_per_node": [round(x, 2) for x in cpu_s],
             "idle_cpu_ms_per_s": (sum(idle_cpu) / len(idle_cpu) / idle_s * 1000
                                   if idle_cpu else float("nan")),
@@ -248,27 +260,48 @@ def node_cpu(procs: list[psutil.Process]) -> list[float]:
     return out
 
 
-def measure_verify_us(rounds: int = 9, per_round: int = 400) -> float:
+class Verifier:
     """One Ed25519 check as the node does it (PyNaCl over domain tag + envelope) of an
-    event like the bench's, in CPU time of this thread (as the nodes' CPU is counted:
-    wall time on a loaded machine counts other processes' turns), median round."""
-    import nacl.bindings
+    event like the bench's, in CPU time of the calling thread (as the nodes' CPU is
+    counted: wall time on a loaded machine counts other processes' turns)."""
 
-    from node.events import Offer, domain_tag, sign_event
+    def __init__(self, per_round: int = 100) -> None:
+        import nacl.bindings
 
-    tag = domain_tag(NETWORK)
-    evs = [sign_event(bytes([7, i % 256]) * 16, 1, None, 1_700_000_000_000,
-                      Offer(services=(), currency="EUR", addrs=(),
-                            note=f"{i}-0-0-{EVENT_NOTE}"), NETWORK)
-           for i in range(per_round)]
-    msgs = [(e.sig + tag + e.signed, e.author) for e in evs]
-    times = []
-    for _ in range(rounds):
+        from node.events import Offer, domain_tag, sign_event
+
+        self._open = nacl.bindings.crypto_sign_open
+        tag = domain_tag(NETWORK)
+        evs = [sign_event(bytes([7, i % 256]) * 16, 1, None, 1_700_000_000_000,
+                          Offer(services=(), currency="EUR", addrs=(),
+                                note=f"{i}-0-0-{EVENT_NOTE}"), NETWORK)
+               for i in range(per_round)]
+        self.msgs = [(e.sig + tag + e.signed, e.author) for e in evs]
+        self.rounds: list[float] = []
+
+    def round(self) -> None:
         t0 = time.thread_time()
-        for m, pk in msgs:
-            nacl.bindings.crypto_sign_open(m, pk)
-        times.append((time.thread_time() - t0) / per_round * 1e6)
-    return sorted(times)[len(times) // 2]
+        for m, pk in self.msgs:
+            self._open(m, pk)
+        self.rounds.append((time.thread_time() - t0) / len(self.msgs) * 1e6)
+
+    def median(self) -> float:
+        xs = sorted(self.rounds)
+        return xs[len(xs) // 2] if xs else float("nan")
+
+
+class VerifySampler(threading.Thread):
+    """Measures `Verifier` rounds every 0.25 s while the nodes work: the check's cost
+    under the same load (contention for the cores and their caches) as theirs."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.verifier = Verifier()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.25):
+            self.verifier.round()
 
 
 # ------------------------------------------------------------------ raw baseline
@@ -417,15 +450,19 @@ def main() -> int:
         print(f"bidmesh: {n} nodes, {rate:.0f} events/s offered for {seconds:.0f} s "
               f"(run {k + 1}/{max(1, a.runs)}, load {os.getloadavg()[0]:.2f}) ...", flush=True)
         r = run_bidmesh(base / f"b{k}", n, rate, seconds, a.ticks, gossip)
-        verify.append(measure_verify_us())  # same run, right after its nodes stopped
-        r["verify_us"] = verify[-1]
+        after = Verifier(400)
+        for _ in range(9):
+            after.round()
+        r["verify_us_after"] = after.median()  # the machine without the nodes
+        verify.append(r["verify_us"])
         runs.append(r)
         print(f"  {r['events']} events, {r['events_per_s']:.0f}/s, p50 {r['p50_ms']:.0f} ms, "
               f"p99 {r['p99_ms']:.0f} ms, lost {r['lost']}, converged {r['converge_s']:.2f} s "
               f"after the last publish, max RSS {r['rss_mb_max']:.0f} MB; "
               f"{r['gossip_batches_sent']} gossip batches, {r['accepted_via_sync']} events via "
               f"sync; node CPU {r['cpu_us_per_event']:.0f} us/event (idle "
-              f"{r['idle_cpu_ms_per_s']:.0f} ms/s), one verify {r['verify_us']:.1f} us",
+              f"{r['idle_cpu_ms_per_s']:.0f} ms/s), one verify {r['verify_us']:.1f} us "
+              f"({r['verify_us_after']:.1f} us after the run)",
               flush=True)
         for e in r["errors"][:5]:
             print("  publish error:", e)
@@ -464,6 +501,7 @@ def main() -> int:
         "loadavg_before": round(load, 2),
         "cpu_us_per_event": round(sum(x["cpu_us_per_event"] for x in runs) / len(runs), 1),
         "verify_us": round(sum(verify) / len(verify), 2),
+        "verify_us_after": round(sum(x["verify_us_after"] for x in runs) / len(runs), 2),
         "cpu_vs_verify_ratio": round(sum(x["cpu_us_per_event"] / x["verify_us"] for x in runs)
                                      / len(runs), 2),
         "idle_cpu_ms_per_s": round(sum(x["idle_cpu_ms_per_s"] for x in runs) / len(runs), 1),

@@ -853,6 +853,12 @@ class Ledger:
         q = f"SELECT n, wire FROM events WHERE {' AND '.join(where)} ORDER BY n LIMIT ?"
         return [(n, self._decode(w)) for n, w in self.db.execute(q, [*args, limit])]
 
+    def wires_since(self, after: int, limit: int = 4096) -> list[tuple[int, bytes]]:
+        """(cursor, wire) of the records stored after cursor `after`, in arrival order:
+        for readers that decode them themselves (`events.decode_stored`)."""
+        q = "SELECT n, wire FROM events WHERE n > ? ORDER BY n LIMIT ?"
+        return [(n, w) for n, w in self.db.execute(q, (after, limit))]
+
     def iter_canonical(self, *, include_forked: bool = False) -> Iterator[Event]:
         """Every event that counts, in canonical order (ts_ms, author, seq): the order
         all derivations fold over, independent of arrival."""

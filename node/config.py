@@ -196,6 +196,9 @@ class SyncConfig:
     idle_pages: int = _opt(16, int, _range(0, 1_000_000))
     penalty_s: float = _opt(60.0, (int, float), _range(1, 86_400))
     penalty_max_s: float = _opt(3600.0, (int, float), _range(1, 30 * 86_400))
+    # Our own sessions: 2 reconciles (/sync/2, falling back to /sync/1 for a peer that
+    # lacks it), 1 pages HEADS as before. Both protocols are always served.
+    protocol: int = _opt(2, int, _range(1, 2))
 
 
 def _cidrs(v: Any) -> str | None:

@@ -213,6 +213,9 @@ class Node:
                 "events": rep.stats.sync_events,
                 "last_at": rep.stats.last_sync_at,
                 "last_peer": rep.stats.last_sync_peer,
+                # /sync/2 sessions, and those an older peer sent back to /sync/1.
+                "reconciled": rep.stats.sync_reconciled,
+                "v1_fallbacks": rep.stats.sync_v1_fallbacks,
                 # Tarpit defences (node/sync_peers.py): slots in use, peers backed off.
                 "stalled": rep.stats.sync_stalled,
                 "timed_out": rep.stats.sync_timed_out,

@@ -13,7 +13,8 @@ and tested on a fake network; `Replicator` here performs them over libp2p.
   that reaches the node, even those upstream later drops from the subscription
   channel. It never raises and never rejects for a temporary reason; it rejects
   batches that are undecodable or carry invalid events (so we do not forward them).
-* Pull: `node.sync` sessions over request/response `/bidmesh/<network>/sync/1`:
+* Pull: `node.sync` sessions over request/response `/bidmesh/<network>/sync/2` (set
+  reconciliation, node/sync_recon.py; `/sync/1` with peers that lack it, both served):
   with every newly connected peer, every `sync.interval_s` with a random peer, and
   soon after `ledger.pending_gaps()` appear (asking the peers that sent the orphans first).
   Convergence never depends on gossip delivering everything.
@@ -67,6 +68,7 @@ from .replication import (  # noqa: F401  (LIVE_S & co. re-exported for callers)
 )
 from .resources import subnet_of
 from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of, lacks_protocol
+from .sync_recon import ReconSession
 
 log = logging.getLogger("bidmesh.gossip")
 
@@ -124,6 +126,7 @@ class Replicator:
         self.network = ledger.network
         self.topic = pubsub.topic(topic_name(self.network))
         self.protocol = sync.protocol_id(self.network)
+        self.protocol2 = sync.protocol_id(self.network, 2)  # set reconciliation
         self.clock = clock or Clock(trio.current_time, time.time)
         self.policy: ReplicationPolicy[p2p.PeerId] = ReplicationPolicy(
             config, self.clock, rng or random.Random())
@@ -241,6 +244,8 @@ class Replicator:
         """Serve sync, validate/store gossip, send batches, run anti-entropy; `ready` is
         set once the topic is subscribed."""
         p2p.serve_requests(self.host, self.protocol, self._serve, sync.MAX_REQUEST,
+                           timeout=self.cfg.sync.request_timeout_s)
+        p2p.serve_requests(self.host, self.protocol2, self._serve2, sync.MAX_REQUEST_V2,
                            timeout=self.cfg.sync.request_timeout_s)
         self.topic.set_async_validator(self._validate)
         messages = await self.topic.subscribe()
@@ -414,19 +419,31 @@ class Replicator:
 
     # ---------------------------------------------------------- pull
 
-    async def _serve(self, pubkey: bytes, payload: bytes) -> bytes:
+    async def _serve(self, pubkey: bytes, payload: bytes, version: int = 1) -> bytes:
         try:
-            req = sync.decode_request(payload)
+            req = sync.decode_request(payload, version)
         except InvalidMessage:
             self._fault(p2p.peer_id_from_pubkey(pubkey), "bad_sync_request")
             raise
         self.stats.sync_served += 1
         await trio.lowlevel.checkpoint()
-        return sync.serve(self.ledger, req).encode()
+        return sync.serve(self.ledger, req, version).encode()
 
-    async def _send(self, peer: p2p.PeerId, req: sync.SyncRequest) -> sync.SyncResponse | None:
+    async def _serve2(self, pubkey: bytes, payload: bytes) -> bytes:
+        return await self._serve(pubkey, payload, 2)
+
+    def _sync_version(self, peer: p2p.PeerId) -> int:
+        """/sync/2 unless configured off or identify says the peer lacks it (unknown
+        yet: try it; multistream's "na" sends the session back to /sync/1)."""
+        if self.cfg.sync.protocol < 2 or self.sync_peers.serves(peer, self.protocol2) is False:
+            return 1
+        return 2
+
+    async def _send(self, peer: p2p.PeerId, req: sync.SyncRequest,
+                    version: int = 1) -> sync.SyncResponse | None:
+        protocol = self.protocol2 if version == 2 else self.protocol
         try:
-            data = await p2p.request(self.host, peer, self.protocol, req.encode(),
+            data = await p2p.request(self.host, peer, protocol, req.encode(),
                                      sync.MAX_RESPONSE, self.cfg.sync.request_timeout_s)
         except InvalidMessage as e:
             self._fault(peer, f"sync_{e.reason}")
@@ -439,18 +456,30 @@ class Replicator:
             return None
         self.stats.sync_bytes += len(data)
         try:
-            return sync.decode_response(data)
+            return sync.decode_response(data, version)
         except InvalidMessage as e:
             self._fault(peer, f"sync_{e.reason}")
             return None
 
     async def _session(self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None,
-                       live_after_ms: int | None) -> sync.SyncSession:
-        s = sync.SyncSession(self.ledger, self.limits, gaps=gaps, live_after_ms=live_after_ms,
+                       live_after_ms: int | None, version: int | None = None) -> sync.SyncSession:
+        version = self._sync_version(peer) if version is None else version
+        s: sync.SyncSession
+        if version == 2:
+            s = ReconSession(self.ledger, self.limits, gaps=gaps, live_after_ms=live_after_ms,
                              clock=self.clock.now)
+        else:
+            s = sync.SyncSession(self.ledger, self.limits, gaps=gaps,
+                                 live_after_ms=live_after_ms, clock=self.clock.now)
         store_failed = False
         while (req := s.next_request()) is not None:
-            resp = await self._send(peer, req)
+            resp = await self._send(peer, req, version)
+            if (resp is None and version == 2 and s.stats.requests == 1
+                    and self._send_errors.get(peer, ("",))[0] == "lacks_protocol"):
+                # An older node: multistream answered "na" to /sync/2.
+                del self._send_errors[peer]
+                self.stats.sync_v1_fallbacks += 1
+                return await self._session(peer, gaps, live_after_ms, 1)
             try:
                 s.on_response(resp)
             except sqlite3.Error as e:
@@ -462,6 +491,7 @@ class Replicator:
                 store_failed = True
                 break
         self.stats.sync_rounds += 1
+        self.stats.sync_reconciled += version == 2
         self.stats.last_sync_at = self.clock.wall()
         self.stats.last_sync_peer = str(peer)
         self.stats.sync_in_sync += s.in_sync

@@ -115,6 +115,8 @@ class Stats:
     sync_served: int = 0
     sync_stalled: int = 0  # sessions ended because the peer stalled them (then backed off)
     sync_timed_out: int = 0  # sessions without progress ended by a request timeout (ditto)
+    sync_reconciled: int = 0  # sessions on /sync/2 (set reconciliation)
+    sync_v1_fallbacks: int = 0  # /sync/2 refused ("na"): the session ran on /sync/1
     sync_no_slot: int = 0  # sessions given up: no sync slot came free in session_s
     gap_syncs: int = 0
     pending_expired: int = 0  # events dropped from the pending buffer unfilled

@@ -243,6 +243,12 @@ class SyncPeers:
         except Exception:  # PeerStoreError: never seen, or pruned from the peerstore
             return []
 
+    def serves(self, peer: p2p.PeerId, protocol: str) -> bool | None:
+        """Whether identify listed `protocol` for the peer; None before identify."""
+        if not self.identified(peer):
+            return None
+        return protocol in self._protocols(peer)
+
     def lacks_sync(self, peer: p2p.PeerId) -> bool:
         """True when identify told us the peer's protocols and ours is not among them."""
         if not self.identified(peer):

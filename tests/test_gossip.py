@@ -269,3 +269,33 @@ async def test_a_sync_peer_that_lets_requests_time_out_is_backed_off(tmp_path: P
         assert a.rep.sync_record.backed_off(silent.peer_id)
         assert await a.rep.sync_with(silent.peer_id) is None  # not picked again now
         assert silent.peer_id not in a.rep._sync_candidates()
+
+
+async def test_sync_reconciles_and_falls_back_for_an_older_peer(tmp_path: Path) -> None:
+    """Sessions run on /sync/2; a peer serving only /sync/1 (an older node) is synced
+    over that, whether identify told us first or multistream's "na" did."""
+    from node import p2p, sync
+
+    async with tnodes(tmp_path, 2, sync={"on_connect": False, "interval_s": 3600}) as ns, \
+            open_host(bytes([78]) * 32) as old:
+        a, b = ns
+        old_led = Ledger(tmp_path / "old.db", network=NET)
+        ident = Identity.from_seed(bytes([79]) * 32)
+        for i in range(30):
+            old_led.publish(ident, body(i), 1000 + i)
+
+        async def serve_v1(pubkey: bytes, payload: bytes) -> bytes:
+            return sync.handle(old_led, payload)
+
+        p2p.serve_requests(old, sync.protocol_id(NET), serve_v1, sync.MAX_REQUEST)
+        for i in range(40):
+            a.ledger.publish(Identity.from_seed(bytes([100 + i]) * 32), body(i), 1000)
+        await b.host.connect(a.host.addrs[0])
+        s = await b.rep.sync_with(a.host.peer_id)
+        assert s is not None and s.failed is None and b.ledger.digest() == a.ledger.digest()
+        assert b.rep.stats.sync_reconciled == 1 and a.rep.stats.sync_served >= 1
+        await b.host.connect(old.addrs[0])
+        s = await b.rep.sync_with(old.peer_id)
+        assert s is not None and s.failed is None and b.ledger.count() == 70
+        assert b.rep.stats.sync_reconciled == 1  # this one ran on /sync/1
+        old_led.close()

@@ -297,6 +297,22 @@ def test_a_stored_record_is_a_duplicate_without_decoding_again(
     assert ledger.holds(evs[1].wire) and not ledger.holds(c.make(5, nxt.id).wire)
 
 
+def test_the_writer_keeps_its_count(ledger: Ledger) -> None:
+    def sql_count() -> int:
+        return int(ledger.db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    a, b = Chain(seed(5)), Chain(seed(6))
+    assert ledger.count() == 0
+    evs = [a.next() for _ in range(4)]
+    ledger.append_many([evs[0].wire, evs[0].wire, evs[2].wire, evs[3].wire])  # 2 pending
+    assert ledger.count() == sql_count() == 1
+    ledger.append_many([evs[1].wire, b.next().wire])  # fills the gap
+    ledger.append(a.make(2, evs[0].id, Bid(request=fake_id("r"), price=99)).wire)  # a fork
+    ledger.publish(Identity.from_seed(seed(7)), Offer(services=(), currency="EUR", addrs=()),
+                   1_700_000_000_000)
+    assert ledger.count() == sql_count() == 6
+
+
 def test_same_envelope_with_a_bad_signature_is_rejected_not_a_duplicate(
         ledger: Ledger) -> None:
     # Byte-identical records skip the signature check; one that differs in its

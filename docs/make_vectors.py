@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Generate docs/test-vectors.json and the event-kind field tables in docs/PROTOCOL.md.
 
+The event vectors come first; the `/sync/2` reconciliation vectors (objects with a
+`protocol` field, PROTOCOL.md §7.5) are appended after them.
+
     .venv/bin/python docs/make_vectors.py          # rewrite both
     .venv/bin/python docs/make_vectors.py --check  # exit 1 if either is stale
 
@@ -238,6 +241,64 @@ def make_vectors() -> list[dict[str, Any]]:
     bad("record truncated by one byte", "malformed", wire=lambda sg, sig: codec.pack(
         [sg, sig])[:-1])
     out += group_consent_vectors()
+    out += sync2_vectors()
+    return out
+
+
+def sync2_vectors() -> list[dict[str, Any]]:
+    """`/sync/2` (PROTOCOL.md §7.5): item hashes, a fingerprint, node encodings, and
+    RECON / FETCH exchanges over a fixed item set, every byte derived by node/recon.py
+    and node/sync.py (tests/test_vectors.py re-derives them)."""
+    from node import recon, sync
+    from node.keys import Identity
+
+    authors = [Identity.from_seed(seed(400 + i)).public for i in range(12)]
+    items = {a: recon.Item(i + 1, fake_id(f"head-{i}"), None) for i, a in enumerate(authors)}
+    forked = authors[3]
+    items[forked] = recon.Item(2, fake_id("head-3"), 3)  # a fork proof at seq 3
+    salt = bytes(range(1, 9))
+    base = {"protocol": "sync/2"}
+
+    def item_json(a: bytes) -> dict[str, Any]:
+        it = items[a]
+        return {"author_hex": a.hex(), "seq": it.seq, "id_hex": it.id.hex() if it.id else None,
+                "fork_seq": it.fork_seq}
+
+    out: list[dict[str, Any]] = []
+    for a in (authors[0], forked):
+        out.append({**base, "description": "item hash of an author's HEADS entry"
+                    + (" (forked)" if a == forked else ""), **item_json(a),
+                    "item_hash_hex": recon.item_hash(a, items[a]).to_bytes(32, "little").hex()})
+    some = sorted(authors)[:3]
+    total = sum(recon.item_hash(a, items[a]) for a in some) % recon.MOD
+    out.append({**base, "description": "fingerprint of three items",
+                "items": [item_json(a) for a in some], "salt_hex": salt.hex(),
+                "count": 3, "sum_hex": total.to_bytes(32, "little").hex(),
+                "fingerprint_hex": recon.fingerprint(3, total, salt).hex()})
+    for prefix, bits in ((0, 0), (0b1, 1), (0b1011, 4), (0x5A5, 11)):
+        out.append({**base, "description": f"trie node of {bits} bits", "prefix": prefix,
+                    "bits": bits, "prefix_hex": recon.node_bytes(prefix, bits).hex()})
+    index = recon.ReconIndex(items.get, items.items())
+    # The root split four ways; then the first author's quarter split two ways, and a
+    # node holding just the last author: answered with its item.
+    first, last = sorted(authors)[0], sorted(authors)[-1]
+    quarter = recon.node_of(first, 2)
+    assert recon.node_of(last, 2) != quarter
+    leaf = next(b for b in range(1, 257) if index.count(recon.node_of(last, b), b) <= 1)
+    for split, nodes in ((2, [(0, 0)]), (1, [(quarter, 2), (recon.node_of(last, leaf), leaf)])):
+        nodes.sort(key=lambda n: n[0] << (recon.KEY_BITS - n[1]))
+        req = sync.ReconRequest(salt, split, tuple(sync.ReconNode(b, recon.node_bytes(p, b))
+                                                   for p, b in nodes))
+        resp = sync.serve_recon_index(index, req)
+        out.append({**base, "description": f"RECON: {len(nodes)} node(s) split by {split}",
+                    "items": [item_json(a) for a in sorted(authors)],
+                    "request_hex": req.encode().hex(), "response_hex": resp.encode().hex()})
+    entries = (sync.FetchEntry(authors[0], 1, fake_id("head-0")[:sync.SKIP_ID_BYTES]),
+               sync.FetchEntry(authors[1], 1, None))
+    fetch = sync.FetchRequest(tuple(sorted(entries, key=lambda e: e.author)), 256, 524288)
+    out.append({**base, "description": "FETCH request: one author from our head (left out "
+                "when the peer holds the same record), one from seq 1",
+                "request_hex": fetch.encode().hex()})
     return out
 
 

@@ -10,9 +10,10 @@ read as a big-endian bit string, cut into a binary trie: a *node* is a key prefi
 A node's fingerprint is `sha256(FP_DOMAIN || salt || sum || count)[:FP_BYTES]`
 where `sum` is the sum mod 2^256 of its items' hashes (little-endian 32 bytes),
 `count` the number of items (little-endian 8 bytes) and `salt` a value the asking
-side picks per session: 8 bytes suffice because nobody can grind a collision for a
-salt they do not know in advance (two different sets collide only by chance,
-2^-64 per comparison, or if their 256-bit sums do). Sums are updatable on
+side picks per session: 6 bytes suffice because nobody can grind a collision for a
+salt they do not know in advance; two different sets collide only by chance (2^-48
+per comparison, and a fresh salt next session finds what one missed) or if their
+256-bit sums do. Sums are updatable on
 insert: `ReconIndex` keeps the sum and the sorted authors of each of 2^BUCKET_BITS
 buckets (the nodes at depth BUCKET_BITS), updated in O(log bucket) per head
 change, so a node with a million events never hashes everything per session:
@@ -34,7 +35,7 @@ from .errors import UsageError
 
 KEY_BITS = 256
 BUCKET_BITS = 12  # 4,096 buckets: ~25 authors each at 100k authors, ~244 at 1M
-FP_BYTES = 8
+FP_BYTES = 6
 SALT_BYTES = 8
 MOD = 1 << 256
 ITEM_DOMAIN = b"bidmesh/recon/item/v1"

@@ -34,6 +34,7 @@ from .recon import Node, Reconciler
 from .sync import (
     CHAIN_REASONS,
     FETCH_ENTRIES_MAX,
+    SKIP_ID_BYTES,
     FetchEntry,
     FetchRequest,
     FetchResponse,
@@ -169,7 +170,8 @@ class ReconSession(SyncSession):
         if w.probe:
             if w.started or forked_at is not None:
                 return None
-            return FetchEntry(w.author, w.target, self.ledger.id_at(w.author, w.target))
+            held = self.ledger.id_at(w.author, w.target)
+            return FetchEntry(w.author, w.target, held[:SKIP_ID_BYTES] if held else None)
         head = self.ledger.head(w.author)
         have = head.seq if head else 0
         target = w.target if forked_at is None else min(w.target, forked_at - 1)
@@ -177,7 +179,7 @@ class ReconSession(SyncSession):
             return None
         # From our head: the peer leaves it out when it holds the same record, and
         # sends its own when not, so a diverging branch arrives as a fork proof.
-        return FetchEntry(w.author, max(1, have), head.id if head else None)
+        return FetchEntry(w.author, max(1, have), head.id[:SKIP_ID_BYTES] if head else None)
 
     # ---------------------------------------------------------- answers
 

@@ -52,9 +52,9 @@ MESSAGES = [
     ReconRequest(SALT, 4, (ReconNode(0, b""),)),
     ReconRequest(SALT, 2, (ReconNode(3, b"\x20"), ReconNode(3, b"\x40"),
                            ReconNode(9, b"\x80\x80"))),
-    ReconResponse((ReconAnswer((3, 0), b"\x00" * 8, ()),
+    ReconResponse((ReconAnswer((3, 0), b"\x00" * recon.FP_BYTES, ()),
                    ReconAnswer((), b"", (HeadEntry(A32, 3, bytes(32), None),)))),
-    FetchRequest((FetchEntry(A32, 1, None), FetchEntry(b"\xff" * 32, 7, bytes(32))), 256, 1000),
+    FetchRequest((FetchEntry(A32, 1, None), FetchEntry(b"\xff" * 32, 7, bytes(16))), 256, 1000),
     FetchResponse(((b"\x92\xc4\x01a\xc4\x01b",), ())),
 ]
 
@@ -100,10 +100,11 @@ def test_bad_requests_rejected(value: object) -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        [5, [[[1, 1], b"\x00" * 8, []]]],  # two non-empty children, one print
+        [5, [[[1, 1], b"\x00" * 6, []]]],  # two non-empty children, one print
         [5, [[[], b"", [[A32, 1, bytes(32), None], [b"\xff" * 32, 1, bytes(32), None]]]]],
-        [5, [[[1], b"\x00" * 8, [[A32, 1, bytes(32), None]]]]],  # split and items
-        [5, [[[1] * 17, b"\x00" * 8 * 17, []]]],
+        [5, [[[1], b"\x00" * 6, [[A32, 1, bytes(32), None]]]]],  # split and items
+        [5, [[[1] * 17, b"\x00" * 6 * 17, []]]],
+        [6, [], 1, 1],
         [6, [[b"x"] * (sync.RANGE_LIMIT_MAX + 1)]],
         [6, [[b""]]],
     ],
@@ -125,9 +126,9 @@ def test_fetch_leaves_out_the_record_we_hold(tmp_path: Path) -> None:
         assert isinstance(resp, FetchResponse)
         return resp
 
-    got = fetch(FetchEntry(me.public, 3, evs[2].id))
+    got = fetch(FetchEntry(me.public, 3, evs[2].id[:16]))
     assert got.records == (tuple(e.wire for e in evs[3:]),)
-    got = fetch(FetchEntry(me.public, 3, bytes(32)))  # not what the peer holds there
+    got = fetch(FetchEntry(me.public, 3, bytes(16)))  # not what the peer holds there
     assert got.records == (tuple(e.wire for e in evs[2:]),)
     # Limits end the answer: the entries after the last list were not reached.
     first_me = me.public < other.public
@@ -139,7 +140,7 @@ def test_fetch_leaves_out_the_record_we_hold(tmp_path: Path) -> None:
     # One record may exceed the bytes, none after it: the other entry is not reached
     # (rather than answered with nothing, which would mean "nothing beyond yours").
     assert [len(r) for r in got.records] == [1]
-    got = fetch(FetchEntry(me.public, 6, evs[4].id), FetchEntry(other.public, 2, None))
+    got = fetch(FetchEntry(me.public, 6, evs[4].id[:16]), FetchEntry(other.public, 2, None))
     assert got.records == ((), ())
 
 
@@ -338,7 +339,8 @@ def test_malformed_answers_are_faults(tmp_path: Path) -> None:
     assert s.failed and s.stats.faults["bad_recon"] == 1
     s = ReconSession(a, salt=SALT)
     s.next_request()
-    s.on_response(ReconResponse((ReconAnswer((1, 0, 0, 0), b"\x00" * 8, ()),)))  # 1 item
+    one_item = ReconAnswer((1, 0, 0, 0), b"\x00" * recon.FP_BYTES, ())  # should be items
+    s.on_response(ReconResponse((one_item,)))
     assert s.stats.faults["bad_recon"] == 1
     s = ReconSession(a, gaps=[(A32, 1, 3)], salt=SALT)
     req = s.next_request()

@@ -320,8 +320,7 @@ async def main():
     seen = {}
     async with p2p.open_host(bytes([150, idx]) * 16, [f"/ip4/127.0.0.1/tcp/{port}"]) as h, \
             p2p.make_pubsub(h, degree=d, degree_low=max(1, d - 1), degree_high=d + 1) as ps:
-        from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
-        ps.router.protocols = [PROTOCOL_ID_V11]  # as node/daemon.py does
+        ps.dial_gossipsub_v11_only()  # as node/daemon.py does
         topic = ps.topic("raw/bench")
         def validate(fwd, data):
             now = time.time()

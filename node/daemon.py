@@ -369,11 +369,11 @@ async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
                                 degree=cfg.gossip.mesh_degree,
                                 degree_low=max(1, cfg.gossip.mesh_degree - 1),
                                 degree_high=cfg.gossip.mesh_degree + 1) as ps:
-            _gossipsub_v11_only(ps)
-            listening = host.libp2p.get_transport_addrs()
+            ps.dial_gossipsub_v11_only()
+            listening = host.bound_addrs
             if len(listening) < len(cfg.p2p.listen):
                 # Upstream logs a failed listen and carries on with the others.
-                raise UsageError(f"p2p.listen: listening on {[str(a) for a in listening]} "
+                raise UsageError(f"p2p.listen: listening on {listening} "
                                  f"only, not on all of {cfg.p2p.listen}")
             replicator = Replicator(host, ps, ledger, cfg)
             # Inbound-stream failures and limit refusals count against the peer
@@ -446,22 +446,6 @@ def limits_of(cfg: config.Config) -> Limits:
         stream_idle_s=lim.stream_idle_s, good_peers_max=lim.good_peers_max,
         long_lived=LONG_LIVED_PREFIXES,
         **{name: getattr(lim, name) for name in REPLICATION_LIMITS})
-
-
-def _gossipsub_v11_only(ps: p2p.PubSub) -> None:
-    """Dial pubsub streams with gossipsub v1.1 only.
-
-    Upstream (0.8.1) `GossipSub.publish` sends an IDONTWANT control RPC to every
-    v1.2 mesh peer for *every* message it publishes or forwards
-    (pubsub/gossipsub.py `_emit_idontwant_for_message`), each carrying a signed
-    peer record the receiver verifies (`maybe_consume_signed_record`). With small
-    batched messages that doubles the RPCs in the per-peer queues and costs a
-    signature check per RPC, for no saving. Peers negotiating v1.1 get none.
-    Inbound v1.2 streams from other implementations are still accepted.
-    """
-    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
-
-    ps.router.protocols = [PROTOCOL_ID_V11]
 
 
 def _count(cfg: config.Config) -> int | str:

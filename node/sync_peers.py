@@ -233,15 +233,12 @@ class SyncPeers:
         was then never "identified" and was picked for sync, failing each time. In
         0.8.1 only identify writes protocols to the peerstore (identity/update.py),
         so a non-empty list is an earlier identify's answer."""
-        if peer in getattr(self.host.libp2p, "_identified_peers", {}):
+        if self.host.identified(peer):
             return True
         return bool(self._protocols(peer))
 
     def _protocols(self, peer: p2p.PeerId) -> list[str]:
-        try:
-            return list(self.host.libp2p.get_peerstore().get_protocols(peer))
-        except Exception:  # PeerStoreError: never seen, or pruned from the peerstore
-            return []
+        return self.host.peer_protocols(peer)  # []: never seen, or pruned from the peerstore
 
     def serves(self, peer: p2p.PeerId, protocol: str) -> bool | None:
         """Whether identify listed `protocol` for the peer; None before identify."""
@@ -269,10 +266,7 @@ class SyncPeers:
     def dialed(self, peer: p2p.PeerId) -> bool:
         """We hold a connection we opened to it (bootstrap, mDNS, `connect`): a peer
         we chose, which a crowd of inbound identities cannot impersonate."""
-        conns = self.host.libp2p.get_network().connections.get(peer, [])
-        # SwarmConn.direction is libp2p.rcmgr.Direction (as in node/p2p_guard.py).
-        return any(str(getattr(getattr(c, "direction", None), "name", "")).lower()
-                   == "outbound" for c in conns)
+        return self.host.dialed(peer)
 
     async def wait_identified(self, peer: p2p.PeerId, timeout: float = IDENTIFY_WAIT_S) -> None:
         """Wait (bounded) for identify to finish on a new connection."""

@@ -10,10 +10,9 @@ the read's timeout (an honest peer queued behind others is not idle).
 from __future__ import annotations
 
 import trio
-from libp2p.abc import INetStream
 
 from ..errors import InvalidMessage, UsageError
-from ..p2p import FRAME_HEADER, StreamTimeout, touch_stream
+from ..p2p import FRAME_HEADER, Stream, StreamTimeout, touch_stream
 from ..p2p import _read_exactly as _p2p_read_exactly  # the same EOF/reset mapping as read_frame
 
 __all__ = ["ByteBudget", "read_exactly", "read_frame_length"]
@@ -82,7 +81,7 @@ class ByteBudget:
                 "waited": self.waited}
 
 
-async def read_frame_length(stream: INetStream, max_size: int, timeout: float) -> int:
+async def read_frame_length(stream: Stream, max_size: int, timeout: float) -> int:
     """The u32 BE length of the next frame (`node.p2p.read_frame` without the body).
     InvalidMessage "eof" when the stream ended before it, "oversized" above
     `max_size`; StreamTimeout after `timeout`."""
@@ -98,7 +97,7 @@ async def read_frame_length(stream: INetStream, max_size: int, timeout: float) -
     return int(length)
 
 
-async def read_exactly(stream: INetStream, n: int, timeout: float) -> bytes:
+async def read_exactly(stream: Stream, n: int, timeout: float) -> bytes:
     """`n` bytes of the frame body being read (InvalidMessage "truncated" at EOF)."""
     if n == 0:
         return b""

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from libp2p.abc import INetStream
 
 from ..auction import DeviceAdmission, Lease, Market
 from ..budget import KeyedBuckets
@@ -34,6 +33,7 @@ from ..events import Body, MemberUsage, Usage
 from ..keys import Identity
 from ..p2p import (
     P2PHost,
+    Stream,
     StreamTimeout,
     read_frame,
     remote_peer_id,
@@ -252,7 +252,7 @@ def _reason(e: BaseException) -> str:
 class _Ingest:
     """One member stream: reader → segmenter → dispatcher → reorder → writer."""
 
-    def __init__(self, svc: DataplaneService, stream: INetStream, header: StreamHeader,
+    def __init__(self, svc: DataplaneService, stream: Stream, header: StreamHeader,
                  st: _LeaseState, member: bytes, key: bytes,
                  plans: list[list[Step]]) -> None:
         self.svc, self.stream, self.header, self.st = svc, stream, header, st
@@ -552,7 +552,7 @@ class DataplaneService:
 
     # ------------------------------------------------------------------ ingest
 
-    async def _refuse(self, stream: INetStream, reason: str, message: str) -> None:
+    async def _refuse(self, stream: Stream, reason: str, message: str) -> None:
         self.counters[f"refused:{reason}"] += 1
         log.info("refusing a dataplane stream (%s): %s", reason, message)
         try:
@@ -607,7 +607,7 @@ class DataplaneService:
             plans.append(steps)
         return st, plans
 
-    async def _on_stream(self, stream: INetStream) -> None:
+    async def _on_stream(self, stream: Stream) -> None:
         peer = remote_pubkey(stream)
         cfg = self.config
         try:
@@ -686,7 +686,7 @@ class DataplaneService:
             self._served_at.pop(oldest, None)
             self.counters["served_pruned"] += 1
 
-    async def _on_single(self, stream: INetStream) -> None:
+    async def _on_single(self, stream: Stream) -> None:
         """`/process/1`: one request per stream, on node.p2p's request wire (response
         `0x00 | outputs` or `0x01 | u8 n | reason | message`), like `serve_requests`
         plus the byte budget: waiting for it between the request's length and its
@@ -713,7 +713,7 @@ class DataplaneService:
         finally:
             self.host.resources.end_request(ticket)
 
-    async def _serve_single(self, stream: INetStream, peer: bytes) -> None:
+    async def _serve_single(self, stream: Stream, peer: bytes) -> None:
         cfg = self.config
         deadline = trio.current_time() + cfg.process_timeout_s
         charged = 0
@@ -836,7 +836,7 @@ class DataplaneService:
 
     # ------------------------------------------------------------------ process sessions
 
-    async def _refuse_session(self, stream: INetStream, reason: str, message: str) -> None:
+    async def _refuse_session(self, stream: Stream, reason: str, message: str) -> None:
         self.counters[f"process_refused:{reason}"] += 1
         try:
             await write_frame(stream, encode_session_error(SESSION_ERROR_ID, reason, message),
@@ -844,7 +844,7 @@ class DataplaneService:
         except BidmeshError as e:
             log.debug("could not tell the peer why (%s)", e)
 
-    async def _on_session(self, stream: INetStream) -> None:
+    async def _on_session(self, stream: Stream) -> None:
         """A process session (docs/dataplane.md §9): request frames `u64 id | request`,
         answered by id as they complete, at most `process_session_concurrency` at once
         (beyond that we stop reading, and yamux flow control holds the requester)."""
@@ -918,7 +918,7 @@ class DataplaneService:
         if errors:
             raise errors[0]  # the stream handler resets the stream
 
-    async def _session_request(self, stream: INetStream, write_lock: trio.Lock,
+    async def _session_request(self, stream: Stream, write_lock: trio.Lock,
                                slots: trio.Semaphore, peer: bytes, frame: bytes,
                                failed: Callable[[BidmeshError], None]) -> None:
         """Process one session request and write its answer. The frame's bytes were

@@ -15,11 +15,11 @@ import math
 import struct
 
 import trio
-from libp2p.abc import INetStream
 
 from ..errors import BidmeshError, InvalidMessage, OperationError
 from ..p2p import (
     RequestRefused,
+    Stream,
     StreamTimeout,
     close_quietly,
     reset_quietly,
@@ -58,7 +58,7 @@ class ProcessSession:
     and makes the session unusable; open a new one.
     """
 
-    def __init__(self, stream: INetStream, name: str, max_frame: int, idle_s: float) -> None:
+    def __init__(self, stream: Stream, name: str, max_frame: int, idle_s: float) -> None:
         self.stream = stream
         self.name = name
         self.max_frame = max_frame

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from libp2p.abc import INetStream
 
 from ..auction import DeviceAdmission, Lease
 from ..errors import (
@@ -40,6 +39,7 @@ from ..p2p import (
     FRAME_HEADER,
     WRITE_PIECE,
     P2PHost,
+    Stream,
     StreamTimeout,
     close_quietly,
     read_frame,
@@ -289,7 +289,7 @@ class _LeaseTunnels:
 
 
 class _Tunnel:
-    def __init__(self, st: _LeaseTunnels, stream: INetStream, member: bytes,
+    def __init__(self, st: _LeaseTunnels, stream: Stream, member: bytes,
                  req: TunnelOpen) -> None:
         self.st, self.stream, self.member, self.req = st, stream, member, req
         self.sock: trio.SocketStream | None = None
@@ -414,7 +414,7 @@ class TunnelService:
 
     # ------------------------------------------------------------------ opening
 
-    async def _refuse(self, stream: INetStream, reason: str, message: str) -> None:
+    async def _refuse(self, stream: Stream, reason: str, message: str) -> None:
         self.counters[f"refused:{reason}"] += 1
         log.info("refusing a tunnel (%s): %s", reason, message)
         try:
@@ -491,7 +491,7 @@ class TunnelService:
         raise Refusal("timeout", f"resolving and connecting to {req.host} port {req.port} "
                                   f"took longer than {cfg.connect_timeout_s} s")
 
-    async def _on_stream(self, stream: INetStream) -> None:
+    async def _on_stream(self, stream: Stream) -> None:
         peer = remote_pubkey(stream)
         cfg = self.config
         if self._opening >= cfg.max_tunnels:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import trio
-from libp2p.abc import INetStream
 
 from ..errors import (
     BidmeshError,
@@ -27,6 +26,7 @@ from ..p2p import (
     WRITE_PIECE,
     P2PHost,
     PeerId,
+    Stream,
     close_quietly,
     read_frame,
     reset_quietly,
@@ -54,7 +54,7 @@ class Tunnel(trio.abc.HalfCloseableStream):
     """One open tunnel as a trio stream. `reply` holds the provider's answer (the
     address it connected to, the lease's limits); `end` its summary once received."""
 
-    def __init__(self, stream: INetStream, reply: TunnelReply, dest: str,
+    def __init__(self, stream: Stream, reply: TunnelReply, dest: str,
                  timeout: float) -> None:
         self._stream = stream
         self.reply = reply

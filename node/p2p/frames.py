@@ -22,6 +22,9 @@ from ..resources import ResourceManager, StreamLease
 
 log = logging.getLogger("node.p2p")
 
+Stream = INetStream
+"""A libp2p stream (`libp2p.abc.INetStream`): read/write/close/reset, `muxed_conn`."""
+
 FRAME_HEADER: Final = struct.Struct(">I")
 MAX_FRAME: Final = (1 << 32) - 1
 # How long write_frame waits, after resetting a timed-out stream, for the write

@@ -107,7 +107,7 @@ def conn_remote_ip(conn: INetConn) -> str | None:
     return str(remote[0]) if remote else None
 
 
-def _direction(conn: INetConn) -> Direction:
+def conn_direction(conn: INetConn) -> Direction:
     # SwarmConn.direction is libp2p.rcmgr.Direction (an IntEnum); unknown counts
     # as inbound, the stricter side.
     name = str(getattr(getattr(conn, "direction", None), "name", "")).lower()
@@ -163,7 +163,7 @@ class Guard:
             self.prune_peerstore()
         try:
             self._conns[conn] = self.resources.open_connection(
-                peer, conn_remote_ip(conn), _direction(conn))
+                peer, conn_remote_ip(conn), conn_direction(conn))
         except LimitExceeded as exc:
             self._log(logging.INFO, ("conn", exc.scope), "refusing a connection from %s: %s",
                       peer, exc)

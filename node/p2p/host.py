@@ -24,6 +24,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -31,12 +32,12 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.tcp.tcp import TCP
 
 from ..errors import BidmeshError, OperationError, PeerError, StreamTimeout, UsageError
-from ..resources import Limits, ResourceManager
+from ..resources import Direction, Limits, ResourceManager
 from . import _compat
 from ._compat import BAD_ADDRESS, UPSTREAM_FAILURES
 from .addrs import AddrPolicy
 from .frames import close_quietly, reset_quietly
-from .guard import LONG_LIVED_PREFIXES, Guard, conn_remote_ip
+from .guard import LONG_LIVED_PREFIXES, Guard, conn_direction, conn_remote_ip
 from .ids import _keypair_from_seed, parse_peer_id, remote_peer_id
 
 log = logging.getLogger("node.p2p")
@@ -130,7 +131,13 @@ class P2PHost:
     def listen_addrs(self) -> list[str]:
         """The bound listen multiaddrs (0.0.0.0 stays 0.0.0.0) with `/p2p/<peer id>`."""
         suffix = f"/p2p/{self.peer_id}"
-        return [f"{a}{suffix}" for a in self.libp2p.get_transport_addrs()]
+        return [f"{a}{suffix}" for a in self.bound_addrs]
+
+    @property
+    def bound_addrs(self) -> list[str]:
+        """The bound listen multiaddrs, without the `/p2p/<peer id>` suffix (upstream
+        carries on when some of its listen addresses fail to bind)."""
+        return [str(a) for a in self.libp2p.get_transport_addrs()]
 
     # -- connections
 
@@ -212,6 +219,25 @@ class P2PHost:
 
     def unblock(self, peer_id: ID | str) -> None:
         self._blocked.pop(parse_peer_id(peer_id), None)
+
+    def identified(self, peer_id: ID | str) -> bool:
+        """Whether identify finished on the peer's current connection (BasicHost's
+        `_identified_peers`; it skips identify when the peerstore still holds the
+        peer's protocols from an earlier connection: see `peer_protocols`)."""
+        return parse_peer_id(peer_id) in _compat.identified_peers(self.libp2p)
+
+    def peer_protocols(self, peer_id: ID | str) -> list[str]:
+        """The protocols identify reported for the peer; [] when never identified or
+        pruned from the peerstore."""
+        try:
+            return list(self.libp2p.get_peerstore().get_protocols(parse_peer_id(peer_id)))
+        except PeerStoreError:
+            return []
+
+    def dialed(self, peer_id: ID | str) -> bool:
+        """Whether we hold a connection we opened to the peer (outbound)."""
+        conns = self._swarm.connections.get(parse_peer_id(peer_id), [])
+        return any(conn_direction(c) is Direction.OUTBOUND for c in conns)
 
     def is_blocked(self, peer_id: ID | str) -> bool:
         peer = parse_peer_id(peer_id)

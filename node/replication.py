@@ -26,11 +26,12 @@ Decisions and why (measured on real nodes; see node/gossip.py for the wire side)
 * Faults: invalid input per peer in a sliding window; at `gossip.fault_threshold`
   the peer is cut off for `gossip.block_s`.
 * Mesh watchdog: a node whose gossipsub mesh stays empty while it has topic peers
-  gets events only by sync (seconds late). py-libp2p 0.8.1 can leave a node there
-  for a minute and more (docs/libp2p-notes.md, "Mesh loss"); after
-  `MESH_GRACE_S` (upstream's 1 s heartbeat refills an underfull mesh itself when
-  it can) the policy asks the shell to GRAFT topic peers again, retrying with
-  backoff while the mesh stays empty.
+  gets events only by sync (seconds late) and its own gossip reaches nobody.
+  py-libp2p 0.8.1 could leave a node there for a minute and more (docs/
+  libp2p-notes.md, "Mesh loss"; node/p2p fixes the cause). At first sight the
+  policy has the shell forget stale back-off (so peers' GRAFTs are accepted);
+  after `MESH_GRACE_S` (upstream's 1 s heartbeat refills an underfull mesh itself
+  when it can) it asks for GRAFTs, retrying with backoff while the mesh stays empty.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class ReplicationPolicy(Generic[P]):
         self.stats = Stats(started_at=clock.wall())
         self._outbox: collections.deque[bytes] = collections.deque()
         self._last_round = -math.inf
+        self._round_left = 0  # events of the current round not yet batched
         self._faults: dict[P, _PeerFaults] = {}
         self._known: set[P] = set()
         self._interval = config.sync.interval_s
@@ -199,19 +201,24 @@ class ReplicationPolicy(Generic[P]):
         return self._last_round + self.cfg.gossip.batch_ms / 1000
 
     def start_round(self) -> None:
+        """A round sends what is queued now; what comes meanwhile waits for the next."""
         self._last_round = self.clock.now()
+        self._round_left = len(self._outbox)
 
     def next_batch(self) -> list[bytes]:
         """The next batch of this round (up to batch_events and max_batch_bytes),
-        taken off the outbox; empty when the outbox is."""
+        taken off the outbox; empty when the round is done. Events queued while
+        the round's batches were being published (a publish can wait up to 1 s for
+        a peer's queue) wait for the next round: one round per batch_ms."""
         g = self.cfg.gossip
         batch: list[bytes] = []
         size = BATCH_OVERHEAD
-        while self._outbox and len(batch) < g.batch_events:
+        while self._round_left and self._outbox and len(batch) < g.batch_events:
             w = self._outbox[0]
             if batch and size + len(w) + RECORD_OVERHEAD > g.max_batch_bytes:
                 break
             batch.append(self._outbox.popleft())
+            self._round_left -= 1
             size += len(w) + RECORD_OVERHEAD
         return batch
 

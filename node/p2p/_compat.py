@@ -366,7 +366,10 @@ def _cache_signed_records() -> None:
 # ------------------------------------------------------------------ gossipsub mesh
 # docs/libp2p-notes.md, "Mesh loss": why a node could stay outside the mesh.
 
-PRUNER_BACK_OFF_S: Final = 10  # after a heartbeat PRUNE, both sides (int: upstream's unit)
+# After a heartbeat PRUNE, on both sides. Longer than upstream's GRAFT-flood window
+# (10 s, float) plus the rounding of its int back-off stamps: a GRAFT at 9.x s
+# would be refused as a flood, with an explicit 60 s back-off.
+PRUNER_BACK_OFF_S: Final = 12
 PRUNED_MAX: Final = 4096  # PRUNE records kept before expired ones are dropped
 
 PruneBook = dict[tuple[ID, str], tuple[float, int]]

@@ -24,6 +24,9 @@ overlapping a background attack are left out). For each attack, the p99 during t
 attack and a short window after it (`*_digest_samples`), divided by the baseline
 (floored at IDLE_FLOOR_MS: timer and scheduling noise), for V and for H, the larger
 of the two; `honest_digest_p99_ratio` is the largest over all attacks (target <= 3).
+Each result also has the longest event-loop step of V and H in its window, in CPU
+ms, with its task (`*_loop_step_cpu_ms`, `*_loop_step_task`; `[node] loop_stats`,
+node/loopstats.py): what everyone else waited for, independent of the machine's load.
 The prober also asks a control node (a fifth daemon nobody attacks, not connected
 to V or H) all along: `digest_vs_control_ratio` divides the victims' p99 by its p99
 in the same window, which separates what an attack does to V and H from what the
@@ -325,7 +328,7 @@ class Bench:
             return [procs[1 - i]] if i < 2 else []
 
         overrides: dict[str, dict[str, Any]] = {
-            "node": {"log_level": "warning", "status_interval_s": 1.0},
+            "node": {"log_level": "warning", "status_interval_s": 1.0, "loop_stats": True},
             "http": {"enabled": True, "port": 0},
             "dataplane": {"workers": 1},
             # Victims serve tunnels (bandwidth offered): frame_tunnel attacks them, and
@@ -465,6 +468,15 @@ class Bench:
             self.idle_samples[name] = len(lat)
         return out
 
+    def loop_step(self, p: Proc, t0: float, t1: float) -> tuple[float, str] | None:
+        """(CPU ms, task) of the longest loop step of `p` in [t0, t1] (status.loop_steps)."""
+        try:
+            steps = self.c.status(p).get("loop_steps", [])
+        except (BidmeshError, AssertionError):
+            return None
+        inside = [(ms, name) for sec, ms, name in steps if t0 - 1 <= sec <= t1]
+        return max(inside, default=(0.0, ""))
+
     def judge_digest(self, result: dict[str, Any], background: bool,
                      idle: dict[str, float]) -> None:
         """The honest DIGEST ratio of one attack's window against the baseline."""
@@ -561,6 +573,12 @@ class Bench:
             result["crash"] = causes
         rss = max(self.sampler.max_rss(p.index, t0, t1) for p in procs)
         result["victim_max_rss_mb"] = round(rss, 1)
+        for name, p in (("victim", self.v), ("honest", self.h)):
+            # The longest event-loop step in the window, in CPU ms (node/loopstats.py):
+            # what the attack made others wait for, whatever the machine's load.
+            step = self.loop_step(p, t0, t1)
+            if step is not None:
+                result[f"{name}_loop_step_cpu_ms"], result[f"{name}_loop_step_task"] = step
         for name in ("victim", "honest", "control"):
             lat, failed = self.prober.samples(name, t0, t1)
             result[f"{name}_digest_p99_ms"] = round(p99(lat), 1)

@@ -148,6 +148,9 @@ class NodeConfig:
     # Restart from data_dir/market.snapshot instead of deriving the market from the
     # whole ledger (~4x less CPU; a restored process holds more RSS, docs/decisions.md).
     market_snapshot: bool = _opt(True, bool)
+    # Measure the CPU time of every event-loop step; status.loop_steps then lists the
+    # longest step per second (node/loopstats.py). A diagnostic: costs ~1 us per step.
+    loop_stats: bool = _opt(False, bool)
 
 
 @dataclass(frozen=True)

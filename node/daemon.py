@@ -63,6 +63,7 @@ from .gossip import Discovery, Replicator
 from .keys import Identity, load_or_create_key
 from .ledger import AppendResult, Ledger, PendingLimits, Status
 from .logs import setup_logging
+from .loopstats import LoopSteps
 from .marketview import LiveMarket, Snapshotter
 from .p2p import LONG_LIVED_PREFIXES
 from .resources import REPLICATION_LIMITS, Limits
@@ -93,6 +94,7 @@ class Node:
         self.started_at = time.time()
         self.stopping = False
         self.loop_lag_max_s = 0.0
+        self.loop_steps = LoopSteps()  # installed when `[node] loop_stats` is on
         # One derived market for every service (provider agent, query, HTTP, dataplane).
         snap = cfg.node.data_dir / SNAPSHOT_FILE if cfg.node.market_snapshot else None
         self.live = LiveMarket(ledger, skew_ms=int(cfg.node.max_clock_skew_s * 1000),
@@ -197,6 +199,8 @@ class Node:
             "gaps": len(gaps),
             "outbox": rep.outbox_len,
             "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
+            **({"loop_steps": self.loop_steps.recent()} if self.config.node.loop_stats
+               else {}),
             "tasks": _task_count(),
             "market": {
                 "horizon_ms": self.live.view.horizon_ms,
@@ -395,6 +399,8 @@ async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
                 if cfg.node.market_snapshot:
                     nursery.start_soon(_snapshot_loop, node)
                 nursery.start_soon(_lag_monitor, node)
+                if cfg.node.loop_stats:
+                    trio.lowlevel.add_instrument(node.loop_steps)
                 log.info("node started", extra={
                     "peer_id": str(host.peer_id), "addrs": host.addrs,
                     "network": cfg.node.network, "data_dir": str(data_dir),

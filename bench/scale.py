@@ -401,9 +401,9 @@ def main() -> None:
         "market_noop_us": round(got["market_noop_us"], 1),
         "open_auctions_us": round(got["open_auctions_us"], 1),
         "open_auctions_vs_scan_ratio": round(got["open_auctions_us"]
-                                             / got["open_auctions_scan_us"], 4),
+                                             / got["open_auctions_scan_us"], 6),
         "leases_of_us": round(got["leases_of_us"], 1),
-        "leases_of_vs_scan_ratio": round(got["leases_of_us"] / got["leases_of_scan_us"], 4),
+        "leases_of_vs_scan_ratio": round(got["leases_of_us"] / got["leases_of_scan_us"], 6),
         "auctions": got["auctions"], "leases": got["leases"],
     })
     if not args.no_sync:

@@ -259,8 +259,10 @@ def _header(view: MarketView, cursor: int) -> dict[str, Any]:
     led = view.ledger
     # The set of events up to the cursor, whatever their arrival order: the count and a
     # sum of id keys (modulo a prime below 2**32, so a million rows cannot overflow).
+    # The idk index covers both columns (n is its rowid): a scan of it, not of every
+    # stored record (~20 MiB instead of ~600 MiB at a million events).
     count, ids = led.db.execute("SELECT COUNT(*), SUM(idk % 4294967291) FROM events "
-                                "WHERE n <= ?", (cursor,)).fetchone()
+                                "INDEXED BY events_idk WHERE n <= ?", (cursor,)).fetchone()
     return {"format": SNAPSHOT_FORMAT, "code": CODE_HASH, "network": led.network,
             "policy": repr(view.engine.policy), "skew_ms": view.skew_ms, "cursor": cursor,
             "count": int(count),

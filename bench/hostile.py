@@ -307,6 +307,9 @@ def attacks(quick: bool = False) -> list[Attack]:
         Attack("process_foreign_lease", "13.1", "dataplane", A.foreign_lease,
                protocols=("process", "process_session")),
         Attack("sync_tarpit", "5", "sync", sync_tarpit, background=quick, protocols=("sync",)),
+        Attack("sync2_attacks", "5", "recon", sync2_attacks, protocols=("sync2",),
+               scale={"sync2_hold_s": 45.0 if quick else 90.0,
+                      "sync2_requests": 30 if quick else 120}),
         Attack("many_identities", "1", "shield", A.many_identities,
                protocols=("libp2p", "identify")),
         # A client's socket, not V's: --quick runs it beside the attacks after it (its
@@ -705,6 +708,158 @@ async def sync_tarpit(t: A.Target, scale: dict[str, Any]) -> A.Outcome:
         fresh_node_events_at_cap=got)
     o.check(b.sync_tarpit_s is not None and b.sync_tarpit_s <= TARPIT_MAX_S,
             f"the fresh node had {got}/{want} events after {cap:.0f} s with a tarpit connected")
+    return o
+
+
+# ------------------------------------------------------------------ /sync/2 both ways
+
+class Sync2Liar:
+    """A peer serving /sync/2 that lies: `split` answers every RECON node with a split
+    of made-up prints (endless splitting), `items` with one made-up author far ahead
+    (then FETCH brings nothing), `slow` splits after 0.9 x the requester's timeout,
+    `garbage` answers with bytes that are not a message. /sync/1 is served too (a
+    node picks only peers whose identify lists it): DIGEST random, the rest empty."""
+
+    def __init__(self, mode: str, timeout_s: float) -> None:
+        self.mode, self.delay = mode, timeout_s * 0.9
+        self.requests = 0
+
+    def _answer(self, node: Any, split: int) -> Any:
+        from node import recon, sync
+        prefix, bits = node.key
+        if self.mode == "items" and bits >= 8:
+            low, _ = recon.node_bounds(prefix, bits)
+            return sync.ReconAnswer((), b"", (sync.HeadEntry(low, 1 << 40, os.urandom(32),
+                                                             None),))
+        n = 1 << split
+        return sync.ReconAnswer(tuple([1 << 20] * n), os.urandom(recon.FP_BYTES * n), ())
+
+    async def v2(self, pubkey: bytes, payload: bytes) -> bytes:
+        from node import sync
+        self.requests += 1
+        req = sync.decode_request(payload, 2)
+        if self.mode == "slow":
+            await trio.sleep(self.delay)
+        if self.mode == "garbage":
+            return b"\xc1" * 64
+        if isinstance(req, sync.ReconRequest):
+            return sync.ReconResponse(tuple(self._answer(n, req.split)
+                                            for n in req.nodes)).encode()
+        if isinstance(req, sync.FetchRequest):
+            return sync.FetchResponse(((),)).encode()
+        if isinstance(req, sync.HeadsRequest):
+            return sync.HeadsResponse((), False).encode()
+        return sync.DigestResponse(os.urandom(32), 1 << 20, 0).encode()
+
+    async def v1(self, pubkey: bytes, payload: bytes) -> bytes:
+        from node import sync
+        req = sync.decode_request(payload)
+        if isinstance(req, sync.DigestRequest):
+            return sync.DigestResponse(os.urandom(32), 1 << 20, 0).encode()
+        return sync.HeadsResponse((), False).encode()
+
+
+async def sync2_attacks(t: A.Target, scale: dict[str, Any]) -> A.Outcome:
+    """/sync/2 (set reconciliation) against V both ways. As V's sync peers: four liar
+    identities (Sync2Liar's modes) connect to V; V's sessions with them must end
+    (idle, stalled or faulted) and back them off, each session a bounded number of
+    requests. As a requester: garbage and the most expensive valid requests V serves
+    (128 disjoint deep RECON nodes split 16 ways; FETCH of 128 authors from seq 1),
+    `sync2_requests` of them from one identity; V answers each (an error for garbage)
+    within its request timeout."""
+    from node import p2p, recon, sync
+    o = A.Outcome()
+    timeout_s = 5.0  # the cluster's sync.request_timeout_s
+    proto2 = sync.protocol_id(t.network, 2)
+    before = ((await A.call(t.victim, {"op": "status"})) or {}).get("sync", {})
+    liars = [Sync2Liar(m, timeout_s) for m in ("split", "items", "slow", "garbage")]
+    hold_s = float(scale.get("sync2_hold_s", 45.0))
+    stop = trio.Event()
+
+    async def liar(i: int, lr: Sync2Liar) -> None:
+        try:
+            async with p2p.open_host(A.ident("sync2-liar", i).seed) as h:
+                p2p.serve_requests(h, proto2, lr.v2, sync.MAX_REQUEST_V2, timeout=60.0)
+                p2p.serve_requests(h, sync.protocol_id(t.network), lr.v1, sync.MAX_REQUEST,
+                                   timeout=60.0)
+                await h.connect(t.victim.addr)
+                await stop.wait()
+        except A.ANY_UPSTREAM as e:
+            o.figures.setdefault("liar_errors", []).append(f"{lr.mode}: {type(e).__name__}")
+
+    answered = refused = timeouts = resets = 0
+    lat: list[float] = []
+
+    async def requester() -> None:
+        nonlocal answered, refused, timeouts, resets
+        from node.errors import RequestRefused, StreamTimeout
+        salt = os.urandom(recon.SALT_BYTES)
+        deep = tuple(sync.ReconNode(13, recon.node_bytes(p, 13)) for p in range(0, 8192, 64))
+        entries = sorted((sync.FetchEntry(A.ident("sync2-fetch", i).public, 1, None)
+                          for i in range(sync.FETCH_ENTRIES_MAX)), key=lambda e: e.author)
+        recon_req = sync.ReconRequest(salt, 4, deep).encode()
+        payloads = [recon_req, sync.FetchRequest(tuple(entries), 512, 1 << 20).encode(),
+                    b"\x93\x05" + b"\xc1" * 8,  # not msgpack
+                    b"\x91\x07",  # an unknown tag
+                    recon_req[:-3],  # truncated
+                    b"\x94\x05" + os.urandom(sync.MAX_REQUEST_V2)]  # oversized
+        n = int(scale.get("sync2_requests", 60))
+        done = 0
+        for attempt in range(4):  # a fresh identity when V cuts one off for its garbage
+            try:
+                async with p2p.open_host(A.ident("sync2-req", attempt).seed) as h:
+                    await h.connect(t.victim.addr, timeout=5)
+                    while done < n and h.is_connected(t.victim.peer_id):
+                        payload = payloads[done % len(payloads)]
+                        done += 1
+                        t0 = time.monotonic()
+                        try:
+                            await p2p.request(h, t.victim.peer_id, proto2, payload,
+                                              sync.MAX_RESPONSE, timeout_s * 2)
+                            answered += 1
+                            lat.append(time.monotonic() - t0)
+                        except RequestRefused:
+                            refused += 1  # an error answer: what garbage should get
+                        except StreamTimeout:
+                            timeouts += 1
+                        except BidmeshError:
+                            resets += 1
+                    if done >= n:
+                        return
+            except A.ANY_UPSTREAM:
+                continue
+
+    async with trio.open_nursery() as nursery:
+        for i, lr in enumerate(liars):
+            nursery.start_soon(liar, i, lr)
+        await requester()
+        # Every liar has been synced with (on connect) and cut, or the time is up.
+        t_end = time.monotonic() + hold_s
+        st: dict[str, Any] = {}
+        while time.monotonic() < t_end:
+            st = ((await A.call(t.victim, {"op": "status"})) or {}).get("sync", {})
+            if all(lr.requests for lr in liars if lr.mode != "slow") and (
+                    st.get("backed_off_peers", 0) >= 3):
+                break
+            await trio.sleep(0.5)
+        stop.set()
+    lat.sort()
+    o.figures.update(
+        liar_requests={lr.mode: lr.requests for lr in liars},
+        victim_stalled=st.get("stalled", 0) - before.get("stalled", 0),
+        victim_backed_off_peers=st.get("backed_off_peers"),
+        victim_reconciled=st.get("reconciled", 0) - before.get("reconciled", 0),
+        requests_answered=answered, requests_refused=refused, requests_timed_out=timeouts,
+        requests_reset=resets,
+        answer_p99_s=round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None)
+    o.check(st.get("backed_off_peers", 0) >= 3,
+            f"V backed off {st.get('backed_off_peers')} of the 4 /sync/2 liars")
+    # A session asks at most ~1,024 nodes (128 a request) and 16 idle answers.
+    o.check(max(lr.requests for lr in liars) <= 200,
+            f"a liar kept V busy for {max(lr.requests for lr in liars)} requests")
+    o.check(answered >= 1, "V answered none of the expensive /sync/2 requests")
+    o.check(timeouts == 0, f"{timeouts} /sync/2 requests to V timed out")
+    o.check(not lat or lat[-1] <= timeout_s * 2, "an answer took longer than the timeout")
     return o
 
 

@@ -62,7 +62,8 @@ LIBP2P_PROTOCOLS = {
 
 def own_protocols(network: str = NETWORK) -> dict[str, str]:
     """Our protocols (and the tunnel's once it exists)."""
-    protos = {"sync": sync.protocol_id(network), "query": query.protocol_id(network),
+    protos = {"sync": sync.protocol_id(network), "sync2": sync.protocol_id(network, 2),
+              "query": query.protocol_id(network),
               "stream": stream_protocol(network), "process": process_protocol(network),
               "process_session": session_protocol(network)}
     # Served by nodes that offer bandwidth (bench/hostile.py's victims do).

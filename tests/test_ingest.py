@@ -4,6 +4,7 @@ a slice, a peer's batches keep their order, and a failing slice does not stop it
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import trio
@@ -42,8 +43,11 @@ def test_round_robin_head_stays_until_rotated() -> None:
 
 
 def _ingest(log: list[tuple[str, list[bytes]]], slice_events: int = 4,
-            bad: bytes | None = None) -> FairIngest[str, bytes]:
+            bad: bytes | None = None,
+            gate: threading.Event | None = None) -> FairIngest[str, bytes]:
     def check(records: list[bytes]) -> list[bytes]:
+        if gate is not None:
+            gate.wait(30)  # the test holds the slice in progress until it is ready
         return [r.upper() for r in records]  # runs on a worker thread
 
     def store(peer: str, records: list[bytes], checked: list[bytes], blame: bool) -> bool:
@@ -60,7 +64,10 @@ def _ingest(log: list[tuple[str, list[bytes]]], slice_events: int = 4,
 
 async def test_a_backlog_delays_another_peer_by_one_slice_at_most() -> None:
     log: list[tuple[str, list[bytes]]] = []
-    ing = _ingest(log)
+    # The first slice's check waits for the gate: the backlog cannot drain on a fast
+    # (or slow) worker thread before the honest batch is queued behind it.
+    gate = threading.Event()
+    ing = _ingest(log, gate=gate)
     verdicts: dict[str, list[bool]] = {"flood": [], "honest": []}
 
     async def submit(peer: str, records: list[bytes]) -> None:
@@ -74,6 +81,8 @@ async def test_a_backlog_delays_another_peer_by_one_slice_at_most() -> None:
         mark = len(log)
         assert ing.queued() >= 4  # the flooder's backlog is still there
         n.start_soon(submit, "honest", [b"h1", b"h2"])
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
         with trio.fail_after(30):
             while len(verdicts["flood"]) < 5 or not verdicts["honest"]:
                 await trio.sleep(0.01)

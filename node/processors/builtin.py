@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import ConfigError, ProcessingError
-from . import ProcessContext, Processor
+from .base import ProcessContext, Processor
 
 DEFAULT_MAX_OUTPUT = 64 << 20  # bytes; bounds decompression bombs and exec output
 DEFAULT_EXEC_TIMEOUT_S = 30.0

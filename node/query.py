@@ -7,7 +7,7 @@ anything malformed (the requester then sees `RequestRefused` with the reason).
 
 Answers carry events as their exact wire records, never derived state: a light
 client verifies every signature and re-derives auctions, leases and reputation
-itself with the same pure `Market` fold (node/client.py). A node can therefore lie
+itself with the same pure `Market` fold (node/client/). A node can therefore lie
 only by omission, which a client talking to several nodes detects by comparing the
 sets it gets back.
 

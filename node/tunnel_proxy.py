@@ -1,6 +1,6 @@
 """A local SOCKS5 proxy whose connections are tunnels through a bandwidth lease.
 
-`bidmesh client tunnel LEASE --socks 127.0.0.1:1080` runs one (node/client_cli.py):
+`bidmesh client tunnel LEASE --socks 127.0.0.1:1080` runs one (node/cli/tunnel_cmds.py):
 every SOCKS CONNECT becomes one tunnel (`LightClient.open_tunnel`), bytes are piped
 both ways with half-close, and a refusal is answered with the matching SOCKS reply
 code (node/socks.py) and told once, in one line, through `on_error`.

@@ -13,7 +13,7 @@ from test_client import NET, NodeUnderTest, ident, nodes, publish_everywhere, wa
 from node import query
 from node.auction import derive
 from node.client import LightClient, now_ms
-from node.client_resolve import match_prefix, resolve
+from node.client.resolve import match_prefix, resolve
 from node.errors import UsageError
 from node.events import Award, Bid, Members, Payment, Rating, Request
 from node.keys import Identity

@@ -51,6 +51,7 @@ from .common import (
     node_running,
     parse_hex,
     parse_time_ms,
+    peer_id,
     resolve_author,
     resolve_id,
     short,
@@ -58,7 +59,6 @@ from .common import (
 from .ledger import register_ledger
 from .node_cmds import (
     add_run_args,
-    peer_id,
     register_devnet,
     register_init,
     register_keygen,

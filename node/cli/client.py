@@ -1,6 +1,6 @@
 """`bidmesh client ...`: the light client's arguments and defaults. The commands
-themselves (and trio, libp2p, node/client.py) load only when one runs
-(node/client_cli.py).
+themselves (and trio, libp2p, node/client/) load only when one runs
+(node/cli/client_cmds.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from .common import DEFAULT_NETWORK, Handler, add_json_flag
 
 
 def register_client(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`bidmesh client ...`: the light client (node/client.py, imported only when run)."""
+    """`bidmesh client ...`: the light client (node/client/, imported only when run)."""
     _client_parsers(sub)
 
 
 def _client_handler(name: str) -> Handler:
     def run(args: argparse.Namespace, out: Output) -> int:
-        from ..client_cli import run_command
+        from .client_cmds import run_command
 
         _client_defaults(args)
         return run_command(name, args, out)

@@ -1,6 +1,6 @@
 """`bidmesh client ...`: the light client's command line (tables, progress bar, --json).
 
-The logic lives in node/client.py; this module only parses, prints and maps errors.
+The logic lives in node/client/; this module only parses, prints and maps errors.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .auction import Lease
-from .auction.views import rep_label
-from .client import AuctionInfo, LightClient, now_ms
-from .client_resolve import resolve
-from .errors import PeerError, UsageError
-from .events import Event, event_to_json
-from .reputation import Score
+from ..auction import Lease
+from ..auction.views import rep_label
+from ..client import AuctionInfo, LightClient, now_ms
+from ..client.resolve import resolve
+from ..errors import PeerError, UsageError
+from ..events import Event, event_to_json
+from ..reputation import Score
 
 if TYPE_CHECKING:  # imports libp2p (~1 s): loaded by the stream command only
-    from .dataplane.client import InputAcks
+    from ..dataplane.client import InputAcks
 
 
 async def _id(c: LightClient, text: str, what: str) -> bytes:
@@ -121,7 +121,7 @@ def _auction_header(info: AuctionInfo) -> str:
 
 
 async def _cmd_bids(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    from .output import table
+    from ..output import table
 
     rid = await _id(c, a.request, "request")
     if not a.watch:
@@ -209,7 +209,7 @@ async def _cmd_reputation(c: LightClient, a: argparse.Namespace, out: Any) -> in
 
 async def _cmd_whoami(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     h = await c.sync_head()
-    from .p2p import peer_id_from_pubkey
+    from ..p2p import peer_id_from_pubkey
 
     pending = c.pending()
     held = await c.holders([e.id for e in pending]) if pending else {}
@@ -307,8 +307,8 @@ async def _cmd_stream(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     `packets` (each result read as `u32 len, payload` packets, payloads written)."""
     import struct
 
-    from .dataplane.client import InputAcks, split_results
-    from .segments import decode_packets
+    from ..dataplane.client import InputAcks, split_results
+    from ..segments import decode_packets
 
     lease_id = await _id(c, a.lease, "lease")
     _, lease = await c.lease(lease_id)
@@ -436,7 +436,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
 
 
 async def _cmd_tunnel(c: LightClient, a: argparse.Namespace, out: Any) -> int:
-    from .tunnel_cli import run_tunnel  # a local SOCKS5 proxy through a bandwidth lease
+    from .tunnel_cmds import run_tunnel  # a local SOCKS5 proxy through a bandwidth lease
 
     return await run_tunnel(c, a, out)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,3 +154,13 @@ def node_running(data_dir: Path) -> bool:
 
 def short(b: bytes | None, n: int = 8) -> str:
     return b.hex()[: 2 * n] if b else "-"
+
+
+def peer_id(public: bytes) -> str | None:
+    """The libp2p peer id of a key, when the p2p layer is installed and importable."""
+    try:
+        p2p = importlib.import_module("node.p2p")
+    except ImportError:
+        return None
+    fn = getattr(p2p, "peer_id_from_pubkey", None)
+    return str(fn(public).to_base58()) if fn else None

@@ -15,10 +15,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import config, paths
-from .errors import UsageError
-from .keys import Identity, load_key, save_key
-from .output import Output
+from .. import config, paths
+from ..errors import UsageError
+from ..keys import Identity, load_key, save_key
+from ..output import Output
 
 TEMPLATE = """\
 # bidmesh node config, written by `bidmesh init`. Start the node with
@@ -98,7 +98,7 @@ def cmd_init(args: argparse.Namespace, out: Output) -> int:
     tmp = cfg_path.with_name(cfg_path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(cfg_path)
-    from .cli import peer_id
+    from .common import peer_id
 
     data: dict[str, Any] = {"data_dir": str(data_dir), "config": str(cfg_path),
                             "key_file": str(key_path), "key_created": created,

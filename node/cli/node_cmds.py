@@ -1,12 +1,11 @@
 """Commands about a node of one's own: `keygen`, `run`, `devnet` (and `init`, in
-node/init_cmd.py). Each imports trio and libp2p only when it runs.
+node/cli/init.py). Each imports trio and libp2p only when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from .. import config, paths
 from ..errors import UsageError
 from ..keys import Identity, load_key, save_key
 from ..output import Output
-from .common import EXIT_OK, add_json_flag
+from .common import EXIT_OK, add_json_flag, peer_id
 
 
 def register_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,16 +41,6 @@ def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
         data["peer_id"] = peer
     out.emit(data)
     return EXIT_OK
-
-
-def peer_id(public: bytes) -> str | None:
-    """The libp2p peer id of a key, when the p2p layer is installed and importable."""
-    try:
-        p2p = importlib.import_module("node.p2p")
-    except ImportError:
-        return None
-    fn = getattr(p2p, "peer_id_from_pubkey", None)
-    return str(fn(public).to_base58()) if fn else None
 
 
 # ---------------------------------------------------------------- run (node/daemon.py)
@@ -121,6 +110,6 @@ def _devnet(args: argparse.Namespace, out: Output) -> int:
 
 
 def register_init(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from ..init_cmd import register
+    from .init import register
 
     register(sub)

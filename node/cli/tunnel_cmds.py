@@ -19,10 +19,10 @@ from typing import Any
 
 import trio
 
-from .client import LightClient, now_ms
-from .client_resolve import resolve
-from .errors import Unauthorized, UsageError
-from .tunnel_proxy import TunnelProxy, listen, parse_listen
+from ..client import LightClient, now_ms
+from ..client.resolve import resolve
+from ..errors import Unauthorized, UsageError
+from ..tunnel_proxy import TunnelProxy, listen, parse_listen
 
 __all__ = ["run_tunnel"]
 

@@ -1,49 +1,21 @@
-"""The light client: a recipient's (or member device's) view of the market, trusting no node.
-
-A light client keeps only its key and a small state file (its own chain head) in a
-client directory, and talks to one or more nodes over the query protocol
-(node/query.py). It never takes a node's word for anything:
-
-* every event a node returns is decoded with full signature verification (and must
-  match what was asked: the requested ids, filters or bundle);
-* its own events are checked as a chain (author, consecutive seq, `prev` links)
-  before it moves its head forward;
-* derived views (auction standing and winner, leases, reputation) are recomputed
-  locally from the returned events with the same pure `Market` fold every node uses;
-* with two or more nodes configured, each answer set is compared by digest and any
-  disagreement is reported (`LightClient.disagreements`); the client folds the union
-  of the verified events, so a node can only hide events, not add false ones.
-
-    async with LightClient.open(client_dir, ["/ip4/…/tcp/4001/p2p/12D3…"]) as c:
-        req = await c.request("bandwidth", duration_ms=3_600_000, reserve=500,
-                              close_in_ms=30_000)
-        async for bids in c.watch_bids(req.id): ...
-        award = await c.award(req.id)
-
-The Python API and the `bidmesh client` command are documented in docs/client.md.
-"""
+"""`LightClient`: the recipient's views (auctions, bids, leases, reputation: folded
+locally from verified events), its own chain (publish, confirm by quorum, resend), the
+recipient's actions, and the dataplane and tunnels through a lease."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import query
-from .agent import build_award
-from .auction import Auction, Lease, Market, derive
-from .auction.views import RecipientRecord, auction_recipient, lease_json
-from .errors import (
-    BidmeshError,
+from .. import query
+from ..agent import build_award
+from ..auction import Lease, Market
+from ..auction.views import lease_json
+from ..errors import (
     InvalidEvent,
     OperationError,
     PeerError,
@@ -51,8 +23,7 @@ from .errors import (
     UntrustedAnswer,
     UsageError,
 )
-from .events import (
-    NETWORK_RE,
+from ..events import (
     Award,
     Body,
     Event,
@@ -64,509 +35,33 @@ from .events import (
     decode_wire,
     sign_event,
 )
-from .keys import Identity, load_or_create_key
-from .reputation import Score
+from .results import (
+    AuctionInfo,
+    BidInfo,
+    ChainHead,
+    LeaseInfo,
+    ReputationInfo,
+    Unverified,
+    _bid_infos,
+    _unverified,
+    lease_chain,
+    now_ms,
+)
+from .transport import QueryClient, _Node
+from .verify import _check_events, fold
 
 if TYPE_CHECKING:  # libp2p costs ~1 s to import: loaded when a client actually connects
-    from . import p2p
-    from .dataplane.tunnel_client import Tunnel
+    from .. import p2p
+    from ..dataplane.tunnel_client import Tunnel
 
 log = logging.getLogger("bidmesh.client")
 
-KEY_FILE = "client.key"
-STATE_FILE = "state.json"
-MAX_PAGES = 10_000  # per query and node: bounds a node that keeps answering "more"
 MAX_CONTEXT_AUCTIONS = 256  # auction bundles fetched per level to verify awards
-T = TypeVar("T")
 _Results = list[tuple[str, "query.SubmitResult"]]  # (node, its answer) per submitted record
 
 
-@dataclass(frozen=True)
-class NodeFault:
-    node: str
-    reason: str
-    detail: str
-    at: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class Disagreement:
-    """Nodes answered one query with different event sets."""
-
-    query: str
-    digests: dict[str, str]  # node -> digest of its answer set
-    missing: dict[str, list[str]]  # node -> ids (hex) other nodes returned but it did not
-
-
-@dataclass(frozen=True)
-class BidInfo:
-    """One bid (or sealed commit) with its provider's reputation as of the close."""
-
-    id: bytes
-    provider: bytes
-    price: int | None
-    status: str
-    reason: str
-    sealed: bool
-    ts_ms: int
-    winner: bool
-    reputation: Score
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id.hex(), "provider": self.provider.hex(), "price": self.price,
-                "status": self.status, "reason": self.reason, "sealed": self.sealed,
-                "ts_ms": self.ts_ms, "winner": self.winner,
-                "reputation": self.reputation.to_json()}
-
-
-@dataclass(frozen=True)
-class AuctionInfo:
-    """An auction as re-derived locally: the market folded over the returned events."""
-
-    market: Market
-    auction: Auction
-    bids: tuple[BidInfo, ...]
-    status: str
-
-    @property
-    def recipient_record(self) -> RecipientRecord:
-        """The recipient's payment record as of the auction's start."""
-        return auction_recipient(self.market, self.auction)
-
-    def to_json(self) -> dict[str, Any]:
-        from .auction.views import auction_json
-
-        d = auction_json(self.market, self.auction, int(time.time() * 1000))
-        d["bid_list"] = [b.to_json() for b in self.bids]
-        d["status"] = self.status
-        return d
-
-
-@dataclass(frozen=True)
-class LeaseInfo:
-    lease: Lease
-    paid: int
-    role: str  # our role: recipient | provider | member
-    data: dict[str, Any]  # views.lease_json
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.data, "role": self.role}
-
-
-@dataclass(frozen=True)
-class Unverified:
-    """An award of ours that yields no lease here, and why (stable reason, detail)."""
-
-    award: bytes
-    request: bytes
-    reason: str
-    detail: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"award": self.award.hex(), "request": self.request.hex(),
-                "reason": self.reason, "detail": self.detail}
-
-
-@dataclass(frozen=True)
-class ReputationInfo:
-    key: bytes
-    as_of_ms: int
-    provider: Score
-    recipient: Score
-
-    def to_json(self) -> dict[str, Any]:
-        return {"key": self.key.hex(), "as_of_ms": self.as_of_ms,
-                "provider": self.provider.to_json(), "recipient": self.recipient.to_json()}
-
-
-@dataclass
-class ChainHead:
-    seq: int = 0
-    id: bytes | None = None
-    ts_ms: int = 0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# ------------------------------------------------------------------ local state
-
-
-class ClientState:
-    """`state.json` in the client dir: the network and our own chain head, plus the
-    wire of our last signed event until a node confirmed it (so it is resent, never
-    re-signed differently at the same seq)."""
-
-    def __init__(self, path: Path, network: str) -> None:
-        self.path = path
-        self.network = network
-        self.head = ChainHead()
-        self.unconfirmed: list[bytes] = []
-        if path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        try:
-            d = json.loads(self.path.read_text())
-            net = d["network"]
-            h = d.get("head") or {}
-            head = ChainHead(int(h.get("seq", 0)),
-                             bytes.fromhex(h["id"]) if h.get("id") else None,
-                             int(h.get("ts_ms", 0)))
-            unconfirmed = [bytes.fromhex(w) for w in d.get("unconfirmed", [])]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"client state {self.path} is unreadable ({e}); move it away "
-                             "and the client re-syncs its head from the nodes") from e
-        if net != self.network:
-            raise UsageError(f"client dir {self.path.parent} belongs to network {net!r}, not "
-                             f"{self.network!r}; pass --network {net} or use another --dir")
-        self.head, self.unconfirmed = head, unconfirmed
-
-    def save(self) -> None:
-        d = {"network": self.network,
-             "head": {"seq": self.head.seq, "id": self.head.id.hex() if self.head.id else None,
-                      "ts_ms": self.head.ts_ms},
-             "unconfirmed": [w.hex() for w in self.unconfirmed]}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(d, indent=1).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-
-
-# ------------------------------------------------------------------ answer checks
-
-
-def _check_events(node: str, records: Iterable[bytes], network: str) -> list[Event]:
-    out = []
-    for r in records:
-        try:
-            out.append(decode_wire(r, network))  # full signature verification
-        except InvalidEvent as e:
-            raise UntrustedAnswer(f"node {node} returned an event that does not verify "
-                                  f"({e.reason}): {e}", "forged_event") from e
-    return out
-
-
-def set_digest(events: Iterable[Event]) -> bytes:
-    """Digest of an answer set (sorted ids): what cross-checking compares."""
-    h = hashlib.sha256(b"bidmesh/answer/v1")
-    for i in sorted(ev.id for ev in events):
-        h.update(i)
-    return h.digest()
-
-
-def fold(events: Iterable[Event]) -> tuple[Market, list[tuple[bytes, int]]]:
-    """Derive a Market from events in any order: dedupe, drop every author's events
-    from a seq where two different events exist (a fork, as the ledger does), fold in
-    canonical order. Returns the market and the (author, seq) forks seen."""
-    by_id = {ev.id: ev for ev in events}
-    slots: dict[tuple[bytes, int], bytes] = {}
-    fork_at: dict[bytes, int] = {}
-    for ev in by_id.values():
-        other = slots.setdefault((ev.author, ev.seq), ev.id)
-        if other != ev.id:
-            fork_at[ev.author] = min(fork_at.get(ev.author, 1 << 62), ev.seq)
-    keep = [ev for ev in by_id.values() if ev.seq < fork_at.get(ev.author, 1 << 62)]
-    keep.sort(key=lambda e: (e.ts_ms, e.author, e.seq))
-    return derive(keep), sorted(fork_at.items())
-
-
-def _auction_member(ev: Event, request: bytes, commits: set[bytes]) -> bool:
-    if ev.id == request:
-        return ev.kind == "request"
-    if ev.kind == "reveal":
-        return ev.ref in commits
-    return ev.ref == request and ev.kind in ("bid", "commit", "pledge", "award")
-
-
-# ------------------------------------------------------------------ the client
-
-
-@dataclass
-class _Node:
-    addr: str
-    peer: p2p.PeerId | None = None
-    cursor: dict[str, int] = field(default_factory=dict)  # watch cursors
-
-
-class LightClient:
+class LightClient(QueryClient):
     """A recipient's client. Create with `LightClient.open(...)` (an async context)."""
-
-    def __init__(self, identity: Identity, network: str, state: ClientState,
-                 host: p2p.P2PHost, nodes: Sequence[str], *, timeout: float = 10.0,
-                 confirm_quorum: int | None = None) -> None:
-        self.identity = identity
-        self.key = identity.public
-        self.network = network
-        self.state = state
-        self.host = host
-        self.nodes = [_Node(a) for a in nodes]
-        self.timeout = timeout
-        self.faults: list[NodeFault] = []
-        self.disagreements: list[Disagreement] = []
-        self.forks: list[tuple[bytes, int]] = []
-        self._lock = trio.Lock()
-        self._head_checked = False
-        self.confirm_quorum = confirm_quorum
-        self._protocol = query.protocol_id(network)
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(cls, client_dir: str | Path, nodes: Sequence[str], *, network: str = "main",
-                   timeout: float = 10.0, key_file: str | Path | None = None,
-                   listen: Sequence[str] | None = None,
-                   confirm_quorum: int | None = None) -> AsyncIterator[LightClient]:
-        """Load (or create) the key and state in `client_dir`, connect to `nodes`.
-        `confirm_quorum`: how many nodes must hand a published record back before the
-        client drops its own copy (default: a majority of `nodes`)."""
-        if confirm_quorum is not None and not 1 <= confirm_quorum <= len(nodes):
-            raise UsageError(f"confirm quorum must be 1..{len(nodes)} (the number of nodes)")
-        if not nodes:
-            raise UsageError("give at least one node multiaddr (--node /ip4/…/tcp/…/p2p/…)")
-        if not NETWORK_RE.fullmatch(network):
-            raise UsageError(f"network id {network!r} must match {NETWORK_RE.pattern}")
-        d = Path(client_dir)
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ident = load_or_create_key(Path(key_file) if key_file else d / KEY_FILE)
-        state = ClientState(d / STATE_FILE, network)
-        from . import p2p
-
-        try:
-            async with p2p.open_host(ident.seed, listen or p2p.DEFAULT_LISTEN,
-                                     max_connections=max(8, 2 * len(nodes))) as host:
-                c = cls(ident, network, state, host, nodes, timeout=timeout,
-                        confirm_quorum=confirm_quorum)
-                await c.connect()
-                yield c
-        except BaseExceptionGroup as eg:
-            # libp2p's host runs our body inside its nurseries: give callers the one
-            # error that happened, not a group around it.
-            leaf = _single_leaf(eg)
-            if leaf is None:
-                raise
-            raise leaf from None
-
-    # -------------------------------------------------------------- transport
-
-    async def connect(self) -> None:
-        """Dial every configured node; at least one must answer."""
-        errors: list[str] = []
-
-        async def dial(n: _Node) -> None:
-            try:
-                n.peer = await self.host.connect(n.addr, timeout=self.timeout)
-            except OperationError as e:
-                errors.append(f"{n.addr}: {e}")
-                self._fault(n.addr, "unreachable", str(e))
-
-        async with trio.open_nursery() as nursery:
-            for n in self.nodes:
-                nursery.start_soon(dial, n)
-        if not any(n.peer for n in self.nodes):
-            raise OperationError("no node reachable: " + "; ".join(errors))
-
-    def _fault(self, node: str, reason: str, detail: str) -> None:
-        self.faults.append(NodeFault(node, reason, detail))
-        del self.faults[:-1000]
-        log.warning("node fault", extra={"node": node, "reason": reason, "detail": detail})
-
-    async def _call(self, n: _Node, req: query.QueryRequest) -> query.QueryResponse:
-        if n.peer is None or not self.host.is_connected(n.peer):
-            n.peer = await self.host.connect(n.addr, timeout=self.timeout)
-        from .p2p import request
-
-        data = await request(self.host, n.peer, self._protocol, req.encode(),
-                                 query.MAX_RESPONSE, self.timeout)
-        return query.decode_response(data)
-
-    async def _each(self, fn: Callable[[_Node], Any]) -> list[tuple[_Node, Any]]:
-        """Run `fn(node)` on every node concurrently; keep successes, record faults."""
-        results: list[tuple[_Node, Any]] = []
-        failures: list[BidmeshError] = []
-
-        async def one(n: _Node) -> None:
-            try:
-                results.append((n, await fn(n)))
-            except UntrustedAnswer as e:
-                self._fault(n.addr, e.reason, str(e))
-                failures.insert(0, e)
-            except (PeerError, OperationError) as e:
-                self._fault(n.addr, getattr(e, "reason", type(e).__name__), str(e))
-                failures.append(e)
-
-        async with trio.open_nursery() as nursery:
-            for n in self.nodes:
-                nursery.start_soon(one, n)
-        if not results:
-            if failures:
-                raise failures[0]
-            raise OperationError("no node configured")
-        order = {id(n): i for i, n in enumerate(self.nodes)}
-        results.sort(key=lambda r: order[id(r[0])])
-        return results
-
-    async def _pages(self, n: _Node, make: Callable[[query.Page], query.QueryRequest],
-                     after: int = 0) -> tuple[list[Event], int]:
-        """Every page of an events query from one node, verified; (events, cursor)."""
-        events: list[Event] = []
-        cursor = after
-        for _ in range(MAX_PAGES):
-            resp = await self._call(n, make(query.Page(cursor)))
-            if not isinstance(resp, query.EventsPage):
-                raise UntrustedAnswer(f"node {n.addr} answered an events query with "
-                                      f"{type(resp).__name__}", "wrong_answer")
-            if resp.cursor < cursor:
-                raise UntrustedAnswer(f"node {n.addr} moved the cursor backwards",
-                                      "bad_cursor")
-            events.extend(_check_events(n.addr, resp.records, self.network))
-            if not resp.more:
-                return events, resp.cursor
-            if resp.cursor == cursor and not resp.records:
-                raise UntrustedAnswer(f"node {n.addr} says there is more but sends nothing",
-                                      "bad_cursor")
-            cursor = resp.cursor
-        raise UntrustedAnswer(f"node {n.addr} kept paging past {MAX_PAGES} pages", "bad_cursor")
-
-    async def _gather(self, what: str, make: Callable[[query.Page], query.QueryRequest],
-                      check: Callable[[str, list[Event]], None] | None = None,
-                      ) -> list[Event]:
-        """Ask every node, verify each answer, cross-check, return the union."""
-
-        async def fetch(n: _Node) -> list[Event]:
-            evs, _ = await self._pages(n, make)
-            if check is not None:
-                check(n.addr, evs)
-            return evs
-
-        answers = await self._each(fetch)
-        return self._union(what, [(n.addr, evs) for n, evs in answers])
-
-    def _union(self, what: str, answers: list[tuple[str, list[Event]]]) -> list[Event]:
-        union: dict[bytes, Event] = {}
-        for _, evs in answers:
-            for ev in evs:
-                union.setdefault(ev.id, ev)
-        if len(answers) >= 2:
-            digests = {node: set_digest(evs).hex() for node, evs in answers}
-            if len(set(digests.values())) > 1:
-                missing = {node: sorted(i.hex() for i in set(union) - {e.id for e in evs})
-                           for node, evs in answers}
-                d = Disagreement(what, digests, {k: v for k, v in missing.items() if v})
-                self.disagreements.append(d)
-                del self.disagreements[:-1000]
-                log.warning("nodes disagree", extra={"query": what, "digests": digests})
-        self._check_own(union.values())
-        return list(union.values())
-
-    def _check_own(self, events: Iterable[Event]) -> None:
-        """Our own events must agree with our head: another event at our head's seq
-        means our key signed two chains (a fork of our own identity)."""
-        h = self.state.head
-        for ev in events:
-            if ev.author == self.key and ev.seq == h.seq and ev.id != h.id:
-                raise UntrustedAnswer(
-                    f"the network holds another event at our seq {h.seq}: this key is used "
-                    "elsewhere (or the state file was restored from an old copy)", "own_fork")
-
-    # -------------------------------------------------------------- raw queries
-
-    async def digest(self) -> dict[str, dict[str, Any]]:
-        """Each node's network, state digest and counts."""
-        answers = await self._each(lambda n: self._call(n, query.GetDigest()))
-        out = {}
-        for n, resp in answers:
-            if not isinstance(resp, query.Digest):
-                raise UntrustedAnswer(f"node {n.addr} answered DIGEST with "
-                                      f"{type(resp).__name__}", "wrong_answer")
-            if resp.network != self.network:
-                raise UsageError(f"node {n.addr} serves network {resp.network!r}, not "
-                                 f"{self.network!r}")
-            out[n.addr] = {"digest": resp.digest.hex(), "events": resp.events,
-                           "authors": resp.authors, "forks": resp.forks}
-        return out
-
-    async def get_events(self, ids: Sequence[bytes]) -> list[Event]:
-        """Events by id (verified; ids no node has are absent)."""
-        want = set(ids)
-        out: dict[bytes, Event] = {}
-        chunks = [list(ids)[i:i + query.MAX_IDS] for i in range(0, len(ids), query.MAX_IDS)]
-        for chunk in chunks:
-            def check(node: str, evs: list[Event]) -> None:
-                for ev in evs:
-                    if ev.id not in want:
-                        raise UntrustedAnswer(f"node {node} returned event {ev.id.hex()[:16]}"
-                                              " that was not asked for", "unasked_event")
-
-            async def fetch(n: _Node, chunk: list[bytes] = chunk) -> list[Event]:
-                got: dict[bytes, Event] = {}
-                rest = list(chunk)
-                while rest:
-                    resp = await self._call(n, query.GetEvents(tuple(rest)))
-                    if not isinstance(resp, query.EventsPage):
-                        raise UntrustedAnswer(f"node {n.addr} answered GET with "
-                                              f"{type(resp).__name__}", "wrong_answer")
-                    evs = _check_events(n.addr, resp.records, self.network)
-                    check(n.addr, evs)
-                    got.update((e.id, e) for e in evs)
-                    if not resp.more or not evs:
-                        break
-                    rest = [i for i in rest if i not in got]
-                return list(got.values())
-
-            answers = await self._each(fetch)
-            for ev in self._union("get", [(n.addr, evs) for n, evs in answers]):
-                out[ev.id] = ev
-        return list(out.values())
-
-    async def find_events(self, *, kind: str | None = None, author: bytes | None = None,
-                          ref: bytes | None = None) -> list[Event]:
-        """Events matching every filter given, from every node, verified."""
-
-        def check(node: str, evs: list[Event]) -> None:
-            for ev in evs:
-                if ((kind and ev.kind != kind) or (author and ev.author != author)
-                        or (ref and ev.ref != ref)):
-                    raise UntrustedAnswer(f"node {node} returned {ev!r}, which does not match "
-                                          "the query", "unasked_event")
-
-        return await self._gather(f"find:{kind}:{author and author.hex()}:{ref and ref.hex()}",
-                                  lambda p: query.FindEvents(kind, author, ref, p), check)
-
-    async def auction_events(self, request_id: bytes) -> list[Event]:
-        return await self._gather(f"auction:{request_id.hex()}",
-                                  lambda p: query.AuctionBundle(request_id, p),
-                                  self._auction_check(request_id))
-
-    def _auction_check(self, request_id: bytes) -> Callable[[str, list[Event]], None]:
-        def check(node: str, evs: list[Event]) -> None:
-            commits = {e.id for e in evs if e.kind == "commit" and e.ref == request_id}
-            for ev in evs:
-                if not _auction_member(ev, request_id, commits):
-                    raise UntrustedAnswer(f"node {node} put {ev!r} in the bundle of auction "
-                                          f"{request_id.hex()[:16]}", "unasked_event")
-        return check
-
-    async def reputation_events(self, keys: Iterable[bytes]) -> list[Event]:
-        ks = sorted(set(keys))
-        out: dict[bytes, Event] = {}
-        for i in range(0, len(ks), query.MAX_KEYS):
-            chunk = tuple(ks[i:i + query.MAX_KEYS])
-
-            def make(p: query.Page, c: tuple[bytes, ...] = chunk) -> query.QueryRequest:
-                return query.ReputationBundle(c, p)
-
-            for ev in await self._gather("reputation", make):
-                out[ev.id] = ev
-        return list(out.values())
-
-    async def lease_events(self, key: bytes | None = None) -> list[Event]:
-        k = key or self.key
-        return await self._gather(f"leases:{k.hex()}", lambda p: query.LeasesOf(k, p))
 
     # -------------------------------------------------------------- derived views
 
@@ -1003,10 +498,10 @@ class LightClient:
         """Send `source` (bytes chunks of `protocol` packets) through the provider of
         our lease and receive the processed stream (see node/dataplane/client.py).
         A member device streams with its own key. Returns the dataplane's result."""
-        from .dataplane.client import stream_through_lease
+        from ..dataplane.client import stream_through_lease
 
         _, lease = await self.lease(lease_id)
-        from .p2p import peer_id_from_pubkey
+        from ..p2p import peer_id_from_pubkey
 
         peer = peer_id_from_pubkey(lease.provider)
         if not self.host.is_connected(peer):
@@ -1030,7 +525,7 @@ class LightClient:
 
     async def reach_provider(self, lease: Lease) -> p2p.PeerId:
         """The lease's provider, connected (dialed through its offer's addresses)."""
-        from .p2p import peer_id_from_pubkey
+        from ..p2p import peer_id_from_pubkey
 
         peer = peer_id_from_pubkey(lease.provider)
         if self.host.is_connected(peer):
@@ -1058,55 +553,10 @@ class LightClient:
         `host`. Raises TunnelUnauthorized / TunnelRefused (`.reason`) when refused,
         OperationError when the provider cannot be reached; reading or writing an open
         tunnel raises TunnelFailed (`lease_ended`, `broken`, ...)."""
-        from .dataplane.tunnel_client import open_tunnel
+        from ..dataplane.tunnel_client import open_tunnel
 
         if not isinstance(lease, Lease):
             _, lease = await self.lease(lease)
         peer = await self.reach_provider(lease)
         return await open_tunnel(self.host, peer, lease.id, host, port, network=self.network,
                                  delegation=delegation, timeout=timeout or self.timeout)
-
-
-def lease_chain(lease: Lease) -> list[str]:
-    """What a lease's stream is processed with: its chain; else its service when that is
-    a processing service; else (transport such as `bandwidth`) passed through as is."""
-    if lease.chain:
-        return list(lease.chain)
-    from .processors import load_processors
-
-    return [lease.service] if lease.service in load_processors() else ["identity"]
-
-
-def _single_leaf(eg: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    e: BaseException = eg
-    while isinstance(e, BaseExceptionGroup):
-        if len(e.exceptions) != 1:
-            return None
-        e = e.exceptions[0]
-    return e
-
-
-def _unverified(market: Market, award: Event) -> Unverified | None:
-    if not isinstance(award.body, Award) or award.id in market.leases:
-        return None
-    rid = award.body.request
-    ign = next((i for i in market.ignored if i.event_id == award.id), None)
-    if ign is not None:
-        return Unverified(award.id, rid, ign.reason, "the award counts for nothing")
-    check = market.awards.get(award.id)
-    if check is not None and check.problems:
-        return Unverified(award.id, rid, check.problems[0], "; ".join(check.problems))
-    if rid not in market.auctions:
-        return Unverified(award.id, rid, "auction_unknown",
-                          "no node returned the request this award decides")
-    return Unverified(award.id, rid, "not_verified", "the award yields no lease here")
-
-
-def _bid_infos(market: Market, a: Auction) -> list[BidInfo]:
-    out = []
-    won = a.outcome.winner if a.outcome is not None else None
-    for b in a.bids.values():
-        rep = market.reputation.score(b.provider, "provider", a.request.close_ms)
-        out.append(BidInfo(b.id, b.provider, b.price, b.status, b.reason, b.sealed, b.ts_ms,
-                           won == b.id, rep))
-    return out

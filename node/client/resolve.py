@@ -13,10 +13,10 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .errors import UsageError
+from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .client import LightClient
+    from .light import LightClient
 
 HEX_RE = re.compile(r"[0-9a-fA-F]{1,64}")
 MIN_PREFIX = 4  # shorter prefixes match too much to be what anyone meant

@@ -380,8 +380,10 @@ class Reconciler:
             return "one fingerprint per non-empty child"
         if sum(ans.counts) <= LEAF_ITEMS:
             return f"a node of at most {LEAF_ITEMS} items must be answered with its items"
-        if node.bits + split == KEY_BITS and max(ans.counts) > 1:
-            return "a full key holds one item"
+        if node.bits + split > KEY_BITS - SPLIT_MAX:
+            # Two authors sharing 252 bits cost ~2^126 work to make; and a node this
+            # deep could not be split again in a request.
+            return "no two authors share that long a prefix"
         ours = self.index().children(node.prefix, node.bits, split)
         fps = iter(ans.fps)
         differ = nonempty = 0

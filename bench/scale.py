@@ -24,11 +24,14 @@
    Baseline for `rss_vs_empty_ratio`: the same process over an empty ledger
    (`empty_rss_mb`). `reputation_lookup_us`: `market.reputation.score` of a random
    author as of a random time of the ledger, mean over 20,000.
-3. **Sync** (the current protocol, `node.sync`): two copies of the ledger, one with
-   100 more events (one each from 100 existing authors); a `SyncSession` on the other
-   driven against `sync.handle` of the first, in one process (no network, so
-   `sync_s` is the protocol's own work): `sync_round_trips`, `sync_bytes` (requests +
-   responses), `sync_s`, and `sync_bytes_vs_raw_ratio` against the 100 records' bytes.
+3. **Sync**: two copies of the ledger, one with 100 more events (one each from 100
+   existing authors); a session on the other driven against `sync.handle` of the
+   first, in one process (no network, so `sync_s` is the protocol's own work), on
+   `/sync/2` as nodes run it (`node.sync_recon`): `sync_round_trips`, `sync_bytes`
+   (requests + responses), `sync_s`, `sync_bytes_vs_raw_ratio` against the 100
+   records' bytes, `recon_index_build_s` (a node's one-time index build after a
+   start, not in `sync_s`); and the same on `/sync/1` (HEADS paging, for older
+   nodes): `sync1_*`, `sync_bytes_vs_sync1_ratio`.
 
 `--quick`: 100,000 events from 10,000 authors. The machine is shared: see `load1`.
 Last line: JSON figures.
@@ -68,6 +71,7 @@ from node.events import (  # noqa: E402
     domain_tag,
 )
 from node.ledger import Ledger, Status  # noqa: E402
+from node.sync_recon import ReconSession  # noqa: E402
 from node.testing import keypair, sign_fast  # noqa: E402
 
 NETWORK = "scalebench"
@@ -295,10 +299,23 @@ def _child(path: Path, snapshot: Path | None = None) -> dict[str, Any]:
     return dict(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
+def _session(sess: sync.SyncSession, remote: Ledger, version: int) -> tuple[int, int, float]:
+    """Run a session against `remote` in-process: (round trips, bytes, seconds)."""
+    nbytes = trips = 0
+    t0 = time.perf_counter()
+    while (req := sess.next_request()) is not None:
+        data = req.encode()
+        resp = sync.handle(remote, data, version)
+        nbytes += len(data) + len(resp)
+        trips += 1
+        sess.on_response(sync.decode_response(resp, version))
+    return trips, nbytes, time.perf_counter() - t0
+
+
 def bench_sync(path: Path, work: Path, n_authors: int) -> dict[str, Any]:
-    a_path, b_path = work / "a.db", work / "b.db"
-    shutil.copy(path, a_path)
-    shutil.copy(path, b_path)
+    a_path, a1_path, b_path = work / "a.db", work / "a1.db", work / "b.db"
+    for p in (a_path, a1_path, b_path):
+        shutil.copy(path, p)
     b = Ledger(b_path, network=NETWORK)
     rnd = random.Random(11)
     tag = domain_tag(NETWORK)
@@ -314,23 +331,29 @@ def bench_sync(path: Path, work: Path, n_authors: int) -> dict[str, Any]:
                                    currency="EUR", addrs=())))
         raw += len(new[-1].wire)
     _store(b, new)
+    # /sync/2, what nodes run: each side builds its reconciliation index once after a
+    # start (index_build_s, per node), then keeps it up to date; not in sync_s.
     a = Ledger(a_path, network=NETWORK)
-    sess = sync.SyncSession(a)
-    nbytes = trips = 0
     t0 = time.perf_counter()
-    while (req := sess.next_request()) is not None:
-        data = req.encode()
-        resp = sync.handle(b, data)
-        nbytes += len(data) + len(resp)
-        trips += 1
-        sess.on_response(sync.decode_response(resp))
-    sync_s = time.perf_counter() - t0
+    a.recon_index()
+    b.recon_index()
+    build_s = (time.perf_counter() - t0) / 2
+    sess = ReconSession(a)
+    trips, nbytes, sync_s = _session(sess, b, 2)
     ok = a.digest() == b.digest()
-    a.close()
-    b.close()
+    # /sync/1 (HEADS paging), served for older nodes: the baseline.
+    a1 = Ledger(a1_path, network=NETWORK)
+    sess1 = sync.SyncSession(a1)
+    trips1, nbytes1, sync1_s = _session(sess1, b, 1)
+    ok1 = a1.digest() == b.digest()
+    for led in (a, a1, b):
+        led.close()
     return {"sync_round_trips": trips, "sync_bytes": nbytes, "sync_s": round(sync_s, 3),
             "sync_bytes_vs_raw_ratio": round(nbytes / raw, 1), "sync_converged": ok,
-            "sync_accepted": sess.stats.accepted}
+            "sync_accepted": sess.stats.accepted, "recon_index_build_s": round(build_s, 2),
+            "sync1_round_trips": trips1, "sync1_bytes": nbytes1, "sync1_s": round(sync1_s, 3),
+            "sync1_converged": ok1,
+            "sync_bytes_vs_sync1_ratio": round(nbytes / max(1, nbytes1), 4)}
 
 
 def main() -> None:
@@ -415,7 +438,9 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"sync of 100 new events: {s['sync_round_trips']} round trips, "
-              f"{s['sync_bytes']} bytes, {s['sync_s']} s (converged: {s['sync_converged']})")
+              f"{s['sync_bytes']} bytes, {s['sync_s']} s (converged: {s['sync_converged']}; "
+              f"/sync/1: {s['sync1_round_trips']} round trips, {s['sync1_bytes']} bytes, "
+              f"{s['sync1_s']} s)")
         out.update(s)
     print(json.dumps(out))
 

@@ -266,6 +266,7 @@ def considered_digest(ids: list[bytes] | tuple[bytes, ...]) -> bytes:
 # ---------------------------------------------------------------- envelope
 
 
+@codec.fast_pickle
 @dataclass(frozen=True, slots=True)
 class Event:
     """A verified event. Construct with `sign_event` or `decode_wire` only."""

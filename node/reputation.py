@@ -29,6 +29,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
+from .codec import fast_pickle
 from .errors import UsageError
 
 UNIT = 1 << 32
@@ -80,6 +81,7 @@ class Policy:
         return 1 + min(settled, self.rater_cap)
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class Score:
     """Reputation of `key` in `role` as of `as_of_ms`: the score and the raw counts."""
@@ -128,6 +130,7 @@ def _pack(rater_weight: int, satisfied: bool, score: int) -> int:
     return rater_weight << 4 | int(satisfied) << 3 | (score - 1)
 
 
+@fast_pickle
 @dataclass(slots=True)
 class _History:
     """One (key, role)'s ratings sorted by time, in two machine-integer arrays (16

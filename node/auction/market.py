@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ..codec import fast_pickle
 from ..errors import UsageError
 from ..events import (
     Award,
@@ -58,6 +59,7 @@ class Evidence(NamedTuple):
     bid: bytes | None  # the omitted bid (or commit) id, when there is one
 
 
+@fast_pickle
 @dataclass(slots=True)
 class BidEntry:
     """One bid (open) or commit (sealed) of an auction, with its current standing."""
@@ -73,6 +75,7 @@ class BidEntry:
     reveal: bytes | None = None
 
 
+@fast_pickle
 @dataclass(slots=True)
 class PledgeEntry:
     event_id: bytes
@@ -103,6 +106,7 @@ class AwardCheck:
     considered_known: bool  # False: a digest that matches no set we can name
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class PaymentRecord:
     event_id: bytes
@@ -116,6 +120,7 @@ class PaymentRecord:
     on_behalf: tuple[bytes, ...]
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class RatingRecord:
     event_id: bytes
@@ -130,6 +135,7 @@ class RatingRecord:
     weight: int
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class SubcontractRecord:
     event_id: bytes
@@ -140,6 +146,7 @@ class SubcontractRecord:
     services: tuple[str, ...]
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class OfferRecord:
     event_id: bytes

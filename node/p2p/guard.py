@@ -39,7 +39,7 @@ import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 from google.protobuf.message import DecodeError
@@ -57,9 +57,24 @@ from . import _compat
 from .frames import _STREAM_LEASES, reset_quietly
 
 if TYPE_CHECKING:
-    from .host import P2PHost
+    from libp2p.abc import IHost
+
+    from ._compat import SwarmInternals
 
 log = logging.getLogger("node.p2p")
+
+
+class GuardedHost(Protocol):
+    """What the guard uses of its host (host.py's `P2PHost`, which creates the guard):
+    declared here so that guard.py does not import host.py back (tests/test_imports.py)."""
+
+    libp2p: IHost
+    _swarm: SwarmInternals
+
+    @property
+    def peer_id(self) -> ID: ...
+
+    def is_blocked(self, peer_id: ID | str) -> bool: ...
 
 # Multistream-select must finish within this (upstream's default is 5 s too).
 NEGOTIATE_TIMEOUT: Final = 5
@@ -117,7 +132,7 @@ def conn_direction(conn: INetConn) -> Direction:
 class Guard:
     """Applies the resource manager to one host; see the module docstring."""
 
-    def __init__(self, host: P2PHost, resources: ResourceManager, keypair: KeyPair,
+    def __init__(self, host: GuardedHost, resources: ResourceManager, keypair: KeyPair,
                  *, bootstrap: Iterable[ID] = (), peerstore_max: int = 512) -> None:
         self.host = host
         self.resources = resources

@@ -33,7 +33,7 @@ baseline runs once): the JSON's `p99_ms` is the worst run, `p99_ms_runs` each,
 
 Phase 2 (raw): the same load as raw gossipsub payloads of the same size, paced
 like the daemon (one message per `gossip.batch_ms`), between N processes running
-only node/p2p.py's gossipsub (same mesh degree; no ledger, no signatures):
+only node/p2p/'s gossipsub (same mesh degree; no ledger, no signatures):
 `raw_events_per_s` (delivered to all / seconds) and its latency.
 `vs_raw_gossip_ratio` = events_per_s / raw_events_per_s.
 

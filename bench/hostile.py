@@ -45,7 +45,7 @@ out-of-order pair is still held after a pending flood; see attackers.py).
 `--quick` (< 60 s on 2 idle cores) uses smaller volumes and durations and changes
 three node limits: `limits.peerstore_max` 16, so that 48 identities exercise the
 peerstore pruning that 2,000 exercise against the default 512 (py-libp2p's own cap
-of 1,000 is switched off by node/p2p_guard.py; tests/test_p2p_guard.py puts 1,500
+of 1,000 is switched off by node/p2p/guard.py; tests/test_p2p_guard.py puts 1,500
 entries in); `limits.trusted_reserved` 24, so that 28 idle identities fill the 24
 inbound slots left to strangers (the default leaves 40); `limits.conn_grace_s` 2 s
 (a newcomer evicts an idle identity sooner). It runs the malformed frames on every

@@ -512,3 +512,21 @@ def test_upstream_replacements_are_installed_once() -> None:
     assert upstream_gossipsub.maybe_consume_signed_record is consume  # type: ignore[attr-defined]
     assert YamuxStream._auto_tune_and_send_window_update is window
     assert _compat.is_ours(consume) and _compat.is_ours(window)
+
+
+async def test_per_object_edits_are_made_once() -> None:
+    import random
+
+    from node.p2p import _compat
+
+    async with open_host(seed(40)) as h, make_pubsub(h) as ps:
+        swarm: Any = h._swarm
+        upgrade = swarm.upgrade_inbound_raw_conn
+        router: Any = ps.router
+        handle, select = router.handle_prune, router._select_peers_for_pruning
+        assert _compat.is_ours(upgrade) and _compat.is_ours(handle) and _compat.is_ours(select)
+        _compat.limit_inbound_handshakes(swarm)  # again: not a second queue around the first
+        _compat.track_prunes(ps.router, {}, {})
+        _compat.prune_at_random(ps.router, random.Random(1))
+        assert swarm.upgrade_inbound_raw_conn is upgrade
+        assert router.handle_prune is handle and router._select_peers_for_pruning is select

@@ -13,7 +13,7 @@ import trio
 
 from ..errors import InvalidMessage, UsageError
 from ..p2p import FRAME_HEADER, Stream, StreamTimeout, touch_stream
-from ..p2p import _read_exactly as _p2p_read_exactly  # the same EOF/reset mapping as read_frame
+from ..p2p.frames import _read_exactly as _p2p_read_exactly  # as read_frame maps EOF/reset
 
 __all__ = ["ByteBudget", "read_exactly", "read_frame_length"]
 

@@ -60,7 +60,6 @@ from .frames import (
     MAX_FRAME,
     WRITE_PIECE,
     Stream,
-    _read_exactly,
     close_quietly,
     read_frame,
     reset_quietly,
@@ -86,7 +85,7 @@ from .ids import (
     remote_pubkey,
 )
 from .pubsub import AsyncValidator, PubSub, Subscription, Topic, Validator, make_pubsub
-from .rpc import RequestHandler, _parse_response, request, serve_requests
+from .rpc import RequestHandler, request, serve_requests
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -108,8 +107,6 @@ __all__ = [
     "Subscription",
     "Topic",
     "Validator",
-    "_parse_response",
-    "_read_exactly",
     "close_quietly",
     "default_limits",
     "make_pubsub",

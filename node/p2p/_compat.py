@@ -17,7 +17,10 @@ per object (idempotent as well)
     identified peers
   * pubsub: the subscription channel size, the subscription send channel (counts
     drops), peers connected before pubsub started, the seen-cache thread
-  * gossipsub: `recent_message_deliveries` pruned, the protocols we dial
+  * gossipsub: `recent_message_deliveries` pruned, the protocols we dial, and the
+    mesh ("Mesh loss" in the notes): PRUNE back-offs kept symmetric
+    (`emit_control_message`/`handle_prune` wrapped), random prune selection, stale
+    back-off forgotten, GRAFT and PRUNE sent on demand
 
 Importing this module checks the installed version first (`check_version`): these
 edits are right for the version they were read from only, and another version
@@ -218,6 +221,12 @@ class PubsubInternals(Protocol):
                                           timeout: float | None = None) -> None: ...
 
 
+class _MeshScorer(Protocol):
+    def on_join_mesh(self, peer: ID, topic: str) -> None: ...
+
+    def on_leave_mesh(self, peer: ID, topic: str) -> None: ...
+
+
 class GossipSubInternals(Protocol):
     """The members of `libp2p.pubsub.gossipsub.GossipSub` the package uses."""
 
@@ -228,6 +237,31 @@ class GossipSubInternals(Protocol):
 
     @property
     def recent_message_deliveries(self) -> dict[str, list[float]]: ...
+
+    @property
+    def back_off(self) -> dict[str, dict[ID, int]]: ...
+
+    @property
+    def graft_flood_tracking(self) -> dict[ID, dict[str, float]]: ...
+
+    @property
+    def scorer(self) -> _MeshScorer | None: ...
+
+    async def emit_control_message(self, control_msg: rpc_pb2.ControlMessage,
+                                   to_peer: ID) -> None: ...
+
+    async def handle_prune(self, prune_msg: rpc_pb2.ControlPrune, sender_peer_id: ID) -> None: ...
+
+    async def emit_graft(self, topic: str, id: ID) -> None: ...
+
+    def _add_back_off(self, peer: ID, topic: str, is_unsubscribe: bool,
+                      backoff_duration: int = 0) -> None: ...
+
+    def _is_gossipsub_peer(self, peer_id: ID) -> bool: ...
+
+    def _notify_mesh_peer_added(self, peer_id: ID, topic: str) -> None: ...
+
+    def _select_peers_for_pruning(self, topic: str, num_to_prune: int) -> list[ID]: ...
 
 
 if TYPE_CHECKING:
@@ -376,7 +410,7 @@ PruneBook = dict[tuple[ID, str], tuple[float, int]]
 """(peer, topic) -> (time.monotonic(), back-off s) of the last PRUNE between us."""
 
 
-def track_prunes(router: Any, sent: PruneBook, received: PruneBook) -> None:
+def track_prunes(router: GossipSubInternals, sent: PruneBook, received: PruneBook) -> None:
     """Keep PRUNE back-offs symmetric on this router, and record both ends.
 
     Upstream's heartbeat PRUNEs an over-full mesh with no back-off in the message
@@ -391,8 +425,11 @@ def track_prunes(router: Any, sent: PruneBook, received: PruneBook) -> None:
     receiving one (field 0) backs off that long instead of 60 s. Explicit
     back-offs (a refused GRAFT, `leave`) stay upstream's. Every PRUNE leaves
     through `emit_control_message` and arrives through `handle_prune`: both are
-    wrapped on this router instance only (upstream calls them via `self`).
+    wrapped on this router instance only (upstream calls them via `self`); a second
+    call on the same router does nothing.
     """
+    if is_ours(router.handle_prune):
+        return
     upstream_emit = router.emit_control_message
     upstream_handle = router.handle_prune
 
@@ -403,6 +440,7 @@ def track_prunes(router: Any, sent: PruneBook, received: PruneBook) -> None:
             for key in [k for k, (t, b) in book.items() if t + b < now]:
                 del book[key]
 
+    @_mark
     async def emit_control_message(control_msg: rpc_pb2.ControlMessage, to_peer: ID) -> None:
         for prune in control_msg.prune:
             remember(sent, to_peer, prune.topicID, prune.backoff or PRUNER_BACK_OFF_S)
@@ -410,6 +448,7 @@ def track_prunes(router: Any, sent: PruneBook, received: PruneBook) -> None:
                 router._add_back_off(to_peer, prune.topicID, False, PRUNER_BACK_OFF_S)
         await upstream_emit(control_msg, to_peer)
 
+    @_mark
     async def handle_prune(prune_msg: rpc_pb2.ControlPrune, sender_peer_id: ID) -> None:
         if not prune_msg.backoff:
             prune_msg = rpc_pb2.ControlPrune(topicID=prune_msg.topicID, peers=prune_msg.peers,
@@ -417,11 +456,11 @@ def track_prunes(router: Any, sent: PruneBook, received: PruneBook) -> None:
         remember(received, sender_peer_id, prune_msg.topicID, prune_msg.backoff)
         await upstream_handle(prune_msg, sender_peer_id)
 
-    router.emit_control_message = emit_control_message
-    router.handle_prune = handle_prune
+    setattr(router, "emit_control_message", emit_control_message)  # noqa: B010
+    setattr(router, "handle_prune", handle_prune)  # noqa: B010
 
 
-def prune_at_random(router: Any, rng: random.Random) -> None:
+def prune_at_random(router: GossipSubInternals, rng: random.Random) -> None:
     """Choose the peers an over-full mesh PRUNEs at random, as the spec says.
 
     Upstream `_select_peers_for_pruning` sorts by score (all 0 with the default
@@ -430,16 +469,19 @@ def prune_at_random(router: Any, rng: random.Random) -> None:
     first peers sharing an IP with two others: on one machine (loopback, a test
     net, one NAT) that is set-iteration order, fixed per process for a given mesh,
     so every over-full neighbour prunes the same peer again and again. Bound on
-    this router instance only (upstream calls it via `self`)."""
+    this router instance only (upstream calls it via `self`); once per router."""
+    if is_ours(router._select_peers_for_pruning):
+        return
 
+    @_mark
     def select(topic: str, num_to_prune: int) -> list[ID]:
         mesh = sorted(router.mesh.get(topic, ()), key=lambda p: p.to_bytes())
         return rng.sample(mesh, min(max(num_to_prune, 0), len(mesh)))
 
-    router._select_peers_for_pruning = select
+    setattr(router, "_select_peers_for_pruning", select)  # noqa: B010
 
 
-def forget_back_off(router: Any, topic: str, peers: set[ID]) -> None:
+def forget_back_off(router: GossipSubInternals, topic: str, peers: set[ID]) -> None:
     """Drop our back-off and GRAFT-flood entries for `peers` on `topic`: upstream
     keeps them past the PRUNE that made them (`handle_graft` re-arms a back-off on
     every refused GRAFT; `_check_graft_flood_protection` refuses a GRAFT within
@@ -451,7 +493,7 @@ def forget_back_off(router: Any, topic: str, peers: set[ID]) -> None:
         router.graft_flood_tracking.get(peer, {}).pop(topic, None)
 
 
-async def graft(router: Any, topic: str, peer: ID) -> bool:
+async def graft(router: GossipSubInternals, topic: str, peer: ID) -> bool:
     """Add `peer` to our mesh for `topic` and send it GRAFT, as upstream's heartbeat
     does (`mesh_heartbeat`); False if it is not a gossipsub peer or already in."""
     mesh: set[ID] | None = router.mesh.get(topic)
@@ -465,7 +507,7 @@ async def graft(router: Any, topic: str, peer: ID) -> bool:
     return True
 
 
-async def prune(router: Any, topic: str, peer: ID) -> None:
+async def prune(router: GossipSubInternals, topic: str, peer: ID) -> None:
     """Drop `peer` from our mesh for `topic` and send it a PRUNE as upstream's
     heartbeat does (no back-off in the message)."""
     if peer in router.mesh.get(topic, ()):

@@ -110,7 +110,7 @@ def test_read_frame_slowloris_is_bounded_by_the_timeout() -> None:
 @given(st.binary(max_size=80))
 def test_parse_response(frame: bytes) -> None:
     try:
-        body = p2p._parse_response(p2p.peer_id_from_pubkey(b"\x01" * 32), "/x/1", frame)
+        body = p2p.rpc._parse_response(p2p.peer_id_from_pubkey(b"\x01" * 32), "/x/1", frame)
     except p2p.RequestRefused as e:
         assert frame[0] == 1 and isinstance(e.reason, str)
         return

@@ -78,6 +78,15 @@ BATCH_MAX_BYTES = 1000 * 1024
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
 
 
+def _records_of(resp: sync.SyncResponse | None) -> list[bytes]:
+    """The event records a sync response carries (RANGE, FETCH)."""
+    if isinstance(resp, sync.RangeResponse):
+        return list(resp.records)
+    if isinstance(resp, sync.FetchResponse):
+        return [w for entry in resp.records for w in entry]
+    return []
+
+
 def topic_name(network: str) -> str:
     return f"bidmesh/{network}/events/1"
 
@@ -481,7 +490,16 @@ class Replicator:
                 self.stats.sync_v1_fallbacks += 1
                 return await self._session(peer, gaps, live_after_ms, 1)
             try:
-                s.on_response(resp)
+                records = _records_of(resp)
+                if records:
+                    # The session stores them inside on_response: check them on the
+                    # ingest thread first, so the loop only stores (node/ingest.py).
+                    checked = await trio.to_thread.run_sync(
+                        check_records, records, self.network, limiter=self.ingest.limiter)
+                    with self.ledger.prechecked(records, checked):
+                        s.on_response(resp)
+                else:
+                    s.on_response(resp)
             except sqlite3.Error as e:
                 # Our disk (full, or gone read-only), not the peer: end this session;
                 # the batch was rolled back and a later session fetches it again.

@@ -128,7 +128,8 @@ class FairIngest(Generic[K, D]):
         self._queue: RoundRobin[K, IngestJob[K]] = RoundRobin()
         self._wake = trio.Event()
         # One checking thread: the loop's thread does the rest, two cores in all.
-        self._limiter = trio.CapacityLimiter(1)
+        # Shared with other checks made off the loop (sync responses, node/gossip.py).
+        self.limiter = trio.CapacityLimiter(1)
         self.max_events = max_events
         self._events = 0  # records queued, all peers
         self._peer_events: dict[K, int] = {}  # records queued per peer (peers with a backlog)
@@ -184,7 +185,7 @@ class FairIngest(Generic[K, D]):
             chunk = job.records[job.pos:job.pos + self.slice_events]
             try:
                 checked = await trio.to_thread.run_sync(self._check, chunk,
-                                                        limiter=self._limiter)
+                                                        limiter=self.limiter)
                 job.ok = self._store(peer, chunk, checked, job.blame) and job.ok
             except Exception:  # a bug here must not end the node: drop the batch
                 log.exception("ingest of a received batch failed; dropping it")

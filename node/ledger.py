@@ -16,13 +16,14 @@ being killed (the OS has the pages); only power loss can drop the last commits.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import sqlite3
 import time
 import urllib.parse
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -321,6 +322,7 @@ class Ledger:
         self.path = Path(path)
         self.network = network
         self.readonly = readonly
+        self._prechecked: dict[bytes, Event | AppendResult] = {}  # see prechecked()
         if readonly:
             if not self.path.exists():
                 raise UsageError(f"no ledger at {self.path}")
@@ -432,11 +434,27 @@ class Ledger:
         decoded: list[Event | AppendResult | None] = [
             AppendResult(Status.DUPLICATE, hashlib.sha256(held).digest())
             if (held := self._held_signed(w)) is not None else None for w in batch]
-        todo = [w for w, d in zip(batch, decoded, strict=True) if d is None]
-        if todo:
-            fresh = iter(_decode_all(todo, self.network))
-            decoded = [next(fresh) if d is None else d for d in decoded]
+        pre = self._prechecked
+        todo = [w for w, d in zip(batch, decoded, strict=True) if d is None and w not in pre]
+        fresh = iter(_decode_all(todo, self.network) if todo else ())
+        decoded = [d if d is not None else pre[w] if w in pre else next(fresh)
+                   for w, d in zip(batch, decoded, strict=True)]
         return self._append(batch, cast(list[Event | AppendResult], decoded), source, blame)
+
+    @contextlib.contextmanager
+    def prechecked(self, wires: Sequence[bytes],
+                   checked: Sequence[Event | AppendResult]) -> Iterator[None]:
+        """Within the block, `append_many` takes these records' `check_records` results
+        instead of checking them again: a caller that cannot hand the results over
+        itself (a sans-I/O session storing a response) checks them on a worker thread
+        first (node/gossip.py), so the loop does not."""
+        if len(wires) != len(checked):
+            raise UsageError("prechecked needs one checked record per wire")
+        self._prechecked = dict(zip(wires, checked, strict=True))
+        try:
+            yield
+        finally:
+            self._prechecked = {}
 
     def holds(self, wire: bytes) -> bool:
         """Whether `wire` is, byte for byte, a record this ledger stores: a duplicate

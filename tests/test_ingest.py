@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 import trio
@@ -150,3 +151,24 @@ async def test_a_full_queue_refuses_the_peers_holding_it_not_a_light_peer() -> N
         assert ing.admits("a", 40)  # drained: room again
         n.cancel_scope.cancel()
     assert sum(len(r) for _, r in log) == 50
+
+
+def test_prechecked_records_are_not_checked_again(tmp_path: Path) -> None:
+    """Ledger.prechecked: a sync response's records checked on the ingest thread are
+    stored with those results (node/gossip.py), not checked again on the loop."""
+    from node.events import Offer, sign_event
+    from node.keys import Identity
+    from node.ledger import AppendResult, Ledger, Status, check_records
+
+    led = Ledger(tmp_path / "l.db", network="ingesttest")
+    ident = Identity.from_seed(bytes([9]) * 32)
+    ev = sign_event(ident.seed, 1, None, 1000, Offer(services=(), currency="EUR", addrs=(),
+                                                     note="x"), "ingesttest")
+    fake = AppendResult(Status.REJECTED, ev.id, reason="bad_signature", detail="marked")
+    with led.prechecked([ev.wire], [fake]):
+        assert led.append_many([ev.wire])[0].detail == "marked"  # the given result
+    assert led.append_many([ev.wire])[0].status is Status.ACCEPTED  # checked itself
+    assert check_records([ev.wire], "ingesttest")[0] == ev
+    with pytest.raises(UsageError), led.prechecked([ev.wire], []):
+        pass
+    led.close()

@@ -15,7 +15,7 @@ import trio.testing  # noqa: E402
 from libp2p.network.stream.exceptions import StreamEOF  # noqa: E402
 
 from node import gossip, p2p  # noqa: E402
-from node.errors import InvalidMessage, RemoteError  # noqa: E402
+from node.errors import InvalidMessage, RemoteError, StreamClosed  # noqa: E402
 from node.testing import Chain, sample_bodies, seed  # noqa: E402
 
 PEER = p2p.peer_id_from_pubkey(b"\x01" * 32)
@@ -42,7 +42,7 @@ def test_one(data: bytes) -> None:
         stream: object = Stream(data, step)
         return await p2p.read_frame(stream, 1 << 12, 5.0)  # type: ignore[arg-type]
 
-    with contextlib.suppress(InvalidMessage, RemoteError, p2p.StreamTimeout):
+    with contextlib.suppress(InvalidMessage, RemoteError, StreamClosed, p2p.StreamTimeout):
         trio.run(read, clock=trio.testing.MockClock(autojump_threshold=0))
     with contextlib.suppress(InvalidMessage, p2p.RequestRefused):
         p2p._parse_response(PEER, "/x/1", data)

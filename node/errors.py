@@ -112,6 +112,14 @@ class StreamTimeout(OperationError):
     """A network operation (dial, stream open, read, write, request) ran out of time."""
 
 
+class StreamClosed(OperationError):
+    """The peer closed the stream cleanly where a new frame could begin: the end of
+    what it sends, not invalid input, so never counted against it (a stream that ends
+    inside a frame is `InvalidMessage` "truncated")."""
+
+    reason = "eof"
+
+
 class ClientGone(OperationError):
     """A local client (e.g. of the SOCKS proxy) reset or closed its connection under us."""
 

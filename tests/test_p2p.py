@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 import trio
 
-from node.errors import InvalidMessage, OperationError, RemoteError, UsageError
+from node.errors import (
+    InvalidMessage,
+    OperationError,
+    PeerError,
+    RemoteError,
+    StreamClosed,
+    UsageError,
+)
 from node.p2p import (
     P2PHost,
     PubSub,
@@ -229,12 +236,15 @@ async def test_timeouts_are_bounded() -> None:
         await stream.reset()
 
 
-async def test_eof_mid_frame_is_invalid_message() -> None:
+async def test_eof_mid_frame_is_invalid_message_and_a_clean_eof_is_not() -> None:
     async def truncated(stream: object) -> None:
         await stream.write(b"\x00\x00\x00\x0a" + b"abc")  # type: ignore[attr-defined]
 
     async def empty(stream: object) -> None:
         await trio.lowlevel.checkpoint()
+
+    async def silent(stream: object) -> None:
+        await read_frame(stream, 1024, 5)  # type: ignore[arg-type]
 
     async def framed(stream: object) -> None:
         await write_frame(stream, b"hello")  # type: ignore[arg-type]
@@ -250,15 +260,22 @@ async def test_eof_mid_frame_is_invalid_message() -> None:
             await read_frame(stream, 1024, 5)
         assert err.value.reason == "truncated"
         stream = await b.new_stream(a.peer_id, "/empty/1")
-        with pytest.raises(InvalidMessage) as err:
+        with pytest.raises(StreamClosed) as closed:  # a clean end, not invalid input
             await read_frame(stream, 1024, 5)
-        assert err.value.reason == "eof"
+        assert closed.value.reason == "eof" and not isinstance(closed.value, PeerError)
         stream = await b.new_stream(a.peer_id, "/framed/1")
         assert await read_frame(stream, 5, 5) == b"hello"
         stream = await b.new_stream(a.peer_id, "/framed/1")
         with pytest.raises(InvalidMessage) as err:
             await read_frame(stream, 4, 5)
         assert err.value.reason == "oversized"
+        # A server that reads the request and closes without answering: the request
+        # fails as an operation (the sync client then fails the session, counting no
+        # fault against the peer), not as invalid input from it.
+        set_stream_handler(a, "/silent/1", silent)  # type: ignore[arg-type]
+        with pytest.raises(StreamClosed) as closed:
+            await request(b, a.peer_id, "/silent/1", b"x", max_response=1024, timeout=10)
+        assert isinstance(closed.value, OperationError)
 
 
 # --------------------------------------------------------------------------- gossipsub

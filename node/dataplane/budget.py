@@ -83,7 +83,7 @@ class ByteBudget:
 
 async def read_frame_length(stream: Stream, max_size: int, timeout: float) -> int:
     """The u32 BE length of the next frame (`node.p2p.read_frame` without the body).
-    InvalidMessage "eof" when the stream ended before it, "oversized" above
+    StreamClosed when the stream ended before it, InvalidMessage "oversized" above
     `max_size`; StreamTimeout after `timeout`."""
     try:
         with trio.fail_after(timeout):

@@ -26,6 +26,7 @@ from ..errors import (
     ProcessingError,
     Refusal,
     RemoteError,
+    StreamClosed,
     Unauthorized,
     UsageError,
 )
@@ -240,7 +241,7 @@ class _LeaseState:
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, Refusal | PeerError):
+    if isinstance(e, Refusal | PeerError | StreamClosed):
         return e.reason
     if isinstance(e, StreamTimeout):
         return "timeout"
@@ -619,7 +620,7 @@ class DataplaneService:
                                       header.limits, header.delegation)
             st, plans = self._admit(peer, header)
             key = lease_key(self.identity, peer, st.lease.id, peer, self.host.pubkey)
-        except (PeerError, StreamTimeout) as e:
+        except (PeerError, StreamTimeout, StreamClosed) as e:
             await self._refuse(stream, _reason(e), str(e))
             return
         except RemoteError:
@@ -732,7 +733,7 @@ class DataplaneService:
                         charged += out
                         response = encode_outputs(outputs, bytes([_OK]))
                     except PeerError as e:
-                        if e.reason in ("eof", "truncated"):
+                        if e.reason == "truncated":
                             raise  # the request never arrived whole: nobody to answer
                         if e.reason == "oversized":
                             self.counters["process_refused:oversized"] += 1
@@ -884,10 +885,11 @@ class DataplaneService:
                     except StreamTimeout:
                         self.counters["process_sessions_idle"] += 1
                         break  # answer what is in flight, then close
+                    except StreamClosed:
+                        break  # the requester closed the session
                     except InvalidMessage as e:
-                        if e.reason != "eof":  # eof: the requester closed the session
-                            self.counters[f"process_refused:{e.reason}"] += 1
-                            failed(e)
+                        self.counters[f"process_refused:{e.reason}"] += 1
+                        failed(e)
                         break
                     except BidmeshError as e:
                         failed(e)

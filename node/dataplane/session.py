@@ -16,7 +16,7 @@ import struct
 
 import trio
 
-from ..errors import BidmeshError, InvalidMessage, OperationError
+from ..errors import BidmeshError, InvalidMessage, OperationError, StreamClosed
 from ..p2p import (
     RequestRefused,
     Stream,
@@ -179,8 +179,8 @@ class ProcessSession:
                 # No timeout here: each call bounds its own wait and fails the session
                 # (cancelling this read) when it passes; the reaper ends idle sessions.
                 rid, body = await self._read_response()
-            except InvalidMessage as e:
-                if e.reason == "eof" and self.closing and self._only_abandoned():
+            except StreamClosed as e:
+                if self.closing and self._only_abandoned():
                     return  # we closed an idle session and the contractor closed its side
                 self.fail(e)
                 return

@@ -31,6 +31,7 @@ from ..errors import (
     PeerError,
     Refusal,
     RemoteError,
+    StreamClosed,
     Unauthorized,
     UsageError,
 )
@@ -503,8 +504,8 @@ class TunnelService:
             raw = await read_frame(stream, MAX_OPEN, cfg.open_timeout_s)
             req = TunnelOpen.decode(raw)
             st = self._admit(peer, req)
-        except (PeerError, StreamTimeout) as e:
-            reason = e.reason if isinstance(e, PeerError) else "timeout"
+        except (PeerError, StreamTimeout, StreamClosed) as e:
+            reason = "timeout" if isinstance(e, StreamTimeout) else e.reason
             await self._refuse(stream, reason, str(e))
             return
         except RemoteError:
@@ -616,9 +617,7 @@ class TunnelService:
         while True:
             try:
                 frame = await read_frame(t.stream, 1 + MAX_DATA, math.inf)
-            except InvalidMessage as e:
-                if e.reason != "eof":
-                    raise
+            except StreamClosed:
                 frame = EOF  # the member half-closed the stream itself: same as EOF
             kind = frame[:1]
             if kind == EOF and len(frame) == 1:

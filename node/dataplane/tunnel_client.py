@@ -17,6 +17,7 @@ import trio
 from ..errors import (
     BidmeshError,
     InvalidMessage,
+    StreamClosed,
     TunnelFailed,
     TunnelRefused,
     TunnelUnauthorized,
@@ -180,7 +181,7 @@ async def open_tunnel(host: P2PHost, provider: PeerId | str, lease_id: bytes, de
     try:
         await write_frame(stream, req.encode(), timeout)
         reply = TunnelReply.decode(await read_frame(stream, MAX_OPEN, timeout))
-    except InvalidMessage as e:
+    except (InvalidMessage, StreamClosed) as e:
         await reset_quietly(stream)
         if e.reason in ("eof", "truncated"):
             raise TunnelRefused("closed", "the provider closed the tunnel without an "

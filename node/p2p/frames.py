@@ -17,7 +17,14 @@ from libp2p.abc import INetStream
 from libp2p.io.exceptions import IOException
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
-from ..errors import InvalidMessage, OperationError, RemoteError, StreamTimeout, UsageError
+from ..errors import (
+    InvalidMessage,
+    OperationError,
+    RemoteError,
+    StreamClosed,
+    StreamTimeout,
+    UsageError,
+)
 from ..resources import ResourceManager, StreamLease
 
 log = logging.getLogger("node.p2p")
@@ -90,7 +97,7 @@ async def _read_exactly(stream: INetStream, n: int, what: str) -> bytes:
             if _was_reset(stream):
                 raise RemoteError("the peer reset the stream") from None
             if not got and what == "header":
-                raise InvalidMessage("stream ended before a frame", "eof") from None
+                raise StreamClosed("the peer closed the stream before a frame") from None
             raise InvalidMessage(
                 f"stream ended inside a frame {what} ({got} of {n} bytes)", "truncated"
             ) from None
@@ -109,10 +116,10 @@ async def read_frame(stream: INetStream, max_size: int, timeout: float) -> bytes
     """Read one u32-BE-length-prefixed frame.
 
     Raises InvalidMessage("oversized") if the announced length exceeds
-    `max_size` (nothing more is read), InvalidMessage("eof") if the stream ended
-    cleanly before the frame, InvalidMessage("truncated") if it ended inside
-    it, RemoteError if the peer reset the stream, StreamTimeout after `timeout`
-    seconds (math.inf for none).
+    `max_size` (nothing more is read), StreamClosed (reason "eof"; not a peer
+    error) if the stream ended cleanly before the frame, InvalidMessage("truncated")
+    if it ended inside it, RemoteError if the peer reset the stream, StreamTimeout
+    after `timeout` seconds (math.inf for none).
     """
     try:
         with trio.fail_after(timeout):

@@ -15,7 +15,14 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.peer.id import ID
 
-from ..errors import BidmeshError, InvalidMessage, PeerError, RequestRefused, StreamTimeout
+from ..errors import (
+    BidmeshError,
+    InvalidMessage,
+    PeerError,
+    RequestRefused,
+    StreamClosed,
+    StreamTimeout,
+)
 from .frames import close_quietly, read_frame, reset_quietly, write_frame
 from .host import P2PHost, set_stream_handler
 from .ids import parse_peer_id, pubkey_from_peer_id, remote_peer_id
@@ -172,7 +179,7 @@ def serve_requests(
                 try:
                     payload = await read_frame(stream, max_request, math.inf)
                     response = bytes([_OK]) + await handler(pubkey_from_peer_id(peer), payload)
-                except PeerError as exc:
+                except (PeerError, StreamClosed) as exc:
                     log.info("%s request from %s refused (%s): %s", protocol, peer, exc.reason, exc)
                     response = _error_body(exc.reason, str(exc))
         except trio.TooSlowError:

@@ -12,7 +12,7 @@ light clients of the round, the dial probe and the raw baseline run.
 
 Steps: network up; advertised addresses (no 0.0.0.0 anywhere; loopback neither
 in offers nor in what identify and signed peer records tell peers on other hosts);
-the devnet round of node/devnet.py (`play`: warm-up leases, bids with reputation, a best-value award
+the devnet round of node/devnet/ (`play`: warm-up leases, bids with reputation, a best-value award
 verified, a sealed Vickrey auction, three devices streaming MPEG-TS through the
 winner which subcontracts aes-gcm to another host, a phone fetching a file from an
 HTTP server on the client host through the bandwidth lease's tunnel (the provider

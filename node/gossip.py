@@ -76,6 +76,7 @@ BATCH_VERSION = 1
 BATCH_MAX_EVENTS = 512
 BATCH_MAX_BYTES = 1000 * 1024
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
+PEERS_RECHECK_S = 5.0  # connection table re-read without an event (was polled every 0.2 s)
 
 
 def _records_of(resp: sync.SyncResponse | None) -> list[bytes]:
@@ -591,14 +592,17 @@ class Replicator:
         return out
 
     async def _watch_peers(self) -> None:
-        """Sync with every newly connected peer (polls the host's connection table)."""
+        """Sync with every newly connected peer (woken by the host's connection
+        events; PEERS_RECHECK_S is only a safety net)."""
         while True:
+            changed = self.host.connections_event()
             new = self.policy.connected(set(self.host.connected_peers()))
             for peer in new:
                 self.sync_record.reconnected(peer)
                 if self.cfg.sync.on_connect:
                     self._spawn_sync(peer)
-            await trio.sleep(0.2)
+            with trio.move_on_after(PEERS_RECHECK_S):
+                await changed.wait()
 
     async def _periodic_sync(self) -> None:
         while True:

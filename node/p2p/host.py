@@ -74,10 +74,12 @@ class _Gate(INotifee):
             with trio.move_on_after(SHUTDOWN_TIMEOUT):
                 await conn.close()
         else:
+            self._owner._connections_changed()
             await trio.lowlevel.checkpoint()
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._owner.guard.on_disconnected(conn)
+        self._owner._connections_changed()
         await trio.lowlevel.checkpoint()
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -111,6 +113,16 @@ class P2PHost:
         self.guard = Guard(self, self.resources, keypair, bootstrap=bootstrap,
                            peerstore_max=peerstore_max)
         """Inbound stream boundary, connection admission, peerstore (node/p2p/guard.py)."""
+        self._connections_event = trio.Event()
+
+    def connections_event(self) -> trio.Event:
+        """An event set at the next connection admitted or closed: take it, read
+        `connected_peers()`, then wait on it (no change is missed in between)."""
+        return self._connections_event
+
+    def _connections_changed(self) -> None:
+        event, self._connections_event = self._connections_event, trio.Event()
+        event.set()
 
     # -- identity and addresses
 

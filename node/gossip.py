@@ -253,6 +253,9 @@ class Replicator:
     async def run(self) -> None:
         """Serve sync, validate/store gossip, send batches, run anti-entropy; `ready` is
         set once the topic is subscribed."""
+        # The reconciliation index costs one hash per author to build (~1 s at 100,000
+        # authors, blocking): at start, not inside the first /sync/2 request or session.
+        self.ledger.recon_index()
         p2p.serve_requests(self.host, self.protocol, self._serve, sync.MAX_REQUEST,
                            timeout=self.cfg.sync.request_timeout_s)
         p2p.serve_requests(self.host, self.protocol2, self._serve2, sync.MAX_REQUEST_V2,

@@ -286,12 +286,16 @@ def _state(live: LiveMarket) -> tuple[dict[str, Any], bytes]:
 
 def _write(path: Path, header: dict[str, Any], body: bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(_MAGIC + json.dumps(header).encode() + b"\n")
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_MAGIC + json.dumps(header).encode() + b"\n")
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a half-written copy
+        raise
 
 
 def save_snapshot(live: LiveMarket, path: Path) -> None:
@@ -407,6 +411,9 @@ class Snapshotter:
         self.saves = self.failures = 0
         self.pid: int | None = None
         self._pending_cursor = 0
+        # A writer killed with its node (SIGKILL, power loss) leaves its temporary file.
+        for old in path.parent.glob(path.name + ".tmp*"):
+            old.unlink(missing_ok=True)
 
     def due(self) -> bool:
         if self.pid is not None:

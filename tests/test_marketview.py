@@ -217,3 +217,35 @@ def test_snapshot_of_another_ledger_is_not_used(tmp_path: Path) -> None:
         assert got is not None
         assert views.market_json(got[0].market()) == views.market_json(
             derive(d.iter_canonical()))
+
+
+def test_snapshotter_writes_when_due_and_clears_stale_temporaries(tmp_path: Path) -> None:
+    import time
+
+    from fold_helpers import NETWORK as HNET
+    from fold_helpers import history
+
+    from node.marketview import Snapshotter
+
+    evs = history(random.Random(12), n_auctions=3)
+    snap = tmp_path / "market.snapshot"
+    stale = tmp_path / "market.snapshot.tmp4242"  # a writer killed with its node
+    stale.write_bytes(b"half")
+    with Ledger(tmp_path / "l.db", network=HNET) as led:
+        live = LiveMarket(led, snapshot=snap)
+        s = Snapshotter(live, snap, min_events=5, max_age_s=3600)
+        assert not stale.exists()
+        assert not s.due()  # nothing stored yet
+        led.append_many([e.wire for e in evs[:3]])
+        assert s.due()  # events, and no snapshot fits
+        s.start()
+        assert not s.due()  # one writer at a time
+        deadline = time.monotonic() + 120  # the forked writer; generous under load
+        while s.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.saves == 1 and s.fits and s.status()["saved_cursor"] == 3
+        led.append_many([e.wire for e in evs[3:6]])
+        assert not s.due()  # 3 < min_events, and not an hour yet
+        led.append_many([e.wire for e in evs[6:]])
+        assert s.due()
+        assert LiveMarket(led, snapshot=snap).restored

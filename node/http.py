@@ -49,6 +49,7 @@ from .errors import UsageError
 from .events import KINDS, event_to_json
 from .ledger import Ledger
 from .marketview import LiveMarket
+from .output import parse_hex
 
 if TYPE_CHECKING:
     from .context import NodeContext
@@ -401,13 +402,7 @@ def _esc(s: str) -> str:
 
 
 def _hex(text: str, what: str) -> bytes:
-    try:
-        b = bytes.fromhex(text)
-    except ValueError:
-        raise UsageError(f"{what} {text[:80]!r} is not hex") from None
-    if len(b) != 32:
-        raise UsageError(f"{what} must be 32 bytes (64 hex digits)")
-    return b
+    return parse_hex(text, what, exact=32)
 
 
 def _int(q: dict[str, str], k: str, default: int, lo: int, hi: int) -> int:

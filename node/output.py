@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .errors import UsageError
 from .events import jsonable
 
 
@@ -89,3 +90,16 @@ class Output:
     def say(self, text: str) -> None:
         """Human-only progress or notes (stderr in JSON mode, so stdout stays JSON)."""
         (sys.stderr if self.json_mode else self.stream).write(text + "\n")
+
+
+def parse_hex(text: str, what: str, *, exact: int | None = None) -> bytes:
+    """Hex a user typed (CLI argument, HTTP query, id prefix) as bytes; UsageError
+    naming `what` when it is not hex or, with `exact`, not that many bytes. The one
+    hex parser for user input."""
+    try:
+        b = bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{what} {text[:80]!r} is not hex") from None
+    if exact is not None and len(b) != exact:
+        raise UsageError(f"{what} must be {exact} bytes ({exact * 2} hex digits)")
+    return b

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BidmeshError, UsageError
-from ..output import Output
+from ..output import Output, parse_hex
 from .client import local_dial_addrs, register_client
 from .common import (
     _LEDGER_COMMANDS as _LEDGER_COMMANDS,  # tests inspect the registry
@@ -49,7 +49,6 @@ from .common import (
     ledger_command,
     network_for,
     node_running,
-    parse_hex,
     parse_time_ms,
     peer_id,
     resolve_author,

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import paths
 from ..errors import UsageError
 from ..ledger import Ledger
-from ..output import Output
+from ..output import Output, parse_hex
 
 DEFAULT_NETWORK = "main"
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -89,16 +89,6 @@ def fmt_time(ms: int) -> str:
             :-4] + "Z"
     except (OverflowError, ValueError, OSError):
         return str(ms)
-
-
-def parse_hex(text: str, what: str, *, exact: int | None = None) -> bytes:
-    try:
-        b = bytes.fromhex(text)
-    except ValueError:
-        raise UsageError(f"{what} {text!r} is not hex") from None
-    if exact is not None and len(b) != exact:
-        raise UsageError(f"{what} must be {exact} bytes ({exact * 2} hex digits)")
-    return b
 
 
 def resolve_id(led: Ledger, text: str) -> bytes:

@@ -16,7 +16,7 @@ from .. import paths
 from ..errors import InvalidEvent, UsageError
 from ..events import KINDS, decode_wire, event_to_json
 from ..ledger import Ledger, Status, read_stream
-from ..output import Output
+from ..output import Output, parse_hex
 from .common import (
     _LEDGER_COMMANDS,
     _LEDGER_PLUGINS,
@@ -29,7 +29,6 @@ from .common import (
     ledger_command,
     network_for,
     node_running,
-    parse_hex,
     parse_time_ms,
     resolve_author,
     resolve_id,

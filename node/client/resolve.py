@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from ..output import parse_hex
 
 if TYPE_CHECKING:
     from .light import LightClient
@@ -44,7 +45,7 @@ def match_prefix(text: str, candidates: Iterable[bytes], what: str) -> bytes:
 def _full(text: str) -> bytes | None:
     t = text.strip()
     if len(t) == 64 and HEX_RE.fullmatch(t):
-        return bytes.fromhex(t)
+        return parse_hex(t, "id", exact=32)
     return None
 
 

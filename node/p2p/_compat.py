@@ -74,7 +74,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import multiaddr.exceptions
 import trio
-from libp2p.abc import IHost, IListener, INetConn, INotifee, ISubscriptionAPI
+from libp2p.abc import IHost, IListener, INetConn, INetStream, INotifee, ISubscriptionAPI
+from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol, ValidatorFn
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.swarm import Swarm
@@ -152,7 +153,8 @@ class SwarmInternals(Protocol):
 
     def register_notifee(self, notifee: INotifee) -> None: ...
 
-    def set_stream_handler(self, stream_handler: Callable[[Any], Awaitable[None]]) -> None: ...
+    def set_stream_handler(self,
+                           stream_handler: Callable[[INetStream], Awaitable[None]]) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -171,7 +173,7 @@ class PeerStoreInternals(Protocol):
     @property
     def addr_update_channels(self) -> dict[ID, Any]: ...
 
-    def add_key_pair(self, peer_id: ID, key_pair: Any) -> None: ...
+    def add_key_pair(self, peer_id: ID, key_pair: KeyPair) -> None: ...
 
     def get_protocols(self, peer_id: ID) -> list[str]: ...
 
@@ -197,7 +199,7 @@ class PubsubInternals(Protocol):
     def peer_queues(self) -> dict[ID, RpcQueue]: ...
 
     @property
-    def peers(self) -> dict[ID, Any]: ...
+    def peers(self) -> dict[ID, INetStream]: ...
 
     @property
     def subscribed_topics_send(self) -> dict[str, trio.MemorySendChannel[rpc_pb2.Message]]: ...
@@ -571,7 +573,7 @@ def limit_inbound_handshakes(swarm: Any, limit: int = INBOUND_HANDSHAKES,
 
 
 def route_inbound_streams(swarm: SwarmInternals,
-                          handler: Callable[[Any], Awaitable[None]]) -> None:
+                          handler: Callable[[INetStream], Awaitable[None]]) -> None:
     """Every inbound stream (upstream's protocols and ours) goes to `handler`
     instead of BasicHost._swarm_stream_handler, whose handler exceptions end the
     host (see node/p2p/guard.py). `Swarm.set_stream_handler` is the hook

@@ -29,14 +29,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # testkit
 
 import nacl.bindings
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from testkit import fake_id, seed
 
 from node import codec
 from node.events import Bid, _envelope, decode_wire, domain_tag
 from node.ledger import Ledger, Status
-from node.testing import fake_id, seed
 
 NETWORK = "bench"
 LEN = struct.Struct(">I")

@@ -31,12 +31,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # testkit: seeds and fast signing, not shipped
+
+from testkit import keypair, sign_fast  # noqa: E402
 
 from node import sync  # noqa: E402
 from node.events import Event, Offer, ServiceOffer, domain_tag  # noqa: E402
 from node.ledger import Ledger  # noqa: E402
 from node.sync_recon import ReconSession  # noqa: E402
-from node.testing import keypair, sign_fast  # noqa: E402
 
 NETWORK = "reconbench"
 BODY = Offer(services=(ServiceOffer("bandwidth", 5, 100),), currency="EUR", addrs=())

@@ -9,7 +9,7 @@
    the payment, both parties' ratings after the lease ends, and now and then a
    provider's offer that supersedes its previous one. Recipients and providers are
    100,000 authors (a fifth of them providers). Signed for real
-   (`node.testing.sign_fast`), stored with `Ledger.append_signed`; kept in `--cache`
+   (`tests/testkit.py` `sign_fast`), stored with `Ledger.append_signed`; kept in `--cache`
    (default /tmp/bidmesh-scale) so later runs skip the generation (`--fresh` redoes it).
 2. **Serving.** A fresh process opens the ledger and builds the derived market as the
    daemon does on a first start (`LiveMarket`, then `market()`): `build_s` is the time
@@ -54,6 +54,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # testkit: seeds and fast signing, not shipped
+
+from testkit import keypair, sign_fast  # noqa: E402
 
 from node import sync  # noqa: E402
 from node.events import (  # noqa: E402
@@ -72,7 +75,6 @@ from node.events import (  # noqa: E402
 )
 from node.ledger import Ledger, Status  # noqa: E402
 from node.sync_recon import ReconSession  # noqa: E402
-from node.testing import keypair, sign_fast  # noqa: E402
 
 NETWORK = "scalebench"
 GEN_VERSION = 1  # bump when the generated ledger changes

@@ -23,6 +23,9 @@ import msgpack
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # testkit: seeds and fast signing, not shipped
+
+from testkit import fake_id, raw_event, sample_bodies, seed  # noqa: E402
 
 from node import codec  # noqa: E402
 from node.events import (  # noqa: E402
@@ -37,7 +40,6 @@ from node.events import (  # noqa: E402
     sign_event,
 )
 from node.schema import Bool, Bytes, Enum, Int, List, Nested, Opt, Spec, Str, Struct  # noqa: E402
-from node.testing import fake_id, raw_event, sample_bodies, seed  # noqa: E402
 
 VECTORS = ROOT / "docs" / "test-vectors.json"
 PROTOCOL = ROOT / "docs" / "PROTOCOL.md"

@@ -27,6 +27,8 @@ import atheris
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:  # tests/testkit.py: seeds and raw signing
+    sys.path.insert(0, str(ROOT / "tests"))
 
 
 def instrument() -> None:

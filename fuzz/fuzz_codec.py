@@ -10,9 +10,10 @@ import _common
 
 _common.instrument()
 
+from testkit import Chain, sample_bodies, seed  # noqa: E402
+
 from node import codec  # noqa: E402
 from node.errors import InvalidMessage  # noqa: E402
-from node.testing import Chain, sample_bodies, seed  # noqa: E402
 
 LIMIT = 1 << 16
 

@@ -10,10 +10,11 @@ import _common
 
 _common.instrument()
 
+from testkit import NETWORK, Chain, sample_bodies, seed, sign_raw  # noqa: E402
+
 from node import codec  # noqa: E402
 from node.errors import InvalidEvent  # noqa: E402
 from node.events import decode_signed, decode_wire  # noqa: E402
-from node.testing import NETWORK, Chain, sample_bodies, seed, sign_raw  # noqa: E402
 
 SEED = seed(1)
 CHAIN = Chain(SEED)

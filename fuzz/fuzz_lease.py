@@ -7,10 +7,11 @@ import _common
 
 _common.instrument()
 
+from testkit import fake_id, seed  # noqa: E402
+
 from node.auction import Lease, make_delegation  # noqa: E402
 from node.errors import Unauthorized  # noqa: E402
 from node.keys import Identity  # noqa: E402
-from node.testing import fake_id, seed  # noqa: E402
 
 RECIPIENT = Identity.from_seed(seed(40))
 DEVICE = Identity.from_seed(seed(41)).public

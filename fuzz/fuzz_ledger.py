@@ -10,9 +10,10 @@ import _common
 
 _common.instrument()
 
+from testkit import NETWORK, Chain, sample_bodies, seed  # noqa: E402
+
 from node.errors import InvalidEvent  # noqa: E402
 from node.ledger import Ledger, Status, read_stream  # noqa: E402
-from node.testing import NETWORK, Chain, sample_bodies, seed  # noqa: E402
 
 BODIES = list(sample_bodies().values())
 CHAINS = [Chain(seed(10 + a)) for a in range(2)]

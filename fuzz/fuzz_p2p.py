@@ -13,10 +13,10 @@ _common.instrument()
 import trio  # noqa: E402
 import trio.testing  # noqa: E402
 from libp2p.network.stream.exceptions import StreamEOF  # noqa: E402
+from testkit import Chain, sample_bodies, seed  # noqa: E402
 
 from node import gossip, p2p  # noqa: E402
 from node.errors import InvalidMessage, RemoteError, StreamClosed  # noqa: E402
-from node.testing import Chain, sample_bodies, seed  # noqa: E402
 
 PEER = p2p.peer_id_from_pubkey(b"\x01" * 32)
 

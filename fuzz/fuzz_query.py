@@ -7,9 +7,10 @@ import _common
 
 _common.instrument()
 
+from testkit import fake_id  # noqa: E402
+
 from node import query  # noqa: E402
 from node.errors import InvalidMessage  # noqa: E402
-from node.testing import fake_id  # noqa: E402
 
 K = fake_id("k")
 

@@ -8,10 +8,11 @@ import _common
 
 _common.instrument()
 
+from testkit import NETWORK, Chain, fake_id, sample_bodies, seed  # noqa: E402
+
 from node import sync  # noqa: E402
 from node.errors import InvalidMessage  # noqa: E402
 from node.ledger import Ledger  # noqa: E402
-from node.testing import NETWORK, Chain, fake_id, sample_bodies, seed  # noqa: E402
 
 CHAIN = Chain(seed(20))
 EVENTS = [CHAIN.next(b) for b in sample_bodies().values()]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from testkit import NETWORK, seed
+
 from node.agent import ProviderPolicy, build_award, provider_actions, sealed_nonce
 from node.auction import derive, verify_award
 from node.events import Bid, Commit, Members, Offer, Payment, Rating, Request, Reveal, ServiceOffer
 from node.keys import Identity
 from node.ledger import Ledger
-from node.testing import NETWORK, seed
 
 RECIPIENT = Identity.from_seed(seed(100))
 PROVIDERS = [Identity.from_seed(seed(i)) for i in range(3)]

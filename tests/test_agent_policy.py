@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from testkit import NETWORK, seed
 
 from node.agent import (
     ProviderPolicy,
@@ -22,7 +23,6 @@ from node.events import Bid, Commit, Members, Request, Reveal, ServiceOffer
 from node.keys import Identity
 from node.ledger import Ledger
 from node.reputation import Score
-from node.testing import NETWORK, seed
 
 K = b"\x07" * 32
 

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import NETWORK, Chain, fake_id, sample_bodies, seed
 
 from node import paths
 from node.events import Bid
 from node.keys import Identity
 from node.ledger import Ledger
-from node.testing import NETWORK, Chain, fake_id, sample_bodies, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 

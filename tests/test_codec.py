@@ -6,10 +6,10 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from testkit import any_encoding
 
 from node import codec
 from node.errors import InvalidMessage
-from node.testing import any_encoding
 
 LIMIT = 1 << 16
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from testkit import NETWORK, Chain, fake_id, raw_event, sample_bodies, seed
 
 from node import codec
 from node.errors import InvalidEvent
@@ -29,7 +30,6 @@ from node.events import (
     sign_event,
 )
 from node.schema import Nested, Opt, Spec
-from node.testing import NETWORK, Chain, fake_id, raw_event, sample_bodies, seed
 
 BODIES = sample_bodies()
 
@@ -184,9 +184,10 @@ def test_body_registry_is_complete() -> None:
 @given(st.binary(min_size=0, max_size=700), st.binary(min_size=62, max_size=66), st.data())
 def test_fast_wire_split_equals_generic_decode(signed: bytes, sig: bytes,
                                                data: st.DataObject) -> None:
+    from testkit import any_encoding
+
     from node.errors import InvalidMessage
     from node.events import MAX_WIRE, _split_canonical_wire
-    from node.testing import any_encoding
 
     wire = any_encoding([signed, sig], lambda opts: data.draw(st.sampled_from(opts)))
     if data.draw(st.booleans()):

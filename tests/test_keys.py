@@ -8,10 +8,10 @@ from pathlib import Path
 
 import nacl.bindings
 import pytest
+from testkit import seed
 
 from node.errors import KeyFileError
 from node.keys import KEY_MAGIC, Identity, load_key, load_or_create_key, save_key
-from node.testing import seed
 
 
 def test_save_and_load(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testkit import NETWORK, Chain, fake_id, raw_event, sample_bodies, seed, wire_of
 
 from node import codec
 from node import ledger as ledger_mod
@@ -26,7 +27,6 @@ from node.errors import UsageError
 from node.events import MAX_SEQ, MAX_SIGNED, Bid, Event, Offer, decode_wire, peek_chain_position
 from node.keys import Identity
 from node.ledger import AppendResult, Ledger, Status, read_stream
-from node.testing import NETWORK, Chain, fake_id, raw_event, sample_bodies, seed, wire_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -597,7 +597,7 @@ def test_read_stream(ledger: Ledger) -> None:
 CHILD = r"""
 import sys
 from node.ledger import Ledger, Status
-from node.testing import NETWORK, Chain, seed
+from testkit import NETWORK, Chain, seed
 
 led = Ledger(sys.argv[1], network=NETWORK)
 c = Chain(seed(40))

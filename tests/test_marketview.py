@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from testkit import NETWORK, seed
+
 from node.auction import derive, views
 from node.events import Bid, Members, Request, sign_event
 from node.keys import Identity
 from node.ledger import Ledger
 from node.marketview import LiveMarket, MarketView
-from node.testing import NETWORK, seed
 
 
 def test_view_matches_fresh_derivation(tmp_path: Path) -> None:

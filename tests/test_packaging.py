@@ -92,6 +92,7 @@ def _check_files(got: set[str]) -> None:
     want = _expected()
     assert got == want, (f"unexpected in the package: {sorted(got - want)}; "
                          f"missing: {sorted(want - got)}")
+    assert "node/testing.py" not in got  # raw signing helpers live in tests/testkit.py
     for forbidden in ("tests/", "bench/", "docs/", "state/", "devnet-state/", ".venv/",
                       "fuzz/", "config/", "systemd/"):
         assert not any(f.startswith(forbidden) for f in got), forbidden

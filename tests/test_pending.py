@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from testkit import NETWORK, Chain, seed
 
 from node.ledger import HELD_OVERHEAD, Ledger, PendingLimits, Status
-from node.testing import NETWORK, Chain, seed
 
 
 class Clock:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from market_helpers import World, award, key, payment, rating, request
+from testkit import Chain
 
 from node import codec, query
 from node.auction import derive
@@ -14,7 +15,6 @@ from node.client import fold
 from node.errors import InvalidMessage, RateLimited
 from node.events import Subcontract, decode_wire
 from node.ledger import AppendResult, Status
-from node.testing import Chain
 
 NET = "test"
 

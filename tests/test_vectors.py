@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testkit import sign_raw
 
 from node import codec, recon, sync
 from node.errors import InvalidEvent
 from node.events import KINDS, decode_wire, domain_tag, sign_event
-from node.testing import sign_raw
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL: list[dict[str, Any]] = json.loads((ROOT / "docs" / "test-vectors.json").read_text())

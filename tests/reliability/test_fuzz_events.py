@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from testkit import NETWORK, Chain, raw_event, sample_bodies, seed, sign_raw
 
 from node import codec
 from node.errors import InvalidEvent, InvalidMessage
 from node.events import KINDS, MAX_SIGNED, MAX_WIRE, Event, decode_signed, decode_wire
-from node.testing import NETWORK, Chain, raw_event, sample_bodies, seed, sign_raw
 
 from .mutations import FUZZ, FUZZ_SLOW, TREES, mutated, packb, structurally_mutated
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from testkit import fake_id, seed
 
 from node.auction import DeviceAdmission, Lease, make_delegation
 from node.errors import Unauthorized
 from node.keys import Identity
-from node.testing import fake_id, seed
 
 from .mutations import FUZZ, mutated
 

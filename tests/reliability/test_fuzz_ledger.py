@@ -16,12 +16,12 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from testkit import NETWORK, Chain, fake_id, sample_bodies, seed, sign_raw, wire_of
 
 from node import codec
 from node.errors import InvalidEvent
 from node.events import Bid, Event
 from node.ledger import Ledger, Status, read_stream
-from node.testing import NETWORK, Chain, fake_id, sample_bodies, seed, sign_raw, wire_of
 
 from .mutations import FUZZ, FUZZ_SLOW, mutated, packb, structurally_mutated
 

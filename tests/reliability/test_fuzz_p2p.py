@@ -17,11 +17,11 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from testkit import Chain, sample_bodies, seed
 
 from node import gossip, p2p
 from node.errors import InvalidMessage, RemoteError, StreamClosed
 from node.events import MAX_WIRE
-from node.testing import Chain, sample_bodies, seed
 
 from .mutations import FUZZ, mutated, packb, structurally_mutated
 

@@ -16,11 +16,11 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 from market_helpers import World, key
+from testkit import fake_id
 
 from node import codec, query
 from node.errors import InvalidMessage, RateLimited
 from node.ledger import Status
-from node.testing import fake_id
 
 from .mutations import FUZZ, FUZZ_SLOW, TREES, mutated, packb, structurally_mutated
 from .test_hostile_market import Base

@@ -14,12 +14,12 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from testkit import NETWORK, Chain, fake_id, sample_bodies, seed
 
 from node import codec, sync
 from node.errors import InvalidMessage
 from node.events import Event
 from node.ledger import Ledger, Status
-from node.testing import NETWORK, Chain, fake_id, sample_bodies, seed
 
 from .mutations import FUZZ, FUZZ_SLOW, TREES, mutated, packb, structurally_mutated
 

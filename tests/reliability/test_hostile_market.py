@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from market_helpers import START, World, award, ident, key, payment, rating, reasons, request
+from testkit import fake_id
 
 from node.auction import Market, derive
 from node.auction.views import leases_json
@@ -41,7 +42,6 @@ from node.events import (
     sign_event,
 )
 from node.reputation import ROLES
-from node.testing import fake_id
 
 NONCE = bytes(range(16))
 

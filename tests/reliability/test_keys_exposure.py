@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from testkit import seed
 
 from node.errors import KeyFileError, RemoteError
 from node.keys import KEY_MAGIC, Identity, load_key, load_or_create_key, save_key
-from node.testing import seed
 
 from .mutations import FUZZ
 

@@ -1,9 +1,11 @@
-"""Helpers for tests, test vectors and benchmarks: fixed seeds, one sample body per
-kind, a chain builder, and raw signing of arbitrary envelope bytes.
+"""Helpers for tests, test vectors, fuzzers and benchmarks: fixed seeds, one sample
+body per kind, a chain builder, and raw signing of arbitrary envelope bytes.
 
-Not used by the node itself. `sign_raw` signs bytes as given, so tests can build
-events a correct encoder would never produce (non-canonical, unknown kind, bad body)
-and check that receivers reject them for the right reason.
+Not used by the node itself and not shipped in the wheel (it lives in tests/;
+bench/, fuzz/ and docs/make_vectors.py put tests/ on sys.path). `sign_raw` signs
+bytes as given, so tests can build events a correct encoder would never produce
+(non-canonical, unknown kind, bad body) and check that receivers reject them for the
+right reason.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any
 import msgpack
 import nacl.bindings
 
-from . import codec
-from .events import (
+from node import codec
+from node.events import (
     KINDS,
     VERSION,
     Award,

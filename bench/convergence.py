@@ -30,6 +30,9 @@ cpu_us_per_event / verify_us (target <= 2.5).
 `--runs K` repeats the bidmesh phase K times (fresh nodes each time; the raw
 baseline runs once): the JSON's `p99_ms` is the worst run, `p99_ms_runs` each,
 `runs_p99_ok` how many kept p99 <= 1 s, the CPU figures are means over the runs.
+Mesh health: `mesh_lost_runs` = per run, the times a node saw its gossipsub mesh
+empty while it had topic peers (status `gossip.mesh_lost`; docs/libp2p-notes.md,
+"Mesh loss"), `mesh_empty_s_max` the longest a node spent so in any run.
 
 Phase 2 (raw): the same load as raw gossipsub payloads of the same size, paced
 like the daemon (one message per `gossip.batch_ms`), between N processes running
@@ -234,6 +237,10 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
             "gossip_batches_sent": sum(s["batches_sent"] for s in stats),
             "accepted_via_sync": sum(s["events"].get("accepted_sync", 0) for s in stats),
             "gossip_errors": sum(s["gossip_errors"] for s in stats),
+            # Mesh health (node/replication.py watchdog): times a node saw its mesh
+            # empty while it had topic peers, and the longest it spent so.
+            "mesh_lost": sum(s.get("mesh_lost", 0) for s in stats),
+            "mesh_empty_s_max": max((s.get("mesh_empty_s", 0.0) for s in stats), default=0.0),
             "cpu_s": cpu,
             "bench_cpu_s": round(sum(psutil.Process().cpu_times()[:2]), 1),
             "per_node": [{k: s[k] for k in ("batches_sent", "batches_received", "events",
@@ -241,7 +248,8 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                                             "regossiped", "peers", "outbox_max",
                                             "publish_missed", "publish_wait_s",
                                             "gossip_delay_s", "validate_s", "mesh_peers",
-                                            "topic_peers", "pubsub_streams")}
+                                            "topic_peers", "pubsub_streams", "mesh_lost",
+                                            "mesh_regrafts", "mesh_empty_s")}
                          for s in stats],
         }
     finally:
@@ -507,6 +515,8 @@ def main() -> int:
         "runs": len(runs),
         "p99_ms_runs": [round(x["p99_ms"], 1) for x in runs],
         "runs_p99_ok": sum(1 for x in runs if x["p99_ms"] <= 1000 and x["lost"] == 0),
+        "mesh_lost_runs": [x["mesh_lost"] for x in runs],
+        "mesh_empty_s_max": round(max(x["mesh_empty_s_max"] for x in runs), 1),
         "cpu_us_per_event_runs": [round(x["cpu_us_per_event"], 1) for x in runs],
         "loadavg_after": round(os.getloadavg()[0], 2),
         "cpu_target_met": all(x["cpu_us_per_event"] / x["verify_us"] <= 2.5 for x in runs),

@@ -490,6 +490,10 @@ def _check_invariants(m: Market, events: list[Event]) -> None:
                 "offer": offers, "subcontract": m.subcontracts}.get(ev.kind)
         if home is None:
             usage_events += ev.id not in ignored
+        elif ev.kind == "offer" and ev.id not in home and ev.id not in ignored:
+            # Superseded, not ignored (c4023bb): a later offer of the same provider holds.
+            cur = m.offers.get(ev.author)
+            assert cur is not None and cur.ts_ms >= ev.ts_ms, f"{ev} neither counted nor ignored"
         else:
             assert ev.id in home or ev.id in ignored, f"{ev} neither counted nor ignored"
     assert usage_events == sum(len(v) for v in m.usage.values())

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conftest import wait_for as wait_for  # re-exported: the process tests import it here
+
 from node import config
 from node.control import control_call
 from node.errors import OperationError, RemoteError
@@ -237,12 +239,6 @@ class Cluster:
                     p.popen.wait(10)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 @contextlib.contextmanager

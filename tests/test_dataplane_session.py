@@ -7,7 +7,7 @@ import struct
 from dataclasses import replace
 
 import pytest
-import trio
+from conftest import wait_until
 from test_dataplane import CHAIN, make_lease, packets, reference, world
 
 from node.dataplane import DataplaneConfig
@@ -25,10 +25,6 @@ OFFERS = {"A": [("zstd", 1)], "B": [("aes-gcm", 1)]}
 U64 = struct.Struct(">Q")
 
 
-async def until(cond: object, what: str) -> None:
-    with trio.fail_after(20):
-        while not cond():  # type: ignore[operator]
-            await trio.sleep(0.02)
 
 
 async def test_subcontracting_keeps_one_session_for_every_stream() -> None:
@@ -72,8 +68,9 @@ async def test_idle_sessions_are_closed_and_reopened() -> None:
             pkts = packets(60, seed=seed)
             res = await w.stream("M", lease, pkts)
             assert res.trailer.ok and res.output == reference(pkts, lease, res.stream_id)
-            await until(lambda: a.dispatcher.open_sessions == 0
-                        and b.stats()["process_sessions"]["serving"] == 0, "idle close")
+            await wait_until(lambda: a.dispatcher.open_sessions == 0
+                             and b.stats()["process_sessions"]["serving"] == 0,
+                             what="idle close")
         assert a.counters["sessions_opened"] == 2 and b.counters["process_sessions"] == 2
         assert a.counters["contractor_failed"] == 0
         assert not [k for k in b.counters if k.startswith("process_refused")]
@@ -131,8 +128,8 @@ async def test_session_bad_input_is_answered_or_cut_and_counted() -> None:
         with pytest.raises(BidmeshError):
             await read_frame(s, 1 << 20, 10.0)  # type: ignore[arg-type]
         assert counters["process_refused:oversized"] == 1
-        await until(lambda: w.nodes["B"].svc.stats()["process_sessions"]["serving"] == 0,
-                    "sessions ended")
+        await wait_until(lambda: w.nodes["B"].svc.stats()["process_sessions"]["serving"] == 0,
+                         what="sessions ended")
 
 
 async def test_contractor_refusing_sessions_when_full_is_counted() -> None:

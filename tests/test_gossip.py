@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import wait_until
 
 from node import codec, config, gossip
 from node.errors import InvalidMessage
@@ -67,10 +68,6 @@ async def tnodes(tmp: Path, n: int, *, pubsub: dict[str, int] | None = None,
             nursery.cancel_scope.cancel()
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.02)
 
 
 async def wait_mesh(nodes: list[TNode]) -> None:

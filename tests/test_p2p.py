@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import pytest
 import trio
+from conftest import wait_until
 
 from node.errors import (
     InvalidMessage,
@@ -49,10 +50,6 @@ async def hosts(n: int, **kwargs: int) -> AsyncIterator[list[P2PHost]]:
         yield [await stack.enter_async_context(open_host(seed(i + 1), **kwargs)) for i in range(n)]
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.01)
 
 
 async def echo(pubkey: bytes, payload: bytes) -> bytes:

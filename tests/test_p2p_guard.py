@@ -7,12 +7,13 @@ entry, and the resource manager's limits hold on real connections and streams.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import multiaddr
 import pytest
 import trio
+from conftest import wait_until
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
@@ -37,10 +38,6 @@ async def echo(pubkey: bytes, payload: bytes) -> bytes:
     return payload
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.01)
 
 
 def varint(n: int) -> bytes:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_gossip import tnodes, wait_until
+from conftest import wait_until
+from test_gossip import tnodes
 
 from node import p2p
 from node.errors import OperationError, Unauthorized

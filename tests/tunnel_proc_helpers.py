@@ -189,11 +189,3 @@ def curl(socks_port: int, url: str, *args: str, timeout: float = 120.0,
     return subprocess.run([CURL, "-sS", "--socks5-hostname", f"127.0.0.1:{socks_port}",
                            "--noproxy", "", *args, url],
                           capture_output=True, timeout=timeout)
-
-
-def wait_for(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 from daemon_helpers import Cluster, wait_for
-from test_sync import FakeNet
+from fakenet import FakeNet
 
 from node.events import Offer
 

@@ -544,3 +544,26 @@ async def test_per_object_edits_are_made_once() -> None:
         _compat.prune_at_random(ps.router, random.Random(1))
         assert swarm.upgrade_inbound_raw_conn is upgrade
         assert router.handle_prune is handle and router._select_peers_for_pruning is select
+
+
+async def test_queue_drained_wakes_on_the_pop_that_goes_below_the_mark() -> None:
+    """Publish backpressure waits on this instead of polling the queues every 2 ms."""
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.rpc_queue import RpcQueue
+
+    from node.p2p import _compat
+
+    _compat.install()
+    q, other = RpcQueue(), RpcQueue()
+    for _ in range(3):
+        q.push(rpc_pb2.RPC())
+    with _compat.queue_drained([q, other], 2) as drained:
+        await q.pop()  # 2 left: not below the mark yet
+        assert not drained.is_set()
+        await q.pop()
+        assert drained.is_set()
+    with _compat.queue_drained([q], 1) as never:
+        pass  # left without a pop: the waiter goes with the block
+    assert not never.is_set()
+    assert not q.__dict__.get("_bidmesh_drain_waiters")
+    assert not other.__dict__.get("_bidmesh_drain_waiters")

@@ -9,6 +9,8 @@ process-wide, applied once by `install()` (idempotent: a marker on each replacem
   * `YamuxStream._auto_tune_and_send_window_update` -> `_window_update_at_half`
   * `maybe_consume_signed_record`, `env_to_send_in_RPC` in the pubsub modules ->
     per-peer caches (`_cache_signed_records`)
+  * `RpcQueue.pop` -> `_pop_and_signal` (wakes `queue_drained` waiters: publish
+    backpressure without polling)
 
 per object (idempotent as well)
   * swarm: the inbound limiter, the inbound upgrade (a handshake queue), the
@@ -69,7 +71,8 @@ import random
 import sys
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import multiaddr.exceptions
@@ -305,6 +308,8 @@ def install() -> None:
         setattr(YamuxStream, "_auto_tune_and_send_window_update",  # noqa: B010
                 _window_update_at_half)
     _cache_signed_records()
+    if not is_ours(RpcQueue.pop):
+        setattr(RpcQueue, "pop", _pop_and_signal)  # noqa: B010
 
 
 @_mark
@@ -339,6 +344,47 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
             self._pending_recv_release = 0
     if total > 0:
         await self.send_window_update(total, skip_lock=True)
+
+
+_DRAIN_WAITERS: Final = "_bidmesh_drain_waiters"
+_upstream_pop = RpcQueue.pop
+
+
+@_mark
+async def _pop_and_signal(self: RpcQueue) -> rpc_pb2.RPC | None:
+    """`RpcQueue.pop`, then wake the waiters (`queue_drained`) whose mark the queue
+    is now below.
+
+    Upstream's per-peer outbound queue (pubsub/rpc_queue.py) has no "drained"
+    signal, so `PubSub.wait_for_queues` polled every 2 ms while a receiver's queue
+    was high; under load the daemon's sender spends much of its time there
+    (bench/convergence.py at load ~20: 40-180 s of `publish_wait_s` per node per
+    run), ~500 wakeups a second. `install()` puts this in place of upstream's method
+    (class attribute; the per-peer sending loop calls `queue.pop()`)."""
+    rpc = await _upstream_pop(self)
+    waiters: dict[trio.Event, int] | None = self.__dict__.get(_DRAIN_WAITERS)
+    if waiters:
+        n = len(self)
+        for event, mark in list(waiters.items()):
+            if n < mark:
+                event.set()
+                del waiters[event]
+    return rpc
+
+
+@contextmanager
+def queue_drained(queues: Iterable[RpcQueue], mark: int) -> Iterator[trio.Event]:
+    """An event set once any of `queues` holds fewer than `mark` RPCs after a pop
+    (needs `install()`); the waiter is removed on exit, set or not."""
+    event = trio.Event()
+    queues = list(queues)
+    for q in queues:
+        q.__dict__.setdefault(_DRAIN_WAITERS, {})[event] = mark
+    try:
+        yield event
+    finally:
+        for q in queues:
+            q.__dict__.get(_DRAIN_WAITERS, {}).pop(event, None)
 
 
 _RECORD_TTL_S: Final = 600.0

@@ -46,6 +46,8 @@ ASYNC_VALIDATION_TIMEOUT_S: Final = 30.0
 # Verdicts are only consulted for message ids that left the seen-cache; the
 # upstream LRU costs O(size) per message (`ValidationCache.put`, pubsub.py:287).
 _VALIDATION_CACHE: Final = 128
+_QUEUE_RECHECK_S: Final = 0.05  # wait_for_queues re-reads the queues at least this often
+
 
 class Subscription:
     """Async iterator of `(origin_pubkey, data)` for one topic; `aclose()` unsubscribes."""
@@ -332,10 +334,16 @@ class PubSub:
         """Wait at most `timeout` s until the outbound queues of `peers` (default all)
         are below the high-water mark; False if one stayed at or above it."""
         await trio.lowlevel.checkpoint()
+        hw = self.queue_high_water
         with trio.move_on_after(timeout) as scope:
-            # RpcQueue has no "drained" event; poll at a short interval.
-            while self.max_queue_len(peers) >= self.queue_high_water:
-                await trio.sleep(0.002)
+            while high := [q for p, q in list(self.pubsub.peer_queues.items())
+                           if (peers is None or p in peers) and len(q) >= hw]:
+                # Woken by the pop that takes one below the mark (_compat.queue_drained;
+                # upstream has no such signal, we polled every 2 ms); re-read now and
+                # then for queues that went away with their peer.
+                with _compat.queue_drained(high, hw) as drained, \
+                        trio.move_on_after(_QUEUE_RECHECK_S):
+                    await drained.wait()
         return not scope.cancelled_caught
 
     def prune(self) -> None:

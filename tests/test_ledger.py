@@ -614,7 +614,8 @@ while True:
 def test_accepted_survives_sigkill(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            cwd=ROOT, env={**os.environ,  # the child imports testkit
+                                           "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
     assert proc.stdout is not None
     ids: list[str] = []
     buf = b""

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from .errors import InvalidMessage
+from .errors import InvalidMessage, Reason
 
 # Generous per-item limits; the caller's total size cap is the real bound.
 _LIMITS: dict[str, int] = {
@@ -26,7 +26,7 @@ _LIMITS: dict[str, int] = {
 
 
 def _no_ext(code: int, data: bytes) -> Any:
-    raise InvalidMessage("msgpack extension types are not allowed", "malformed")
+    raise InvalidMessage("msgpack extension types are not allowed", Reason.MALFORMED)
 
 
 def pack(value: Any) -> bytes:
@@ -52,7 +52,7 @@ _SCALARS = frozenset({bytes, str, int, bool, type(None)})
 def unpack(data: bytes, max_size: int) -> Any:
     """Decode peer bytes with limits; raise InvalidMessage on anything odd."""
     if len(data) > max_size:
-        raise InvalidMessage(f"message is {len(data)} bytes, limit {max_size}", "oversized")
+        raise InvalidMessage(f"message is {len(data)} bytes, limit {max_size}", Reason.OVERSIZED)
     try:
         return msgpack.unpackb(
             data,
@@ -66,7 +66,7 @@ def unpack(data: bytes, max_size: int) -> Any:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         # ExtraData, FormatError, StackError and invalid UTF-8 all land here.
-        raise InvalidMessage(f"not valid msgpack: {e}", "malformed") from e
+        raise InvalidMessage(f"not valid msgpack: {e}", Reason.MALFORMED) from e
 
 
 def unpack_canonical(data: bytes, max_size: int) -> Any:
@@ -81,11 +81,11 @@ def unpack_canonical(data: bytes, max_size: int) -> Any:
     if t is list or t is dict:
         in_order = _walk(value, 0)
     elif t is float:
-        raise InvalidMessage("floats are not allowed; use integer units", "malformed")
+        raise InvalidMessage("floats are not allowed; use integer units", Reason.MALFORMED)
     else:
         in_order = True
     if not in_order or msgpack.packb(value, use_bin_type=True) != data:
-        raise InvalidMessage("encoding is not canonical", "non_canonical")
+        raise InvalidMessage("encoding is not canonical", Reason.NON_CANONICAL)
     return value
 
 
@@ -96,14 +96,14 @@ def _walk(value: Any, depth: int) -> bool:
     """Check a container (at `depth`) for floats, non-str keys and depth; return whether
     every map's keys are in strictly ascending order."""
     if depth >= MAX_DEPTH and value:
-        raise InvalidMessage("nesting too deep", "malformed")
+        raise InvalidMessage("nesting too deep", Reason.MALFORMED)
     in_order = True
     if type(value) is dict:
         last = None
         items: Any = value.items()
         for k, v in items:
             if type(k) is not str:
-                raise InvalidMessage("map keys must be strings", "malformed")
+                raise InvalidMessage("map keys must be strings", Reason.MALFORMED)
             if last is not None and k <= last:
                 in_order = False
             last = k
@@ -111,14 +111,14 @@ def _walk(value: Any, depth: int) -> bool:
             if tv is list or tv is dict:
                 in_order = _walk(v, depth + 1) and in_order
             elif tv is float:
-                raise InvalidMessage("floats are not allowed; use integer units", "malformed")
+                raise InvalidMessage("floats are not allowed; use integer units", Reason.MALFORMED)
     else:
         for v in value:
             tv = type(v)
             if tv is list or tv is dict:
                 in_order = _walk(v, depth + 1) and in_order
             elif tv is float:
-                raise InvalidMessage("floats are not allowed; use integer units", "malformed")
+                raise InvalidMessage("floats are not allowed; use integer units", Reason.MALFORMED)
     return in_order
 
 

@@ -16,7 +16,47 @@ in one place (the modules that raise them import them from here).
 
 from __future__ import annotations
 
+import enum
 from typing import Protocol
+
+
+class Reason(enum.StrEnum):
+    """The stable reason codes of the protocol: why an event, record or message was
+    refused, and what a peer is faulted for. They are part of the protocol (docs/
+    PROTOCOL.md, test vectors) and of status, logs and metrics; a `StrEnum`, so each
+    member *is* its string on the wire, in JSON and as a counter key. The dataplane and
+    tunnel codes are listed in docs/dataplane.md."""
+
+    INVALID = "invalid"  # PeerError without a more precise code
+    # Decoding any peer input (codec, frames, messages).
+    MALFORMED = "malformed"
+    OVERSIZED = "oversized"
+    NON_CANONICAL = "non_canonical"
+    TRUNCATED = "truncated"
+    EOF = "eof"  # a clean end of stream: StreamClosed, never a fault
+    UNKNOWN_REQUEST = "unknown_request"
+    UNKNOWN_RESPONSE = "unknown_response"
+    # Events (self-contained checks) and the ledger's chain rules.
+    BAD_VERSION = "bad_version"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_KIND = "unknown_kind"
+    BAD_SCHEMA = "bad_schema"
+    BAD_CHAIN = "bad_chain"
+    PREV_MISMATCH = "prev_mismatch"
+    TS_REGRESS = "ts_regress"
+    PENDING_FULL = "pending_full"  # transient: our buffer, not the event
+    PENDING_EXPIRED = "pending_expired"
+    STORE_ERROR = "store_error"  # our disk, not the event
+    # Rights and rates.
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    BUSY = "busy"
+    # What a light client or a sync session holds against a node.
+    UNTRUSTED_ANSWER = "untrusted_answer"
+    BAD_PAGE = "bad_page"
+    WRONG_RESPONSE = "wrong_response"
+    BAD_FORK_PROOF = "bad_fork_proof"
+    BAD_RECON = "bad_recon"
 
 
 class _ErrorTrailer(Protocol):
@@ -36,7 +76,7 @@ class BidmeshError(Exception):
 class PeerError(BidmeshError):
     """Input from outside was invalid. `reason` is a stable short code."""
 
-    reason: str = "invalid"
+    reason: str = Reason.INVALID
 
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
@@ -55,13 +95,13 @@ class InvalidMessage(PeerError):
 class Unauthorized(PeerError):
     """The peer is not allowed to do this (no lease, outside the window, not a party)."""
 
-    reason = "unauthorized"
+    reason: str = Reason.UNAUTHORIZED
 
 
 class RateLimited(PeerError):
     """The peer sent faster than it is allowed to."""
 
-    reason = "rate_limited"
+    reason: str = Reason.RATE_LIMITED
 
 
 class LimitExceeded(RateLimited):
@@ -85,7 +125,7 @@ class UntrustedAnswer(PeerError):
     """A node returned something that does not verify: a forged or altered event, an
     event that was not asked for, or a chain of our own events that does not link."""
 
-    reason = "untrusted_answer"
+    reason: str = Reason.UNTRUSTED_ANSWER
 
 
 class UsageError(BidmeshError):
@@ -117,7 +157,7 @@ class StreamClosed(OperationError):
     what it sends, not invalid input, so never counted against it (a stream that ends
     inside a frame is `InvalidMessage` "truncated")."""
 
-    reason = "eof"
+    reason: str = Reason.EOF
 
 
 class ClientGone(OperationError):

@@ -21,7 +21,7 @@ import nacl.bindings
 import nacl.exceptions
 
 from . import codec
-from .errors import InvalidEvent, InvalidMessage
+from .errors import InvalidEvent, InvalidMessage, Reason
 from .schema import Bool, Bytes, Enum, Int, List, Nested, Opt, Str, Struct, bad, f
 
 VERSION = 1
@@ -361,10 +361,10 @@ def _decode_general(wire: bytes, network: str, tag: bytes | None, verify: bool) 
     except InvalidMessage as e:
         raise InvalidEvent(f"wire record: {e}", e.reason) from e
     if type(outer) is not list or len(outer) != 2:
-        raise InvalidEvent("wire record must be [signed, sig]", "malformed")
+        raise InvalidEvent("wire record must be [signed, sig]", Reason.MALFORMED)
     signed, sig = outer
     if type(signed) is not bytes or type(sig) is not bytes or len(sig) != 64:
-        raise InvalidEvent("wire record must be [bin signed, bin(64) sig]", "malformed")
+        raise InvalidEvent("wire record must be [bin signed, bin(64) sig]", Reason.MALFORMED)
     return decode_signed(signed, sig, network, tag=tag, verify=verify)
 
 
@@ -420,39 +420,39 @@ def decode_signed(
     """Check an envelope; `verify=False` (and `canonical=False`) only for bytes we
     stored after checking them."""
     if len(signed) > MAX_SIGNED:
-        raise InvalidEvent(f"event is {len(signed)} bytes, limit {MAX_SIGNED}", "oversized")
+        raise InvalidEvent(f"event is {len(signed)} bytes, limit {MAX_SIGNED}", Reason.OVERSIZED)
     try:
         env = (codec.unpack_canonical(signed, MAX_SIGNED) if canonical
                else codec.unpack(signed, MAX_SIGNED))
     except InvalidMessage as e:
         raise InvalidEvent(f"envelope: {e}", e.reason) from e
     if type(env) is not list or len(env) != 7:
-        raise InvalidEvent("envelope must be a 7-element array", "malformed")
+        raise InvalidEvent("envelope must be a 7-element array", Reason.MALFORMED)
     v, author, seq, prev, ts_ms, kind, body = env
     if v != VERSION or type(v) is not int:
-        raise InvalidEvent(f"unsupported version {v!r}", "bad_version")
+        raise InvalidEvent(f"unsupported version {v!r}", Reason.BAD_VERSION)
     if type(author) is not bytes or len(author) != 32:
-        raise InvalidEvent("author must be 32 bytes", "malformed")
+        raise InvalidEvent("author must be 32 bytes", Reason.MALFORMED)
     if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
-        raise InvalidEvent("seq must be an integer >= 1", "malformed")
+        raise InvalidEvent("seq must be an integer >= 1", Reason.MALFORMED)
     if seq == 1:
         if prev is not None:
-            raise InvalidEvent("seq 1 must have nil prev", "bad_chain")
+            raise InvalidEvent("seq 1 must have nil prev", Reason.BAD_CHAIN)
     elif type(prev) is not bytes or len(prev) != 32:
-        raise InvalidEvent("prev must be a 32-byte id when seq > 1", "bad_chain")
+        raise InvalidEvent("prev must be a 32-byte id when seq > 1", Reason.BAD_CHAIN)
     if type(ts_ms) is not int or not 0 <= ts_ms <= MAX_TS_MS:
-        raise InvalidEvent("ts_ms out of range", "malformed")
+        raise InvalidEvent("ts_ms out of range", Reason.MALFORMED)
     if type(kind) is not str:
-        raise InvalidEvent("kind must be a string", "malformed")
+        raise InvalidEvent("kind must be a string", Reason.MALFORMED)
     cls = KINDS.get(kind)
     if cls is None:
-        raise InvalidEvent(f"unknown event kind {kind[:32]!r}", "unknown_kind")
+        raise InvalidEvent(f"unknown event kind {kind[:32]!r}", Reason.UNKNOWN_KIND)
     # Signature before schema: an unsigned body is not worth a precise schema error.
     if verify:
         try:
             nacl.bindings.crypto_sign_open(sig + (tag or domain_tag(network)) + signed, author)
         except (nacl.exceptions.BadSignatureError, ValueError) as e:
-            raise InvalidEvent("signature does not verify", "bad_signature") from e
+            raise InvalidEvent("signature does not verify", Reason.BAD_SIGNATURE) from e
     parsed = cls.from_map(body)
     return Event(author, seq, prev, ts_ms, kind, parsed, signed, sig,
                  hashlib.sha256(signed).digest())

@@ -50,7 +50,7 @@ import trio
 from . import codec, p2p, sync
 from .budget import GossipBudget, GossipVerdict
 from .config import Config
-from .errors import BidmeshError, InvalidMessage, OperationError, UsageError
+from .errors import BidmeshError, InvalidMessage, OperationError, Reason, UsageError
 from .events import MAX_WIRE, Event
 from .gaps import GapPlanner
 from .ingest import FairIngest
@@ -105,13 +105,14 @@ def decode_batch(data: bytes) -> list[bytes]:
     """`[1, [wire, ...]]` with 1..512 records of at most MAX_WIRE bytes each."""
     v = codec.unpack(data, BATCH_MAX_BYTES)
     if type(v) is not list or len(v) != 2 or v[0] != BATCH_VERSION or type(v[0]) is not int:
-        raise InvalidMessage("gossip batch must be [1, [wire, ...]]", "malformed")
+        raise InvalidMessage("gossip batch must be [1, [wire, ...]]", Reason.MALFORMED)
     wires = v[1]
     if type(wires) is not list or not 0 < len(wires) <= BATCH_MAX_EVENTS:
-        raise InvalidMessage(f"gossip batch must hold 1..{BATCH_MAX_EVENTS} events", "malformed")
+        raise InvalidMessage(f"gossip batch must hold 1..{BATCH_MAX_EVENTS} events",
+                             Reason.MALFORMED)
     for w in wires:
         if type(w) is not bytes or not 0 < len(w) <= MAX_WIRE:
-            raise InvalidMessage(f"gossip records must be 1..{MAX_WIRE} bytes", "malformed")
+            raise InvalidMessage(f"gossip records must be 1..{MAX_WIRE} bytes", Reason.MALFORMED)
     return wires
 
 

@@ -29,7 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple, cast
 
-from .errors import InvalidEvent, UsageError
+from .errors import InvalidEvent, Reason, UsageError
 from .events import MAX_WIRE, Body, Event, decode_wire, peek_chain_position, sign_event
 from .keys import Identity
 from .recon import Item, ReconIndex
@@ -86,7 +86,7 @@ class Status(StrEnum):
 
 # Reasons that say nothing bad about the sender: a node must not penalise a peer for
 # these, and gossip validators must not reject on them (py-libp2p caches verdicts).
-TRANSIENT_REASONS = frozenset({"pending_full"})
+TRANSIENT_REASONS = frozenset({Reason.PENDING_FULL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,14 +214,14 @@ class _Pending:
     def restore(self, h: _Held) -> str | None:
         lim = self.limits
         if self.counts.get(h.author, 0) >= lim.per_author:
-            return "pending_full"
+            return Reason.PENDING_FULL
         mine = self.by_source.get(h.source)
         if (mine is not None and len(mine) >= lim.peer_events) or \
                 self.source_bytes[h.source] + h.size > lim.peer_bytes:
-            return "pending_full"
+            return Reason.PENDING_FULL
         while self.size >= lim.total or self.bytes + h.size > lim.total_bytes:
             if not self._evict_for(h.source, h.size):
-                return "pending_full"
+                return Reason.PENDING_FULL
         slot = self.by_author.setdefault(h.author, {})
         slot.setdefault(h.seq, {})[h.id] = h
         self.counts[h.author] = self.counts.get(h.author, 0) + 1
@@ -935,9 +935,9 @@ class Ledger:
 def _decode_one(wire: bytes, network: str) -> Event | AppendResult:
     """The self-contained checks of one record: an Event, or its rejection."""
     if type(wire) is not bytes:
-        return AppendResult(Status.REJECTED, reason="malformed", detail="not bytes")
+        return AppendResult(Status.REJECTED, reason=Reason.MALFORMED, detail="not bytes")
     if len(wire) > MAX_WIRE:
-        return AppendResult(Status.REJECTED, reason="oversized",
+        return AppendResult(Status.REJECTED, reason=Reason.OVERSIZED,
                             detail=f"{len(wire)} bytes, limit {MAX_WIRE}")
     try:
         return decode_wire(wire, network)
@@ -973,12 +973,12 @@ def _decode_all(wires: list[bytes], network: str) -> list[Event | AppendResult]:
 def _chain_error(ev: Event, head: Head | None) -> tuple[str, str] | None:
     have = head.seq if head else 0
     if ev.seq != have + 1:
-        return "bad_chain", f"seq {ev.seq} does not follow {have}"
+        return Reason.BAD_CHAIN, f"seq {ev.seq} does not follow {have}"
     if head is not None:
         if ev.prev != head.id:
-            return "prev_mismatch", f"prev does not match the stored event at seq {have}"
+            return Reason.PREV_MISMATCH, f"prev does not match the stored event at seq {have}"
         if ev.ts_ms < head.ts_ms:
-            return "ts_regress", "timestamp is earlier than the author's previous event"
+            return Reason.TS_REGRESS, "timestamp is earlier than the author's previous event"
     return None
 
 
@@ -1000,13 +1000,13 @@ def read_stream(data: bytes, max_records: int = 10_000_000) -> Iterator[bytes | 
             obj = unpacker.unpack()
         except msgpack.OutOfData:
             if pos < len(data):
-                yield InvalidEvent(f"truncated record at byte {pos}", "truncated")
+                yield InvalidEvent(f"truncated record at byte {pos}", Reason.TRUNCATED)
             return
         except (ValueError, msgpack.UnpackException) as e:
-            yield InvalidEvent(f"unreadable record at byte {pos}: {e}", "malformed")
+            yield InvalidEvent(f"unreadable record at byte {pos}: {e}", Reason.MALFORMED)
             return
         start, pos = pos, unpacker.tell()
         if type(obj) is not list:
-            yield InvalidEvent(f"record at byte {start} is not [signed, sig]", "malformed")
+            yield InvalidEvent(f"record at byte {start} is not [signed, sig]", Reason.MALFORMED)
             continue
         yield data[start:pos]

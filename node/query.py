@@ -37,7 +37,7 @@ import trio
 from . import schema
 from .auction import Market
 from .budget import KeyedBuckets, MultiBudget
-from .errors import InvalidMessage, RateLimited
+from .errors import InvalidMessage, RateLimited, Reason
 from .events import KINDS, MAX_SEQ, MAX_TS_MS, MAX_WIRE, NETWORK_RE
 from .ledger import AppendResult, Ledger, Status
 from .marketview import LiveMarket, MarketView
@@ -92,7 +92,8 @@ class KindName(Str):
     def check(self, v: Any, path: str, bad: schema.Invalid = schema.bad) -> str:
         name = super().check(v, path, bad)
         if name not in KIND_NAMES:
-            raise InvalidMessage(f"field {path!r}: unknown event kind {name!r}", "unknown_kind")
+            raise InvalidMessage(f"field {path!r}: unknown event kind {name!r}",
+                                 Reason.UNKNOWN_KIND)
         return name
 
 
@@ -243,7 +244,9 @@ class SubmitResult(schema.Row):
 
     @classmethod
     def of(cls, res: AppendResult) -> SubmitResult:
-        return cls(res.status.value, res.event_id, res.reason, res.detail[:512])
+        # str(): a Reason member is a str subclass, and the schema takes exact strs.
+        reason = None if res.reason is None else str(res.reason)
+        return cls(res.status.value, res.event_id, reason, res.detail[:512])
 
 
 @dataclass(frozen=True)
@@ -572,7 +575,7 @@ class QueryService:
                        else self.submit_from(wire, ("submit", peer)))
             except sqlite3.Error as e:
                 log.error("storing a submitted event failed", extra={"error": str(e)})
-                res = AppendResult(Status.REJECTED, reason="store_error",
+                res = AppendResult(Status.REJECTED, reason=Reason.STORE_ERROR,
                                    detail="the node could not store it; try again")
             self.stats.submitted[res.status.value] += 1
             if res.reason:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 from . import codec
-from .errors import InvalidEvent, InvalidMessage, PeerError
+from .errors import InvalidEvent, InvalidMessage, PeerError, Reason
 
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -32,11 +32,11 @@ Invalid = Callable[[str, str], PeerError]
 
 
 def _bad(path: str, what: str) -> InvalidEvent:
-    return InvalidEvent(f"field {path!r}: {what}", "bad_schema")
+    return InvalidEvent(f"field {path!r}: {what}", Reason.BAD_SCHEMA)
 
 
 def _bad_message(path: str, what: str) -> InvalidMessage:
-    return InvalidMessage(f"field {path!r}: {what}", "malformed")
+    return InvalidMessage(f"field {path!r}: {what}", Reason.MALFORMED)
 
 
 class Spec(abc.ABC):
@@ -302,7 +302,7 @@ class Messages:
         v = codec.unpack(data, self.max_size)
         if type(v) is not list or not v or type(v[0]) is not int:
             raise InvalidMessage(f"{self.protocol} message: must be an array starting with an "
-                                 "integer tag", "malformed")
+                                 "integer tag", Reason.MALFORMED)
         cls = self.by_tag.get(v[0])
         if cls is None:
             raise InvalidMessage(f"unknown {self.protocol} {self.kind} tag {v[0]}",

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from . import recon, schema
-from .errors import InvalidEvent, InvalidMessage
+from .errors import InvalidEvent, InvalidMessage, Reason
 from .events import MAX_SEQ, MAX_WIRE, Event, decode_wire
 from .ledger import AppendResult, Ledger, Status
 from .schema import Bool, Bytes, Fixed, Int, List, Nested, Opt, Str, f
@@ -47,7 +47,7 @@ FORKS_MAX = 8  # fork proofs per FORKS response (lowest seqs first)
 
 # Chain rejections an honest relayer can cause when an author equivocated: the
 # relayer holds the other branch. They cost the author, not the sender.
-CHAIN_REASONS = frozenset({"prev_mismatch", "ts_regress", "bad_chain"})
+CHAIN_REASONS = frozenset({Reason.PREV_MISMATCH, Reason.TS_REGRESS, Reason.BAD_CHAIN})
 
 
 MAX_REQUEST_V2 = 16 * 1024  # bytes; RECON and FETCH list nodes and authors
@@ -649,7 +649,7 @@ class SyncSession:
         elif isinstance(req, ForksRequest) and isinstance(resp, ForksResponse):
             self._on_forks(req, resp)
         else:
-            self._fault("wrong_response", f"{type(resp).__name__} to {type(req).__name__}")
+            self._fault(Reason.WRONG_RESPONSE, f"{type(resp).__name__} to {type(req).__name__}")
 
     def _fault(self, reason: str, detail: str) -> None:
         self.stats.faults[reason] += 1
@@ -659,7 +659,7 @@ class SyncSession:
         if len(resp.heads) > req.limit or any(
             req.after is not None and h.author <= req.after for h in resp.heads
         ):
-            self._fault("bad_page", "HEADS page outside the requested window")
+            self._fault(Reason.BAD_PAGE, "HEADS page outside the requested window")
             return
         self._heads_more = resp.more and bool(resp.heads)
         if resp.heads:
@@ -704,7 +704,7 @@ class SyncSession:
         w = self._wants[0]
         w.started = True
         if len(resp.records) > req.limit:
-            self._fault("bad_page", "RANGE response longer than requested")
+            self._fault(Reason.BAD_PAGE, "RANGE response longer than requested")
             return
         self.stats.records += len(resp.records)
         self.stats.bytes += sum(len(r) for r in resp.records)
@@ -740,12 +740,13 @@ class SyncSession:
             try:
                 ea, eb = decode_wire(a, self.ledger.network), decode_wire(b, self.ledger.network)
             except InvalidEvent as e:
-                self._fault("bad_fork_proof", str(e))
+                self._fault(Reason.BAD_FORK_PROOF, str(e))
                 return
             if ea.author != req.author or eb.author != ea.author or ea.seq != eb.seq or (
                 ea.id == eb.id
             ):
-                self._fault("bad_fork_proof", "records are not two events at one (author, seq)")
+                self._fault(Reason.BAD_FORK_PROOF,
+                            "records are not two events at one (author, seq)")
                 return
             if self.ledger.add_fork_proof(a, b):
                 self.stats.fork_proofs += 1

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import recon
+from .errors import Reason
 from .events import MAX_SEQ
 from .ledger import Ledger, Status
 from .recon import Node, Reconciler
@@ -201,7 +202,7 @@ class ReconSession(SyncSession):
     def _on_recon(self, req: ReconRequest, resp: ReconResponse) -> None:
         nodes, self._asked = self._asked, []
         if len(resp.answers) != len(nodes):
-            self._fault("bad_recon", f"{len(resp.answers)} answers to {len(nodes)} nodes")
+            self._fault(Reason.BAD_RECON, f"{len(resp.answers)} answers to {len(nodes)} nodes")
             return
         wants, listing = len(self._wants), len(self._listing)
         queued = len(self.recon.queue)
@@ -219,7 +220,7 @@ class ReconSession(SyncSession):
             else:
                 fault = self.recon.on_split(node, req.split, _split_of(ans))
             if fault:
-                self._fault("bad_recon", fault)
+                self._fault(Reason.BAD_RECON, fault)
                 return
         for node in self.recon.listing:
             low, high = recon.node_bounds(node.prefix, node.bits)
@@ -237,7 +238,7 @@ class ReconSession(SyncSession):
         lst = self._listing[0]
         if len(resp.heads) > req.limit or any(
                 req.after is not None and h.author <= req.after for h in resp.heads):
-            self._fault("bad_page", "HEADS page outside the requested window")
+            self._fault(Reason.BAD_PAGE, "HEADS page outside the requested window")
             return
         wants, skipped = len(self._wants), self.stats.skipped_live
         forked = self.ledger.forked()
@@ -258,7 +259,7 @@ class ReconSession(SyncSession):
         reached = wants[:len(resp.records)]
         if len(resp.records) > len(req.entries) or (
                 sum(len(r) for r in resp.records) > req.limit):
-            self._fault("bad_page", "FETCH answer longer than requested")
+            self._fault(Reason.BAD_PAGE, "FETCH answer longer than requested")
             return
         flat = [w for recs in resp.records for w in recs]
         self.stats.records += len(flat)

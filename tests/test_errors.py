@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import pkgutil
+from pathlib import Path
 
 import node
-from node import errors
+from node import codec, errors
 
 
 def _modules() -> list[str]:
@@ -32,3 +34,17 @@ def test_every_error_descends_from_the_root() -> None:
         if (inspect.isclass(obj) and issubclass(obj, BaseException)
                 and obj.__module__ == "node.errors"):
             assert issubclass(obj, errors.BidmeshError), obj
+
+
+def test_reason_codes_are_their_strings_everywhere() -> None:
+    """A StrEnum member is its string: on the wire, in JSON and as a counter key."""
+    assert errors.Reason.MALFORMED == "malformed"
+    assert json.dumps({errors.Reason.BAD_SCHEMA: errors.Reason.EOF}) == '{"bad_schema": "eof"}'
+    assert codec.pack([errors.Reason.OVERSIZED]) == codec.pack(["oversized"])
+    assert errors.InvalidMessage("x", errors.Reason.TRUNCATED).reason == "truncated"
+
+
+def test_every_test_vector_reason_is_a_reason_code() -> None:
+    vectors = json.loads((Path(__file__).parents[1] / "docs/test-vectors.json").read_text())
+    reasons = {v["reason"] for v in vectors if "reason" in v}
+    assert reasons and reasons <= set(errors.Reason)

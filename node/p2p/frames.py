@@ -20,6 +20,7 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from ..errors import (
     InvalidMessage,
     OperationError,
+    Reason,
     RemoteError,
     StreamClosed,
     StreamTimeout,
@@ -99,14 +100,14 @@ async def _read_exactly(stream: INetStream, n: int, what: str) -> bytes:
             if not got and what == "header":
                 raise StreamClosed("the peer closed the stream before a frame") from None
             raise InvalidMessage(
-                f"stream ended inside a frame {what} ({got} of {n} bytes)", "truncated"
+                f"stream ended inside a frame {what} ({got} of {n} bytes)", Reason.TRUNCATED
             ) from None
         except StreamReset:
             raise RemoteError("the peer reset the stream") from None
         except (IOException, OSError) as exc:
             raise OperationError(f"reading from the stream failed: {exc!r}") from exc
         if not chunk:  # defensive: 0.8.1 raises StreamEOF instead of returning b""
-            raise InvalidMessage(f"stream ended inside a frame {what}", "truncated")
+            raise InvalidMessage(f"stream ended inside a frame {what}", Reason.TRUNCATED)
         parts.append(chunk)
         got += len(chunk)
     return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -128,7 +129,7 @@ async def read_frame(stream: INetStream, max_size: int, timeout: float) -> bytes
             )
             if length > max_size:
                 raise InvalidMessage(
-                    f"frame of {length} bytes exceeds the limit of {max_size}", "oversized"
+                    f"frame of {length} bytes exceeds the limit of {max_size}", Reason.OVERSIZED
                 )
             body = await _read_exactly(stream, length, "body") if length else b""
     except trio.TooSlowError:

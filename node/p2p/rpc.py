@@ -19,6 +19,7 @@ from ..errors import (
     BidmeshError,
     InvalidMessage,
     PeerError,
+    Reason,
     RequestRefused,
     StreamClosed,
     StreamTimeout,
@@ -47,14 +48,14 @@ def _error_body(reason: str, message: str) -> bytes:
 
 def _parse_response(peer: ID, protocol: str, frame: bytes) -> bytes:
     if not frame:
-        raise InvalidMessage(f"{peer} sent an empty {protocol} response", "malformed")
+        raise InvalidMessage(f"{peer} sent an empty {protocol} response", Reason.MALFORMED)
     if frame[0] == _OK:
         return frame[1:]
     if frame[0] == _ERR and len(frame) >= 2 and len(frame) >= 2 + frame[1]:
         reason = frame[2 : 2 + frame[1]].decode("ascii", "replace")
         message = frame[2 + frame[1] :].decode("utf-8", "replace")
         raise RequestRefused(f"{peer} refused the {protocol} request ({reason}): {message}", reason)
-    raise InvalidMessage(f"{peer} sent a malformed {protocol} response", "malformed")
+    raise InvalidMessage(f"{peer} sent a malformed {protocol} response", Reason.MALFORMED)
 
 
 async def request(

@@ -1,5 +1,5 @@
 """atheris: p2p framing and gossip: `p2p.read_frame` over a fake stream (chunked
-reads, then EOF), `p2p._parse_response` and `gossip.decode_batch`. Only the
+reads, then EOF), `p2p.rpc._parse_response` and `gossip.decode_batch`. Only the
 documented errors may escape."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from testkit import Chain, sample_bodies, seed  # noqa: E402
 
 from node import gossip, p2p  # noqa: E402
 from node.errors import InvalidMessage, RemoteError, StreamClosed  # noqa: E402
+from node.p2p import rpc  # noqa: E402
 
 PEER = p2p.peer_id_from_pubkey(b"\x01" * 32)
 
@@ -45,7 +46,7 @@ def test_one(data: bytes) -> None:
     with contextlib.suppress(InvalidMessage, RemoteError, StreamClosed, p2p.StreamTimeout):
         trio.run(read, clock=trio.testing.MockClock(autojump_threshold=0))
     with contextlib.suppress(InvalidMessage, p2p.RequestRefused):
-        p2p._parse_response(PEER, "/x/1", data)
+        rpc._parse_response(PEER, "/x/1", data)
     with contextlib.suppress(InvalidMessage):
         gossip.decode_batch(data)
 

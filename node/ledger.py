@@ -435,10 +435,15 @@ class Ledger:
             AppendResult(Status.DUPLICATE, hashlib.sha256(held).digest())
             if (held := self._held_signed(w)) is not None else None for w in batch]
         pre = self._prechecked
-        todo = [w for w, d in zip(batch, decoded, strict=True) if d is None and w not in pre]
+        # Peer input may be any object (a bytearray is unhashable): only bytes can be
+        # pre-checked; everything else goes to the decoder, which rejects it.
+        ready = [d is None and isinstance(w, bytes) and w in pre
+                 for w, d in zip(batch, decoded, strict=True)]
+        todo = [w for w, d, r in zip(batch, decoded, ready, strict=True)
+                if d is None and not r]
         fresh = iter(_decode_all(todo, self.network) if todo else ())
-        decoded = [d if d is not None else pre[w] if w in pre else next(fresh)
-                   for w, d in zip(batch, decoded, strict=True)]
+        decoded = [d if d is not None else pre[w] if r else next(fresh)
+                   for w, d, r in zip(batch, decoded, ready, strict=True)]
         return self._append(batch, cast(list[Event | AppendResult], decoded), source, blame)
 
     @contextlib.contextmanager

@@ -27,7 +27,7 @@ import bisect
 import collections
 import itertools
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from . import recon, schema
@@ -651,6 +651,21 @@ class SyncSession:
         else:
             self._fault(Reason.WRONG_RESPONSE, f"{type(resp).__name__} to {type(req).__name__}")
 
+    def _store(self, records: Sequence[bytes]) -> tuple[int, bool]:
+        """Append an answer's records: (events accepted, whether one showed a fork).
+        A peer's fault is charged unless it is a chain error that follows its fork."""
+        forked = False
+        new = 0
+        for res in self.ledger.append_many(records):
+            self.accepted.extend(res.accepted)
+            new += len(res.accepted)
+            self.stats.accepted += len(res.accepted)
+            if res.status is Status.FORK:
+                forked = True
+            elif res.peer_fault and not (forked and res.reason in CHAIN_REASONS):
+                self._fault(res.reason or "rejected", res.detail)
+        return new, forked
+
     def _fault(self, reason: str, detail: str) -> None:
         self.stats.faults[reason] += 1
         self.failed = f"{reason}: {detail}"
@@ -709,17 +724,7 @@ class SyncSession:
         self.stats.records += len(resp.records)
         self.stats.bytes += sum(len(r) for r in resp.records)
         before = self.ledger.head(w.author)
-        results = self.ledger.append_many(resp.records)
-        forked = False
-        new = 0
-        for res in results:
-            self.accepted.extend(res.accepted)
-            new += len(res.accepted)
-            self.stats.accepted += len(res.accepted)
-            if res.status is Status.FORK:
-                forked = True
-            elif res.peer_fault and not (forked and res.reason in CHAIN_REASONS):
-                self._fault(res.reason or "rejected", res.detail)
+        new, forked = self._store(resp.records)
         if self.failed:
             return
         after = self.ledger.head(w.author)

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from . import recon
 from .errors import Reason
 from .events import MAX_SEQ
-from .ledger import Ledger, Status
+from .ledger import Ledger
 from .recon import Node, Reconciler
 from .sync import (
-    CHAIN_REASONS,
     FETCH_ENTRIES_MAX,
     SKIP_ID_BYTES,
     FetchEntry,
@@ -265,16 +264,7 @@ class ReconSession(SyncSession):
         self.stats.records += len(flat)
         self.stats.bytes += sum(len(w) for w in flat)
         before = {w.author: self.ledger.head(w.author) for w in reached}
-        forked = False
-        new = 0
-        for res in self.ledger.append_many(flat):
-            self.accepted.extend(res.accepted)
-            new += len(res.accepted)
-            self.stats.accepted += len(res.accepted)
-            if res.status is Status.FORK:
-                forked = True
-            elif res.peer_fault and not (forked and res.reason in CHAIN_REASONS):
-                self._fault(res.reason or "rejected", res.detail)
+        new, forked = self._store(flat)
         if self.failed:
             return
         moved = {w.author for w in reached if self.ledger.head(w.author) != before[w.author]}

@@ -24,7 +24,8 @@ from .errors import BidmeshError, InvalidEvent, InvalidMessage, UsageError
 from .events import KINDS, Body, Event
 
 if TYPE_CHECKING:
-    from .gossip import Discovery, Replicator
+    from .discovery import Discovery
+    from .gossip import Replicator
 
 log = logging.getLogger("bidmesh.daemon")
 

@@ -57,9 +57,10 @@ from . import config, lifecycle, p2p
 from .auction import Market
 from .context import EventListener, Service, ServiceFactory
 from .control_server import BUILTIN_OPS, ControlOp, serve_control
+from .discovery import Discovery
 from .errors import BidmeshError, OperationError, UsageError
 from .events import Body, Event, sign_event
-from .gossip import Discovery, Replicator
+from .gossip import Replicator
 from .keys import Identity, load_or_create_key
 from .ledger import AppendResult, Ledger, PendingLimits, Status
 from .logs import setup_logging
@@ -487,7 +488,7 @@ def _start_watchdog(seconds: float) -> None:
 
 
 async def _mdns(node: Node) -> None:
-    from .gossip import run_mdns
+    from .discovery import run_mdns
 
     await run_mdns(node.host, node.discovery, node.config.node.network)
 

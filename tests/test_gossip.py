@@ -13,7 +13,7 @@ import pytest
 import trio
 from conftest import wait_until
 
-from node import codec, config, gossip
+from node import codec, config, discovery, gossip
 from node.errors import InvalidMessage
 from node.events import Offer
 from node.keys import Identity
@@ -242,9 +242,9 @@ async def test_mdns_discovers_lan_peers(tmp_path: Path) -> None:
             open_host(bytes([72]) * 32, ["/ip4/0.0.0.0/tcp/0"]) as b, \
             trio.open_nursery() as nursery:
         for h in (a, b):
-            disc = gossip.Discovery(h, cfg)
+            disc = discovery.Discovery(h, cfg)
             nursery.start_soon(disc.run)
-            nursery.start_soon(gossip.run_mdns, h, disc, NET)
+            nursery.start_soon(discovery.run_mdns, h, disc, NET)
         await wait_until(lambda: a.is_connected(b.peer_id) or b.is_connected(a.peer_id), 20)
         nursery.cancel_scope.cancel()
 

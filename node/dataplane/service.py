@@ -1,6 +1,8 @@
 """The provider side: ingest streams under a lease, process their segments (here or
 subcontracted), stream results back in order, enforce and meter the lease, and serve
 other providers' process requests. `DataplaneService` is what a node daemon plugs in.
+Its limits are `config.DataplaneConfig`; one member stream's pipeline and the lease's
+shared state are in `streams.py`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ import statistics
 import struct
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from ..auction import DeviceAdmission, Lease, Market
+from ..auction import Lease, Market
 from ..budget import KeyedBuckets
 from ..errors import (
     BidmeshError,
@@ -44,22 +45,13 @@ from ..p2p import (
 )
 from ..processors import ProcessContext
 from ..processors.pool import WorkerPool
-from ..segments import (
-    PacketParser,
-    RateMeter,
-    ReorderBuffer,
-    Segment,
-    Segmenter,
-    Shortfall,
-    Step,
-    TokenBucket,
-    new_parser,
-    plan,
-)
+from ..segments import Step, plan
 from .authority import check_process, check_stream_chains, volume_limit
 from .budget import ByteBudget, read_exactly, read_frame_length
+from .config import SHOWN_LIMITS, DataplaneConfig
 from .dispatch import Contracts, Dispatcher
 from .egress import EgressPolicy
+from .streams import Ingest, LeaseState, error_reason
 from .wire import (
     SESSION_ERROR_ID,
     TRAILER_SEQ,
@@ -81,10 +73,6 @@ log = logging.getLogger(__name__)
 _SEQ = struct.Struct(">Q")
 _MAX_USAGE_MEMBERS = 256  # Usage.members holds at most 256 entries
 _OK = 0  # node.p2p's request wire: 0x00 | payload, or 0x01 | u8 n | reason | message
-_SHOWN_LIMITS = ("process_peer_bytes", "process_total_bytes", "process_sessions_per_peer",
-                 "process_max_sessions", "process_max_concurrent", "served_max", "served_ttl_s",
-                 "max_streams", "window", "contractor_unrated", "contractor_min_score_ppm",
-                 "contractor_addrs_allow", "contractor_addrs_deny")
 
 
 def _error_answer(reason: str, message: str) -> bytes:
@@ -94,310 +82,6 @@ def _error_answer(reason: str, message: str) -> bytes:
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _mono_ms() -> int:
-    return int(trio.current_time() * 1000)
-
-
-@dataclass(frozen=True)
-class DataplaneConfig:
-    """Provider-side limits. Sizes in bytes, times in seconds unless named `_ms`."""
-
-    services: frozenset[str] | None = None  # offered here; None: every processor of the pool
-    params: Mapping[str, Any] = field(default_factory=dict)  # ProcessContext.params
-    allow: frozenset[bytes] = frozenset()  # provider keys served even without an Offer
-    # Process requests (authority, docs/dataplane.md §10): the lease window is widened
-    # by this much both ways for segments in flight at its end and clock skew ...
-    process_grace_ms: int = 10_000
-    # ... and one lease's requests may total its max rate x window x factor + floor.
-    volume_factor: float = 4.0
-    volume_floor: int = 16 << 20
-    # A lease without a max rate has no volume either (a requester can make such a
-    # lease itself): its requests are capped per requesting key at the capacity our
-    # offer commits to for the service (bytes/s; a service we serve without an offer
-    # of its own, such as `identity`, at our largest), with bursts of
-    # process_rate_burst_s seconds. Empty: no offers, no cap (an allow-list contractor).
-    process_rates: tuple[tuple[str, int], ...] = ()
-    process_rate_burst_s: float = 10.0
-    header_timeout_s: float = 10.0
-    idle_timeout_s: float = 30.0  # per input frame: a slow sender is cut off
-    write_timeout_s: float = 30.0  # per output frame: a member that stops reading
-    max_header: int = 64 << 10
-    max_chunk: int = 1 << 20  # input frame
-    max_packet: int = 1 << 20  # lp packets; a member may only ask for less
-    max_chains: int = 16
-    max_chain_len: int = 8
-    max_segment_packets: int = 4096
-    max_segment_bytes: int = 4 << 20
-    min_segment_age_ms: int = 5
-    window: int = 16  # segments in flight per stream (= reorder window)
-    max_streams: int = 64
-    max_streams_per_lease: int = 16
-    local_attempts: int = 2
-    max_attempts: int = 4  # per step of a segment, local and remote together
-    remote_in_flight: int = 8  # per contractor
-    subcontract_timeout_s: float = 30.0
-    connect_timeout_s: float = 5.0
-    bad_for_s: float = 30.0  # avoid a contractor that failed for this long
-    max_result: int = 64 << 20
-    process_timeout_s: float = 60.0  # serving side: read + process one request
-    process_max_concurrent: int = 32
-    process_sessions: bool = True  # serve /process/2 (False: as a node that predates it)
-    process_max_sessions: int = 16  # open process sessions served at once
-    process_session_concurrency: int = 4  # requests of one session read and processed at once
-    process_idle_s: float = 120.0  # serving side: a session without requests is closed
-    # Serving side, across every session and single request (issue 12 item 6): bytes of
-    # requests held and responses not yet written, per requesting peer and in total ...
-    process_peer_bytes: int = 16 << 20
-    process_total_bytes: int = 64 << 20
-    process_sessions_per_peer: int = 2  # ... and sessions one peer may hold open
-    served_max: int = 256  # `served` stats: requesting keys kept (least recently used go)
-    served_ttl_s: float = 3600.0  # ... and dropped after this long without a request
-    # Whom we hire (node/dataplane/contractors.py): unrated providers "fallback" (only
-    # when no acceptable rated one offers the step), "never" or "always"; rated ones
-    # below this score (ppm; the neutral prior is 500_000) never ...
-    contractor_unrated: str = "fallback"
-    contractor_min_score_ppm: int = 400_000
-    # ... and which offer addresses we dial: non-global ones (loopback, private...) only
-    # when an allow rule admits them ("127.0.0.0/8" for a devnet); deny rules first.
-    contractor_addrs_allow: tuple[str, ...] = ()
-    contractor_addrs_deny: tuple[str, ...] = ()
-    session_idle_s: float = 30.0  # requesting side: close our idle sessions (< the above)
-    burst_ms: int = 250  # token bucket depth, in time at the max rate (at least 4 KiB)
-    rate_window_ms: int = 1000  # min-rate judgement window
-    lease_check_s: float = 1.0
-    close_grace_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.window < 1 or self.max_streams < 1 or self.max_attempts < 1:
-            raise UsageError("DataplaneConfig: window, max_streams, max_attempts must be >= 1")
-        if self.process_session_concurrency < 1 or self.process_max_sessions < 0:
-            raise UsageError("DataplaneConfig: process_session_concurrency must be >= 1 and "
-                             "process_max_sessions >= 0")
-        if not 1 <= self.process_peer_bytes <= self.process_total_bytes:
-            raise UsageError("DataplaneConfig: need 1 <= process_peer_bytes <= "
-                             "process_total_bytes")
-        if self.process_sessions_per_peer < 1 or self.served_max < 1:
-            raise UsageError("DataplaneConfig: process_sessions_per_peer and served_max "
-                             "must be >= 1")
-        for name in ("header_timeout_s", "idle_timeout_s", "write_timeout_s",
-                     "subcontract_timeout_s", "process_timeout_s", "lease_check_s",
-                     "process_idle_s", "session_idle_s", "served_ttl_s"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"DataplaneConfig.{name} must be positive")
-
-
-@dataclass
-class _MemberMeter:
-    bytes_in: int = 0
-    bytes_out: int = 0
-    segments: int = 0
-    active_ms: int = 0
-
-
-class _LeaseState:
-    def __init__(self, lease: Lease, burst_ms: int) -> None:
-        self.lease = lease
-        self.admission = DeviceAdmission(lease)
-        self.bucket: TokenBucket | None = None
-        if lease.max_rate_bps is not None:
-            rate = max(1, lease.max_rate_bps // 8)  # the lease says bits/s, the bucket bytes/s
-            # Chunks larger than the burst are taken in burst-sized parts (_throttle).
-            self.bucket = TokenBucket(rate, max(rate * burst_ms // 1000, 4096))
-        self.members: dict[bytes, _MemberMeter] = {}
-        self.streams: set[_Ingest] = set()
-        self.idle = trio.Event()
-        self.idle.set()
-        self.meter: RateMeter | None = None
-        self.shortfall_ms = 0
-        self.shortfalls: deque[Shortfall] = deque(maxlen=64)
-        self.rate_limited = 0
-        self.subcontracts = 0
-        self.closed = False
-
-    def member(self, key: bytes) -> _MemberMeter:
-        return self.members.setdefault(key, _MemberMeter())
-
-    def open_stream(self, ing: _Ingest, min_window_ms: int) -> None:
-        if not self.streams:
-            self.idle = trio.Event()
-            if self.lease.min_rate_bps:
-                self.meter = RateMeter(self.lease.min_rate_bps // 8, min_window_ms, _mono_ms())
-        self.streams.add(ing)
-
-    def close_stream(self, ing: _Ingest) -> None:
-        self.streams.discard(ing)
-        if not self.streams:
-            if self.meter is not None:
-                self.shortfalls.extend(self.meter.close(_mono_ms()))
-                self.shortfall_ms += self.meter.shortfall_ms
-                self.meter = None
-            self.idle.set()
-
-    def delivered(self, n: int) -> None:
-        if self.meter is not None:
-            self.shortfalls.extend(self.meter.record(n, _mono_ms()))
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, Refusal | PeerError | StreamClosed):
-        return e.reason
-    if isinstance(e, StreamTimeout):
-        return "timeout"
-    if isinstance(e, ProcessingError):
-        return "processing_failed"
-    return "failed"
-
-
-class _Ingest:
-    """One member stream: reader → segmenter → dispatcher → reorder → writer."""
-
-    def __init__(self, svc: DataplaneService, stream: Stream, header: StreamHeader,
-                 st: _LeaseState, member: bytes, key: bytes,
-                 plans: list[list[Step]]) -> None:
-        self.svc, self.stream, self.header, self.st = svc, stream, header, st
-        self.member, self.key, self.plans = member, key, plans
-        cfg = svc.config
-        self.parser: PacketParser = new_parser(header.protocol, **header.parser_options())
-        lim = header.limits
-        self.segmenter = Segmenter(lim.max_packets, lim.max_bytes, lim.max_age_ms)
-        self.reorder = ReorderBuffer(cfg.window)
-        self.window = trio.Semaphore(cfg.window)
-        self.seg_send, self.seg_recv = trio.open_memory_channel[Segment](0)
-        self.out_send, self.out_recv = trio.open_memory_channel[tuple[int, bytes]](math.inf)
-        self.seg_lock = trio.Lock()
-        self.input_done = trio.Event()
-        self.sizes: dict[int, tuple[int, float]] = {}  # seq -> (input bytes, start time)
-        self.contracts = Contracts()
-        self.error: BaseException | None = None
-        self.scope = trio.CancelScope()
-        self.segments = self.bytes_out = self.redispatched = 0
-
-    def fail(self, e: BaseException) -> None:
-        if self.error is None:
-            self.error = e
-        self.scope.cancel()
-
-    async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await fn()
-        except BidmeshError as e:
-            self.fail(e)
-        except Exception as e:  # a bug or an unmapped library error: fail the stream clearly
-            log.exception("dataplane stream task failed")
-            self.fail(Refusal("internal", f"provider error: {type(e).__name__}: {e}"))
-
-    async def run(self) -> Trailer:
-        with self.scope:
-            async with trio.open_nursery() as n:
-                n.start_soon(self._guard, self._reader)
-                if self.header.limits.max_age_ms is not None:
-                    n.start_soon(self._guard, self._ticker)
-                n.start_soon(self._guard, self._dispatcher)
-                n.start_soon(self._guard, self._writer)
-        p = self.parser
-        counts: dict[str, Any] = dict(segments=self.segments, packets=p.packets, bytes_in=p.bytes,
-                      bytes_out=self.bytes_out, garbage_bytes=p.garbage_bytes,
-                      subcontracted=self.contracts.segments, redispatched=self.redispatched)
-        if self.error is None and self.scope.cancelled_caught:
-            self.error = Refusal("cancelled", "the provider stopped the stream")
-        if self.error is not None:
-            return Trailer(False, _reason(self.error), str(self.error), **counts)
-        return Trailer(True, **counts)
-
-    async def _reader(self) -> None:
-        cfg, st = self.svc.config, self.st
-        meter = st.member(self.member)
-        while True:
-            chunk = await read_frame(self.stream, cfg.max_chunk, cfg.idle_timeout_s)
-            if not st.lease.active(self.svc.clock()):
-                raise Refusal("lease_ended", f"lease {st.lease.id.hex()[:12]} is not active now")
-            final = not chunk
-            if final:
-                packets = self.parser.end()
-            else:
-                await self._throttle(len(chunk))
-                meter.bytes_in += len(chunk)
-                packets = self.parser.feed(chunk)
-            now = _mono_ms()
-            async with self.seg_lock:
-                segs: list[Segment] = []
-                for pkt in packets:
-                    segs += self.segmenter.push(pkt, now)
-                if final:
-                    segs += self.segmenter.flush()
-                for s in segs:
-                    await self.seg_send.send(s)
-                if final:
-                    self.input_done.set()
-                    await self.seg_send.aclose()
-                    return
-
-    async def _ticker(self) -> None:
-        age = self.header.limits.max_age_ms
-        assert age is not None
-        while not self.input_done.is_set():
-            due = self.segmenter.deadline_ms
-            if due is None:
-                await trio.sleep(max(age, 1) / 1000)
-                continue
-            # +0.5 ms: int(current_time * 1000) must reach `due` when we wake
-            await trio.sleep_until((due + 0.5) / 1000)
-            async with self.seg_lock:
-                if self.input_done.is_set():
-                    return
-                for s in self.segmenter.tick(_mono_ms()):
-                    await self.seg_send.send(s)
-
-    async def _throttle(self, n: int) -> None:
-        """Shared max rate of the lease: wait for tokens before accepting `n` more bytes."""
-        bucket = self.st.bucket
-        if bucket is None:
-            return
-        limited = False
-        while n > 0:
-            part = min(n, bucket.burst_bytes)
-            while (wait := bucket.take(part, _mono_ms())) > 0:
-                limited = True
-                await trio.sleep(wait / 1000)
-            n -= part
-        if limited:
-            self.st.rate_limited += 1
-            self.svc.counters["rate_limited"] += 1
-
-    async def _dispatcher(self) -> None:
-        async with trio.open_nursery() as n:
-            async for seg in self.seg_recv:
-                await self.window.acquire()  # bounded in flight == bounded reorder window
-                self.sizes[seg.seq] = (len(seg.data), trio.current_time())
-                n.start_soon(self._guard, lambda s=seg: self._process(s))
-        self.out_send.close()
-
-    async def _process(self, seg: Segment) -> None:
-        data = seg.data
-        ctx = ProcessContext(self.header.lease, self.header.stream_id, seg.seq, self.key,
-                             self.svc.config.params)
-        for step in self.plans[seg.chain]:
-            data, retries = await self.svc.dispatcher.run_step(
-                step, data, ctx.at_step(step.start), self.contracts)
-            self.redispatched += retries
-        for item in self.reorder.put(seg.seq, data):
-            self.out_send.send_nowait(item)
-
-    async def _writer(self) -> None:
-        cfg, svc, st = self.svc.config, self.svc, self.st
-        meter = st.member(self.member)
-        async for seq, result in self.out_recv:
-            await write_frame(self.stream, result, cfg.write_timeout_s, _SEQ.pack(seq))
-            size, t0 = self.sizes.pop(seq)
-            svc.latencies.append((trio.current_time() - t0) * 1000)
-            self.segments += 1
-            self.bytes_out += 12 + len(result)
-            meter.bytes_out += 12 + len(result)
-            meter.segments += 1
-            st.delivered(size)
-            self.window.release()
 
 
 class DataplaneService:
@@ -450,7 +134,7 @@ class DataplaneService:
             unrated=cfg.contractor_unrated, min_score_ppm=cfg.contractor_min_score_ppm,
             addr_policy=EgressPolicy(allow=cfg.contractor_addrs_allow,
                                      deny=cfg.contractor_addrs_deny))
-        self._leases: dict[bytes, _LeaseState] = {}
+        self._leases: dict[bytes, LeaseState] = {}
         self._volume: dict[bytes, int] = {}  # lease -> bytes of process requests served
         self._rates = dict(cfg.process_rates)
         self._rate_buckets: dict[int, KeyedBuckets] = {}  # rate -> per-requester buckets
@@ -536,7 +220,7 @@ class DataplaneService:
             "process_sessions": {"serving": self._sessions,
                                  "open_to_contractors": self.dispatcher.open_sessions},
             "process_memory": self.budget.stats(),
-            "limits": {k: getattr(self.config, k) for k in _SHOWN_LIMITS},
+            "limits": {k: getattr(self.config, k) for k in SHOWN_LIMITS},
             "leases": {lid.hex(): {
                 "streams": len(st.streams), "closed": st.closed,
                 "rate_limited": st.rate_limited, "shortfall_ms": st.shortfall_ms,
@@ -562,7 +246,7 @@ class DataplaneService:
         except BidmeshError as e:
             log.debug("could not tell the peer why (%s)", e)
 
-    def _admit(self, peer: bytes, header: StreamHeader) -> tuple[_LeaseState, list[list[Step]]]:
+    def _admit(self, peer: bytes, header: StreamHeader) -> tuple[LeaseState, list[list[Step]]]:
         cfg = self.config
         lease = self.lease_lookup(header.lease)
         if lease is None:
@@ -576,7 +260,7 @@ class DataplaneService:
                                "outside_window")
         st = self._leases.get(lease.id)
         if st is None:
-            st = self._leases[lease.id] = _LeaseState(lease, cfg.burst_ms)
+            st = self._leases[lease.id] = LeaseState(lease, cfg.burst_ms)
         if st.closed:
             raise Unauthorized(f"lease {lease.id.hex()[:12]} was closed", "lease_closed")
         try:
@@ -621,12 +305,12 @@ class DataplaneService:
             st, plans = self._admit(peer, header)
             key = lease_key(self.identity, peer, st.lease.id, peer, self.host.pubkey)
         except (PeerError, StreamTimeout, StreamClosed) as e:
-            await self._refuse(stream, _reason(e), str(e))
+            await self._refuse(stream, error_reason(e), str(e))
             return
         except RemoteError:
             self.counters["refused:reset"] += 1
             return
-        ing = _Ingest(self, stream, header, st, peer, key, plans)
+        ing = Ingest(self, stream, header, st, peer, key, plans)
         st.open_stream(ing, cfg.rate_window_ms)
         self._streams += 1
         self.counters["streams_opened"] += 1
@@ -651,7 +335,7 @@ class DataplaneService:
         except BidmeshError as e:
             log.info("could not send the trailer: %s", e)
 
-    def _record_contracts(self, st: _LeaseState, contracts: Contracts) -> None:
+    def _record_contracts(self, st: LeaseState, contracts: Contracts) -> None:
         for body in contracts.bodies(st.lease.id):
             self._publish(body)
             st.subcontracts += 1

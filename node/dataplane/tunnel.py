@@ -5,7 +5,8 @@ provider checks the lease (member, window, `max_devices`, caps), resolves the
 destination itself, checks every resolved address against its egress policy, connects
 to an allowed one and pipes bytes both ways under the lease's shared rate until both
 sides have half-closed, the window ends (`lease_ended`) or something breaks. Formats and
-rules: docs/dataplane.md §14.
+rules: docs/dataplane.md §14. The limits and the per-lease state (shared rate, meters,
+open tunnels) are in `tunnel_state.py`.
 
 Per byte the provider does one socket read or write and one frame write or read
 (`node.p2p` frames, one yamux frame per 64 KiB read), with no copy beyond py-libp2p's.
@@ -19,12 +20,11 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from ..auction import DeviceAdmission, Lease
+from ..auction import Lease
 from ..errors import (
     BidmeshError,
     InvalidMessage,
@@ -33,12 +33,9 @@ from ..errors import (
     RemoteError,
     StreamClosed,
     Unauthorized,
-    UsageError,
 )
 from ..events import Body, MemberUsage, Usage
 from ..p2p import (
-    FRAME_HEADER,
-    WRITE_PIECE,
     P2PHost,
     Stream,
     StreamTimeout,
@@ -50,9 +47,15 @@ from ..p2p import (
     touch_stream,
     write_frame,
 )
-from ..segments import TokenBucket
 from .egress import EgressPolicy
-from .metering import DemandMeter, FairQueue, Ticket
+from .tunnel_state import (
+    READ_SIZE,
+    LeaseTunnels,
+    MemberUse,
+    Tunnel,
+    TunnelConfig,
+    mono_ms,
+)
 from .tunnel_wire import (
     DATA,
     EOF,
@@ -68,15 +71,8 @@ __all__ = ["TunnelConfig", "TunnelService", "default_resolve", "local_addresses"
 
 log = logging.getLogger(__name__)
 _MAX_USAGE_MEMBERS = 256
-# One tunnel DATA frame (u32 length, type byte, data) is one stream write, hence one
-# yamux frame and one noise message (see node.p2p.WRITE_PIECE).
-READ_SIZE = WRITE_PIECE - FRAME_HEADER.size - 1
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
-
-
-def _mono_ms() -> int:
-    return int(trio.current_time() * 1000)
 
 
 async def default_resolve(host: str, port: int) -> list[str]:
@@ -121,192 +117,6 @@ def local_addresses(extra: Iterable[str] = ()) -> list[str]:
     return sorted(out)
 
 
-@dataclass(frozen=True)
-class TunnelConfig:
-    """Provider-side tunnel limits (the `[bandwidth]` config section)."""
-
-    egress: bool = True
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ("0.0.0.0/0 25", "::/0 25")
-    max_tunnels: int = 256
-    max_tunnels_per_lease: int = 64
-    max_tunnels_per_member: int = 16
-    # Tunnel streams one peer may hold open or opening (all its leases): its own cap in
-    # the host's resource manager instead of the generic per-protocol stream caps.
-    max_streams_per_peer: int = 64
-    open_timeout_s: float = 10.0  # the opening frame must arrive within this
-    connect_timeout_s: float = 10.0  # resolve + connect to the destination
-    idle_timeout_s: float = 300.0  # no byte either way for this long: closed (`idle`)
-    write_timeout_s: float = 30.0  # a member that stops reading
-    close_grace_s: float = 2.0  # after END, wait this long for the member to close
-    burst_ms: int = 250  # shared token bucket depth, in time at the max rate
-    rate_window_ms: int = 1000  # min-rate judgement window
-    lease_check_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        if min(self.max_tunnels, self.max_tunnels_per_lease, self.max_tunnels_per_member,
-               self.max_streams_per_peer) < 1:
-            raise UsageError("TunnelConfig: tunnel caps must be >= 1")
-        for name in ("open_timeout_s", "connect_timeout_s", "idle_timeout_s",
-                     "write_timeout_s", "close_grace_s", "lease_check_s"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"TunnelConfig.{name} must be positive")
-        EgressPolicy(allow=self.allow, deny=self.deny)  # rules parse, or UsageError
-
-
-class SharedRate:
-    """One token bucket for a lease, shared fairly between its members.
-
-    Without contention a take costs one bucket check. When tokens run short, callers
-    queue in a `FairQueue` (deficit round robin per member) and one of them at a time —
-    the scheduler — sleeps until the head ticket's tokens exist, grants it, and goes on
-    until its own ticket is granted; then it hands the role to a waiting caller.
-    """
-
-    def __init__(self, rate_bytes: int, burst_bytes: int) -> None:
-        self.bucket = TokenBucket(rate_bytes, burst_bytes)
-        # Grants of at most `chunk` bytes, and one chunk of credit per member per turn:
-        # a member with one tunnel (one ticket waiting at a time) then gets as much as
-        # one with many. (A quantum of a whole burst let many-ticket members take ~8
-        # chunks per turn: measured 35/65 instead of 50/50.)
-        self.chunk = min(READ_SIZE, max(4096, burst_bytes // 8), burst_bytes)
-        self.queue = FairQueue(self.chunk)
-        self.waiting: dict[Ticket, trio.Event] = {}
-        self.scheduler: Ticket | None = None
-        self.limited = 0
-
-    async def take(self, member: bytes, n: int) -> None:
-        while n > 0:
-            part = min(n, self.chunk)
-            await self._take(member, part)
-            n -= part
-
-    async def _take(self, member: bytes, n: int) -> None:
-        if not self.queue and self.bucket.take(n, _mono_ms()) == 0:
-            return
-        self.limited += 1
-        t = Ticket(member, n)
-        self.waiting[t] = trio.Event()
-        self.queue.push(t)
-        try:
-            while not t.granted:
-                if self.scheduler is None:
-                    self.scheduler = t
-                    try:
-                        await self._schedule(t)
-                    finally:
-                        self.scheduler = None
-                else:
-                    await self.waiting[t].wait()
-                    if not t.granted:
-                        self.waiting[t] = trio.Event()
-        finally:
-            if not t.granted:
-                self.queue.discard(t)
-            self.waiting.pop(t, None)
-            if self.scheduler is None:
-                self._handoff()
-
-    def _handoff(self) -> None:
-        for t, ev in self.waiting.items():
-            if not t.granted:
-                ev.set()  # its owner becomes the scheduler
-                return
-
-    async def _schedule(self, me: Ticket) -> None:
-        while not me.granted:
-            head = self.queue.head()
-            assert head is not None  # `me` is queued
-            wait = self.bucket.take(head.n, _mono_ms())
-            if wait > 0:
-                await trio.sleep(wait / 1000)
-                continue
-            self.queue.pop()
-            head.granted = True
-            ev = self.waiting.get(head)
-            if ev is not None:
-                ev.set()
-
-
-@dataclass
-class _MemberUse:
-    bytes_in: int = 0  # member -> destination
-    bytes_out: int = 0  # destination -> member
-    tunnels: int = 0  # opened in total
-    open: int = 0
-    active_ms: int = 0  # time with at least one tunnel open
-    since: float = 0.0
-
-
-class _LeaseTunnels:
-    def __init__(self, lease: Lease, cfg: TunnelConfig) -> None:
-        self.lease = lease
-        self.admission = DeviceAdmission(lease)
-        self.rate: SharedRate | None = None
-        if lease.max_rate_bps is not None:
-            rate = max(1, lease.max_rate_bps // 8)  # the lease says bits/s
-            self.rate = SharedRate(rate, max(rate * cfg.burst_ms // 1000, 4096))
-        self.meter: DemandMeter | None = None
-        if lease.min_rate_bps:
-            self.meter = DemandMeter(lease.min_rate_bps // 8, cfg.rate_window_ms, _mono_ms())
-        self.members: dict[bytes, _MemberUse] = {}
-        self.tunnels: set[_Tunnel] = set()
-        self.idle = trio.Event()
-        self.idle.set()
-        self.closed = False
-
-    def add(self, t: _Tunnel) -> None:
-        if not self.tunnels:
-            self.idle = trio.Event()
-        self.tunnels.add(t)
-        m = self.members.setdefault(t.member, _MemberUse())
-        m.tunnels += 1
-        if m.open == 0:
-            m.since = trio.current_time()
-        m.open += 1
-
-    def remove(self, t: _Tunnel) -> None:
-        if t not in self.tunnels:
-            return
-        self.tunnels.discard(t)
-        m = self.members[t.member]
-        m.open -= 1
-        if m.open == 0:
-            m.active_ms += int((trio.current_time() - m.since) * 1000)
-        if not self.tunnels:
-            self.idle.set()
-
-    def open_for(self, member: bytes) -> int:
-        m = self.members.get(member)
-        return m.open if m else 0
-
-    def busy(self, delta: int) -> None:
-        if self.meter is not None:
-            self.meter.busy(delta, _mono_ms())
-
-    def delivered(self, n: int) -> None:
-        if self.meter is not None:
-            self.meter.delivered(n, _mono_ms())
-
-
-class _Tunnel:
-    def __init__(self, st: _LeaseTunnels, stream: Stream, member: bytes,
-                 req: TunnelOpen) -> None:
-        self.st, self.stream, self.member, self.req = st, stream, member, req
-        self.sock: trio.SocketStream | None = None
-        self.scope = trio.CancelScope()
-        self.error: Refusal | None = None
-        self.member_gone = False  # the member reset the stream: nobody to tell
-        self.up_eof = self.down_eof = False
-        self.bytes_up = self.bytes_down = 0
-        self.last = trio.current_time()
-
-    def fail(self, reason: str, message: str) -> None:
-        if self.error is None:
-            self.error = Refusal(reason, message)
-        self.scope.cancel()
-
-
 class TunnelService:
     """Serves `/bidmesh/<network>/tunnel/1` for bandwidth leases (docs/dataplane.md §14).
 
@@ -329,7 +139,7 @@ class TunnelService:
         own = local_addresses() if own_addrs is None else list(own_addrs)
         self.policy = EgressPolicy(enabled=cfg.egress, allow=cfg.allow, deny=cfg.deny, own=own)
         self.counters: Counter[str] = Counter()
-        self._leases: dict[bytes, _LeaseTunnels] = {}
+        self._leases: dict[bytes, LeaseTunnels] = {}
         self._open = 0  # tunnels connected or connecting
         self._opening = 0  # streams still reading their opening frame
         self._changed = trio.Event()
@@ -378,7 +188,7 @@ class TunnelService:
             t.fail("lease_ended", f"lease {lease_id.hex()[:12]} has ended")
         with trio.move_on_after(self.config.write_timeout_s + self.config.close_grace_s + 5):
             await st.idle.wait()
-        shortfall = st.meter.close(_mono_ms()) if st.meter is not None else 0
+        shortfall = st.meter.close(mono_ms()) if st.meter is not None else 0
         members = sorted(st.members.items(), key=lambda kv: (-kv[1].bytes_in - kv[1].bytes_out,
                                                               kv[0]))[:_MAX_USAGE_MEMBERS]
         body = Usage(lease=lease_id, members=tuple(
@@ -423,7 +233,7 @@ class TunnelService:
         except BidmeshError as e:
             log.debug("could not tell the member why (%s)", e)
 
-    def _admit(self, peer: bytes, req: TunnelOpen) -> _LeaseTunnels:
+    def _admit(self, peer: bytes, req: TunnelOpen) -> LeaseTunnels:
         cfg = self.config
         lease = self.lease_lookup(req.lease)
         if lease is None:
@@ -440,7 +250,7 @@ class TunnelService:
                                "outside_window")
         st = self._leases.get(lease.id)
         if st is None:
-            st = self._leases[lease.id] = _LeaseTunnels(lease, cfg)
+            st = self._leases[lease.id] = LeaseTunnels(lease, cfg)
             self._changed.set()
         if st.closed:
             raise Unauthorized(f"lease {lease.id.hex()[:12]} was closed", "lease_closed")
@@ -513,7 +323,7 @@ class TunnelService:
             return
         finally:
             self._opening -= 1
-        t = _Tunnel(st, stream, peer, req)
+        t = Tunnel(st, stream, peer, req)
         st.add(t)  # holds its cap slot while connecting
         self._open += 1
         try:
@@ -542,7 +352,7 @@ class TunnelService:
 
     # ------------------------------------------------------------------ piping
 
-    async def _serve(self, t: _Tunnel) -> None:
+    async def _serve(self, t: Tunnel) -> None:
         with t.scope:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._watch, t)
@@ -565,7 +375,7 @@ class TunnelService:
             return
         await self._finish(t, end)
 
-    async def _finish(self, t: _Tunnel, end: TunnelEnd) -> None:
+    async def _finish(self, t: Tunnel, end: TunnelEnd) -> None:
         """Send END, half-close, and let the member close; reset one that does not."""
         cfg = self.config
         try:
@@ -590,7 +400,7 @@ class TunnelService:
         if not closed:
             await reset_quietly(t.stream)
 
-    async def _guard(self, t: _Tunnel, fn: Callable[[_Tunnel], Awaitable[None]]) -> None:
+    async def _guard(self, t: Tunnel, fn: Callable[[Tunnel], Awaitable[None]]) -> None:
         try:
             await fn(t)
         except Refusal as e:
@@ -609,7 +419,7 @@ class TunnelService:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             t.fail("destination_reset", f"the connection to {t.req.host} broke: {e!r}")
 
-    async def _up(self, t: _Tunnel) -> None:
+    async def _up(self, t: Tunnel) -> None:
         """Member -> destination: DATA frames written to the socket; EOF half-closes it."""
         st, sock = t.st, t.sock
         assert sock is not None
@@ -645,7 +455,7 @@ class TunnelService:
             finally:
                 st.busy(-1)
 
-    async def _down(self, t: _Tunnel) -> None:
+    async def _down(self, t: Tunnel) -> None:
         """Destination -> member: each socket read becomes one DATA frame."""
         st, sock, cfg = t.st, t.sock, self.config
         assert sock is not None
@@ -675,12 +485,12 @@ class TunnelService:
             self._sent_down(t, member, n)
 
     @staticmethod
-    def _sent_down(t: _Tunnel, member: _MemberUse, n: int) -> None:
+    def _sent_down(t: Tunnel, member: MemberUse, n: int) -> None:
         t.bytes_down += n
         member.bytes_out += n
         t.st.delivered(n)
 
-    async def _watch(self, t: _Tunnel) -> None:
+    async def _watch(self, t: Tunnel) -> None:
         """Cut the tunnel at the lease's end (`lease_ended`) or when idle (`idle`)."""
         cfg, lease = self.config, t.st.lease
         seen = t.last

@@ -15,97 +15,49 @@ being killed (the OS has the pages); only power loss can drop the last commits.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
-import os
 import sqlite3
 import time
 import urllib.parse
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import cast
 
-from .errors import InvalidEvent, Reason, UsageError
-from .events import MAX_WIRE, Body, Event, decode_wire, peek_chain_position, sign_event
+from .errors import InvalidEvent, UsageError
+from .events import Body, Event, decode_wire, peek_chain_position, sign_event
 from .keys import Identity
+from .ledger_pending import HELD_OVERHEAD, Gap, PendingLimits, Source, _Held, _Pending
+from .ledger_records import (
+    PARALLEL_MIN,
+    SCHEMA,
+    TRANSIENT_REASONS,
+    AppendResult,
+    ForkProof,
+    Head,
+    Status,
+    _chain_error,
+    _decode_all,
+    check_records,
+    idk,
+    read_stream,
+)
 from .recon import Item, ReconIndex
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events(
-    n INTEGER PRIMARY KEY,            -- local arrival order, a cursor for watchers
-    id BLOB NOT NULL,                 -- unique: it hashes (author, seq, ...)
-    idk INTEGER NOT NULL,             -- first 8 bytes of id: a small index for lookups
-    author BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    ref BLOB,
-    wire BLOB NOT NULL,
-    UNIQUE(author, seq)
-);
-CREATE INDEX IF NOT EXISTS events_idk ON events(idk);
-CREATE INDEX IF NOT EXISTS events_ref ON events(ref) WHERE ref IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_kind_ts ON events(kind, ts_ms);
-CREATE INDEX IF NOT EXISTS events_canon ON events(ts_ms, author, seq);
-CREATE TABLE IF NOT EXISTS forks(
-    author BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    wire_a BLOB NOT NULL,
-    wire_b BLOB NOT NULL,
-    PRIMARY KEY(author, seq)
-);
-"""
+# Split out of this module (issue 17) and re-exported: the rest of the node imports them here.
+__all__ = [
+    "CACHE_KIB", "HELD_OVERHEAD", "PARALLEL_MIN", "SCHEMA", "TRANSIENT_REASONS",
+    "WAL_CHECKPOINT_PAGES", "AppendResult", "ForkProof", "Gap", "Head", "Ledger",
+    "PendingLimits", "Source", "Status", "check_records", "idk", "read_stream",
+]
 
 
 CACHE_KIB = 32 << 10  # SQLite page cache of the writer (part of the RSS budget)
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MiB of WAL between automatic checkpoints
 
 _Row = tuple[bytes, bytes, int, int, str, bytes | None, bytes, int]  # ..., wire, idk
-
-
-def idk(event_id: bytes) -> int:
-    """The indexed key of an event id: its first 8 bytes as an order-preserving signed
-    integer. An 8-byte index is a quarter the size of one over 32-byte ids, which
-    keeps ingest fast once the ledger outgrows the page cache; lookups check the
-    full id too."""
-    return int.from_bytes(event_id[:8], "big") - (1 << 63)
-
-
-class Status(StrEnum):
-    ACCEPTED = "accepted"
-    DUPLICATE = "duplicate"
-    PENDING = "pending"
-    REJECTED = "rejected"
-    FORK = "fork"
-
-
-# Reasons that say nothing bad about the sender: a node must not penalise a peer for
-# these, and gossip validators must not reject on them (py-libp2p caches verdicts).
-TRANSIENT_REASONS = frozenset({Reason.PENDING_FULL})
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    status: Status
-    event_id: bytes | None = None
-    reason: str | None = None  # for REJECTED: a stable code; for others: None
-    detail: str = ""
-    # Events stored by this call: the event itself and any pending ones it unblocked.
-    accepted: tuple[Event, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.status in (Status.ACCEPTED, Status.DUPLICATE, Status.PENDING)
-
-    @property
-    def peer_fault(self) -> bool:
-        """True when the sender sent something no honest node would."""
-        return self.status is Status.REJECTED and self.reason not in TRANSIENT_REASONS
 
 
 @dataclass
@@ -119,190 +71,6 @@ class _Batch:
     popped: list[_Held] = field(default_factory=list)
     source: Source = None  # whom events that go pending are charged to
     blame: bool = False
-
-
-class Head(NamedTuple):
-    seq: int
-    id: bytes
-    ts_ms: int
-
-
-@dataclass(frozen=True)
-class ForkProof:
-    author: bytes
-    seq: int
-    wire_a: bytes
-    wire_b: bytes
-
-
-Source = Hashable
-"""Whom a pending event is charged to: the forwarding peer (None: local / unattributed)."""
-
-
-@dataclass(slots=True, eq=False)
-class _Held:
-    """One pending event: its wire only (decoded again, unverified, when it is due), so
-    memory is the record's size plus this header, whatever the body decodes into."""
-
-    author: bytes
-    seq: int
-    id: bytes
-    wire: bytes
-    source: Source
-    blame: bool  # the source published it itself: its expiry is the source's fault
-    added: float
-
-    @property
-    def size(self) -> int:
-        return len(self.wire) + HELD_OVERHEAD
-
-
-HELD_OVERHEAD = 256  # bytes charged per pending event beyond its wire (header, dict slots)
-
-
-@dataclass(frozen=True)
-class PendingLimits:
-    """Bounds of the pending buffer (`[limits] pending_*`)."""
-
-    per_author: int = 1024
-    total: int = 65_536
-    peer_events: int = 2048
-    peer_bytes: int = 4 << 20
-    total_bytes: int = 32 << 20
-    ttl_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class Gap:
-    """Missing seqs `first..last` of `author`, with who sent the events waiting on it."""
-
-    author: bytes
-    first: int
-    last: int
-    sources: tuple[Source, ...]
-    added: float  # when the oldest event waiting on it arrived
-
-
-class _Pending:
-    """Events waiting for their predecessor, charged to the source that sent them:
-    bounded per author, per source (events, bytes) and in total (events, bytes);
-    entries expire `ttl_s` after they arrive.
-
-    When the total is full, an event from a source holding less than the biggest
-    holder evicts that holder's oldest entries: one source cannot keep everyone
-    else's out-of-order events out. Several candidates may wait at one
-    (author, seq): which of them chains is only known when the gap fills, and
-    keeping them all lets a fork be detected in whichever order its halves arrive."""
-
-    def __init__(self, limits: PendingLimits) -> None:
-        self.limits = limits
-        self.by_author: dict[bytes, dict[int, dict[bytes, _Held]]] = {}
-        self.counts: dict[bytes, int] = {}
-        self.size = 0
-        self.bytes = 0
-        self.by_source: dict[Source, OrderedDict[int, _Held]] = {}  # in arrival order
-        self.source_bytes: Counter[Source] = Counter()
-        self.evicted = 0
-
-    def add(self, ev: Event, source: Source, blame: bool, now: float) -> str | None:
-        """Hold `ev`; None if held (or already held), else why not: "pending_full"."""
-        slot = self.by_author.get(ev.author)
-        if slot is not None and ev.id in slot.get(ev.seq, {}):
-            return None
-        return self.restore(_Held(ev.author, ev.seq, ev.id, ev.wire, source, blame, now))
-
-    def restore(self, h: _Held) -> str | None:
-        lim = self.limits
-        if self.counts.get(h.author, 0) >= lim.per_author:
-            return Reason.PENDING_FULL
-        mine = self.by_source.get(h.source)
-        if (mine is not None and len(mine) >= lim.peer_events) or \
-                self.source_bytes[h.source] + h.size > lim.peer_bytes:
-            return Reason.PENDING_FULL
-        while self.size >= lim.total or self.bytes + h.size > lim.total_bytes:
-            if not self._evict_for(h.source, h.size):
-                return Reason.PENDING_FULL
-        slot = self.by_author.setdefault(h.author, {})
-        slot.setdefault(h.seq, {})[h.id] = h
-        self.counts[h.author] = self.counts.get(h.author, 0) + 1
-        self.size += 1
-        self.bytes += h.size
-        self.by_source.setdefault(h.source, OrderedDict())[id(h)] = h
-        self.source_bytes[h.source] += h.size
-        return None
-
-    def _evict_for(self, source: Source, size: int) -> bool:
-        """Make room by dropping the oldest entry of the biggest holder, if that is
-        not `source` and holds more than `source` would after adding."""
-        if not self.source_bytes:
-            return False
-        big, held = max(self.source_bytes.items(), key=lambda kv: kv[1])
-        if big == source or held <= self.source_bytes[source] + size:
-            return False
-        oldest = next(iter(self.by_source[big].values()))
-        self._remove(oldest)
-        self.evicted += 1
-        return True
-
-    def _remove(self, h: _Held) -> None:
-        slot = self.by_author[h.author]
-        cands = slot[h.seq]
-        del cands[h.id]
-        if not cands:
-            del slot[h.seq]
-        self._forget(h)
-        if not slot:
-            del self.by_author[h.author]
-
-    def _forget(self, h: _Held) -> None:
-        """Uncount `h`, already gone from `by_author[author][seq]`."""
-        self.size -= 1
-        self.bytes -= h.size
-        self.counts[h.author] -= 1
-        if not self.counts[h.author]:
-            del self.counts[h.author]
-        mine = self.by_source[h.source]
-        del mine[id(h)]
-        self.source_bytes[h.source] -= h.size
-        if not mine:
-            del self.by_source[h.source]
-            del self.source_bytes[h.source]
-
-    def pop(self, author: bytes, seq: int) -> list[_Held]:
-        """Remove and return every candidate at (author, seq), in arrival order."""
-        slot = self.by_author.get(author)
-        if not slot or seq not in slot:
-            return []
-        held = list(slot.pop(seq).values())
-        for h in held:
-            self._forget(h)
-        if not slot:
-            del self.by_author[author]
-        return held
-
-    def drop_upto(self, author: bytes, seq: int) -> None:
-        """Forget buffered events at or below a seq we now hold."""
-        slot = self.by_author.get(author)
-        if not slot:
-            return
-        for s in [s for s in slot if s <= seq]:
-            for h in slot.pop(s).values():
-                self._forget(h)
-        if not slot:
-            del self.by_author[author]
-
-    def expire(self, now: float) -> list[_Held]:
-        """Remove and return entries older than `ttl_s`."""
-        cutoff = now - self.limits.ttl_s
-        out: list[_Held] = []
-        for mine in list(self.by_source.values()):
-            while mine:
-                h = next(iter(mine.values()))
-                if h.added > cutoff:
-                    break
-                out.append(h)
-                self._remove(h)  # may delete `mine` from by_source once empty
-        return out
 
 
 class Ledger:
@@ -935,83 +703,3 @@ class Ledger:
     def _decode(self, wire: bytes) -> Event:
         # Stored records were verified on append; skip the signature on reads.
         return decode_wire(wire, self.network, verify=False)
-
-
-def _decode_one(wire: bytes, network: str) -> Event | AppendResult:
-    """The self-contained checks of one record: an Event, or its rejection."""
-    if type(wire) is not bytes:
-        return AppendResult(Status.REJECTED, reason=Reason.MALFORMED, detail="not bytes")
-    if len(wire) > MAX_WIRE:
-        return AppendResult(Status.REJECTED, reason=Reason.OVERSIZED,
-                            detail=f"{len(wire)} bytes, limit {MAX_WIRE}")
-    try:
-        return decode_wire(wire, network)
-    except InvalidEvent as e:
-        return AppendResult(Status.REJECTED, reason=e.reason, detail=str(e))
-
-
-def check_records(wires: list[bytes], network: str) -> list[Event | AppendResult]:
-    """The self-contained checks (size, codec, signature, schema) of each record, for
-    `Ledger.append_checked`: no ledger state, so safe on another thread."""
-    return [_decode_one(w, network) for w in wires]
-
-
-PARALLEL_MIN = 128  # records per batch before a second thread shares the checks
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _decode_all(wires: list[bytes], network: str) -> list[Event | AppendResult]:
-    """Check a batch's records; large batches on two threads. Signature verification
-    (libsodium through cffi) runs without the GIL, so the second core does real work;
-    everything order-dependent happens afterwards, in sequence."""
-    global _pool
-    if len(wires) < PARALLEL_MIN or (os.cpu_count() or 1) < 2:
-        return [_decode_one(w, network) for w in wires]
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bidmesh-verify")
-    half = len(wires) // 2
-    rest = _pool.submit(lambda: [_decode_one(w, network) for w in wires[half:]])
-    first = [_decode_one(w, network) for w in wires[:half]]
-    return first + rest.result()
-
-
-def _chain_error(ev: Event, head: Head | None) -> tuple[str, str] | None:
-    have = head.seq if head else 0
-    if ev.seq != have + 1:
-        return Reason.BAD_CHAIN, f"seq {ev.seq} does not follow {have}"
-    if head is not None:
-        if ev.prev != head.id:
-            return Reason.PREV_MISMATCH, f"prev does not match the stored event at seq {have}"
-        if ev.ts_ms < head.ts_ms:
-            return Reason.TS_REGRESS, "timestamp is earlier than the author's previous event"
-    return None
-
-
-def read_stream(data: bytes, max_records: int = 10_000_000) -> Iterator[bytes | InvalidEvent]:
-    """Split an export file (concatenated wire records) into records.
-
-    Yields each record's bytes, or an InvalidEvent where the stream cannot be read
-    (after which reading stops: a broken msgpack stream has no reliable resync).
-    Framing only: each record's content is checked by `Ledger.append`."""
-    import msgpack
-
-    unpacker = msgpack.Unpacker(raw=True, max_buffer_size=len(data) + 1, max_bin_len=MAX_WIRE,
-                                max_str_len=MAX_WIRE, max_array_len=1 << 16,
-                                max_map_len=1 << 10, max_ext_len=MAX_WIRE)
-    unpacker.feed(data)
-    pos = 0
-    for _ in range(max_records):
-        try:
-            obj = unpacker.unpack()
-        except msgpack.OutOfData:
-            if pos < len(data):
-                yield InvalidEvent(f"truncated record at byte {pos}", Reason.TRUNCATED)
-            return
-        except (ValueError, msgpack.UnpackException) as e:
-            yield InvalidEvent(f"unreadable record at byte {pos}: {e}", Reason.MALFORMED)
-            return
-        start, pos = pos, unpacker.tell()
-        if type(obj) is not list:
-            yield InvalidEvent(f"record at byte {start} is not [signed, sig]", Reason.MALFORMED)
-            continue
-        yield data[start:pos]

@@ -39,161 +39,33 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
-from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
 from ..errors import UsageError
 from ..events import Event, Offer
 from ..reputation import FoldReputation, Policy
+from .foldstate import (
+    _DICTS,
+    _KIND_DICTS,
+    _MOVERS,
+    _REASSIGNED,
+    CKey,
+    OfferSource,
+    Source,
+    _ent,
+    _Merged,
+    _Offers,
+    _Ordered,
+    _Part,
+    _Rating,
+    _Settle,
+    ckey,
+)
 from .lease import Lease
 from .market import Auction, Market, OfferRecord, RatingRecord
 
-CKey = tuple[int, bytes, int]  # canonical key (ts_ms, author, seq)
-_MOVERS = ("commit", "award", "subcontract")  # kinds other events are routed through
-_DICTS = ("auctions", "awards", "leases", "paid", "payments", "ratings", "subcontracts",
-          "usage", "offers")
-# The merged dicts folding one event of a kind can add keys to (Market's handlers):
-# `_link` looks at those only (it runs per folded event). Other kinds add none.
-_KIND_DICTS: dict[str, tuple[str, ...]] = {
-    "request": ("auctions",), "award": ("awards", "leases", "paid"),
-    "payment": ("payments", "paid"), "rating": ("ratings",),
-    "subcontract": ("subcontracts",), "usage": ("usage",), "offer": ("offers",),
-    "bid": (), "commit": (), "reveal": (), "pledge": (),
-}
-_REASSIGNED = ("paid", "offers")  # dicts whose values a fold replaces (<= 1 key a partition)
-
-
-def ckey(ev: Event) -> CKey:
-    return (ev.ts_ms, ev.author, ev.seq)
-
-
-class _Ordered:
-    """A dict of the merged market, kept in the order a full fold inserts its keys
-    (by the canonical key of the event that first set each). A key inserted out of
-    order marks the dict for one rebuild in place, at the end of `market()`: O(its
-    size), only when back-dated events arrived."""
-
-    __slots__ = ("d", "order", "pos", "stale", "watch")
-
-    def __init__(self, d: dict[Any, Any]) -> None:
-        self.d = d
-        self.order: list[tuple[CKey, Any]] = []
-        self.pos: dict[Any, CKey] = {}
-        self.stale = False
-        # Told (key, old value, new value) of every change: keeps an index current.
-        self.watch: Callable[[Any, Any, Any], None] | None = None
-
-    def put(self, k: Any, sk: CKey, v: Any) -> None:
-        d = self.d
-        old = self.pos.get(k)
-        if old is not None:
-            if old == sk:
-                if self.watch is not None:
-                    self.watch(k, d[k], v)
-                d[k] = v  # re-derived, same first event: same position
-                return
-            self.remove(k)
-        if self.watch is not None:
-            self.watch(k, None, v)
-        self.pos[k] = sk
-        ent = (sk, k)
-        if self.order and ent < self.order[-1]:
-            insort(self.order, ent)
-            self.stale = True
-        else:
-            self.order.append(ent)
-        d[k] = v
-
-    def remove(self, k: Any) -> None:
-        sk = self.pos.pop(k)
-        del self.order[bisect_left(self.order, (sk, k))]
-        if self.watch is not None:
-            self.watch(k, self.d[k], None)
-        del self.d[k]
-
-    def fix(self) -> None:
-        if self.stale:
-            d = self.d
-            items = [(k, d[k]) for _, k in self.order]
-            d.clear()
-            d.update(items)
-            self.stale = False
-
-
-# (key of the event whose fold appended the entry, its index in its partition's list,
-# the partition): while an event moves between partitions both may list it, briefly.
-_MKey = tuple[CKey, int, bytes]
-
-
-class _Merged:
-    """A list of the merged market (ignored, evidence) in canonical fold order: by the
-    key of the event whose fold appended each entry, then its position there."""
-
-    __slots__ = ("keys", "out")
-
-    def __init__(self, out: list[Any]) -> None:
-        self.out = out
-        self.keys: list[_MKey] = []
-
-    def put(self, sk: _MKey, item: Any) -> None:
-        if not self.keys or self.keys[-1] < sk:
-            self.keys.append(sk)
-            self.out.append(item)
-            return
-        i = bisect_left(self.keys, sk)
-        self.keys.insert(i, sk)
-        self.out.insert(i, item)
-
-    def remove(self, sk: _MKey) -> None:
-        i = bisect_left(self.keys, sk)
-        del self.keys[i], self.out[i]
-
-
-_Rating = tuple[bytes, str, bool, int, int]  # subject, role, satisfied, score, weight
-_RepRead = tuple[bytes, str, int, CKey]  # key, role, as of, read at
-_SetRead = tuple[bytes, CKey, int]  # key, read at, ended by
-_Settle = tuple[tuple[bytes, ...], int, bytes]  # parties, end_ms, lease id
-
-
-class _Part:
-    __slots__ = (
-        "applied",
-        "dirty",
-        "evd",
-        "evs",
-        "full",
-        "ids",
-        "ign",
-        "key",
-        "linked",
-        "out_r",
-        "out_s",
-        "pm",
-        "reads_rep",
-        "reads_set",
-        "seen",
-        "top",
-    )
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-        self.evs: list[tuple[CKey, Event]] = []  # sorted
-        self.ids: list[bytes] | None = None  # evicted: evs is empty, these are its ids
-        self.top = 0  # the latest ts_ms of its events (kept while evicted)
-        self.applied = 0  # evs[:applied] are folded into pm, in order
-        self.pm: _PartMarket | None = None
-        self.linked: dict[str, list[Any]] = {}
-        self.seen: dict[str, int] = {}
-        self.ign: list[_MKey] = []
-        self.evd: list[_MKey] = []
-        # Sets while loaded; tuples once evicted (a set costs 216 bytes even empty).
-        self.reads_rep: set[_RepRead] | tuple[_RepRead, ...] = set()
-        self.reads_set: set[_SetRead] | tuple[_SetRead, ...] = set()
-        self.out_r: dict[CKey, _Rating] = {}
-        self.out_s: dict[CKey, _Settle] = {}
-        self.dirty: CKey | None = None
-        self.full = False
+__all__ = ["CKey", "FoldedMarket", "IncrementalMarket", "OfferSource", "Source", "ckey"]
 
 
 class _PartMarket(Market):
@@ -247,25 +119,6 @@ class FoldedMarket(Market):
         eng = self._engine
         pos = eng._ord["leases"].pos
         return [self.leases[k] for k in sorted(eng._leases_of.get(key, ()), key=pos.__getitem__)]
-
-
-# Loads events by id (all of them, in the order asked): where evicted partitions'
-# events come back from, e.g. the ledger.
-Source = Callable[[list[bytes]], list[Event]]
-# (author, latest): the author's earliest (latest=False) or latest present offer in
-# canonical order, or None; "present" already excludes the events being removed.
-OfferSource = Callable[[bytes, bool], Event | None]
-
-
-class _Offers:
-    """One provider's present offers: the first (its place in `Market.offers`) and the
-    latest (its value); `all` holds every one (sorted) when there is no offer source."""
-
-    __slots__ = ("all", "first", "last")
-
-    def __init__(self, ent: tuple[CKey, Event], keep_all: bool) -> None:
-        self.first = self.last = ent
-        self.all: list[tuple[CKey, Event]] | None = [ent] if keep_all else None
 
 
 class IncrementalMarket:
@@ -770,7 +623,3 @@ class IncrementalMarket:
         for k in parties:
             lst = self._settles[k]
             del lst[bisect_left(lst, ck, key=lambda e: e[0])]
-
-
-def _ent(ev: Event | None) -> tuple[CKey, Event] | None:
-    return None if ev is None else (ckey(ev), ev)

@@ -39,6 +39,7 @@ from node import sync  # noqa: E402
 from node.events import Event, Offer, ServiceOffer, domain_tag  # noqa: E402
 from node.ledger import Ledger  # noqa: E402
 from node.sync_recon import ReconSession  # noqa: E402
+from node.sync_session import SyncSession  # noqa: E402
 
 NETWORK = "reconbench"
 BODY = Offer(services=(ServiceOffer("bandwidth", 5, 100),), currency="EUR", addrs=())
@@ -86,7 +87,7 @@ def diverge(led: Ledger, authors: int, diffs: int, network: str) -> int:
 
 def session(local: Ledger, remote: Ledger, version: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    s: sync.SyncSession = (ReconSession(local) if version == 2 else sync.SyncSession(local))
+    s: SyncSession = (ReconSession(local) if version == 2 else SyncSession(local))
     nbytes = trips = 0
     while (req := s.next_request()) is not None:
         data = req.encode()

@@ -75,6 +75,7 @@ from node.events import (  # noqa: E402
 )
 from node.ledger import Ledger, Status  # noqa: E402
 from node.sync_recon import ReconSession  # noqa: E402
+from node.sync_session import SyncSession  # noqa: E402
 
 NETWORK = "scalebench"
 GEN_VERSION = 1  # bump when the generated ledger changes
@@ -301,7 +302,7 @@ def _child(path: Path, snapshot: Path | None = None) -> dict[str, Any]:
     return dict(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
-def _session(sess: sync.SyncSession, remote: Ledger, version: int) -> tuple[int, int, float]:
+def _session(sess: SyncSession, remote: Ledger, version: int) -> tuple[int, int, float]:
     """Run a session against `remote` in-process: (round trips, bytes, seconds)."""
     nbytes = trips = 0
     t0 = time.perf_counter()
@@ -345,7 +346,7 @@ def bench_sync(path: Path, work: Path, n_authors: int) -> dict[str, Any]:
     ok = a.digest() == b.digest()
     # /sync/1 (HEADS paging), served for older nodes: the baseline.
     a1 = Ledger(a1_path, network=NETWORK)
-    sess1 = sync.SyncSession(a1)
+    sess1 = SyncSession(a1)
     trips1, nbytes1, sync1_s = _session(sess1, b, 1)
     ok1 = a1.digest() == b.digest()
     for led in (a, a1, b):

@@ -66,6 +66,7 @@ from .replication import (  # noqa: F401  (LIVE_S & co. re-exported for callers)
 from .resources import subnet_of
 from .sync_peers import SlotGate, SyncPeers, SyncRecord, SyncSlots, cause_of, lacks_protocol
 from .sync_recon import ReconSession
+from .sync_session import SyncLimits, SyncSession
 
 log = logging.getLogger("bidmesh.gossip")
 
@@ -139,7 +140,7 @@ class Replicator:
         self.policy: ReplicationPolicy[p2p.PeerId] = ReplicationPolicy(
             config, self.clock, rng or random.Random())
         self.stats: Stats = self.policy.stats
-        self.limits = sync.SyncLimits(
+        self.limits = SyncLimits(
             heads_page=config.sync.heads_page,
             range_limit=config.sync.range_limit,
             range_bytes=config.sync.range_bytes,
@@ -212,7 +213,7 @@ class Replicator:
     async def sync_with(
         self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None = None,
         *, leave_live: bool = False,
-    ) -> sync.SyncSession | None:
+    ) -> SyncSession | None:
         """Run one anti-entropy session with `peer` now; None if one is already running.
         `leave_live`: skip authors whose events gossip is delivering (we hold one
         younger than the live window; see `SyncSession`), as the periodic rounds do."""
@@ -473,15 +474,15 @@ class Replicator:
             return None
 
     async def _session(self, peer: p2p.PeerId, gaps: list[tuple[bytes, int, int]] | None,
-                       live_after_ms: int | None, version: int | None = None) -> sync.SyncSession:
+                       live_after_ms: int | None, version: int | None = None) -> SyncSession:
         version = self._sync_version(peer) if version is None else version
-        s: sync.SyncSession
+        s: SyncSession
         if version == 2:
             s = ReconSession(self.ledger, self.limits, gaps=gaps, live_after_ms=live_after_ms,
                              clock=self.clock.now)
         else:
-            s = sync.SyncSession(self.ledger, self.limits, gaps=gaps,
-                                 live_after_ms=live_after_ms, clock=self.clock.now)
+            s = SyncSession(self.ledger, self.limits, gaps=gaps,
+                            live_after_ms=live_after_ms, clock=self.clock.now)
         store_failed = False
         while (req := s.next_request()) is not None:
             resp = await self._send(peer, req, version)
@@ -578,7 +579,7 @@ class Replicator:
 
     async def _sync_quietly(self, peer: p2p.PeerId,
                             gaps: list[tuple[bytes, int, int]] | None,
-                            leave_live: bool = False) -> sync.SyncSession | None:
+                            leave_live: bool = False) -> SyncSession | None:
         try:
             return await self.sync_with(peer, gaps, leave_live=leave_live)
         except BidmeshError as e:

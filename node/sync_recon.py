@@ -45,13 +45,11 @@ from .sync import (
     ReconAnswer,
     ReconRequest,
     ReconResponse,
-    SyncLimits,
     SyncRequest,
     SyncResponse,
-    SyncSession,
-    _Want,
 )
 from .sync import ReconNode as ReconNodeWire
+from .sync_session import SyncLimits, SyncSession, _Want
 
 VERSION = 2
 

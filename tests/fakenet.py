@@ -14,8 +14,8 @@ from node import sync
 from node.events import Offer, sign_event
 from node.keys import Identity
 from node.ledger import Ledger
-from node.sync import SyncLimits, SyncSession
 from node.sync_recon import ReconSession
+from node.sync_session import SyncLimits, SyncSession, drive
 
 NET = "test"
 
@@ -86,7 +86,7 @@ class FakeNet:
                                           **kw)  # type: ignore[arg-type]
         else:
             s = SyncSession(self.ledgers[me], lim, **kw)  # type: ignore[arg-type]
-        await sync.drive(s, send)
+        await drive(s, send)
         self.sessions += 1
         self.faults += sum(s.stats.faults.values())
 

@@ -30,6 +30,7 @@ from node.replication import (
     Clock,
     ReplicationPolicy,
 )
+from node.sync_session import SyncLimits, SyncSession, drive
 
 NET = "repltest"
 EPOCH = 1_800_000_000.0
@@ -311,16 +312,16 @@ class FakeMesh:
         return codec.pack([codec.unpack(ev.wire, 1 << 20)[0], bytes(64)])
 
     # pull
-    async def session(self, me: int, peer: int, **kw: object) -> sync.SyncSession:
+    async def session(self, me: int, peer: int, **kw: object) -> SyncSession:
         async def send(req: sync.SyncRequest) -> sync.SyncResponse | None:
             await trio.sleep(self.rng.uniform(0, self.delay))
             data = sync.handle(self.ledgers[peer], req.encode())
             await trio.sleep(self.rng.uniform(0, self.delay))
             return sync.decode_response(data)
 
-        s = sync.SyncSession(self.ledgers[me], sync.SyncLimits(heads_page=4, range_limit=16),
-                             clock=self.clock.now, **kw)  # type: ignore[arg-type]
-        await sync.drive(s, send)
+        s = SyncSession(self.ledgers[me], SyncLimits(heads_page=4, range_limit=16),
+                        clock=self.clock.now, **kw)  # type: ignore[arg-type]
+        await drive(s, send)
         p = self.policies[me]
         p.stats.sync_rounds += 1
         p.stats.sync_events += len(s.accepted)

@@ -14,7 +14,7 @@ from fakenet import NET, body
 
 from node import codec, sync
 from node.errors import InvalidMessage
-from node.events import sign_event
+from node.events import decode_wire, sign_event
 from node.keys import Identity
 from node.ledger import Ledger
 from node.sync import (
@@ -28,9 +28,8 @@ from node.sync import (
     HeadsResponse,
     RangeRequest,
     RangeResponse,
-    SyncLimits,
-    SyncSession,
 )
+from node.sync_session import SyncLimits, SyncSession, drive
 
 A32 = bytes(range(32))
 
@@ -227,7 +226,7 @@ def test_branch_longer_than_ours_is_a_fork_not_a_fault(tmp_path: Path) -> None:
     x, y = fork_pair(liar, (2, first.id), 1001)
     a.append(x)
     b.append(y)
-    ey = sync.decode_wire(y, NET)
+    ey = decode_wire(y, NET)
     for i in range(5):  # b's branch continues
         ev = sign_event(liar.seed, 3 + i, ey.id, 1002 + i, body(i), NET)
         b.append(ev.wire)
@@ -352,8 +351,8 @@ async def test_tarpit_answering_under_the_timeout_is_cut_when_nothing_new_comes(
     led = ledger(tmp_path, "a")
     pit = FakeTarpit(delay=4.5)
     t0 = trio.current_time()
-    s = await sync.drive(SyncSession(led, SyncLimits(stall_s=30.0), clock=trio.current_time),
-                         pit.send)
+    s = await drive(SyncSession(led, SyncLimits(stall_s=30.0), clock=trio.current_time),
+                    pit.send)
     assert s.stalled and s.cut == "stalled" and s.failed and led.count() == 0
     # Cut at the first request after stall_s: one slow answer past it at most.
     assert trio.current_time() - t0 < 30.0 + 4.5 + 0.1
@@ -367,7 +366,7 @@ async def test_fast_tarpit_is_cut_by_its_idle_answers(
     led = ledger(tmp_path, "a")
     for clock in (trio.current_time, None):
         pit = FakeTarpit(delay=0.0)
-        s = await sync.drive(SyncSession(led, SyncLimits(idle_pages=16), clock=clock), pit.send)
+        s = await drive(SyncSession(led, SyncLimits(idle_pages=16), clock=clock), pit.send)
         assert s.stalled and s.cut == "idle"
         assert pit.requests <= 2 + 17  # DIGEST, one HEADS page, 17 empty RANGEs
 
@@ -386,8 +385,8 @@ async def test_peer_repeating_what_we_hold_is_cut(
             req = RangeRequest(ident.public, 1, 4, req.max_bytes)
         return await pit.send(req)
 
-    s = await sync.drive(SyncSession(a, SyncLimits(idle_pages=4), clock=trio.current_time),
-                         send)
+    s = await drive(SyncSession(a, SyncLimits(idle_pages=4), clock=trio.current_time),
+                    send)
     assert s.cut == "idle" and s.stalled and s.stats.accepted == 0 and a.count() == 5
 
 
@@ -406,7 +405,7 @@ async def test_slow_honest_peer_is_not_cut_while_it_brings_events(
         return sync.decode_response(sync.handle(b, req.encode()))
 
     lim = SyncLimits(heads_page=8, range_limit=2, stall_s=10.0)
-    s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), send)
+    s = await drive(SyncSession(a, lim, clock=trio.current_time), send)
     assert s.failed is None and s.cut is None and a.digest() == b.digest()
 
 
@@ -432,11 +431,11 @@ async def test_trickle_of_real_events_under_the_timeout_is_cut(
 
     lim = SyncLimits(range_limit=64, stall_s=30.0, slow_s=2.5)
     t0 = trio.current_time()
-    s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), trickle(4.5))
+    s = await drive(SyncSession(a, lim, clock=trio.current_time), trickle(4.5))
     assert s.stalled and s.cut == "stalled" and trio.current_time() - t0 < 30.0 + 4.5 + 0.1
     # Every RANGE answer (all but DIGEST and HEADS) stored two events and was thin.
     assert s.stats.thin == s.stats.requests - 2 > 0 and a.count() == 2 * s.stats.thin
-    s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), trickle(0.1))
+    s = await drive(SyncSession(a, lim, clock=trio.current_time), trickle(0.1))
     assert s.cut is None and s.failed is None and a.digest() == b.digest()
 
 
@@ -466,7 +465,7 @@ async def test_session_time_and_request_bounds_end_without_blame(
         return sync.decode_response(sync.handle(b, req.encode()))
 
     lim = SyncLimits(range_limit=10, session_s=5.0)
-    s = await sync.drive(SyncSession(a, lim, clock=trio.current_time), send)
+    s = await drive(SyncSession(a, lim, clock=trio.current_time), send)
     assert s.cut == "time" and not s.stalled and s.failed is None and 0 < a.count() < 100
     s = run_session(a, b, SyncLimits(range_limit=10, max_requests=3))
     assert s.cut == "requests" and not s.stalled and s.failed is None

@@ -27,10 +27,9 @@ from node.sync import (
     ReconNode,
     ReconRequest,
     ReconResponse,
-    SyncLimits,
-    SyncSession,
 )
 from node.sync_recon import ReconSession
+from node.sync_session import SyncLimits, SyncSession, drive
 
 NET = "test"
 A32 = bytes(range(32))
@@ -294,8 +293,8 @@ async def test_endless_splitting_is_cut_as_idle(
     for authors, base in ((2000, 100), (2000, 4096), (30, 1024)):
         a, _, _ = populated(tmp_path / str(base), authors, 4)
         liar = Liar()
-        s = await sync.drive(ReconSession(a, clock=trio.current_time, nodes_base=base),
-                             liar.send)
+        s = await drive(ReconSession(a, clock=trio.current_time, nodes_base=base),
+                        liar.send)
         assert s.cut == "idle" and s.stalled and s.failed and s.stats.accepted == 0
         assert s.recon.asked <= base and liar.requests <= 40
 
@@ -304,8 +303,8 @@ async def test_made_up_items_are_cut_by_idle_fetches(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     a, _, _ = populated(tmp_path, 50, 5)
     liar = Liar(items=True)
-    s = await sync.drive(ReconSession(a, SyncLimits(idle_pages=4), clock=trio.current_time),
-                         liar.send)
+    s = await drive(ReconSession(a, SyncLimits(idle_pages=4), clock=trio.current_time),
+                    liar.send)
     assert s.cut == "idle" and s.stalled and s.stats.accepted == 0
     assert liar.requests < 100
 
@@ -315,8 +314,8 @@ async def test_slow_liar_is_cut_at_stall_s(
     a, _, _ = populated(tmp_path, 50, 6)
     t0 = trio.current_time()
     liar = Liar(delay=4.5)
-    s = await sync.drive(ReconSession(a, SyncLimits(stall_s=30.0), clock=trio.current_time),
-                         liar.send)
+    s = await drive(ReconSession(a, SyncLimits(stall_s=30.0), clock=trio.current_time),
+                    liar.send)
     assert s.cut == "stalled" and s.stalled and s.stats.accepted == 0
     assert trio.current_time() - t0 < 30.0 + 4.5 + 0.1
 
@@ -326,7 +325,7 @@ async def test_garbage_records_are_a_fault(
     a = ledger(tmp_path, "a")
     bogus = codec.pack([b"\x97" + b"\x00" * 10, bytes(64)])
     s = ReconSession(a, gaps=[(A32, 1, 3)], salt=SALT)
-    await sync.drive(s, Liar(fetch=[bogus]).send)
+    await drive(s, Liar(fetch=[bogus]).send)
     assert s.failed and sum(s.stats.faults.values()) == 1
 
 

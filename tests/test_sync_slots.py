@@ -14,8 +14,8 @@ from test_sync import FakeTarpit, body, ledger
 from node import sync
 from node.keys import Identity
 from node.ledger import Ledger
-from node.sync import SyncLimits, SyncSession
 from node.sync_peers import SlotGate, SyncRecord, SyncSlots
+from node.sync_session import SyncLimits, SyncSession, drive
 
 
 def test_strangers_never_hold_the_reserved_slots() -> None:
@@ -102,7 +102,7 @@ class Node:
             return None
         try:
             s = SyncSession(self.led, self.limits, clock=trio.current_time)
-            await sync.drive(s, send)  # type: ignore[arg-type]
+            await drive(s, send)  # type: ignore[arg-type]
         finally:
             self.gate.release(peer)
         if s.stalled:

@@ -20,6 +20,7 @@ from node import codec, sync
 from node.errors import InvalidMessage
 from node.events import Event
 from node.ledger import Ledger, Status
+from node.sync_session import SyncLimits, SyncSession
 
 from .mutations import FUZZ, FUZZ_SLOW, TREES, mutated, packb, structurally_mutated
 
@@ -182,8 +183,8 @@ def test_session_survives_hostile_responses(data: st.DataObject, gaps: bool) -> 
     """Mostly answers of the type asked for (so the session goes deep), sometimes the
     wrong type, an error or nothing."""
     with _ledger(A[:2]) as led:
-        limits = sync.SyncLimits(max_requests=40)
-        session = sync.SyncSession(led, limits, gaps=[(A[0].author, 3, 6)] if gaps else None)
+        limits = SyncLimits(max_requests=40)
+        session = SyncSession(led, limits, gaps=[(A[0].author, 3, 6)] if gaps else None)
         steps = 0
         while (req := session.next_request()) is not None:
             steps += 1
@@ -199,7 +200,7 @@ def test_session_survives_hostile_responses(data: st.DataObject, gaps: bool) -> 
 def test_session_against_honest_server_still_converges() -> None:
     """Sanity for the hostile-server property: the same session code syncs for real."""
     with _ledger(A + B) as src, _ledger(A[:2]) as dst:
-        session = sync.SyncSession(dst)
+        session = SyncSession(dst)
         while (req := session.next_request()) is not None:
             session.on_response(sync.decode_response(sync.handle(src, req.encode())))
         assert session.failed is None
@@ -208,7 +209,7 @@ def test_session_against_honest_server_still_converges() -> None:
 
 def test_range_of_another_authors_records_is_harmless() -> None:
     with _ledger(A[:2]) as led:
-        session = sync.SyncSession(led, gaps=[(A[0].author, 3, 6)])
+        session = SyncSession(led, gaps=[(A[0].author, 3, 6)])
         req = session.next_request()
         assert isinstance(req, sync.RangeRequest)
         session.on_response(sync.RangeResponse(tuple(e.wire for e in B), False))
@@ -219,7 +220,7 @@ def test_range_of_another_authors_records_is_harmless() -> None:
 
 def test_session_counts_invalid_records_as_faults() -> None:
     with _ledger(A[:2]) as led:
-        session = sync.SyncSession(led, gaps=[(A[0].author, 3, 6)])
+        session = SyncSession(led, gaps=[(A[0].author, 3, 6)])
         session.next_request()
         bad = A[2].wire[:-1] + bytes([A[2].wire[-1] ^ 1])  # broken signature
         session.on_response(sync.RangeResponse((bad,), False))

@@ -42,6 +42,7 @@ from node.events import (
     sign_event,
 )
 from node.reputation import ROLES
+from node.sync_session import SyncSession
 
 NONCE = bytes(range(16))
 
@@ -567,7 +568,7 @@ def test_equivocating_bidder_is_excluded_everywhere(tmp_path: Path) -> None:
     other = Ledger(tmp_path / "other.db", network="test")
     try:
         other.append_many([e.wire for e in w.events if e.id != cheap.id] + [twin.wire])
-        session = sync.SyncSession(other)
+        session = SyncSession(other)
         while (r := session.next_request()) is not None:
             session.on_response(sync.decode_response(sync.handle(w.ledger, r.encode())))
         assert other.forked() == w.ledger.forked()

@@ -16,7 +16,8 @@ Modules (the names below are re-exported here; import them from `node.p2p`):
     pubsub    gossipsub topics, subscriptions and validators
     mdns      LAN discovery (zeroconf) feeding dial addresses to a callback
     _compat   every replacement of an upstream function and edit of its private
-              state, the version check, typed Protocols for the upstream members used
+              state, the version check
+    _upstream_types  typed Protocols for the upstream members used
 
 Host::
 

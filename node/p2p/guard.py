@@ -54,12 +54,13 @@ from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicat
 from ..errors import BidmeshError, PeerError
 from ..resources import ConnLease, Direction, LimitExceeded, ResourceManager, StreamLease
 from . import _compat
+from ._upstream_types import peerstore_of
 from .frames import _STREAM_LEASES, reset_quietly
 
 if TYPE_CHECKING:
     from libp2p.abc import IHost
 
-    from ._compat import SwarmInternals
+    from ._upstream_types import SwarmInternals
 
 log = logging.getLogger("node.p2p")
 
@@ -153,7 +154,7 @@ class Guard:
         self._log = RateLimitedLog()
         # Upstream eviction would remove our own entry first; our
         # prune_peerstore() bounds the store instead.
-        _compat.disable_peerstore_eviction(_compat.peerstore_of(host.libp2p))
+        _compat.disable_peerstore_eviction(peerstore_of(host.libp2p))
 
     def set_bootstrap(self, peers: Iterable[ID]) -> None:
         self._bootstrap = set(peers)
@@ -288,11 +289,11 @@ class Guard:
     # ------------------------------------------------------------- peerstore
 
     def _peerstore_size(self) -> int:
-        return len(_compat.peerstore_of(self.host.libp2p).peer_data_map)
+        return len(peerstore_of(self.host.libp2p).peer_data_map)
 
     def ensure_own_entry(self) -> None:
         """Our key pair in the peerstore is what identify and pubsub sign with."""
-        peerstore = _compat.peerstore_of(self.host.libp2p)
+        peerstore = peerstore_of(self.host.libp2p)
         own = self.host.peer_id
         if own not in peerstore.peer_data_map:
             peerstore.add_key_pair(own, self._keypair)
@@ -302,7 +303,7 @@ class Guard:
     def prune_peerstore(self) -> int:
         """Drop disconnected non-bootstrap peers, least recently seen first, down to
         `peerstore_max`; our own entry is never dropped. Returns how many went."""
-        peerstore = _compat.peerstore_of(self.host.libp2p)
+        peerstore = peerstore_of(self.host.libp2p)
         entries = peerstore.peer_data_map
         own = self.host.peer_id
         connected = set(self.host._swarm.connections)

@@ -35,6 +35,7 @@ from ..errors import BidmeshError, OperationError, PeerError, StreamTimeout, Usa
 from ..resources import Direction, Limits, ResourceManager
 from . import _compat
 from ._compat import BAD_ADDRESS, UPSTREAM_FAILURES
+from ._upstream_types import swarm_of
 from .addrs import AddrPolicy
 from .frames import close_quietly, reset_quietly
 from .guard import LONG_LIVED_PREFIXES, Guard, conn_direction, conn_remote_ip
@@ -106,7 +107,7 @@ class P2PHost:
         """This node's raw 32-byte Ed25519 public key."""
         self.max_connections = limits.max_connections
         self._blocked: dict[ID, float] = {}
-        self._swarm = _compat.swarm_of(libp2p_host)
+        self._swarm = swarm_of(libp2p_host)
         self.resources = ResourceManager(limits, trio.current_time)
         """Connection, stream and request limits (node/resources.py); charge requests
         in flight with `host.resources.try_start_request(peer, protocol)`."""
@@ -336,7 +337,7 @@ def _build_libp2p_host(
         connection_config=config,
         addrs_factory=addr_policy or AddrPolicy(),
     )
-    swarm = _compat.swarm_of(host)
+    swarm = swarm_of(host)
     _compat.unbound_inbound_limiter(swarm)
     _compat.limit_inbound_handshakes(swarm)
     return host

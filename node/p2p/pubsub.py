@@ -30,7 +30,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import InvalidMessage, UsageError
 from . import _compat
-from ._compat import GossipSubInternals, PubsubInternals
+from ._upstream_types import GossipSubInternals, PubsubInternals
 from .host import P2PHost
 from .ids import pubkey_from_peer_id
 

@@ -175,8 +175,10 @@ def f(spec: Spec, **kw: Any) -> Any:
     return dataclasses.field(metadata={"spec": spec}, **kw)
 
 
-class _Declared:
-    """Frozen dataclasses whose fields are declared with `f(spec)`."""
+class _Declared(abc.ABC):
+    """Frozen dataclasses whose fields are declared with `f(spec)`. Abstract: a shape
+    (`Struct`, `Row`) says how it maps to msgpack with `from_wire`/`to_wire`, and
+    mypy (and Python, at instantiation) rejects a class that does not."""
 
     @staticmethod
     def invalid(path: str, what: str) -> PeerError:
@@ -193,11 +195,13 @@ class _Declared:
         return specs
 
     @classmethod
+    @abc.abstractmethod
     def from_wire(cls, v: Any, path: str) -> Self:
-        raise NotImplementedError
+        """Validate a decoded msgpack value (`path` names it in errors)."""
 
+    @abc.abstractmethod
     def to_wire(self) -> Any:
-        raise NotImplementedError
+        """The msgpack value this object encodes as."""
 
     def __post_init__(self) -> None:
         # Validate values given from Python too, so a bad value is never constructed.
@@ -210,7 +214,7 @@ class _Declared:
             spec.check(spec.dump(v), f"{self.__class__.__name__}.{name}", bad)
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Cross-field rules; override and raise `self.reject(field, what)`."""
 
     def reject(self, field: str, what: str) -> PeerError:

@@ -29,7 +29,7 @@ from node.events import (
     event_to_json,
     sign_event,
 )
-from node.schema import Nested, Opt, Spec
+from node.schema import Int, Nested, Opt, Spec, _Declared, f
 
 BODIES = sample_bodies()
 
@@ -113,6 +113,17 @@ def test_limits_and_cross_field_rules() -> None:
     assert _reason(_sign_body({**bid, "request": b"x" * 31}, "bid")) == "bad_schema"
     assert _reason(_sign_body({**bid, "price": True}, "bid")) == "bad_schema"
     assert _reason(_sign_body({**bid, "price": (1 << 64) - 1}, "bid")) == "bad_schema"
+
+
+def test_a_declared_class_without_a_wire_shape_is_abstract() -> None:
+    # A Struct or Row says how it maps to msgpack; a class that says neither cannot
+    # exist (mypy reports "Cannot instantiate abstract class" for it in node/).
+    @dataclasses.dataclass(frozen=True)
+    class Shapeless(_Declared):
+        n: int = f(Int())
+
+    with pytest.raises(TypeError, match="abstract"):
+        Shapeless(1)  # type: ignore[abstract]
 
 
 def test_python_construction_validates() -> None:

@@ -7,8 +7,10 @@ machine, so the bounds are generous and a timeout names what was awaited.
 
 * `wait_until` (async, trio): in-process hosts and nodes.
 * `wait_for` (blocking): node processes driven from the test's thread.
-* `fake_net` (fixture): runs `fakenet.run_fake` in the test's tmp_path on trio's
-  virtual clock (use with `autojump_clock`).
+* `fake_net` (fixture): the seeded fake networks of tests/fakenet.py in the test's
+  tmp_path, on trio's virtual clock (use with `autojump_clock`): `await
+  fake_net(seed)` runs `fakenet.run_fake`; `fake_net.mesh(n, seed)` builds a
+  `FakeMesh` (nodes driven by their ReplicationPolicy, gossip along a mesh).
 
 Modules import the helpers with `from conftest import wait_until` (tests/ is on the
 import path, as for the other helper modules here).
@@ -18,13 +20,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from fakenet import FakeNet, run_fake
+from fakenet import FakeMesh, FakeNet, run_fake
 
 
 async def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
@@ -48,17 +50,28 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-FakeNetRunner = Callable[..., Awaitable[FakeNet]]
+class FakeNetRunner:
+    """The `fake_net` fixture: each network gets its own directory under tmp_path."""
+
+    def __init__(self, tmp: Path) -> None:
+        self._tmp = tmp
+        self._runs = itertools.count()
+
+    def _dir(self) -> Path:
+        return self._tmp / f"net{next(self._runs)}"
+
+    async def __call__(self, seed: int, **kw: Any) -> FakeNet:
+        """Nodes with real ledgers on a seeded lossy network (drops, duplicates,
+        delays; see `fakenet.run_fake` for the knobs), run until they converge."""
+        return await run_fake(self._dir(), seed, **kw)
+
+    def mesh(self, n: int, seed: int, **kw: Any) -> FakeMesh:
+        """A `FakeMesh` of `n` nodes (knobs: see `FakeMesh`); `await net.run(...)`."""
+        return FakeMesh(self._dir(), n, seed, **kw)
 
 
 @pytest.fixture
 def fake_net(tmp_path: Path) -> FakeNetRunner:
-    """`await fake_net(seed, **kw)`: nodes with real ledgers on a seeded lossy network
-    (drops, duplicates, delays; see `fakenet.run_fake` for the knobs), run until they
-    converge; returns the `FakeNet`. Each call gets its own directory."""
-    runs = itertools.count()
-
-    async def run(seed: int, **kw: Any) -> FakeNet:
-        return await run_fake(tmp_path / f"net{next(runs)}", seed, **kw)
-
-    return run
+    """`await fake_net(seed, **kw)` or `fake_net.mesh(n, seed, **kw)`: see
+    `FakeNetRunner`."""
+    return FakeNetRunner(tmp_path)

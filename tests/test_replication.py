@@ -7,16 +7,16 @@ from __future__ import annotations
 import collections
 import itertools
 import random
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from conftest import FakeNetRunner
+from fakenet import FakeMesh
 
-from node import codec, config, sync
+from node import config
 from node.events import Event, Offer, sign_event
 from node.keys import Identity
-from node.ledger import Ledger, Status
 from node.replication import (
     CATCH_UP_S,
     GAP_GRACE_MAX_S,
@@ -30,7 +30,6 @@ from node.replication import (
     Clock,
     ReplicationPolicy,
 )
-from node.sync_session import SyncLimits, SyncSession, drive
 
 NET = "repltest"
 EPOCH = 1_800_000_000.0
@@ -214,198 +213,10 @@ def test_mesh_watchdog_regrafts_after_grace_with_backoff() -> None:
 # ------------------------------------------------------------------ fake network
 
 
-class FakeMesh:
-    """Nodes with real ledgers, each driven by its own ReplicationPolicy the way
-    node/gossip.py's Replicator drives it. Gossip goes from a publisher along the
-    mesh (symmetric edges; a batch reaches every node connected to it by mesh
-    edges), each delivery dropped, duplicated or delayed at random (seeded); sync
-    requests use the real codecs. `cut(i)` takes node i out of the mesh as a
-    gossipsub PRUNE does; `refuse_until[i]` makes its regrafts fail until then
-    (the other side still backing off)."""
-
-    def __init__(self, tmp: Path, n: int, seed: int, *, drop: float = 0.2, dup: float = 0.1,
-                 delay: float = 0.3, degree: int = 2, **sections: dict[str, object]) -> None:
-        self.rng = random.Random(seed)
-        self.n = n
-        self.clock = Clock.virtual(trio.current_time, EPOCH)
-        cfg = config.from_dict({"gossip": {"batch_ms": 200.0, "mesh_degree": degree},
-                                "sync": {"interval_s": 2.0}, **sections})
-        self.ledgers = [Ledger(tmp / f"n{i}.db", network=NET) for i in range(n)]
-        self.idents = [Identity.from_seed(bytes([seed, i]) * 16) for i in range(n)]
-        self.policies: list[ReplicationPolicy[int]] = [
-            ReplicationPolicy(cfg, self.clock, random.Random(seed * 1000 + i)) for i in range(n)]
-        self.drop, self.dup, self.delay = drop, dup, delay
-        self.edges: set[frozenset[int]] = {frozenset((i, (i + k) % n))
-                                           for i in range(n) for k in range(1, degree // 2 + 1)}
-        self.refuse_until = [0.0] * n
-        self.wake = [trio.Event() for _ in range(n)]
-        self.gap = [trio.Event() for _ in range(n)]
-        self.published = 0
-        self.regrafted_at: dict[int, float] = {}
-        self.gossip_at_regraft: dict[int, int] = {}  # events it had by gossip by then
-        self.liars: set[int] = set()  # add a forged record to every batch they send
-        self.blocked: list[set[int]] = [set() for _ in range(n)]  # cut off by each node
-
-    # mesh
-    def mesh(self, i: int) -> set[int]:
-        return {j for e in self.edges if i in e for j in e if j != i}
-
-    def reach(self, i: int) -> set[int]:
-        seen, todo = {i}, [i]
-        while todo:
-            for j in self.mesh(todo.pop()):
-                if j not in seen:
-                    seen.add(j)
-                    todo.append(j)
-        return seen - {i}
-
-    def cut(self, i: int) -> None:
-        self.edges = {e for e in self.edges if i not in e}
-
-    # gossip
-    async def _deliver(self, dst: int, src: int, wires: list[bytes]) -> None:
-        await trio.sleep(self.rng.uniform(0, self.delay))
-        if src in self.blocked[dst]:
-            return
-        p, led = self.policies[dst], self.ledgers[dst]
-        p.stats.batches_received += 1
-        accepted: list[Event] = []
-        for res in led.append_many(wires):
-            if sync.counts_against_peer(res):
-                assert src in self.liars, res
-                cut = p.fault(src, res.reason or "rejected", lambda q: q in self.blocked[dst])
-                if cut is not None:  # what the shell does: block, and the mesh link goes
-                    self.blocked[dst].add(cut.peer)
-                    self.edges.discard(frozenset((dst, cut.peer)))
-            accepted.extend(res.accepted)
-            if res.status is Status.PENDING:
-                self.gap[dst].set()
-        if accepted:
-            p.stats.events["accepted_gossip"] += len(accepted)
-            p.gossip_received(max(ev.ts_ms for ev in accepted))
-
-    def queue(self, i: int, wires: list[bytes]) -> None:
-        self.policies[i].queue(wires)
-        self.wake[i].set()
-
-    async def sender(self, nursery: trio.Nursery, i: int) -> None:
-        p = self.policies[i]
-        while True:
-            await self.wake[i].wait()
-            self.wake[i] = trio.Event()
-            await trio.sleep_until(p.round_at())
-            p.start_round()
-            while batch := p.next_batch():
-                p.stats.batches_sent += 1
-                if i in self.liars:
-                    batch = [*batch, self.forged()]
-                for dst in self.reach(i):
-                    if self.rng.random() < self.drop:
-                        continue
-                    for _ in range(2 if self.rng.random() < self.dup else 1):
-                        nursery.start_soon(self._deliver, dst, i, batch)
-
-    def forged(self) -> bytes:
-        """A fresh event whose signature does not verify."""
-        ev = sign_event(bytes([77]) * 32, 1, None, int(self.clock.wall() * 1000),
-                        body(self.rng.randrange(1 << 30)), NET)
-        return codec.pack([codec.unpack(ev.wire, 1 << 20)[0], bytes(64)])
-
-    # pull
-    async def session(self, me: int, peer: int, **kw: object) -> SyncSession:
-        async def send(req: sync.SyncRequest) -> sync.SyncResponse | None:
-            await trio.sleep(self.rng.uniform(0, self.delay))
-            data = sync.handle(self.ledgers[peer], req.encode())
-            await trio.sleep(self.rng.uniform(0, self.delay))
-            return sync.decode_response(data)
-
-        s = SyncSession(self.ledgers[me], SyncLimits(heads_page=4, range_limit=16),
-                        clock=self.clock.now, **kw)  # type: ignore[arg-type]
-        await drive(s, send)
-        p = self.policies[me]
-        p.stats.sync_rounds += 1
-        p.stats.sync_events += len(s.accepted)
-        if s.accepted and p.regossip(s.accepted):
-            self.wake[me].set()
-        return s
-
-    async def periodic(self, i: int) -> None:
-        p = self.policies[i]
-        while True:
-            await trio.sleep(p.periodic_delay())
-            peer = p.pick([j for j in range(self.n) if j != i and j not in self.blocked[i]])
-            assert peer is not None
-            s = await self.session(i, peer, live_after_ms=p.live_after_ms())
-            p.periodic_done(len(s.accepted))
-
-    async def gaps(self, i: int) -> None:
-        p = self.policies[i]
-        while True:
-            await self.gap[i].wait()
-            await trio.sleep(p.gap_grace_s())
-            self.gap[i] = trio.Event()
-            if gaps := self.ledgers[i].gaps():
-                p.stats.gap_syncs += 1
-                await self.session(i, self.rng.choice([j for j in range(self.n) if j != i]),
-                                   gaps=gaps)
-
-    async def watchdog(self, i: int) -> None:
-        p = self.policies[i]
-        while True:
-            await trio.sleep(MESH_CHECK_S)
-            # Topic peers: those still connected (a cut-off closes the connection).
-            peers = {j for j in range(self.n)
-                     if j != i and j not in self.blocked[i] and i not in self.blocked[j]}
-            action = p.mesh_check(self.mesh(i), peers)
-            if (action is not None and action.want
-                    and trio.current_time() >= self.refuse_until[i]):
-                self.edges |= {frozenset((i, j)) for j in action.peers[:action.want]}
-                if i not in self.regrafted_at:
-                    self.regrafted_at[i] = trio.current_time()
-                    self.gossip_at_regraft[i] = p.stats.events["accepted_gossip"]
-
-    async def publisher(self, i: int, count: int, rate: float) -> None:
-        for k in range(count):
-            await trio.sleep(self.rng.expovariate(rate))
-            ev = self.ledgers[i].publish(self.idents[i], body(k), int(self.clock.wall() * 1000))
-            self.published += 1
-            self.queue(i, [ev.wire])
-
-    def converged(self) -> bool:
-        honest = [led for i, led in enumerate(self.ledgers) if i not in self.liars]
-        return len({led.digest() for led in honest}) == 1 and all(
-            led.count() >= self.published - self.published_by_liars for led in honest)
-
-    @property
-    def published_by_liars(self) -> int:
-        return sum(self.ledgers[i].count() for i in self.liars)
-
-    async def run(self, per_node: int, rate: float, during: object = None) -> float:
-        """Publish `per_node` events on every node at `rate`/s; `during(net)` runs
-        alongside; returns virtual seconds from the last publish to convergence."""
-        async with trio.open_nursery() as nursery:
-            for i in range(self.n):
-                for fn in (self.periodic, self.gaps, self.watchdog):
-                    nursery.start_soon(fn, i)
-                nursery.start_soon(self.sender, nursery, i)
-            if during is not None:
-                nursery.start_soon(during, self)  # type: ignore[arg-type]
-            async with trio.open_nursery() as pubs:
-                for i in range(self.n):
-                    pubs.start_soon(self.publisher, i, per_node, rate)
-            end = trio.current_time()
-            with trio.fail_after(600):  # virtual seconds
-                while not self.converged():
-                    await trio.sleep(0.1)
-            took = trio.current_time() - end
-            nursery.cancel_scope.cancel()
-        return took
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_fake_mesh_converges_paced_and_batched(
-        tmp_path: Path, seed: int, autojump_clock: trio.testing.MockClock) -> None:
-    net = FakeMesh(tmp_path, 5, seed, degree=2)
+        fake_net: FakeNetRunner, seed: int, autojump_clock: trio.testing.MockClock) -> None:
+    net = fake_net.mesh(5, seed, degree=2)
     start = trio.current_time()
     await net.run(per_node=60, rate=20.0)
     elapsed = trio.current_time() - start
@@ -422,8 +233,8 @@ async def test_fake_mesh_converges_paced_and_batched(
 
 
 async def test_node_cut_out_of_the_mesh_is_regrafted_and_converges_meanwhile(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    net = FakeMesh(tmp_path, 5, 4, degree=2, drop=0.0)
+        fake_net: FakeNetRunner, autojump_clock: trio.testing.MockClock) -> None:
+    net = fake_net.mesh(5, 4, degree=2, drop=0.0)
     victim = 2
     seen: dict[str, int] = {}
 
@@ -450,10 +261,10 @@ async def test_node_cut_out_of_the_mesh_is_regrafted_and_converges_meanwhile(
 
 
 async def test_peer_forging_events_is_cut_off_by_everyone_it_reaches(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    net = FakeMesh(tmp_path, 5, 6, degree=4, drop=0.0,
-                   gossip={"batch_ms": 200.0, "mesh_degree": 4, "fault_threshold": 3,
-                           "fault_window_s": 60.0, "block_s": 600.0})
+        fake_net: FakeNetRunner, autojump_clock: trio.testing.MockClock) -> None:
+    net = fake_net.mesh(5, 6, degree=4, drop=0.0,
+                        gossip={"batch_ms": 200.0, "mesh_degree": 4, "fault_threshold": 3,
+                                "fault_window_s": 60.0, "block_s": 600.0})
     liar = 4
     net.liars.add(liar)
     await net.run(per_node=40, rate=5.0)

@@ -15,13 +15,20 @@ a page from a local HTTP server through it after the attacks. Attackers are Pyth
 process (tests/reliability/attackers.py: real libp2p hosts, many identities) that
 misbehave on purpose; every loop is bounded and all traffic stays on loopback.
 
+CPUs (`cpu_placement`): on the internet an attacker spends its own machine's CPU.
+Here the bench process (every attacker, the sampler, status polls) is pinned to one
+half of the CPUs and every node, and the prober (an honest peer: on its own machine
+too), to the other half, in the idle windows and under attack alike, so that the
+ratio compares like with like and charges the victims only for the work the attack
+makes them do. With one CPU nothing is pinned, and the JSON says so.
+
 Side by side: a prober child process (an honest libp2p peer) sends a query DIGEST
-to V and to H every 50 ms for the whole run. The baseline is its p99 over idle
-windows: one at the start (`idle_s`) and one before every attack (`idle_gap_s`),
-pooled (`idle_digest_samples`: a p99 needs more than the ~40 samples of one window,
-and on a machine shared with other work the load changes during the run; windows
-overlapping a background attack are left out). For each attack, the p99 during the
-attack and a short window after it (`*_digest_samples`), divided by the baseline
+to V and to H every 30 ms (PROBE_INTERVAL_S) for the whole run. The baseline is its
+p99 over idle windows: one at the start (`idle_s`) and one before every attack
+(`idle_gap_s`), pooled (`idle_digest_samples`; windows overlapping a background
+attack are left out). For each attack, the p99 during the attack and the time after
+it, at least MIN_WINDOW_S in all (~100 samples per target on an idle machine;
+`*_digest_samples`), divided by the baseline
 (floored at IDLE_FLOOR_MS: timer and scheduling noise), for V and for H, the larger
 of the two; `honest_digest_p99_ratio` is the largest over all attacks (target <= 3).
 Each result also has the longest event-loop step of V and H in its window, in CPU
@@ -32,7 +39,9 @@ to V or H) all along: `digest_vs_control_ratio` divides the victims' p99 by its 
 in the same window, which separates what an attack does to V and H from what the
 machine's load (other work on it, and the attack's own CPU) does to every process.
 Each result names the `protocols` (libp2p protocol ids, or the other sockets a node
-opens: SOCKETS) its attack hits. During each
+opens: SOCKETS) its attack hits; PROTOCOL_IDS spells out every id, and the run checks
+it against what V serves (identify) and lists any id no attack hits (`protocols`).
+During each
 attack H also publishes one event and the time until V stores it is
 `honest_propagation_s` (target <= PROPAGATION_MAX_S). RSS of every node is sampled
 every 0.25 s (`max_rss_mb`, target < 300). A victim that exits is a crash: its
@@ -42,8 +51,9 @@ event acknowledged to the bench must be on V and H (`events_lost`, target 0).
 An attack passes when no node crashed, RSS stayed under the target, the honest
 ratio and propagation held, and the attack's own promises held (e.g. an honest
 out-of-order pair is still held after a pending flood; see attackers.py).
-`--quick` (< 60 s on 2 idle cores) uses smaller volumes and durations and changes
-three node limits: `limits.peerstore_max` 16, so that 48 identities exercise the
+`--quick` (~2 min on 2 idle cores) uses smaller volumes and durations and changes
+four node limits: `bandwidth.open_timeout_s` 3 s (silent tunnel openers are cut
+sooner); `limits.peerstore_max` 16, so that 48 identities exercise the
 peerstore pruning that 2,000 exercise against the default 512 (py-libp2p's own cap
 of 1,000 is switched off by node/p2p/guard.py; tests/test_p2p_guard.py puts 1,500
 entries in); `limits.trusted_reserved` 24, so that 28 idle identities fill the 24
@@ -62,6 +72,7 @@ Last line: JSON with `attacks`, `crashes`, `max_rss_mb`, `honest_digest_p99_rati
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -95,7 +106,14 @@ RATIO_MAX = 3.0
 TARPIT_MAX_S = 30.0
 PROPAGATION_MAX_S = 10.0
 IDLE_FLOOR_MS = 5.0
-PROBE_INTERVAL_S = 0.05
+# The prober asks each target every 30 ms (back to back when an answer takes
+# longer): ~33 samples a second per target, so a window of MIN_WINDOW_S holds ~100.
+# Faster costs the nodes' CPU more than it measures (a DIGEST over a new stream is
+# ~5 ms of CPU on each side in py-libp2p).
+PROBE_INTERVAL_S = 0.03
+# An attack's window (the attack, then the time after it) lasts at least this: a p99
+# over a few samples is their maximum.
+MIN_WINDOW_S = 3.0
 
 QUICK = {"preload": 1000, "concurrency": 16, "crowd_hold_s": 0.5,
          "pending_keys": 8, "pending_events": 48, "gap_authors": 1000, "flood_s": 1.5,
@@ -109,7 +127,7 @@ QUICK = {"preload": 1000, "concurrency": 16, "crowd_hold_s": 0.5,
          "idle_keepalive": 64, "http_honest": 5, "idle_identities": 28, "newcomer_wait_s": 20,
          "conn_grace_s": 2.0, "trusted_reserved": 24, "identities": 48, "peerstore_max": 16,
          "control_clients": 4, "proc_hold_s": 1.5, "socks_slowloris": 16,
-         "socks_connections": 64}
+         "socks_connections": 64, "tunnel_open_timeout_s": 3.0}
 FULL = {"preload": 20000, "identities": 2000, "pending_keys": 64, "pending_events": 512,
         "gap_authors": 20000, "flood_s": 10.0, "submit_identities": 200,
         "proc_identities": 4, "proc_sessions": 16,
@@ -117,6 +135,48 @@ FULL = {"preload": 20000, "identities": 2000, "pending_keys": 64, "pending_event
         "tarpit_cap_s": 60.0, "tarpits": 8, "back_dated": 100, "back_dated_s": 8.0,
         "socks_slowloris": 32, "socks_connections": 256,
         "lookup_rounds": 10, "idle_s": 10.0, "idle_gap_s": 2.0, "after_s": 3.0, "gap_after_s": 10.0}
+
+
+# ------------------------------------------------------------------ CPU placement
+
+@dataclass
+class Placement:
+    """Which CPUs the bench's own processes (attackers, prober, sampler) and the
+    nodes run on. On the internet an attacker spends its own machine's CPU: here
+    the attackers and the measuring harness are pinned to one half of the CPUs and
+    every node to the other, in the idle windows and under attack alike (like for
+    like). With one CPU nothing is pinned and the JSON says so."""
+
+    harness: set[int] | None
+    nodes: set[int] | None
+    note: str
+
+    def json(self) -> dict[str, Any]:
+        return {"pinned": self.nodes is not None,
+                "harness_cpus": sorted(self.harness) if self.harness else None,
+                "node_cpus": sorted(self.nodes) if self.nodes else None, "note": self.note}
+
+
+def place_cpus() -> Placement:
+    """Pin this process (every thread it has and will start, and the children it
+    starts: prober, attackers' helpers) to the harness CPUs; return the placement."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError) as e:  # not Linux
+        return Placement(None, None, f"not pinned: no CPU affinity here ({e})")
+    if len(cpus) < 2:
+        return Placement(None, None, f"not pinned: {len(cpus)} CPU available, so the "
+                         "attackers' CPU is charged to the nodes' latency")
+    harness, nodes = set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:])
+    # sched_setaffinity(0) is per thread: every thread that exists now, then new
+    # ones inherit it from the thread that starts them.
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), harness)
+        except OSError:
+            continue  # a thread that has just ended
+    return Placement(harness, nodes, f"attackers and harness on CPU {sorted(harness)}, "
+                     f"nodes on CPU {sorted(nodes)}")
 
 
 # ------------------------------------------------------------------ the honest prober
@@ -154,14 +214,19 @@ trio.run(main)
 
 
 class Prober:
-    def __init__(self, base: Path, targets: dict[str, Proc]) -> None:
+    """The honest peer asking DIGEST: on the nodes' CPUs (`cpus`), not the attackers'
+    (on the internet it has a machine of its own; beside the attackers, their CPU
+    would be charged to its own half of every round trip)."""
+
+    def __init__(self, base: Path, targets: dict[str, Proc], cpus: set[int] | None) -> None:
         self.path = base / "probe.log"
         script = base / "probe.py"
         script.write_text(PROBE)
         self.popen = subprocess.Popen(
             [sys.executable, str(script), str(ROOT), str(self.path), str(PROBE_INTERVAL_S),
              NETWORK, *[f"{k}={p.addr}" for k, p in targets.items()]],
-            stdout=subprocess.DEVNULL, stderr=open(base / "probe.err", "wb"))  # noqa: SIM115
+            stdout=subprocess.DEVNULL, stderr=open(base / "probe.err", "wb"),  # noqa: SIM115
+            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
 
     def samples(self, name: str, t0: float, t1: float) -> tuple[list[float], int]:
         lat, failed = [], 0
@@ -255,7 +320,27 @@ class Attack:
     protocols: tuple[str, ...] = ()
 
 
-# The sockets a node opens besides libp2p protocols (named as in results' "protocols").
+# Every libp2p protocol a node serves, spelled out ("{network}" is the network name),
+# by the names attacks list in `protocols`. `check_protocols` compares the table at run
+# time with the ids attackers.py computes (LIBP2P_PROTOCOLS, own_protocols) and with
+# what the victim itself says it serves (identify): a protocol added to the node
+# without an attack here fails the bench instead of going unattacked.
+PROTOCOL_IDS = {
+    "identify": "/ipfs/id/1.0.0",
+    "identify_push": "/ipfs/id/push/1.0.0",
+    "ping": "/ipfs/ping/1.0.0",
+    "meshsub_1.1": "/meshsub/1.1.0",
+    "meshsub_1.2": "/meshsub/1.2.0",
+    "sync": "/bidmesh/{network}/sync/1",
+    "sync2": "/bidmesh/{network}/sync/2",
+    "query": "/bidmesh/{network}/query/1",
+    "stream": "/bidmesh/{network}/stream/1",
+    "process": "/bidmesh/{network}/process/1",
+    "process_session": "/bidmesh/{network}/process/2",
+    "tunnel": "/bidmesh/{network}/tunnel/1",  # served by nodes offering bandwidth
+}
+
+# The sockets a node (or a client) opens besides libp2p protocols.
 SOCKETS = {
     "http": "tcp:http (HTTP API, [http])",
     "control": "unix:control.sock (local control socket)",
@@ -264,17 +349,37 @@ SOCKETS = {
 }
 
 
+def protocol_table(network: str = NETWORK) -> dict[str, str]:
+    return {k: v.format(network=network) for k, v in PROTOCOL_IDS.items()}
+
+
 def protocol_ids(names: tuple[str, ...]) -> list[str]:
-    """Names of attackers.LIBP2P_PROTOCOLS / own_protocols() / SOCKETS -> ids."""
-    table = {**A.LIBP2P_PROTOCOLS, **A.own_protocols(NETWORK), **SOCKETS}
+    """Names of PROTOCOL_IDS / SOCKETS -> ids."""
+    table = {**protocol_table(), **SOCKETS}
     return [table[n] for n in names]
+
+
+def check_protocols(served: list[str], todo: list[Attack]) -> dict[str, Any]:
+    """The table against attackers.py's ids and against what the victim serves
+    (`served`, from identify); the ids served that no attack in `todo` hits."""
+    table = protocol_table()
+    computed = {**A.LIBP2P_PROTOCOLS, **A.own_protocols(NETWORK)}
+    if computed != table:
+        diff = sorted(set(computed.items()) ^ set(table.items()))
+        raise SystemExit(f"bench/hostile.py PROTOCOL_IDS and attackers.py disagree: {diff}")
+    hit = {p for a in todo for p in a.protocols}
+    names = {v: k for k, v in table.items()}
+    return {"served": sorted(served),
+            "not_in_table": sorted(set(served) - set(table.values())),
+            "not_served": sorted(set(table.values()) - set(served)),
+            "unattacked": sorted(p for p in served if names.get(p) not in hit)}
 
 
 GOSSIP = ("meshsub_1.1", "meshsub_1.2")
 
 
 def attacks(quick: bool = False) -> list[Attack]:
-    every = (*A.LIBP2P_PROTOCOLS, *A.own_protocols())
+    every = tuple(PROTOCOL_IDS)
     out = [
         Attack("http_head", "7", "dataplane", A.http_head, protocols=("http",)),
         Attack("http_malformed", "7", "dataplane", A.http_malformed, protocols=("http",)),
@@ -285,12 +390,9 @@ def attacks(quick: bool = False) -> list[Attack]:
     if quick:  # every protocol at once
         out.append(Attack("frames_all_protocols", "1", "shield", A.malformed_frames_all,
                           protocols=every))
-    for name in [] if quick else A.LIBP2P_PROTOCOLS:
+    for name in [] if quick else PROTOCOL_IDS:
         out.append(Attack(f"frame_{name}", "1", "shield", A.malformed_frames, {"protocol": name},
                           protocols=(name,)))
-    for name in [] if quick else A.own_protocols():
-        out.append(Attack(f"frame_{name}", "1", "shield" if name != "tunnel" else "tunnel",
-                          A.malformed_frames, {"protocol": name}, protocols=(name,)))
     out += [
         Attack("idle_streams", "2", "shield", A.idle_streams,  # scale "idle_protocols"
                protocols=("query", "sync", "process", "process_session", "stream")[
@@ -312,6 +414,8 @@ def attacks(quick: bool = False) -> list[Attack]:
                       "sync2_requests": 30 if quick else 120}),
         Attack("many_identities", "1", "shield", A.many_identities,
                protocols=("libp2p", "identify")),
+        # Before socks_listener: both act as the lease's device (one identity).
+        Attack("tunnel_attacks", "1/14", "shield", tunnel_attacks, protocols=("tunnel",)),
         # A client's socket, not V's: --quick runs it beside the attacks after it (its
         # slowloris waits out the proxy's 10 s handshake timeout).
         Attack("socks_listener", "1/7", "shield", socks_listener, background=quick,
@@ -323,9 +427,10 @@ def attacks(quick: bool = False) -> list[Attack]:
 
 
 class Bench:
-    def __init__(self, base: Path, scale: dict[str, Any]) -> None:
+    def __init__(self, base: Path, scale: dict[str, Any], placement: Placement) -> None:
         self.base = base
         self.scale = scale
+        self.placement = placement
 
         def boot(i: int, procs: list[Proc]) -> list[Proc]:
             return [procs[1 - i]] if i < 2 else []
@@ -337,11 +442,13 @@ class Bench:
             # Victims serve tunnels (bandwidth offered): frame_tunnel attacks them, and
             # the SOCKS attack's honest client fetches from a local HTTP server.
             "provider": {"enabled": True, "offers": {"bandwidth": {"price": 1, "capacity": 1}}},
-            "bandwidth": {"allow": ["127.0.0.1/32"]},
+            "bandwidth": {"allow": ["127.0.0.1/32"],
+                          "open_timeout_s": scale.get("tunnel_open_timeout_s", 10.0)},
         }
         overrides["limits"] = {k: scale[k] for k in ("peerstore_max", "conn_grace_s",
                                                      "trusted_reserved") if k in scale}
         self.c = Cluster(base, 5, bootstrap=boot, overrides=overrides)
+        self.c.cpus = placement.nodes
         self.v, self.h, self.f_idle, self.f_tarpit, self.control = self.c.procs
         self.acked: list[bytes] = []
         self.sampler = Sampler(self.c.procs)
@@ -356,6 +463,7 @@ class Bench:
         self.socks_lease: tuple[str, str] | None = None
         self.socks_error: str | None = None
         self.socks_buyer: threading.Thread | None = None
+        self.served: list[str] = []  # V's protocols, as identify tells them
 
     # -- nodes
 
@@ -367,8 +475,9 @@ class Bench:
         for i in range(0, n, 5000):
             self.acked += self.c.publish(self.h, min(5000, n - i), tag=f"pre{i}-")
         self.c.wait_converged([self.v, self.h], timeout=120)
+        self.served = trio.run(served_protocols, self.v.addr)
         self.prober = Prober(self.base, {"victim": self.v, "honest": self.h,
-                                         "control": self.control})
+                                         "control": self.control}, self.placement.nodes)
         prober = self.prober
         # Connected and warm (its first samples include the dial) before any window.
         wait_for(lambda: all(len(prober.samples(k, time.time() - 1, time.time())[0]) >= 5
@@ -552,9 +661,10 @@ class Bench:
         try:
             trio.run(main)
         except Exception as e:  # an attacker's own failure is a finding, not the end
-            outcome.failures.append(f"attacker failed: {type(e).__name__}: {str(e)[:200]}")
+            outcome.failures.append(f"attacker failed: {_leaf(e)}")
         t_attack = time.time()
         after = float(scale["after_s"]) if a.after_s is None else float(scale["gap_after_s"])
+        after = max(after, MIN_WINDOW_S - (t_attack - t0))
         time.sleep(after)
         prop_thread.join()
         t1 = time.time()
@@ -963,6 +1073,238 @@ async def socks_listener(t: A.Target, scale: dict[str, Any]) -> A.Outcome:
     return o
 
 
+# ------------------------------------------------------------------ /…/tunnel/1
+
+def _framed(payload: bytes, length: int | None = None) -> bytes:
+    return (len(payload) if length is None else length).to_bytes(4, "big") + payload
+
+
+def tunnel_bad_opens(lease: bytes) -> dict[str, bytes]:
+    """Opening frames a provider must refuse with a reason (framed, as sent)."""
+    from node import codec
+    from node.dataplane.tunnel_wire import MAX_OPEN
+    ok = {"v": 1, "lease": lease, "host": "127.0.0.1", "port": 80, "delegation": None}
+    return {
+        "not_msgpack": _framed(b"\xc1" * 8),
+        "not_a_map": _framed(codec.pack([1, lease, "127.0.0.1", 80])),
+        "version_2": _framed(codec.pack({**ok, "v": 2})),
+        "short_lease": _framed(codec.pack({**ok, "lease": lease[:31]})),
+        "port_0": _framed(codec.pack({**ok, "port": 0})),
+        "bad_host": _framed(codec.pack({**ok, "host": "a..b"})),
+        "host_not_str": _framed(codec.pack({**ok, "host": 7})),
+        "long_delegation": _framed(codec.pack({**ok, "delegation": b"d" * 600})),
+        "oversized_open": _framed(b"\x00" * (MAX_OPEN + 1)),
+        "length_4gib": _framed(b"\x00" * 8, 0xFFFFFFFF),
+    }
+
+
+async def _tunnel_counters(p: Proc) -> dict[str, int]:
+    st = await A.call(p, {"op": "status"}) or {}
+    return dict(((st.get("services") or {}).get("tunnel") or {}).get("counters") or {})
+
+
+async def _open_raw(h: Any, peer: str, proto: str, payload: bytes, wait_s: float) -> str:
+    """Send `payload` (framed bytes) on a new tunnel stream: the provider's answer
+    (`ok` or its reason), `reset` (closed without one) or `silent`."""
+    from node import p2p
+    from node.dataplane.tunnel_wire import MAX_OPEN, TunnelReply
+    from node.errors import StreamTimeout
+    s = await h.new_stream(peer, proto, timeout=5)
+    try:
+        await s.write(payload)
+        reply = TunnelReply.decode(await p2p.read_frame(s, MAX_OPEN, wait_s))
+        return "ok" if reply.ok else reply.reason
+    except StreamTimeout:
+        return "silent"
+    except BidmeshError:
+        return "reset"
+    finally:
+        await p2p.reset_quietly(s)
+
+
+async def tunnel_attacks(t: A.Target, scale: dict[str, Any]) -> A.Outcome:
+    """`/bidmesh/<network>/tunnel/1` against the provider of the bench's bandwidth
+    lease (V or H, whichever won it; the other is asked too). As strangers: malformed
+    opening frames, an unknown lease, the real lease without being its member (and at
+    the node that is not its provider), and `tunnel_holders` streams sending two bytes
+    of a length then nothing (slowloris). As the lease's device (a member): more
+    tunnels than `max_tunnels_per_member`, a DATA frame longer than MAX_DATA and an
+    unknown frame type inside open tunnels; then one honest tunnel must still carry
+    bytes. Holds: every opening refused with its reason and counted; silent openers
+    cut at `bandwidth.open_timeout_s` and capped per peer (`max_streams_per_peer`);
+    tunnels per member capped (`too_many_tunnels`); bad frames end only their tunnel."""
+    from node import p2p
+    from node.dataplane.tunnel_client import open_tunnel
+    from node.dataplane.tunnel_wire import DATA, MAX_DATA, TunnelOpen, tunnel_protocol
+    from node.keys import Identity
+
+    o = A.Outcome()
+    b: Bench = t.extra["bench"]
+    if b.socks_buyer is not None:
+        await A.in_thread(b.socks_buyer.join, 150)
+    if b.socks_lease is None:
+        o.check(False, f"no bandwidth lease to attack: {b.socks_error or 'still buying'}")
+        return o
+    lease_hex, provider_id = b.socks_lease
+    lease = bytes.fromhex(lease_hex)
+    node = b.v if b.v.peer_id == provider_id else b.h
+    other = b.h if node is b.v else b.v
+    o.figures["provider"] = "victim" if node is b.v else "honest"
+    proto = tunnel_protocol(t.network)
+    open_timeout_s = float(scale.get("tunnel_open_timeout_s", 10.0))
+    per_member = int(scale.get("tunnel_per_member", 16))
+    before = await _tunnel_counters(node)
+    got: dict[str, str] = {}
+
+    # Strangers: malformed opens, leases they do not hold.
+    async with p2p.open_host(A.ident("tunnel-stranger", int(time.time())).seed) as h:
+        await h.connect(node.addr, timeout=10)
+        await h.connect(other.addr, timeout=10)
+        for name, payload in tunnel_bad_opens(lease).items():
+            got[name] = await _open_raw(h, node.peer_id, proto, payload, 10.0)
+        got["unknown_lease"] = await _open_raw(
+            h, node.peer_id, proto, _framed(TunnelOpen(os.urandom(32), "127.0.0.1", 80)
+                                            .encode()), 10.0)
+        got["lease_not_member"] = await _open_raw(
+            h, node.peer_id, proto, _framed(TunnelOpen(lease, "127.0.0.1", 80).encode()), 10.0)
+        got["lease_not_provider"] = await _open_raw(
+            h, other.peer_id, proto, _framed(TunnelOpen(lease, "127.0.0.1", 80).encode()), 10.0)
+    o.figures["answers"] = got
+    want = {"not_msgpack": "malformed", "not_a_map": "bad_open", "version_2": "bad_version",
+            "short_lease": "bad_open", "port_0": "bad_open", "bad_host": "bad_open",
+            "host_not_str": "bad_open", "long_delegation": "bad_open",
+            "oversized_open": "oversized", "length_4gib": "oversized",
+            "unknown_lease": "no_lease", "lease_not_member": "not_member",
+            "lease_not_provider": "not_our_lease"}
+    for name, reason in want.items():
+        o.check(got.get(name) == reason, f"tunnel open {name}: answered {got.get(name)!r}, "
+                f"not {reason!r}")
+
+    # Slowloris: silent openers from one stranger.
+    n_hold = int(scale.get("tunnel_holders", 72))
+    held = refused = reset = 0
+    ended: list[float] = []
+    async with p2p.open_host(A.ident("tunnel-holder", int(time.time())).seed) as h:
+        await h.connect(node.addr, timeout=10)
+        t0 = trio.current_time()
+
+        async def hold() -> None:
+            nonlocal held, refused, reset
+            try:
+                s = await h.new_stream(node.peer_id, proto, timeout=5)
+                await s.write(b"\x00\x00")  # half of a length, then silence
+            except A.ANY_UPSTREAM:
+                refused += 1
+                return
+            try:
+                with trio.move_on_after(open_timeout_s + 10):
+                    await p2p.read_frame(s, 4096, open_timeout_s + 10)
+            except BidmeshError:  # reset: at the per-peer stream cap
+                reset += 1
+            else:
+                held += 1  # the refusal (`timeout`)
+            ended.append(trio.current_time() - t0)
+            await p2p.reset_quietly(s)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(n_hold):
+                nursery.start_soon(hold)
+    o.figures.update(holders=n_hold, holders_answered=held, holders_refused_at_open=refused,
+                     holders_reset=reset,
+                     holder_longest_s=round(max(ended, default=0.0), 1))
+    o.check(held + reset + refused == n_hold, "a silent tunnel opener was never answered")
+    o.check(max(ended, default=0.0) <= open_timeout_s + 5,
+            f"a silent tunnel opener was held {max(ended, default=0.0):.1f} s "
+            f"(open_timeout_s {open_timeout_s})")
+
+    # The lease's device: more tunnels than its cap, then bad frames in open tunnels.
+    async def echo(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(60):
+            try:
+                async for data in stream:
+                    await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+
+    dev = Identity.from_seed(SOCKS_DEVICE_SEED)
+    outcomes: dict[str, int] = {}
+    ends: dict[str, str] = {}
+    honest_ok = False
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, echo, 0,
+                                                          host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with p2p.open_host(dev.seed) as h:
+            await h.connect(node.addr, timeout=10)
+            tunnels = []
+            for _ in range(per_member + 4):
+                try:
+                    tunnels.append(await open_tunnel(h, node.peer_id, lease, "127.0.0.1", port,
+                                                     network=t.network, timeout=10))
+                    outcomes["ok"] = outcomes.get("ok", 0) + 1
+                except BidmeshError as e:
+                    why = str(getattr(e, "reason", type(e).__name__))
+                    outcomes[why] = outcomes.get(why, 0) + 1
+            bad = {"oversized_data": (MAX_DATA + 2).to_bytes(4, "big") + DATA + b"x" * 64,
+                   "unknown_type": _framed(b"\x07junk")}
+            for (name, raw), tun in zip(bad.items(), tunnels, strict=False):
+                try:
+                    await tun._stream.write(raw)
+                    end = await tun.wait_end(10.0)
+                    ends[name] = end.reason if end is not None else "no END"
+                except BidmeshError as e:
+                    ends[name] = f"reset ({type(e).__name__})"
+            for tun in tunnels:
+                with trio.move_on_after(5):
+                    await tun.aclose()
+            # Every tunnel of the member closed: an honest one carries bytes again.
+            with trio.move_on_after(20):
+                while not honest_ok:
+                    try:
+                        tun = await open_tunnel(h, node.peer_id, lease, "127.0.0.1", port,
+                                                network=t.network, timeout=10)
+                    except BidmeshError:
+                        await trio.sleep(0.5)  # the provider still counts closing ones
+                        continue
+                    await tun.send_all(b"ping" * 100)
+                    data = b""
+                    while len(data) < 400:
+                        chunk = await tun.receive_some(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    honest_ok = data == b"ping" * 100
+                    await tun.aclose()
+        nursery.cancel_scope.cancel()
+    after = await _tunnel_counters(node)
+    o.figures.update(member_tunnels=outcomes, bad_frame_ends=ends, honest_tunnel_ok=honest_ok,
+                     counters={k: after.get(k, 0) - before.get(k, 0) for k in after
+                               if after.get(k, 0) != before.get(k, 0)})
+    o.check(outcomes.get("ok", 0) == per_member and outcomes.get("too_many_tunnels", 0) == 4,
+            f"tunnels per member not capped at {per_member}: {outcomes}")
+    # The provider sends END with the reason, then resets (the member's frames are out
+    # of step), so the member may see either: the provider's counters say which.
+    for reason in ("oversized", "bad_frame"):
+        k = f"tunnels_failed:{reason}"
+        o.check(after.get(k, 0) > before.get(k, 0), f"no tunnel ended {reason}: {ends}")
+    o.check(honest_ok, "no honest tunnel carried bytes after the attack")
+    refusals = sum(v for k, v in after.items() if k.startswith("refused:")) - sum(
+        v for k, v in before.items() if k.startswith("refused:"))
+    o.check(refusals >= len(want) - 1, f"only {refusals} tunnel refusals counted")
+    return o
+
+
+async def served_protocols(addr: str) -> list[str]:
+    """The protocols the node at `addr` says it serves (identify)."""
+    from node import p2p
+    async with p2p.open_host(A.ident("protocol-census").seed) as h:
+        peer = await h.connect(addr, timeout=10)
+        with trio.fail_after(20):
+            while not h.identified(peer):
+                await trio.sleep(0.05)
+        return h.peer_protocols(peer)
+
+
 def run_into(b: Bench, a: Attack, out: list[dict[str, Any]]) -> None:
     """`b.run_attack(a)` in a thread: its result, or the bench's own failure as one."""
     t0 = time.time()
@@ -973,6 +1315,17 @@ def run_into(b: Bench, a: Attack, out: list[dict[str, Any]]) -> None:
                     "digest_p99_ratio": float("nan"), "pass": False,
                     "seconds": round(time.time() - t0, 1),
                     "reason": f"bench failed: {type(e).__name__}: {str(e)[:200]}"})
+
+
+def _leaf(e: BaseException) -> str:
+    """The innermost exception of `e` (through exception groups), with where it was raised."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" (at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})" if tb else ""
+    return f"{type(e).__name__}: {str(e)[:200]}{where}"
 
 
 def _r(x: float | None) -> float | None:
@@ -1006,7 +1359,9 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     print(f"load average before the run: {load_before:.2f} on {os.cpu_count()} CPUs "
           "(the 60 s of --quick assume an otherwise idle machine)", flush=True)
-    b = Bench(base, scale)
+    placement = place_cpus()
+    print(f"CPU placement: {placement.note}", flush=True)
+    b = Bench(base, scale, placement)
     results = []
     try:
         b.start()
@@ -1032,6 +1387,9 @@ def main() -> int:
         for r in results:
             if "victim_digest_p99_ms" in r:
                 b.judge_digest(r, r["background"], idle)
+        protocols = check_protocols(b.served, attacks(a.quick))
+        if protocols["unattacked"] or protocols["not_in_table"]:
+            print(f"protocols served without an attack here: {protocols}", flush=True)
         lost = b.events_lost()
         max_rss = b.sampler.max_rss(None, t_start, time.time())
     finally:
@@ -1070,8 +1428,11 @@ def main() -> int:
         "seconds": round(time.time() - t_start, 1),
         "startup_s": round(startup_s, 1),
         "load_average_before": round(load_before, 2),
+        "cpu_placement": placement.json(),
+        "protocols": protocols,
         "cpu_s": round(cpu_s, 1),
-        "targets_met": bool(results) and all(r["pass"] for r in results) and lost == 0,
+        "targets_met": bool(results) and all(r["pass"] for r in results) and lost == 0
+        and not protocols["unattacked"] and not protocols["not_in_table"],
         "results": results,
     }
     print(json.dumps(out, default=str))

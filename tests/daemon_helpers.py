@@ -137,6 +137,9 @@ class Cluster:
                  bootstrap: Callable[[int, list[Proc]], list[Proc]] | None = None) -> None:
         self.base = base
         self.procs: list[Proc] = []
+        # CPUs the node processes run on (None: wherever the scheduler puts them);
+        # bench/hostile.py keeps its attackers off the nodes' CPU with it.
+        self.cpus: set[int] | None = None
         for i in range(n):
             d = base / f"n{i}"
             d.mkdir(parents=True, exist_ok=True)
@@ -166,8 +169,11 @@ class Cluster:
     def start(self, p: Proc, wait: bool = True) -> None:
         log = open(p.dir / "stderr.log", "ab")  # noqa: SIM115 - lives as long as the process
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        cpus = self.cpus
+        # Set in the child before exec, so every thread the node starts inherits it.
+        pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
         p.popen = subprocess.Popen(run_command(p.cfg_path), stdout=subprocess.DEVNULL,
-                                   stderr=log, cwd=p.dir, env=env)
+                                   stderr=log, cwd=p.dir, env=env, preexec_fn=pin)
         log.close()
         if wait:
             self.wait_ready(p)

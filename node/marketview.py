@@ -38,15 +38,17 @@ import json
 import os
 import pickle
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .auction import Market
 from .auction.fold import IncrementalMarket
 from .events import Event, decode_stored
 from .ledger import Ledger, idk
+from .marketcold import Row, SqliteCold
 from .reputation import Policy
 
 DEFAULT_SKEW_MS = 300_000  # node.max_clock_skew_s default: 5 minutes
@@ -64,12 +66,12 @@ class MarketView:
     def __init__(self, ledger: Ledger, policy: Policy | None = None, *,
                  skew_ms: int = DEFAULT_SKEW_MS,
                  clock: Callable[[], int] = wall_ms,
-                 max_loaded: int = DEFAULT_MAX_LOADED) -> None:
+                 max_loaded: int | None = None) -> None:
         self.ledger = ledger
         self.policy = policy
         self.skew_ms = skew_ms
         self.clock = clock
-        self.max_loaded = max_loaded
+        self.max_loaded = DEFAULT_MAX_LOADED if max_loaded is None else max_loaded
         self.refolds = 0
         self._new: list[Event] = []
         self._authors: dict[bytes, bytes] = {}  # one bytes object per author key
@@ -78,8 +80,13 @@ class MarketView:
     def _build(self) -> None:
         self._forks = self.ledger.forked()
         self._horizon = self.clock() + self.skew_ms
+        old = getattr(self, "cold", None)
+        if old is not None:
+            old.close()
+        self.cold = SqliteCold()
         eng = self.engine = IncrementalMarket(self.policy, source=self._load,
-                                              offers=self._offer, max_loaded=self.max_loaded)
+                                              offers=self._offer, max_loaded=self.max_loaded,
+                                              cold=self.cold)
         # The build allocates millions of long-lived objects and no garbage cycles:
         # the cyclic GC would rescan them all, ever more often (~30% of the build).
         gc_was = gc.isenabled()
@@ -236,7 +243,7 @@ class LiveMarket:
 
 # ------------------------------------------------------------------ snapshots
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 _MAGIC = b"bidmesh-market-snapshot\n"
 
 
@@ -269,27 +276,38 @@ def _header(view: MarketView, cursor: int) -> dict[str, Any]:
             "ids": int(ids or 0)}
 
 
-def _state(live: LiveMarket) -> tuple[dict[str, Any], bytes]:
-    """(header, pickled state) of the live market, brought up to date first."""
-    live.market()
-    v = live.view
-    eng = v.engine
-    sources = eng._source, eng._offer_source
-    eng._source = eng._offer_source = None  # bound to the ledger: re-attached on load
+COLD_CHUNK = 2048  # cold partitions per pickled list after the engine
+
+
+def _dump(view: MarketView, f: BinaryIO, cold_path: str | None = None) -> None:
+    """The view's state: the engine (its hot part) pickled, then the cold store's
+    partitions in lists of COLD_CHUNK, then None."""
+    eng = view.engine
+    attached = eng._source, eng._offer_source, eng._cold
+    # Bound to the ledger and the store's file: re-attached on load.
+    eng._source = eng._offer_source = eng._cold = None
     try:
-        body = pickle.dumps((eng, v._forks, v._horizon, v._authors, v.refolds),
-                            protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump((eng, view._forks, view._horizon, view._authors, view.refolds), f,
+                    protocol=pickle.HIGHEST_PROTOCOL)
     finally:
-        eng._source, eng._offer_source = sources
-    return _header(v, live.cursor), body
+        eng._source, eng._offer_source, eng._cold = attached
+    chunk: list[Row] = []
+    for row in view.cold.rows(cold_path):
+        chunk.append(row)
+        if len(chunk) >= COLD_CHUNK:
+            pickle.dump(chunk, f, protocol=pickle.HIGHEST_PROTOCOL)
+            chunk = []
+    if chunk:
+        pickle.dump(chunk, f, protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.dump(None, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _write(path: Path, header: dict[str, Any], body: bytes) -> None:
+def _write(path: Path, header: dict[str, Any], body: Callable[[BinaryIO], None]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(_MAGIC + json.dumps(header).encode() + b"\n")
-            f.write(body)
+            body(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -300,17 +318,24 @@ def _write(path: Path, header: dict[str, Any], body: bytes) -> None:
 
 def save_snapshot(live: LiveMarket, path: Path) -> None:
     """Write the live market's derived state to `path` (atomically), in this process."""
-    header, body = _state(live)
-    _write(path, header, body)
+    live.market()
+    v = live.view
+    _write(path, _header(v, live.cursor), lambda f: _dump(v, f))
 
 
 def save_snapshot_forked(live: LiveMarket, path: Path) -> int:
     """Like `save_snapshot`, but the pickling and writing happen in a forked child
     (copy-on-write: a consistent state at no pause for the caller beyond the fork).
-    Returns the child's pid; reap it with `os.waitpid` (exit status 0: written)."""
+    Returns the child's pid; reap it with `os.waitpid` (exit status 0: written), then
+    call `live.view.cold.release()`: the cold store's file stays unchanged meanwhile."""
     live.market()
     header = _header(live.view, live.cursor)
-    pid = os.fork()
+    live.view.cold.hold()
+    try:
+        pid = os.fork()
+    except OSError:
+        live.view.cold.release()
+        raise
     if pid == 0:  # the child: no locks, no I/O but the file; never returns
         code = 1
         try:
@@ -319,11 +344,8 @@ def save_snapshot_forked(live: LiveMarket, path: Path) -> int:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
-            eng = live.view.engine
-            eng._source = eng._offer_source = None
             v = live.view
-            _write(path, header, pickle.dumps((eng, v._forks, v._horizon, v._authors,
-                                               v.refolds), protocol=pickle.HIGHEST_PROTOCOL))
+            _write(path, header, lambda f: _dump(v, f, v.cold.path))
             code = 0
         finally:
             os._exit(code)
@@ -358,17 +380,23 @@ def load_snapshot(ledger: Ledger, path: Path, *, skew_ms: int = DEFAULT_SKEW_MS,
             return None
         gc_was = gc.isenabled()
         gc.disable()  # millions of long-lived objects, no cycles to find (as in the build)
+        cold = SqliteCold()
         try:
             # From the file, not from one bytes object: no second copy in memory.
             eng, forks, horizon, authors, refolds = pickle.load(f)
+            while (chunk := pickle.load(f)) is not None:
+                cold.load(chunk)
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError,
-                IndexError, KeyError, ValueError, TypeError):
+                IndexError, KeyError, ValueError, TypeError, sqlite3.Error):
+            cold.close()
             return None  # a damaged file: build instead
         finally:
             _gc_resume(gc_was)
     if not isinstance(eng, IncrementalMarket):
+        cold.close()
         return None
-    eng._source, eng._offer_source = view._load, view._offer
+    eng._source, eng._offer_source, eng._cold = view._load, view._offer, cold
+    view.cold = cold
     view.engine, view._forks, view._horizon, view._authors = eng, forks, horizon, authors
     view.refolds = refolds
     view.max_loaded = eng._max_loaded
@@ -436,6 +464,7 @@ class Snapshotter:
         if pid == 0:
             return None
         self.pid = None
+        self.live.view.cold.release()
         self.saved_at = time.monotonic()  # a failure waits as long as a success
         if os.waitstatus_to_exitcode(status) == 0:
             self.saved_cursor = self._pending_cursor

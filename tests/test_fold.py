@@ -11,18 +11,21 @@ from fold_helpers import history, snapshot
 from node.auction import derive
 from node.auction.fold import IncrementalMarket, ckey
 from node.events import Event
+from node.marketcold import SqliteCold
 
 
 def _canon(evs: list[Event]) -> list[Event]:
     return sorted(evs, key=ckey)
 
 
-def _engine(evs: list[Event], evict: bool,
+def _engine(evs: list[Event], evict: bool | str,
             present: dict[bytes, Event] | None = None) -> IncrementalMarket:
     """A plain engine, or one that keeps 2 partitions loaded and loads the others'
     events back by id (from the whole history, as a ledger would), and keeps only the
     first and latest offer of each provider, asking `present` (the events the caller
-    has added and not removed, as a ledger with its fork table would) for others."""
+    has added and not removed, as a ledger with its fork table would) for others.
+    `evict="cold"`: also a cold store (a real SQLite file) that takes every evicted
+    auction whose events are older than the latest one."""
     if not evict:
         return IncrementalMarket()
     by_id = {e.id: e for e in evs}
@@ -32,13 +35,14 @@ def _engine(evs: list[Event], evict: bool,
         mine = [e for e in have.values() if e.author == author and e.kind == "offer"]
         return (max if latest else min)(mine, key=ckey, default=None)
 
-    return IncrementalMarket(source=lambda ids: [by_id[i] for i in ids], offers=offers,
-                             max_loaded=2)
+    cold = SqliteCold() if evict == "cold" else None
+    return IncrementalMarket(source=lambda ids: [by_id[i] for i in ids if i in by_id],
+                             offers=offers, max_loaded=2, cold=cold, cold_after_ms=0)
 
 
-@pytest.mark.parametrize("evict", [False, True])
+@pytest.mark.parametrize("evict", [False, True, "cold"])
 @pytest.mark.parametrize("case", range(12))
-def test_any_delivery_order_gives_the_canonical_fold(case: int, evict: bool) -> None:
+def test_any_delivery_order_gives_the_canonical_fold(case: int, evict: bool | str) -> None:
     rnd = random.Random(case)
     evs = history(rnd, n_auctions=8 + case % 5)
     order = list(evs)
@@ -64,9 +68,9 @@ def test_any_delivery_order_gives_the_canonical_fold(case: int, evict: bool) -> 
             assert snapshot(eng.market()) == snapshot(derive(_canon(seen)))
 
 
-@pytest.mark.parametrize("evict", [False, True])
+@pytest.mark.parametrize("evict", [False, True, "cold"])
 @pytest.mark.parametrize("case", range(6))
-def test_removals_and_readds_give_the_canonical_fold(case: int, evict: bool) -> None:
+def test_removals_and_readds_give_the_canonical_fold(case: int, evict: bool | str) -> None:
     rnd = random.Random(100 + case)
     evs = history(rnd, n_auctions=10)
     present = {e.id: e for e in evs}
@@ -155,3 +159,34 @@ def test_a_source_that_returns_other_events_is_refused() -> None:
     eng.market()
     with pytest.raises(UsageError):
         eng.remove([next(e.id for e in evs if e.kind == "request")])
+
+
+def test_cold_partitions_leave_memory_and_late_events_and_forks_bring_them_back() -> None:
+    """Closed auctions go to the cold store (their bookkeeping leaves memory); a late
+    event or a fork reaching one takes it back, and the fold stays the canonical one."""
+    rnd = random.Random(21)
+    evs = history(rnd, n_auctions=30)
+    late = [e for e in evs[: len(evs) // 2] if e.kind in ("bid", "rating")][::3]
+    present = {e.id: e for e in evs if e not in late}
+    eng = _engine(evs, "cold", present)
+    for i in range(0, len(evs), 5):  # in order, as a live node sees them
+        eng.add([e for e in evs[i:i + 5] if e.id in present])
+        eng.market()
+    assert eng.cold() > eng.partitions() // 2 and eng.loaded() <= 2
+    hot_ids = len(eng._part_of)
+    assert hot_ids < len(present) // 2  # cold partitions' event ids are not in memory
+    assert snapshot(eng.market()) == snapshot(derive(_canon(list(present.values()))))
+    thaws = eng.thaws
+    eng.add(late)  # back-dated events into closed auctions
+    present.update((e.id, e) for e in late)
+    assert snapshot(eng.market()) == snapshot(derive(_canon(list(present.values()))))
+    assert eng.thaws > thaws
+    author = evs[3].author  # a fork proof excludes an early author's events
+    gone = [e.id for e in evs if e.author == author and e.seq >= 2]
+    for g in gone:
+        present.pop(g, None)
+    eng.remove(gone)
+    assert snapshot(eng.market()) == snapshot(derive(_canon(list(present.values()))))
+    assert len(eng) == len([e for e in present.values() if e.kind != "offer"]) + \
+        len(eng._offer_of)
+    assert evs[0].id in eng or evs[0].id not in present

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from testkit import NETWORK, seed
 
 from node.auction import derive, views
@@ -143,10 +144,20 @@ def _history_ledger(led: Ledger, evs: list, upto: int) -> None:
     led.append_many([e.wire for e in evs[:upto]])
 
 
-def test_snapshot_restart_equals_a_fresh_build(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cold_after_ms", [None, 0])
+def test_snapshot_restart_equals_a_fresh_build(tmp_path: Path, cold_after_ms: int | None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart from a snapshot folds only what arrived after it (new events, a new
-    fork proof, held events now due) and ends equal to a fresh build."""
+    fork proof, held events now due) and ends equal to a fresh build; with closed
+    auctions in the cold store too (cold_after_ms=0: every evicted one)."""
     import os
+
+    from node import marketview
+    from node.auction import fold
+
+    if cold_after_ms is not None:
+        monkeypatch.setattr(fold, "COLD_AFTER_MS", cold_after_ms)
+        monkeypatch.setattr(marketview, "DEFAULT_MAX_LOADED", 2)
 
     from fold_helpers import NETWORK as HNET
     from fold_helpers import history
@@ -163,6 +174,8 @@ def test_snapshot_restart_equals_a_fresh_build(tmp_path: Path) -> None:
         live.market()
         save_snapshot(live, snap)
         applied = live.view.engine.applied
+        if cold_after_ms is not None:
+            assert live.view.engine.cold() > 0
         # after the snapshot: the rest of the history, a fork proof, the clock moves on
         _history_ledger(led, evs, len(evs))
         victim = next(e for e in evs if e.kind == "bid")
@@ -179,6 +192,7 @@ def test_snapshot_restart_equals_a_fresh_build(tmp_path: Path) -> None:
         # a forked child writes the same thing, and the parent goes on meanwhile
         pid = save_snapshot_forked(again, snap)
         assert os.waitpid(pid, 0)[1] == 0
+        again.view.cold.release()
         third = LiveMarket(led, skew_ms=10, clock=clock, snapshot=snap)
         assert third.restored
         assert views.market_json(third.market()) == views.market_json(fresh.market())
@@ -250,3 +264,18 @@ def test_snapshotter_writes_when_due_and_clears_stale_temporaries(tmp_path: Path
         led.append_many([e.wire for e in evs[6:]])
         assert s.due()
         assert LiveMarket(led, snapshot=snap).restored
+
+
+def test_cold_store_file_is_private_and_swept_when_its_process_is_gone(tmp_path: Path) -> None:
+    from node.marketcold import SqliteCold
+
+    dead = tmp_path / "bidmesh-cold-999999999-x.db"  # no such process
+    dead.write_bytes(b"")
+    other = tmp_path / "bidmesh-cold-notapid.db"
+    other.write_bytes(b"")
+    store = SqliteCold(tmp_path)
+    assert not dead.exists() and other.exists() and Path(store.path).exists()
+    store.put(b"k" * 32, 5, b"state", (), ())
+    assert store.take(b"k" * 32) == b"state" and store.take(b"k" * 32) is None
+    store.close()
+    assert not Path(store.path).exists()

@@ -37,6 +37,7 @@ Pure: no clock, no I/O (the caller decides which events are due).
 from __future__ import annotations
 
 import heapq
+import pickle
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
 from itertools import islice
@@ -51,6 +52,7 @@ from .foldstate import (
     _MOVERS,
     _REASSIGNED,
     CKey,
+    ColdStore,
     OfferSource,
     Source,
     _ent,
@@ -65,7 +67,12 @@ from .foldstate import (
 from .lease import Lease
 from .market import Auction, Market, OfferRecord, RatingRecord
 
-__all__ = ["CKey", "FoldedMarket", "IncrementalMarket", "OfferSource", "Source", "ckey"]
+__all__ = ["COLD_AFTER_MS", "CKey", "ColdStore", "FoldedMarket", "IncrementalMarket",
+           "OfferSource", "Source", "ckey"]
+
+# A partition whose latest event is this much older than the latest event anywhere
+# (and whose events are evicted) goes to the cold store, if the engine has one.
+COLD_AFTER_MS = 3_600_000
 
 
 class _PartMarket(Market):
@@ -136,9 +143,16 @@ class IncrementalMarket:
     entries and ~100 bytes of bookkeeping per event); results do not change."""
 
     def __init__(self, policy: Policy | None = None, *, source: Source | None = None,
-                 offers: OfferSource | None = None, max_loaded: int = 4096) -> None:
+                 offers: OfferSource | None = None, max_loaded: int = 4096,
+                 cold: ColdStore | None = None, cold_after_ms: int | None = None) -> None:
         if max_loaded < 1:
             raise UsageError("max_loaded must be >= 1")
+        if cold is not None and source is None:
+            raise UsageError("a cold store needs an event source")
+        self._cold = cold
+        self._cold_after = COLD_AFTER_MS if cold_after_ms is None else cold_after_ms
+        self._cool_q: list[tuple[int, bytes]] = []  # (top, key) of evicted partitions
+        self._cold_parts = self._cold_events = 0
         self.policy = policy or Policy()
         self.rep = FoldReputation(self.policy)
         self._source = source
@@ -173,6 +187,7 @@ class IncrementalMarket:
         self.applied = 0  # events folded (counting re-folds)
         self.rederived = 0  # partitions re-derived from their first event
         self.loads = 0  # evicted partitions loaded back from the source
+        self.thaws = 0  # cold partitions taken back from the cold store
 
     # ------------------------------------------------------------ input
 
@@ -184,6 +199,9 @@ class IncrementalMarket:
                 n += self._add_offer(ev)
                 self._now = max(self._now, ev.ts_ms)
                 continue
+            pk = self._route(ev)
+            if self._cold is not None and pk not in self._parts:
+                self._thaw(pk)  # a present event is in the partition it routes to
             if ev.id in self._part_of:
                 continue
             n += 1
@@ -191,7 +209,7 @@ class IncrementalMarket:
                 self._movers[ev.id] = (ev.kind, ev.ref)
             if ev.ts_ms > self._now:
                 self._now = ev.ts_ms
-            self._place(ev, self._route(ev))
+            self._place(ev, pk)
             if ev.kind in _MOVERS and ev.id in self._parts:
                 self._reroute(self._parts[ev.id])  # events that waited for this one
         return n
@@ -199,6 +217,8 @@ class IncrementalMarket:
     def remove(self, ids: list[bytes]) -> None:
         """Exclude events (a fork proof excludes an author's events from a seq on)."""
         for i in ids:
+            if self._cold is not None and i not in self._part_of:
+                self._thaw_event(i)
             pk = self._part_of.pop(i, None)
             if pk is None:
                 if i in self._offer_of:
@@ -231,13 +251,20 @@ class IncrementalMarket:
             o.fix()
         if self._now_stale:  # rare (forks): one int per partition
             self._now = max(max((p.top for p in self._parts.values()), default=0),
-                            max((o.last[0][0] for o in self._offers.values()), default=0))
+                            max((o.last[0][0] for o in self._offers.values()), default=0),
+                            self._cold.max_top() if self._cold is not None else 0)
             self._now_stale = False
+        if self._cold is not None:
+            self._cool()
         self.merged.now_ms = self._now
         return self.merged
 
     def partitions(self) -> int:
-        return len(self._parts)
+        return len(self._parts) + self._cold_parts
+
+    def cold(self) -> int:
+        """Partitions in the cold store."""
+        return self._cold_parts
 
     def loaded(self) -> int:
         """Partitions whose events and fold are in memory."""
@@ -245,11 +272,13 @@ class IncrementalMarket:
 
     def __contains__(self, event_id: bytes) -> bool:
         """Whether an event is present (of offers: only those the engine keeps)."""
+        if self._cold is not None and event_id not in self._part_of:
+            self._thaw_event(event_id)
         return event_id in self._part_of or event_id in self._offer_of
 
     def __len__(self) -> int:
         """Present events in partitions, plus the offers the engine keeps."""
-        return len(self._part_of) + len(self._offer_of)
+        return len(self._part_of) + self._cold_events + len(self._offer_of)
 
     # ------------------------------------------------------------ reader indexes
 
@@ -396,6 +425,78 @@ class IncrementalMarket:
             p.pm = None  # the next event here re-derives from the loaded events
             p.seen = {}  # counts of pm's dicts: a re-derivation starts them afresh
             p.reads_rep, p.reads_set = tuple(p.reads_rep), tuple(p.reads_set)
+            if self._cold is not None:
+                heapq.heappush(self._cool_q, (p.top, pk))
+
+    # ------------------------------------------------------------ cold tier
+
+    def _cool(self) -> None:
+        """Move evicted, clean partitions whose events are all older than the cold
+        horizon to the cold store: a request's partition (an auction) only, so the
+        partitions events wait in for an unknown reference never go cold."""
+        cold = self._cold
+        assert cold is not None
+        cut = self._now - self._cold_after
+        q = self._cool_q
+        while q and q[0][0] < cut:
+            top, pk = heapq.heappop(q)
+            p = self._parts.get(pk)
+            # Loaded again or changed since: it is queued again at its next eviction.
+            if p is None or p.ids is None or p.dirty is not None or p.top != top or \
+                    p.linked.get("auctions") != [pk]:
+                continue
+            for sr in p.reads_rep:
+                self._unread_drop(self._rep_reads, (sr[0], sr[1]), (sr[2], sr[3], pk))
+            for ss in p.reads_set:
+                self._unread_drop(self._set_reads, ss[0], (ss[1], ss[2], pk))
+            for i in p.ids:
+                del self._part_of[i]
+            rr, rs = tuple(p.reads_rep), tuple(p.reads_set)
+            state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s)
+            cold.put(pk, p.top, pickle.dumps(state, pickle.HIGHEST_PROTOCOL), rr, rs)
+            del self._parts[pk]
+            self._cold_parts += 1
+            self._cold_events += len(p.ids)
+
+    def _thaw(self, pk: bytes) -> _Part | None:
+        """Take a partition back from the cold store (evicted: its events load when
+        it folds again); None if it is not there."""
+        assert self._cold is not None
+        blob = self._cold.take(pk)
+        if blob is None:
+            return None
+        p = _Part(pk)
+        (ids, p.top, p.applied, p.linked, p.ign, p.evd, p.reads_rep, p.reads_set, p.out_r,
+         p.out_s) = pickle.loads(blob)
+        p.ids = ids
+        for i in ids:
+            self._part_of[i] = pk
+        for sr in p.reads_rep:
+            insort(self._rep_reads.setdefault((sr[0], sr[1]), []), (sr[2], sr[3], pk))
+        for ss in p.reads_set:
+            insort(self._set_reads.setdefault(ss[0], []), (ss[1], ss[2], pk))
+        self._parts[pk] = p
+        self._cold_parts -= 1
+        self._cold_events -= len(ids)
+        self.thaws += 1
+        heapq.heappush(self._cool_q, (p.top, pk))
+        return p
+
+    def _thaw_event(self, event_id: bytes) -> None:
+        """Take back the cold partition an event would be in, if any."""
+        assert self._source is not None
+        for ev in self._source([event_id]):
+            if ev.kind != "offer":
+                pk = self._route(ev)
+                if pk not in self._parts:
+                    self._thaw(pk)
+
+    @staticmethod
+    def _unread_drop(index: dict[Any, list[Any]], k: Any, ent: tuple[Any, ...]) -> None:
+        lst = index[k]
+        del lst[bisect_left(lst, ent)]
+        if not lst:
+            del index[k]
 
     # ------------------------------------------------------------ routing
 
@@ -423,6 +524,8 @@ class IncrementalMarket:
 
     def _place(self, ev: Event, pk: bytes) -> None:
         p = self._parts.get(pk)
+        if p is None and self._cold is not None:
+            p = self._thaw(pk)
         if p is None:
             p = self._parts[pk] = _Part(pk)
         self._load(p)
@@ -535,18 +638,29 @@ class IncrementalMarket:
 
     def _propagate(self, p: _Part, ratings: list[tuple[CKey, _Rating]],
                    settles: list[tuple[CKey, _Settle]]) -> None:
-        """Re-derive the other partitions whose recorded reads a changed output affects."""
+        """Re-derive the other partitions whose recorded reads a changed output affects
+        (cold ones are taken back from the store first)."""
+        cold = self._cold
+        hits: list[tuple[CKey, bytes]] = []
         for ck, (subj, role, *_) in ratings:
             reads = self._rep_reads.get((subj, role), [])
-            for _as_of, rck, pk in reads[bisect_left(reads, (ck[0],)):]:
-                if pk != p.key:
-                    self._dirty(self._parts[pk], rck, full=True)
+            hits += [(rck, pk) for _as_of, rck, pk in reads[bisect_left(reads, (ck[0],)):]]
+            if cold is not None:
+                hits += cold.rep_readers(subj, role, ck[0])
         for ck, (parties, end, _) in settles:
             for party in parties:
                 reads2 = self._set_reads.get(party, [])
-                for rck, ts, pk in reads2[bisect_right(reads2, ck, key=lambda e: e[0]):]:
-                    if ts >= end and pk != p.key:
-                        self._dirty(self._parts[pk], rck, full=True)
+                hits += [(rck, pk) for rck, ts, pk in
+                         reads2[bisect_right(reads2, ck, key=lambda e: e[0]):] if ts >= end]
+                if cold is not None:
+                    hits += cold.set_readers(party, ck, end)
+        for rck, pk in hits:
+            if pk != p.key:
+                q = self._parts.get(pk)
+                if q is None:
+                    q = self._thaw(pk)
+                    assert q is not None, "a recorded reader is in memory or in the store"
+                self._dirty(q, rck, full=True)
 
     # ------------------------------------------------------------ merged market
 

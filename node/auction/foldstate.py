@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..events import Event
 
@@ -118,6 +118,30 @@ _Rating = tuple[bytes, str, bool, int, int]  # subject, role, satisfied, score, 
 _RepRead = tuple[bytes, str, int, CKey]  # key, role, as of, read at
 _SetRead = tuple[bytes, CKey, int]  # key, read at, ended by
 _Settle = tuple[tuple[bytes, ...], int, bytes]  # parties, end_ms, lease id
+RepRead = _RepRead
+SetRead = _SetRead
+
+
+class ColdStore(Protocol):
+    """Where `IncrementalMarket` keeps closed partitions' bookkeeping out of memory
+    (e.g. `marketcold.SqliteCold`): by partition key, with the reads each recorded
+    indexed so that a changed output finds its cold readers."""
+
+    def put(self, pk: bytes, top: int, state: bytes, reads_rep: tuple[RepRead, ...],
+            reads_set: tuple[SetRead, ...]) -> None: ...
+
+    def take(self, pk: bytes) -> bytes | None:
+        """The partition's state, which leaves the store; None if it is not there."""
+
+    def rep_readers(self, key: bytes, role: str, as_of: int) -> list[tuple[CKey, bytes]]:
+        """(read at, partition) of reads of (key, role) as of `as_of` or later."""
+
+    def set_readers(self, key: bytes, after: CKey, ended_by: int) -> list[tuple[CKey, bytes]]:
+        """(read at, partition) of settled-lease counts of `key` read at a key after
+        `after`, counting leases ended by `ended_by` or later."""
+
+    def max_top(self) -> int:
+        """The latest event ts_ms of any partition in the store (0: none)."""
 
 
 class _Part:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..events import Event
 
 if TYPE_CHECKING:
-    from .fold import _PartMarket
+    from .market import Market
 
 CKey = tuple[int, bytes, int]  # canonical key (ts_ms, author, seq)
 _MOVERS = ("commit", "award", "subcontract")  # kinds other events are routed through
@@ -170,7 +170,7 @@ class _Part:
         self.ids: list[bytes] | None = None  # evicted: evs is empty, these are its ids
         self.top = 0  # the latest ts_ms of its events (kept while evicted)
         self.applied = 0  # evs[:applied] are folded into pm, in order
-        self.pm: _PartMarket | None = None
+        self.pm: Market | None = None  # a fold._PartMarket (by its base: no cycle)
         self.linked: dict[str, list[Any]] = {}
         self.seen: dict[str, int] = {}
         self.ign: list[_MKey] = []

@@ -171,7 +171,6 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         led = self.ledger
-        gaps = led.gaps()
         rep = self.replicator
         peers = [str(p) for p in self.host.connected_peers()]
         services = {}
@@ -197,7 +196,7 @@ class Node:
             "forked_authors": len(led.forked()),
             "pending": led.pending_count,
             "pending_buffer": led.pending_status(),
-            "gaps": len(gaps),
+            "gaps": led.gap_count,
             "outbox": rep.outbox_len,
             "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
             **({"loop_steps": self.loop_steps.recent()} if self.config.node.loop_stats

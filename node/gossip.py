@@ -51,7 +51,7 @@ from .errors import BidmeshError, InvalidMessage, OperationError, Reason, UsageE
 from .events import MAX_WIRE, Event
 from .gaps import GapPlanner
 from .ingest import FairIngest
-from .ledger import AppendResult, Ledger, Status, check_records
+from .ledger import AppendResult, Gap, Ledger, Status, check_records
 from .replication import (  # noqa: F401  (LIVE_S & co. re-exported for callers)
     CATCH_UP_S,
     GAP_GRACE_S,
@@ -75,6 +75,7 @@ BATCH_MAX_EVENTS = 512
 BATCH_MAX_BYTES = 1000 * 1024
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
 PEERS_RECHECK_S = 5.0  # connection table re-read without an event (was polled every 0.2 s)
+GAP_SUMMARY_SLICE = 512  # authors' gaps summarized per loop step (~1-3 ms)
 
 
 def _records_of(resp: sync.SyncResponse | None) -> list[bytes]:
@@ -628,7 +629,7 @@ class Replicator:
             # already in flight (policy).
             await trio.sleep(self.policy.gap_grace_s())
             self._gap_event = trio.Event()
-            gaps = self.ledger.pending_gaps()
+            gaps = await self._pending_gaps()
             now = self.clock.now()
             plan = self.gap_planner.plan(gaps, self._sync_candidates(), now)
             if plan is not None:
@@ -636,9 +637,17 @@ class Replicator:
                 s = await self._sync_quietly(cast(p2p.PeerId, plan.peer), list(plan.gaps))
                 if s is None or s.failed:
                     self.gap_planner.failed(plan)
-                gaps = self.ledger.pending_gaps()
+                gaps = await self._pending_gaps()
                 now = self.clock.now()
             due = self.gap_planner.next_due(gaps, now)
+
+    async def _pending_gaps(self) -> list[Gap]:
+        """The ledger's gaps, summarized in slices (a gap storm brings thousands of
+        new authors at once; each costs a few microseconds): the loop is never held
+        for more than one slice."""
+        while self.ledger.summarize_gaps(GAP_SUMMARY_SLICE):
+            await trio.lowlevel.checkpoint()
+        return self.ledger.pending_gaps()
 
     async def _expire_pending(self) -> None:
         """Drop pending events older than `pending_ttl_s`; fault the peers that

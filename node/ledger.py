@@ -56,6 +56,7 @@ __all__ = [
 
 CACHE_KIB = 32 << 10  # SQLite page cache of the writer (part of the RSS budget)
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MiB of WAL between automatic checkpoints
+TOUCHED_MAX = 1 << 17  # authors awaiting a gap summary before the set is pruned
 
 _Row = tuple[bytes, bytes, int, int, str, bytes | None, bytes, int]  # ..., wire, idk
 
@@ -123,6 +124,7 @@ class Ledger:
         self.counters: Counter[str] = Counter()  # outcome and rejection-reason counts
         self._digest: bytes | None = None
         self._recon: ReconIndex | None = None  # built on first use, then kept up to date
+        self._gap_of: dict[bytes, Gap] = {}  # pending_gaps(), per author, as last summarized
         self._load_heads()
 
     # ------------------------------------------------------------ setup
@@ -306,6 +308,14 @@ class Ledger:
             self._recon_update(old)
             for author, head in b.overlay.items():
                 self._pending.drop_upto(author, head.seq)
+            touched = self._pending.touched
+            for author in b.overlay:
+                if author in self._gap_of:
+                    touched[author] = None  # its gap moved on
+            if len(touched) > TOUCHED_MAX:  # nobody asks for gaps: keep only live authors
+                for author in [a for a in touched
+                               if a not in self._gap_of and a not in self._pending.by_author]:
+                    del touched[author]
             self._digest = None
             if self._count is not None:
                 self._count += len(b.rows)
@@ -544,25 +554,39 @@ class Ledger:
 
     def gaps(self) -> list[tuple[bytes, int, int]]:
         """(author, first missing seq, last missing seq) for authors with pending events."""
-        out = []
-        for author, slot in self._pending.by_author.items():
-            head = self._heads.get(author)
-            have = head.seq if head else 0
-            out.append((author, have + 1, min(slot) - 1))
-        return out
+        return [(g.author, g.first, g.last) for g in self.pending_gaps()]
 
     def pending_gaps(self) -> list[Gap]:
-        """Like `gaps()`, with the sources charged for the waiting events and when the
-        oldest of them arrived (for budgeted gap fetching)."""
-        out = []
-        for author, slot in self._pending.by_author.items():
+        """Like `gaps()`, with the sources charged for the waiting events (first come
+        first) and when the first of them arrived (for budgeted gap fetching). Only
+        the authors whose pending events or head changed since the last call are
+        summarized again: the gap loop asks every round, and under a gap storm the
+        buffer holds tens of thousands of authors that do not change."""
+        self.summarize_gaps(None)
+        return list(self._gap_of.values())
+
+    def summarize_gaps(self, limit: int | None) -> bool:
+        """Bring up to `limit` (None: all) changed authors' gaps up to date for
+        `pending_gaps`; True if changed ones remain (a caller on the event loop
+        summarizes in slices and yields between them)."""
+        p = self._pending
+        n = len(p.touched) if limit is None else min(limit, len(p.touched))
+        for _ in range(n):
+            author, _ = p.touched.popitem(last=False)
+            slot = p.by_author.get(author)
+            if not slot:
+                self._gap_of.pop(author, None)
+                continue
             head = self._heads.get(author)
             have = head.seq if head else 0
-            held = [h for cands in slot.values() for h in cands.values()]
-            sources = tuple(dict.fromkeys(h.source for h in held))
-            out.append(Gap(author, have + 1, min(slot) - 1, sources,
-                           min(h.added for h in held)))
-        return out
+            self._gap_of[author] = Gap(author, have + 1, min(slot) - 1,
+                                       tuple(p.author_sources[author]), p.since[author])
+        return bool(p.touched)
+
+    @property
+    def gap_count(self) -> int:
+        """Authors with pending events (what `len(gaps())` says, without summarizing)."""
+        return len(self._pending.by_author)
 
     def expire_pending(self) -> Counter[tuple[Source, bool]]:
         """Drop pending events older than the pending TTL; count them per

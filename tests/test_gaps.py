@@ -71,3 +71,18 @@ def test_a_failed_round_does_not_use_up_a_try_and_progress_makes_a_new_gap() -> 
     moved = Gap(g.author, 2, 2, g.sources, g.added)  # seq 1 arrived, seq 2 still missing
     r = gp.plan([moved], ["B"], 10.0)
     assert r is not None and r.gaps == ((g.author, 2, 2),)
+
+
+def test_forgotten_gaps_leave_the_given_up_count_and_a_storm_plans_in_one_pass() -> None:
+    """A gap that used its tries counts as given up until it fills or expires; and a
+    round over 20,000 gaps keeps at most its own size per source (the plan runs on
+    the event loop every round)."""
+    gp = GapPlanner(authors_per_round=64, peer_requests_per_s=1000, tries=1)
+    storm = [gap(i, "gone") for i in range(20_000)] + [gap(99_999, "h")]
+    r = gp.plan(storm, ["p"], 0.0)
+    assert r is not None and len(r.gaps) == 64 and (storm[-1].author, 1, 1) in r.gaps
+    assert gp.status() == {"rounds": 1, "asked": 64, "given_up": 64, "tracked": 64}
+    # Those 63 of the storm filled meanwhile; the honest one is still waiting.
+    assert gp.plan(storm[63:], ["p"], 5.0) is not None
+    assert gp.status()["given_up"] == 1 + 64 and gp.status()["tracked"] == 1 + 64
+    assert gp.plan([], ["p"], 9.0) is None and gp.status()["given_up"] == 0

@@ -20,7 +20,7 @@ import trio
 from . import codec, p2p
 from .context import NodeContext
 from .control import CONTROL_MAX, LEN
-from .errors import BidmeshError, InvalidEvent, InvalidMessage, UsageError
+from .errors import BidmeshError, InvalidEvent, InvalidMessage, Reason, UsageError
 from .events import KINDS, Body, Event
 
 if TYPE_CHECKING:
@@ -51,9 +51,9 @@ ControlOp = Callable[[ControlNode, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 def _body(kind: Any, body: Any) -> Body:
     if not isinstance(kind, str) or kind not in KINDS:
-        raise InvalidMessage(f"unknown event kind {kind!r}", "unknown_kind")
+        raise InvalidMessage(f"unknown event kind {kind!r}", Reason.UNKNOWN_KIND)
     if not isinstance(body, dict):
-        raise InvalidMessage("an event body is a map", "malformed")
+        raise InvalidMessage("an event body is a map", Reason.MALFORMED)
     return KINDS[kind].from_map(body)
 
 
@@ -65,11 +65,12 @@ async def _op_publish(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     """`{"events": [[kind, body], ...]}`: stored (committed) before the answer."""
     items = req.get("events")
     if not isinstance(items, list) or not 0 < len(items) <= 10_000:
-        raise InvalidMessage("publish needs events: [[kind, body], ...] (1..10000)", "malformed")
+        raise InvalidMessage("publish needs events: [[kind, body], ...] (1..10000)",
+                             Reason.MALFORMED)
     bodies = []
     for it in items:
         if not isinstance(it, list) or len(it) != 2:
-            raise InvalidMessage("each event is [kind, body]", "malformed")
+            raise InvalidMessage("each event is [kind, body]", Reason.MALFORMED)
         bodies.append(_body(it[0], it[1]))
     return {"ids": [ev.id for ev in node.publish_many(bodies)]}
 
@@ -77,7 +78,7 @@ async def _op_publish(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
 async def _op_connect(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     addr = req.get("addr")
     if not isinstance(addr, str):
-        raise InvalidMessage("connect needs addr", "malformed")
+        raise InvalidMessage("connect needs addr", Reason.MALFORMED)
     peer = await node.host.connect(addr)
     if req.get("keep", True):
         node.discovery.add(addr)
@@ -88,14 +89,14 @@ def _peer_ids(values: list[Any]) -> list[p2p.PeerId]:
     """Parse every peer id before acting on any, so one bad entry changes nothing
     (a None here used to raise AttributeError in base58 and end the daemon)."""
     if not all(isinstance(v, str) and 0 < len(v) <= 128 for v in values):
-        raise InvalidMessage("peer ids are base58 strings", "malformed")
+        raise InvalidMessage("peer ids are base58 strings", Reason.MALFORMED)
     return [p2p.parse_peer_id(v) for v in values]
 
 
 async def _op_block(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     peers, seconds = req.get("peers"), req.get("seconds", 3600)
     if not isinstance(peers, list) or not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise InvalidMessage("block needs peers: [peer id, ...] and seconds > 0", "malformed")
+        raise InvalidMessage("block needs peers: [peer id, ...] and seconds > 0", Reason.MALFORMED)
     for p in _peer_ids(peers):
         node.host.block(p, float(seconds))
     return {"blocked": len(peers)}
@@ -104,7 +105,7 @@ async def _op_block(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
 async def _op_unblock(node: ControlNode, req: dict[str, Any]) -> dict[str, Any]:
     peers = req.get("peers")
     if not isinstance(peers, list):
-        raise InvalidMessage("unblock needs peers: [peer id, ...]", "malformed")
+        raise InvalidMessage("unblock needs peers: [peer id, ...]", Reason.MALFORMED)
     for p in _peer_ids(peers):
         node.host.unblock(p)
     node.discovery.retry_now()
@@ -133,7 +134,7 @@ async def _read_exact(stream: trio.SocketStream, n: int) -> bytes:
     while len(buf) < n:
         chunk = await stream.receive_some(n - len(buf))
         if not chunk:
-            raise InvalidMessage("control connection closed mid-message", "truncated")
+            raise InvalidMessage("control connection closed mid-message", Reason.TRUNCATED)
         buf += chunk
     return bytes(buf)
 
@@ -150,7 +151,7 @@ async def _control_conn(node: ControlNode, stream: trio.SocketStream) -> None:
                     (n,) = LEN.unpack(head)
                     if n > CONTROL_MAX:
                         raise InvalidMessage(f"control request over {CONTROL_MAX} bytes",
-                                             "oversized")
+                                             Reason.OVERSIZED)
                     raw = await _read_exact(stream, n)
             except (trio.TooSlowError, trio.BrokenResourceError, InvalidMessage):
                 return
@@ -167,10 +168,10 @@ async def _control_conn(node: ControlNode, stream: trio.SocketStream) -> None:
 
 async def _dispatch(node: ControlNode, req: Any) -> dict[str, Any]:
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-        return {"ok": False, "reason": "malformed", "error": "a request is a map with op"}
+        return {"ok": False, "reason": Reason.MALFORMED, "error": "a request is a map with op"}
     op = node.control_ops.get(req["op"])
     if op is None:
-        return {"ok": False, "reason": "unknown_op",
+        return {"ok": False, "reason": Reason.UNKNOWN_OP,
                 "error": f"unknown op {req['op']!r}; known: {', '.join(sorted(node.control_ops))}"}
     try:
         return {"ok": True, **await op(node, req)}
@@ -180,7 +181,8 @@ async def _dispatch(node: ControlNode, req: Any) -> dict[str, Any]:
         return {"ok": False, "reason": type(e).__name__, "error": str(e)}
     except Exception as e:  # the daemon's outermost boundary: a bug answers, never ends it
         log.exception("control op %s failed", req["op"][:40])
-        return {"ok": False, "reason": "internal", "error": f"{type(e).__name__}: see node log"}
+        return {"ok": False, "reason": Reason.INTERNAL,
+                "error": f"{type(e).__name__}: see node log"}
 
 
 async def serve_control(node: ControlNode, path: Path,

@@ -57,6 +57,76 @@ class Reason(enum.StrEnum):
     WRONG_RESPONSE = "wrong_response"
     BAD_FORK_PROOF = "bad_fork_proof"
     BAD_RECON = "bad_recon"
+    # A peer id that does not parse (node/p2p/ids.py); an op the control socket does not
+    # know (node/control_server.py, which also answers malformed, internal...).
+    BAD_PEER_ID = "bad_peer_id"
+    UNKNOWN_OP = "unknown_op"
+    # The dataplane's parsers of member input: packets, segments, frames (dataplane.md §7).
+    OVERSIZED_PACKET = "oversized_packet"
+    TRUNCATED_PACKET = "truncated_packet"
+    UNKNOWN_CHAIN = "unknown_chain"
+    UNKNOWN_PROTOCOL = "unknown_protocol"
+    MALFORMED_SEGMENT = "malformed_segment"
+    MALFORMED_FRAME = "malformed_frame"
+    TRUNCATED_FRAME = "truncated_frame"
+    # A stream, tunnel or process request outside its lease (the member sees
+    # LeaseRefused / TunnelUnauthorized): lease, window, membership, authority, volume.
+    NO_LEASE = "no_lease"
+    NOT_OUR_LEASE = "not_our_lease"
+    NOT_LEASE_PROVIDER = "not_lease_provider"
+    WRONG_SERVICE = "wrong_service"
+    OUTSIDE_WINDOW = "outside_window"
+    NOT_MEMBER = "not_member"
+    BAD_DELEGATION = "bad_delegation"
+    LEASE_CLOSED = "lease_closed"
+    LEASE_ENDED = "lease_ended"
+    WRONG_CHAIN = "wrong_chain"
+    NOT_IN_CHAIN = "not_in_chain"
+    OVER_VOLUME = "over_volume"
+    OVER_RATE = "over_rate"
+    # Dataplane streams and process requests: formats, what a provider serves, and how
+    # a stream or request ended (trailers, error answers; dataplane.md §8-§10).
+    BAD_HEADER = "bad_header"
+    BAD_LIMITS = "bad_limits"
+    BAD_REQUEST = "bad_request"
+    BAD_RESPONSE = "bad_response"
+    MALFORMED_TRAILER = "malformed_trailer"
+    OVERSIZED_RESPONSE = "oversized_response"
+    OUT_OF_ORDER = "out_of_order"
+    BAD_KEY = "bad_key"
+    UNKNOWN_SERVICE = "unknown_service"
+    UNKNOWN_PROVIDER = "unknown_provider"
+    PROCESSING_FAILED = "processing_failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"  # the provider stopped the stream or tunnel
+    INTERNAL = "internal"  # a bug on our side, not the peer's input
+    FAILED = "failed"  # none of the above
+    # Tunnels: the opening, egress, and why an open tunnel ended (dataplane.md §14).
+    BAD_OPEN = "bad_open"
+    BAD_FRAME = "bad_frame"
+    EGRESS_DISABLED = "egress_disabled"
+    EGRESS_DENIED = "egress_denied"
+    PRIVATE_DESTINATION = "private_destination"
+    TOO_MANY_TUNNELS = "too_many_tunnels"
+    RESOLVE_FAILED = "resolve_failed"
+    CONNECTION_REFUSED = "connection_refused"
+    UNREACHABLE = "unreachable"
+    IDLE = "idle"
+    DESTINATION_RESET = "destination_reset"
+    MEMBER_RESET = "member_reset"
+    STREAM_FAILED = "stream_failed"
+    CLOSED = "closed"  # the provider closed without answering the opening
+    BROKEN = "broken"  # the member lost its connection to the provider
+    # The local SOCKS5 front of tunnels (node/socks.py, node/tunnel_proxy.py): why a
+    # client's handshake was rejected, and the provider being out of reach.
+    BAD_ADDRESS_TYPE = "bad_address_type"
+    BAD_COMMAND = "bad_command"
+    BAD_HOST = "bad_host"
+    BAD_PORT = "bad_port"
+    NO_ACCEPTABLE_METHOD = "no_acceptable_method"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    CLIENT_RESET = "client_reset"
+    PROVIDER_UNREACHABLE = "provider_unreachable"
 
 
 class _ErrorTrailer(Protocol):

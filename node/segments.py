@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from .errors import PeerError, UsageError
+from .errors import PeerError, Reason, UsageError
 from .processors import ProcessContext, Processor, load_processors, run_chain
 
 __all__ = [
@@ -131,7 +131,7 @@ class PacketParser(abc.ABC):
         if idx >= self.n_chains:
             raise PeerError(
                 f"packet names chain {idx} but the stream declared {self.n_chains}",
-                "unknown_chain",
+                Reason.UNKNOWN_CHAIN,
             )
         return idx
 
@@ -157,7 +157,7 @@ class LengthPrefixed(PacketParser):
                 self.oversized += 1
                 raise PeerError(
                     f"packet of {n} bytes exceeds the {self.max_packet}-byte limit",
-                    "oversized_packet",
+                    Reason.OVERSIZED_PACKET,
                 )
             chain = self._chain(idx)
             if len(buf) - pos - 5 < n:
@@ -167,7 +167,9 @@ class LengthPrefixed(PacketParser):
         del buf[:pos]
         if final and buf:
             self.garbage_bytes += len(buf)
-            raise PeerError(f"stream ended inside a packet ({len(buf)} bytes)", "truncated_packet")
+            raise PeerError(
+                f"stream ended inside a packet ({len(buf)} bytes)", Reason.TRUNCATED_PACKET
+            )
         return out
 
 
@@ -273,7 +275,8 @@ def new_parser(protocol: str, **options: Any) -> PacketParser:
     factory = PROTOCOLS.get(protocol)
     if factory is None:
         raise PeerError(
-            f"unknown packet protocol {protocol!r}; known: {sorted(PROTOCOLS)}", "unknown_protocol"
+            f"unknown packet protocol {protocol!r}; known: {sorted(PROTOCOLS)}",
+            Reason.UNKNOWN_PROTOCOL,
         )
     return factory(**options)
 
@@ -296,14 +299,16 @@ def decode_packets(data: bytes, max_packets: int = 1 << 20) -> list[bytes]:
     pos, n = 0, len(data)
     while pos < n:
         if len(out) >= max_packets:
-            raise PeerError(f"segment holds more than {max_packets} packets", "malformed_segment")
+            raise PeerError(
+                f"segment holds more than {max_packets} packets", Reason.MALFORMED_SEGMENT
+            )
         if n - pos < 4:
-            raise PeerError("segment ends inside a packet length", "malformed_segment")
+            raise PeerError("segment ends inside a packet length", Reason.MALFORMED_SEGMENT)
         (size,) = _U32.unpack_from(data, pos)
         pos += 4
         if size > n - pos:
             raise PeerError(
-                f"packet length {size} runs past the segment end", "malformed_segment"
+                f"packet length {size} runs past the segment end", Reason.MALFORMED_SEGMENT
             )
         out.append(data[pos : pos + size])
         pos += size
@@ -433,7 +438,9 @@ def plan(chain: Sequence[str], local: Collection[str]) -> list[Step]:
     run_local, start = False, 0
     for i, name in enumerate(chain):
         if not isinstance(name, str) or not name:
-            raise PeerError(f"service name at position {i} is empty or not a string", "bad_chain")
+            raise PeerError(
+                f"service name at position {i} is empty or not a string", Reason.BAD_CHAIN
+            )
         here = name in local
         if run and here != run_local:
             steps.append(Step(tuple(run), run_local, start))
@@ -644,7 +651,7 @@ class FrameReader:
         while len(buf) - pos >= 12:
             n, seq = _FRAME_HEAD.unpack_from(buf, pos)
             if n < 8 or n > self.max_frame:
-                raise PeerError(f"output frame length {n} is out of range", "malformed_frame")
+                raise PeerError(f"output frame length {n} is out of range", Reason.MALFORMED_FRAME)
             if len(buf) - pos - 4 < n:
                 break
             out.append((seq, bytes(buf[pos + 12 : pos + 4 + n])))
@@ -654,7 +661,7 @@ class FrameReader:
 
     def end(self) -> None:
         if self._buf:
-            raise PeerError("output stream ended inside a frame", "truncated_frame")
+            raise PeerError("output stream ended inside a frame", Reason.TRUNCATED_FRAME)
 
 
 # --------------------------------------------------------------------- local reference

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .dataplane.tunnel_wire import check_host
-from .errors import InvalidMessage, SocksError
+from .errors import InvalidMessage, Reason, SocksError
 
 __all__ = [
     "ATYP_DOMAIN", "ATYP_IPV4", "ATYP_IPV6", "NO_ACCEPTABLE", "NO_AUTH", "REPLY_FOR_REASON",
@@ -47,16 +47,17 @@ COMMAND_NOT_SUPPORTED: Final = 0x07
 ATYP_NOT_SUPPORTED: Final = 0x08
 
 # Tunnel refusal reasons (docs/dataplane.md §14) to the SOCKS reply a client shows.
-REPLY_FOR_REASON: Final = {
-    "no_lease": NOT_ALLOWED, "not_our_lease": NOT_ALLOWED, "wrong_service": NOT_ALLOWED,
-    "outside_window": NOT_ALLOWED, "not_member": NOT_ALLOWED, "bad_delegation": NOT_ALLOWED,
-    "lease_closed": NOT_ALLOWED, "lease_ended": NOT_ALLOWED, "unauthorized": NOT_ALLOWED,
-    "egress_disabled": NOT_ALLOWED, "egress_denied": NOT_ALLOWED,
-    "private_destination": NOT_ALLOWED,
-    "connection_refused": CONNECTION_REFUSED,
-    "resolve_failed": HOST_UNREACHABLE, "unreachable": HOST_UNREACHABLE,
-    "timeout": TTL_EXPIRED,
-    "provider_unreachable": NETWORK_UNREACHABLE,
+REPLY_FOR_REASON: Final[dict[str, int]] = {
+    Reason.NO_LEASE: NOT_ALLOWED, Reason.NOT_OUR_LEASE: NOT_ALLOWED,
+    Reason.WRONG_SERVICE: NOT_ALLOWED, Reason.OUTSIDE_WINDOW: NOT_ALLOWED,
+    Reason.NOT_MEMBER: NOT_ALLOWED, Reason.BAD_DELEGATION: NOT_ALLOWED,
+    Reason.LEASE_CLOSED: NOT_ALLOWED, Reason.LEASE_ENDED: NOT_ALLOWED,
+    Reason.UNAUTHORIZED: NOT_ALLOWED, Reason.EGRESS_DISABLED: NOT_ALLOWED,
+    Reason.EGRESS_DENIED: NOT_ALLOWED, Reason.PRIVATE_DESTINATION: NOT_ALLOWED,
+    Reason.CONNECTION_REFUSED: CONNECTION_REFUSED,
+    Reason.RESOLVE_FAILED: HOST_UNREACHABLE, Reason.UNREACHABLE: HOST_UNREACHABLE,
+    Reason.TIMEOUT: TTL_EXPIRED,
+    Reason.PROVIDER_UNREACHABLE: NETWORK_UNREACHABLE,
 }
 
 
@@ -84,9 +85,9 @@ def parse_greeting(buf: bytes) -> frozenset[int]:
     """The methods the client offers; SocksError if this is not a SOCKS5 greeting."""
     if len(buf) < 2 or buf[0] != VERSION:
         raise SocksError(f"not a SOCKS5 greeting (version byte {buf[:1].hex() or 'none'})",
-                         "bad_version", None)
+                         Reason.BAD_VERSION, None)
     if buf[1] == 0 or len(buf) != 2 + buf[1]:
-        raise SocksError("a SOCKS5 greeting lists 1..255 methods", "malformed", None)
+        raise SocksError("a SOCKS5 greeting lists 1..255 methods", Reason.MALFORMED, None)
     return frozenset(buf[2:])
 
 
@@ -109,16 +110,16 @@ def request_size(buf: bytes) -> int:
 def parse_request(buf: bytes) -> SocksRequest:
     """The CONNECT destination; SocksError with the reply code for anything else."""
     if len(buf) < 5 or buf[0] != VERSION:
-        raise SocksError("not a SOCKS5 request", "bad_version", GENERAL_FAILURE)
+        raise SocksError("not a SOCKS5 request", Reason.BAD_VERSION, GENERAL_FAILURE)
     cmd, atyp = buf[1], buf[3]
     if atyp not in (ATYP_IPV4, ATYP_IPV6, ATYP_DOMAIN):
         raise SocksError(f"address type {atyp} is not IPv4, IPv6 or a domain name",
-                         "bad_address_type", ATYP_NOT_SUPPORTED)
+                         Reason.BAD_ADDRESS_TYPE, ATYP_NOT_SUPPORTED)
     if len(buf) != request_size(buf):
-        raise SocksError("SOCKS5 request of the wrong length", "malformed", GENERAL_FAILURE)
+        raise SocksError("SOCKS5 request of the wrong length", Reason.MALFORMED, GENERAL_FAILURE)
     if cmd != CMD_CONNECT:
         raise SocksError(f"command {cmd} is not supported (CONNECT only)",
-                         "bad_command", COMMAND_NOT_SUPPORTED)
+                         Reason.BAD_COMMAND, COMMAND_NOT_SUPPORTED)
     port = int.from_bytes(buf[-2:], "big")
     if atyp == ATYP_IPV4:
         host = str(ipaddress.IPv4Address(buf[4:8]))
@@ -128,10 +129,10 @@ def parse_request(buf: bytes) -> SocksRequest:
         try:
             host = check_host(buf[5:-2].decode("ascii"))
         except (UnicodeDecodeError, InvalidMessage):
-            raise SocksError("the destination is not a valid host name", "bad_host",
+            raise SocksError("the destination is not a valid host name", Reason.BAD_HOST,
                              HOST_UNREACHABLE) from None
     if port == 0:
-        raise SocksError("destination port 0", "bad_port", GENERAL_FAILURE)
+        raise SocksError("destination port 0", Reason.BAD_PORT, GENERAL_FAILURE)
     return SocksRequest(host, port, atyp)
 
 

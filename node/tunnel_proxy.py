@@ -28,7 +28,7 @@ import trio
 
 from . import socks
 from .dataplane.tunnel_client import Tunnel, TunnelFailed, TunnelRefused
-from .errors import BidmeshError, ClientGone
+from .errors import BidmeshError, ClientGone, Reason
 
 __all__ = ["ProxyStats", "TunnelProxy", "listen", "parse_listen"]
 
@@ -127,7 +127,7 @@ class TunnelProxy:
     async def handle(self, stream: trio.SocketStream) -> None:
         st = self.stats
         if st.open >= self.max_connections:
-            st.rejected["busy"] += 1
+            st.rejected[Reason.BUSY] += 1
             _abort(stream)
             await stream.aclose()
             return
@@ -138,7 +138,7 @@ class TunnelProxy:
         except Exception as e:
             # The boundary of one SOCKS connection: py-libp2p's error types are not a
             # closed set, and one connection's surprise must not end the proxy.
-            st.failed["internal"] += 1
+            st.failed[Reason.INTERNAL] += 1
             log.error("SOCKS connection failed unexpectedly", exc_info=True)
             self.on_error(f"internal error on a SOCKS connection: {type(e).__name__}: {e}")
             _abort(stream)
@@ -152,7 +152,7 @@ class TunnelProxy:
         while len(buf) < (need := size(bytes(buf))):
             data = await stream.receive_some(need - len(buf))
             if not data:
-                raise socks.SocksError("the client closed during the handshake", "eof", None)
+                raise socks.SocksError("the client closed during the handshake", Reason.EOF, None)
             buf += data
 
     async def _handshake(self, stream: trio.SocketStream) -> socks.SocksRequest | None:
@@ -161,7 +161,7 @@ class TunnelProxy:
             try:
                 await self._read(stream, greeting, socks.greeting_size)
                 if socks.NO_AUTH not in socks.parse_greeting(bytes(greeting)):
-                    self.stats.rejected["no_acceptable_method"] += 1
+                    self.stats.rejected[Reason.NO_ACCEPTABLE_METHOD] += 1
                     await stream.send_all(bytes([5, socks.NO_ACCEPTABLE]))
                     return None
                 await stream.send_all(bytes([5, socks.NO_AUTH]))
@@ -173,7 +173,7 @@ class TunnelProxy:
                     await stream.send_all(socks.reply(e.code))
                 return None
         if scope.cancelled_caught:
-            self.stats.rejected["handshake_timeout"] += 1
+            self.stats.rejected[Reason.HANDSHAKE_TIMEOUT] += 1
             return None
         return req
 
@@ -181,7 +181,7 @@ class TunnelProxy:
         try:
             req = await self._handshake(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self.stats.rejected["client_reset"] += 1
+            self.stats.rejected[Reason.CLIENT_RESET] += 1
             return
         if req is None:
             return
@@ -195,9 +195,9 @@ class TunnelProxy:
             return
         except BidmeshError as e:
             reason = getattr(e, "reason", None) or type(e).__name__
-            self.stats.refused["provider_unreachable"] += 1
+            self.stats.refused[Reason.PROVIDER_UNREACHABLE] += 1
             self.on_error(f"{dest}: cannot reach the provider ({reason}): {e}")
-            await self._reply(stream, socks.reply_code("provider_unreachable"))
+            await self._reply(stream, socks.reply_code(Reason.PROVIDER_UNREACHABLE))
             return
         self.stats.tunnels += 1
         self.stats.active += 1
@@ -214,7 +214,7 @@ class TunnelProxy:
             await stream.send_all(socks.reply(code))
             return True
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self.stats.failed["client_reset"] += 1
+            self.stats.failed[Reason.CLIENT_RESET] += 1
             return False
 
     async def _pipe(self, stream: trio.SocketStream, tunnel: Tunnel, dest: str) -> None:
@@ -263,4 +263,4 @@ class TunnelProxy:
             self.on_error(f"{dest}: {e}")
             _abort(stream)
         else:
-            st.failed["client_reset"] += 1  # the tunnel is reset by its aclose
+            st.failed[Reason.CLIENT_RESET] += 1  # the tunnel is reset by its aclose

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from ..auction import Lease
-from ..errors import Unauthorized
+from ..errors import Reason, Unauthorized
 
 __all__ = [
     "PASS_THROUGH",
@@ -60,7 +60,7 @@ def check_stream_chains(lease: Lease, chains: Sequence[Sequence[str]],
                 if not allowed else f"the lease pays for {'→'.join(allowed)} (declare it, a "
                 "contiguous part of it, or ['identity'])")
         raise Unauthorized(f"chain {'→'.join(chain)} is not what lease "
-                           f"{lease.id.hex()[:12]} was bought for: {what}", "wrong_chain")
+                           f"{lease.id.hex()[:12]} was bought for: {what}", Reason.WRONG_CHAIN)
 
 
 def check_process(lease: Lease | None, lease_id: bytes, requester: bytes,
@@ -80,17 +80,17 @@ def check_process(lease: Lease | None, lease_id: bytes, requester: bytes,
     """
     short = lease_id.hex()[:12]
     if lease is None:
-        raise Unauthorized(f"no lease {short} is known here (yet)", "no_lease")
+        raise Unauthorized(f"no lease {short} is known here (yet)", Reason.NO_LEASE)
     if requester != lease.provider:
         raise Unauthorized(f"lease {short} is provided by {lease.provider.hex()[:12]}, not "
                            "by the requester; only a lease's provider may subcontract it",
-                           "not_lease_provider")
+                           Reason.NOT_LEASE_PROVIDER)
     if not lease.start_ms - grace_ms <= now_ms < lease.end_ms + grace_ms:
         raise Unauthorized(f"lease {short} is active in [{lease.start_ms}, {lease.end_ms}), "
-                           f"not at {now_ms}", "outside_window")
+                           f"not at {now_ms}", Reason.OUTSIDE_WINDOW)
     if chain_position(services, lease_chain(lease, processors), step) is None:
         raise Unauthorized(f"lease {short} does not pay for {'→'.join(services)} at chain "
-                           f"position {step}", "not_in_chain")
+                           f"position {step}", Reason.NOT_IN_CHAIN)
 
 
 def volume_limit(lease: Lease, factor: float, floor: int, grace_ms: int) -> int | None:

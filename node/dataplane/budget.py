@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import trio
 
-from ..errors import InvalidMessage, UsageError
+from ..errors import InvalidMessage, Reason, UsageError
 from ..p2p import FRAME_HEADER, Stream, StreamTimeout, touch_stream
 from ..p2p.frames import _read_exactly as _p2p_read_exactly  # as read_frame maps EOF/reset
 
@@ -93,7 +93,7 @@ async def read_frame_length(stream: Stream, max_size: int, timeout: float) -> in
         raise StreamTimeout(f"no frame within {timeout} s") from None
     if length > max_size:
         raise InvalidMessage(f"frame of {length} bytes exceeds the limit of {max_size}",
-                             "oversized")
+                             Reason.OVERSIZED)
     return int(length)
 
 

@@ -17,6 +17,7 @@ from ..errors import (
     BidmeshError,
     InvalidMessage,
     LeaseRefused,
+    Reason,
     RemoteError,
     StreamFailed,
     UsageError,
@@ -39,9 +40,9 @@ __all__ = ["InputAcks", "StreamResult", "member_key", "split_results",
 
 _SEQ = struct.Struct(">Q")
 DEFAULT_CHUNK = 256 << 10
-_AUTH_REASONS = frozenset({"no_lease", "not_our_lease", "outside_window", "not_member",
-                           "bad_delegation", "lease_closed", "lease_ended", "unauthorized",
-                           "wrong_chain"})
+_AUTH_REASONS = frozenset({Reason.NO_LEASE, Reason.NOT_OUR_LEASE, Reason.OUTSIDE_WINDOW,
+                           Reason.NOT_MEMBER, Reason.BAD_DELEGATION, Reason.LEASE_CLOSED,
+                           Reason.LEASE_ENDED, Reason.UNAUTHORIZED, Reason.WRONG_CHAIN})
 
 Source = Iterable[bytes] | AsyncIterable[bytes]
 Sink = Callable[[bytes], Awaitable[None]]
@@ -205,14 +206,15 @@ async def stream_through_lease(
             while True:
                 frame = await read_frame(stream, max_frame + 8, timeout)
                 if len(frame) < 8:
-                    raise InvalidMessage("output frame shorter than its seq", "malformed_frame")
+                    raise InvalidMessage("output frame shorter than its seq",
+                                         Reason.MALFORMED_FRAME)
                 (seq,) = _SEQ.unpack_from(frame)
                 if seq == TRAILER_SEQ:
                     trailer = Trailer.decode(frame[8:])
                     break
                 if seq != frames:
                     raise InvalidMessage(f"output seq {seq} where {frames} was due",
-                                         "out_of_order")
+                                         Reason.OUT_OF_ORDER)
                 frames += 1
                 data = FRAME_HEADER.pack(len(frame)) + frame
                 if sink is None:

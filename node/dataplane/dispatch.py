@@ -21,6 +21,7 @@ from ..errors import (
     OperationError,
     PeerError,
     ProcessingError,
+    Reason,
 )
 from ..events import Subcontract
 from ..p2p import P2PHost, RequestRefused, peer_id_from_pubkey, request
@@ -217,7 +218,7 @@ class Dispatcher:
                 outputs = await self._call(cand, step, data, ctx)
                 await self._verify(step, data, outputs, ctx)
             except BidmeshError as e:
-                if (isinstance(e, RequestRefused) and e.reason == "no_lease"
+                if (isinstance(e, RequestRefused) and e.reason == Reason.NO_LEASE
                         and waited < self.lease_wait_s):
                     # The lease has not reached the contractor yet (the award gossips
                     # while the member already streams): not its fault; ask again soon.
@@ -230,9 +231,10 @@ class Dispatcher:
                 kind = "garbage" if isinstance(e, ProcessingError | PeerError) and not isinstance(
                     e, RequestRefused) else "failed"
                 self.counters[f"contractor_{kind}"] += 1
-                if isinstance(e, PeerError) and e.reason in ("oversized", "oversized_response"):
+                if isinstance(e, PeerError) and e.reason in (Reason.OVERSIZED,
+                                                             Reason.OVERSIZED_RESPONSE):
                     self.counters["contractor_oversized"] += 1  # refused unread
-                if not (isinstance(e, RequestRefused) and e.reason == "busy"):
+                if not (isinstance(e, RequestRefused) and e.reason == Reason.BUSY):
                     self.mark_bad(cand.provider)
                 errors.append(f"{cand.provider.hex()[:12]}: {e}")
                 log.info("segment %d step %s at %s failed: %s", ctx.seq, step.services,

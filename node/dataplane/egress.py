@@ -22,7 +22,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import Reason, UsageError
 
 __all__ = ["EgressPolicy", "EgressRule", "IPAddress", "parse_rule"]
 
@@ -85,18 +85,18 @@ class EgressPolicy:
         self.deny = tuple(parse_rule(r) for r in deny)
         self.own = frozenset(_unmapped(ipaddress.ip_address(a)) for a in own)
 
-    def check(self, ip: str | IPAddress, port: int) -> str | None:
+    def check(self, ip: str | IPAddress, port: int) -> Reason | None:
         if not self.enabled:
-            return "egress_disabled"
+            return Reason.EGRESS_DISABLED
         addr = _unmapped(ipaddress.ip_address(ip))
         if not 1 <= port <= 65535:
-            return "egress_denied"
+            return Reason.EGRESS_DENIED
         if any(r.matches(addr, port) for r in self.deny):
-            return "egress_denied"
+            return Reason.EGRESS_DENIED
         if any(r.matches(addr, port) for r in self.allow):
             return None
         if addr in self.own or addr.is_multicast or not addr.is_global:
-            return "private_destination"
+            return Reason.PRIVATE_DESTINATION
         return None
 
     def explain(self, ip: str | IPAddress, port: int) -> str:
@@ -104,9 +104,9 @@ class EgressPolicy:
         reason = self.check(ip, port)
         if reason is None:
             return f"{ip} port {port} is allowed"
-        if reason == "egress_disabled":
+        if reason == Reason.EGRESS_DISABLED:
             return "this provider does not carry traffic (egress disabled)"
-        if reason == "egress_denied":
+        if reason == Reason.EGRESS_DENIED:
             return f"{ip} port {port} is denied by this provider's egress policy"
         return (f"{ip} is a private, loopback, link-local, multicast or own address; "
                 "providers refuse those unless their egress policy allows them")

@@ -25,6 +25,7 @@ from ..errors import (
     InvalidMessage,
     PeerError,
     ProcessingError,
+    Reason,
     Refusal,
     RemoteError,
     StreamClosed,
@@ -186,7 +187,7 @@ class DataplaneService:
             return None
         st.closed = True
         for ing in list(st.streams):
-            ing.fail(Refusal("lease_ended", f"lease {lease_id.hex()[:12]} has ended"))
+            ing.fail(Refusal(Reason.LEASE_ENDED, f"lease {lease_id.hex()[:12]} has ended"))
         with trio.move_on_after(self.config.close_grace_s):
             await st.idle.wait()
         members = sorted(st.members.items(), key=lambda kv: (-kv[1].bytes_in, kv[0]))
@@ -250,27 +251,27 @@ class DataplaneService:
         cfg = self.config
         lease = self.lease_lookup(header.lease)
         if lease is None:
-            raise Unauthorized(f"no lease {header.lease.hex()[:12]} is known here", "no_lease")
+            raise Unauthorized(f"no lease {header.lease.hex()[:12]} is known here", Reason.NO_LEASE)
         if lease.provider != self.host.pubkey:
-            raise Unauthorized(f"lease {lease.id.hex()[:12]} is not ours", "not_our_lease")
+            raise Unauthorized(f"lease {lease.id.hex()[:12]} is not ours", Reason.NOT_OUR_LEASE)
         now = self.clock()
         if not lease.active(now):
             raise Unauthorized(f"lease {lease.id.hex()[:12]} is active in "
                                f"[{lease.start_ms}, {lease.end_ms}), not at {now}",
-                               "outside_window")
+                               Reason.OUTSIDE_WINDOW)
         st = self._leases.get(lease.id)
         if st is None:
             st = self._leases[lease.id] = LeaseState(lease, cfg.burst_ms)
         if st.closed:
-            raise Unauthorized(f"lease {lease.id.hex()[:12]} was closed", "lease_closed")
+            raise Unauthorized(f"lease {lease.id.hex()[:12]} was closed", Reason.LEASE_CLOSED)
         try:
             st.admission.admit(peer, now, header.delegation)
         except Unauthorized as e:
-            reason = e.reason if e.reason != "unauthorized" else "not_member"
+            reason = e.reason if e.reason != Reason.UNAUTHORIZED else Reason.NOT_MEMBER
             raise Unauthorized(str(e), reason) from None
         check_stream_chains(lease, header.chains, self.pool.processors)
         if self._streams >= cfg.max_streams or len(st.streams) >= cfg.max_streams_per_lease:
-            raise PeerError("too many streams open; retry later", "busy")
+            raise PeerError("too many streams open; retry later", Reason.BUSY)
         lim = header.limits
         if not (lim.max_packets <= cfg.max_segment_packets
                 and lim.max_bytes <= cfg.max_segment_bytes
@@ -278,17 +279,17 @@ class DataplaneService:
             raise InvalidMessage(
                 f"segment limits must be within max_packets <= {cfg.max_segment_packets}, "
                 f"max_bytes <= {cfg.max_segment_bytes}, max_age_ms >= {cfg.min_segment_age_ms}",
-                "bad_limits")
+                Reason.BAD_LIMITS)
         if header.options.get("max_packet", 0) > cfg.max_packet:
             raise InvalidMessage(f"max_packet above this provider's {cfg.max_packet}",
-                                 "bad_limits")
+                                 Reason.BAD_LIMITS)
         plans = []
         for chain in header.chains:
             steps = plan(chain, self.local)
             for s in steps:
                 if not s.local and not self.dispatcher.candidates(s.services):
                     raise PeerError(f"nobody offers {'→'.join(s.services)} (not here, no "
-                                    "provider in the ledger)", "unknown_service")
+                                    "provider in the ledger)", Reason.UNKNOWN_SERVICE)
             plans.append(steps)
         return st, plans
 
@@ -380,13 +381,13 @@ class DataplaneService:
         ticket = self.host.resources.try_start_request(peer_id, process_protocol(self.network))
         if ticket is None:
             self.host.guard.fault(peer_id, "limit_requests_per_peer")
-            await write_frame(stream, _error_answer("busy", "too many requests in flight "
+            await write_frame(stream, _error_answer(Reason.BUSY, "too many requests in flight "
                                                     "from you"), 5.0)
             return
         try:
             if self._singles >= self.config.process_max_concurrent:
                 self.counters["process_refused:busy"] += 1
-                await write_frame(stream, _error_answer("busy", "too many requests in "
+                await write_frame(stream, _error_answer(Reason.BUSY, "too many requests in "
                                                         "flight"), 5.0)
                 return
             self._singles += 1
@@ -417,14 +418,14 @@ class DataplaneService:
                         charged += out
                         response = encode_outputs(outputs, bytes([_OK]))
                     except PeerError as e:
-                        if e.reason == "truncated":
+                        if e.reason == Reason.TRUNCATED:
                             raise  # the request never arrived whole: nobody to answer
-                        if e.reason == "oversized":
+                        if e.reason == Reason.OVERSIZED:
                             self.counters["process_refused:oversized"] += 1
                         response = _error_answer(e.reason, str(e))
             except trio.TooSlowError:
                 self.counters["process_refused:timeout"] += 1
-                response = _error_answer("timeout", f"not served within "
+                response = _error_answer(Reason.TIMEOUT, f"not served within "
                                          f"{cfg.process_timeout_s} s")
                 deadline = trio.current_time() + 5.0
             await write_frame(stream, response, max(0.0, deadline - trio.current_time()))
@@ -444,7 +445,7 @@ class DataplaneService:
         used = self._volume.get(lease.id, 0) + len(req.data)
         if limit is not None and used > limit:
             raise Unauthorized(f"lease {lease.id.hex()[:12]} has used its volume here "
-                               f"({limit} bytes of process requests)", "over_volume")
+                               f"({limit} bytes of process requests)", Reason.OVER_VOLUME)
         if limit is None:
             self._charge_rate(peer, req)
         self._volume[lease.id] = used
@@ -467,7 +468,7 @@ class DataplaneService:
         if b.tokens < min(n, b.burst):
             raise Unauthorized(f"process requests from you under leases without a max rate "
                                f"are capped at {rate} bytes/s here (our offer's capacity); "
-                               "retry later", "over_rate")
+                               "retry later", Reason.OVER_RATE)
         b.tokens -= n
 
     def _prune_volume(self, now: int) -> None:
@@ -483,7 +484,7 @@ class DataplaneService:
         if not self._knows(peer):
             self.counters["process_refused:unknown_provider"] += 1
             raise Unauthorized("process requests are served to providers with an offer in "
-                               "the ledger (or on the allow list) only", "unknown_provider")
+                               "the ledger (or on the allow list) only", Reason.UNKNOWN_PROVIDER)
         try:
             req = ProcessRequest.decode(payload, offset)
         except InvalidMessage:
@@ -492,7 +493,7 @@ class DataplaneService:
         missing = [s for s in req.services if s not in self.local]
         if missing:
             self.counters["process_refused:unknown_service"] += 1
-            raise PeerError(f"this provider does not offer {missing}", "unknown_service")
+            raise PeerError(f"this provider does not offer {missing}", Reason.UNKNOWN_SERVICE)
         try:
             self._authorize(peer, req)
         except Unauthorized as e:
@@ -512,7 +513,7 @@ class DataplaneService:
                     outputs.append(data)
         except ProcessingError as e:
             served["failed"] += 1
-            raise PeerError(str(e), "processing_failed") from None
+            raise PeerError(str(e), Reason.PROCESSING_FAILED) from None
         served["segments"] += 1
         served["bytes_in"] += len(req.data)
         served["bytes_out"] += sum(map(len, outputs))
@@ -536,15 +537,15 @@ class DataplaneService:
         peer = remote_pubkey(stream)
         cfg = self.config
         if not self._knows(peer):
-            await self._refuse_session(stream, "unknown_provider", "process sessions are "
+            await self._refuse_session(stream, Reason.UNKNOWN_PROVIDER, "process sessions are "
                                        "served to providers with an offer in the ledger (or "
                                        "on the allow list) only")
             return
         if self._sessions >= cfg.process_max_sessions:
-            await self._refuse_session(stream, "busy", "too many process sessions open")
+            await self._refuse_session(stream, Reason.BUSY, "too many process sessions open")
             return
         if self._peer_sessions[peer] >= cfg.process_sessions_per_peer:
-            await self._refuse_session(stream, "busy", "you hold "
+            await self._refuse_session(stream, Reason.BUSY, "you hold "
                                        f"{cfg.process_sessions_per_peer} process sessions "
                                        "already; pipeline requests on one")
             return
@@ -581,7 +582,7 @@ class DataplaneService:
                     if length < 8:
                         self.counters["process_refused:bad_request"] += 1
                         failed(InvalidMessage("process-session request shorter than its id",
-                                              "bad_request"))
+                                              Reason.BAD_REQUEST))
                         break
                     # Waiting here stops reading: yamux flow control then holds the
                     # requester, whichever of its sessions it uses.
@@ -628,7 +629,7 @@ class DataplaneService:
                 head = encode_session_error(rid, e.reason, str(e))
             except trio.TooSlowError:
                 self.counters["process_refused:timeout"] += 1
-                head = encode_session_error(rid, "timeout",
+                head = encode_session_error(rid, Reason.TIMEOUT,
                                             f"not processed within {cfg.process_timeout_s} s")
             finally:
                 slots.release()

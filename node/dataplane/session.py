@@ -16,7 +16,7 @@ import struct
 
 import trio
 
-from ..errors import BidmeshError, InvalidMessage, OperationError, StreamClosed
+from ..errors import BidmeshError, InvalidMessage, OperationError, Reason, StreamClosed
 from ..p2p import (
     RequestRefused,
     Stream,
@@ -163,14 +163,14 @@ class ProcessSession:
         length = await read_frame_length(self.stream, self.max_frame, math.inf)
         if length < 9:
             raise InvalidMessage(f"{self.name} sent a process-session response shorter than "
-                                 "its header", "bad_response")
+                                 "its header", Reason.BAD_RESPONSE)
         (rid,) = _U64.unpack(await read_exactly(self.stream, 8, math.inf))
         slot = self._slots.get(rid)
         limit = _ERROR_LIMIT if rid == SESSION_ERROR_ID or slot is None else max(
             slot.limit, _ERROR_LIMIT)
         if length - 9 > limit:  # after the id and the status byte
             raise InvalidMessage(f"{self.name} answered {length - 9} bytes to request {rid}, "
-                                 f"whose outputs hold at most {limit}", "oversized_response")
+                                 f"whose outputs hold at most {limit}", Reason.OVERSIZED_RESPONSE)
         return rid, await read_exactly(self.stream, length - 8, math.inf)
 
     async def _reader(self) -> None:
@@ -201,7 +201,7 @@ class ProcessSession:
         slot = self._slots.pop(rid, None)
         if slot is None:
             raise InvalidMessage(f"{self.name} answered request {rid}, which is not in "
-                                 "flight", "bad_response")
+                                 "flight", Reason.BAD_RESPONSE)
         if not slot.abandoned:
             slot.response = SessionResponse.decode_body(rid, body, slot.expected)
             slot.done.set()

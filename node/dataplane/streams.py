@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import trio
 
 from ..auction import DeviceAdmission, Lease
-from ..errors import BidmeshError, PeerError, ProcessingError, Refusal, StreamClosed
+from ..errors import BidmeshError, PeerError, ProcessingError, Reason, Refusal, StreamClosed
 from ..p2p import Stream, StreamTimeout, read_frame, write_frame
 from ..processors import ProcessContext
 from ..segments import (
@@ -115,10 +115,10 @@ def error_reason(e: BaseException) -> str:
     if isinstance(e, Refusal | PeerError | StreamClosed):
         return e.reason
     if isinstance(e, StreamTimeout):
-        return "timeout"
+        return Reason.TIMEOUT
     if isinstance(e, ProcessingError):
-        return "processing_failed"
-    return "failed"
+        return Reason.PROCESSING_FAILED
+    return Reason.FAILED
 
 
 class Ingest:
@@ -157,7 +157,7 @@ class Ingest:
             self.fail(e)
         except Exception as e:  # a bug or an unmapped library error: fail the stream clearly
             log.exception("dataplane stream task failed")
-            self.fail(Refusal("internal", f"provider error: {type(e).__name__}: {e}"))
+            self.fail(Refusal(Reason.INTERNAL, f"provider error: {type(e).__name__}: {e}"))
 
     async def run(self) -> Trailer:
         with self.scope:
@@ -172,7 +172,7 @@ class Ingest:
                       bytes_out=self.bytes_out, garbage_bytes=p.garbage_bytes,
                       subcontracted=self.contracts.segments, redispatched=self.redispatched)
         if self.error is None and self.scope.cancelled_caught:
-            self.error = Refusal("cancelled", "the provider stopped the stream")
+            self.error = Refusal(Reason.CANCELLED, "the provider stopped the stream")
         if self.error is not None:
             return Trailer(False, error_reason(self.error), str(self.error), **counts)
         return Trailer(True, **counts)
@@ -183,7 +183,8 @@ class Ingest:
         while True:
             chunk = await read_frame(self.stream, cfg.max_chunk, cfg.idle_timeout_s)
             if not st.lease.active(self.svc.clock()):
-                raise Refusal("lease_ended", f"lease {st.lease.id.hex()[:12]} is not active now")
+                raise Refusal(Reason.LEASE_ENDED,
+                              f"lease {st.lease.id.hex()[:12]} is not active now")
             final = not chunk
             if final:
                 packets = self.parser.end()

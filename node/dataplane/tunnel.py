@@ -29,6 +29,7 @@ from ..errors import (
     BidmeshError,
     InvalidMessage,
     PeerError,
+    Reason,
     Refusal,
     RemoteError,
     StreamClosed,
@@ -185,7 +186,7 @@ class TunnelService:
             return None
         st.closed = True
         for t in list(st.tunnels):
-            t.fail("lease_ended", f"lease {lease_id.hex()[:12]} has ended")
+            t.fail(Reason.LEASE_ENDED, f"lease {lease_id.hex()[:12]} has ended")
         with trio.move_on_after(self.config.write_timeout_s + self.config.close_grace_s + 5):
             await st.idle.wait()
         shortfall = st.meter.close(mono_ms()) if st.meter is not None else 0
@@ -237,40 +238,40 @@ class TunnelService:
         cfg = self.config
         lease = self.lease_lookup(req.lease)
         if lease is None:
-            raise Unauthorized(f"no lease {req.lease.hex()[:12]} is known here", "no_lease")
+            raise Unauthorized(f"no lease {req.lease.hex()[:12]} is known here", Reason.NO_LEASE)
         if lease.provider != self.host.pubkey:
-            raise Unauthorized(f"lease {lease.id.hex()[:12]} is not ours", "not_our_lease")
+            raise Unauthorized(f"lease {lease.id.hex()[:12]} is not ours", Reason.NOT_OUR_LEASE)
         if lease.service != "bandwidth":
             raise Unauthorized(f"lease {lease.id.hex()[:12]} is for {lease.service!r}; "
-                               "tunnels need a bandwidth lease", "wrong_service")
+                               "tunnels need a bandwidth lease", Reason.WRONG_SERVICE)
         now = self.clock()
         if not lease.active(now):
             raise Unauthorized(f"lease {lease.id.hex()[:12]} is active in "
                                f"[{lease.start_ms}, {lease.end_ms}), not at {now}",
-                               "outside_window")
+                               Reason.OUTSIDE_WINDOW)
         st = self._leases.get(lease.id)
         if st is None:
             st = self._leases[lease.id] = LeaseTunnels(lease, cfg)
             self._changed.set()
         if st.closed:
-            raise Unauthorized(f"lease {lease.id.hex()[:12]} was closed", "lease_closed")
+            raise Unauthorized(f"lease {lease.id.hex()[:12]} was closed", Reason.LEASE_CLOSED)
         try:
             st.admission.admit(peer, now, req.delegation)
         except Unauthorized as e:
-            raise Unauthorized(str(e), e.reason if e.reason != "unauthorized"
-                               else "not_member") from None
+            raise Unauthorized(str(e), e.reason if e.reason != Reason.UNAUTHORIZED
+                               else Reason.NOT_MEMBER) from None
         if not self.policy.enabled:
             raise PeerError("this provider does not carry traffic (egress disabled)",
-                            "egress_disabled")
+                            Reason.EGRESS_DISABLED)
         if self._open >= cfg.max_tunnels:
             raise PeerError(f"this provider has {cfg.max_tunnels} tunnels open; retry later",
-                            "too_many_tunnels")
+                            Reason.TOO_MANY_TUNNELS)
         if len(st.tunnels) >= cfg.max_tunnels_per_lease:
             raise PeerError(f"the lease has {cfg.max_tunnels_per_lease} tunnels open (the "
-                            "provider's cap)", "too_many_tunnels")
+                            "provider's cap)", Reason.TOO_MANY_TUNNELS)
         if st.open_for(peer) >= cfg.max_tunnels_per_member:
             raise PeerError(f"you have {cfg.max_tunnels_per_member} tunnels open under this "
-                            "lease (the provider's cap)", "too_many_tunnels")
+                            "lease (the provider's cap)", Reason.TOO_MANY_TUNNELS)
         return st
 
     async def _connect(self, req: TunnelOpen) -> tuple[trio.SocketStream, str]:
@@ -279,13 +280,13 @@ class TunnelService:
             try:
                 addrs = await self.resolve(req.host, req.port)
             except OSError as e:
-                raise Refusal("resolve_failed", f"cannot resolve {req.host}: {e}") from None
+                raise Refusal(Reason.RESOLVE_FAILED, f"cannot resolve {req.host}: {e}") from None
             if not addrs:
-                raise Refusal("resolve_failed", f"{req.host} has no address")
+                raise Refusal(Reason.RESOLVE_FAILED, f"{req.host} has no address")
             allowed = [a for a in addrs if self.policy.check(a, req.port) is None]
             if not allowed:
                 first = addrs[0]
-                raise Refusal(self.policy.check(first, req.port) or "egress_denied",
+                raise Refusal(self.policy.check(first, req.port) or Reason.EGRESS_DENIED,
                                f"{req.host} ({first}): {self.policy.explain(first, req.port)}")
             last: OSError | None = None
             for ip in allowed[:4]:  # connect to exactly the address checked: no rebinding
@@ -295,11 +296,11 @@ class TunnelService:
                     last = e
             code = getattr(last, "errno", None)
             if code == errno.ECONNREFUSED:
-                raise Refusal("connection_refused",
+                raise Refusal(Reason.CONNECTION_REFUSED,
                                f"{req.host} port {req.port} refused the connection")
-            raise Refusal("unreachable", f"cannot connect to {req.host} port {req.port}: "
+            raise Refusal(Reason.UNREACHABLE, f"cannot connect to {req.host} port {req.port}: "
                                           f"{last}")
-        raise Refusal("timeout", f"resolving and connecting to {req.host} port {req.port} "
+        raise Refusal(Reason.TIMEOUT, f"resolving and connecting to {req.host} port {req.port} "
                                   f"took longer than {cfg.connect_timeout_s} s")
 
     async def _on_stream(self, stream: Stream) -> None:
@@ -315,7 +316,7 @@ class TunnelService:
             req = TunnelOpen.decode(raw)
             st = self._admit(peer, req)
         except (PeerError, StreamTimeout, StreamClosed) as e:
-            reason = "timeout" if isinstance(e, StreamTimeout) else e.reason
+            reason = Reason.TIMEOUT if isinstance(e, StreamTimeout) else e.reason
             await self._refuse(stream, reason, str(e))
             return
         except RemoteError:
@@ -361,7 +362,7 @@ class TunnelService:
                     pumps.start_soon(self._guard, t, self._down)
                 outer.cancel_scope.cancel()
         if t.error is None and t.scope.cancelled_caught:
-            t.error = Refusal("cancelled", "the provider stopped the tunnel")
+            t.error = Refusal(Reason.CANCELLED, "the provider stopped the tunnel")
         if t.error is None:
             self.counters["tunnels_ok"] += 1
             end = TunnelEnd(True, bytes_up=t.bytes_up, bytes_down=t.bytes_down)
@@ -384,7 +385,8 @@ class TunnelService:
             log.debug("could not send a tunnel's END: %s", e)
             await reset_quietly(t.stream)
             return
-        if t.error is not None and t.error.reason in ("bad_frame", "oversized", "truncated"):
+        if t.error is not None and t.error.reason in (Reason.BAD_FRAME, Reason.OVERSIZED,
+                                                      Reason.TRUNCATED):
             await reset_quietly(t.stream)  # the member's frames are out of step: no drain
             return
         await close_quietly(t.stream)
@@ -407,17 +409,17 @@ class TunnelService:
             t.fail(e.reason, str(e))
         except RemoteError:
             t.member_gone = True
-            t.fail("member_reset", "the member reset the tunnel")
+            t.fail(Reason.MEMBER_RESET, "the member reset the tunnel")
         except StreamTimeout as e:
             t.member_gone = True  # write_frame reset the stream
-            t.fail("timeout", str(e))
+            t.fail(Reason.TIMEOUT, str(e))
         except PeerError as e:
             t.fail(e.reason, str(e))
         except BidmeshError as e:
             t.member_gone = True
-            t.fail("stream_failed", str(e))
+            t.fail(Reason.STREAM_FAILED, str(e))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            t.fail("destination_reset", f"the connection to {t.req.host} broke: {e!r}")
+            t.fail(Reason.DESTINATION_RESET, f"the connection to {t.req.host} broke: {e!r}")
 
     async def _up(self, t: Tunnel) -> None:
         """Member -> destination: DATA frames written to the socket; EOF half-closes it."""
@@ -436,7 +438,7 @@ class TunnelService:
                 return
             if kind != DATA or len(frame) < 2:
                 raise InvalidMessage("tunnel frames from members are DATA or EOF",
-                                     "bad_frame")
+                                     Reason.BAD_FRAME)
             n = len(frame) - 1
             t.last = trio.current_time()
             st.busy(+1)
@@ -502,10 +504,10 @@ class TunnelService:
                 touch_stream(t.stream)
             left_ms = lease.end_ms - self.clock()
             if left_ms <= 0:
-                t.fail("lease_ended", f"lease {lease.id.hex()[:12]} has ended")
+                t.fail(Reason.LEASE_ENDED, f"lease {lease.id.hex()[:12]} has ended")
                 return
             idle_left = t.last + cfg.idle_timeout_s - trio.current_time()
             if idle_left <= 0:
-                t.fail("idle", f"no traffic for {cfg.idle_timeout_s} s")
+                t.fail(Reason.IDLE, f"no traffic for {cfg.idle_timeout_s} s")
                 return
             await trio.sleep(min(idle_left, left_ms / 1000 + 0.001, cfg.lease_check_s))

@@ -17,6 +17,7 @@ import trio
 from ..errors import (
     BidmeshError,
     InvalidMessage,
+    Reason,
     StreamClosed,
     TunnelFailed,
     TunnelRefused,
@@ -72,7 +73,7 @@ class Tunnel(trio.abc.HalfCloseableStream):
     def _failed(self, e: BaseException) -> TunnelFailed:
         if self.end is not None and not self.end.ok:
             return TunnelFailed(self.end.reason, self.end.error)
-        return TunnelFailed("broken", f"the tunnel to {self.dest} broke: the connection to "
+        return TunnelFailed(Reason.BROKEN, f"the tunnel to {self.dest} broke: the connection to "
                                       f"the provider was lost ({e})")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -129,7 +130,7 @@ class Tunnel(trio.abc.HalfCloseableStream):
             if kind == END:
                 self.end = TunnelEnd.decode(memoryview(frame)[1:])
                 continue
-            raise self._failed(InvalidMessage("unknown tunnel frame type", "bad_frame"))
+            raise self._failed(InvalidMessage("unknown tunnel frame type", Reason.BAD_FRAME))
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._eof_in and self._pending is None and self.end is None:
@@ -183,8 +184,8 @@ async def open_tunnel(host: P2PHost, provider: PeerId | str, lease_id: bytes, de
         reply = TunnelReply.decode(await read_frame(stream, MAX_OPEN, timeout))
     except (InvalidMessage, StreamClosed) as e:
         await reset_quietly(stream)
-        if e.reason in ("eof", "truncated"):
-            raise TunnelRefused("closed", "the provider closed the tunnel without an "
+        if e.reason in (Reason.EOF, Reason.TRUNCATED):
+            raise TunnelRefused(Reason.CLOSED, "the provider closed the tunnel without an "
                                           "answer") from None
         raise
     except BaseException:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .. import codec
-from ..errors import InvalidMessage, UsageError
+from ..errors import InvalidMessage, Reason, UsageError
 
 __all__ = [
     "DATA",
@@ -43,9 +43,9 @@ MAX_MESSAGE: Final = 512
 _HOSTNAME: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
 
 # Reasons a member may see (docs/dataplane.md §14). Lease reasons are an Unauthorized.
-AUTH_REASONS: Final = frozenset({"no_lease", "not_our_lease", "outside_window", "not_member",
-                                 "bad_delegation", "lease_closed", "lease_ended",
-                                 "wrong_service", "unauthorized"})
+AUTH_REASONS: Final = frozenset({Reason.NO_LEASE, Reason.NOT_OUR_LEASE, Reason.OUTSIDE_WINDOW,
+                                 Reason.NOT_MEMBER, Reason.BAD_DELEGATION, Reason.LEASE_CLOSED,
+                                 Reason.LEASE_ENDED, Reason.WRONG_SERVICE, Reason.UNAUTHORIZED})
 
 
 def tunnel_protocol(network: str) -> str:
@@ -53,7 +53,7 @@ def tunnel_protocol(network: str) -> str:
 
 
 def _bad(message: str) -> InvalidMessage:
-    return InvalidMessage(message, "bad_open")
+    return InvalidMessage(message, Reason.BAD_OPEN)
 
 
 def check_host(host: str) -> str:
@@ -74,7 +74,7 @@ def _dict(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise _bad(f"{what} must be a msgpack map")
     if d.get("v") != VERSION:
-        raise InvalidMessage(f"unsupported {what} version {d.get('v')!r}", "bad_version")
+        raise InvalidMessage(f"unsupported {what} version {d.get('v')!r}", Reason.BAD_VERSION)
     return d
 
 
@@ -192,6 +192,6 @@ class TunnelEnd:
         """`payload`: the frame without its END type byte."""
         d = codec.unpack(bytes(payload), MAX_OPEN)
         if not isinstance(d, dict) or not isinstance(d.get("ok"), bool):
-            raise InvalidMessage("malformed tunnel END frame", "bad_frame")
+            raise InvalidMessage("malformed tunnel END frame", Reason.BAD_FRAME)
         return cls(d["ok"], _str(d, "reason", 64), _str(d, "error"),
                    _uint(d, "bytes_up") or 0, _uint(d, "bytes_down") or 0)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .. import codec
-from ..errors import InvalidMessage, PeerError, UsageError
+from ..errors import InvalidMessage, PeerError, Reason, UsageError
 from ..keys import Identity
 from ..segments import MAX_CHAINS, PROTOCOLS
 
@@ -66,7 +66,7 @@ def session_protocol(network: str) -> str:
     return f"/bidmesh/{network}/process/2"
 
 
-def _bad(message: str, reason: str = "bad_header") -> InvalidMessage:
+def _bad(message: str, reason: str = Reason.BAD_HEADER) -> InvalidMessage:
     return InvalidMessage(message, reason)
 
 
@@ -176,11 +176,11 @@ class StreamHeader:
         if not isinstance(d, dict):
             raise _bad("stream header must be a msgpack map")
         if d.get("v") != VERSION:
-            raise _bad(f"unsupported stream header version {d.get('v')!r}", "bad_version")
+            raise _bad(f"unsupported stream header version {d.get('v')!r}", Reason.BAD_VERSION)
         proto = d.get("proto")
         if proto not in PROTOCOLS:
             raise _bad(f"unknown packet protocol {proto!r}; known: {sorted(PROTOCOLS)}",
-                       "unknown_protocol")
+                       Reason.UNKNOWN_PROTOCOL)
         chains = check_chains(d.get("chains"), max_chains, max_chain_len)
         raw_opts = d.get("opts", {})
         if not isinstance(raw_opts, dict):
@@ -247,10 +247,10 @@ class Trailer:
     def decode(cls, data: bytes) -> Trailer:
         d = codec.unpack(data, 8192)
         if not isinstance(d, dict) or not isinstance(d.get("ok"), bool):
-            raise _bad("malformed trailer", "malformed_trailer")
+            raise _bad("malformed trailer", Reason.MALFORMED_TRAILER)
         reason, error = d.get("reason", ""), d.get("error", "")
         if not isinstance(reason, str) or not isinstance(error, str) or len(reason) > 64:
-            raise _bad("malformed trailer", "malformed_trailer")
+            raise _bad("malformed trailer", Reason.MALFORMED_TRAILER)
         ints = {k: _int(d, k, 0, 1 << 62, 0) for k in cls._INTS}
         return cls(d["ok"], reason, error, **ints)
 
@@ -291,15 +291,15 @@ class ProcessRequest:
     def decode(cls, payload: bytes, offset: int = 0) -> ProcessRequest:
         """Decode the request at `payload[offset:]` (a session frame has its id first)."""
         if len(payload) - offset < 4:
-            raise _bad("process request too short", "bad_request")
+            raise _bad("process request too short", Reason.BAD_REQUEST)
         (n,) = _U32.unpack_from(payload, offset)
         start = offset + 4
         if n > 8192 or start + n > len(payload):
-            raise _bad("process request header length out of range", "bad_request")
+            raise _bad("process request header length out of range", Reason.BAD_REQUEST)
         h = codec.unpack(payload[start : start + n], 8192)
         if not isinstance(h, list) or len(h) != 7 or h[0] != VERSION:
             raise _bad("process request header must be [1, lease, stream, seq, step, "
-                       "services, key]", "bad_request")
+                       "services, key]", Reason.BAD_REQUEST)
         _, lease, stream, seq, step, services, key = h
         ok = (isinstance(lease, bytes) and len(lease) == 32
               and isinstance(stream, bytes) and 1 <= len(stream) <= MAX_STREAM_ID
@@ -307,11 +307,11 @@ class ProcessRequest:
               and isinstance(step, int) and 0 <= step < 1 << 16
               and (key is None or (isinstance(key, bytes) and len(key) == 32)))
         if not ok:
-            raise _bad("process request header has a field out of range", "bad_request")
+            raise _bad("process request header has a field out of range", Reason.BAD_REQUEST)
         try:
             chain = check_chains([services])[0]
         except PeerError as e:
-            raise _bad(str(e), "bad_request") from None
+            raise _bad(str(e), Reason.BAD_REQUEST) from None
         return cls(lease, stream, seq, step, chain, key, payload[start + n :])
 
 
@@ -328,19 +328,19 @@ def encode_outputs(outputs: Sequence[bytes], prefix: bytes = b"") -> bytes:
 
 def decode_outputs(data: bytes | memoryview, expected: int) -> list[bytes]:
     if not data or data[0] != expected:
-        raise InvalidMessage(f"process response must hold {expected} outputs", "bad_response")
+        raise InvalidMessage(f"process response must hold {expected} outputs", Reason.BAD_RESPONSE)
     out, pos = [], 1
     for _ in range(expected):
         if len(data) - pos < 4:
-            raise InvalidMessage("process response truncated", "bad_response")
+            raise InvalidMessage("process response truncated", Reason.BAD_RESPONSE)
         (n,) = _U32.unpack_from(data, pos)
         pos += 4
         if n > len(data) - pos:
-            raise InvalidMessage("process response output runs past its end", "bad_response")
+            raise InvalidMessage("process response output runs past its end", Reason.BAD_RESPONSE)
         out.append(bytes(data[pos : pos + n]))
         pos += n
     if pos != len(data):
-        raise InvalidMessage("process response has trailing bytes", "bad_response")
+        raise InvalidMessage("process response has trailing bytes", Reason.BAD_RESPONSE)
     return out
 
 
@@ -386,7 +386,7 @@ class SessionResponse:
         only the session-error id may be)."""
         if len(frame) < 9:
             raise InvalidMessage("process-session response shorter than its header",
-                                 "bad_response")
+                                 Reason.BAD_RESPONSE)
         (rid,) = _U64.unpack_from(frame)
         return cls.decode_body(rid, memoryview(frame)[8:], expected)
 
@@ -397,17 +397,17 @@ class SessionResponse:
         status byte."""
         if len(body) < 1:
             raise InvalidMessage("process-session response without a status",
-                                 "bad_response")
+                                 Reason.BAD_RESPONSE)
         status = body[0]
         view = memoryview(body)[1:]
         if status == _S_ERR:
             if len(view) < 1 or len(view) < 1 + view[0]:
-                raise InvalidMessage("malformed process-session error", "bad_response")
+                raise InvalidMessage("malformed process-session error", Reason.BAD_RESPONSE)
             reason = bytes(view[1 : 1 + view[0]]).decode("ascii", "replace")
             return cls(rid, False, reason=reason,
                        message=bytes(view[1 + view[0] :]).decode("utf-8", "replace"))
         if status != _S_OK or expected is None:
-            raise InvalidMessage("malformed process-session response", "bad_response")
+            raise InvalidMessage("malformed process-session response", Reason.BAD_RESPONSE)
         return cls(rid, True, tuple(decode_outputs(view, expected)))
 
 
@@ -433,9 +433,9 @@ def lease_key(own: Identity, other: bytes, lease_id: bytes, member: bytes,
         x_pk = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(other)
         shared = nacl.bindings.crypto_scalarmult(x_sk, x_pk)
     except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError, RuntimeError) as e:
-        raise PeerError(f"cannot agree a key with {other.hex()[:12]}: {e}", "bad_key") from e
+        raise PeerError(f"cannot agree a key with {other.hex()[:12]}: {e}", Reason.BAD_KEY) from e
     if shared == bytes(32):
-        raise PeerError("key agreement gave a low-order point", "bad_key")
+        raise PeerError("key agreement gave a low-order point", Reason.BAD_KEY)
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=lease_id,
                 info=KEY_INFO + member + provider)
     return hkdf.derive(shared)

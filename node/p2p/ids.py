@@ -8,7 +8,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair as ed25519_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.peer.id import ID
 
-from ..errors import InvalidMessage, UsageError
+from ..errors import InvalidMessage, Reason, UsageError
 
 PeerId = ID
 """The libp2p peer id type (`libp2p.peer.id.ID`); `str(peer_id)` is its base58 form."""
@@ -36,7 +36,7 @@ def parse_peer_id(value: ID | str | bytes) -> ID:
     try:
         return ID.from_base58(value)
     except ValueError as exc:
-        raise InvalidMessage(f"not a peer id: {value!r}", "bad_peer_id") from exc
+        raise InvalidMessage(f"not a peer id: {value!r}", Reason.BAD_PEER_ID) from exc
 
 
 def pubkey_from_peer_id(peer_id: ID | str | bytes) -> bytes:
@@ -44,10 +44,10 @@ def pubkey_from_peer_id(peer_id: ID | str | bytes) -> bytes:
     pid = parse_peer_id(peer_id)
     key = pid.extract_public_key()
     if key is None or key.get_type() != KeyType.Ed25519:
-        raise InvalidMessage(f"peer id {pid} does not embed an Ed25519 key", "bad_peer_id")
+        raise InvalidMessage(f"peer id {pid} does not embed an Ed25519 key", Reason.BAD_PEER_ID)
     raw = key.to_bytes()
     if len(raw) != 32:
-        raise InvalidMessage(f"peer id {pid} embeds a malformed key", "bad_peer_id")
+        raise InvalidMessage(f"peer id {pid} embeds a malformed key", Reason.BAD_PEER_ID)
     return raw
 
 

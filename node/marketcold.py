@@ -7,9 +7,11 @@ pickled partition states and two indexed tables of the reads they recorded (who
 must be re-derived when a rating or settlement changes), in a temporary file of the
 process (derived data: a restart rebuilds it or restores it from the market snapshot).
 
-**Hold** (`hold()` / `release()`): while a forked child copies the store into a
-snapshot, the parent must not change the file. Puts and takes made meanwhile stay in
-memory (a few seconds' worth) and are applied on release.
+Writes go into one open transaction (committed every WRITE_BATCH puts; the
+connection reads its own writes). **Hold** (`hold()` / `release()`): while a forked
+child copies the store into a snapshot through its own connection, the parent
+commits first and then must not change the file: puts and takes made meanwhile stay
+in memory (a few seconds' worth) and are applied on release.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from .auction.foldstate import CKey, RepRead, SetRead
 
 CACHE_KIB = 4096  # page cache of the store: part of the RSS budget
-WRITE_BATCH = 256  # partitions written per transaction
+WRITE_BATCH = 1024  # partitions written per transaction
 
 _SCHEMA = """
 CREATE TABLE parts(pk BLOB PRIMARY KEY, top INTEGER NOT NULL, state BLOB NOT NULL)
@@ -86,7 +88,8 @@ class SqliteCold:
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.executescript(_SCHEMA)
         self._held = False
-        self._puts: dict[bytes, Row] = {}  # not written yet (batched, or held)
+        self._puts: dict[bytes, Row] = {}  # put while held: not in the file yet
+        self._writes = 0  # puts in the open transaction
         self._taken: set[bytes] = set()  # taken while held: still in the file
         self.puts = self.takes = 0
 
@@ -99,9 +102,14 @@ class SqliteCold:
     def put(self, pk: bytes, top: int, state: bytes, reads_rep: tuple[RepRead, ...],
             reads_set: tuple[SetRead, ...]) -> None:
         self.puts += 1
-        self._puts[pk] = (pk, top, state, reads_rep, reads_set)
-        if not self._held and len(self._puts) >= WRITE_BATCH:
-            self.flush()
+        row: Row = (pk, top, state, reads_rep, reads_set)
+        if self._held:
+            self._puts[pk] = row
+            return
+        self._write([row])
+        self._writes += 1
+        if self._writes >= WRITE_BATCH:
+            self.commit()
 
     def take(self, pk: bytes) -> bytes | None:
         got = self._puts.pop(pk, None)
@@ -120,11 +128,12 @@ class SqliteCold:
             self._delete([pk])
         return bytes(r[0])
 
-    def flush(self) -> None:
-        """Write the puts kept in memory (unless held)."""
-        if self._puts and not self._held:
-            self._write(list(self._puts.values()))
-            self._puts = {}
+    def commit(self) -> None:
+        """End the open write transaction (this connection reads its own writes before
+        that: the commit is for another connection, a forked child's)."""
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+        self._writes = 0
 
     def rep_readers(self, key: bytes, role: str, as_of: int) -> list[tuple[CKey, bytes]]:
         """Cold partitions that read `key`'s reputation as `role` as of `as_of` or later."""
@@ -161,6 +170,7 @@ class SqliteCold:
 
     def hold(self) -> None:
         """Leave the file as it is until `release()` (a forked child reads it)."""
+        self.commit()
         self._held = True
 
     def release(self) -> None:
@@ -168,7 +178,10 @@ class SqliteCold:
         if self._taken:
             self._delete(list(self._taken))
             self._taken = set()
-        self.flush()
+        if self._puts:
+            self._write(list(self._puts.values()))
+            self._puts = {}
+        self.commit()
 
     def rows(self, path: str | None = None) -> Iterator[Row]:
         """Every partition in the store (reading the file at `path` if given: a forked
@@ -193,23 +206,24 @@ class SqliteCold:
     def load(self, rows: list[Row]) -> None:
         """Add partitions (from a snapshot)."""
         self._write(rows)
+        self.commit()
 
     # ------------------------------------------------------------ internals
 
     def _write(self, rows: list[Row]) -> None:
         db = self.db
-        db.execute("BEGIN")
+        if not db.in_transaction:
+            db.execute("BEGIN")
         db.executemany("INSERT INTO parts VALUES (?, ?, ?)", [r[:3] for r in rows])
         db.executemany("INSERT INTO rep_reads VALUES (?, ?, ?, ?, ?, ?, ?)",
                        [(k, role, as_of, *at, r[0]) for r in rows
                         for k, role, as_of, at in r[3]])
         db.executemany("INSERT INTO set_reads VALUES (?, ?, ?, ?, ?, ?)",
                        [(k, *at, e, r[0]) for r in rows for k, at, e in r[4]])
-        db.execute("COMMIT")
 
     def _delete(self, pks: list[bytes]) -> None:
         db = self.db
-        db.execute("BEGIN")
+        if not db.in_transaction:
+            db.execute("BEGIN")
         for t in ("parts", "rep_reads", "set_reads"):
             db.executemany(f"DELETE FROM {t} WHERE pk = ?", [(pk,) for pk in pks])
-        db.execute("COMMIT")

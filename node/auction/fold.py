@@ -153,6 +153,7 @@ class IncrementalMarket:
         self._cold_after = COLD_AFTER_MS if cold_after_ms is None else cold_after_ms
         self._cool_q: list[tuple[int, bytes]] = []  # (top, key) of evicted partitions
         self._cold_parts = self._cold_events = 0
+        self._cold_top = 0  # >= the latest ts_ms of any cold partition's events
         self.policy = policy or Policy()
         self.rep = FoldReputation(self.policy)
         self._source = source
@@ -200,8 +201,11 @@ class IncrementalMarket:
                 self._now = max(self._now, ev.ts_ms)
                 continue
             pk = self._route(ev)
-            if self._cold is not None and pk not in self._parts:
-                self._thaw(pk)  # a present event is in the partition it routes to
+            # A present event is in the partition it routes to; a request's partition
+            # (its key) holds the request itself, so a later one cannot be cold.
+            if self._cold is not None and pk not in self._parts and \
+                    (ev.kind != "request" or ev.ts_ms <= self._cold_top):
+                self._thaw(pk)
             if ev.id in self._part_of:
                 continue
             n += 1
@@ -209,7 +213,7 @@ class IncrementalMarket:
                 self._movers[ev.id] = (ev.kind, ev.ref)
             if ev.ts_ms > self._now:
                 self._now = ev.ts_ms
-            self._place(ev, pk)
+            self._place(ev, pk, thawed=True)
             if ev.kind in _MOVERS and ev.id in self._parts:
                 self._reroute(self._parts[ev.id])  # events that waited for this one
         return n
@@ -455,6 +459,7 @@ class IncrementalMarket:
             state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s)
             cold.put(pk, p.top, pickle.dumps(state, pickle.HIGHEST_PROTOCOL), rr, rs)
             del self._parts[pk]
+            self._cold_top = max(self._cold_top, p.top)
             self._cold_parts += 1
             self._cold_events += len(p.ids)
 
@@ -522,9 +527,9 @@ class IncrementalMarket:
             return a[1] if a is not None and a[0] == "award" and a[1] else t_ref
         return ref
 
-    def _place(self, ev: Event, pk: bytes) -> None:
+    def _place(self, ev: Event, pk: bytes, thawed: bool = False) -> None:
         p = self._parts.get(pk)
-        if p is None and self._cold is not None:
+        if p is None and self._cold is not None and not thawed:
             p = self._thaw(pk)
         if p is None:
             p = self._parts[pk] = _Part(pk)
@@ -645,14 +650,14 @@ class IncrementalMarket:
         for ck, (subj, role, *_) in ratings:
             reads = self._rep_reads.get((subj, role), [])
             hits += [(rck, pk) for _as_of, rck, pk in reads[bisect_left(reads, (ck[0],)):]]
-            if cold is not None:
+            if cold is not None and ck[0] <= self._cold_top:  # reads as of <= read at
                 hits += cold.rep_readers(subj, role, ck[0])
         for ck, (parties, end, _) in settles:
             for party in parties:
                 reads2 = self._set_reads.get(party, [])
                 hits += [(rck, pk) for rck, ts, pk in
                          reads2[bisect_right(reads2, ck, key=lambda e: e[0]):] if ts >= end]
-                if cold is not None:
+                if cold is not None and ck[0] <= self._cold_top:
                     hits += cold.set_readers(party, ck, end)
         for rck, pk in hits:
             if pk != p.key:

@@ -243,8 +243,8 @@ class LimitsConfig:
     # Received gossip events waiting to be checked and stored, all peers (node/ingest.py):
     # beyond it, batches of the peers holding more than an equal share are dropped.
     gossip_ingest_queue_events: int = _opt(8192, int, _range(512, 1 << 24))
-    # SUBMIT records per requesting peer, per IP (all addresses, loopback included)
-    # and for the whole node: rate per second and burst.
+    # SUBMIT records per requesting peer, per subnet (`submit_ip_*`: /24, IPv6 /56; all
+    # addresses, loopback included) and for the whole node: rate per second and burst.
     submit_peer_per_s: int = _opt(50, int, _range(1, 1_000_000))
     submit_peer_burst: int = _opt(200, int, _range(16, 10_000_000))
     submit_ip_per_s: int = _opt(100, int, _range(1, 1_000_000))

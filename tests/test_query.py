@@ -259,8 +259,8 @@ def test_submit_budget_per_ip_and_node_holds_rotating_identities(tmp_path: Path)
     svc = query.QueryService(w.ledger, None, w.ledger.append, NET, submit_rate=50,
                              submit_burst=16, ip_rate=20, ip_burst=32, node_rate=40,
                              node_burst=48, clock=lambda: now[0])
-    ips = {b"a" * 32: "10.0.0.1", b"b" * 32: "10.0.0.1", b"x" * 32: "10.0.0.1",
-           b"c" * 32: "10.0.0.2"}
+    ips = {b"a" * 32: "10.0.0.1", b"b" * 32: "10.0.0.1", b"x" * 32: "10.0.0.9",
+           b"c" * 32: "10.0.1.2"}  # x: another address of the same /24
     svc._ip_of = ips.get
 
     def chain(seed: int) -> tuple[bytes, ...]:
@@ -269,7 +269,7 @@ def test_submit_budget_per_ip_and_node_holds_rotating_identities(tmp_path: Path)
 
     assert isinstance(svc.answer(b"a" * 32, query.Submit(chain(1))), query.Submitted)
     assert isinstance(svc.answer(b"b" * 32, query.Submit(chain(2))), query.Submitted)
-    with pytest.raises(RateLimited, match="your address"):  # a third key, same IP
+    with pytest.raises(RateLimited, match="your address"):  # a third key, same subnet
         svc.answer(b"x" * 32, query.Submit(chain(3)))
     assert isinstance(svc.answer(b"c" * 32, query.Submit(chain(4))), query.Submitted)
     with pytest.raises(RateLimited, match="this node"):  # 48 taken: the node's burst
@@ -309,3 +309,47 @@ def test_find_with_an_unknown_kind_is_refused_as_unknown_kind() -> None:
     assert e.value.reason == "malformed"
     with pytest.raises(InvalidMessage, match=r"FindEvents\.page\.limit"):
         query.decode_request(codec.pack([2, None, None, None, [0, 0, 2048]]))
+
+
+async def test_submit_over_the_protocol_checks_off_the_loop_after_the_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: a SUBMIT served to a peer is charged to its budgets before any CPU is
+    spent on it; its signatures are checked on a worker thread, and the ledger then
+    stores them without checking again on the loop. Outcomes are those of `answer`."""
+    import threading
+
+    import node.ledger as ledger_mod
+
+    w = World(tmp_path)
+    svc = _service(w, submit_rate=1.0, submit_burst=16.0, clock=lambda: 0.0)
+    checked_on: list[int] = []
+    real_check = query.check_records
+
+    def spy_check(wires: list[bytes], network: str) -> list[object]:
+        checked_on.append(threading.get_ident())
+        return real_check(wires, network)  # type: ignore[return-value]
+
+    loop_checks: list[int] = []
+    real_decode_all = ledger_mod._decode_all
+
+    def spy_decode_all(wires: list[bytes], network: str) -> list[object]:
+        loop_checks.append(len(wires))
+        return real_decode_all(wires, network)  # type: ignore[return-value]
+
+    monkeypatch.setattr(query, "check_records", spy_check)
+    monkeypatch.setattr(ledger_mod, "_decode_all", spy_decode_all)
+    ch = Chain(seed=b"\x21" * 32, network=NET)
+    e1, e2 = ch.next(), ch.next()
+    tampered = e2.wire[:-1] + bytes([e2.wire[-1] ^ 1])
+    data = await svc.handle(b"p" * 32, query.Submit((e2.wire, tampered, e1.wire)).encode())
+    resp = query.decode_response(data)
+    assert isinstance(resp, query.Submitted)
+    assert [r.status for r in resp.results] == ["pending", "rejected", "accepted"]
+    assert resp.results[1].reason == "bad_signature"
+    assert checked_on and threading.get_ident() not in checked_on and loop_checks == []
+    assert w.ledger.head(ch.public).seq == 2  # type: ignore[union-attr]
+    # Over budget (16 taken of a burst of 16): refused before anything is checked.
+    n = len(checked_on)
+    with pytest.raises(RateLimited):
+        await svc.handle(b"p" * 32, query.Submit((ch.next().wire,) * 14).encode())
+    assert len(checked_on) == n and loop_checks == []

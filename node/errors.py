@@ -57,6 +57,15 @@ class Reason(enum.StrEnum):
     WRONG_RESPONSE = "wrong_response"
     BAD_FORK_PROOF = "bad_fork_proof"
     BAD_RECON = "bad_recon"
+    # ... and what the light client holds against an answer (docs/client.md).
+    FORGED_EVENT = "forged_event"
+    UNASKED_EVENT = "unasked_event"
+    WRONG_ANSWER = "wrong_answer"
+    BAD_CURSOR = "bad_cursor"
+    OWN_FORK = "own_fork"
+    # `bidmesh ledger check` problems with a record of a file (fork, missing predecessor).
+    FORK = "fork"
+    MISSING_PREV = "missing_prev"
     # A peer id that does not parse (node/p2p/ids.py); an op the control socket does not
     # know (node/control_server.py, which also answers malformed, internal...).
     BAD_PEER_ID = "bad_peer_id"

@@ -537,7 +537,7 @@ class QueryService:
                 resp = self.answer(peer_pubkey, req)
         except RateLimited:
             self.stats.rate_limited += 1
-            self.stats.refused["rate_limited"] += 1
+            self.stats.refused[Reason.RATE_LIMITED] += 1
             raise
         if isinstance(resp, EventsPage):
             self.stats.records_out += len(resp.records)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import nacl.bindings
 import nacl.exceptions
 
-from ..errors import Unauthorized, UsageError
+from ..errors import Reason, Unauthorized, UsageError
 from ..keys import Identity
 
 DELEGATION_TAG = b"bidmesh/delegation/v1\n"
@@ -59,7 +59,7 @@ class Lease:
         The signer must be the recipient or a group member; the label must be a
         listed phone or user, or anything when the lease allows `max_devices`."""
         if len(token) < 96 + 1 or len(token) > 96 + MAX_LABEL:
-            raise Unauthorized("delegation token has the wrong size", "bad_delegation")
+            raise Unauthorized("delegation token has the wrong size", Reason.BAD_DELEGATION)
         signer, sig, raw = token[:32], token[32:96], token[96:]
         if signer != self.recipient and signer not in self.group_members:
             raise Unauthorized("delegation not signed by the recipient or a group member")
@@ -67,11 +67,11 @@ class Lease:
         try:
             nacl.bindings.crypto_sign_open(sig + msg, signer)
         except (nacl.exceptions.BadSignatureError, ValueError) as e:
-            raise Unauthorized("delegation signature does not verify", "bad_delegation") from e
+            raise Unauthorized("delegation signature does not verify", Reason.BAD_DELEGATION) from e
         try:
             label = raw.decode()
         except UnicodeDecodeError as e:
-            raise Unauthorized("delegation label is not UTF-8", "bad_delegation") from e
+            raise Unauthorized("delegation label is not UTF-8", Reason.BAD_DELEGATION) from e
         if label in self.phones or label in self.users or self.max_devices is not None:
             return label
         raise Unauthorized(f"delegation label {label!r} names no member of lease "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
-from ..errors import InvalidEvent, UsageError
+from ..errors import InvalidEvent, Reason, UsageError
 from ..events import KINDS, decode_wire, event_to_json
 from ..ledger import Ledger, Status, read_stream
 from ..output import Output, parse_hex
@@ -250,7 +250,7 @@ def cmd_import(args: argparse.Namespace, led: Ledger, out: Output) -> int:
             elif res.status is Status.PENDING and res.event_id:
                 pending[res.event_id] = i
             elif res.status is Status.FORK:
-                problems.append({"record": i, "status": "fork", "reason": "fork",
+                problems.append({"record": i, "status": "fork", "reason": Reason.FORK,
                                  "detail": res.detail})
         batch.clear()
 
@@ -269,7 +269,7 @@ def cmd_import(args: argparse.Namespace, led: Ledger, out: Output) -> int:
         flush()
     for id_, i in pending.items():
         if not led.has(id_):
-            problems.append({"record": i, "status": "pending", "reason": "missing_prev",
+            problems.append({"record": i, "status": "pending", "reason": Reason.MISSING_PREV,
                              "detail": "its predecessor is not in the ledger or the file"})
     problems.sort(key=lambda p: p["record"])
     still_pending = sum(p["status"] == "pending" for p in problems)

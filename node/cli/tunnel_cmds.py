@@ -21,7 +21,7 @@ import trio
 
 from ..client import LightClient, now_ms
 from ..client.resolve import resolve
-from ..errors import Unauthorized, UsageError
+from ..errors import Reason, Unauthorized, UsageError
 from ..tunnel_proxy import TunnelProxy, listen, parse_listen
 
 __all__ = ["run_tunnel"]
@@ -83,10 +83,10 @@ async def run_tunnel(c: LightClient, a: argparse.Namespace, out: Any) -> int:
     if c.key not in lease.keys:
         raise Unauthorized(f"this client (key {c.key.hex()[:16]}) is not a member of lease "
                            f"{short}: the recipient must list it as a device (--device) "
-                           "when requesting", "not_member")
+                           "when requesting", Reason.NOT_MEMBER)
     if now_ms() >= lease.end_ms:
         raise Unauthorized(f"lease {short} ended {(now_ms() - lease.end_ms) // 1000} s ago",
-                           "outside_window")
+                           Reason.OUTSIDE_WINDOW)
     show = a.progress == "yes" or (a.progress == "auto" and sys.stderr.isatty())
     screen = _Screen(show)
     peer = await c.reach_provider(lease)

@@ -19,6 +19,7 @@ from ..errors import (
     InvalidEvent,
     OperationError,
     PeerError,
+    Reason,
     RemoteError,
     UntrustedAnswer,
     UsageError,
@@ -231,7 +232,7 @@ class LightClient(QueryClient):
             resp = await self._call(n, query.GetHeads((self.key,)))
             if not isinstance(resp, query.Heads) or len(resp.heads) != 1 \
                     or resp.heads[0].author != self.key:
-                raise UntrustedAnswer(f"node {n.addr} answered HEADS wrongly", "wrong_answer")
+                raise UntrustedAnswer(f"node {n.addr} answered HEADS wrongly", Reason.WRONG_ANSWER)
             return resp.heads[0]
 
         answers = await self._each(heads)
@@ -259,11 +260,11 @@ class LightClient(QueryClient):
         for ev in chain:
             if ev.seq != seq + 1 or ev.prev != prev:
                 raise UntrustedAnswer(f"node {n.addr} returned our events with a broken "
-                                      f"chain at seq {ev.seq}", "bad_chain")
+                                      f"chain at seq {ev.seq}", Reason.BAD_CHAIN)
             prev, seq, ts = ev.id, ev.seq, ev.ts_ms
         if seq < claimed:
             raise UntrustedAnswer(f"node {n.addr} claims our head is seq {claimed} "
-                                  f"but proves only {seq}", "bad_chain")
+                                  f"but proves only {seq}", Reason.BAD_CHAIN)
         self.state.head = ChainHead(seq, prev, ts)
         self.state.save()
 
@@ -282,7 +283,7 @@ class LightClient(QueryClient):
         async def send(n: _Node) -> list[query.SubmitResult]:
             resp = await self._call(n, query.Submit(tuple(wires)))
             if not isinstance(resp, query.Submitted) or len(resp.results) != len(wires):
-                raise UntrustedAnswer(f"node {n.addr} answered SUBMIT wrongly", "wrong_answer")
+                raise UntrustedAnswer(f"node {n.addr} answered SUBMIT wrongly", Reason.WRONG_ANSWER)
             return list(resp.results)
 
         out: dict[bytes, list[tuple[str, query.SubmitResult]]] = {w: [] for w in wires}
@@ -301,7 +302,7 @@ class LightClient(QueryClient):
             resp = await self._call(n, query.GetEvents(tuple(sorted(want))[:query.MAX_IDS]))
             if not isinstance(resp, query.EventsPage):
                 raise UntrustedAnswer(f"node {n.addr} answered GET with "
-                                      f"{type(resp).__name__}", "wrong_answer")
+                                      f"{type(resp).__name__}", Reason.WRONG_ANSWER)
             for ev in _check_events(n.addr, resp.records, self.network):
                 if ev.id in want:
                     out[ev.id].add(n.addr)

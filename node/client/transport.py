@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Self
 import trio
 
 from .. import query
-from ..errors import BidmeshError, OperationError, PeerError, UntrustedAnswer, UsageError
+from ..errors import BidmeshError, OperationError, PeerError, Reason, UntrustedAnswer, UsageError
 from ..events import NETWORK_RE, Event
 from ..keys import Identity, load_or_create_key
 from .results import Disagreement, NodeFault
@@ -163,18 +163,19 @@ class QueryClient:
             resp = await self._call(n, make(query.Page(cursor)))
             if not isinstance(resp, query.EventsPage):
                 raise UntrustedAnswer(f"node {n.addr} answered an events query with "
-                                      f"{type(resp).__name__}", "wrong_answer")
+                                      f"{type(resp).__name__}", Reason.WRONG_ANSWER)
             if resp.cursor < cursor:
                 raise UntrustedAnswer(f"node {n.addr} moved the cursor backwards",
-                                      "bad_cursor")
+                                      Reason.BAD_CURSOR)
             events.extend(_check_events(n.addr, resp.records, self.network))
             if not resp.more:
                 return events, resp.cursor
             if resp.cursor == cursor and not resp.records:
                 raise UntrustedAnswer(f"node {n.addr} says there is more but sends nothing",
-                                      "bad_cursor")
+                                      Reason.BAD_CURSOR)
             cursor = resp.cursor
-        raise UntrustedAnswer(f"node {n.addr} kept paging past {MAX_PAGES} pages", "bad_cursor")
+        raise UntrustedAnswer(f"node {n.addr} kept paging past {MAX_PAGES} pages",
+                              Reason.BAD_CURSOR)
 
     async def _gather(self, what: str, make: Callable[[query.Page], query.QueryRequest],
                       check: Callable[[str, list[Event]], None] | None = None,
@@ -215,7 +216,7 @@ class QueryClient:
             if ev.author == self.key and ev.seq == h.seq and ev.id != h.id:
                 raise UntrustedAnswer(
                     f"the network holds another event at our seq {h.seq}: this key is used "
-                    "elsewhere (or the state file was restored from an old copy)", "own_fork")
+                    "elsewhere (or the state file was restored from an old copy)", Reason.OWN_FORK)
 
     # -------------------------------------------------------------- raw queries
 
@@ -226,7 +227,7 @@ class QueryClient:
         for n, resp in answers:
             if not isinstance(resp, query.Digest):
                 raise UntrustedAnswer(f"node {n.addr} answered DIGEST with "
-                                      f"{type(resp).__name__}", "wrong_answer")
+                                      f"{type(resp).__name__}", Reason.WRONG_ANSWER)
             if resp.network != self.network:
                 raise UsageError(f"node {n.addr} serves network {resp.network!r}, not "
                                  f"{self.network!r}")
@@ -244,7 +245,7 @@ class QueryClient:
                 for ev in evs:
                     if ev.id not in want:
                         raise UntrustedAnswer(f"node {node} returned event {ev.id.hex()[:16]}"
-                                              " that was not asked for", "unasked_event")
+                                              " that was not asked for", Reason.UNASKED_EVENT)
 
             async def fetch(n: _Node, chunk: list[bytes] = chunk) -> list[Event]:
                 got: dict[bytes, Event] = {}
@@ -253,7 +254,7 @@ class QueryClient:
                     resp = await self._call(n, query.GetEvents(tuple(rest)))
                     if not isinstance(resp, query.EventsPage):
                         raise UntrustedAnswer(f"node {n.addr} answered GET with "
-                                              f"{type(resp).__name__}", "wrong_answer")
+                                              f"{type(resp).__name__}", Reason.WRONG_ANSWER)
                     evs = _check_events(n.addr, resp.records, self.network)
                     check(n.addr, evs)
                     got.update((e.id, e) for e in evs)
@@ -276,7 +277,7 @@ class QueryClient:
                 if ((kind and ev.kind != kind) or (author and ev.author != author)
                         or (ref and ev.ref != ref)):
                     raise UntrustedAnswer(f"node {node} returned {ev!r}, which does not match "
-                                          "the query", "unasked_event")
+                                          "the query", Reason.UNASKED_EVENT)
 
         return await self._gather(f"find:{kind}:{author and author.hex()}:{ref and ref.hex()}",
                                   lambda p: query.FindEvents(kind, author, ref, p), check)
@@ -292,7 +293,7 @@ class QueryClient:
             for ev in evs:
                 if not _auction_member(ev, request_id, commits):
                     raise UntrustedAnswer(f"node {node} put {ev!r} in the bundle of auction "
-                                          f"{request_id.hex()[:16]}", "unasked_event")
+                                          f"{request_id.hex()[:16]}", Reason.UNASKED_EVENT)
         return check
 
     async def reputation_events(self, keys: Iterable[bytes]) -> list[Event]:

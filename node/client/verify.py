@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterable
 
 from ..auction import Market, derive
-from ..errors import InvalidEvent, UntrustedAnswer
+from ..errors import InvalidEvent, Reason, UntrustedAnswer
 from ..events import Event, decode_wire
 
 
@@ -18,7 +18,7 @@ def _check_events(node: str, records: Iterable[bytes], network: str) -> list[Eve
             out.append(decode_wire(r, network))  # full signature verification
         except InvalidEvent as e:
             raise UntrustedAnswer(f"node {node} returned an event that does not verify "
-                                  f"({e.reason}): {e}", "forged_event") from e
+                                  f"({e.reason}): {e}", Reason.FORGED_EVENT) from e
     return out
 
 

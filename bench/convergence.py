@@ -7,7 +7,8 @@ Phase 1 (bidmesh): N `bidmesh run` daemons, full bootstrap mesh. Every node gets
 `publish` calls over its control socket (each call a burst of `rate/N/ticks`
 events every 1/ticks s; the daemon gossips what arrived within its pacing interval
 `gossip.batch_ms` as one batch), for S seconds. `--set KEY=VALUE` overrides a
-`[gossip]` option of the nodes; `--verbose` prints per-node stats and CPU.
+`[gossip]` option of the nodes (`--set SECTION.KEY=VALUE` another section's);
+`--verbose` prints per-node stats and CPU.
 The bench polls every node's ledger read-only (SQLite, every 50 ms) to timestamp
 when each event is stored there. Latency = last node's store time - the event's
 ts_ms (set by the publishing node when it signed it; same machine clock).
@@ -27,6 +28,15 @@ the same window (median round: the check under the load the nodes work under);
 cpu_us_per_event / verify_us (target <= 2.5).
 `idle_cpu_ms_per_s` = mean node CPU per second over the 2 s before publishing
 (heartbeats, periodic sync, status): included in cpu_us_per_event, shown apart.
+`--profile-node I [--profile-top K]`: node I runs under cProfile with a thread-CPU
+clock (its event loop's thread: the checking thread's signature checks are not in
+it), profiling only the CPU window of each run; the top K functions by own time
+are printed in microseconds per event that node stored (profiling inflates the
+node's CPU, so this run's cpu figures are not comparable; use a separate run).
+`--spy PATH` (with --profile-node): sample node I with the py-spy binary at PATH
+instead (`py-spy record --pid`, CPU-active samples of all its threads, little
+overhead) over the same window; the collapsed stacks go to `node<I>.spy` in the
+run's directory, whose path is printed.
 `--runs K` repeats the bidmesh phase K times (fresh nodes each time; the raw
 baseline runs once): the JSON's `p99_ms` is the worst run, `p99_ms_runs` each,
 `runs_p99_ok` how many kept p99 <= 1 s, the CPU figures are means over the runs.
@@ -125,12 +135,72 @@ class Poller(threading.Thread):
             time.sleep(POLL_S)
 
 
+# Runs `bidmesh run` under cProfile (thread-CPU clock: the loop thread's own work);
+# SIGUSR1 starts profiling, SIGUSR2 stops it and writes the stats to argv[1].
+PROFILED_NODE = r"""
+import cProfile, signal, sys, time
+sys.path.insert(0, sys.argv[2])
+prof = cProfile.Profile(time.thread_time)
+def start(*_):
+    prof.enable()
+def stop(*_):
+    prof.disable()
+    prof.dump_stats(sys.argv[1])
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+from node.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+class ProfiledCluster(Cluster):
+    """A cluster whose node `profiled` runs under PROFILED_NODE."""
+
+    def __init__(self, base: Path, n: int, profiled: int, **kw: Any) -> None:
+        super().__init__(base, n, **kw)
+        self.profiled = profiled
+        self.stats_path = base / f"node{profiled}.prof"
+
+    def start(self, p: Proc, wait: bool = True) -> None:
+        if p.index != self.profiled:
+            return super().start(p, wait)
+        script = self.base / "profiled_node.py"
+        script.write_text(PROFILED_NODE)
+        log = open(p.dir / "stderr.log", "ab")  # noqa: SIM115 - lives as long as the process
+        p.popen = subprocess.Popen(
+            [sys.executable, str(script), str(self.stats_path), str(ROOT), "run", "--config",
+             str(p.cfg_path)], stdout=subprocess.DEVNULL, stderr=log, cwd=p.dir,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        log.close()
+        if wait:
+            self.wait_ready(p)
+
+
+def print_profile(path: Path, events: int, top: int) -> None:
+    import pstats
+
+    st = pstats.Stats(str(path))
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])
+    total = sum(v[2] for v in st.stats.values())
+    print(f"  profiled node: loop-thread CPU {total:.2f} s = {total / events * 1e6:.0f} us "
+          f"per stored event; top {top} by own time (us/event, calls/event):")
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in rows[:top]:
+        short = "/".join(Path(file).parts[-2:])
+        print(f"    {tt / events * 1e6:8.1f} {nc / events:7.2f}  {ct / events * 1e6:8.1f} cum  "
+              f"{short}:{line}({fn})")
+
+
 def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
-                gossip: dict[str, Any]) -> dict[str, Any]:
-    c = Cluster(base, n, overrides={
-        "node": {"log_level": "warning", "status_interval_s": 2.0},
-        "gossip": gossip,
-    })
+                gossip: dict[str, Any], profile: int | None = None,
+                profile_top: int = 40, spy: str | None = None) -> dict[str, Any]:
+    overrides: dict[str, dict[str, Any]] = {
+        "node": {"log_level": "warning", "status_interval_s": 2.0}, "gossip": {}}
+    for key, value in gossip.items():  # "batch_ms" is [gossip]; "sync.protocol" names its section
+        section, _, name = key.rpartition(".")
+        overrides.setdefault(section or "gossip", {})[name] = value
+    c = (Cluster(base, n, overrides=overrides) if profile is None or spy
+         else ProfiledCluster(base, n, profile, overrides=overrides))
+    spy_proc: subprocess.Popen[bytes] | None = None
     try:
         c.start_all()
         wait_for(lambda: all(len(c.status(p)["peers"]) >= min(n - 1, 3) for p in c.procs), 30,
@@ -148,6 +218,14 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         errors: list[str] = []
         sampler = VerifySampler()
         cpu0 = node_cpu(nodes)
+        if profile is not None and spy:
+            spy_out = base / f"node{profile}.spy"
+            spy_proc = subprocess.Popen(
+                [spy, "record", "--pid", str(nodes[profile].pid), "--format", "raw",
+                 "--rate", "200", "--threads", "--nonblocking", "--output", str(spy_out)],
+                stdout=subprocess.DEVNULL, stderr=open(base / "spy.err", "wb"))  # noqa: SIM115
+        elif profile is not None:
+            nodes[profile].send_signal(signal.SIGUSR1)
         sampler.start()
         t_start = time.time()
         t_end = t_start + seconds
@@ -188,6 +266,12 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
             time.sleep(0.02)
         cpu_s = [b - a for a, b in zip(cpu0, node_cpu(nodes), strict=True)]
         cpu_window_s = time.time() - t_start
+        if spy_proc is not None:
+            spy_proc.send_signal(signal.SIGINT)
+            spy_proc.wait(30)
+            print(f"  py-spy samples of node {profile}: {spy_out}", flush=True)
+        elif profile is not None:
+            nodes[profile].send_signal(signal.SIGUSR2)
         sampler.stop.set()
         sampler.join()
         # What each node stored by then (all of it unless the run missed the deadline).
@@ -206,6 +290,10 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                  "poller to see every event") if converged() else None
         poller.stop.set()
         poller.join()
+        if isinstance(c, ProfiledCluster):
+            wait_for(c.stats_path.exists, 30, "the profile")
+            print_profile(c.stats_path, len(acked_set.intersection(poller.seen[c.profiled])),
+                          profile_top)
         lost = sum(1 for i in acked if not all(i in s for s in poller.seen))
         lats = []
         for i in acked:
@@ -249,7 +337,8 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                                             "publish_missed", "publish_wait_s",
                                             "gossip_delay_s", "validate_s", "mesh_peers",
                                             "topic_peers", "pubsub_streams", "mesh_lost",
-                                            "mesh_regrafts", "mesh_empty_s")}
+                                            "mesh_regrafts", "mesh_empty_s", "concurrent_copies",
+                                            "late_copies")}
                          for s in stats],
         }
     finally:
@@ -438,10 +527,15 @@ def main() -> int:
     ap.add_argument("--ticks", type=int, default=10, help="publish bursts per node per second")
     ap.add_argument("--no-raw", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a [gossip] option of the nodes (e.g. batch_ms=200)")
+                    help="override a [gossip] option of the nodes (e.g. batch_ms=200), or "
+                         "SECTION.KEY=VALUE another section's (e.g. sync.protocol=1)")
     ap.add_argument("--verbose", action="store_true", help="print per-node replication stats")
     ap.add_argument("--runs", type=int, default=1,
                     help="bidmesh phases to run (fresh nodes each; p99_ms is the worst)")
+    ap.add_argument("--profile-node", type=int, metavar="I",
+                    help="run node I under cProfile (loop thread) and print its top functions")
+    ap.add_argument("--profile-top", type=int, default=40, metavar="K")
+    ap.add_argument("--spy", metavar="PATH", help="with --profile-node: sample with py-spy")
     a = ap.parse_args()
     n = a.nodes or (4 if a.quick else 10)
     seconds = a.seconds or (8.0 if a.quick else 20.0)
@@ -456,7 +550,8 @@ def main() -> int:
     for k in range(max(1, a.runs)):
         print(f"bidmesh: {n} nodes, {rate:.0f} events/s offered for {seconds:.0f} s "
               f"(run {k + 1}/{max(1, a.runs)}, load {os.getloadavg()[0]:.2f}) ...", flush=True)
-        r = run_bidmesh(base / f"b{k}", n, rate, seconds, a.ticks, gossip)
+        r = run_bidmesh(base / f"b{k}", n, rate, seconds, a.ticks, gossip, a.profile_node,
+                        a.profile_top, a.spy)
         after = Verifier(400)
         for _ in range(9):
             after.round()

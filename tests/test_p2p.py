@@ -546,6 +546,36 @@ async def test_per_object_edits_are_made_once() -> None:
         assert router.handle_prune is handle and router._select_peers_for_pruning is select
 
 
+async def test_a_copy_seen_while_it_waited_for_a_validator_slot_is_not_validated() -> None:
+    """Upstream checks the seen-cache before a copy waits for an async-validator slot;
+    a copy whose message another copy got delivered (and marked seen) meanwhile is
+    rejected, not validated, delivered and forwarded to the mesh once more."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+
+    async with open_host(seed(41)) as h, make_pubsub(h) as ps:
+        topic = ps.topic("late")
+        seen: list[bytes] = []
+
+        async def validator(forwarder: ID, origin: ID, data: bytes) -> bool:
+            seen.append(data)
+            return True
+
+        topic.set_async_validator(validator)
+        relay = peer_id_from_pubkey(bytes(seed(42)))
+        msgs = [rpc_pb2.Message(from_id=relay.to_bytes(), seqno=i.to_bytes(8, "big"),
+                                data=b"m%d" % i, topicIDs=["late"]) for i in (1, 2)]
+        upstream: Any = ps.pubsub
+        assert await topic._validate_async(relay, msgs[0]) is True
+        upstream._mark_msg_seen(msgs[0])  # what push_msg does once a copy is valid
+        # Another copy of it, past the seen check before that: rejected, not counted
+        # as invalid; a message not seen yet is still validated.
+        assert await topic._validate_async(relay, msgs[0]) is False
+        assert await topic._validate_async(relay, msgs[1]) is True
+        assert seen == [b"m1", b"m2"]
+        assert (topic.late_copies, topic.rejected) == (1, 0)
+
+
 async def test_queue_drained_wakes_on_the_pop_that_goes_below_the_mark() -> None:
     """Publish backpressure waits on this instead of polling the queues every 2 ms."""
     from libp2p.pubsub.pb import rpc_pb2

@@ -111,6 +111,9 @@ class Topic:
         self.concurrent_copies = 0
         """Copies of a message that arrived while another copy was being validated
         (rejected: that copy's verdict decides; see `set_async_validator`)."""
+        self.late_copies = 0
+        """Copies of a message that waited for a validator slot while another copy was
+        validated and delivered (rejected; see `set_async_validator`)."""
 
     def peers(self) -> set[ID]:
         """Connected peers known to be subscribed to this topic."""
@@ -217,7 +220,15 @@ class Topic:
         validated again and each forwarded again. A copy of a message already being
         validated is rejected instead (a verdict is cached per message id and peer
         scoring has no thresholds by default: rejecting costs its forwarder
-        nothing), counted in `concurrent_copies`, not in `rejected`."""
+        nothing), counted in `concurrent_copies`, not in `rejected`.
+
+        Upstream also checks the seen-cache before a copy waits for one of the
+        ASYNC_VALIDATORS slots: under an ingest backlog, copies from other mesh
+        peers wait there while the first copy is validated, delivered and marked
+        seen, and each would then be validated and delivered again, and forwarded
+        again to every mesh peer (`GossipSub.publish` does not check): more copies
+        for peers that are just as backlogged. A copy whose message is seen by the
+        time its slot comes is rejected the same way, counted in `late_copies`."""
         self._async_validator = fn
         self._owner.pubsub.set_topic_validator(self.name, self._validate_async, True)
 
@@ -225,6 +236,10 @@ class Topic:
         key = bytes(msg.from_id) + bytes(msg.seqno)
         if key in self._validating:
             self.concurrent_copies += 1
+            return False
+        ps = self._owner.pubsub
+        if ps.seen_messages.has(ps.get_message_id(msg)):
+            self.late_copies += 1
             return False
         me = self._owner.host.peer_id
         ok = False

@@ -30,8 +30,8 @@ CACHE_KIB = 4096  # page cache of the store: part of the RSS budget
 WRITE_BATCH = 1024  # partitions written per transaction
 
 _SCHEMA = """
-CREATE TABLE parts(pk BLOB PRIMARY KEY, top INTEGER NOT NULL, state BLOB NOT NULL)
-    WITHOUT ROWID;
+CREATE TABLE parts(pk BLOB PRIMARY KEY, top INTEGER NOT NULL, state BLOB NOT NULL,
+    vals BLOB NOT NULL);
 CREATE INDEX parts_top ON parts(top);
 CREATE TABLE rep_reads(key BLOB NOT NULL, role TEXT NOT NULL, as_of INTEGER NOT NULL,
     at_ts INTEGER NOT NULL, at_author BLOB NOT NULL, at_seq INTEGER NOT NULL, pk BLOB NOT NULL);
@@ -43,8 +43,9 @@ CREATE INDEX set_reads_key ON set_reads(key, at_ts, at_author, at_seq);
 CREATE INDEX set_reads_pk ON set_reads(pk);
 """
 
-# One partition as the store keeps it: (key, top, pickled state, rep reads, set reads).
-Row = tuple[bytes, int, bytes, tuple[RepRead, ...], tuple[SetRead, ...]]
+# One partition as the store keeps it: (key, top, pickled state, pickled merged values,
+# rep reads, set reads).
+Row = tuple[bytes, int, bytes, bytes, tuple[RepRead, ...], tuple[SetRead, ...]]
 
 
 def _unlink(path: str, owner: int) -> None:
@@ -91,7 +92,7 @@ class SqliteCold:
         self._puts: dict[bytes, Row] = {}  # put while held: not in the file yet
         self._writes = 0  # puts in the open transaction
         self._taken: set[bytes] = set()  # taken while held: still in the file
-        self.puts = self.takes = 0
+        self.puts = self.takes = self.reads = 0
 
     def close(self) -> None:
         self.db.close()
@@ -99,10 +100,10 @@ class SqliteCold:
 
     # ------------------------------------------------------------ ColdStore
 
-    def put(self, pk: bytes, top: int, state: bytes, reads_rep: tuple[RepRead, ...],
-            reads_set: tuple[SetRead, ...]) -> None:
+    def put(self, pk: bytes, top: int, state: bytes, vals: bytes,
+            reads_rep: tuple[RepRead, ...], reads_set: tuple[SetRead, ...]) -> None:
         self.puts += 1
-        row: Row = (pk, top, state, reads_rep, reads_set)
+        row: Row = (pk, top, state, vals, reads_rep, reads_set)
         if self._held:
             self._puts[pk] = row
             return
@@ -128,6 +129,16 @@ class SqliteCold:
             self._delete([pk])
         return bytes(r[0])
 
+    def values(self, pk: bytes) -> bytes | None:
+        got = self._puts.get(pk)
+        if got is not None:
+            return got[3]
+        if pk in self._taken:
+            return None
+        self.reads += 1
+        r = self.db.execute("SELECT vals FROM parts WHERE pk = ?", (pk,)).fetchone()
+        return None if r is None else bytes(r[0])
+
     def commit(self) -> None:
         """End the open write transaction (this connection reads its own writes before
         that: the commit is for another connection, a forked child's)."""
@@ -141,7 +152,7 @@ class SqliteCold:
             "SELECT at_ts, at_author, at_seq, pk FROM rep_reads "
             "WHERE key = ? AND role = ? AND as_of >= ?", (key, role, as_of))
             if pk not in self._taken]
-        out += [(r[3], pk) for pk, row in self._puts.items() for r in row[3]
+        out += [(r[3], pk) for pk, row in self._puts.items() for r in row[4]
                 if r[0] == key and r[1] == role and r[2] >= as_of]
         return out
 
@@ -152,7 +163,7 @@ class SqliteCold:
             "SELECT at_ts, at_author, at_seq, pk FROM set_reads "
             "WHERE key = ? AND (at_ts, at_author, at_seq) > (?, ?, ?) AND ended_by >= ?",
             (key, *after, ended_by)) if pk not in self._taken]
-        out += [(r[1], pk) for pk, row in self._puts.items() for r in row[4]
+        out += [(r[1], pk) for pk, row in self._puts.items() for r in row[5]
                 if r[0] == key and r[1] > after and r[2] >= ended_by]
         return out
 
@@ -194,9 +205,9 @@ class SqliteCold:
             sets: dict[bytes, list[SetRead]] = {}
             for k, t, a, s, e, pk in db.execute("SELECT * FROM set_reads"):
                 sets.setdefault(pk, []).append((k, (t, a, s), e))
-            for pk, top, state in db.execute("SELECT pk, top, state FROM parts"):
+            for pk, top, state, vals in db.execute("SELECT pk, top, state, vals FROM parts"):
                 if pk not in self._taken:
-                    yield (pk, top, bytes(state), tuple(reps.get(pk, ())),
+                    yield (pk, top, bytes(state), bytes(vals), tuple(reps.get(pk, ())),
                            tuple(sets.get(pk, ())))
             yield from self._puts.values()
         finally:
@@ -214,12 +225,12 @@ class SqliteCold:
         db = self.db
         if not db.in_transaction:
             db.execute("BEGIN")
-        db.executemany("INSERT INTO parts VALUES (?, ?, ?)", [r[:3] for r in rows])
+        db.executemany("INSERT INTO parts VALUES (?, ?, ?, ?)", [r[:4] for r in rows])
         db.executemany("INSERT INTO rep_reads VALUES (?, ?, ?, ?, ?, ?, ?)",
                        [(k, role, as_of, *at, r[0]) for r in rows
-                        for k, role, as_of, at in r[3]])
+                        for k, role, as_of, at in r[4]])
         db.executemany("INSERT INTO set_reads VALUES (?, ?, ?, ?, ?, ?)",
-                       [(k, *at, e, r[0]) for r in rows for k, at, e in r[4]])
+                       [(k, *at, e, r[0]) for r in rows for k, at, e in r[5]])
 
     def _delete(self, pks: list[bytes]) -> None:
         db = self.db

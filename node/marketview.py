@@ -285,12 +285,14 @@ def _dump(view: MarketView, f: BinaryIO, cold_path: str | None = None) -> None:
     eng = view.engine
     attached = eng._source, eng._offer_source, eng._cold
     # Bound to the ledger and the store's file: re-attached on load.
-    eng._source = eng._offer_source = eng._cold = None
+    eng._source = eng._offer_source = None
+    eng.attach_cold(None)
     try:
         pickle.dump((eng, view._forks, view._horizon, view._authors, view.refolds), f,
                     protocol=pickle.HIGHEST_PROTOCOL)
     finally:
-        eng._source, eng._offer_source, eng._cold = attached
+        eng._source, eng._offer_source = attached[:2]
+        eng.attach_cold(attached[2])
     chunk: list[Row] = []
     for row in view.cold.rows(cold_path):
         chunk.append(row)
@@ -395,7 +397,8 @@ def load_snapshot(ledger: Ledger, path: Path, *, skew_ms: int = DEFAULT_SKEW_MS,
     if not isinstance(eng, IncrementalMarket):
         cold.close()
         return None
-    eng._source, eng._offer_source, eng._cold = view._load, view._offer, cold
+    eng._source, eng._offer_source = view._load, view._offer
+    eng.attach_cold(cold)
     view.cold = cold
     view.engine, view._forks, view._horizon, view._authors = eng, forks, horizon, authors
     view.refolds = refolds

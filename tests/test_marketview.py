@@ -275,7 +275,7 @@ def test_cold_store_file_is_private_and_swept_when_its_process_is_gone(tmp_path:
     other.write_bytes(b"")
     store = SqliteCold(tmp_path)
     assert not dead.exists() and other.exists() and Path(store.path).exists()
-    store.put(b"k" * 32, 5, b"state", (), ())
+    store.put(b"k" * 32, 5, b"state", b"vals", (), ())
     assert store.take(b"k" * 32) == b"state" and store.take(b"k" * 32) is None
     store.close()
     assert not Path(store.path).exists()

@@ -51,8 +51,10 @@ from .foldstate import (
     _KIND_DICTS,
     _MOVERS,
     _REASSIGNED,
+    LAZY_DICTS,
     CKey,
     ColdStore,
+    LazyDict,
     OfferSource,
     Source,
     _ent,
@@ -112,6 +114,9 @@ class FoldedMarket(Market):
         super().__init__(engine.policy)
         self.reputation = engine.rep
         self._engine = engine
+        if engine._cold is not None:
+            for name in LAZY_DICTS:
+                setattr(self, name, LazyDict(name))
 
     def apply(self, ev: Event) -> None:
         raise UsageError("a FoldedMarket is kept by IncrementalMarket; add events there")
@@ -188,6 +193,7 @@ class IncrementalMarket(ColdTier):
         self.applied = 0  # events folded (counting re-folds)
         self.rederived = 0  # partitions re-derived from their first event
         self.loads = 0  # evicted partitions loaded back from the source
+        self.attach_cold(cold)
         self.thaws = 0  # cold partitions taken back from the cold store
 
     # ------------------------------------------------------------ input

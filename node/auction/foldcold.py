@@ -11,7 +11,19 @@ from collections.abc import Callable
 from typing import Any
 
 from ..events import Event
-from .foldstate import CKey, ColdStore, Source, _Part
+from .foldstate import (
+    LAZY_DICTS,
+    CKey,
+    ColdRef,
+    ColdStore,
+    ColdValues,
+    LazyDict,
+    Source,
+    _Ordered,
+    _Part,
+)
+
+_NO_VALUES = ColdValues(None)
 
 
 class ColdTier:
@@ -19,6 +31,8 @@ class ColdTier:
     state, declared here for the type checker)."""
 
     _cold: ColdStore | None
+    _cold_values: ColdValues
+    _ord: dict[str, _Ordered]
     _cold_after: int
     _cold_top: int
     _cold_parts: int
@@ -36,6 +50,16 @@ class ColdTier:
     def cold(self) -> int:
         """Partitions in the cold store."""
         return self._cold_parts
+
+    def attach_cold(self, cold: ColdStore | None) -> None:
+        """Use `cold` (None: detach it, e.g. to pickle the engine; the store's content
+        must be the one the engine left)."""
+        self._cold = cold
+        self._cold_values = ColdValues(cold) if cold is not None else _NO_VALUES
+        for name in LAZY_DICTS:
+            d = self._ord[name].d
+            if isinstance(d, LazyDict):
+                d.load = self._cold_values if cold is not None else None
 
     def _cool(self) -> None:
         """Move evicted, clean partitions whose events are all older than the cold
@@ -60,7 +84,18 @@ class ColdTier:
                 del self._part_of[i]
             rr, rs = tuple(p.reads_rep), tuple(p.reads_set)
             state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s)
-            cold.put(pk, p.top, pickle.dumps(state, pickle.HIGHEST_PROTOCOL), rr, rs)
+            # Its merged entries keep their keys and places; their values go too.
+            vals: dict[str, dict[Any, Any]] = {}
+            ref = ColdRef(pk)
+            for name in LAZY_DICTS:
+                keys = p.linked.get(name)
+                if keys:
+                    d = self._ord[name].d
+                    vals[name] = {k: dict.__getitem__(d, k) for k in keys}
+                    for k in keys:
+                        dict.__setitem__(d, k, ref)
+            cold.put(pk, p.top, pickle.dumps(state, pickle.HIGHEST_PROTOCOL),
+                     pickle.dumps(vals, pickle.HIGHEST_PROTOCOL), rr, rs)
             del self._parts[pk]
             self._cold_top = max(self._cold_top, p.top)
             self._cold_parts += 1
@@ -70,9 +105,16 @@ class ColdTier:
         """Take a partition back from the cold store (evicted: its events load when
         it folds again); None if it is not there."""
         assert self._cold is not None
-        blob = self._cold.take(pk)
-        if blob is None:
+        if self._cold.values(pk) is None:
             return None
+        vals = self._cold_values(pk)  # before take: the store forgets them
+        self._cold_values.forget(pk)
+        blob = self._cold.take(pk)
+        assert blob is not None
+        for name, kv in vals.items():
+            d = self._ord[name].d
+            for k, v in kv.items():
+                dict.__setitem__(d, k, v)
         p = _Part(pk)
         (ids, p.top, p.applied, p.linked, p.ign, p.evd, p.reads_rep, p.reads_set, p.out_r,
          p.out_s) = pickle.loads(blob)

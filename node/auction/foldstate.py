@@ -4,9 +4,11 @@ bookkeeping, a provider's kept offers."""
 
 from __future__ import annotations
 
+import pickle
 from bisect import bisect_left, insort
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ..events import Event
 
@@ -79,10 +81,106 @@ class _Ordered:
     def fix(self) -> None:
         if self.stale:
             d = self.d
-            items = [(k, d[k]) for _, k in self.order]
+            get = dict.__getitem__  # as stored: cold values stay placeholders
+            items = [(k, get(d, k)) for _, k in self.order]
             d.clear()
             d.update(items)
             self.stale = False
+
+
+class ColdRef:
+    """The value of a merged dict's entry whose partition is cold (one per partition,
+    shared by its entries): `LazyDict` reads the real one from the store."""
+
+    __slots__ = ("pk",)
+
+    def __init__(self, pk: bytes) -> None:
+        self.pk = pk
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ColdRef, (self.pk,)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LazyDict(dict[K, V]):
+    """A merged dict of an engine with a cold store: a cold partition's entries keep
+    their key and place, their value is a `ColdRef` until read (`load(pk)`: that
+    partition's values by dict name). Reads through the dict methods see real values;
+    the engine writes and reorders entries with the plain dict methods."""
+
+    __slots__ = ("load", "name")
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.load: ColdValues | None = None
+
+    def _real(self, k: Any, v: Any) -> Any:
+        if type(v) is ColdRef:
+            assert self.load is not None, "a cold entry needs the store attached"
+            return self.load(v.pk)[self.name][k]
+        return v
+
+    def __getitem__(self, k: K) -> V:
+        return cast(V, self._real(k, dict.__getitem__(self, k)))
+
+    def get(self, k: K, default: Any = None) -> Any:
+        v = dict.get(self, k, _MISSING)
+        return default if v is _MISSING else self._real(k, v)
+
+    def values(self) -> list[V]:  # type: ignore[override]
+        return [self._real(k, v) for k, v in dict.items(self)]
+
+    def items(self) -> list[tuple[K, V]]:  # type: ignore[override]
+        return [(k, self._real(k, v)) for k, v in dict.items(self)]
+
+    def copy(self) -> dict[K, V]:
+        return dict(self.items())
+
+    def __eq__(self, other: object) -> bool:
+        return dict(self.items()) == other
+
+    __hash__ = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As stored (placeholders), without the loader: the engine attaches it again.
+        return _lazy_dict, (self.name,), None, None, iter(dict.items(self))
+
+
+_MISSING = object()
+# The merged dicts whose cold entries are placeholders (`paid` holds ints, `offers` no
+# partition's entries).
+LAZY_DICTS = ("auctions", "awards", "leases", "payments", "ratings", "subcontracts", "usage")
+VALUES_CACHE = 64  # cold partitions' values kept after a read (readers ask in runs)
+
+
+class ColdValues:
+    """Reads cold partitions' merged values from the store, the last few kept."""
+
+    def __init__(self, cold: ColdStore | None) -> None:
+        self.cold = cold
+        self.cache: OrderedDict[bytes, dict[str, dict[Any, Any]]] = OrderedDict()
+
+    def __call__(self, pk: bytes) -> dict[str, dict[Any, Any]]:
+        got = self.cache.get(pk)
+        if got is None:
+            assert self.cold is not None
+            blob = self.cold.values(pk)
+            assert blob is not None, "a cold entry's partition is in the store"
+            got = self.cache[pk] = pickle.loads(blob)
+            if len(self.cache) > VALUES_CACHE:
+                self.cache.popitem(last=False)
+        return got
+
+    def forget(self, pk: bytes) -> None:
+        self.cache.pop(pk, None)
+
+
+def _lazy_dict(name: str) -> LazyDict[Any, Any]:
+    return LazyDict(name)
 
 
 # (key of the event whose fold appended the entry, its index in its partition's list,
@@ -127,11 +225,14 @@ class ColdStore(Protocol):
     (e.g. `marketcold.SqliteCold`): by partition key, with the reads each recorded
     indexed so that a changed output finds its cold readers."""
 
-    def put(self, pk: bytes, top: int, state: bytes, reads_rep: tuple[RepRead, ...],
-            reads_set: tuple[SetRead, ...]) -> None: ...
+    def put(self, pk: bytes, top: int, state: bytes, vals: bytes,
+            reads_rep: tuple[RepRead, ...], reads_set: tuple[SetRead, ...]) -> None: ...
 
     def take(self, pk: bytes) -> bytes | None:
         """The partition's state, which leaves the store; None if it is not there."""
+
+    def values(self, pk: bytes) -> bytes | None:
+        """The partition's merged market values (it stays in the store)."""
 
     def rep_readers(self, key: bytes, role: str, as_of: int) -> list[tuple[CKey, bytes]]:
         """(read at, partition) of reads of (key, role) as of `as_of` or later."""

@@ -296,6 +296,26 @@ class ResourceManager:
             return None
         return str(addr)
 
+    def address_refusal(self, ip: str | None, pending_ip: int = 0,
+                        pending_subnet: int = 0) -> LimitExceeded | None:
+        """The refusal an inbound connection from `ip` gets from its address limits
+        alone, counting `pending_*` more from that IP and subnet already being set
+        up; None if they admit it. Asked before the handshake (the peer is not
+        known yet): a bootstrap peer, which skips these limits once known, is not
+        told apart there. Counted in `refused`."""
+        counted = self._counted_ip(ip)
+        if counted is None:
+            return None
+        lim = self.limits
+        if self._per_ip[counted] + pending_ip >= lim.conns_per_ip:
+            return self._refuse("conns_per_ip", f"{counted} already has {lim.conns_per_ip} "
+                                "inbound connections (or handshakes)")
+        subnet = subnet_of(counted, lim.ipv6_prefix)
+        if self._per_subnet[subnet] + pending_subnet >= lim.conns_per_subnet:
+            return self._refuse("conns_per_subnet", f"{subnet} already has "
+                                f"{lim.conns_per_subnet} inbound connections (or handshakes)")
+        return None
+
     def open_connection(self, peer: Peer, ip: str | None, direction: Direction) -> ConnLease:
         """Charge a new connection; raise LimitExceeded if a scope is full.
 

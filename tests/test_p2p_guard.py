@@ -6,8 +6,9 @@ entry, and the resource manager's limits hold on real connections and streams.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import multiaddr
@@ -356,7 +357,7 @@ async def test_inbound_handshakes_run_a_few_at_a_time(autojump_clock: trio.abc.C
             return raw_conn
 
     swarm = Swarm()
-    limit_inbound_handshakes(swarm, limit=3, queue_s=0.12)
+    limit_inbound_handshakes(swarm, limit=3, queue_s=0.12, settle_s=0)
     done: list[object] = []
     refused: list[str] = []
 
@@ -371,6 +372,102 @@ async def test_inbound_handshakes_run_a_few_at_a_time(autojump_clock: trio.abc.C
             nursery.start_soon(one, i)
     # At most 3 at once; those that waited past the queue bound are refused.
     assert Swarm.peak == 3 and len(done) == 9 and len(refused) == 3
+
+
+class _TimedSwarm:
+    """The one method limit_inbound_handshakes wraps; records when each upgrade starts."""
+
+    def __init__(self, durations: dict[int, float] | None = None) -> None:
+        self.started: dict[int, float] = {}
+        self.durations = durations or {}
+
+    async def upgrade_inbound_raw_conn(self, raw_conn: int, maddr: object) -> int:
+        self.started[raw_conn] = trio.current_time()
+        await trio.sleep(self.durations.get(raw_conn, 0.0))
+        return raw_conn
+
+
+async def test_a_slot_is_held_while_the_new_connection_settles(
+        autojump_clock: trio.abc.Clock) -> None:
+    """An upgrade's slot stays taken `settle_s` after it (the connection's set-up), so
+    instant upgrades start `settle_s` apart: a crowd is admitted at a bounded rate."""
+    from node.p2p._compat import limit_inbound_handshakes
+
+    swarm = _TimedSwarm()
+    limit_inbound_handshakes(swarm, limit=1, queue_s=10, settle_s=0.1)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(swarm.upgrade_inbound_raw_conn, i, None)
+    starts = sorted(t - t0 for t in swarm.started.values())
+    assert len(starts) == 5
+    assert all(b - a >= 0.1 - 1e-9 for a, b in itertools.pairwise(starts))
+
+
+async def test_a_stalled_handshake_gives_up_its_slot(autojump_clock: trio.abc.Clock) -> None:
+    """A handshake that stalls holds its slot `hold_s` at most: the next one does not
+    wait for it (upstream's own upgrade timeout still bounds the stalled one)."""
+    from node.p2p._compat import limit_inbound_handshakes
+
+    swarm = _TimedSwarm({0: 8.0})
+    limit_inbound_handshakes(swarm, limit=1, queue_s=10, settle_s=0, hold_s=0.5)
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(swarm.upgrade_inbound_raw_conn, 0, None)
+        await trio.sleep(0.01)
+        nursery.start_soon(swarm.upgrade_inbound_raw_conn, 1, None)
+    assert swarm.started[1] - t0 < 1.0
+
+
+async def test_address_limits_refuse_before_the_handshake() -> None:
+    """The guard's address limits are asked before any handshake work, counting
+    the handshakes from the same IP and subnet under way; a refused connection never
+    reaches the upgrade, an admitted one releases its count when the upgrade ends."""
+    from node.errors import LimitExceeded
+    from node.p2p._compat import limit_inbound_handshakes
+
+    limits = Limits(max_connections=64, outbound_reserved=8, trusted_reserved=8,
+                    conns_per_ip=2, conns_per_subnet=3)
+    async with open_host(os.urandom(32), limits=limits) as victim:
+        guard = victim.guard
+        ends = [guard.admit_handshake("10.1.2.3"), guard.admit_handshake("10.1.2.3")]
+        with pytest.raises(LimitExceeded) as why:
+            guard.admit_handshake("10.1.2.3")
+        assert why.value.scope == "conns_per_ip"
+        ends.append(guard.admit_handshake("10.1.2.4"))  # the subnet's third
+        with pytest.raises(LimitExceeded) as why:
+            guard.admit_handshake("10.1.2.5")
+        assert why.value.scope == "conns_per_subnet"
+        for _ in range(20):  # loopback is exempt from address limits
+            guard.admit_handshake("127.0.0.1")
+        ends.pop(0)()
+        guard.admit_handshake("10.1.2.6")  # a slot of the subnet is free again
+        assert guard.status()["handshakes_refused"] == 2
+        assert victim.resources.status()["refused"]["conns_per_ip"] == 1
+
+    class Conn:
+        def __init__(self, ip: str) -> None:
+            self.ip = ip
+
+        def get_remote_address(self) -> tuple[str, int]:
+            return (self.ip, 4001)
+
+    calls: list[str] = []
+    released: list[str] = []
+
+    def admit(ip: str | None) -> Callable[[], None]:
+        if ip == "10.9.9.9":
+            raise LimitExceeded("conns_per_ip", "full")
+        calls.append(str(ip))
+        return lambda: released.append(str(ip))
+
+    swarm = _TimedSwarm()
+    limit_inbound_handshakes(swarm, admit=admit, settle_s=0)
+    with pytest.raises(LimitExceeded):
+        await swarm.upgrade_inbound_raw_conn(Conn("10.9.9.9"), None)  # type: ignore[arg-type]
+    assert swarm.started == {}
+    await swarm.upgrade_inbound_raw_conn(Conn("10.0.0.1"), None)  # type: ignore[arg-type]
+    assert calls == released == ["10.0.0.1"]
 
 
 async def test_a_crowd_connecting_at_once_is_queued_and_admitted() -> None:

@@ -394,8 +394,15 @@ async def prune(router: GossipSubInternals, topic: str, peer: ID) -> None:
 
 # --------------------------------------------------------------------------- swarm
 
-INBOUND_HANDSHAKES: Final = 4
+INBOUND_HANDSHAKES: Final = 2
 HANDSHAKE_QUEUE_S: Final = 10.0
+# A slot stays taken this long after its upgrade, while the new connection is set
+# up (identify both ways, the pubsub hello, our sync check): at most
+# INBOUND_HANDSHAKES / HANDSHAKE_SETTLE_S new inbound connections a second.
+HANDSHAKE_SETTLE_S: Final = 0.05
+# ... and at most this long in all: a stalled handshake stops holding a slot (it
+# goes on, bounded by upstream's inbound_upgrade_timeout, without one).
+HANDSHAKE_HOLD_S: Final = 1.0
 
 
 def unbound_inbound_limiter(swarm: SwarmInternals) -> None:
@@ -411,36 +418,72 @@ def unbound_inbound_limiter(swarm: SwarmInternals) -> None:
 
 
 def limit_inbound_handshakes(swarm: Any, limit: int = INBOUND_HANDSHAKES,
-                             queue_s: float = HANDSHAKE_QUEUE_S) -> None:
-    """Run at most `limit` inbound connection upgrades at once (`swarm` needs only
+                             queue_s: float = HANDSHAKE_QUEUE_S, *,
+                             settle_s: float = HANDSHAKE_SETTLE_S,
+                             hold_s: float = HANDSHAKE_HOLD_S,
+                             admit: Callable[[str | None], Callable[[], None]] | None = None,
+                             ) -> None:
+    """Set up at most `limit` inbound connections at once (`swarm` needs only
     `upgrade_inbound_raw_conn`; a second call on the same swarm does nothing).
 
     Upstream starts the security and muxer handshake of every accepted socket at
     once (network/swarm.py `_do_handle_inbound_connection` ->
-    `upgrade_inbound_raw_conn`): a crowd of new identities then runs dozens of
-    handshakes side by side on the event loop, and every established peer's
-    requests wait behind all of them (an honest DIGEST went from ~0.1 s to 1-5 s
-    while 48 identities connected). Queued, the crowd costs the same CPU, but
-    the loop interleaves at most `limit` handshakes with everyone else's work.
+    `upgrade_inbound_raw_conn`), and each new connection then sets itself up
+    (identify both ways, the pubsub hello, our sync check: ~12 ms of CPU in all,
+    in many small task steps). An honest request needs dozens of scheduler rounds
+    (yamux, multistream, noise), and every round waits for one step of every
+    runnable task: a crowd of new identities set up side by side made an honest
+    DIGEST wait ~100 ms on an idle machine, ~1 s at load 13. Queued, the crowd costs
+    the same CPU, but the loop interleaves at most `limit` set-ups with everyone
+    else's work: a slot is held for the upgrade plus `settle_s` (the set-up), at
+    most `hold_s` (a stalled handshake does not hold the queue). Waiting more than
+    `queue_s` for a slot refuses the connection.
+
+    `admit(remote_ip)` (the guard's address limits, before any handshake work)
+    raises to refuse the connection, else returns the release to call when the
+    upgrade ends.
     """
     upgrade = swarm.upgrade_inbound_raw_conn
     if is_ours(upgrade):
         return
     limiter = trio.CapacityLimiter(limit)
 
+    async def release_later(token: object, done: trio.Event) -> None:
+        with trio.move_on_after(hold_s):
+            await done.wait()
+            await trio.sleep(settle_s)
+        limiter.release_on_behalf_of(token)
+
     @_mark
     async def limited(raw_conn: Any, maddr: Any) -> Any:
-        with trio.move_on_after(queue_s) as waited:
-            await limiter.acquire()
-        if waited.cancelled_caught:
-            # The caller (swarm.py) catches Exception and closes the connection.
-            raise OperationError(f"{limit} inbound handshakes in progress for {queue_s} s")
+        end = admit(_remote_ip(raw_conn)) if admit is not None else None
         try:
-            return await upgrade(raw_conn, maddr)
+            token = object()
+            with trio.move_on_after(queue_s) as waited:
+                await limiter.acquire_on_behalf_of(token)
+            if waited.cancelled_caught:
+                # The caller (swarm.py) catches Exception and closes the connection.
+                raise OperationError(f"{limit} inbound handshakes in progress for {queue_s} s")
+            done = trio.Event()
+            # Released by a system task: after the set-up, or when `hold_s` is up.
+            trio.lowlevel.spawn_system_task(release_later, token, done)
+            try:
+                return await upgrade(raw_conn, maddr)
+            finally:
+                done.set()
         finally:
-            limiter.release()
+            if end is not None:
+                end()
 
     swarm.upgrade_inbound_raw_conn = limited
+
+
+def _remote_ip(raw_conn: Any) -> str | None:
+    try:
+        remote = raw_conn.get_remote_address()
+    except (AttributeError, OSError):
+        return None
+    return str(remote[0]) if remote else None
 
 
 def route_inbound_streams(swarm: SwarmInternals,

@@ -52,7 +52,14 @@ from libp2p.protocol_muxer.exceptions import MultiselectError
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 
 from ..errors import BidmeshError, PeerError
-from ..resources import ConnLease, Direction, LimitExceeded, ResourceManager, StreamLease
+from ..resources import (
+    ConnLease,
+    Direction,
+    LimitExceeded,
+    ResourceManager,
+    StreamLease,
+    subnet_of,
+)
 from . import _compat
 from ._upstream_types import peerstore_of
 from .frames import _STREAM_LEASES, reset_quietly
@@ -150,6 +157,13 @@ class Guard:
         """Called with (peer, reason) for each fault; the daemon counts them per peer."""
         self.peerstore_pruned = 0
         self.own_entry_restored = 0
+        self.handshakes_refused = 0
+        """Inbound connections refused by their address limits before the handshake."""
+        self.bootstrap_ips: set[str] = set()
+        """Addresses of our bootstrap peers: a bootstrap peer skips the address
+        limits once known, so its address is not refused before the handshake."""
+        self._handshakes_ip: Counter[str] = Counter()  # under way, per remote IP
+        self._handshakes_subnet: Counter[str] = Counter()
         self.leases_reconciled = 0
         self._log = RateLimitedLog()
         # Upstream eviction would remove our own entry first; our
@@ -199,6 +213,37 @@ class Guard:
                 self._log(logging.INFO, ("evict",), "closing an idle connection from %s to "
                           "admit a newcomer", held.peer)
                 self.host._swarm.manager.run_task(_close_conn, conn)
+
+    def admit_handshake(self, ip: str | None) -> Callable[[], None]:
+        """Before an inbound handshake (p2p._compat.limit_inbound_handshakes): raise
+        LimitExceeded for a connection the address limits would refuse anyway once
+        registered, counting the handshakes from its IP and subnet already under way
+        (so a crowd from one address costs no noise handshake beyond its share);
+        else return the release to call when the handshake ends."""
+        subnet = ""
+        if ip is not None:
+            try:
+                subnet = subnet_of(ip, self.resources.limits.ipv6_prefix)
+            except ValueError:
+                ip = None  # not an IP transport: not counted per address
+        key = ip or ""
+        refusal = None if ip in self.bootstrap_ips else self.resources.address_refusal(
+            ip, self._handshakes_ip[key], self._handshakes_subnet[subnet])
+        if refusal is not None:
+            self.handshakes_refused += 1
+            self._log(logging.INFO, ("handshake", refusal.scope),
+                      "refusing a connection from %s before its handshake: %s", ip, refusal)
+            raise refusal
+        self._handshakes_ip[key] += 1
+        self._handshakes_subnet[subnet] += 1
+
+        def release() -> None:
+            for counter, k in ((self._handshakes_ip, key), (self._handshakes_subnet, subnet)):
+                counter[k] -= 1
+                if counter[k] <= 0:
+                    del counter[k]
+
+        return release
 
     def on_disconnected(self, conn: INetConn) -> None:
         self._release(conn)
@@ -374,6 +419,7 @@ class Guard:
                           "pruned": self.peerstore_pruned,
                           "own_entry_restored": self.own_entry_restored},
             "leases_reconciled": self.leases_reconciled,
+            "handshakes_refused": self.handshakes_refused,
         }
 
 

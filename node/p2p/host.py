@@ -339,7 +339,6 @@ def _build_libp2p_host(
     )
     swarm = swarm_of(host)
     _compat.unbound_inbound_limiter(swarm)
-    _compat.limit_inbound_handshakes(swarm)
     return host
 
 
@@ -384,6 +383,7 @@ async def open_host(
     if not limits.long_lived:
         limits = dataclasses.replace(limits, long_lived=LONG_LIVED_PREFIXES)
     boot_ids = [parse_peer_id(b.rsplit("/p2p/", 1)[-1]) for b in bootstrap]
+    boot_ips = {ip for b in bootstrap if (ip := _ip_of(b)) is not None}
     keypair = _keypair_from_seed(seed)
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
@@ -396,6 +396,9 @@ async def open_host(
                               AddrPolicy(announce, announce_append))
     node = P2PHost(host, keypair, limits, boot_ids, peerstore_max)
     swarm = node._swarm
+    # Address limits before any handshake work, then a few set-ups at a time.
+    node.guard.bootstrap_ips = boot_ips
+    _compat.limit_inbound_handshakes(swarm, admit=node.guard.admit_handshake)
     swarm.register_notifee(_Gate(node))
     _compat.route_inbound_streams(swarm, node.guard.inbound_stream)
     async with host.run(maddrs):
@@ -418,6 +421,16 @@ async def open_host(
                 # Close connections before the service manager is torn down;
                 # otherwise sockets leak (ResourceWarning) on the cancel path.
                 await swarm.close()
+
+
+def _ip_of(addr: str) -> str | None:
+    """The /ip4 or /ip6 address of a multiaddr string, None without one (a peer id
+    alone, /dns...)."""
+    parts = addr.split("/")
+    for proto in ("ip4", "ip6"):
+        if proto in parts and parts.index(proto) + 1 < len(parts):
+            return parts[parts.index(proto) + 1]
+    return None
 
 
 def set_stream_handler(host: P2PHost, protocol_id: str, handler: StreamHandler) -> None:

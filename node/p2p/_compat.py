@@ -399,7 +399,7 @@ HANDSHAKE_QUEUE_S: Final = 10.0
 # A slot stays taken this long after its upgrade, while the new connection is set
 # up (identify both ways, the pubsub hello, our sync check): at most
 # INBOUND_HANDSHAKES / HANDSHAKE_SETTLE_S new inbound connections a second.
-HANDSHAKE_SETTLE_S: Final = 0.05
+HANDSHAKE_SETTLE_S: Final = 0.1
 # ... and at most this long in all: a stalled handshake stops holding a slot (it
 # goes on, bounded by upstream's inbound_upgrade_timeout, without one).
 HANDSHAKE_HOLD_S: Final = 1.0

@@ -538,7 +538,11 @@ async def test_per_object_edits_are_made_once() -> None:
         upgrade = swarm.upgrade_inbound_raw_conn
         router: Any = ps.router
         handle, select = router.handle_prune, router._select_peers_for_pruning
+        push: Any = ps.pubsub.push_msg
         assert _compat.is_ours(upgrade) and _compat.is_ours(handle) and _compat.is_ours(select)
+        assert _compat.is_ours(push)
+        _compat.one_copy_at_a_time(ps.pubsub, lambda msg: None)
+        assert ps.pubsub.push_msg is push
         _compat.limit_inbound_handshakes(swarm)  # again: not a second queue around the first
         _compat.track_prunes(ps.router, {}, {})
         _compat.prune_at_random(ps.router, random.Random(1))
@@ -574,6 +578,55 @@ async def test_a_copy_seen_while_it_waited_for_a_validator_slot_is_not_validated
         assert await topic._validate_async(relay, msgs[1]) is True
         assert seen == [b"m1", b"m2"]
         assert (topic.late_copies, topic.rejected) == (1, 0)
+
+
+async def test_a_copy_of_a_message_being_handled_is_dropped_at_the_door() -> None:
+    """While one copy of a message is being validated, another (from another mesh
+    peer) is dropped before upstream checks its signature or validates it; once the
+    first is delivered, upstream's seen-cache drops later copies."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+
+    async with (
+        hosts(2) as (a, b),
+        make_pubsub(a) as psa,
+        make_pubsub(b) as psb,
+        trio.open_nursery() as nursery,
+    ):
+        topic = psb.topic("copies")
+        release = trio.Event()
+        calls: list[bytes] = []
+
+        async def validator(forwarder: ID, origin: ID, data: bytes) -> bool:
+            calls.append(data)
+            await release.wait()
+            return True
+
+        topic.set_async_validator(validator)
+        got: list[tuple[bytes, bytes]] = []
+        nursery.start_soon(collect, await topic.subscribe(), got)
+        signer: Any = psa.pubsub
+        msg = rpc_pb2.Message(data=b"batch", topicIDs=["copies"], from_id=a.peer_id.to_bytes(),
+                              seqno=(1).to_bytes(8, "big"))
+        msg.signature = signer.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode()
+                                             + msg.SerializeToString())
+        msg.key = a.libp2p.get_public_key().serialize()
+        upstream: Any = psb.pubsub
+        msg_id = upstream.get_message_id(msg)
+        nursery.start_soon(upstream.push_msg, a.peer_id, msg)
+        await wait_until(lambda: calls == [b"batch"])
+        relay = peer_id_from_pubkey(bytes(seed(45)))
+        await upstream.push_msg(relay, msg)  # returns at once: the first copy is in hand
+        assert topic.concurrent_copies == 1
+        assert upstream.validation_cache.get(msg_id) is None  # this copy was not validated
+        release.set()
+        await wait_until(lambda: len(got) == 1)
+        assert upstream.validation_cache.get(msg_id).is_valid
+        await upstream.push_msg(relay, msg)  # seen: upstream drops it
+        assert calls == [b"batch"] and len(got) == 1
+        assert (topic.concurrent_copies, topic.rejected) == (1, 0)
+        nursery.cancel_scope.cancel()
 
 
 async def test_queue_drained_wakes_on_the_pop_that_goes_below_the_mark() -> None:

@@ -333,6 +333,41 @@ def track_prunes(router: GossipSubInternals, sent: PruneBook, received: PruneBoo
     setattr(router, "handle_prune", handle_prune)  # noqa: B010
 
 
+def one_copy_at_a_time(pubsub: PubsubInternals,
+                       dropped: Callable[[rpc_pb2.Message], None]) -> None:
+    """Drop a received message while another copy of it is being handled.
+
+    Upstream's `push_msg` checks its seen-cache first but marks a message seen only
+    once it is valid, delivered and forwarded; until then every copy from another
+    mesh peer takes the whole path again: the origin's signature checked (strict
+    signing: an Ed25519 verification per copy), a wait for an async-validator slot,
+    and, as our validator refuses such copies (node/p2p/pubsub.py), a rejection
+    whose error text formats the whole message (`ValidationError(f"... {msg}")`
+    in `validate_msg`: ~1 ms of CPU for a 13 KB gossip batch). Here a copy whose
+    message id is in `push_msg` already is dropped at the door, and
+    `dropped(msg)` told; the first copy's outcome decides, as the seen-cache
+    would. Wrapped on this instance only (upstream schedules `self.push_msg` per
+    message); a second call does nothing."""
+    upstream_push = pubsub.push_msg
+    if is_ours(upstream_push):
+        return
+    in_flight: set[bytes] = set()
+
+    @_mark
+    async def push_msg(msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        msg_id = pubsub.get_message_id(msg)
+        if msg_id in in_flight:
+            dropped(msg)
+            return
+        in_flight.add(msg_id)
+        try:
+            await upstream_push(msg_forwarder, msg)
+        finally:
+            in_flight.discard(msg_id)
+
+    setattr(pubsub, "push_msg", push_msg)  # noqa: B010
+
+
 def prune_at_random(router: GossipSubInternals, rng: random.Random) -> None:
     """Choose the peers an over-full mesh PRUNEs at random, as the spec says.
 

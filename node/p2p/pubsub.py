@@ -109,8 +109,9 @@ class Topic:
         self._async_validator: AsyncValidator | None = None
         self._validating: set[bytes] = set()
         self.concurrent_copies = 0
-        """Copies of a message that arrived while another copy was being validated
-        (rejected: that copy's verdict decides; see `set_async_validator`)."""
+        """Copies of a message that arrived while another copy was being handled
+        (dropped or rejected: that copy's verdict decides; see `set_async_validator`
+        and `_compat.one_copy_at_a_time`)."""
         self.late_copies = 0
         """Copies of a message that waited for a validator slot while another copy was
         validated and delivered (rejected; see `set_async_validator`)."""
@@ -315,6 +316,13 @@ class PubSub:
         self._pruned_us: _compat.PruneBook = {}
         _compat.track_prunes(router, self._pruned, self._pruned_us)
         _compat.prune_at_random(router, random.Random())
+        _compat.one_copy_at_a_time(pubsub, self._copy_dropped)
+
+    def _copy_dropped(self, msg: rpc_pb2.Message) -> None:
+        for name in msg.topicIDs:
+            topic = self._topics.get(name)
+            if topic is not None:
+                topic.concurrent_copies += 1
 
     def backs_off(self, peer: ID, topic: str) -> bool:
         """Whether the back-off of a PRUNE between `peer` and us on `topic` still runs

@@ -36,19 +36,25 @@ def ckey(ev: Event) -> CKey:
 
 class _Ordered:
     """A dict of the merged market, kept in the order a full fold inserts its keys
-    (by the canonical key of the event that first set each). A key inserted out of
-    order marks the dict for one rebuild in place, at the end of `market()`: O(its
-    size), only when back-dated events arrived."""
+    (by the canonical key of the event that first set each, then the key). A key
+    inserted out of order is noted (`late`) and the dict is rebuilt in place once, at
+    the end of `market()`: O(its size), only when back-dated events arrived. No list
+    of the order is kept (it cost ~64 bytes a key, cold ones included): the keys not
+    late are in order in the dict already, the late ones are inserted among them."""
 
-    __slots__ = ("d", "order", "pos", "stale", "watch")
+    __slots__ = ("d", "late", "pos", "top", "watch")
 
     def __init__(self, d: dict[Any, Any]) -> None:
         self.d = d
-        self.order: list[tuple[CKey, Any]] = []
         self.pos: dict[Any, CKey] = {}
-        self.stale = False
+        self.late: list[Any] = []  # keys put before `top` since the last rebuild
+        self.top: tuple[CKey, Any] | None = None  # the greatest (sk, key) put so far
         # Told (key, old value, new value) of every change: keeps an index current.
         self.watch: Callable[[Any, Any, Any], None] | None = None
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.late)
 
     def put(self, k: Any, sk: CKey, v: Any) -> None:
         d = self.d
@@ -64,28 +70,37 @@ class _Ordered:
             self.watch(k, None, v)
         self.pos[k] = sk
         ent = (sk, k)
-        if self.order and ent < self.order[-1]:
-            insort(self.order, ent)
-            self.stale = True
+        if self.top is not None and ent < self.top:
+            self.late.append(k)
         else:
-            self.order.append(ent)
+            self.top = ent
         d[k] = v
 
     def remove(self, k: Any) -> None:
-        sk = self.pos.pop(k)
-        del self.order[bisect_left(self.order, (sk, k))]
+        del self.pos[k]
+        if self.late and k in self.late:
+            self.late.remove(k)
         if self.watch is not None:
             self.watch(k, self.d[k], None)
         del self.d[k]
 
     def fix(self) -> None:
-        if self.stale:
-            d = self.d
-            get = dict.__getitem__  # as stored: cold values stay placeholders
-            items = [(k, get(d, k)) for _, k in self.order]
-            d.clear()
-            d.update(items)
-            self.stale = False
+        if not self.late:
+            return
+        d, pos = self.d, self.pos
+        late = set(self.late)
+
+        def order(k: Any) -> tuple[CKey, Any]:
+            return pos[k], k
+
+        keys = [k for k in d if k not in late]  # appended in order: still in order
+        for k in sorted(late, key=order):
+            insort(keys, k, key=order)
+        get = dict.__getitem__  # as stored: cold values stay placeholders
+        items = [(k, get(d, k)) for k in keys]
+        d.clear()
+        d.update(items)
+        self.late = []
 
 
 class ColdRef:

@@ -34,12 +34,13 @@ and tested on a fake network; `Replicator` here performs them over libp2p.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, cast
 
 import trio
@@ -76,6 +77,8 @@ BATCH_MAX_BYTES = 1000 * 1024
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
 PEERS_RECHECK_S = 5.0  # connection table re-read without an event (was polled every 0.2 s)
 GAP_SUMMARY_SLICE = 512  # authors' gaps summarized per loop step (~1-3 ms)
+EXPIRE_SLICE = 1024  # pending entries expired per loop step (~3 ms)
+DRAIN_SLICE = 64  # waiting events one store (and one drain step) takes from the pending buffer
 
 
 def _records_of(resp: sync.SyncResponse | None) -> list[bytes]:
@@ -173,6 +176,11 @@ class Replicator:
                                       penalty_max_s=config.sync.penalty_max_s)
         self.sync_slots = SlotGate(SyncSlots(config.sync.slots, config.sync.reserved_slots,
                                              config.sync.stranger_slots_per_subnet))
+        # A filled gap may release a chain of up to pending_per_author events: each
+        # store takes DRAIN_SLICE of them, `_drain_ready` the rest, a slice per step.
+        ledger.drain_limit = DRAIN_SLICE
+        ledger.on_ready = self._wake_drain
+        self._drain_wake = trio.Event()
         self._gap_event = trio.Event()
         self.gap_planner = GapPlanner(lim.gap_authors_per_round,
                                       float(lim.gap_peer_requests_per_s), lim.gap_tries)
@@ -271,6 +279,7 @@ class Replicator:
             nursery.start_soon(self._periodic_sync)
             nursery.start_soon(self._gap_sync)
             nursery.start_soon(self._expire_pending)
+            nursery.start_soon(self._drain_ready)
             nursery.start_soon(self._watch_mesh)
             self.ready.set()
 
@@ -649,6 +658,37 @@ class Replicator:
             await trio.lowlevel.checkpoint()
         return self.ledger.pending_gaps()
 
+    def _wake_drain(self) -> None:
+        self._drain_wake.set()
+
+    async def _drain_ready(self) -> None:
+        """Store the rest of chains whose gap filled (beyond what the store that filled
+        it took, `Ledger.drain_limit`), DRAIN_SLICE events per loop step. They are
+        accepted like any other: listeners hear of them, and those a gossip peer did
+        not send us (SUBMIT, local, sync) are gossiped, as `Node.submit` does; the mesh
+        already carried the rest."""
+        while True:
+            await self._drain_wake.wait()
+            self._drain_wake = trio.Event()
+            while self.ledger.ready_count:
+                try:
+                    got = self.ledger.drain_ready(DRAIN_SLICE)
+                except sqlite3.Error as e:
+                    # Our disk: the events stay ready; the next store that leaves an
+                    # author ready wakes this again (and sync fetches what expires).
+                    log.error("storing drained pending events failed", extra={"error": str(e)})
+                    self.stats.events["store_error"] += 1
+                    break
+                if got:
+                    events = [ev for ev, _ in got]
+                    self.stats.events["accepted"] += len(events)
+                    self.stats.events["accepted_drained"] += len(events)
+                    self.notify(events)
+                    push = [ev.wire for ev, src in got if not isinstance(src, p2p.PeerId)]
+                    if push:
+                        self.gossip(push)
+                await trio.lowlevel.checkpoint()
+
     async def _expire_pending(self) -> None:
         """Drop pending events older than `pending_ttl_s`; fault the peers that
         published events that never chained (relayed ones are not the relay's fault)."""
@@ -656,13 +696,21 @@ class Replicator:
         period = max(0.5, min(5.0, self.cfg.limits.pending_ttl_s / 4))
         while True:
             await trio.sleep(period)
-            expired = self.ledger.expire_pending()
-            for (source, blame), n in expired.items():
-                self.stats.pending_expired += n
-                if blame and isinstance(source, p2p.PeerId):
-                    # One fault per event, up to a cut-off's worth.
-                    for _ in range(min(n, g.fault_threshold)):
-                        self._fault(source, "pending_expired")
+            # In slices: a full buffer (65,536 entries) expiring at once is ~0.2 s of
+            # CPU; faults are counted per slice, at most a cut-off's worth each.
+            expired: collections.Counter[tuple[Hashable, bool]] = collections.Counter()
+            while True:
+                part = self.ledger.expire_pending(EXPIRE_SLICE)
+                expired.update(part)
+                for (source, blame), n in part.items():
+                    self.stats.pending_expired += n
+                    if blame and isinstance(source, p2p.PeerId):
+                        # One fault per event, up to a cut-off's worth.
+                        for _ in range(min(n, g.fault_threshold)):
+                            self._fault(source, "pending_expired")
+                if sum(part.values()) < EXPIRE_SLICE:
+                    break
+                await trio.lowlevel.checkpoint()
             if expired:
                 log.info("pending events expired", extra={
                     "events": sum(expired.values()),

@@ -20,7 +20,7 @@ import hashlib
 import sqlite3
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +72,8 @@ class _Batch:
     popped: list[_Held] = field(default_factory=list)
     source: Source = None  # whom events that go pending are charged to
     blame: bool = False
+    drained: int = 0  # events stored from the pending buffer
+    ready: list[bytes] = field(default_factory=list)  # authors whose drain stopped at the limit
 
 
 class Ledger:
@@ -125,6 +127,14 @@ class Ledger:
         self._digest: bytes | None = None
         self._recon: ReconIndex | None = None  # built on first use, then kept up to date
         self._gap_of: dict[bytes, Gap] = {}  # pending_gaps(), per author, as last summarized
+        self.drain_limit: int | None = None
+        """Events one append stores from the pending buffer (the chains its events
+        complete); None: all of them. A node on an event loop sets it (node/gossip.py):
+        a filled gap can release a 1,024-event chain, ~50-100 ms of work in one step.
+        Where it stops, the author is *ready* and `drain_ready` stores the rest."""
+        self.on_ready: Callable[[], None] | None = None
+        """Called after a commit that left authors ready (to wake whoever drains)."""
+        self._ready: OrderedDict[bytes, None] = OrderedDict()
         self._load_heads()
 
     # ------------------------------------------------------------ setup
@@ -279,6 +289,11 @@ class Ledger:
             if res.reason:
                 self.counters["rejected:" + res.reason] += 1
             results.append(res)
+        self._commit(b)
+        return results
+
+    def _commit(self, b: _Batch) -> None:
+        """Store what `b` staged in one transaction, then apply it to memory."""
         if b.rows or b.forks:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -319,7 +334,11 @@ class Ledger:
             self._digest = None
             if self._count is not None:
                 self._count += len(b.rows)
-        return results
+        if b.ready:
+            for author in b.ready:
+                self._ready[author] = None
+            if self.on_ready is not None:
+                self.on_ready()
 
     def _head(self, author: bytes, b: _Batch) -> Head | None:
         return b.overlay.get(author) or self._heads.get(author)
@@ -354,30 +373,85 @@ class Ledger:
         if err:
             return AppendResult(Status.REJECTED, ev.id, reason=err[0], detail=err[1])
         accepted = [ev]
-        self._stage(ev, wire, b)
-        # Drain events that were waiting for this one. Of several candidates at one seq
-        # the first that chains is stored; others that chain are fork proofs.
-        while True:
-            top = accepted[-1]
-            held = self._pending.pop(ev.author, top.seq + 1)
-            if not held:
-                break
+        if ev.seq in self._pending.by_author.get(ev.author, ()):
+            # Candidates for this very seq wait in the buffer (a drain stopped at the
+            # limit just before them): one that chains too is a fork proof.
+            held = self._pending.pop(ev.author, ev.seq)
             b.popped.extend(held)
-            base = b.overlay[ev.author]
-            nxt: Event | None = None
             for cand in (self._decode(h.wire) for h in held):
+                if cand.id != ev.id and not _chain_error(cand, head):
+                    self._add_fork(ForkProof(ev.author, ev.seq, wire, cand.wire), b)
+        self._stage(ev, wire, b)
+        self._drain(ev.author, b, accepted)
+        return AppendResult(Status.ACCEPTED, ev.id, accepted=tuple(accepted))
+
+    def _drain(self, author: bytes, b: _Batch, accepted: list[Event],
+               sources: list[Source] | None = None) -> None:
+        """Stage the events that were waiting for the author's head, in chain order,
+        up to `drain_limit` per batch (then the author is ready: `drain_ready`). Of
+        several candidates at one seq the first that chains is stored; others that
+        chain are fork proofs."""
+        while True:
+            base = self._head(author, b)
+            if base is None:
+                return
+            if self.drain_limit is not None and b.drained >= self.drain_limit:
+                if base.seq + 1 in self._pending.by_author.get(author, ()):
+                    b.ready.append(author)
+                return
+            held = self._pending.pop(author, base.seq + 1)
+            if not held:
+                return
+            b.popped.extend(held)
+            nxt: Event | None = None
+            for h in held:
+                cand = self._decode(h.wire)
                 if _chain_error(cand, base):
                     # Does not chain: discarded; a peer resends the right one in sync.
                     self.counters["pending_discarded"] += 1
                 elif nxt is None:
                     nxt = cand
                     self._stage(cand, cand.wire, b)
+                    b.drained += 1
+                    if sources is not None:
+                        sources.append(h.source)
                 else:
-                    self._add_fork(ForkProof(ev.author, cand.seq, nxt.wire, cand.wire), b)
+                    self._add_fork(ForkProof(author, cand.seq, nxt.wire, cand.wire), b)
             if nxt is None:
-                break
+                return
             accepted.append(nxt)
-        return AppendResult(Status.ACCEPTED, ev.id, accepted=tuple(accepted))
+
+    @property
+    def ready_count(self) -> int:
+        """Authors whose next events wait in the buffer only for `drain_ready`."""
+        return len(self._ready)
+
+    def drain_ready(self, limit: int) -> list[tuple[Event, Source]]:
+        """Store up to about `limit` events that wait only for an earlier drain's limit
+        (in one transaction), with the source each was charged to; ready authors
+        left over stay ready. Costs what it stores: call until `ready_count` is 0."""
+        if self.readonly:
+            raise UsageError("this ledger handle is read-only")
+        b = _Batch()
+        events: list[Event] = []
+        sources: list[Source] = []
+        taken: list[bytes] = []
+        saved, self.drain_limit = self.drain_limit, max(1, limit)
+        try:
+            while self._ready and b.drained < self.drain_limit:
+                author, _ = self._ready.popitem(last=False)
+                taken.append(author)
+                self._drain(author, b, events, sources)
+            try:
+                self._commit(b)
+            except sqlite3.Error:
+                for author in reversed(taken):
+                    self._ready[author] = None
+                    self._ready.move_to_end(author, last=False)
+                raise
+        finally:
+            self.drain_limit = saved
+        return list(zip(events, sources, strict=True))
 
     def _stage(self, ev: Event, wire: bytes, b: _Batch) -> None:
         row = (ev.id, ev.author, ev.seq, ev.ts_ms, ev.kind, ev.ref, wire, idk(ev.id))
@@ -579,7 +653,11 @@ class Ledger:
                 continue
             head = self._heads.get(author)
             have = head.seq if head else 0
-            self._gap_of[author] = Gap(author, have + 1, min(slot) - 1,
+            first_held = min(slot)
+            if first_held <= have + 1:  # ready (drain_ready stores it): nothing missing
+                self._gap_of.pop(author, None)
+                continue
+            self._gap_of[author] = Gap(author, have + 1, first_held - 1,
                                        tuple(p.author_sources[author]), p.since[author])
         return bool(p.touched)
 
@@ -588,11 +666,12 @@ class Ledger:
         """Authors with pending events (what `len(gaps())` says, without summarizing)."""
         return len(self._pending.by_author)
 
-    def expire_pending(self) -> Counter[tuple[Source, bool]]:
-        """Drop pending events older than the pending TTL; count them per
+    def expire_pending(self, limit: int | None = None) -> Counter[tuple[Source, bool]]:
+        """Drop pending events older than the pending TTL (at most `limit`: a caller
+        on the event loop sweeps in slices until fewer come back); count them per
         (source, blame) so the caller can fault sources whose events never chained."""
         out: Counter[tuple[Source, bool]] = Counter()
-        for h in self._pending.expire(self._clock()):
+        for h in self._pending.expire(self._clock(), limit):
             out[(h.source, h.blame)] += 1
         self.counters["pending_expired"] += sum(out.values())
         return out

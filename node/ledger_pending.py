@@ -186,12 +186,12 @@ class _Pending:
         if not slot:
             del self.by_author[author]
 
-    def expire(self, now: float) -> list[_Held]:
-        """Remove and return entries older than `ttl_s`."""
+    def expire(self, now: float, limit: int | None = None) -> list[_Held]:
+        """Remove and return entries older than `ttl_s`, at most `limit` of them."""
         cutoff = now - self.limits.ttl_s
         out: list[_Held] = []
         for mine in list(self.by_source.values()):
-            while mine:
+            while mine and (limit is None or len(out) < limit):
                 h = next(iter(mine.values()))
                 if h.added > cutoff:
                     break

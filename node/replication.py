@@ -94,8 +94,9 @@ class Stats:
     batches_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
-    # Outcomes of received events: accepted (stored: accepted_gossip + accepted_sync),
-    # duplicate, pending, rejected, fork.
+    # Outcomes of received events: accepted (stored: accepted_gossip + accepted_sync
+    # + accepted_drained, the rest of a long chain a filled gap released), duplicate,
+    # pending, rejected, fork.
     events: collections.Counter[str] = field(default_factory=collections.Counter)
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     regossiped: int = 0

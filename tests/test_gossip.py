@@ -296,3 +296,38 @@ async def test_sync_reconciles_and_falls_back_for_an_older_peer(tmp_path: Path) 
         assert s is not None and s.failed is None and b.ledger.count() == 70
         assert b.rep.stats.sync_reconciled == 1  # this one ran on /sync/1
         old_led.close()
+
+
+async def test_a_long_chain_a_gap_releases_is_stored_in_slices(tmp_path: Path) -> None:
+    """Issue 12: filling a gap in front of a long chain stores at most DRAIN_SLICE of
+    the waiting events in that store (one loop step); the replicator's drain task
+    stores the rest a slice per step. Every event is stored and heard of once; those
+    a gossip peer sent us are not gossiped again, the others (SUBMIT) are."""
+    async with tnodes(tmp_path, 2, sync={"interval_s": 3600.0, "on_connect": False}) as ns:
+        a, b = ns
+        heard: list[bytes] = []
+        b.rep.listeners.append(lambda evs: heard.extend(e.id for e in evs))
+        pushed: list[bytes] = []
+        gossip_on = b.rep.gossip
+
+        def spy(wires: list[bytes]) -> None:
+            pushed.extend(wires)
+            gossip_on(wires)
+
+        b.rep.gossip = spy  # type: ignore[method-assign]
+        chains = {}
+        for who, n in (("submit", 300), ("gossip", 150)):
+            ident = Identity.from_seed(bytes([0x40 + len(chains)]) * 32)
+            chains[who] = [a.ledger.publish(ident, body(i), int(time.time() * 1000) + i)
+                           for i in range(n)]
+        sub, gsp = chains["submit"], chains["gossip"]
+        b.ledger.append_many([e.wire for e in sub[1:]], source=("submit", b"k"))
+        b.ledger.append_many([e.wire for e in gsp[1:]], source=a.host.peer_id)
+        assert b.ledger.pending_count == 299 + 149
+        first = b.ledger.append_many([sub[0].wire, gsp[0].wire])
+        assert [len(r.accepted) for r in first] == [1 + gossip.DRAIN_SLICE, 1]
+        assert b.ledger.ready_count == 2  # the rest of both chains waits for the task
+        await wait_until(lambda: b.ledger.count() == 450 and b.ledger.pending_count == 0)
+        drained = 450 - 2 - gossip.DRAIN_SLICE
+        assert b.rep.stats.events["accepted_drained"] == drained == len(heard) == len(set(heard))
+        assert pushed == [e.wire for e in sub[1 + gossip.DRAIN_SLICE:]]  # SUBMIT's rest only

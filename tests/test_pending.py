@@ -181,3 +181,79 @@ def test_gap_summary_in_slices_keeps_arrival_order(small: Ledger) -> None:
     assert small.summarize_gaps(3) is True  # one author left to summarize
     assert [g.author for g in small.pending_gaps()] == authors
     assert small.summarize_gaps(3) is False
+
+
+def test_expiry_sweeps_in_slices(tmp_path: Path, clock: Clock) -> None:
+    """The event loop expires a full buffer in slices (node/gossip.py): `limit` caps
+    one call, and calls until fewer come back sweep everything, sources and all."""
+    led = make(tmp_path, clock, peer_events=100, total=100)
+    for i, src in enumerate("abc"):
+        _, w = orphans(500 + i, 7)
+        led.append_many(w, source=src, blame=src == "a")
+    clock.t += 61
+    sizes = []
+    while True:
+        part = led.expire_pending(5)
+        sizes.append(sum(part.values()))
+        if sizes[-1] < 5:
+            break
+    assert sizes == [5, 5, 5, 5, 1] and led.pending_count == 0 and led.gaps() == []
+    assert led.counters["pending_expired"] == 21 and led.pending_status()["sources"] == 0
+    led.close()
+
+
+def test_bounded_drain_leaves_the_rest_ready_for_drain_ready(tmp_path: Path,
+                                                             clock: Clock) -> None:
+    """Issue 12: a filled gap can release a long chain; with `drain_limit` one append
+    stores at most that many waiting events, and `drain_ready` stores the rest in
+    slices, each event with the source it was charged to. A ready author is no gap."""
+    led = make(tmp_path, clock, peer_events=100, total=100)
+    woken = []
+    led.on_ready = lambda: woken.append(led.ready_count)
+    led.drain_limit = 3
+    c = Chain(seed(600))
+    evs = [c.next() for _ in range(10)]
+    led.append_many([e.wire for e in evs[1:5]], source="p")
+    led.append_many([e.wire for e in evs[5:]], source=("submit", b"k"))
+    res = led.append(evs[0].wire)
+    assert [e.seq for e in res.accepted] == [1, 2, 3, 4]
+    assert woken == [1] and led.ready_count == 1 and led.gaps() == []
+    assert led.head(c.public).seq == 4  # type: ignore[union-attr]
+    got = led.drain_ready(2)
+    assert [(e.seq, src) for e, src in got] == [(5, "p"), (6, ("submit", b"k"))]
+    assert led.ready_count == 1 and woken == [1, 1]
+    got = led.drain_ready(100)
+    assert [e.seq for e, _ in got] == [7, 8, 9, 10] and led.ready_count == 0
+    assert led.count() == 10 and led.pending_count == 0 and led.drain_ready(5) == []
+    led.close()
+
+
+def test_bounded_drain_keeps_gaps_forks_and_rollback_right(tmp_path: Path,
+                                                          clock: Clock) -> None:
+    led = make(tmp_path, clock, peer_events=100, total=100)
+    led.drain_limit = 1
+    c = Chain(seed(601))
+    evs = [c.next() for _ in range(6)]
+    other4 = c.make(4, evs[2].id, ts_ms=evs[2].ts_ms + 7)  # a second event at seq 4
+    led.append_many([evs[2].wire, evs[3].wire, evs[5].wire], source="p")  # 3, 4, 6
+    assert led.gaps() == [(c.public, 1, 2)]
+    # 2 completes the chain to 4: one waiting event (3) is stored, 4 is ready.
+    assert [e.seq for e in led.append_many([evs[0].wire, evs[1].wire])[1].accepted] == [2, 3]
+    assert led.ready_count == 1 and led.gaps() == []  # 4 waits only for drain_ready
+    # Another event at the ready seq arrives: stored, and the held one is a fork proof.
+    assert led.append(other4.wire).status is Status.ACCEPTED
+    assert led.forked() == {c.public: 4}
+    # A failed drain puts everything back, ready included.
+    led2 = make(tmp_path / "b", clock, peer_events=100, total=100)
+    led2.drain_limit = 1
+    led2.append_many([e.wire for e in evs[2:5]], source="p")
+    led2.append_many([evs[0].wire, evs[1].wire])
+    led2.db.execute("CREATE TRIGGER nope BEFORE INSERT ON events BEGIN "
+                    "SELECT RAISE(ABORT, 'disk says no'); END")
+    with pytest.raises(Exception, match="disk says no"):
+        led2.drain_ready(10)
+    led2.db.execute("DROP TRIGGER nope")
+    assert led2.ready_count == 1 and led2.pending_count == 2
+    assert [e.seq for e, _ in led2.drain_ready(10)] == [4, 5] and led2.count() == 5
+    led.close()
+    led2.close()

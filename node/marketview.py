@@ -15,7 +15,9 @@ Two rules make a lookup cost what changed, never the whole history:
   Only the `max_loaded` most recently touched auctions keep their events and fold in
   memory; the others load their events back from the ledger (by id) when one of
   their events arrives. The first build streams the due events in canonical order,
-  a chunk at a time, so it never holds the whole history either.
+  a chunk at a time, so it never holds the whole history either. Closed auctions go
+  further, to a cold store (`marketcold.SqliteCold`, a private SQLite file): their
+  bookkeeping and merged values leave memory and are read back when needed.
 
 Work happens lazily, when someone asks for the market. The clock is a parameter.
 

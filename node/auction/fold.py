@@ -144,8 +144,9 @@ class IncrementalMarket(ColdTier):
     in memory (least recently touched first out, after `market()`); an evicted
     partition keeps its event ids, its outputs and its reads, and loads its events
     from `source` when an event reaches it again, then re-derives. Memory then follows
-    the active auctions, not the history (a closed auction costs its merged market
-    entries and ~100 bytes of bookkeeping per event); results do not change."""
+    the active auctions, not the history; results do not change. With a `cold`
+    store too, an evicted auction `cold_after_ms` older than the latest event moves
+    its bookkeeping and merged values there (`foldcold.ColdTier`)."""
 
     def __init__(self, policy: Policy | None = None, *, source: Source | None = None,
                  offers: OfferSource | None = None, max_loaded: int = 4096,

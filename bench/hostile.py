@@ -33,7 +33,15 @@ it, at least MIN_WINDOW_S in all (~100 samples per target on an idle machine;
 of the two; `honest_digest_p99_ratio` is the largest over all attacks (target <= 3).
 Each result also has the longest event-loop step of V and H in its window, in CPU
 ms, with its task (`*_loop_step_cpu_ms`, `*_loop_step_task`; `[node] loop_stats`,
-node/loopstats.py): what everyone else waited for, independent of the machine's load.
+node/loopstats.py): what everyone else waited for, independent of the machine's load,
+and the CPU seconds V, H and the control node spent in the window (`*_cpu_s`; the
+control's is what probing alone costs). `*_wait_cpu_ms`: the longest loop CPU an
+honest query to V or H waited for while in flight (CPU the loop gave other tasks:
+`status.loop_waits`), per attack window; `wait_cpu_ratio` divides it by the p99 of
+the per-second figures in the idle windows (`idle_wait_cpu_ms`), and
+`honest_wait_cpu_ratio` is its largest: the honest ratio in CPU terms, which the
+machine's load does not move (a wall-clock p99 on a shared machine mostly measures
+how long the OS kept the node off the CPU).
 The prober also asks a control node (a fifth daemon nobody attacks, not connected
 to V or H) all along: `digest_vs_control_ratio` divides the victims' p99 by its p99
 in the same window, which separates what an attack does to V and H from what the
@@ -296,6 +304,11 @@ class Sampler(threading.Thread):
         xs = [s[3] for s in self.samples if t0 <= s[0] <= t1 and s[1] == index]
         return sum(xs) / len(xs) if xs else 0.0
 
+    def cpu_s(self, index: int, t0: float, t1: float) -> float:
+        """CPU seconds the node spent in [t0, t1] (each sample covers the 0.25 s
+        before it): what an attack cost it, whatever the machine's load."""
+        return sum(s[3] for s in self.samples if t0 < s[0] <= t1 and s[1] == index) / 400
+
 
 # ------------------------------------------------------------------ attacks
 
@@ -464,6 +477,7 @@ class Bench:
         self.socks_error: str | None = None
         self.socks_buyer: threading.Thread | None = None
         self.served: list[str] = []  # V's protocols, as identify tells them
+        self.waits: dict[int, dict[int, float]] = {}  # node -> second -> longest wait
 
     # -- nodes
 
@@ -562,15 +576,19 @@ class Bench:
         self.idle_windows.append((t0, time.time()))
         return self.baseline()
 
+    def clean_idle_windows(self) -> list[tuple[float, float]]:
+        """The idle windows that overlap no background attack."""
+        now = time.time()
+        busy = [(b0, now if b1 is None else b1) for b0, b1 in self.background_windows]
+        return [(t0, t1) for t0, t1 in self.idle_windows
+                if not any(t0 < b1 and b0 < t1 for b0, b1 in busy)]
+
     def baseline(self) -> dict[str, float]:
         """DIGEST p99 (ms) over every idle window so far, per target: windows before each
         attack, so the baseline sees the machine's load over the whole run (other work
         on a shared machine comes and goes) and holds enough samples for a p99."""
         assert self.prober is not None
-        now = time.time()
-        busy = [(b0, now if b1 is None else b1) for b0, b1 in self.background_windows]
-        windows = [(t0, t1) for t0, t1 in self.idle_windows
-                   if not any(t0 < b1 and b0 < t1 for b0, b1 in busy)]
+        windows = self.clean_idle_windows()
         out = {}
         for name in ("victim", "honest", "control"):
             lat: list[float] = []
@@ -581,13 +599,25 @@ class Bench:
         return out
 
     def loop_step(self, p: Proc, t0: float, t1: float) -> tuple[float, str] | None:
-        """(CPU ms, task) of the longest loop step of `p` in [t0, t1] (status.loop_steps)."""
+        """(CPU ms, task) of the longest loop step of `p` in [t0, t1] (status.loop_steps);
+        also keeps the node's request waits (status.loop_waits) for `wait_cpu`."""
         try:
-            steps = self.c.status(p).get("loop_steps", [])
+            st = self.c.status(p)
         except (BidmeshError, AssertionError):
             return None
-        inside = [(ms, name) for sec, ms, name in steps if t0 - 1 <= sec <= t1]
+        seen = self.waits.setdefault(p.index, {})
+        for sec, ms, _n in st.get("loop_waits", []):
+            seen[int(sec)] = max(float(ms), seen.get(int(sec), 0.0))
+        inside = [(ms, name) for sec, ms, name in st.get("loop_steps", []) if t0 - 1 <= sec <= t1]
         return max(inside, default=(0.0, ""))
+
+    def wait_cpu(self, p: Proc, windows: list[tuple[float, float]]) -> list[float]:
+        """Per second in `windows`: the longest loop CPU an honest query to `p` waited
+        for (node/loopstats.py `waits`: CPU the loop gave other tasks while the query
+        was in flight; independent of the machine's load, unlike the wall time)."""
+        seen = self.waits.get(p.index, {})
+        return [ms for sec, ms in seen.items()
+                if any(t0 - 1 <= sec <= t1 for t0, t1 in windows)]
 
     def judge_digest(self, result: dict[str, Any], background: bool,
                      idle: dict[str, float]) -> None:
@@ -598,6 +628,17 @@ class Bench:
             base = max(idle[name], IDLE_FLOOR_MS)
             ratios.append(q / base if q == q else float("inf"))
         result["digest_p99_ratio"] = round(max(ratios), 2)
+        if "window" in result:
+            # The same in loop CPU (load-independent): the longest wait per second.
+            wr = []
+            for name, p in (("victim", self.v), ("honest", self.h)):
+                inside = self.wait_cpu(p, [tuple(result["window"])])
+                base = max(p99(self.wait_cpu(p, self.clean_idle_windows())), IDLE_FLOOR_MS)
+                if inside:
+                    result[f"{name}_wait_cpu_ms"] = round(max(inside), 1)
+                    wr.append(max(inside) / base)
+            if wr:
+                result["wait_cpu_ratio"] = round(max(wr), 2)
         # The same window's p99 of an unattacked node (`control`): what the machine's
         # own load did meanwhile (other work, and the attack's CPU), not the victims'.
         c = max(result["control_digest_p99_ms"], IDLE_FLOOR_MS)
@@ -685,7 +726,10 @@ class Bench:
         if crashed:
             result["crash"] = causes
         rss = max(self.sampler.max_rss(p.index, t0, t1) for p in procs)
+        result["window"] = [round(t0, 2), round(t1, 2)]
         result["victim_max_rss_mb"] = round(rss, 1)
+        for name, p in (("victim", self.v), ("honest", self.h), ("control", self.control)):
+            result[f"{name}_cpu_s"] = round(self.sampler.cpu_s(p.index, t0, t1), 2)
         for name, p in (("victim", self.v), ("honest", self.h)):
             # The longest event-loop step in the window, in CPU ms (node/loopstats.py):
             # what the attack made others wait for, whatever the machine's load.
@@ -1418,6 +1462,11 @@ def main() -> int:
         "honest_digest_vs_control_ratio": max(
             (r.get("digest_vs_control_ratio", float("nan")) for r in results
              if not r.get("background")), default=float("nan")),
+        "honest_wait_cpu_ratio": max(
+            (r["wait_cpu_ratio"] for r in results
+             if "wait_cpu_ratio" in r and not r.get("background")), default=float("nan")),
+        "idle_wait_cpu_ms": {name: round(p99(b.wait_cpu(p, b.clean_idle_windows())), 1)
+                             for name, p in (("victim", b.v), ("honest", b.h))},
         "idle_digest_p99_ms": {k: round(v, 1) for k, v in idle.items()},
         "idle_digest_samples": b.idle_samples,
         "idle_windows": len(b.idle_windows),

@@ -203,8 +203,8 @@ class Node:
             "loop_lag_max_ms": round(self.loop_lag_max_s * 1000, 1),
             "gc": {"frozen": self.gc_frozen,
                    "collections": [g["collections"] for g in gc.get_stats()]},
-            **({"loop_steps": self.loop_steps.recent()} if self.config.node.loop_stats
-               else {}),
+            **({"loop_steps": self.loop_steps.recent(), "loop_waits": self.loop_steps.waits()}
+               if self.config.node.loop_stats else {}),
             "tasks": _task_count(),
             "market": {
                 "horizon_ms": self.live.view.horizon_ms,
@@ -418,6 +418,10 @@ async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
                 nursery.start_soon(_lag_monitor, node)
                 if cfg.node.loop_stats:
                     trio.lowlevel.add_instrument(node.loop_steps)
+                    # What an honest query waits for (bench/hostile.py reads it).
+                    host.guard.loop = node.loop_steps
+                    from .query import protocol_id as query_protocol
+                    host.guard.timed_protocols = frozenset({query_protocol(cfg.node.network)})
                 node.gc_frozen = _freeze_startup_heap()
                 log.info("node started", extra={
                     "peer_id": str(host.peer_id), "addrs": host.addrs,

@@ -25,6 +25,10 @@ class LoopSteps(trio.abc.Instrument):
         self._c0 = -1.0  # no step started (installed in the middle of one)
         self._seconds: deque[tuple[int, float, str]] = deque(maxlen=keep_s)
         self.steps = 0
+        self.cpu_ms = 0.0
+        """CPU of every task step so far."""
+        self._own: dict[trio.lowlevel.Task, float] = {}  # requests' own steps
+        self._waits: deque[tuple[int, float, int]] = deque(maxlen=keep_s)
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._c0 = time.thread_time()
@@ -35,6 +39,9 @@ class LoopSteps(trio.abc.Instrument):
         ms = (time.thread_time() - self._c0) * 1000
         self._c0 = -1.0
         self.steps += 1
+        self.cpu_ms += ms
+        if self._own and task in self._own:
+            self._own[task] += ms
         sec = int(time.time())
         s = self._seconds
         if s and s[-1][0] == sec:
@@ -47,3 +54,30 @@ class LoopSteps(trio.abc.Instrument):
         """(unix second, longest step's CPU ms, its task) for seconds with a step of at
         least `min_ms` (JSON-ready)."""
         return [(sec, round(ms, 2), name) for sec, ms, name in self._seconds if ms >= min_ms]
+
+    def start_request(self) -> tuple[trio.lowlevel.Task, float]:
+        """A request starts in the current task: see `end_request`."""
+        task = trio.lowlevel.current_task()
+        self._own[task] = 0.0
+        return task, self.cpu_ms
+
+    def end_request(self, token: tuple[trio.lowlevel.Task, float], record: bool = True) -> None:
+        """The request of `token` ended: the loop CPU that went to *other* tasks while
+        it was in flight (what it waited for, whatever the machine's load) joins
+        this second's figures (`waits`) when `record`."""
+        task, c0 = token
+        own = self._own.pop(task, 0.0)
+        if not record:
+            return
+        ms = self.cpu_ms - c0 - own
+        sec = int(time.time())
+        w = self._waits
+        if w and w[-1][0] == sec:
+            w[-1] = (sec, max(ms, w[-1][1]), w[-1][2] + 1)
+        else:
+            w.append((sec, ms, 1))
+
+    def waits(self) -> list[tuple[int, float, int]]:
+        """(unix second, the longest wait of a request that ended in it in loop CPU ms,
+        how many ended) for the last seconds with requests (JSON-ready)."""
+        return [(sec, round(ms, 2), n) for sec, ms, n in self._waits]

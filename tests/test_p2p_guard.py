@@ -476,3 +476,25 @@ async def test_a_crowd_connecting_at_once_is_queued_and_admitted() -> None:
             for p in crowd:
                 nursery.start_soon(p.connect, victim.addrs[0])
         await wait_until(lambda: len(victim.connected_peers()) == 10)
+
+
+async def test_timed_requests_record_what_they_waited_for() -> None:
+    """With a LoopSteps on the guard (`[node] loop_stats`), every inbound stream of a
+    timed protocol records one wait; other protocols record none."""
+    from node.loopstats import LoopSteps
+
+    steps = LoopSteps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with open_host(os.urandom(32)) as victim, open_host(os.urandom(32)) as peer:
+            serve_requests(victim, ECHO, echo, max_request=1024)
+            serve_requests(victim, "/bidmesh-test/untimed/1", echo, max_request=1024)
+            victim.guard.loop = steps
+            victim.guard.timed_protocols = frozenset({ECHO})
+            await peer.connect(victim.addrs[0])
+            for proto in (ECHO, ECHO, "/bidmesh-test/untimed/1"):
+                assert await request(peer, victim.peer_id, proto, b"x", 1024, 10) == b"x"
+            await wait_until(lambda: sum(n for _, _, n in steps.waits()) >= 2)
+            assert sum(n for _, _, n in steps.waits()) == 2
+    finally:
+        trio.lowlevel.remove_instrument(steps)

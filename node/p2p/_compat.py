@@ -429,7 +429,7 @@ async def prune(router: GossipSubInternals, topic: str, peer: ID) -> None:
 
 # --------------------------------------------------------------------------- swarm
 
-INBOUND_HANDSHAKES: Final = 2
+INBOUND_HANDSHAKES: Final = 1
 HANDSHAKE_QUEUE_S: Final = 10.0
 # A slot stays taken this long after its upgrade, while the new connection is set
 # up (identify both ways, the pubsub hello, our sync check): at most

@@ -67,6 +67,7 @@ from .frames import _STREAM_LEASES, reset_quietly
 if TYPE_CHECKING:
     from libp2p.abc import IHost
 
+    from ..loopstats import LoopSteps
     from ._upstream_types import SwarmInternals
 
 log = logging.getLogger("node.p2p")
@@ -164,6 +165,10 @@ class Guard:
         limits once known, so its address is not refused before the handshake."""
         self._handshakes_ip: Counter[str] = Counter()  # under way, per remote IP
         self._handshakes_subnet: Counter[str] = Counter()
+        self.loop: LoopSteps | None = None
+        """Set (with `timed_protocols`) when `[node] loop_stats` is on: inbound
+        requests of those protocols record what they waited for (loopstats)."""
+        self.timed_protocols: frozenset[str] = frozenset()
         self.leases_reconciled = 0
         self._log = RateLimitedLog()
         # Upstream eviction would remove our own entry first; our
@@ -260,6 +265,16 @@ class Guard:
 
     async def inbound_stream(self, stream: INetStream) -> None:
         """The swarm's stream handler: negotiate, charge, run the handler in a boundary."""
+        if self.loop is None:
+            await self._inbound_stream(stream)
+            return
+        token = self.loop.start_request()
+        try:
+            await self._inbound_stream(stream)
+        finally:
+            self.loop.end_request(token, str(stream.get_protocol()) in self.timed_protocols)
+
+    async def _inbound_stream(self, stream: INetStream) -> None:
         peer: ID = stream.muxed_conn.peer_id
         if self.host.is_blocked(peer):
             await reset_quietly(stream)

@@ -54,6 +54,7 @@ from .foldstate import (
     LAZY_DICTS,
     CKey,
     ColdStore,
+    Kept,
     LazyDict,
     OfferSource,
     Source,
@@ -65,6 +66,7 @@ from .foldstate import (
     _Rating,
     _Settle,
     ckey,
+    kept,
 )
 from .lease import Lease
 from .market import Auction, Market, OfferRecord, RatingRecord
@@ -386,12 +388,14 @@ class IncrementalMarket(ColdTier):
             return
         self._offers_changed(author, o)
 
-    def _keep_offers(self, o: _Offers, first: tuple[CKey, Event],
-                     last: tuple[CKey, Event]) -> None:
+    def _keep_offers(self, o: _Offers, first: tuple[CKey, Event | Kept],
+                     last: tuple[CKey, Event | Kept]) -> None:
         for e in (o.first, o.last):
             if e[1].id not in (first[1].id, last[1].id):
                 self._offer_of.pop(e[1].id, None)
-        o.first, o.last = first, last
+        same = first[1].id == last[1].id
+        o.last = (last[0], kept(last[1]))
+        o.first = o.last if same else (first[0], kept(first[1], body=False))
         self._offer_of[first[1].id] = first[1].author
         self._offer_of[last[1].id] = last[1].author
 

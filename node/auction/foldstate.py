@@ -8,9 +8,9 @@ import pickle
 from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
-from ..events import Event
+from ..events import Body, Event
 
 if TYPE_CHECKING:
     from .market import Market
@@ -308,6 +308,20 @@ Source = Callable[[list[bytes]], list[Event]]
 OfferSource = Callable[[bytes, bool], Event | None]
 
 
+class Kept(NamedTuple):
+    """What the engine keeps of an offer event it holds on to: not its signed record;
+    not its body either for the first offer when a later one is the value."""
+
+    id: bytes
+    author: bytes
+    ts_ms: int
+    body: Body | None
+
+
+def kept(ev: Event | Kept, body: bool = True) -> Kept:
+    return Kept(ev.id, ev.author, ev.ts_ms, ev.body if body else None)
+
+
 class _Offers:
     """One provider's present offers: the first (its place in `Market.offers`) and the
     latest (its value); `all` holds every one (sorted) when there is no offer source."""
@@ -315,7 +329,9 @@ class _Offers:
     __slots__ = ("all", "first", "last")
 
     def __init__(self, ent: tuple[CKey, Event], keep_all: bool) -> None:
-        self.first = self.last = ent
+        self.first: tuple[CKey, Event | Kept]
+        self.last: tuple[CKey, Event | Kept]
+        self.first = self.last = ent if keep_all else (ent[0], kept(ent[1]))
         self.all: list[tuple[CKey, Event]] | None = [ent] if keep_all else None
 
 

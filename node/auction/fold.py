@@ -131,8 +131,8 @@ class FoldedMarket(Market):
 
     def leases_of(self, key: bytes) -> list[Lease]:
         eng = self._engine
-        pos = eng._ord["leases"].pos
-        return [self.leases[k] for k in sorted(eng._leases_of.get(key, ()), key=pos.__getitem__)]
+        sk = eng._ord["leases"].sk
+        return [self.leases[k] for k in sorted(eng._leases_of.get(key, ()), key=sk)]
 
 
 class IncrementalMarket(ColdTier):
@@ -314,8 +314,8 @@ class IncrementalMarket(ColdTier):
         cut = bisect_left(dl, (now_ms,))
         del dl[:cut]
         self._open_from = now_ms
-        pos = self._ord["auctions"].pos
-        return [d[k] for k in sorted((k for _, k in dl), key=pos.__getitem__)]
+        sk = self._ord["auctions"].sk
+        return [d[k] for k in sorted((k for _, k in dl), key=sk)]
 
     def _watch_lease(self, k: bytes, old: Lease | None, new: Lease | None) -> None:
         if old is not None:

@@ -13,6 +13,7 @@ from typing import Any
 from ..events import Event
 from .foldstate import (
     LAZY_DICTS,
+    SK,
     CKey,
     ColdRef,
     ColdStore,
@@ -84,16 +85,20 @@ class ColdTier:
                 del self._part_of[i]
             rr, rs = tuple(p.reads_rep), tuple(p.reads_set)
             state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s)
-            # Its merged entries keep their keys and places; their values go too.
+            # Its merged entries keep their keys and places; their values and
+            # canonical keys go too (`SK`: by dict name, the canonical key of each key).
             vals: dict[str, dict[Any, Any]] = {}
+            sks: dict[str, dict[Any, CKey]] = {}
             ref = ColdRef(pk)
             for name in LAZY_DICTS:
                 keys = p.linked.get(name)
                 if keys:
-                    d = self._ord[name].d
-                    vals[name] = {k: dict.__getitem__(d, k) for k in keys}
+                    o = self._ord[name]
+                    vals[name] = {k: dict.__getitem__(o.d, k) for k in keys}
+                    sks[name] = {k: o.pos.pop(k) for k in keys}
                     for k in keys:
-                        dict.__setitem__(d, k, ref)
+                        dict.__setitem__(o.d, k, ref)
+            vals[SK] = sks
             cold.put(pk, p.top, pickle.dumps(state, pickle.HIGHEST_PROTOCOL),
                      pickle.dumps(vals, pickle.HIGHEST_PROTOCOL), rr, rs)
             del self._parts[pk]
@@ -112,9 +117,12 @@ class ColdTier:
         blob = self._cold.take(pk)
         assert blob is not None
         for name, kv in vals.items():
-            d = self._ord[name].d
-            for k, v in kv.items():
-                dict.__setitem__(d, k, v)
+            if name != SK:
+                d = self._ord[name].d
+                for k, v in kv.items():
+                    dict.__setitem__(d, k, v)
+        for name, sk in vals[SK].items():
+            self._ord[name].pos.update(sk)
         p = _Part(pk)
         (ids, p.top, p.applied, p.linked, p.ign, p.evd, p.reads_rep, p.reads_set, p.out_r,
          p.out_s) = pickle.loads(blob)

@@ -56,6 +56,16 @@ class _Ordered:
     def stale(self) -> bool:
         return bool(self.late)
 
+    def sk(self, k: Any) -> CKey:
+        """The canonical key of the event that first set `k` (of a cold entry: from
+        the store, which keeps them with its values)."""
+        got = self.pos.get(k)
+        if got is None:
+            ref, d = dict.__getitem__(self.d, k), self.d
+            assert type(ref) is ColdRef and isinstance(d, LazyDict) and d.load is not None
+            got = d.load(ref.pk)[SK][d.name][k]
+        return got
+
     def put(self, k: Any, sk: CKey, v: Any) -> None:
         d = self.d
         old = self.pos.get(k)
@@ -87,11 +97,11 @@ class _Ordered:
     def fix(self) -> None:
         if not self.late:
             return
-        d, pos = self.d, self.pos
+        d, sk = self.d, self.sk
         late = set(self.late)
 
         def order(k: Any) -> tuple[CKey, Any]:
-            return pos[k], k
+            return sk(k), k
 
         keys = [k for k in d if k not in late]  # appended in order: still in order
         for k in sorted(late, key=order):
@@ -169,6 +179,7 @@ _MISSING = object()
 # The merged dicts whose cold entries are placeholders (`paid` holds ints, `offers` no
 # partition's entries).
 LAZY_DICTS = ("auctions", "awards", "leases", "payments", "ratings", "subcontracts", "usage")
+SK = "_sk"  # in a cold partition's values: {dict name: {key: its canonical key}}
 VALUES_CACHE = 64  # cold partitions' values kept after a read (readers ask in runs)
 
 

@@ -386,6 +386,8 @@ class HttpConfig:
     keep_alive_s: float = _opt(5.0, (int, float), _range(0.1, 600))
     max_request_bytes: int = _opt(16 * 1024, int, _range(1024, 1 << 20))
     growth_interval_s: float = _opt(5.0, (int, float), _range(0.1, 3600))
+    accept_per_s: float = _opt(50.0, (int, float), _range(0.1, 100_000))
+    accept_burst: int = _opt(16, int, _range(1, 100_000))
 
 
 @dataclass(frozen=True)

@@ -361,6 +361,20 @@ def test_conn_table_admission() -> None:
     assert len(t) == 1
 
 
+def test_accept_pacer_spreads_a_flood_and_refuses_past_the_wait() -> None:
+    from node.http import AcceptPacer
+
+    p = AcceptPacer(rate=10, burst=3, wait_max_s=0.25)
+    # A burst of 3 at once, then one every 0.1 s; 0.25 s of waiting at most.
+    assert [p.delay(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    waits = [p.delay(0.0) for _ in range(2)]
+    assert waits == pytest.approx([0.1, 0.2])
+    assert p.delay(0.0) is None  # would wait 0.3 s: refused, takes no place
+    assert p.delay(0.05) == pytest.approx(0.25)  # the refused one reserved nothing
+    assert p.delay(10.0) == 0.0  # quiet for a while: the burst is back
+    assert [p.delay(10.0) for _ in range(2)] == [0.0, 0.0]
+
+
 # ------------------------------------------------------------------ headless browser
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",

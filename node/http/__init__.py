@@ -44,15 +44,15 @@ from .api import (
     _Metrics,
     _resource_metrics,
 )
-from .conns import EVICT_AFTER_S, ConnSlot, ConnTable
+from .conns import EVICT_AFTER_S, AcceptPacer, ConnSlot, ConnTable
 from .server import serve
 
 if TYPE_CHECKING:
     from ..context import NodeContext
 
 __all__ = [
-    "EVICT_AFTER_S", "JSON_TYPE", "METRICS_TYPE", "SECURITY_HEADERS", "STATIC", "ConnSlot",
-    "ConnTable", "HttpApi", "HttpService", "HttpSettings", "Response", "_Metrics",
+    "EVICT_AFTER_S", "JSON_TYPE", "METRICS_TYPE", "SECURITY_HEADERS", "STATIC", "AcceptPacer",
+    "ConnSlot", "ConnTable", "HttpApi", "HttpService", "HttpSettings", "Response", "_Metrics",
     "_resource_metrics", "node_service", "serve",
 ]
 
@@ -85,6 +85,8 @@ class HttpService:
         return {"enabled": self.settings.enabled, "port": self.port,
                 "listen": self.settings.listen,
                 "requests": dict(api.requests) if api else {},
+                "accept_per_s": self.settings.accept_per_s,
+                "accept_burst": self.settings.accept_burst,
                 "connections": {"open": len(api.conns) if api and api.conns else 0,
                                 **(api.conn_stats if api else {})}}
 

@@ -55,6 +55,8 @@ class HttpSettings:
     keep_alive_s: float = 5.0  # an idle connection between requests
     max_request_bytes: int = 16 * 1024  # request line + headers (GET has no body)
     growth_interval_s: float = 5.0
+    accept_per_s: float = 50.0  # new connections served a second, after a burst of
+    accept_burst: int = 16  # ... this many (conns.AcceptPacer)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -65,6 +67,8 @@ class HttpSettings:
             raise UsageError("http.request_timeout_s and http.keep_alive_s must be > 0")
         if not 1024 <= self.max_request_bytes <= 1 << 20:
             raise UsageError("http.max_request_bytes must be 1024..1048576")
+        if self.accept_per_s <= 0 or self.accept_burst < 1:
+            raise UsageError("http.accept_per_s must be > 0 and http.accept_burst >= 1")
 
     @classmethod
     def from_config(cls, section: Any) -> HttpSettings:

@@ -91,3 +91,33 @@ class ConnTable:
     def busy(slot: ConnSlot) -> None:
         """A complete request head arrived: it is being answered, not evictable."""
         slot.waiting_since = None
+
+
+# A connection paced longer than this is answered 503 at once instead.
+ACCEPT_WAIT_MAX_S: Final = 5.0
+
+
+class AcceptPacer:
+    """New connections are served at most `rate` a second after a burst of `burst`
+    (GCRA, sans-I/O). Admitting and answering a connection costs ~1 ms of the event
+    loop; a hundred opened at once made an honest peer's request to the node wait
+    ~70 ms of CPU behind them (bench/hostile.py http_holders, `wait_cpu_ratio` 8.6):
+    spread over time, the same connections cost the same CPU, a little at a time.
+    Honest clients open a connection now and then and are not delayed."""
+
+    def __init__(self, rate: float, burst: int, wait_max_s: float = ACCEPT_WAIT_MAX_S
+                 ) -> None:
+        self.interval = 1.0 / rate
+        self.tolerance = (burst - 1) * self.interval
+        self.wait_max_s = wait_max_s
+        self._tat = float("-inf")  # theoretical arrival time of the next connection
+
+    def delay(self, now: float) -> float | None:
+        """How long a connection arriving `now` waits before it is served; None: it
+        would wait longer than `wait_max_s` (refuse it; it takes no place)."""
+        tat = max(self._tat, now)
+        wait = max(0.0, tat - self.tolerance - now)
+        if wait > self.wait_max_s:
+            return None
+        self._tat = tat + self.interval
+        return wait

@@ -13,7 +13,7 @@ import h11
 import trio
 
 from .api import SECURITY_HEADERS, HttpApi, HttpSettings, Response, _error
-from .conns import ConnSlot, ConnTable
+from .conns import AcceptPacer, ConnSlot, ConnTable
 
 log = logging.getLogger("bidmesh.http")
 
@@ -234,6 +234,7 @@ async def serve(api: HttpApi, settings: HttpSettings, *,
     listeners = await trio.open_tcp_listeners(settings.port, host=settings.listen)
     port = int(listeners[0].socket.getsockname()[1])
     table = api.conns = ConnTable(settings.max_connections, settings.max_connections_per_ip)
+    pacer = AcceptPacer(settings.accept_per_s, settings.accept_burst)
 
     async def handler(stream: trio.SocketStream) -> None:
         async with stream:
@@ -241,6 +242,17 @@ async def serve(api: HttpApi, settings: HttpSettings, *,
                 ip = str(stream.socket.getpeername()[0])
             except OSError:
                 return  # already gone
+            wait = pacer.delay(trio.current_time())
+            if wait is None:
+                api.conn_stats["refused_paced"] += 1
+                api.requests["503"] += 1
+                await _send_raw(stream, _raw_error(503, "too many new connections; retry "
+                                                   "shortly"))
+                await _linger(stream)
+                return
+            if wait > 0:
+                api.conn_stats["paced"] += 1
+                await trio.sleep(wait)
             slot, evicted = table.admit(ip, trio.current_time())
             for old in evicted:
                 api.conn_stats["evicted"] += 1

@@ -77,7 +77,7 @@ BATCH_MAX_BYTES = 1000 * 1024
 PUBLISH_WAIT_S = 1.0  # longest wait for a receiver's full gossip queue before publishing
 PEERS_RECHECK_S = 5.0  # connection table re-read without an event (was polled every 0.2 s)
 GAP_SUMMARY_SLICE = 512  # authors' gaps summarized per loop step (~1-3 ms)
-EXPIRE_SLICE = 1024  # pending entries expired per loop step (~3 ms)
+EXPIRE_SLICE = 256  # pending entries expired per loop step (~1-3 ms)
 DRAIN_SLICE = 64  # waiting events one store (and one drain step) takes from the pending buffer
 
 

@@ -54,6 +54,10 @@ class NodeContext(Protocol):
         """Store a client's record, gossip it and tell the listeners (as from the network)."""
         ...
 
+    def submit_many(self, wires: list[bytes], source: Hashable = None) -> list[AppendResult]:
+        """`submit` for several records at once (one transaction)."""
+        ...
+
     def publish(self, body: Body) -> Event:
         """Sign `body` with the node key, store it (committed) and gossip it."""
         ...

@@ -448,6 +448,8 @@ def heads_of(ledger: Ledger, authors: Iterable[bytes]) -> Heads:
 SubmitFn = Callable[[bytes], AppendResult]
 SubmitFromFn = Callable[[bytes, Hashable], AppendResult]
 """`submit_from(wire, source)`: like `submit`, charging pending events to `source`."""
+SubmitManyFn = Callable[[list[bytes], Hashable], list[AppendResult]]
+"""`submit_many(wires, source)`: `submit_from` for a whole SUBMIT (one transaction)."""
 
 
 @dataclass
@@ -478,13 +480,15 @@ class QueryService:
                  ip_rate: float | None = None, ip_burst: float | None = None,
                  node_rate: float | None = None, node_burst: float | None = None,
                  timeout: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 submit_from: SubmitFromFn | None = None) -> None:
+                 submit_from: SubmitFromFn | None = None,
+                 submit_many: SubmitManyFn | None = None) -> None:
         if network != ledger.network:
             raise ValueError(f"network {network!r} is not the ledger's {ledger.network!r}")
         self.ledger = ledger
         self.live = view if isinstance(view, LiveMarket) else LiveMarket(ledger, view)
         self.submit_fn = submit
         self.submit_from = submit_from
+        self.submit_many = submit_many
         self.network = network
         self.protocol = protocol_id(network)
         self.stats = QueryStats()
@@ -593,16 +597,25 @@ class QueryService:
         if req is not self._prepaid:
             self._take(peer, len(req.records))
         results = []
-        for wire in req.records:
+        # Charged to the submitter if it must wait for a predecessor, so one client's
+        # orphans cannot take the pending room of every other one.
+        source = ("submit", peer)
+        if self.submit_many is not None:
             try:
-                # Charged to the submitter if it must wait for a predecessor, so one
-                # client's orphans cannot take the pending room of every other one.
-                res = (self.submit_fn(wire) if self.submit_from is None
-                       else self.submit_from(wire, ("submit", peer)))
+                outcomes = self.submit_many(list(req.records), source)
             except sqlite3.Error as e:
-                log.error("storing a submitted event failed", extra={"error": str(e)})
-                res = AppendResult(Status.REJECTED, reason=Reason.STORE_ERROR,
-                                   detail="the node could not store it; try again")
+                log.error("storing submitted events failed", extra={"error": str(e)})
+                outcomes = [_store_error() for _ in req.records]
+        else:
+            outcomes = []
+            for wire in req.records:
+                try:
+                    outcomes.append(self.submit_fn(wire) if self.submit_from is None
+                                    else self.submit_from(wire, source))
+                except sqlite3.Error as e:
+                    log.error("storing a submitted event failed", extra={"error": str(e)})
+                    outcomes.append(_store_error())
+        for res in outcomes:
             self.stats.submitted[res.status.value] += 1
             if res.reason:
                 self.stats.submitted["rejected:" + res.reason] += 1
@@ -631,6 +644,11 @@ class QueryService:
 # ------------------------------------------------------------------ daemon integration
 
 
+def _store_error() -> AppendResult:
+    return AppendResult(Status.REJECTED, reason=Reason.STORE_ERROR,
+                        detail="the node could not store it; try again")
+
+
 def node_service(node: NodeContext) -> QueryService:
     """Factory for the daemon (`bidmesh.services` entry point or `node.add_service`)."""
     lim = node.config.limits
@@ -638,4 +656,4 @@ def node_service(node: NodeContext) -> QueryService:
                         submit_rate=lim.submit_peer_per_s, submit_burst=lim.submit_peer_burst,
                         ip_rate=lim.submit_ip_per_s, ip_burst=lim.submit_ip_burst,
                         node_rate=lim.submit_node_per_s, node_burst=lim.submit_node_burst,
-                        submit_from=node.submit)
+                        submit_from=node.submit, submit_many=node.submit_many)

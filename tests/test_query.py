@@ -353,3 +353,37 @@ async def test_submit_over_the_protocol_checks_off_the_loop_after_the_budget(
     with pytest.raises(RateLimited):
         await svc.handle(b"p" * 32, query.Submit((ch.next().wire,) * 14).encode())
     assert len(checked_on) == n and loop_checks == []
+
+
+def test_a_submit_is_stored_in_one_call_when_the_node_takes_batches(tmp_path: Path) -> None:
+    """With `submit_many` (the daemon's Node.submit_many: one transaction), a SUBMIT's
+    records go to the node in one call, charged to the submitter, with the same
+    outcomes record by record; a failing store rejects them all, retryable."""
+    import sqlite3
+
+    from node.ledger import Ledger
+
+    led = Ledger(tmp_path / "m.db", network=NET)
+    calls: list[tuple[int, object]] = []
+    broken = [False]
+
+    def many(wires: list[bytes], source: object) -> list[AppendResult]:
+        calls.append((len(wires), source))
+        if broken[0]:
+            raise sqlite3.OperationalError("disk I/O error")
+        return led.append_many(wires, source=source)
+
+    svc = query.QueryService(led, None, led.append, NET, submit_rate=1e9, submit_burst=1e9,
+                             submit_many=many)
+    ch = Chain(seed=b"\x31" * 32, network=NET)
+    e1, e2, e3 = ch.next(), ch.next(), ch.next()
+    resp = svc.answer(b"s" * 32, query.Submit((e3.wire, e1.wire, e1.wire, e2.wire)))
+    assert isinstance(resp, query.Submitted)
+    assert [r.status for r in resp.results] == ["pending", "accepted", "duplicate", "accepted"]
+    assert calls == [(4, ("submit", b"s" * 32))] and led.count() == 3
+    broken[0] = True
+    resp = svc.answer(b"s" * 32, query.Submit((ch.next().wire, ch.next().wire)))
+    assert isinstance(resp, query.Submitted)
+    assert [r.reason for r in resp.results] == ["store_error", "store_error"]
+    assert svc.stats.submitted["rejected:store_error"] == 2
+    led.close()

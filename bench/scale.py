@@ -14,7 +14,8 @@
 2. **Serving.** A fresh process opens the ledger and builds the derived market as the
    daemon does on a first start (`LiveMarket`, then `market()`): `build_s` is the time
    to that point (`build_cpu_s` its CPU time, steadier on a shared machine), `rss_mb`
-   the process RSS once serving (after a GC), `peak_rss_mb` its high water mark; it
+   the process RSS once serving (after a GC), `peak_rss_mb` its high water mark
+   (`cold_partitions` of `partitions`: auctions in the market's cold store); it
    then writes the market snapshot (`snapshot_save_s`, `snapshot_mb`; the daemon does
    that in a forked child). A second process restarts as the daemon does, from the
    snapshot: `restart_s` / `restart_cpu_s`, `restored_rss_mb`;
@@ -246,7 +247,9 @@ def serve(path: str, snapshot: str | None) -> None:
     out: dict[str, Any] = {"restart_s": restart_s, "restart_cpu_s": restart_cpu_s,
                            "rss_mb": rss, "peak_rss_mb": hwm,
                            "auctions": len(m.auctions), "leases": len(m.leases),
-                           "ignored": len(m.ignored), "restored": live.restored}
+                           "ignored": len(m.ignored), "restored": live.restored,
+                           "cold_partitions": live.view.engine.cold(),
+                           "partitions": live.view.engine.partitions()}
     if snap is not None and not restoring:
         t1, c1 = time.perf_counter(), time.process_time()
         save_snapshot(live, snap)
@@ -431,6 +434,7 @@ def main() -> None:
         "leases_of_us": round(got["leases_of_us"], 1),
         "leases_of_vs_scan_ratio": round(got["leases_of_us"] / got["leases_of_scan_us"], 6),
         "auctions": got["auctions"], "leases": got["leases"],
+        "partitions": got["partitions"], "cold_partitions": got["cold_partitions"],
     })
     if not args.no_sync:
         work = cache / "sync"

@@ -498,3 +498,18 @@ async def test_timed_requests_record_what_they_waited_for() -> None:
             assert sum(n for _, _, n in steps.waits()) == 2
     finally:
         trio.lowlevel.remove_instrument(steps)
+
+
+async def test_a_full_address_is_refused_before_the_handshake() -> None:
+    """Real hosts, loopback not exempt: once 127.0.0.1 holds `conns_per_ip`, a third
+    stranger from it is refused before any noise handshake work."""
+    limits = Limits(max_connections=16, outbound_reserved=2, trusted_reserved=2,
+                    conns_per_ip=2, ip_exempt=())
+    async with open_host(os.urandom(32), limits=limits) as victim, many(3) as strangers:
+        for s in strangers[:2]:
+            await s.connect(victim.addrs[0])
+        await wait_until(lambda: len(victim.connected_peers()) == 2)
+        await connect_maybe(strangers[2], victim)
+        await wait_until(lambda: victim.guard.status()["handshakes_refused"] >= 1)
+        assert strangers[2].peer_id not in victim.connected_peers()
+        assert victim.resources.refused["conns_per_ip"] >= 1

@@ -279,3 +279,38 @@ def test_cold_store_file_is_private_and_swept_when_its_process_is_gone(tmp_path:
     assert store.take(b"k" * 32) == b"state" and store.take(b"k" * 32) is None
     store.close()
     assert not Path(store.path).exists()
+
+
+def test_cold_store_held_for_a_snapshot_keeps_its_file_and_catches_up_on_release(
+        tmp_path: Path) -> None:
+    """While held (a forked child reads the file), takes and puts stay in memory and
+    every answer is as if they had been written; release writes them."""
+    import sqlite3
+
+    from node.marketcold import SqliteCold
+
+    store = SqliteCold(tmp_path)
+    at = (5, b"a" * 32, 1)
+    store.put(b"A" * 32, 5, b"sA", b"vA", ((b"k", "provider", 3, at),), ((b"k", at, 4),))
+    store.hold()
+    outside = sqlite3.connect(store.path)  # what a child's own connection sees
+
+    def file_pks() -> set[bytes]:
+        return {r[0] for r in outside.execute("SELECT pk FROM parts")}
+
+    assert file_pks() == {b"A" * 32}  # committed before the hold
+    assert store.rep_readers(b"k", "provider", 3) == [(at, b"A" * 32)]
+    assert store.take(b"A" * 32) == b"sA"
+    assert store.take(b"A" * 32) is None and store.values(b"A" * 32) is None
+    assert store.rep_readers(b"k", "provider", 0) == []
+    assert store.set_readers(b"k", (0, b"", 0), 4) == []
+    store.put(b"B" * 32, 9, b"sB", b"vB", (), ((b"k", (9, b"b" * 32, 1), 8),))
+    assert store.values(b"B" * 32) == b"vB" and store.max_top() == 9
+    assert store.set_readers(b"k", (0, b"", 0), 8) == [((9, b"b" * 32, 1), b"B" * 32)]
+    assert file_pks() == {b"A" * 32}  # the file did not change
+    assert [r[0] for r in store.rows()] == [b"B" * 32]
+    store.release()
+    assert file_pks() == {b"B" * 32}
+    assert store.take(b"B" * 32) == b"sB"
+    outside.close()
+    store.close()

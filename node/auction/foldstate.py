@@ -176,9 +176,10 @@ class LazyDict(dict[K, V]):
 
 
 _MISSING = object()
-# The merged dicts whose cold entries are placeholders (`paid` holds ints, `offers` no
-# partition's entries).
-LAZY_DICTS = ("auctions", "awards", "leases", "payments", "ratings", "subcontracts", "usage")
+# The merged dicts whose cold entries are placeholders (`offers` holds no partition's
+# entries).
+LAZY_DICTS = ("auctions", "awards", "leases", "paid", "payments", "ratings", "subcontracts",
+              "usage")
 SK = "_sk"  # in a cold partition's values: {dict name: {key: its canonical key}}
 VALUES_CACHE = 64  # cold partitions' values kept after a read (readers ask in runs)
 

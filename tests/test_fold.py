@@ -190,3 +190,21 @@ def test_cold_partitions_leave_memory_and_late_events_and_forks_bring_them_back(
     assert len(eng) == len([e for e in present.values() if e.kind != "offer"]) + \
         len(eng._offer_of)
     assert evs[0].id in eng or evs[0].id not in present
+
+
+def test_a_lazy_dict_shows_real_values_through_every_read() -> None:
+    from node.auction.foldstate import ColdRef, ColdValues, LazyDict
+
+    class Store:  # what ColdValues asks of a store: the pickled values of a partition
+        def values(self, pk: bytes) -> bytes | None:
+            import pickle
+            return pickle.dumps({"x": {b"k": 5}}) if pk == b"p" else None
+
+    d: LazyDict[bytes, int] = LazyDict("x")
+    dict.__setitem__(d, b"a", 1)
+    dict.__setitem__(d, b"k", ColdRef(b"p"))  # type: ignore[arg-type]
+    d.load = ColdValues(Store())  # type: ignore[arg-type]
+    real = {b"a": 1, b"k": 5}
+    assert d[b"k"] == 5 and d.get(b"k") == 5 and d.get(b"z", 7) == 7
+    assert list(d.items()) == list(real.items()) and list(d.values()) == [1, 5]
+    assert d == real and (d != real) is False and d.copy() == real and list(d) == [b"a", b"k"]

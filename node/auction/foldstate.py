@@ -168,6 +168,9 @@ class LazyDict(dict[K, V]):
     def __eq__(self, other: object) -> bool:
         return dict(self.items()) == other
 
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
     __hash__ = None
 
     def __reduce__(self) -> tuple[Any, ...]:

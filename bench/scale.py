@@ -288,11 +288,12 @@ def serve(path: str, snapshot: str | None) -> None:
         t1 = time.perf_counter()
         got = [len(m.leases_of(k)) for k in keys]
         out["leases_of_us"] = (time.perf_counter() - t1) * 1e6 / len(keys)
+        # One key: with a cold store a scan reads every cold lease from it.
         t1 = time.perf_counter()
         want = [sum(1 for x in m.leases.values() if k == x.provider or k in x.keys)
-                for k in keys[:10]]
-        out["leases_of_scan_us"] = (time.perf_counter() - t1) * 1e6 / 10
-        assert got[:10] == want
+                for k in keys[:1]]
+        out["leases_of_scan_us"] = (time.perf_counter() - t1) * 1e6
+        assert got[:1] == want
     print(json.dumps(out))
 
 

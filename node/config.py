@@ -207,6 +207,9 @@ class SyncConfig:
 def _cidrs(v: Any) -> str | None:
     for c in v:
         try:
+            # A bool or int is an address to ipaddress (false is 0.0.0.0): strings only.
+            if not isinstance(c, str):
+                raise TypeError(c)
             ipaddress.ip_network(c, strict=False)
         except (TypeError, ValueError):
             return f"must be a list of CIDR strings like 127.0.0.0/8, got {c!r}"

@@ -62,6 +62,7 @@ def test_roundtrip_and_relative_paths(tmp_path: Path) -> None:
         ("[bandwidth]\ndeny = ['example.org']\n", "bandwidth.deny: 'example.org' is not a CIDR"),
         ("[bandwidth]\nmax_tunnels = 0\n", "bandwidth.max_tunnels: must be between"),
         ("[limits]\nip_exempt = ['10.0.0.0/33']\n", "limits.ip_exempt"),
+        ("[limits]\nip_exempt = [false]\n", "limits.ip_exempt"),
         ("[limits]\nconns_per_ip = 0\n", "limits.conns_per_ip: must be between"),
         ("[p2p]\nmax_connections = 20\n", "limits.outbound_reserved + limits.trusted_reserved"),
         ("[limits]\ntrusted_reserved_streams = 64\n", "limits.trusted_reserved_streams"),

@@ -137,7 +137,8 @@ def test_daemon_serves_tunnels_only_when_it_offers_bandwidth(tmp_path: Path) -> 
         assert tun["max_tunnels_per_member"] == 4 and tun["open_tunnels"] == 0
         proto = f"/bidmesh/{NETWORK}/tunnel/1"
         assert st["resources"]["protocol_limits"][proto] == {"per_peer": 64, "total": 512}
-    with cluster(tmp_path / "plain", 1) as c:
+    # Short: the control socket path must stay under ~100 bytes.
+    with cluster(tmp_path / "p", 1) as c:
         c.start_all()
         # Services start together: once the query service shows, a tunnel one would too.
         wait_for(lambda: "query" in c.status(c.procs[0])["services"], 20, "the services")

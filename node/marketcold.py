@@ -71,6 +71,19 @@ def _sweep(directory: Path) -> None:
             continue  # not ours, or another user's process
 
 
+def open_beside(ledger_path: Path) -> SqliteCold:
+    """A store in the ledger's directory (the node's data dir, on disk), else in the
+    temp dir. Not the temp dir first: it is often a tmpfs, where a large node's cold
+    partitions would sit in RAM again, only no longer counted in its RSS."""
+    d = ledger_path.parent
+    if str(ledger_path) != ":memory:" and d.is_dir():
+        try:
+            return SqliteCold(d)
+        except (OSError, sqlite3.Error):
+            pass  # a read-only directory (another user's data dir read by the CLI)
+    return SqliteCold()
+
+
 class SqliteCold:
     """A `ColdStore` in a temporary SQLite file, deleted with the object."""
 

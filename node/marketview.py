@@ -16,8 +16,9 @@ Two rules make a lookup cost what changed, never the whole history:
   memory; the others load their events back from the ledger (by id) when one of
   their events arrives. The first build streams the due events in canonical order,
   a chunk at a time, so it never holds the whole history either. Closed auctions go
-  further, to a cold store (`marketcold.SqliteCold`, a private SQLite file): their
-  bookkeeping and merged values leave memory and are read back when needed.
+  further, to a cold store (`marketcold.SqliteCold`, a private SQLite file beside the
+  ledger's): their bookkeeping and merged values leave memory and are read back when
+  needed.
 
 Work happens lazily, when someone asks for the market. The clock is a parameter.
 
@@ -50,7 +51,7 @@ from .auction import Market
 from .auction.fold import IncrementalMarket
 from .events import Event, decode_stored
 from .ledger import Ledger, idk
-from .marketcold import Row, SqliteCold
+from .marketcold import Row, open_beside
 from .reputation import Policy
 
 DEFAULT_SKEW_MS = 300_000  # node.max_clock_skew_s default: 5 minutes
@@ -85,7 +86,7 @@ class MarketView:
         old = getattr(self, "cold", None)
         if old is not None:
             old.close()
-        self.cold = SqliteCold()
+        self.cold = open_beside(self.ledger.path)
         eng = self.engine = IncrementalMarket(self.policy, source=self._load,
                                               offers=self._offer, max_loaded=self.max_loaded,
                                               cold=self.cold)
@@ -384,7 +385,7 @@ def load_snapshot(ledger: Ledger, path: Path, *, skew_ms: int = DEFAULT_SKEW_MS,
             return None
         gc_was = gc.isenabled()
         gc.disable()  # millions of long-lived objects, no cycles to find (as in the build)
-        cold = SqliteCold()
+        cold = open_beside(ledger.path)
         try:
             # From the file, not from one bytes object: no second copy in memory.
             eng, forks, horizon, authors, refolds = pickle.load(f)

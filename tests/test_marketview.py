@@ -281,6 +281,34 @@ def test_cold_store_file_is_private_and_swept_when_its_process_is_gone(tmp_path:
     assert not Path(store.path).exists()
 
 
+def test_a_views_cold_store_lives_beside_its_ledger(tmp_path: Path) -> None:
+    """In the node's data dir, not the temp dir (often a tmpfs: RAM again); an
+    in-memory ledger or a directory it may not write falls back to the temp dir."""
+    import os
+    import tempfile
+
+    from node.marketcold import open_beside
+
+    with Ledger(tmp_path / "ledger.db", network=NETWORK) as led:
+        view = MarketView(led)
+        assert Path(view.cold.path).parent == tmp_path
+        view.cold.close()
+        assert not list(tmp_path.glob("bidmesh-cold-*"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # as root every directory is writable
+            store = open_beside(ro / "ledger.db")
+            assert Path(store.path).parent == Path(tempfile.gettempdir())
+            store.close()
+    finally:
+        ro.chmod(0o700)
+    store = open_beside(Path(":memory:"))
+    assert Path(store.path).parent == Path(tempfile.gettempdir())
+    store.close()
+
+
 def test_cold_store_held_for_a_snapshot_keeps_its_file_and_catches_up_on_release(
         tmp_path: Path) -> None:
     """While held (a forked child reads the file), takes and puts stay in memory and

@@ -158,11 +158,16 @@ class Placement:
     harness: set[int] | None
     nodes: set[int] | None
     note: str
+    # --victim-with-attackers: V runs on the harness CPUs, so H, the control node and
+    # the prober have CPUs of their own, as an honest peer on another machine would:
+    # H's DIGEST then pays for what the attack makes H do, not for V's CPU.
+    victim_apart: bool = False
 
     def json(self) -> dict[str, Any]:
         return {"pinned": self.nodes is not None,
                 "harness_cpus": sorted(self.harness) if self.harness else None,
-                "node_cpus": sorted(self.nodes) if self.nodes else None, "note": self.note}
+                "node_cpus": sorted(self.nodes) if self.nodes else None,
+                "victim_with_attackers": self.victim_apart, "note": self.note}
 
 
 def place_cpus() -> Placement:
@@ -466,6 +471,8 @@ class Bench:
                                                      "trusted_reserved") if k in scale}
         self.c = Cluster(base, 5, bootstrap=boot, overrides=overrides)
         self.c.cpus = placement.nodes
+        if placement.victim_apart and placement.harness is not None:
+            self.c.cpus_of[0] = placement.harness  # procs[0] is V
         self.v, self.h, self.f_idle, self.f_tarpit, self.control = self.c.procs
         self.acked: list[bytes] = []
         self.sampler = Sampler(self.c.procs)
@@ -1388,6 +1395,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller volumes (< 60 s of attacks)")
     ap.add_argument("--only", nargs="*", help="run only these attacks")
     ap.add_argument("--list", action="store_true", help="list the attacks and exit")
+    ap.add_argument("--victim-with-attackers", action="store_true",
+                    help="pin the victim with the attackers, so the honest peer, the "
+                    "control node and the prober have a CPU of their own")
     a = ap.parse_args()
     todo = attacks(a.quick)
     if a.list:
@@ -1409,6 +1419,9 @@ def main() -> int:
     print(f"load average before the run: {load_before:.2f} on {os.cpu_count()} CPUs "
           "(--quick takes 2-3 min on an otherwise idle machine)", flush=True)
     placement = place_cpus()
+    if a.victim_with_attackers and placement.harness is not None:
+        placement.victim_apart = True
+        placement.note += "; the victim with the attackers"
     print(f"CPU placement: {placement.note}", flush=True)
     b = Bench(base, scale, placement)
     results = []

@@ -140,6 +140,7 @@ class Cluster:
         # CPUs the node processes run on (None: wherever the scheduler puts them);
         # bench/hostile.py keeps its attackers off the nodes' CPU with it.
         self.cpus: set[int] | None = None
+        self.cpus_of: dict[int, set[int]] = {}  # per node index, before `cpus`
         for i in range(n):
             d = base / f"n{i}"
             d.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ class Cluster:
     def start(self, p: Proc, wait: bool = True) -> None:
         log = open(p.dir / "stderr.log", "ab")  # noqa: SIM115 - lives as long as the process
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        cpus = self.cpus
+        cpus = self.cpus_of.get(p.index, self.cpus)
         # Set in the child before exec, so every thread the node starts inherits it.
         pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
         p.popen = subprocess.Popen(run_command(p.cfg_path), stdout=subprocess.DEVNULL,

@@ -130,6 +130,14 @@ def _body_length(req: h11.Request) -> int | None:
     return 0
 
 
+
+async def _refuse(api: HttpApi, stream: trio.abc.Stream, stat: str, why: str) -> None:
+    """503 before reading the request, counted under `stat`, then a lingering close."""
+    api.conn_stats[stat] += 1
+    api.requests["503"] += 1
+    await _send_raw(stream, _raw_error(503, f"{why}; retry shortly"))
+    await _linger(stream)
+
 async def _serve_conn(api: HttpApi, stream: trio.abc.Stream, settings: HttpSettings,
                       slot: ConnSlot) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_request_bytes)
@@ -244,11 +252,7 @@ async def serve(api: HttpApi, settings: HttpSettings, *,
                 return  # already gone
             wait = pacer.delay(trio.current_time())
             if wait is None:
-                api.conn_stats["refused_paced"] += 1
-                api.requests["503"] += 1
-                await _send_raw(stream, _raw_error(503, "too many new connections; retry "
-                                                   "shortly"))
-                await _linger(stream)
+                await _refuse(api, stream, "refused_paced", "too many new connections")
                 return
             if wait > 0:
                 api.conn_stats["paced"] += 1
@@ -260,11 +264,7 @@ async def serve(api: HttpApi, settings: HttpSettings, *,
                     old.scope.cancel()
             if slot is None:
                 # Answer at once without reading the request; the client sees 503.
-                api.conn_stats["refused_full"] += 1
-                api.requests["503"] += 1
-                await _send_raw(stream, _raw_error(503, "too many connections; retry "
-                                                   "shortly"))
-                await _linger(stream)
+                await _refuse(api, stream, "refused_full", "too many connections")
                 return
             try:
                 with trio.CancelScope() as slot.scope:

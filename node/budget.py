@@ -111,14 +111,21 @@ class GossipVerdict:
 
     ok: bool
     scope: str | None = None  # the budget that was exceeded ("events" or "bytes")
+    fault: bool = False  # the peer's own publishes exceeded it: the peer is at fault
 
 
 @dataclass
 class GossipBudget:
     """Gossip input per forwarding peer: events/s and bytes/s token buckets (bursts of
     `burst_s` seconds of each rate). A batch that does not fit either is dropped
-    whole and counted against the peer; what that costs the peer beyond the drop
-    (a fault, eventually a cut-off) is the caller's decision.
+    whole and counted against the peer.
+
+    A peer's own publishes (`own=True`: it signed the pubsub message) are also
+    charged to buckets of their own, at the same rates: beyond those the verdict
+    says `fault` (the caller faults the peer, eventually cuts it off). An honest
+    node relays the whole network's events and publishes its own within its pace
+    (`gossip.publish_*`), so its own share never trips them even when its relays
+    fill the forwarding budget, which only drops.
 
     Bytes are charged for the whole batch as received (before any decoding),
     events only for records we do not already hold (duplicates cost a hash and an
@@ -131,6 +138,8 @@ class GossipBudget:
     max_peers: int = 4096
     _events: KeyedBuckets = field(init=False)
     _bytes: KeyedBuckets = field(init=False)
+    _own_events: KeyedBuckets = field(init=False)
+    _own_bytes: KeyedBuckets = field(init=False)
     _use: OrderedDict[Hashable, _PeerUse] = field(init=False, default_factory=OrderedDict)
     dropped: Counter[str] = field(init=False, default_factory=Counter)
     """Batches dropped per exceeded budget ("events", "bytes")."""
@@ -144,6 +153,10 @@ class GossipBudget:
                                     self.max_peers)
         self._bytes = KeyedBuckets(self.bytes_per_s, self.bytes_per_s * self.burst_s,
                                    self.max_peers)
+        self._own_events = KeyedBuckets(self.events_per_s, self.events_per_s * self.burst_s,
+                                        self.max_peers)
+        self._own_bytes = KeyedBuckets(self.bytes_per_s, self.bytes_per_s * self.burst_s,
+                                       self.max_peers)
 
     def _peer(self, peer: Hashable) -> _PeerUse:
         u = self._use.get(peer)
@@ -155,34 +168,45 @@ class GossipBudget:
             self._use.move_to_end(peer)
         return u
 
-    def charge_bytes(self, peer: Hashable, n: int) -> GossipVerdict:
+    def charge_bytes(self, peer: Hashable, n: int, own: bool = False) -> GossipVerdict:
         """Charge a received batch's size, before decoding it."""
-        b = self._bytes.bucket(peer, self.clock())
-        u = self._peer(peer)
-        if b.tokens < n:
-            u.dropped_batches += 1
-            u.dropped_bytes += n
-            self.dropped["bytes"] += 1
-            self.dropped_bytes += n
-            return GossipVerdict(False, "bytes")
-        b.tokens -= n
-        u.bytes += n
-        return GossipVerdict(True)
+        return self._charge("bytes", self._bytes, self._own_bytes if own else None, peer, n)
 
-    def charge_events(self, peer: Hashable, n: int) -> GossipVerdict:
+    def charge_events(self, peer: Hashable, n: int, own: bool = False) -> GossipVerdict:
         """Charge the records of a batch we would verify and store."""
         if n <= 0:
             return GossipVerdict(True)
-        b = self._events.bucket(peer, self.clock())
+        return self._charge("events", self._events, self._own_events if own else None,
+                            peer, n)
+
+    def _charge(self, scope: str, kb: KeyedBuckets, own: KeyedBuckets | None,
+                peer: Hashable, n: int) -> GossipVerdict:
+        now = self.clock()
+        fault = False
+        if own is not None:
+            # What the peer tried to publish, dropped or not: its own pace.
+            ob = own.bucket(peer, now)
+            if ob.tokens < n:
+                fault = True
+            else:
+                ob.tokens -= n
+        b = kb.bucket(peer, now)
         u = self._peer(peer)
-        if b.tokens < n:
+        if fault or b.tokens < n:
             u.dropped_batches += 1
-            u.dropped_events += n
-            self.dropped["events"] += 1
-            self.dropped_events += n
-            return GossipVerdict(False, "events")
+            self.dropped[scope] += 1
+            if scope == "bytes":
+                u.dropped_bytes += n
+                self.dropped_bytes += n
+            else:
+                u.dropped_events += n
+                self.dropped_events += n
+            return GossipVerdict(False, scope, fault)
         b.tokens -= n
-        u.events += n
+        if scope == "bytes":
+            u.bytes += n
+        else:
+            u.events += n
         return GossipVerdict(True)
 
     def status(self, top: int = 8) -> dict[str, Any]:

@@ -177,6 +177,12 @@ class GossipConfig:
     fault_window_s: float = _opt(60.0, (int, float), _range(1, 86_400))
     block_s: float = _opt(600.0, (int, float), _range(1, 30 * 86_400))
     regossip_window_s: float = _opt(30.0, (int, float), _range(0, 86_400))
+    # What we publish ourselves, paced below peers' default receive budgets
+    # ([limits] gossip_peer_*: 1,000 events/s, 1 MiB/s, 4 s bursts), which fault a
+    # peer whose own publishes exceed them (docs/decisions.md, replication budgets).
+    publish_events_per_s: int = _opt(800, int, _range(1, 1_000_000))
+    publish_bytes_per_s: int = _opt(800 * 1024, int, _range(64 * 1024, 1 << 30))
+    publish_burst_s: float = _opt(2.0, (int, float), _range(0.1, 600))
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,9 @@ class Replicator(PullSync):
             self.policy.start_round()
             while batch := self.policy.next_batch():
                 await self._publish(batch)
-            if not self.policy.outbox_len:
+            if self.policy.outbox_len:
+                self._outbox_event.set()  # paced (or queued meanwhile): the next round
+            else:
                 self._idle.set()
 
     async def _publish(self, batch: list[bytes]) -> None:
@@ -294,9 +296,10 @@ class Replicator(PullSync):
         """The records of a batch worth checking and storing, or the verdict."""
         self.stats.batches_received += 1
         self.stats.bytes_received += len(data)
-        verdict = self.budget.charge_bytes(forwarder, len(data))
+        own = origin == forwarder
+        verdict = self.budget.charge_bytes(forwarder, len(data), own)
         if not verdict.ok:
-            return self._over_budget(forwarder, origin, verdict)
+            return self._over_budget(forwarder, verdict)
         try:
             wires = decode_batch(data)
         except InvalidMessage as e:
@@ -312,9 +315,9 @@ class Replicator(PullSync):
             # dropped (not forwarded; pull sync fetches what is worth having), no fault.
             self.stats.events["ingest_full"] += len(fresh)
             return False
-        verdict = self.budget.charge_events(forwarder, len(fresh))
+        verdict = self.budget.charge_events(forwarder, len(fresh), own)
         if not verdict.ok:
-            return self._over_budget(forwarder, origin, verdict)
+            return self._over_budget(forwarder, verdict)
         return fresh
 
     def _store_slice(self, forwarder: p2p.PeerId, wires: list[bytes],
@@ -358,15 +361,16 @@ class Replicator(PullSync):
             self._gap_event.set()
         return bad == 0
 
-    def _over_budget(self, forwarder: p2p.PeerId, origin: p2p.PeerId,
-                     verdict: GossipVerdict) -> bool:
+    def _over_budget(self, forwarder: p2p.PeerId, verdict: GossipVerdict) -> bool:
         """Drop a batch beyond the forwarder's budget (the validator rejects it: we do
         not forward what we did not store; upstream then refuses that message id from
         anyone for its validation-cache lifetime, and pull sync fetches the events
-        if they are worth having). The forwarder is faulted only for batches it
-        published itself: an honest relay may be carrying someone else's flood, and
-        cutting relays off would let a flooder partition honest nodes."""
-        if origin == forwarder:
+        if they are worth having). The forwarder is faulted only when its own
+        publishes exceed the budget (`verdict.fault`, node/budget.py): an honest relay
+        may be carrying someone else's flood, and cutting relays off would let a
+        flooder partition honest nodes; nor is an honest node whose relays filled
+        its forwarding budget at fault for the own batches then dropped."""
+        if verdict.fault:
             self._fault(forwarder, f"gossip_over_budget_{verdict.scope}")
         return False
 

@@ -13,7 +13,11 @@ Decisions and why (measured on real nodes; see node/gossip.py for the wire side)
 
 * Pacing: at most one round of gossip messages per `gossip.batch_ms`; py-libp2p's
   cost is per message at every hop, not per byte, so under load events wait to
-  share a message, while an event after a quiet spell goes out at once.
+  share a message, while an event after a quiet spell goes out at once. And what we
+  publish stays within `gossip.publish_*` (events and bytes per second, token
+  buckets): peers fault a node whose own publishes exceed their receive budget, so
+  a burst (a client's many SUBMITs, a control-socket publish) waits in the outbox
+  rather than getting us cut off.
 * Live window: periodic sync leaves to gossip an author we hold an event younger
   than `live_window_s()` from; the window widens with how late gossip currently
   reaches us (a node that is behind would otherwise pull what is still on its way,
@@ -43,6 +47,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, TypeVar
 
+from .budget import Bucket
 from .config import Config
 from .events import Event
 
@@ -102,6 +107,7 @@ class Stats:
     regossiped: int = 0
     gossip_errors: int = 0
     outbox_max: int = 0  # most events ever waiting to be gossiped
+    publish_paced: int = 0  # rounds that left events for later: gossip.publish_* pace
     publish_wait_s: float = 0.0  # total time spent in backpressured publishes
     publish_missed: int = 0  # (batch, peer) pairs skipped because the peer's queue was full
     validate_s: float = 0.0  # total time spent storing received batches
@@ -178,6 +184,11 @@ class ReplicationPolicy(Generic[P]):
         self._outbox: collections.deque[bytes] = collections.deque()
         self._last_round = -math.inf
         self._round_left = 0  # events of the current round not yet batched
+        g, now = config.gossip, clock.now()
+        self._pace_events = Bucket.full(g.publish_events_per_s,
+                                        g.publish_events_per_s * g.publish_burst_s, now)
+        self._pace_bytes = Bucket.full(g.publish_bytes_per_s,
+                                       g.publish_bytes_per_s * g.publish_burst_s, now)
         self._faults: dict[P, _PeerFaults] = {}
         self._known: set[P] = set()
         self._interval = config.sync.interval_s
@@ -198,8 +209,32 @@ class ReplicationPolicy(Generic[P]):
         return len(self._outbox)
 
     def round_at(self) -> float:
-        """When the next round of batches may start (pacing: one per batch_ms)."""
-        return self._last_round + self.cfg.gossip.batch_ms / 1000
+        """When the next round of batches may start: one round per batch_ms, and not
+        before the publish pace has room for the round's first batch."""
+        at = self._last_round + self.cfg.gossip.batch_ms / 1000
+        if not self._outbox:
+            return at
+        n, size = self._first_batch()
+        now = self.clock.now()
+        ev, by = self._pace_events, self._pace_bytes
+        wait = max((min(n, ev.burst) - ev.refill(now)) / ev.rate,
+                   (min(size, by.burst) - by.refill(now)) / by.rate)
+        return max(at, now + wait) if wait > 0 else at
+
+    def _first_batch(self) -> tuple[int, int]:
+        """Events and bytes of the batch `next_batch` would take now, unpaced."""
+        g = self.cfg.gossip
+        n, size = 0, BATCH_OVERHEAD
+        for w in self._outbox:
+            if n == g.batch_events or (n and size + len(w) + RECORD_OVERHEAD > g.max_batch_bytes):
+                break
+            n, size = n + 1, size + len(w) + RECORD_OVERHEAD
+        return n, size
+
+    def _pace_full(self, ev_left: float, by_left: float) -> bool:
+        # A full pace sends one record whatever its size (a burst configured below one
+        # record must not stop gossip); the debt delays the next round.
+        return ev_left >= self._pace_events.burst and by_left >= self._pace_bytes.burst
 
     def start_round(self) -> None:
         """A round sends what is queued now; what comes meanwhile waits for the next."""
@@ -210,17 +245,28 @@ class ReplicationPolicy(Generic[P]):
         """The next batch of this round (up to batch_events and max_batch_bytes),
         taken off the outbox; empty when the round is done. Events queued while
         the round's batches were being published (a publish can wait up to 1 s for
-        a peer's queue) wait for the next round: one round per batch_ms."""
+        a peer's queue) wait for the next round: one round per batch_ms. So do those
+        beyond the publish pace (`round_at` says when it has room again)."""
         g = self.cfg.gossip
+        now = self.clock.now()
+        ev_left, by_left = self._pace_events.refill(now), self._pace_bytes.refill(now)
         batch: list[bytes] = []
         size = BATCH_OVERHEAD
         while self._round_left and self._outbox and len(batch) < g.batch_events:
             w = self._outbox[0]
             if batch and size + len(w) + RECORD_OVERHEAD > g.max_batch_bytes:
                 break
+            if ((len(batch) + 1 > ev_left or size + len(w) + RECORD_OVERHEAD > by_left)
+                    and not (not batch and self._pace_full(ev_left, by_left))):
+                self._round_left = 0  # paced: the rest goes in a later round
+                self.stats.publish_paced += 1
+                break
             batch.append(self._outbox.popleft())
             self._round_left -= 1
             size += len(w) + RECORD_OVERHEAD
+        if batch:
+            self._pace_events.tokens -= len(batch)
+            self._pace_bytes.tokens -= size
         return batch
 
     def regossip(self, events: Sequence[Event]) -> list[bytes]:

@@ -78,3 +78,21 @@ def test_gossip_budget_sustained_flood_gets_its_rate_only() -> None:
             stored += 256
     assert stored <= 1000 * 15 + 4000
     assert stored >= 1000 * 15 - 256  # and it does get its budget
+
+
+def test_gossip_budget_faults_only_own_publishes_beyond_their_rate() -> None:
+    """Relayed batches fill the forwarding budget and are dropped without fault; a
+    peer is at fault only when what it publishes itself exceeds the rate."""
+    clock = Clock()
+    gb = GossipBudget(events_per_s=100, bytes_per_s=10_000, burst_s=2, clock=clock)
+    assert gb.charge_events("relay", 180).ok  # relayed: not its own
+    v = gb.charge_events("relay", 50, own=True)  # its own share, within its own rate
+    assert not v.ok and not v.fault  # dropped (the forwarding budget is full), no fault
+    clock.t = 1.0
+    assert gb.charge_events("relay", 100, own=True).ok
+    clock.t = 1.5
+    v = gb.charge_events("relay", 160, own=True)  # own bucket: 150 left < 160
+    assert not v.ok and v.fault and v.scope == "events"
+    assert gb.charge_bytes("flooder", 20_000, own=True).ok
+    v = gb.charge_bytes("flooder", 1, own=True)
+    assert not v.ok and v.fault and v.scope == "bytes"

@@ -80,6 +80,55 @@ def test_pacing_one_round_per_batch_ms_and_batch_bounds() -> None:
     assert [len(p.next_batch()) for _ in range(4)] == [1, 1, 1, 0]
 
 
+def test_publish_pace_holds_a_burst_below_peers_receive_budget() -> None:
+    """A burst of our own events (a client's SUBMITs, a control-socket publish) goes
+    out at `gossip.publish_*`, not at once: peers fault a node whose own publishes
+    exceed their receive budget (node/budget.py)."""
+    m = Manual()
+    p = policy(m.clock, gossip={"batch_ms": 10.0, "batch_events": 64,
+                                "publish_events_per_s": 100, "publish_burst_s": 1.0,
+                                "publish_bytes_per_s": 64 * 1024})
+    p.queue([b"e" * 100] * 250)
+    p.start_round()
+    assert [len(p.next_batch()) for _ in range(3)] == [64, 36, 0]  # the burst: 100
+    assert p.stats.publish_paced == 1 and p.outbox_len == 150
+    assert p.round_at() == pytest.approx(m.t + 0.64)  # room for a whole batch again
+    sent, t0 = 100, m.t
+    while p.outbox_len:
+        m.t = max(m.t, p.round_at())
+        p.start_round()
+        while batch := p.next_batch():
+            sent += len(batch)
+        assert sent <= 100 + 100 * (m.t - t0) + 1e-9  # never beyond burst + rate
+    assert sent == 250 and m.t - t0 == pytest.approx(1.5, abs=0.2)
+    # Bytes too: 40 records of 10 KB against 64 KiB/s with 64 KiB of burst.
+    p.queue([b"b" * 10_000] * 40)
+    m.t += 10  # both paces full again
+    p.start_round()
+    first = sum(len(b) for b in iter(p.next_batch, []))
+    assert first == 6  # 6 x ~10 KB fit the 64 KiB burst
+    t0, sent = m.t, 0
+    while p.outbox_len:
+        m.t = max(m.t, p.round_at())
+        p.start_round()
+        sent += sum(len(b) for b in iter(p.next_batch, []))
+    assert sent == 34 and m.t - t0 == pytest.approx(34 * 10_008 / 65536, rel=0.1)
+
+
+def test_publish_pace_below_one_record_still_sends() -> None:
+    """A pace whose burst is smaller than one record sends one record per refill."""
+    m = Manual()
+    p = policy(m.clock, gossip={"batch_ms": 0.0, "publish_events_per_s": 1,
+                                "publish_burst_s": 0.5, "publish_bytes_per_s": 64 * 1024})
+    p.queue([b"e"] * 3)
+    p.start_round()
+    assert [len(p.next_batch()) for _ in range(2)] == [1, 0]
+    m.t = p.round_at()
+    assert m.t > 100.0
+    p.start_round()
+    assert len(p.next_batch()) == 1
+
+
 def test_live_window_follows_gossip_delay_within_bounds() -> None:
     m = Manual()
     p = policy(m.clock)

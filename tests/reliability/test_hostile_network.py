@@ -182,6 +182,27 @@ async def test_gossip_flood_is_held_to_the_peer_budget(budgeted: Cluster) -> Non
     await trio.to_thread.run_sync(c.wait_converged)
 
 
+def test_honest_burst_is_paced_not_cut_off(tmp_path: Path) -> None:
+    """An honest node publishing a burst of its own events well beyond its peer's
+    receive budget is not cut off: its own pace (`gossip.publish_*`) keeps it below,
+    and the peer gets everything. (Before, the whole burst went out in one round and
+    the peer cut the publisher off for 600 s after 20 over-budget batches.)"""
+    with cluster(tmp_path, 2, overrides={
+            "node": {"log_level": "warning"},
+            "gossip": {"fault_threshold": 3, "publish_events_per_s": 150,
+                       "publish_burst_s": 1.0},
+            "limits": {"gossip_peer_events_per_s": 200, "gossip_burst_s": 2}}) as c:
+        c.start_all()
+        a, b = c.procs
+        wait_for(lambda: b.peer_id in c.status(a)["peers"], 30, "A and B connected")
+        c.publish(a, 1500)  # 7.5 s of the peer's budget, in one control call
+        c.wait_converged(timeout=180)
+        for p in (a, b):
+            g = c.status(p)["gossip"]
+            assert g["cut_off"] == 0 and not g["faults"], g
+        assert c.status(a)["gossip"]["publish_paced"] > 0
+
+
 async def test_pending_flood_keeps_room_for_honest_out_of_order(two: Cluster) -> None:
     out = await run(A.pending_flood, target(two), pending_keys=8, pending_events=32)
     await trio.to_thread.run_sync(alive, two, two.procs[0])

@@ -116,8 +116,9 @@ async def ingest(tmp: Path, batches: list[bytes], market: bool,
                 if prof is not None:
                     prof.enable()
                 for data in batches:
-                    # As if the forwarder published it: the async topic validator.
-                    ok = await rep._validate(fwd, fwd, data) and ok
+                    # As if the forwarder published it: the topic's precheck (on
+                    # arrival), then its async validator.
+                    ok = await rep._validate(fwd, fwd, rep._precheck(fwd, fwd, data)) and ok
                     if live is not None:
                         live.market()
                 if prof is not None:

@@ -245,10 +245,15 @@ class LimitsConfig:
     good_peers_max: int = _opt(1024, int, _range(1, 1_000_000))
     peerstore_max: int = _opt(512, int, _range(16, 900))
     # Replication budgets (node/budget.py, node/gossip.py, node/query.py, node/ledger.py;
-    # docs/RELIABILITY.md section 5). Gossip per forwarding peer, bursts of gossip_burst_s.
+    # docs/RELIABILITY.md section 5). Gossip per forwarding peer, bursts of gossip_burst_s
+    # (a peer that has just connected starts with gossip_first_burst_s of it),
+    # and per subnet of the peers' addresses (/24, /56; loopback included).
     gossip_peer_events_per_s: int = _opt(1000, int, _range(1, 1_000_000))
     gossip_peer_bytes_per_s: int = _opt(1 << 20, int, _range(64 * 1024, 1 << 30))
     gossip_burst_s: int = _opt(4, int, _range(1, 600))
+    gossip_first_burst_s: int = _opt(2, int, _range(1, 600))
+    gossip_subnet_events_per_s: int = _opt(4000, int, _range(1, 10_000_000))
+    gossip_subnet_bytes_per_s: int = _opt(4 << 20, int, _range(64 * 1024, 1 << 32))
     # Received gossip events waiting to be checked and stored, all peers (node/ingest.py):
     # beyond it, batches of the peers holding more than an equal share are dropped.
     gossip_ingest_queue_events: int = _opt(8192, int, _range(512, 1 << 24))

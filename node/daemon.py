@@ -242,7 +242,10 @@ class Node:
                        "budget": rep.budget.status(), "gap_fetch": rep.gap_planner.status(),
                        "ingest": rep.ingest.status(),
                        "concurrent_copies": rep.topic.concurrent_copies,
-                       "late_copies": rep.topic.late_copies},
+                       "late_copies": rep.topic.late_copies,
+                       # Batches dropped on arrival, before py-libp2p handled them
+                       # (over budget, malformed, ingest full, blocked forwarder).
+                       "refused_early": rep.topic.refused_early},
             "resources": self.host.guard.status(),
             "services": services,
             "started_at": self.started_at,

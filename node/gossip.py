@@ -21,9 +21,10 @@ and tested on a fake network; `Replicator` here performs them over libp2p.
 * Mesh watchdog: a node whose gossipsub mesh stays empty while it has topic peers
   GRAFTs some again (`Topic.regraft`; docs/libp2p-notes.md, "Mesh loss"); counted
   in `stats.mesh_lost`, `mesh_empty_s`, `mesh_regrafts`.
-* Budgets (`[limits]`, node/budget.py): gossip input per forwarding peer in
-  events/s and bytes/s, beyond which batches are dropped (a fault only for the
-  peer's own publishes); pending events charged to their forwarder and expired
+* Budgets (`[limits]`, node/budget.py): gossip input per forwarding peer and per
+  subnet in events/s and bytes/s, beyond which batches are dropped on arrival,
+  before py-libp2p handles them (`_precheck`; a fault only for the peer's own
+  publishes over its own budget); pending events charged to their forwarder and expired
   (`_expire_pending`; a fault when the forwarder published them); gap pulls
   planned within per-peer and per-round budgets (node/gaps.py).
 * Accounting: invalid input per peer (gossip and sync) within a sliding window;
@@ -145,8 +146,11 @@ class Replicator(PullSync):
         lim = config.limits
         self.budget = GossipBudget(float(lim.gossip_peer_events_per_s),
                                    float(lim.gossip_peer_bytes_per_s),
-                                   float(lim.gossip_burst_s), self.clock.now)
-        """Gossip input per forwarding peer (`[limits] gossip_*`)."""
+                                   float(lim.gossip_burst_s), self.clock.now,
+                                   first_s=float(lim.gossip_first_burst_s),
+                                   subnet_events_per_s=float(lim.gossip_subnet_events_per_s),
+                                   subnet_bytes_per_s=float(lim.gossip_subnet_bytes_per_s))
+        """Gossip input per forwarding peer and per subnet (`[limits] gossip_*`)."""
         self.ingest: FairIngest[p2p.PeerId, Event | AppendResult] = FairIngest(
             lambda wires: check_records(wires, self.network), self._store_slice,
             max_events=lim.gossip_ingest_queue_events)
@@ -217,7 +221,7 @@ class Replicator(PullSync):
                            timeout=self.cfg.sync.request_timeout_s)
         p2p.serve_requests(self.host, self.protocol2, self._serve2, sync.MAX_REQUEST_V2,
                            timeout=self.cfg.sync.request_timeout_s)
-        self.topic.set_async_validator(self._validate)
+        self.topic.set_async_validator(self._validate, self._precheck)
         messages = await self.topic.subscribe()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -280,24 +284,29 @@ class Replicator(PullSync):
             log.warning("gossip publish failed; sync will deliver the batch",
                         extra={"error": str(e), "events": len(batch)})
 
-    async def _validate(self, forwarder: p2p.PeerId, origin: p2p.PeerId, data: bytes) -> bool:
+    async def _validate(self, forwarder: p2p.PeerId, origin: p2p.PeerId,
+                        fresh: list[bytes] | bool) -> bool:
         """Topic validator: store the batch; never raises, never rejects transiently.
-        The cheap checks (budget, decoding, duplicates) run at once; the rest waits
-        its turn in the fair ingest queue (node/ingest.py)."""
-        if forwarder == self.host.peer_id:
-            return True  # our own publish: the events are already stored
-        fresh = self._precheck(forwarder, origin, data)
+        The cheap checks (`_precheck`: budget, decoding, duplicates) ran when the
+        message arrived, before py-libp2p's own handling (node/p2p/pubsub.py
+        `set_async_validator`); the rest waits its turn in the fair ingest queue
+        (node/ingest.py)."""
         if isinstance(fresh, bool):
             return fresh
         return await self.ingest.submit(forwarder, fresh, origin == forwarder)
 
     def _precheck(self, forwarder: p2p.PeerId, origin: p2p.PeerId,
                   data: bytes) -> list[bytes] | bool:
-        """The records of a batch worth checking and storing, or the verdict."""
+        """The records of a batch worth checking and storing, or the verdict (False:
+        dropped on arrival, before py-libp2p checks the signature or formats a
+        rejection; `origin` is not verified yet, so it only decides faults)."""
+        if forwarder == self.host.peer_id:
+            return True  # our own publish: the events are already stored
         self.stats.batches_received += 1
         self.stats.bytes_received += len(data)
         own = origin == forwarder
-        verdict = self.budget.charge_bytes(forwarder, len(data), own)
+        subnet = self._subnet(forwarder)
+        verdict = self.budget.charge_bytes(forwarder, len(data), own, subnet)
         if not verdict.ok:
             return self._over_budget(forwarder, verdict)
         try:
@@ -315,7 +324,7 @@ class Replicator(PullSync):
             # dropped (not forwarded; pull sync fetches what is worth having), no fault.
             self.stats.events["ingest_full"] += len(fresh)
             return False
-        verdict = self.budget.charge_events(forwarder, len(fresh), own)
+        verdict = self.budget.charge_events(forwarder, len(fresh), own, subnet)
         if not verdict.ok:
             return self._over_budget(forwarder, verdict)
         return fresh
@@ -362,14 +371,15 @@ class Replicator(PullSync):
         return bad == 0
 
     def _over_budget(self, forwarder: p2p.PeerId, verdict: GossipVerdict) -> bool:
-        """Drop a batch beyond the forwarder's budget (the validator rejects it: we do
-        not forward what we did not store; upstream then refuses that message id from
-        anyone for its validation-cache lifetime, and pull sync fetches the events
-        if they are worth having). The forwarder is faulted only when its own
-        publishes exceed the budget (`verdict.fault`, node/budget.py): an honest relay
-        may be carrying someone else's flood, and cutting relays off would let a
-        flooder partition honest nodes; nor is an honest node whose relays filled
-        its forwarding budget at fault for the own batches then dropped."""
+        """Drop a batch beyond the forwarder's budget (on arrival: neither validated
+        nor forwarded, since we do not forward what we did not store; another peer's
+        copy is judged on its own, and pull sync fetches the events if they are worth
+        having). The forwarder is faulted only when its own publishes exceed the
+        budget (`verdict.fault`, node/budget.py): an honest relay may be carrying
+        someone else's flood, an honest peer may share its subnet with flooders, and
+        cutting them off would let a flooder partition honest nodes; nor is an honest
+        node whose relays filled its forwarding budget at fault for the own batches
+        then dropped."""
         if verdict.fault:
             self._fault(forwarder, f"gossip_over_budget_{verdict.scope}")
         return False

@@ -445,6 +445,18 @@ def heads_of(ledger: Ledger, authors: Iterable[bytes]) -> Heads:
 
 # ------------------------------------------------------------------ the service
 
+SUBMIT_REFUSALS_MAX = 4
+"""SUBMITs refused `rate_limited` in a row (nothing accepted between) after which the
+peer is disconnected and refused for SUBMIT_BLOCK_S. Refusing costs the node a
+stream and a request (~3-5 ms of CPU in py-libp2p) and the peer nothing: rotating
+identities that went on submitting after each refusal (bench/hostile.py,
+`submit_flood_rotating`: 20 SUBMITs per identity) made the node spend most of its
+time refusing. Cut off, an identity costs its handshake and a few refusals, and new
+identities come only as fast as inbound handshakes are admitted (ten a second).
+A client that waits after a refusal, as the light client does, never meets this."""
+SUBMIT_BLOCK_S = 60.0
+_REFUSALS_KEPT = 4096  # peers whose refusals in a row are counted (least recent forgotten)
+
 SubmitFn = Callable[[bytes], AppendResult]
 SubmitFromFn = Callable[[bytes, Hashable], AppendResult]
 """`submit_from(wire, source)`: like `submit`, charging pending events to `source`."""
@@ -460,12 +472,14 @@ class QueryStats:
     records_out: int = 0
     bytes_out: int = 0
     rate_limited: int = 0
+    submit_cut_off: int = 0  # peers disconnected for SUBMITting on after refusals
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": dict(self.requests), "refused": dict(self.refused),
             "submitted": dict(self.submitted), "records_out": self.records_out,
             "bytes_out": self.bytes_out, "rate_limited": self.rate_limited,
+            "submit_cut_off": self.submit_cut_off,
         }
 
 
@@ -505,6 +519,8 @@ class QueryService:
             scopes["node"] = KeyedBuckets(node_rate, node_burst or node_rate, 1)
         self.submit_budget = MultiBudget(scopes)
         self._ip_of: Callable[[bytes], str | None] = lambda _pubkey: None
+        self._block: Callable[[bytes], None] = lambda _pubkey: None
+        self._refusals: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._check_limiter: trio.CapacityLimiter | None = None  # SUBMIT checks' thread
         self._prepaid: Submit | None = None  # the SUBMIT being stored, already charged
 
@@ -522,6 +538,7 @@ class QueryService:
         from .p2p import peer_id_from_pubkey, serve_requests
 
         self._ip_of = lambda pubkey: host.remote_ip(peer_id_from_pubkey(pubkey))
+        self._block = lambda pubkey: host.block(peer_id_from_pubkey(pubkey), SUBMIT_BLOCK_S)
         serve_requests(host, self.protocol, self.handle, MAX_REQUEST, timeout=self.timeout)
 
     # -- requests
@@ -537,17 +554,34 @@ class QueryService:
         try:
             if isinstance(req, Submit):
                 resp = await self._submit_off_loop(peer_pubkey, req)
+                self._refusals.pop(peer_pubkey, None)
             else:
                 resp = self.answer(peer_pubkey, req)
         except RateLimited:
             self.stats.rate_limited += 1
             self.stats.refused[Reason.RATE_LIMITED] += 1
+            if isinstance(req, Submit):
+                self._refused(peer_pubkey)
             raise
         if isinstance(resp, EventsPage):
             self.stats.records_out += len(resp.records)
         data = resp.encode()
         self.stats.bytes_out += len(data)
         return data
+
+    def _refused(self, peer: bytes) -> None:
+        """Count a SUBMIT refused `rate_limited`; cut the peer off at
+        SUBMIT_REFUSALS_MAX in a row (the answer still goes out first)."""
+        n = self._refusals.pop(peer, 0) + 1
+        if n < SUBMIT_REFUSALS_MAX:
+            self._refusals[peer] = n
+            while len(self._refusals) > _REFUSALS_KEPT:
+                self._refusals.popitem(last=False)
+            return
+        self.stats.submit_cut_off += 1
+        log.info("peer cut off for submitting on after refusals", extra={
+            "peer": peer.hex(), "refused": n, "blocked_s": SUBMIT_BLOCK_S})
+        self._block(peer)
 
     def answer(self, peer_pubkey: bytes, req: QueryRequest) -> QueryResponse:
         """Answer one decoded request (synchronous; bounded work per request)."""

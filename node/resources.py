@@ -117,6 +117,9 @@ class Limits:
     gossip_peer_events_per_s: int = 1000
     gossip_peer_bytes_per_s: int = 1 << 20
     gossip_burst_s: int = 4
+    gossip_first_burst_s: int = 2
+    gossip_subnet_events_per_s: int = 4000
+    gossip_subnet_bytes_per_s: int = 4 << 20
     gossip_ingest_queue_events: int = 8192
     submit_peer_per_s: int = 50
     submit_peer_burst: int = 200
@@ -171,6 +174,7 @@ class Limits:
 
 REPLICATION_LIMITS: Final = (
     "gossip_peer_events_per_s", "gossip_peer_bytes_per_s", "gossip_burst_s",
+    "gossip_first_burst_s", "gossip_subnet_events_per_s", "gossip_subnet_bytes_per_s",
     "gossip_ingest_queue_events",
     "submit_peer_per_s", "submit_peer_burst", "submit_ip_per_s", "submit_ip_burst",
     "submit_node_per_s", "submit_node_burst", "pending_peer_bytes", "pending_peer_events",

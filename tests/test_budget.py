@@ -96,3 +96,57 @@ def test_gossip_budget_faults_only_own_publishes_beyond_their_rate() -> None:
     assert gb.charge_bytes("flooder", 20_000, own=True).ok
     v = gb.charge_bytes("flooder", 1, own=True)
     assert not v.ok and v.fault and v.scope == "bytes"
+
+
+def test_a_new_peer_starts_with_its_first_burst_only() -> None:
+    """A peer we have not heard from starts with `first_s` of its rate, not a whole
+    burst (bench/hostile.py `gossip_flood`: a new identity stored 4 s of budget at
+    once); the burst grows back to `burst_s` while it stays under the rate."""
+    clock = Clock()
+    gb = GossipBudget(events_per_s=100, bytes_per_s=10_000, burst_s=4, clock=clock, first_s=1)
+    assert gb.charge_events("new", 100).ok
+    assert not gb.charge_events("new", 1).ok
+    clock.t = 10.0  # quiet for longer than a burst
+    assert gb.charge_events("new", 400).ok and not gb.charge_events("new", 1).ok
+    assert gb.charge_bytes("other", 10_000).ok and not gb.charge_bytes("other", 1).ok
+    # Its own publishes start with a whole burst: a newcomer's first paced burst is
+    # dropped beyond the forwarding budget, but no fault.
+    v = gb.charge_events("fresh", 150, own=True)
+    assert not v.ok and not v.fault and v.scope == "events"
+    with pytest.raises(UsageError):
+        GossipBudget(events_per_s=1, bytes_per_s=1, burst_s=1, clock=clock, first_s=0)
+
+
+def test_rotating_identities_share_their_subnet_budget() -> None:
+    """Fresh identities from one subnet each get a first burst of their own, but
+    together no more than the subnet's rate (plus its first burst); a batch the
+    subnet refuses costs the peer nothing, and the peer is not named over its own
+    budget."""
+    clock = Clock()
+    gb = GossipBudget(events_per_s=100, bytes_per_s=1 << 20, burst_s=2, clock=clock,
+                      first_s=1, subnet_events_per_s=300)
+    stored = 0
+    for i in range(100):  # ten new identities a second for 10 s
+        clock.t = i / 10
+        while gb.charge_events(f"id{i}", 50, subnet="10.0.0.0/24").ok:
+            stored += 50
+    assert 300 * 9 <= stored <= 300 * 10 + 300
+    v = gb.charge_events("late", 50, own=True, subnet="10.0.0.0/24")
+    assert not v.ok and v.scope == "subnet_events" and not v.fault
+    # All or nothing: the refusal took nothing from its own bucket (a first burst).
+    assert gb.charge_events("late", 100, subnet="10.9.9.0/24").ok
+    assert gb.charge_events("unknown-address", 100).ok  # no subnet: its own budget only
+    st = gb.status()
+    assert st["dropped_batches"].get("subnet_events", 0) >= 90
+    assert st["subnet_events_per_s"] == 300 and st["first_s"] == 1
+
+
+def test_a_peer_connected_for_a_while_has_its_whole_burst() -> None:
+    """The first burst counts from the connection (`met`): an honest peer's burst a
+    few seconds after it connected is not cut to `first_s`."""
+    clock = Clock()
+    gb = GossipBudget(events_per_s=100, bytes_per_s=10_000, burst_s=4, clock=clock, first_s=1)
+    gb.met("honest")
+    clock.t = 3.0
+    gb.met("honest")  # met again (a reconnection): no reset
+    assert gb.charge_events("honest", 400).ok and not gb.charge_events("honest", 1).ok

@@ -629,6 +629,68 @@ async def test_a_copy_of_a_message_being_handled_is_dropped_at_the_door() -> Non
         nursery.cancel_scope.cancel()
 
 
+async def test_a_message_the_precheck_refuses_is_dropped_before_upstream() -> None:
+    """A topic's precheck runs when a message arrives: a refusal drops it before
+    upstream checks its signature or validates it (no verdict cached, not marked
+    seen, so another copy is judged on its own); anything else is what the
+    validator gets in place of the data, and nothing is left behind."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+
+    async with (
+        hosts(2) as (a, b),
+        make_pubsub(a) as psa,
+        make_pubsub(b) as psb,
+        trio.open_nursery() as nursery,
+    ):
+        topic = psb.topic("pre")
+        refuse = {b"over"}
+        prechecked: list[tuple[bytes, bytes]] = []
+        validated: list[object] = []
+
+        def precheck(forwarder: ID, origin: ID, data: bytes) -> object:
+            prechecked.append((forwarder.to_bytes(), data))
+            return False if data in refuse else data.upper()
+
+        async def validator(forwarder: ID, origin: ID, pre: object) -> bool:
+            validated.append(pre)
+            return True
+
+        topic.set_async_validator(validator, precheck)
+        got: list[tuple[bytes, bytes]] = []
+        nursery.start_soon(collect, await topic.subscribe(), got)
+        signer: Any = psa.pubsub
+
+        def signed(seqno: int, data: bytes, forge: bool = False) -> rpc_pb2.Message:
+            msg = rpc_pb2.Message(data=data, topicIDs=["pre"], from_id=a.peer_id.to_bytes(),
+                                  seqno=seqno.to_bytes(8, "big"))
+            msg.signature = signer.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode()
+                                                 + msg.SerializeToString())
+            if forge:
+                msg.data = data + b"!"  # the signature no longer matches
+            msg.key = a.libp2p.get_public_key().serialize()
+            return msg
+
+        upstream: Any = psb.pubsub
+        over = signed(1, b"over")
+        await upstream.push_msg(a.peer_id, over)
+        msg_id = upstream.get_message_id(over)
+        assert topic.refused_early == 1 and validated == []
+        assert upstream.validation_cache.get(msg_id) is None
+        assert not upstream.seen_messages.has(msg_id)
+        refuse.clear()  # the same message again (another forwarder's copy): judged anew
+        await upstream.push_msg(a.peer_id, over)
+        await upstream.push_msg(a.peer_id, signed(2, b"fine"))
+        await wait_until(lambda: len(got) == 2)
+        assert validated == [b"OVER", b"FINE"]
+        # Admitted by the precheck, refused by upstream's signature check: released.
+        await upstream.push_msg(a.peer_id, signed(3, b"forged", forge=True))
+        assert len(prechecked) == 4 and validated == [b"OVER", b"FINE"]
+        assert topic._prechecked == {} and (topic.refused_early, topic.rejected) == (1, 0)
+        nursery.cancel_scope.cancel()
+
+
 async def test_queue_drained_wakes_on_the_pop_that_goes_below_the_mark() -> None:
     """Publish backpressure waits on this instead of polling the queues every 2 ms."""
     from libp2p.pubsub.pb import rpc_pb2

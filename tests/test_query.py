@@ -387,3 +387,40 @@ def test_a_submit_is_stored_in_one_call_when_the_node_takes_batches(tmp_path: Pa
     assert [r.reason for r in resp.results] == ["store_error", "store_error"]
     assert svc.stats.submitted["rejected:store_error"] == 2
     led.close()
+
+
+async def test_a_peer_submitting_on_after_refusals_is_cut_off(tmp_path: Path) -> None:
+    """Issue 12: refusing costs the node a stream and a request, the peer nothing.
+    SUBMIT_REFUSALS_MAX refusals in a row (nothing accepted between) cut the peer off;
+    a SUBMIT accepted in between starts the count again, and other peers are not
+    affected."""
+    w = World(tmp_path)
+    now = [0.0]
+    svc = _service(w, submit_rate=1.0, submit_burst=16.0, clock=lambda: now[0])
+    blocked: list[bytes] = []
+    svc._block = blocked.append
+    ch = Chain(seed=b"\x22" * 32, network=NET)
+
+    def submit() -> bytes:
+        return query.Submit((ch.next().wire,)).encode()
+
+    flood = b"f" * 32
+    await svc.handle(flood, query.Submit(tuple(ch.next().wire for _ in range(16))).encode())
+    for _ in range(query.SUBMIT_REFUSALS_MAX - 1):
+        with pytest.raises(RateLimited):
+            await svc.handle(flood, submit())
+    now[0] += 1.0  # it waited: accepted, and the count starts again
+    await svc.handle(flood, submit())
+    for _ in range(query.SUBMIT_REFUSALS_MAX - 1):
+        with pytest.raises(RateLimited):
+            await svc.handle(flood, submit())
+    assert blocked == [] and svc.stats.submit_cut_off == 0
+    with pytest.raises(RateLimited):
+        await svc.handle(flood, submit())
+    assert blocked == [flood] and svc.stats.submit_cut_off == 1
+    assert svc.status()["submit_cut_off"] == 1
+    other = b"o" * 32
+    await svc.handle(other, query.Submit(tuple(ch.next().wire for _ in range(16))).encode())
+    with pytest.raises(RateLimited):  # another peer: refused once, not cut off
+        await svc.handle(other, submit())
+    assert blocked == [flood]

@@ -47,6 +47,7 @@ DEFAULT_LISTEN: Final[tuple[str, ...]] = ("/ip4/127.0.0.1/tcp/0",)
 # Bounded shutdown: closing connections costs ~100 ms each upstream
 # (SwarmConn._cleanup sleeps), so a few seconds covers a busy node.
 SHUTDOWN_TIMEOUT: Final = 5.0
+BLOCKED_MAX: Final = 4096  # blocked peers remembered (`P2PHost.block`)
 
 StreamHandler = Callable[[INetStream], Awaitable[None]]
 
@@ -226,7 +227,15 @@ class P2PHost:
         if seconds <= 0:
             raise UsageError("block() needs a positive number of seconds")
         peer = parse_peer_id(peer_id)
-        self._blocked[peer] = trio.current_time() + seconds
+        now = trio.current_time()
+        self._blocked[peer] = now + seconds
+        if len(self._blocked) > BLOCKED_MAX:
+            # Rotating identities cut off one after another: expired entries go, then
+            # the oldest blocks (an entry is otherwise dropped only when looked up).
+            for p in [p for p, until in self._blocked.items() if until <= now]:
+                del self._blocked[p]
+            for p in list(self._blocked)[:len(self._blocked) - BLOCKED_MAX]:
+                del self._blocked[p]
         if self._swarm.connections.get(peer):
             self._swarm.manager.run_task(self.disconnect, peer)
 

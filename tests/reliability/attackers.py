@@ -703,12 +703,18 @@ async def gossip_flood(t: Target, scale: dict[str, Any]) -> Outcome:
         stored = st1["events"] - st0["events"]
         o.figures["stored_by_victim"] = stored
         o.figures["stored_per_s"] = round(stored / seconds, 1)
+        # Batches the victim dropped on arrival (budget), before py-libp2p's own path.
+        o.figures["refused_early"] = (st1["gossip"].get("refused_early", 0)
+                                      - st0["gossip"].get("refused_early", 0))
+        o.figures["cut_off"] = st1["gossip"]["cut_off"] - st0["gossip"]["cut_off"]
         # The victim's declared budget (status resources.limits, `[limits]`), unless
-        # the caller names one: its rate over the flood plus one burst and a batch.
+        # the caller names one: its rate over the flood plus the burst a peer it has
+        # not heard from starts with, and a batch.
         lims = st0.get("resources", {}).get("limits", {})
         limit = float(scale.get("gossip_peer_events_per_s",
                                 lims.get("gossip_peer_events_per_s", 500.0)))
-        burst = limit * float(lims.get("gossip_burst_s", 2.0))
+        burst = limit * float(lims.get("gossip_first_burst_s",
+                                       lims.get("gossip_burst_s", 2.0)))
         o.figures["limit_per_s"] = limit
         o.check(stored <= limit * seconds + burst + 256,
                 f"one peer's gossip stored at {stored / seconds:.0f} events/s "

@@ -174,6 +174,8 @@ async def test_gossip_flood_is_held_to_the_peer_budget(budgeted: Cluster) -> Non
     assert budget["dropped_batches"].get("events", 0) > 0, budget
     assert st["gossip"]["faults"].get("gossip_over_budget_events", 0) > 0, st["gossip"]
     assert st["gossip"]["cut_off"] >= 1, st["gossip"]
+    # Over-budget batches are dropped on arrival, before py-libp2p's rejection path.
+    assert st["gossip"]["refused_early"] >= budget["dropped_batches"]["events"], st["gossip"]
     assert st["resources"]["limits"]["gossip_peer_events_per_s"] == 200
     await serves_honest_peer(c, t.victim)
     # Honest replication still works both ways after the flood.

@@ -338,7 +338,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                                             "gossip_delay_s", "validate_s", "mesh_peers",
                                             "topic_peers", "pubsub_streams", "mesh_lost",
                                             "mesh_regrafts", "mesh_empty_s", "concurrent_copies",
-                                            "late_copies")}
+                                            "late_copies", "copies_held_back")}
                          for s in stats],
         }
     finally:

@@ -245,7 +245,8 @@ class Node:
                        "late_copies": rep.topic.late_copies,
                        # Batches dropped on arrival, before py-libp2p handled them
                        # (over budget, malformed, ingest full, blocked forwarder).
-                       "refused_early": rep.topic.refused_early},
+                       "refused_early": rep.topic.refused_early,
+                       "copies_held_back": rep.pubsub.copies_held_back},
             "resources": self.host.guard.status(),
             "services": services,
             "started_at": self.started_at,

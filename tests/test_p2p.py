@@ -541,8 +541,10 @@ async def test_per_object_edits_are_made_once() -> None:
         push: Any = ps.pubsub.push_msg
         assert _compat.is_ours(upgrade) and _compat.is_ours(handle) and _compat.is_ours(select)
         assert _compat.is_ours(push)
-        _compat.one_copy_at_a_time(ps.pubsub, lambda msg: None)
-        assert ps.pubsub.push_msg is push
+        peers_to_send = router._get_peers_to_send
+        assert _compat.is_ours(peers_to_send)
+        _compat.one_copy_at_a_time(ps.pubsub, lambda msg: None, router=ps.router)
+        assert ps.pubsub.push_msg is push and router._get_peers_to_send is peers_to_send
         _compat.limit_inbound_handshakes(swarm)  # again: not a second queue around the first
         _compat.track_prunes(ps.router, {}, {})
         _compat.prune_at_random(ps.router, random.Random(1))
@@ -688,6 +690,61 @@ async def test_a_message_the_precheck_refuses_is_dropped_before_upstream() -> No
         await upstream.push_msg(a.peer_id, signed(3, b"forged", forge=True))
         assert len(prechecked) == 4 and validated == [b"OVER", b"FINE"]
         assert topic._prechecked == {} and (topic.refused_early, topic.rejected) == (1, 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_message_is_not_forwarded_to_a_peer_that_sent_a_copy_meanwhile() -> None:
+    """A peer whose copy arrived (and was dropped) while the first copy was being
+    validated holds the message: it is left out when the message is forwarded; a
+    peer that sent none still gets it."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+
+    async with gossip_net(3) as (hs, pss), trio.open_nursery() as nursery:
+        a, _, c = hs
+        relay, far = pss[1].topic("fwd"), pss[2].topic("fwd")
+        release = trio.Event()
+
+        async def validator(forwarder: ID, origin: ID, data: bytes) -> bool:
+            if data == b"m1":
+                await release.wait()
+            return True
+
+        relay.set_async_validator(validator)
+        seen_far: list[bytes] = []
+        far.set_validator(lambda forwarder, data: seen_far.append(data) is None)
+        for t in (relay, far, pss[0].topic("fwd")):
+            nursery.start_soon(collect, await t.subscribe(), [])
+        await wait_until(lambda: c.peer_id in relay.mesh_peers())
+        signer: Any = pss[0].pubsub
+
+        def signed(seqno: int, data: bytes) -> rpc_pb2.Message:
+            msg = rpc_pb2.Message(data=data, topicIDs=["fwd"], from_id=a.peer_id.to_bytes(),
+                                  seqno=seqno.to_bytes(8, "big"))
+            msg.signature = signer.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode()
+                                                 + msg.SerializeToString())
+            msg.key = a.libp2p.get_public_key().serialize()
+            return msg
+
+        upstream: Any = pss[1].pubsub
+        m1, m2 = signed(1 << 40, b"m1"), signed((1 << 40) + 1, b"m2")
+        done = trio.Event()
+
+        async def first_copy() -> None:
+            await upstream.push_msg(a.peer_id, m1)
+            done.set()
+
+        nursery.start_soon(first_copy)
+        await wait_until(lambda: len(relay._validating) == 1)
+        await upstream.push_msg(c.peer_id, m1)  # c's copy, while a's is validated
+        assert relay.concurrent_copies == 1
+        release.set()
+        await done.wait()
+        assert pss[1].copies_held_back == 1
+        await upstream.push_msg(a.peer_id, m2)  # one copy only: forwarded to c
+        await wait_until(lambda: b"m2" in seen_far)
+        assert b"m1" not in seen_far
         nursery.cancel_scope.cancel()
 
 

@@ -11,12 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..events import Event
-from ..reputation import FoldReputation
 from .foldstate import (
     LAZY_DICTS,
     SK,
     CKey,
-    ColdIdx,
     ColdRef,
     ColdStore,
     ColdValues,
@@ -34,7 +32,6 @@ class ColdTier:
     state, declared here for the type checker)."""
 
     _cold: ColdStore | None
-    rep: FoldReputation
     _cold_values: ColdValues
     _ord: dict[str, _Ordered]
     _cold_after: int
@@ -49,11 +46,6 @@ class ColdTier:
     _set_reads: dict[bytes, list[tuple[CKey, int, bytes]]]
     _source: Source | None
     _route: Callable[[Event], bytes]
-    _movers: dict[bytes, tuple[str, bytes | None]]
-    _cool_idx: Callable[[_Part, dict[str, dict[Any, Any]], dict[str, dict[Any, CKey]],
-                         tuple[tuple[bytes, str, bytes | None], ...]], ColdIdx]
-    _thaw_idx: Callable[[_Part, dict[str, dict[Any, Any]],
-                         tuple[tuple[bytes, str, bytes | None], ...]], None]
     thaws: int
 
     def cold(self) -> int:
@@ -65,7 +57,6 @@ class ColdTier:
         must be the one the engine left)."""
         self._cold = cold
         self._cold_values = ColdValues(cold) if cold is not None else _NO_VALUES
-        self.rep.attach_cold(cold)
         for name in LAZY_DICTS:
             d = self._ord[name].d
             if isinstance(d, LazyDict):
@@ -93,9 +84,7 @@ class ColdTier:
             for i in p.ids:
                 del self._part_of[i]
             rr, rs = tuple(p.reads_rep), tuple(p.reads_set)
-            movers = tuple((i, *t) for i in p.ids if (t := self._movers.pop(i, None)))
-            state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s,
-                     movers)
+            state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s)
             # Its merged entries keep their keys and places; their values and
             # canonical keys go too (`SK`: by dict name, the canonical key of each key).
             vals: dict[str, dict[Any, Any]] = {}
@@ -109,10 +98,9 @@ class ColdTier:
                     sks[name] = {k: o.pos.pop(k) for k in keys}
                     for k in keys:
                         dict.__setitem__(o.d, k, ref)
-            idx = self._cool_idx(p, vals, sks, movers)
             vals[SK] = sks
             cold.put(pk, p.top, pickle.dumps(state, pickle.HIGHEST_PROTOCOL),
-                     pickle.dumps(vals, pickle.HIGHEST_PROTOCOL), rr, rs, idx)
+                     pickle.dumps(vals, pickle.HIGHEST_PROTOCOL), rr, rs)
             del self._parts[pk]
             self._cold_top = max(self._cold_top, p.top)
             self._cold_parts += 1
@@ -137,8 +125,7 @@ class ColdTier:
             self._ord[name].pos.update(sk)
         p = _Part(pk)
         (ids, p.top, p.applied, p.linked, p.ign, p.evd, p.reads_rep, p.reads_set, p.out_r,
-         p.out_s, movers) = pickle.loads(blob)
-        self._thaw_idx(p, vals, movers)
+         p.out_s) = pickle.loads(blob)
         p.ids = ids
         for i in ids:
             self._part_of[i] = pk

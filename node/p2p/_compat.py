@@ -340,9 +340,12 @@ upstream is done with it."""
 
 def one_copy_at_a_time(pubsub: PubsubInternals,
                        dropped: Callable[[rpc_pb2.Message], None],
-                       admit: Admit | None = None) -> None:
+                       admit: Admit | None = None, *,
+                       router: GossipSubInternals | None = None,
+                       held_back: Callable[[int], None] | None = None) -> None:
     """Drop a received message while another copy of it is being handled, and (with
-    `admit`) a message our own cheap checks refuse, before upstream handles it.
+    `admit`) a message our own cheap checks refuse, before upstream handles it; (with
+    `router`) do not forward a message to the peers whose copies were dropped so.
 
     Upstream's `push_msg` checks its seen-cache first but marks a message seen only
     once it is valid, delivered and forwarded; until then every copy from another
@@ -361,17 +364,31 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
     is upstream's cheapest drop, and must not be charged), may refuse it here
     instead. A message dropped this way is neither validated nor marked seen nor
     cached as invalid: not forwarded, and another peer's copy of it is judged on
-    its own. Wrapped on this instance only (upstream schedules `self.push_msg` per
-    message); a second call does nothing."""
+    its own.
+
+    A peer that sent us a copy holds the message, yet upstream forwards it to every
+    mesh peer but the first copy's forwarder and the origin (`GossipSub.publish` ->
+    `_get_peers_to_send`): a copy each of them decodes and drops, and whose sending
+    cost us as much. So the peers whose copies were dropped while the first was
+    handled (validation takes a while: a checking backlog, the ingest queue) are left
+    out when it is forwarded, as gossipsub v1.2's IDONTWANT would have them (upstream
+    sends those only after validating, too late to spare anything); `held_back(n)`
+    is told how many sends that saved. A forged copy (dropped unchecked) only costs
+    its sender the real message from us. Wrapped on these instances only (upstream
+    schedules `self.push_msg` per message and calls `self._get_peers_to_send`); a
+    second call does nothing."""
     upstream_push = pubsub.push_msg
     if is_ours(upstream_push):
         return
-    in_flight: set[bytes] = set()
+    # Message id -> the peers whose copies arrived while the first was handled.
+    in_flight: dict[bytes, set[ID]] = {}
 
     @_mark
     async def push_msg(msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         msg_id = pubsub.get_message_id(msg)
-        if msg_id in in_flight:
+        holders = in_flight.get(msg_id)
+        if holders is not None:
+            holders.add(msg_forwarder)
             dropped(msg)
             return
         release = None
@@ -381,15 +398,33 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
             release = admit(msg_forwarder, msg)
             if release is None:
                 return
-        in_flight.add(msg_id)
+        in_flight[msg_id] = set()
         try:
             await upstream_push(msg_forwarder, msg)
         finally:
-            in_flight.discard(msg_id)
+            del in_flight[msg_id]
             if release is not None:
                 release()
 
     setattr(pubsub, "push_msg", push_msg)  # noqa: B010
+    if router is None:
+        return
+    upstream_peers = router._get_peers_to_send
+
+    @_mark
+    def peers_to_send(topic_ids: Iterable[str], msg_forwarder: ID, origin: ID,
+                      msg_id: bytes | None = None) -> Iterable[ID]:
+        peers = upstream_peers(topic_ids, msg_forwarder, origin, msg_id)
+        holders = in_flight.get(msg_id) if msg_id is not None else None
+        if not holders:
+            return peers
+        peers = list(peers)
+        out = [p for p in peers if p not in holders]
+        if held_back is not None and len(out) < len(peers):
+            held_back(len(peers) - len(out))
+        return out
+
+    setattr(router, "_get_peers_to_send", peers_to_send)  # noqa: B010
 
 
 def prune_at_random(router: GossipSubInternals, rng: random.Random) -> None:

@@ -14,7 +14,7 @@ Importing any module of node/p2p runs the package's `__init__`, which imports
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -178,6 +178,9 @@ class GossipSubInternals(Protocol):
     def _notify_mesh_peer_added(self, peer_id: ID, topic: str) -> None: ...
 
     def _select_peers_for_pruning(self, topic: str, num_to_prune: int) -> list[ID]: ...
+
+    def _get_peers_to_send(self, topic_ids: Iterable[str], msg_forwarder: ID, origin: ID,
+                           msg_id: bytes | None = None) -> Iterable[ID]: ...
 
 
 if TYPE_CHECKING:

@@ -373,13 +373,20 @@ class PubSub:
         self._pruned_us: _compat.PruneBook = {}
         _compat.track_prunes(router, self._pruned, self._pruned_us)
         _compat.prune_at_random(router, random.Random())
-        _compat.one_copy_at_a_time(pubsub, self._copy_dropped, self._admit)
+        self.copies_held_back = 0
+        """Sends of a message we did not make: the peer had sent us a copy of it while
+        ours was being handled (`_compat.one_copy_at_a_time`)."""
+        _compat.one_copy_at_a_time(pubsub, self._copy_dropped, self._admit, router=router,
+                                   held_back=self._held_back)
 
     def _copy_dropped(self, msg: rpc_pb2.Message) -> None:
         for name in msg.topicIDs:
             topic = self._topics.get(name)
             if topic is not None:
                 topic.concurrent_copies += 1
+
+    def _held_back(self, n: int) -> None:
+        self.copies_held_back += n
 
     def _admit(self, forwarder: ID, msg: rpc_pb2.Message) -> Callable[[], None] | None:
         """Each topic's precheck of a message on its arrival (`Topic._admit`)."""

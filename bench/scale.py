@@ -21,7 +21,10 @@
    snapshot: `restart_s` / `restart_cpu_s`, `restored_rss_mb`;
    `restart_vs_build_ratio` compares their CPU times. `open_auctions_us` and
    `leases_of_us` (one party): the indexed lookups the provider agent and queries
-   make every tick, with ratios against scanning every auction / lease.
+   make every tick, with ratios against scanning every auction / lease;
+   `rating_pass_us`: the provider agent's rating pass of the busiest provider of those
+   (`rating_pass_leases` leases) on a tick after its first, against that first one,
+   which walks them all (`rating_walk_us`); `cold_store_mb`: the cold store's file.
    Baseline for `rss_vs_empty_ratio`: the same process over an empty ledger
    (`empty_rss_mb`). `reputation_lookup_us`: `market.reputation.score` of a random
    author as of a random time of the ledger, mean over 20,000.
@@ -294,6 +297,22 @@ def serve(path: str, snapshot: str | None) -> None:
                 for k in keys[:1]]
         out["leases_of_scan_us"] = (time.perf_counter() - t1) * 1e6
         assert got[:1] == want
+        # The provider agent's rating pass of the provider with the most leases: the
+        # first tick walks them all (every cold one read from the store), the next
+        # ones look at what waits for its rating and what changed.
+        from node.agent import RatingPass, _ratings
+
+        busiest = max(keys, key=lambda k: sum(x.provider == k for x in m.leases_of(k)))
+        rp = RatingPass()
+        t1 = time.perf_counter()
+        _ratings(m, busiest, now, rp)
+        out["rating_walk_us"] = (time.perf_counter() - t1) * 1e6
+        live.market()
+        t1 = time.perf_counter()
+        _ratings(m, busiest, now, rp)
+        out["rating_pass_us"] = (time.perf_counter() - t1) * 1e6
+        out["rating_pass_leases"] = len(m.leases_of(busiest))
+    out["cold_store_mb"] = os.path.getsize(live.view.cold.path) / 2**20
     print(json.dumps(out))
 
 
@@ -434,6 +453,11 @@ def main() -> None:
                                              / got["open_auctions_scan_us"], 6),
         "leases_of_us": round(got["leases_of_us"], 1),
         "leases_of_vs_scan_ratio": round(got["leases_of_us"] / got["leases_of_scan_us"], 6),
+        "rating_pass_us": round(got["rating_pass_us"], 1),
+        "rating_walk_us": round(got["rating_walk_us"], 1),
+        "rating_pass_vs_walk_ratio": round(got["rating_pass_us"] / got["rating_walk_us"], 4),
+        "rating_pass_leases": got["rating_pass_leases"],
+        "cold_store_mb": round(got["cold_store_mb"], 1),
         "auctions": got["auctions"], "leases": got["leases"],
         "partitions": got["partitions"], "cold_partitions": got["cold_partitions"],
     })

@@ -16,7 +16,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .auction import Auction, Market, clear
+from .auction import Auction, Market, PartyLog, clear
 from .auction.views import RecipientRecord, auction_recipient
 from .events import (
     Award,
@@ -135,17 +135,19 @@ def sealed_nonce(seed: bytes, request_id: bytes) -> bytes:
 
 def provider_actions(
     market: Market, me: bytes, seed: bytes, policy: ProviderPolicy, now_ms: int,
-    published_offer: Offer | None = None,
+    published_offer: Offer | None = None, rating_pass: RatingPass | None = None,
 ) -> list[Body]:
     """Bodies `me` should publish at wall time `now_ms`, given the market so far."""
-    return provider_plan(market, me, seed, policy, now_ms, published_offer)[0]
+    return provider_plan(market, me, seed, policy, now_ms, published_offer, rating_pass)[0]
 
 
 def provider_plan(
     market: Market, me: bytes, seed: bytes, policy: ProviderPolicy, now_ms: int,
-    published_offer: Offer | None = None,
+    published_offer: Offer | None = None, rating_pass: RatingPass | None = None,
 ) -> tuple[list[Body], list[Skip]]:
-    """`provider_actions`, plus the open auctions skipped by the recipient policy."""
+    """`provider_actions`, plus the open auctions skipped by the recipient policy.
+    Give the same `rating_pass` at every tick: the rating pass then looks at what
+    changed and what still waits, not at every lease ever held."""
     out: list[Body] = []
     skips: list[Skip] = []
     offer = Offer(services=policy.offers, currency=policy.currency, addrs=policy.addrs,
@@ -160,7 +162,7 @@ def provider_plan(
         elif action is not None:
             out.append(action)
     if policy.rate_recipients:
-        out.extend(_ratings(market, me, now_ms))
+        out.extend(_ratings(market, me, now_ms, rating_pass or RatingPass()))
     return out, skips
 
 
@@ -199,19 +201,63 @@ def _bid_action(market: Market, a: Auction, me: bytes, seed: bytes, policy: Prov
     return None
 
 
-def _ratings(market: Market, me: bytes, now_ms: int) -> list[Body]:
+@dataclass
+class RatingPass:
+    """What the provider's rating pass keeps between ticks: the market it walked and
+    that market's log of our leases and subcontracts (`Market.party_log`), and those
+    still waiting for our rating (not started, running unpaid, or rated by us but the
+    rating not in the market yet). A tick looks at those and at what the log says
+    changed, so it costs what is new, not every lease ever held; a new market object
+    (a rebuild, a restart) or a market without a log is walked in full."""
+
+    market: Market | None = None
+    log: PartyLog | None = None
+    leases: dict[bytes, None] = field(default_factory=dict)
+    subcontracts: dict[bytes, None] = field(default_factory=dict)
+    walks: int = 0  # full walks
+    looked: int = 0  # leases and subcontracts looked at by the other passes
+
+    def candidates(self, market: Market, me: bytes) -> tuple[list[bytes], list[bytes]]:
+        """(lease ids, subcontract ids) to look at now."""
+        changed = None
+        if market is self.market and self.log is not None:
+            changed = self.log.drain()
+        if changed is None:  # walk everything (the new log starts before this walk)
+            self.market, self.log = market, market.party_log(me)
+            self.walks += 1
+            self.leases, self.subcontracts = {}, {}
+            return ([x.id for x in market.leases_of(me)],
+                    [k for k, sc in market.subcontracts.items() if sc.provider == me])
+        new_l, new_s = changed
+        got = ([*self.leases, *(k for k in new_l if k not in self.leases)],
+               [*self.subcontracts, *(k for k in new_s if k not in self.subcontracts)])
+        self.looked += len(got[0]) + len(got[1])
+        return got
+
+
+def _ratings(market: Market, me: bytes, now_ms: int, rp: RatingPass) -> list[Body]:
     """Rate each recipient once: satisfied when paid in full, else after the lease ended;
     and each contractor we hired (its results were verified before we used them)."""
     out: list[Body] = []
-    for sc in market.subcontracts.values():
-        if sc.provider != me or any(r.rater == me for r in market.ratings.get(sc.event_id, ())):
+    lease_ids, sc_ids = rp.candidates(market, me)
+    waiting_s: dict[bytes, None] = {}
+    for k in sc_ids:
+        sc = market.subcontracts.get(k)
+        if sc is None or sc.provider != me or \
+                any(r.rater == me for r in market.ratings.get(sc.event_id, ())):
             continue
+        waiting_s[k] = None
         out.append(Rating(lease=sc.event_id, subject=sc.contractor, role="provider",
                           satisfied=True, score=5, text="subcontracted results verified"))
-    for lease in market.leases_of(me):
-        if lease.provider != me or now_ms < lease.start_ms:
+    waiting_l: dict[bytes, None] = {}
+    for k in lease_ids:
+        lease = market.leases.get(k)
+        if lease is None or lease.provider != me:
             continue
         if any(r.rater == me for r in market.ratings.get(lease.id, ())):
+            continue
+        waiting_l[k] = None
+        if now_ms < lease.start_ms:
             continue
         paid = market.paid.get(lease.id, 0) >= lease.price
         if not paid and now_ms < lease.end_ms:
@@ -219,6 +265,7 @@ def _ratings(market: Market, me: bytes, now_ms: int) -> list[Body]:
         out.append(Rating(lease=lease.id, subject=lease.recipient, role="recipient",
                           satisfied=paid, score=5 if paid else 1,
                           text="paid in full" if paid else "not paid by lease end"))
+    rp.leases, rp.subcontracts = waiting_l, waiting_s
     return out
 
 

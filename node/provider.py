@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import addrs
-from .agent import ProviderPolicy, RecipientPolicy, offers_from_config, provider_plan
+from .agent import (
+    ProviderPolicy,
+    RatingPass,
+    RecipientPolicy,
+    offers_from_config,
+    provider_plan,
+)
 from .errors import BidmeshError
 from .events import Body, Event, Offer
 
@@ -39,6 +45,7 @@ class ProviderService:
         self._last_offer: Offer | None = None
         self.skipped: Counter[str] = Counter()  # auctions skipped, by reason
         self._skip_logged: set[bytes] = set()
+        self._rating_pass = RatingPass()  # the rating pass costs what changed per tick
 
     def _on_events(self, events: list[Event]) -> None:
         self._wake.set()
@@ -63,7 +70,8 @@ class ProviderService:
                          extra={"old": list(self.policy.addrs), "new": list(addrs)})
             self.policy = dataclasses.replace(self.policy, addrs=addrs)
         actions, skips = provider_plan(node.market(), node.identity.public,
-                                       node.identity.seed, self.policy, now, self._last_offer)
+                                       node.identity.seed, self.policy, now, self._last_offer,
+                                       self._rating_pass)
         for sk in skips:  # logged and counted once per auction, not once per tick
             if sk.auction in self._skip_logged:
                 continue

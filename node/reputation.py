@@ -27,7 +27,9 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .codec import fast_pickle
 from .errors import UsageError
@@ -218,7 +220,7 @@ class Reputation:
         and at most CHECKPOINT - 1 ratings replayed."""
         if as_of_ms is None:
             as_of_ms = self._last_ts
-        h = self._hist.get((key, role))
+        h = self._history(key, role)
         i = bisect_right(h.ts, as_of_ms) if h is not None else 0
         pol = self.policy
         prior_w = pol.prior_weight * UNIT
@@ -233,7 +235,7 @@ class Reputation:
 
     def ppm(self, key: bytes, role: str, as_of_ms: int) -> int:
         """Just `score(...).ppm`, without building the Score (clearing calls it per bid)."""
-        h = self._hist.get((key, role))
+        h = self._history(key, role)
         pol = self.policy
         i = bisect_right(h.ts, as_of_ms) if h is not None else 0
         if h is None or i == 0:
@@ -248,6 +250,26 @@ class Reputation:
         """Keys with at least one rating (in `role` if given), sorted."""
         return sorted({k for (k, r) in self._hist if role is None or r == role})
 
+    def _history(self, key: bytes, role: str) -> _History | None:
+        return self._hist.get((key, role))
+
+
+class ColdRatings(Protocol):
+    """Where `FoldReputation` finds the ratings it moved out of memory (`cool`): the
+    market's cold store (`marketcold.SqliteCold`)."""
+
+    def ratings(self, key: bytes, role: str) -> list[tuple[int, int]]:
+        """(ts_ms, packed attributes) of the cold ratings of (key, role)."""
+
+    def rating_keys(self) -> set[tuple[bytes, str]]: ...
+
+    def max_rating_ts(self) -> int: ...
+
+
+# Merged (hot + cold) histories kept: at most this many keys and ratings (~2 + 4 MiB).
+FULL_CACHE_KEYS = 4096
+FULL_CACHE_RATINGS = 1 << 18
+
 
 class FoldReputation(Reputation):
     """`Reputation` whose ratings can be inserted and removed in any order.
@@ -256,11 +278,86 @@ class FoldReputation(Reputation):
     canonical order: a rating goes in at its time (among ratings at the same time,
     anywhere: see `_History`), and only the checkpoints after it are dropped, to be
     replayed on the next lookup that needs them. A change costs the subject's ratings
-    after it, never the whole market."""
+    after it, never the whole market.
+
+    **Cold ratings** (with a `ColdRatings` store attached): the ratings of closed
+    auctions leave memory (`cool`: the engine writes them to the store; `thaw` takes
+    them back). A lookup then replays the merged history of the key: its ratings in
+    memory and those in the store, merged once and kept in a small cache
+    (FULL_CACHE_KEYS keys, FULL_CACHE_RATINGS ratings, least recently used out),
+    which `insert`/`remove` keep current and `cool`/`thaw` leave as they are (the
+    ratings stay the same, only where they live changes). The decayed sums are
+    rounded at each step, so the history is replayed merged, in time order, not
+    summed from two parts. A key with no cold rating costs one indexed query."""
 
     def __init__(self, policy: Policy | None = None) -> None:
         super().__init__(policy)
         self._last_dirty = False
+        self._cold: ColdRatings | None = None
+        self._full: OrderedDict[tuple[bytes, str], _History] = OrderedDict()
+        self._full_n = 0  # ratings in _full
+
+    def attach_cold(self, cold: ColdRatings | None) -> None:
+        """Use `cold` for the ratings `cool` moved out (None: detach, to pickle)."""
+        self._cold = cold
+        self._full = OrderedDict()
+        self._full_n = 0
+
+    def __getstate__(self) -> dict[str, object]:
+        # The store is attached again by its owner; the cache is rebuilt on demand.
+        st = self.__dict__.copy()
+        st["_cold"], st["_full"], st["_full_n"] = None, OrderedDict(), 0
+        return st
+
+    def cool(self, subject: bytes, role: str, ts_ms: int, satisfied: bool, score: int,
+             rater_weight: int) -> int:
+        """Move one rating out of memory (the caller puts it in the store); returns its
+        packed attributes, as the store keeps them."""
+        a = _pack(rater_weight, satisfied, score)
+        kr = (subject, role)
+        if not _take(self._hist.get(kr), ts_ms, a):
+            raise UsageError("no such rating to move out")
+        if not self._hist[kr].ts:
+            del self._hist[kr]
+        return a
+
+    def thaw(self, subject: bytes, role: str, ts_ms: int, satisfied: bool, score: int,
+             rater_weight: int) -> None:
+        """Take a rating `cool` moved out back into memory (the store forgets it)."""
+        h = self._hist.get((subject, role))
+        if h is None:
+            h = self._hist[(subject, role)] = _History()
+        _put(h, ts_ms, _pack(rater_weight, satisfied, score))
+
+    def _history(self, key: bytes, role: str) -> _History | None:
+        kr = (key, role)
+        hot = self._hist.get(kr)
+        if self._cold is None:
+            return hot
+        f = self._full.get(kr)
+        if f is not None:
+            self._full.move_to_end(kr)
+            return f
+        rows = self._cold.ratings(key, role)
+        if not rows:
+            return hot
+        if hot is not None:
+            rows += zip(hot.ts, hot.attrs, strict=True)
+        rows.sort(key=lambda r: r[0])  # equal times: any order (a multiset, see _History)
+        f = self._full[kr] = _History(array("q", [r[0] for r in rows]),
+                                      array("q", [r[1] for r in rows]))
+        self._full_n += len(rows)
+        while (self._full_n > FULL_CACHE_RATINGS or len(self._full) > FULL_CACHE_KEYS) \
+                and len(self._full) > 1:
+            _, old = self._full.popitem(last=False)
+            self._full_n -= len(old.ts)
+        return f
+
+    def keys(self, role: str | None = None) -> list[bytes]:
+        got = {k for (k, r) in self._hist if role is None or r == role}
+        if self._cold is not None:
+            got |= {k for (k, r) in self._cold.rating_keys() if role is None or r == role}
+        return sorted(got)
 
     def add(self, *args: object, **kw: object) -> None:
         raise UsageError("FoldReputation takes insert/remove, not add")
@@ -271,10 +368,12 @@ class FoldReputation(Reputation):
         h = self._hist.get((subject, role))
         if h is None:
             h = self._hist[(subject, role)] = _History()
-        i = bisect_right(h.ts, ts_ms)
-        h.ts.insert(i, ts_ms)
-        h.attrs.insert(i, _pack(rater_weight, satisfied, score))
-        h.edited(i)
+        a = _pack(rater_weight, satisfied, score)
+        _put(h, ts_ms, a)
+        f = self._full.get((subject, role))
+        if f is not None:
+            _put(f, ts_ms, a)
+            self._full_n += 1
         self.count += 1
         if ts_ms > self._last_ts:
             self._last_ts = ts_ms
@@ -282,25 +381,43 @@ class FoldReputation(Reputation):
     def remove(self, subject: bytes, role: str, ts_ms: int, satisfied: bool, score: int,
                rater_weight: int) -> None:
         """Remove one rating equal to the one given (equal ratings are interchangeable)."""
-        h = self._hist.get((subject, role))
+        kr = (subject, role)
         a = _pack(rater_weight, satisfied, score)
-        if h is not None:
-            for i in range(bisect_left(h.ts, ts_ms), bisect_right(h.ts, ts_ms)):
-                if h.attrs[i] == a:
-                    del h.ts[i], h.attrs[i]
-                    h.edited(i)
-                    if not h.ts:
-                        del self._hist[(subject, role)]
-                    self.count -= 1
-                    self._last_dirty = True
-                    return
-        raise UsageError("no such rating to remove")
+        if not _take(self._hist.get(kr), ts_ms, a):
+            raise UsageError("no such rating to remove")
+        if not self._hist[kr].ts:
+            del self._hist[kr]
+        f = self._full.get(kr)
+        if f is not None:
+            _take(f, ts_ms, a)
+            self._full_n -= 1
+        self.count -= 1
+        self._last_dirty = True
 
     def _flush(self) -> None:
         if self._last_dirty:
             self._last_dirty = False
-            self._last_ts = max((h.ts[-1] for h in self._hist.values()), default=0)
+            self._last_ts = max(max((h.ts[-1] for h in self._hist.values()), default=0),
+                                self._cold.max_rating_ts() if self._cold is not None else 0)
 
     def score(self, key: bytes, role: str, as_of_ms: int | None = None) -> Score:
         self._flush()
         return super().score(key, role, as_of_ms)
+
+
+def _put(h: _History, ts_ms: int, a: int) -> None:
+    i = bisect_right(h.ts, ts_ms)
+    h.ts.insert(i, ts_ms)
+    h.attrs.insert(i, a)
+    h.edited(i)
+
+
+def _take(h: _History | None, ts_ms: int, a: int) -> bool:
+    """Remove one rating (ts_ms, packed attributes) from `h`; False if none."""
+    if h is not None:
+        for i in range(bisect_left(h.ts, ts_ms), bisect_right(h.ts, ts_ms)):
+            if h.attrs[i] == a:
+                del h.ts[i], h.attrs[i]
+                h.edited(i)
+                return True
+    return False

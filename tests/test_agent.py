@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from testkit import NETWORK, seed
 
 from node.agent import ProviderPolicy, build_award, provider_actions, sealed_nonce
 from node.auction import derive, verify_award
-from node.events import Bid, Commit, Members, Offer, Payment, Rating, Request, Reveal, ServiceOffer
+from node.events import (
+    Bid,
+    Body,
+    Commit,
+    Members,
+    Offer,
+    Payment,
+    Rating,
+    Request,
+    Reveal,
+    ServiceOffer,
+)
 from node.keys import Identity
 from node.ledger import Ledger
 
@@ -99,3 +111,68 @@ def test_no_bids_in_another_currency(tmp_path: Path) -> None:
         body = _request(False, t0)
         ledger.publish(RECIPIENT, Request(**{**body.__dict__, "currency": "USD"}), t0)
         assert not [b for b in _round(ledger, t0 + 10) if isinstance(b, Bid)]
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_the_rating_pass_looks_at_what_changed_and_rates_as_a_full_walk(cold: bool) -> None:
+    """With the live market's party log, a provider's rating pass looks at its waiting
+    leases and at those that changed, not at every lease it ever held (cold ones read
+    from the store), and publishes what a full walk of the derived market does."""
+    import random
+
+    from fold_helpers import history
+
+    from node.agent import RatingPass, _ratings
+    from node.auction.fold import IncrementalMarket
+    from node.marketcold import SqliteCold
+
+    evs = history(random.Random(40), n_auctions=40)
+    by_id = {e.id: e for e in evs}
+    store = SqliteCold() if cold else None
+    eng = IncrementalMarket(source=lambda ids: [by_id[i] for i in ids], max_loaded=2,
+                            cold=store, cold_after_ms=0)
+    provs = sorted({e.author for e in evs if e.kind in ("bid", "commit")})
+    passes = {p: RatingPass() for p in provs}
+    rated = 0
+
+    def key(b: Body) -> tuple[bytes, str]:
+        assert isinstance(b, Rating)
+        return b.lease, b.role
+
+    for i in range(0, len(evs), 3):
+        eng.add(evs[i:i + 3])
+        m = eng.market()
+        plain = derive(evs[:i + 3])
+        for p in provs:
+            now = m.now_ms + (i % 5) * 20
+            rp = passes[p]
+            got = _ratings(m, p, now, rp)
+            assert sorted(got, key=key) == sorted(_ratings(plain, p, now, RatingPass()), key=key)
+            # What the next tick looks at (with what changes): ours not rated by us yet.
+            mine = [x.id for x in plain.leases_of(p) if x.provider == p]
+            done = {k for k in mine if any(r.rater == p for r in plain.ratings.get(k, ()))}
+            assert set(rp.leases) == set(mine) - done
+            rated += len(done)
+    if cold:
+        assert eng.cold() > 0
+    assert all(rp.walks == 1 for rp in passes.values())  # the first tick only
+    assert rated > 0 and sum(rp.looked for rp in passes.values()) > 0
+    if store is not None:
+        store.close()
+
+
+def test_a_party_log_is_bounded_and_one_a_party() -> None:
+    """Past LOG_MAX keys the log overflows (its reader walks everything once more); a
+    second log of the same party ends the first (its reader walks again too)."""
+    from node.auction import PartyLog
+    from node.auction.fold import IncrementalMarket
+
+    m = IncrementalMarket().market()
+    first = m.party_log(b"k" * 32)
+    second = m.party_log(b"k" * 32)
+    assert first.drain() is None and second.drain() == ([], [])
+    for i in range(PartyLog.LOG_MAX + 1):
+        second.note("leases", i.to_bytes(4, "big"))
+    assert second.drain() is None and second.drain() == ([], [])
+    second.note("subcontracts", b"s")
+    assert second.drain() == ([], [b"s"]) and derive([]).party_log(b"k" * 32) is None

@@ -175,6 +175,7 @@ def test_cold_partitions_leave_memory_and_late_events_and_forks_bring_them_back(
     assert eng.cold() > eng.partitions() // 2 and eng.loaded() <= 2
     hot_ids = len(eng._part_of)
     assert hot_ids < len(present) // 2  # cold partitions' event ids are not in memory
+    _only_hot_in_memory(eng)
     assert snapshot(eng.market()) == snapshot(derive(_canon(list(present.values()))))
     thaws = eng.thaws
     eng.add(late)  # back-dated events into closed auctions
@@ -208,3 +209,46 @@ def test_a_lazy_dict_shows_real_values_through_every_read() -> None:
     assert d[b"k"] == 5 and d.get(b"k") == 5 and d.get(b"z", 7) == 7
     assert list(d.items()) == list(real.items()) and list(d.values()) == [1, 5]
     assert d == real and (d != real) is False and d.copy() == real and list(d) == [b"a", b"k"]
+
+
+def _only_hot_in_memory(eng: IncrementalMarket) -> None:
+    """The engine's in-memory indexes hold its hot partitions' entries only (those of
+    cold ones are in the store's tables)."""
+    hot = eng._parts
+    assert all(eng._part_of.get(i) in hot for i in eng._movers)
+    assert all(k in hot for _, k in eng._deadlines)
+    n_settles = sum(len(parties) for p in hot.values() for parties, _, _ in p.out_s.values())
+    assert sum(len(v) for v in eng._settles.values()) == n_settles
+    hot_leases = {k for p in hot.values() for k in p.linked.get("leases", ())}
+    assert {k for v in eng._leases_of.values() for k in v} <= hot_leases
+    n_ratings = sum(len(p.out_r) for p in hot.values())
+    assert sum(len(h.ts) for h in eng.rep._hist.values()) == n_ratings
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_cold_indexes_leave_memory_and_readers_answer_the_same(case: int) -> None:
+    """With every evicted auction cold, the settlement index, routing's movers, the
+    leases of each party, the deadlines and reputation's ratings of cold auctions are
+    in the store only; every reader answers as `derive()` does, and late events
+    routed through a cold award (payments, ratings) find their auction."""
+    rnd = random.Random(300 + case)
+    evs = history(rnd, n_auctions=25)
+    awards = {e.id for e in evs if e.kind in ("award", "subcontract")}
+    late = [e for e in evs[: len(evs) // 2]
+            if e.kind in ("payment", "rating", "usage") and e.ref in awards][::2]
+    present = {e.id: e for e in evs if e not in late}
+    eng = _engine(evs, "cold", present)
+    for i in range(0, len(evs), 4):
+        eng.add([e for e in evs[i:i + 4] if e.id in present])
+        eng.market()
+    assert eng.cold() > 0
+    _only_hot_in_memory(eng)
+    assert snapshot(eng.market()) == snapshot(derive(_canon(list(present.values()))))
+    thaws = eng.thaws
+    for e in late:  # one at a time: each routes through a cold award
+        eng.add([e])
+        present[e.id] = e
+        m = eng.market()
+        _only_hot_in_memory(eng)
+    assert eng.thaws > thaws
+    assert snapshot(m) == snapshot(derive(_canon(list(present.values()))))

@@ -161,6 +161,7 @@ def test_snapshot_restart_equals_a_fresh_build(tmp_path: Path, cold_after_ms: in
 
     from fold_helpers import NETWORK as HNET
     from fold_helpers import history
+    from fold_helpers import snapshot as full_snapshot
 
     from node.marketview import load_snapshot, save_snapshot, save_snapshot_forked
 
@@ -196,6 +197,8 @@ def test_snapshot_restart_equals_a_fresh_build(tmp_path: Path, cold_after_ms: in
         third = LiveMarket(led, skew_ms=10, clock=clock, snapshot=snap)
         assert third.restored
         assert views.market_json(third.market()) == views.market_json(fresh.market())
+        # every reader, the cold indexes' (leases of a party, settled counts, ratings)
+        assert full_snapshot(third.market()) == full_snapshot(fresh.market())
         # other settings, or a damaged file: no snapshot, a build instead
         assert load_snapshot(led, snap, skew_ms=11, clock=clock) is None
         snap.write_bytes(snap.read_bytes()[:-100])
@@ -341,4 +344,74 @@ def test_cold_store_held_for_a_snapshot_keeps_its_file_and_catches_up_on_release
     assert file_pks() == {b"B" * 32}
     assert store.take(b"B" * 32) == b"sB"
     outside.close()
+    store.close()
+
+
+def test_cold_store_indexes_answer_through_a_hold_and_a_snapshot(tmp_path: Path) -> None:
+    """The cold parts of the engine's indexes (`ColdIdx`): each reader answers from
+    the tables, as if held puts and takes were written, and `rows()` gives them back
+    for a snapshot."""
+    from node.auction.foldstate import ColdIdx
+    from node.marketcold import SqliteCold
+
+    pa, pb, party = b"A" * 32, b"B" * 32, b"p" * 32
+    at = (5, b"a" * 32, 1)
+    ia = ColdIdx(100, movers=((b"w" * 32, "award", pa),), settles=((party, at, 50, b"w" * 32),),
+                 leases=((party, at, b"w" * 32),), ratings=((party, "recipient", 60, 21),))
+    ib = ColdIdx(300, settles=((party, (9, b"b" * 32, 1), 70, b"x" * 32),),
+                 leases=((party, (9, b"b" * 32, 1), b"x" * 32),),
+                 ratings=((party, "recipient", 80, 19),))
+    store = SqliteCold(tmp_path)
+
+    def answers() -> tuple[object, ...]:
+        return (store.mover(b"w" * 32), store.settled(party, None, 60),
+                store.settled(party, (9, b"b" * 32, 1), 1000), store.settled(party, None, 1000, 1),
+                sorted(store.leases(party)), sorted(store.open_from(200)),
+                sorted(store.ratings(party, "recipient")), store.rating_keys(),
+                store.max_rating_ts())
+
+    store.put(pa, 5, b"sA", b"vA", (), (), ia)
+    assert answers() == (("award", pa), 1, 1, 1, [(at, b"w" * 32)], [], [(60, 21)],
+                         {(party, "recipient")}, 60)
+    store.hold()
+    store.put(pb, 9, b"sB", b"vB", (), (), ib)
+    both = (("award", pa), 1, 1, 1, [(at, b"w" * 32), ((9, b"b" * 32, 1), b"x" * 32)], [pb],
+            [(60, 21), (80, 19)], {(party, "recipient")}, 80)
+    assert answers() == both
+    assert {r[0]: r[6] for r in store.rows()} == {pa: ia, pb: ib}
+    store.release()
+    assert answers() == both
+    assert store.take(pa) == b"sA"
+    assert answers() == (None, 0, 0, 1, [((9, b"b" * 32, 1), b"x" * 32)], [pb], [(80, 19)],
+                         {(party, "recipient")}, 80)
+    store.hold()
+    store.take(pb)  # taken while held: still in the file, not in the answers
+    assert answers() == (None, 0, 0, 0, [], [], [], set(), 0)
+    store.release()
+    assert answers() == (None, 0, 0, 0, [], [], [], set(), 0)
+    store.close()
+
+
+def test_cold_store_file_gives_back_the_pages_of_partitions_taken_back(tmp_path: Path) -> None:
+    """A long-lived node thaws and re-cools partitions: the store's file follows what
+    is cold now (incremental vacuum after a commit), not everything that ever was."""
+    from node.auction.foldstate import ColdIdx
+    from node.marketcold import SqliteCold
+
+    store = SqliteCold(tmp_path)
+    blob = b"x" * 3000
+    pks = [i.to_bytes(4, "big") * 8 for i in range(2000)]
+    for i, pk in enumerate(pks):
+        store.put(pk, i, blob, blob, (), (), ColdIdx(i, movers=((pk[::-1], "award", pk),)))
+    store.commit()
+    full, _ = store.pages()
+    for pk in pks[100:]:
+        assert store.take(pk) == blob
+    store.commit()
+    pages, _ = store.pages()
+    assert store.vacuums > 0 and pages < full // 4
+    page = store.db.execute("PRAGMA page_size").fetchone()[0]
+    assert Path(store.path).stat().st_size == pages * page
+    assert all(store.values(pk) == blob for pk in pks[:100])
+    assert store.mover(pks[5][::-1]) == ("award", pks[5]) and store.mover(pks[500][::-1]) is None
     store.close()

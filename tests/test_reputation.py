@@ -202,3 +202,56 @@ def test_removing_an_unknown_rating_is_refused() -> None:
         fold.remove(K, "provider", 5, True, 3, 1)
     fold.remove(K, "provider", 5, True, 4, 1)
     assert fold.keys() == [] and fold.score(K, "provider", 9).ratings == 0
+
+
+@given(_ROWS, st.lists(st.integers(0, 8 * DAY), min_size=1, max_size=8),
+       st.integers(0, 2**32 - 1))
+def test_cold_ratings_answer_as_if_in_memory(
+    rows: list[tuple[int, bool, int, int]], ats: list[int], shuffle: int
+) -> None:
+    """Ratings moved to a cold store (`cool`, a real SQLite file) and back (`thaw`), with
+    inserts, removals and lookups in between: every as-of lookup answers as the
+    definition replayed from scratch (the merged history, its cache kept current)."""
+    import random
+
+    from node.auction.foldstate import ColdIdx
+    from node.marketcold import SqliteCold
+
+    pol = Policy(half_life_ms=DAY)
+    store = SqliteCold()
+    fold = FoldReputation(pol)
+    fold.attach_cold(store)
+    rnd = random.Random(shuffle)
+    hot = list(rows)
+    for r in hot:
+        fold.insert(K, "provider", r[0], r[1], r[2], r[3])
+    cold: dict[bytes, list[tuple[int, bool, int, int]]] = {}
+    for step in range(6):
+        if hot and rnd.random() < 0.6:  # a partition's ratings go cold
+            part = rnd.sample(hot, rnd.randint(1, len(hot)))
+            pk = bytes([step]) * 32
+            got = [(K, "provider", r[0], fold.cool(K, "provider", *r)) for r in part]
+            store.put(pk, 0, b"s", b"v", (), (), ColdIdx(None, ratings=tuple(got)))
+            cold[pk] = part
+            for r in part:
+                hot.remove(r)
+        elif cold and rnd.random() < 0.5:  # one comes back
+            pk = rnd.choice(list(cold))
+            store.take(pk)
+            for r in cold.pop(pk):
+                fold.thaw(K, "provider", *r)
+                hot.append(r)
+        if hot and rnd.random() < 0.5:  # a hot rating removed and inserted again
+            r = rnd.choice(hot)
+            fold.remove(K, "provider", *r)
+            fold.ppm(K, "provider", rnd.choice(ats))
+            fold.insert(K, "provider", *r)
+        for at in ats:
+            want = _naive(rows, at, pol)
+            s = fold.score(K, "provider", at)
+            assert (s.ppm, s.ratings, s.satisfied, s.stars_sum, s.weight) == want
+            assert fold.ppm(K, "provider", at) == want[0]
+    assert fold.keys() == ([K] if rows else []) and fold.count == len(rows)
+    h = fold._hist.get((K, "provider"))  # only the hot ratings stay in memory
+    assert (len(h.ts) if h is not None else 0) == len(hot)
+    store.close()

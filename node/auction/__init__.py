@@ -14,6 +14,7 @@ from .market import (
     Ignored,
     Market,
     OfferRecord,
+    PartyLog,
     PaymentRecord,
     PledgeEntry,
     RankedOffer,
@@ -29,7 +30,7 @@ from .market import (
 
 __all__ = [
     "BEST_VALUE_K", "DELEGATION_TAG", "Auction", "AwardCheck", "BidEntry", "DeviceAdmission",
-    "Evidence", "Ignored", "Lease", "Market", "OfferRecord", "PaymentRecord", "PledgeEntry",
-    "RankedOffer", "RatingRecord", "SubcontractRecord", "clear", "derive", "find_auction",
-    "find_lease", "make_delegation", "rank_offers", "verify_award",
+    "Evidence", "Ignored", "Lease", "Market", "OfferRecord", "PartyLog", "PaymentRecord",
+    "PledgeEntry", "RankedOffer", "RatingRecord", "SubcontractRecord", "clear", "derive",
+    "find_auction", "find_lease", "make_delegation", "rank_offers", "verify_award",
 ]

@@ -53,6 +53,7 @@ from .foldstate import (
     _REASSIGNED,
     LAZY_DICTS,
     CKey,
+    ColdIdx,
     ColdStore,
     Kept,
     LazyDict,
@@ -69,7 +70,7 @@ from .foldstate import (
     kept,
 )
 from .lease import Lease
-from .market import Auction, Market, OfferRecord, RatingRecord
+from .market import Auction, Market, OfferRecord, PartyLog, RatingRecord, SubcontractRecord
 
 __all__ = ["COLD_AFTER_MS", "CKey", "ColdStore", "FoldedMarket", "IncrementalMarket",
            "OfferSource", "Source", "ckey"]
@@ -124,7 +125,12 @@ class FoldedMarket(Market):
         raise UsageError("a FoldedMarket is kept by IncrementalMarket; add events there")
 
     def settled(self, key: bytes, at_ms: int) -> int:
-        return sum(1 for _, end, _ in self._engine._settles.get(key, ()) if end <= at_ms)
+        eng = self._engine
+        n = sum(1 for _, end, _ in eng._settles.get(key, ()) if end <= at_ms)
+        if eng._cold_parts:
+            assert eng._cold is not None
+            n += eng._cold.settled(key, None, at_ms)
+        return n
 
     def open_auctions(self, now_ms: int) -> list[Auction]:
         return self._engine._open_auctions(now_ms)
@@ -132,7 +138,14 @@ class FoldedMarket(Market):
     def leases_of(self, key: bytes) -> list[Lease]:
         eng = self._engine
         sk = eng._ord["leases"].sk
-        return [self.leases[k] for k in sorted(eng._leases_of.get(key, ()), key=sk)]
+        ents = [(sk(k), k) for k in eng._leases_of.get(key, ())]
+        if eng._cold_parts:
+            assert eng._cold is not None
+            ents += eng._cold.leases(key)
+        return [self.leases[k] for _, k in sorted(ents)]
+
+    def party_log(self, key: bytes) -> PartyLog:
+        return self._engine._party_log(key)
 
 
 class IncrementalMarket(ColdTier):
@@ -191,8 +204,10 @@ class IncrementalMarket(ColdTier):
         self._deadlines: list[tuple[int, bytes]] = []
         self._open_from = -1
         self._leases_of: dict[bytes, list[bytes]] = {}
+        self._logs: dict[bytes, PartyLog] = {}  # parties a reader follows (party_log)
         self._ord["auctions"].watch = self._watch_auction
         self._ord["leases"].watch = self._watch_lease
+        self._ord["subcontracts"].watch = self._watch_subcontract
         self.applied = 0  # events folded (counting re-folds)
         self.rederived = 0  # partitions re-derived from their first event
         self.loads = 0  # evicted partitions loaded back from the source
@@ -315,18 +330,94 @@ class IncrementalMarket(ColdTier):
         del dl[:cut]
         self._open_from = now_ms
         sk = self._ord["auctions"].sk
-        return [d[k] for k in sorted((k for _, k in dl), key=sk)]
+        keys = [k for _, k in dl]
+        if self._cold_parts:  # cold auctions ended an hour ago, as a rule: none here
+            assert self._cold is not None
+            keys += self._cold.open_from(now_ms)
+        return [d[k] for k in sorted(keys, key=sk)]
 
     def _watch_lease(self, k: bytes, old: Lease | None, new: Lease | None) -> None:
         if old is not None:
-            for p in {old.provider, *old.keys}:
+            self._index_lease(k, old, False)
+        if new is not None:
+            self._index_lease(k, new, True)
+        logs = self._logs
+        if logs:
+            for x in (old, new):
+                if x is not None:
+                    for p in {x.provider, *x.keys}:
+                        if p in logs:
+                            logs[p].note("leases", k)
+
+    def _index_lease(self, k: bytes, lease: Lease, add: bool) -> None:
+        for p in {lease.provider, *lease.keys}:
+            if add:
+                self._leases_of.setdefault(p, []).append(k)
+            else:
                 lst = self._leases_of[p]
                 lst.remove(k)
                 if not lst:
                     del self._leases_of[p]
-        if new is not None:
-            for p in {new.provider, *new.keys}:
-                self._leases_of.setdefault(p, []).append(k)
+
+    def _watch_subcontract(self, k: bytes, old: SubcontractRecord | None,
+                           new: SubcontractRecord | None) -> None:
+        logs = self._logs
+        for x in (old, new):
+            if x is not None and x.provider in logs:
+                logs[x.provider].note("subcontracts", k)
+
+    def _party_log(self, key: bytes) -> PartyLog:
+        old = self._logs.get(key)
+        if old is not None:
+            old.ended = True
+        log = self._logs[key] = PartyLog()
+        return log
+
+    # ------------------------------------------------------------ cold indexes
+
+    def _cool_idx(self, p: _Part, vals: dict[str, dict[Any, Any]],
+                  sks: dict[str, dict[Any, CKey]],
+                  movers: tuple[tuple[bytes, str, bytes | None], ...]) -> ColdIdx:
+        """Take a partition going cold out of the in-memory indexes; what it had there
+        goes to the store's tables (`ColdIdx`), where the readers find it."""
+        a = vals.get("auctions", {}).get(p.key)
+        if a is not None:
+            self._watch_auction(p.key, a, None)
+        settles = []
+        for ck, (parties, end, lease_id) in p.out_s.items():
+            self._settle_remove(parties, ck)
+            settles += [(k, ck, end, lease_id) for k in parties]
+        leases = []
+        for k, lease in vals.get("leases", {}).items():
+            self._index_lease(k, lease, False)
+            leases += [(party, sks["leases"][k], k) for party in {lease.provider, *lease.keys}]
+        ratings = [(subj, role, ck[0], self.rep.cool(subj, role, ck[0], sat, score, w))
+                   for ck, (subj, role, sat, score, w) in p.out_r.items()]
+        return ColdIdx(None if a is None else a.deadline_ms, movers, tuple(settles),
+                       tuple(leases), tuple(ratings))
+
+    def _thaw_idx(self, p: _Part, vals: dict[str, dict[Any, Any]],
+                  movers: tuple[tuple[bytes, str, bytes | None], ...]) -> None:
+        """The reverse of `_cool_idx` (the store forgets its rows)."""
+        for i, kind, ref in movers:
+            self._movers[i] = (kind, ref)
+        a = vals.get("auctions", {}).get(p.key)
+        if a is not None:
+            self._watch_auction(p.key, None, a)
+        for ck, (parties, end, lease_id) in p.out_s.items():
+            self._settle_add(parties, ck, end, lease_id)
+        for k, lease in vals.get("leases", {}).items():
+            self._index_lease(k, lease, True)
+        for ck, (subj, role, sat, score, w) in p.out_r.items():
+            self.rep.thaw(subj, role, ck[0], sat, score, w)
+
+    def _mover(self, event_id: bytes) -> tuple[str, bytes | None] | None:
+        """(kind, ref) of a present commit, award or subcontract (cold ones: the store)."""
+        t = self._movers.get(event_id)
+        if t is None and self._cold_parts:
+            assert self._cold is not None
+            t = self._cold.mover(event_id)
+        return t
 
     # ------------------------------------------------------------ offers
 
@@ -450,7 +541,7 @@ class IncrementalMarket(ColdTier):
         assert ref is not None
         if kind in ("bid", "commit", "pledge", "award"):
             return ref
-        t = self._movers.get(ref)  # other targets route nothing through them
+        t = self._mover(ref)  # other targets route nothing through them
         if t is None:
             return ref
         t_kind, t_ref = t
@@ -459,7 +550,7 @@ class IncrementalMarket(ColdTier):
         if t_kind == "award" and t_ref is not None:
             return t_ref
         if t_kind == "subcontract" and kind == "rating" and t_ref is not None:
-            a = self._movers.get(t_ref)
+            a = self._mover(t_ref)
             return a[1] if a is not None and a[0] == "award" and a[1] else t_ref
         return ref
 
@@ -668,6 +759,9 @@ class IncrementalMarket(ColdTier):
                 break
             if end <= at_ms:
                 n += 1
+        if n < cap and self._cold_parts:  # a query per rating folded, with a cold tier
+            assert self._cold is not None
+            n += self._cold.settled(key, at, at_ms, cap - n)
         return n
 
     def _settle_add(self, parties: tuple[bytes, ...], ck: CKey, end: int, lease: bytes) -> None:
@@ -678,3 +772,5 @@ class IncrementalMarket(ColdTier):
         for k in parties:
             lst = self._settles[k]
             del lst[bisect_left(lst, ck, key=lambda e: e[0])]
+            if not lst:
+                del self._settles[k]

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..events import Event
+from ..reputation import FoldReputation
 from .foldstate import (
     LAZY_DICTS,
     SK,
     CKey,
+    ColdIdx,
     ColdRef,
     ColdStore,
     ColdValues,
@@ -32,6 +34,7 @@ class ColdTier:
     state, declared here for the type checker)."""
 
     _cold: ColdStore | None
+    rep: FoldReputation
     _cold_values: ColdValues
     _ord: dict[str, _Ordered]
     _cold_after: int
@@ -46,6 +49,11 @@ class ColdTier:
     _set_reads: dict[bytes, list[tuple[CKey, int, bytes]]]
     _source: Source | None
     _route: Callable[[Event], bytes]
+    _movers: dict[bytes, tuple[str, bytes | None]]
+    _cool_idx: Callable[[_Part, dict[str, dict[Any, Any]], dict[str, dict[Any, CKey]],
+                         tuple[tuple[bytes, str, bytes | None], ...]], ColdIdx]
+    _thaw_idx: Callable[[_Part, dict[str, dict[Any, Any]],
+                         tuple[tuple[bytes, str, bytes | None], ...]], None]
     thaws: int
 
     def cold(self) -> int:
@@ -57,6 +65,7 @@ class ColdTier:
         must be the one the engine left)."""
         self._cold = cold
         self._cold_values = ColdValues(cold) if cold is not None else _NO_VALUES
+        self.rep.attach_cold(cold)
         for name in LAZY_DICTS:
             d = self._ord[name].d
             if isinstance(d, LazyDict):
@@ -84,7 +93,9 @@ class ColdTier:
             for i in p.ids:
                 del self._part_of[i]
             rr, rs = tuple(p.reads_rep), tuple(p.reads_set)
-            state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s)
+            movers = tuple((i, *t) for i in p.ids if (t := self._movers.pop(i, None)))
+            state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s,
+                     movers)
             # Its merged entries keep their keys and places; their values and
             # canonical keys go too (`SK`: by dict name, the canonical key of each key).
             vals: dict[str, dict[Any, Any]] = {}
@@ -98,9 +109,10 @@ class ColdTier:
                     sks[name] = {k: o.pos.pop(k) for k in keys}
                     for k in keys:
                         dict.__setitem__(o.d, k, ref)
+            idx = self._cool_idx(p, vals, sks, movers)
             vals[SK] = sks
             cold.put(pk, p.top, pickle.dumps(state, pickle.HIGHEST_PROTOCOL),
-                     pickle.dumps(vals, pickle.HIGHEST_PROTOCOL), rr, rs)
+                     pickle.dumps(vals, pickle.HIGHEST_PROTOCOL), rr, rs, idx)
             del self._parts[pk]
             self._cold_top = max(self._cold_top, p.top)
             self._cold_parts += 1
@@ -125,7 +137,8 @@ class ColdTier:
             self._ord[name].pos.update(sk)
         p = _Part(pk)
         (ids, p.top, p.applied, p.linked, p.ign, p.evd, p.reads_rep, p.reads_set, p.out_r,
-         p.out_s) = pickle.loads(blob)
+         p.out_s, movers) = pickle.loads(blob)
+        self._thaw_idx(p, vals, movers)
         p.ids = ids
         for i in ids:
             self._part_of[i] = pk

@@ -250,13 +250,29 @@ RepRead = _RepRead
 SetRead = _SetRead
 
 
+class ColdIdx(NamedTuple):
+    """What a partition going cold takes out of the engine's in-memory indexes: the
+    store keeps it in indexed tables, and the engine reads those where it read its own
+    (`foldcold.ColdTier`)."""
+
+    deadline: int | None  # its auction's (open_auctions)
+    movers: tuple[tuple[bytes, str, bytes | None], ...] = ()  # (id, kind, ref): routing
+    settles: tuple[tuple[bytes, CKey, int, bytes], ...] = ()  # (party, at, end_ms, lease)
+    leases: tuple[tuple[bytes, CKey, bytes], ...] = ()  # (party, canonical key, lease)
+    ratings: tuple[tuple[bytes, str, int, int], ...] = ()  # (subject, role, ts_ms, attrs)
+
+
+NO_IDX = ColdIdx(None)
+
+
 class ColdStore(Protocol):
     """Where `IncrementalMarket` keeps closed partitions' bookkeeping out of memory
     (e.g. `marketcold.SqliteCold`): by partition key, with the reads each recorded
     indexed so that a changed output finds its cold readers."""
 
     def put(self, pk: bytes, top: int, state: bytes, vals: bytes,
-            reads_rep: tuple[RepRead, ...], reads_set: tuple[SetRead, ...]) -> None: ...
+            reads_rep: tuple[RepRead, ...], reads_set: tuple[SetRead, ...],
+            idx: ColdIdx = NO_IDX) -> None: ...
 
     def take(self, pk: bytes) -> bytes | None:
         """The partition's state, which leaves the store; None if it is not there."""
@@ -273,6 +289,31 @@ class ColdStore(Protocol):
 
     def max_top(self) -> int:
         """The latest event ts_ms of any partition in the store (0: none)."""
+
+    # The in-memory indexes' cold parts (`ColdIdx`):
+
+    def mover(self, event_id: bytes) -> tuple[str, bytes | None] | None:
+        """(kind, ref) of a commit, award or subcontract in a cold partition."""
+
+    def settled(self, party: bytes, before: CKey | None, ended_by: int,
+                limit: int | None = None) -> int:
+        """Cold settlements of `party` at keys before `before` (any if None) of leases
+        ended by `ended_by`, counted up to `limit`."""
+
+    def leases(self, party: bytes) -> list[tuple[CKey, bytes]]:
+        """(canonical key, lease) of the cold leases `party` is a party to."""
+
+    def open_from(self, now_ms: int) -> list[bytes]:
+        """Cold auctions whose deadline is at or after `now_ms`."""
+
+    def ratings(self, key: bytes, role: str) -> list[tuple[int, int]]:
+        """(ts_ms, packed attributes) of the cold ratings of (key, role)."""
+
+    def rating_keys(self) -> set[tuple[bytes, str]]:
+        """(key, role) of every cold rating."""
+
+    def max_rating_ts(self) -> int:
+        """The latest ts_ms of a cold rating (0: none)."""
 
 
 class _Part:

@@ -146,6 +146,44 @@ class SubcontractRecord:
     services: tuple[str, ...]
 
 
+class PartyLog:
+    """Keys of one party's leases and subcontracts changed since the last `drain()`
+    (added, replaced or removed), kept by the live market (`Market.party_log`). Never
+    more than LOG_MAX: past that it overflows, and `drain()` says so (None: walk
+    everything once more), so a log nobody drains any more costs little. One log a
+    party: asking for another one ends the first (`ended`: its drain says None)."""
+
+    LOG_MAX = 4096
+    __slots__ = ("ended", "leases", "n", "overflow", "subcontracts")
+
+    def __init__(self) -> None:
+        self.leases: dict[bytes, None] = {}
+        self.subcontracts: dict[bytes, None] = {}
+        self.n = 0
+        self.overflow = False
+        self.ended = False
+
+    def note(self, what: str, key: bytes) -> None:
+        if self.overflow:
+            return
+        d = self.leases if what == "leases" else self.subcontracts
+        if key not in d:
+            d[key] = None
+            self.n += 1
+            if self.n > self.LOG_MAX:
+                self.overflow = True
+                self.leases, self.subcontracts, self.n = {}, {}, 0
+
+    def drain(self) -> tuple[list[bytes], list[bytes]] | None:
+        """(lease keys, subcontract keys) changed since the last drain, in the order
+        they first changed; None after an overflow."""
+        if self.ended:
+            return None
+        got = None if self.overflow else (list(self.leases), list(self.subcontracts))
+        self.leases, self.subcontracts, self.n, self.overflow = {}, {}, 0, False
+        return got
+
+
 @fast_pickle
 @dataclass(frozen=True, slots=True)
 class OfferRecord:
@@ -623,6 +661,13 @@ class Market:
         """Leases `key` is a party to (provider, recipient, device or group member), in
         canonical order. The live market answers from an index."""
         return [x for x in self.leases.values() if key == x.provider or key in x.keys]
+
+    def party_log(self, key: bytes) -> PartyLog | None:
+        """Follow the changes of `key`'s leases (as a party) and subcontracts (as the
+        hirer) from now on: the live market logs them, so a reader that walked them
+        once then looks at what changed (`PartyLog.drain`). None: this market keeps no
+        log (a plain `Market`): walk them all each time."""
+        return None
 
     def payers_for(self, lease_id: bytes) -> dict[bytes, list[bytes]]:
         """Who paid for whom: payer -> members it paid on behalf of (itself if none)."""

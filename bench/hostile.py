@@ -2,7 +2,7 @@
 """The open network is hostile (issue 12): every attack class against real node
 processes, side by side with an idle run.
 
-    .venv/bin/python bench/hostile.py [--quick] [--only NAME ...] [--list]
+    .venv/bin/python bench/hostile.py [--quick] [--only NAME ...] [--list] [--keep]
 
 Victims: `bidmesh run` daemons on loopback (tests/daemon_helpers.py): V (the node
 under attack, HTTP API on) and H (its honest peer, bootstrapped to V), both offering
@@ -86,6 +86,7 @@ import logging
 import os
 import re
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -1398,6 +1399,8 @@ def main() -> int:
     ap.add_argument("--victim-with-attackers", action="store_true",
                     help="pin the victim with the attackers, so the honest peer, the "
                     "control node and the prober have a CPU of their own")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the nodes' directory (ledgers, logs) instead of removing it")
     a = ap.parse_args()
     todo = attacks(a.quick)
     if a.list:
@@ -1414,6 +1417,17 @@ def main() -> int:
     logging.disable(logging.CRITICAL)
     scale = dict(QUICK if a.quick else FULL)
     base = Path(tempfile.mkdtemp(prefix="bm-hostile-"))
+    try:
+        return _run(a, todo, scale, base)
+    finally:
+        # The nodes' ledgers and logs (tens of MB a run) go with the run, unless kept.
+        if a.keep:
+            print(f"kept the nodes' directory {base}", flush=True)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _run(a: argparse.Namespace, todo: list[Attack], scale: dict[str, Any], base: Path) -> int:
     t_start = time.time()
     load_before = os.getloadavg()[0]
     print(f"load average before the run: {load_before:.2f} on {os.cpu_count()} CPUs "

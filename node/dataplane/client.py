@@ -4,7 +4,6 @@ the processed stream. Used by the light client, devnet and the benchmark."""
 from __future__ import annotations
 
 import os
-import struct
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,12 +32,19 @@ from ..p2p import (
     write_frame,
 )
 from ..segments import FrameReader, Packet, Segmenter, new_parser
-from .wire import TRAILER_SEQ, SegmentLimits, StreamHeader, Trailer, lease_key, stream_protocol
+from .wire import (
+    TRAILER_SEQ,
+    U64,
+    SegmentLimits,
+    StreamHeader,
+    Trailer,
+    lease_key,
+    stream_protocol,
+)
 
 __all__ = ["InputAcks", "StreamResult", "member_key", "split_results",
            "stream_through_lease"]
 
-_SEQ = struct.Struct(">Q")
 DEFAULT_CHUNK = 256 << 10
 _AUTH_REASONS = frozenset({Reason.NO_LEASE, Reason.NOT_OUR_LEASE, Reason.OUTSIDE_WINDOW,
                            Reason.NOT_MEMBER, Reason.BAD_DELEGATION, Reason.LEASE_CLOSED,
@@ -208,7 +214,7 @@ async def stream_through_lease(
                 if len(frame) < 8:
                     raise InvalidMessage("output frame shorter than its seq",
                                          Reason.MALFORMED_FRAME)
-                (seq,) = _SEQ.unpack_from(frame)
+                (seq,) = U64.unpack_from(frame)
                 if seq == TRAILER_SEQ:
                     trailer = Trailer.decode(frame[8:])
                     break

@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import struct
-import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +47,7 @@ from ..processors.pool import WorkerPool
 from ..segments import Step, plan
 from .authority import check_process, check_stream_chains, volume_limit
 from .budget import ByteBudget, read_exactly, read_frame_length
+from .clock import wall_clock_ms
 from .config import SHOWN_LIMITS, DataplaneConfig
 from .dispatch import Contracts, Dispatcher
 from .egress import EgressPolicy
@@ -56,6 +55,7 @@ from .streams import Ingest, LeaseState, error_reason
 from .wire import (
     SESSION_ERROR_ID,
     TRAILER_SEQ,
+    U64,
     ProcessRequest,
     StreamHeader,
     Trailer,
@@ -71,7 +71,6 @@ from .wire import (
 __all__ = ["DataplaneConfig", "DataplaneService", "wall_clock_ms"]
 
 log = logging.getLogger(__name__)
-_SEQ = struct.Struct(">Q")
 _MAX_USAGE_MEMBERS = 256  # Usage.members holds at most 256 entries
 _OK = 0  # node.p2p's request wire: 0x00 | payload, or 0x01 | u8 n | reason | message
 
@@ -79,10 +78,6 @@ _OK = 0  # node.p2p's request wire: 0x00 | payload, or 0x01 | u8 n | reason | me
 def _error_answer(reason: str, message: str) -> bytes:
     code = reason.encode("ascii", "replace")[:255]
     return bytes([1, len(code)]) + code + message.encode("utf-8", "replace")[:1024]
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class DataplaneService:
@@ -242,7 +237,7 @@ class DataplaneService:
         self.counters[f"refused:{reason}"] += 1
         log.info("refusing a dataplane stream (%s): %s", reason, message)
         try:
-            await write_frame(stream, _SEQ.pack(TRAILER_SEQ) + Trailer(False, reason, message)
+            await write_frame(stream, U64.pack(TRAILER_SEQ) + Trailer(False, reason, message)
                               .encode(), min(5.0, self.config.write_timeout_s))
         except BidmeshError as e:
             log.debug("could not tell the peer why (%s)", e)
@@ -331,7 +326,7 @@ class DataplaneService:
             if isinstance(ing.error, RemoteError):
                 return  # the member reset the stream: nobody to tell
         try:
-            await write_frame(stream, _SEQ.pack(TRAILER_SEQ) + trailer.encode(),
+            await write_frame(stream, U64.pack(TRAILER_SEQ) + trailer.encode(),
                               cfg.write_timeout_s)
         except BidmeshError as e:
             log.info("could not send the trailer: %s", e)
@@ -612,7 +607,7 @@ class DataplaneService:
         charged to the budget by the reader: they are released once it is processed,
         and the outputs are charged until written."""
         cfg = self.config
-        (rid,) = _SEQ.unpack_from(frame)
+        (rid,) = U64.unpack_from(frame)
         data = b""
         out = 0
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 
 import trio
 
@@ -26,12 +25,11 @@ from ..p2p import (
     write_frame,
 )
 from .budget import read_exactly, read_frame_length
-from .wire import SESSION_ERROR_ID, ProcessRequest, SessionResponse
+from .wire import SESSION_ERROR_ID, U64, ProcessRequest, SessionResponse
 
 __all__ = ["ProcessSession"]
 
 log = logging.getLogger(__name__)
-_U64 = struct.Struct(">Q")
 CLOSE_GRACE_S = 5.0
 _ERROR_LIMIT = 1 + 1 + 255 + 1024  # an error answer: status, reason, message
 
@@ -164,7 +162,7 @@ class ProcessSession:
         if length < 9:
             raise InvalidMessage(f"{self.name} sent a process-session response shorter than "
                                  "its header", Reason.BAD_RESPONSE)
-        (rid,) = _U64.unpack(await read_exactly(self.stream, 8, math.inf))
+        (rid,) = U64.unpack(await read_exactly(self.stream, 8, math.inf))
         slot = self._slots.get(rid)
         limit = _ERROR_LIMIT if rid == SESSION_ERROR_ID or slot is None else max(
             slot.limit, _ERROR_LIMIT)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,18 +30,14 @@ from ..segments import (
     TokenBucket,
     new_parser,
 )
+from .clock import mono_ms
 from .config import DataplaneConfig
 from .dispatch import Contracts, Dispatcher
-from .wire import StreamHeader, Trailer
+from .wire import U64, StreamHeader, Trailer
 
 __all__ = ["Ingest", "IngestHost", "LeaseState", "MemberMeter", "error_reason"]
 
 log = logging.getLogger(__name__)
-_SEQ = struct.Struct(">Q")
-
-
-def _mono_ms() -> int:
-    return int(trio.current_time() * 1000)
 
 
 class IngestHost(Protocol):
@@ -94,21 +89,21 @@ class LeaseState:
         if not self.streams:
             self.idle = trio.Event()
             if self.lease.min_rate_bps:
-                self.meter = RateMeter(self.lease.min_rate_bps // 8, min_window_ms, _mono_ms())
+                self.meter = RateMeter(self.lease.min_rate_bps // 8, min_window_ms, mono_ms())
         self.streams.add(ing)
 
     def close_stream(self, ing: Ingest) -> None:
         self.streams.discard(ing)
         if not self.streams:
             if self.meter is not None:
-                self.shortfalls.extend(self.meter.close(_mono_ms()))
+                self.shortfalls.extend(self.meter.close(mono_ms()))
                 self.shortfall_ms += self.meter.shortfall_ms
                 self.meter = None
             self.idle.set()
 
     def delivered(self, n: int) -> None:
         if self.meter is not None:
-            self.shortfalls.extend(self.meter.record(n, _mono_ms()))
+            self.shortfalls.extend(self.meter.record(n, mono_ms()))
 
 
 def error_reason(e: BaseException) -> str:
@@ -192,7 +187,7 @@ class Ingest:
                 await self._throttle(len(chunk))
                 meter.bytes_in += len(chunk)
                 packets = self.parser.feed(chunk)
-            now = _mono_ms()
+            now = mono_ms()
             async with self.seg_lock:
                 segs: list[Segment] = []
                 for pkt in packets:
@@ -219,7 +214,7 @@ class Ingest:
             async with self.seg_lock:
                 if self.input_done.is_set():
                     return
-                for s in self.segmenter.tick(_mono_ms()):
+                for s in self.segmenter.tick(mono_ms()):
                     await self.seg_send.send(s)
 
     async def _throttle(self, n: int) -> None:
@@ -230,7 +225,7 @@ class Ingest:
         limited = False
         while n > 0:
             part = min(n, bucket.burst_bytes)
-            while (wait := bucket.take(part, _mono_ms())) > 0:
+            while (wait := bucket.take(part, mono_ms())) > 0:
                 limited = True
                 await trio.sleep(wait / 1000)
             n -= part
@@ -261,7 +256,7 @@ class Ingest:
         cfg, svc, st = self.svc.config, self.svc, self.st
         meter = st.member(self.member)
         async for seq, result in self.out_recv:
-            await write_frame(self.stream, result, cfg.write_timeout_s, _SEQ.pack(seq))
+            await write_frame(self.stream, result, cfg.write_timeout_s, U64.pack(seq))
             size, t0 = self.sizes.pop(seq)
             svc.latencies.append((trio.current_time() - t0) * 1000)
             self.segments += 1

@@ -48,6 +48,7 @@ from ..p2p import (
     touch_stream,
     write_frame,
 )
+from .clock import mono_ms
 from .egress import EgressPolicy
 from .tunnel_state import (
     READ_SIZE,
@@ -55,7 +56,6 @@ from .tunnel_state import (
     MemberUse,
     Tunnel,
     TunnelConfig,
-    mono_ms,
 )
 from .tunnel_wire import (
     DATA,

@@ -13,20 +13,16 @@ from ..auction import DeviceAdmission, Lease
 from ..errors import Refusal, UsageError
 from ..p2p import FRAME_HEADER, WRITE_PIECE, Stream
 from ..segments import TokenBucket
+from .clock import mono_ms
 from .egress import EgressPolicy
 from .metering import DemandMeter, FairQueue, Ticket
 from .tunnel_wire import TunnelOpen
 
-__all__ = ["READ_SIZE", "LeaseTunnels", "MemberUse", "SharedRate", "Tunnel", "TunnelConfig",
-           "mono_ms"]
+__all__ = ["READ_SIZE", "LeaseTunnels", "MemberUse", "SharedRate", "Tunnel", "TunnelConfig"]
 
 # One tunnel DATA frame (u32 length, type byte, data) is one stream write, hence one
 # yamux frame and one noise message (see node.p2p.WRITE_PIECE).
 READ_SIZE = WRITE_PIECE - FRAME_HEADER.size - 1
-
-
-def mono_ms() -> int:
-    return int(trio.current_time() * 1000)
 
 
 @dataclass(frozen=True)

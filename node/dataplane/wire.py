@@ -25,6 +25,7 @@ from ..segments import MAX_CHAINS, PROTOCOLS
 __all__ = [
     "SESSION_ERROR_ID",
     "TRAILER_SEQ",
+    "U64",
     "ProcessRequest",
     "SegmentLimits",
     "SessionResponse",
@@ -50,7 +51,8 @@ KEY_INFO: Final = b"bidmesh/lease-key/v1"
 SESSION_ERROR_ID: Final = (1 << 64) - 1
 """A process-session response with this id refuses the whole session."""
 _U32: Final = struct.Struct(">I")
-_U64: Final = struct.Struct(">Q")
+U64: Final = struct.Struct(">Q")
+"""Big-endian u64: output frames' seq, process-session request ids."""
 
 
 def stream_protocol(network: str) -> str:
@@ -284,7 +286,7 @@ class ProcessRequest:
         """`encode()` without the data that ends it (write both without joining them)."""
         head = codec.pack([VERSION, self.lease, self.stream_id, self.seq, self.step,
                            list(self.services), self.key])
-        rid = b"" if request_id is None else _U64.pack(request_id)
+        rid = b"" if request_id is None else U64.pack(request_id)
         return b"".join((rid, _U32.pack(len(head)), head))
 
     @classmethod
@@ -358,7 +360,7 @@ def encode_session_response(request_id: int, outputs: Sequence[bytes]) -> bytes:
 def session_response_parts(request_id: int, outputs: Sequence[bytes]) -> tuple[bytes, bytes]:
     """The response as (head, data) whose concatenation is `encode_session_response`;
     `data` is the output itself when there is one (no copy of it)."""
-    head = _U64.pack(request_id) + bytes([_S_OK])
+    head = U64.pack(request_id) + bytes([_S_OK])
     if len(outputs) == 1:
         return head + bytes([1]) + _U32.pack(len(outputs[0])), outputs[0]
     return head, encode_outputs(outputs)
@@ -366,7 +368,7 @@ def session_response_parts(request_id: int, outputs: Sequence[bytes]) -> tuple[b
 
 def encode_session_error(request_id: int, reason: str, message: str) -> bytes:
     code = reason.encode("ascii", "replace")[:64]
-    return b"".join((_U64.pack(request_id), bytes([_S_ERR, len(code)]), code,
+    return b"".join((U64.pack(request_id), bytes([_S_ERR, len(code)]), code,
                      message.encode("utf-8", "replace")[:1024]))
 
 
@@ -387,7 +389,7 @@ class SessionResponse:
         if len(frame) < 9:
             raise InvalidMessage("process-session response shorter than its header",
                                  Reason.BAD_RESPONSE)
-        (rid,) = _U64.unpack_from(frame)
+        (rid,) = U64.unpack_from(frame)
         return cls.decode_body(rid, memoryview(frame)[8:], expected)
 
     @classmethod

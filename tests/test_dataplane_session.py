@@ -7,24 +7,25 @@ import struct
 from dataclasses import replace
 
 import pytest
+import trio
 from conftest import wait_until
 from test_dataplane import CHAIN, make_lease, packets, reference, world
 
 from node.dataplane import DataplaneConfig
+from node.dataplane.session import ProcessSession
 from node.dataplane.wire import (
     SESSION_ERROR_ID,
     ProcessRequest,
     SessionResponse,
+    encode_session_response,
     session_protocol,
 )
 from node.errors import BidmeshError
-from node.p2p import P2PHost, read_frame, write_frame
+from node.p2p import P2PHost, Stream, open_host, read_frame, set_stream_handler, write_frame
 
 NET = "dptest"
 OFFERS = {"A": [("zstd", 1)], "B": [("aes-gcm", 1)]}
 U64 = struct.Struct(">Q")
-
-
 
 
 async def test_subcontracting_keeps_one_session_for_every_stream() -> None:
@@ -142,3 +143,42 @@ async def test_contractor_refusing_sessions_when_full_is_counted() -> None:
         assert resp.request_id == SESSION_ERROR_ID and resp.reason == "busy"
         assert w.nodes["B"].svc.counters["process_refused:busy"] == 1
         del lease
+
+
+async def test_call_cancelled_during_its_write_keeps_the_session() -> None:
+    """A call cancelled while its request is being written (the write is shielded, the
+    cancellation lands once the frame is out): the contractor answers it, and that
+    answer is dropped. It used to find no request in flight and fail the session, with
+    every other request on it, blaming a contractor that did nothing wrong."""
+    release = trio.Event()
+
+    async def contractor(stream: Stream) -> None:  # reads only once released
+        await release.wait()
+        for _ in range(2):
+            frame = await read_frame(stream, 4 << 20, 30.0)
+            (rid,) = U64.unpack_from(frame)
+            await write_frame(stream, encode_session_response(rid, [b"out%d" % rid]), 30.0)
+
+    async with open_host(b"r" * 32) as req_host, open_host(b"c" * 32) as con_host, \
+            trio.open_nursery() as nursery:
+        set_stream_handler(con_host, session_protocol(NET), contractor)
+        await req_host.connect(con_host.addrs[0])
+        stream = await req_host.new_stream(con_host.peer_id, session_protocol(NET))
+        session = ProcessSession(stream, "contractor", 8 << 20, 60.0)
+        nursery.start_soon(session.run)
+        # Four times yamux's initial window: the write waits for the contractor to read.
+        req = ProcessRequest(bytes(32), b"s1", 0, 0, ("identity",), None, b"x" * (1 << 20))
+        with trio.fail_after(60):
+            with trio.CancelScope() as scope:
+
+                async def cancel_while_writing() -> None:
+                    await wait_until(session._write_lock.locked, what="the write to start")
+                    scope.cancel()
+                    release.set()
+
+                nursery.start_soon(cancel_while_writing)
+                await session.call(req, 1, 60.0)
+            assert scope.cancelled_caught
+            assert await session.call(replace(req, seq=1, data=b"y"), 1, 60.0) == [b"out1"]
+        assert session.usable, session.error
+        nursery.cancel_scope.cancel()

@@ -108,10 +108,13 @@ class ProcessSession:
             try:
                 if self.error is not None:
                     raise self.error
-                # Shielded; resets the stream (failing the session) at the deadline.
+                # Written from here on: write_frame is shielded (it resets the stream,
+                # failing the session, at the deadline) and delivers a cancellation that
+                # came meanwhile only after the whole frame went out. That request will
+                # be answered; without its slot the answer failed the session.
+                written = True
                 await write_frame(self.stream, req.data, max(0.0, deadline - trio.current_time()),
                                   head)
-                written = True
             except BidmeshError as e:
                 self.fail(e)
                 raise

@@ -722,6 +722,73 @@ async def gossip_flood(t: Target, scale: dict[str, Any]) -> Outcome:
     return o
 
 
+async def gossip_flood_rotating(t: Target, scale: dict[str, Any]) -> Outcome:
+    """Fresh identities from one address, each gossiping valid events as fast as it
+    can for a moment (its first burst) and then making way for the next, a few at a
+    time: what the per-peer budget alone would multiply. The victim's subnet budget
+    (`[limits] gossip_subnet_*`) holds them together."""
+    o = Outcome()
+    n = int(scale.get("rotating_identities", 8))
+    per = int(scale.get("rotating_events", 2048))  # each: about its first burst and more
+    st0 = await call(t.victim, {"op": "status"})
+    t0 = trio.current_time()
+    sent = 0
+    ends: list[str] = []
+
+    def chain(i: int) -> list[bytes]:
+        idn = ident("rotflood", i)
+        wires, prev = [], None
+        for s in range(per):
+            ev = sign_event(idn.seed, s + 1, prev, int(time.time() * 1000),
+                            small_offer(s, "r" * 200), NETWORK)
+            wires.append(ev.wire)
+            prev = ev.id
+        return wires
+
+    async def one(i: int) -> None:
+        wires = await in_thread(chain, i)
+
+        async def body(g: Gossiper) -> None:
+            nonlocal sent
+            for k in range(0, len(wires), 256):
+                await g._publish(wires[k:k + 256])
+                sent += len(wires[k:k + 256])
+                await trio.sleep(0)
+
+        ends.append(await run_gossiper(t, f"rotflood-{i}", body))
+
+    limiter = trio.CapacityLimiter(int(scale.get("rotating_concurrency", 4)))
+
+    async def limited(i: int) -> None:
+        async with limiter:
+            await one(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(limited, i)
+    took = max(0.1, trio.current_time() - t0)
+    st1 = await call(t.victim, {"op": "status"})
+    o.figures.update(identities=n, events_sent=sent, seconds=round(took, 1),
+                     attackers_done=sum(e == "done" for e in ends))
+    if st0 and st1:
+        stored = st1["events"] - st0["events"]
+        b0, b1 = st0["gossip"]["budget"], st1["gossip"]["budget"]
+        o.figures.update(stored_by_victim=stored, stored_per_s=round(stored / took, 1),
+                         subnet_drops=(b1["dropped_batches"].get("subnet_events", 0)
+                                       - b0["dropped_batches"].get("subnet_events", 0)),
+                         refused_early=(st1["gossip"].get("refused_early", 0)
+                                        - st0["gossip"].get("refused_early", 0)))
+        lims = st0.get("resources", {}).get("limits", {})
+        rate = lims.get("gossip_subnet_events_per_s")
+        if rate:
+            first = float(lims.get("gossip_first_burst_s", lims.get("gossip_burst_s", 4)))
+            bound = float(rate) * (took + first) + 256 * n
+            o.figures["subnet_limit_per_s"] = rate
+            o.check(stored <= bound, f"{n} identities from one address stored "
+                    f"{stored / took:.0f} events/s (subnet budget {rate}/s not held)")
+    return o
+
+
 async def submit_flood(t: Target, scale: dict[str, Any]) -> Outcome:
     """SUBMIT bursts of 16 records, each from a new identity (rotating keys)."""
     o = Outcome()

@@ -205,6 +205,29 @@ def test_honest_burst_is_paced_not_cut_off(tmp_path: Path) -> None:
         assert c.status(a)["gossip"]["publish_paced"] > 0
 
 
+async def test_gossip_flood_from_rotating_identities_is_held_to_the_subnet_budget(
+        tmp_path: Path) -> None:
+    """Fresh identities from one address each gossip beyond their first burst: the
+    victim stores no more than its subnet budget for all of them together, the drops
+    happen on arrival, and it keeps serving its honest peer."""
+    with cluster(tmp_path, 2, overrides={
+            "node": {"log_level": "warning"}, "http": {"enabled": True, "port": 0},
+            # Each identity within its own budget (a first burst of 1,000), all of
+            # them together far beyond the subnet's 300/s.
+            "limits": {"gossip_burst_s": 2, "gossip_first_burst_s": 1,
+                       "gossip_subnet_events_per_s": 300}}) as c:
+        c.start_all()
+        t = target(c)
+        out = await run(A.gossip_flood_rotating, t, rotating_identities=4,
+                        rotating_events=512, rotating_concurrency=4)
+        await trio.to_thread.run_sync(alive, c, t.victim)
+        assert not out.failures, out.figures
+        assert out.figures["attackers_done"] >= 2, out.figures
+        assert out.figures["subnet_drops"] > 0, out.figures
+        assert out.figures["refused_early"] >= out.figures["subnet_drops"], out.figures
+        await serves_honest_peer(c, t.victim)
+
+
 async def test_pending_flood_keeps_room_for_honest_out_of_order(two: Cluster) -> None:
     out = await run(A.pending_flood, target(two), pending_keys=8, pending_events=32)
     await trio.to_thread.run_sync(alive, two, two.procs[0])

@@ -389,7 +389,8 @@ async def _run_locked(cfg: config.Config, stop: trio.Event) -> None:
     lim = cfg.limits
     ledger = Ledger(cfg.ledger_path, network=cfg.node.network, pending=PendingLimits(
         peer_events=lim.pending_peer_events, peer_bytes=lim.pending_peer_bytes,
-        total_bytes=lim.pending_total_bytes, ttl_s=float(lim.pending_ttl_s)))
+        total_bytes=lim.pending_total_bytes, ttl_s=float(lim.pending_ttl_s)),
+        cache_kib=cfg.node.ledger_cache_mib << 10)
     try:
         async with p2p.open_host(identity.seed, cfg.p2p.listen, limits=limits_of(cfg),
                                  bootstrap=cfg.p2p.bootstrap,

@@ -78,7 +78,10 @@ class _Batch:
 
 
 class Ledger(StoredReads):
-    """One network's ledger in one SQLite file. Use from a single thread."""
+    """One network's ledger in one SQLite file. Use from a single thread.
+
+    `cache_kib`: the writer's SQLite page cache (default `CACHE_KIB`; the daemon passes
+    `node.ledger_cache_mib`). It fills as the file grows and then stays at its cap."""
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class Ledger(StoredReads):
         pending_total: int = 65_536,
         pending: PendingLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cache_kib: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.network = network
@@ -107,7 +111,7 @@ class Ledger(StoredReads):
             self.db.execute("PRAGMA synchronous=NORMAL")
             # Batches from many authors dirty one index page per author; a larger cache
             # and fewer, larger checkpoints roughly halve the cost per stored event.
-            self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB if cache_kib is None else cache_kib}")
             self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             self.db.execute(f"PRAGMA journal_size_limit={64 << 20}")
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(events)")}

@@ -85,6 +85,21 @@ def test_publish_extends_own_chain(ledger: Ledger) -> None:
     assert (b.seq, b.prev, b.ts_ms) == (2, a.id, 1000)
 
 
+def test_page_cache_size(tmp_path: Path) -> None:
+    # The writer's page cache is part of the node's RSS: node.ledger_cache_mib sets it,
+    # and its default is the library's.
+    from node import config
+
+    def cache(led: Ledger) -> int:
+        return int(led.db.execute("PRAGMA cache_size").fetchone()[0])
+
+    with Ledger(tmp_path / "a.db", network=NETWORK) as led:
+        assert cache(led) == -ledger_mod.CACHE_KIB
+    with Ledger(tmp_path / "b.db", network=NETWORK, cache_kib=3 << 10) as led:
+        assert cache(led) == -(3 << 10)
+    assert config.NodeConfig().ledger_cache_mib << 10 == ledger_mod.CACHE_KIB
+
+
 def test_digest_depends_on_heads_only(tmp_path: Path) -> None:
     evs = [Chain(seed(i)).next() for i in range(3)]
     digests = []

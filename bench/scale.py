@@ -2,7 +2,7 @@
 """Scale: a node serving a ledger of 1,000,000 mixed events from 100,000 authors.
 
     .venv/bin/python bench/scale.py [--quick] [--events N] [--authors N] [--cache DIR]
-                                    [--no-sync] [--fresh]
+                                    [--no-sync] [--fresh] [--trace N]
 
 1. **Ledger.** Auctions as a market runs them, in time order over weeks of ledger
    time: a recipient's request, bids from 4 providers, the award (lowest price),
@@ -37,8 +37,13 @@
    start, not in `sync_s`); and the same on `/sync/1` (HEADS paging, for older
    nodes): `sync1_*`, `sync_bytes_vs_sync1_ratio`.
 
+4. `--trace N`: one more serving process (first build) under `tracemalloc`, printing
+   the N source lines holding the most Python heap once it serves (`trace_mib`: the
+   total; its RSS is not comparable, tracing costs memory and time).
+
 `--quick`: 100,000 events from 10,000 authors. The machine is shared: see `load1`.
-Last line: JSON figures.
+Several runs may share `--cache` (the ledger is only read; each run's snapshot, empty
+ledger and sync copies are its own). Last line: JSON figures.
 """
 
 from __future__ import annotations
@@ -231,6 +236,28 @@ def _mem() -> tuple[float, float]:
     return got["VmRSS"], got["VmHWM"]
 
 
+def trace(path: str, top: int) -> None:
+    """Child process: the first build under tracemalloc; the lines holding the most."""
+    import tracemalloc
+
+    from node.marketview import LiveMarket
+
+    tracemalloc.start()
+    led = Ledger(path, network=NETWORK)
+    live = LiveMarket(led)
+    live.market()
+    gc.collect()
+    snap = tracemalloc.take_snapshot()
+    stats = snap.statistics("lineno")
+    total = sum(st.size for st in stats)
+    lines = []
+    for st in stats[:top]:
+        fr = st.traceback[0]
+        where = fr.filename.replace(str(ROOT) + "/", "")
+        lines.append(f"{st.size / 2**20:8.2f} MiB {st.count:9d}  {where}:{fr.lineno}")
+    print(json.dumps({"trace_mib": round(total / 2**20, 1), "trace_top": lines}))
+
+
 def serve(path: str, snapshot: str | None) -> None:
     """Child process: open the ledger and build the market as the daemon does (and
     write its snapshot), or, with `snapshot` existing, restart from it."""
@@ -316,9 +343,10 @@ def serve(path: str, snapshot: str | None) -> None:
     print(json.dumps(out))
 
 
-def _child(path: Path, snapshot: Path | None = None) -> dict[str, Any]:
+def _child(path: Path, snapshot: Path | None = None, trace_top: int = 0) -> dict[str, Any]:
     r = subprocess.run([sys.executable, __file__, "--serve", str(path),
-                        *(["--snapshot", str(snapshot)] if snapshot else [])],
+                        *(["--snapshot", str(snapshot)] if snapshot else []),
+                        *(["--trace", str(trace_top)] if trace_top else [])],
                        capture_output=True, text=True, timeout=3600)
     if r.returncode:
         raise SystemExit(f"serving process failed:\n{r.stderr[-4000:]}")
@@ -392,8 +420,12 @@ def main() -> None:
     ap.add_argument("--no-sync", action="store_true")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--snapshot", help=argparse.SUPPRESS)
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="also a build under tracemalloc: its N largest source lines")
     args = ap.parse_args()
     if args.serve:
+        if args.trace:
+            return trace(args.serve, args.trace)
         return serve(args.serve, args.snapshot)
     n = args.events or (100_000 if args.quick else 1_000_000)
     authors = args.authors or max(BIDDERS + 2, n // 10)
@@ -413,11 +445,13 @@ def main() -> None:
                            "ledger_mb": round(path.stat().st_size / 2**20, 1)}
     if gen:
         out["gen_s"] = gen["gen_s"]
-    empty = cache / "empty.db"
+    me = os.getpid()  # other runs may share the cache: files of this run's own
+    empty = cache / f"empty-{me}.db"
     empty.unlink(missing_ok=True)
     Ledger(empty, network=NETWORK).close()
     base = _child(empty)
-    snap = path.with_suffix(".snapshot")
+    empty.unlink()
+    snap = path.with_name(f"{path.stem}-{me}.snapshot")
     snap.unlink(missing_ok=True)  # written by this code, in the first serving process
     got = _child(path, snap)
     print(f"serving: first build {got['restart_s']:.2f} s, RSS {got['rss_mb']:.0f} MiB "
@@ -461,8 +495,13 @@ def main() -> None:
         "auctions": got["auctions"], "leases": got["leases"],
         "partitions": got["partitions"], "cold_partitions": got["cold_partitions"],
     })
+    if args.trace:
+        t = _child(path, trace_top=args.trace)
+        print(f"tracemalloc after the build: {t['trace_mib']} MiB of Python heap; by line:")
+        print("\n".join(t["trace_top"]))
+        out["trace_mib"] = t["trace_mib"]
     if not args.no_sync:
-        work = cache / "sync"
+        work = cache / f"sync-{me}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         try:

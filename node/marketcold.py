@@ -6,8 +6,9 @@ back when an event or a changed output reaches it. This is that store: one table
 pickled partition states, two indexed tables of the reads they recorded (who must be
 re-derived when a rating or settlement changes), and the cold parts of the engine's
 other indexes (`ColdIdx`: deadlines, routing's movers, settlements, leases of a
-party, ratings), in a temporary file of the process (derived data: a restart
-rebuilds it or restores it from the market snapshot).
+party, ratings, and the merged market's dicts' keys: `keys`, by key for lookups and
+by canonical key for the dicts' ordered reads), in a temporary file of the process
+(derived data: a restart rebuilds it or restores it from the market snapshot).
 
 **Reclaimed**: a partition taken back leaves every table, and the file is created
 with incremental auto-vacuum: after a commit, when more than a quarter of its pages
@@ -24,6 +25,7 @@ in memory (a few seconds' worth) and are applied on release.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import pickle
 import sqlite3
@@ -65,9 +67,14 @@ CREATE TABLE leases(party BLOB NOT NULL, lease BLOB NOT NULL, pk BLOB NOT NULL,
 CREATE TABLE ratings(key BLOB NOT NULL, role TEXT NOT NULL, pk BLOB NOT NULL,
     i INTEGER NOT NULL, ts INTEGER NOT NULL, attrs INTEGER NOT NULL,
     PRIMARY KEY(key, role, pk, i)) WITHOUT ROWID;
+CREATE TABLE keys(d INTEGER NOT NULL, key BLOB NOT NULL, ts INTEGER NOT NULL,
+    author BLOB NOT NULL, seq INTEGER NOT NULL, pk BLOB NOT NULL, PRIMARY KEY(d, key))
+    WITHOUT ROWID;
+CREATE INDEX keys_order ON keys(d, ts, author, seq, key, pk);
 """
-# The index tables are keyed by what they are read by, one B-tree each: a partition's
-# rows are deleted by those keys, which its `idx` row (the pickled ColdIdx) gives.
+# The index tables are keyed by what they are read by, one B-tree each (`keys`: two,
+# by key and in the dicts' order): a partition's rows are deleted by those keys, which
+# its `idx` row (the pickled ColdIdx) gives.
 # One partition as the store keeps it: (key, top, pickled state, pickled merged values,
 # rep reads, set reads, the cold parts of the engine's indexes).
 Row = tuple[bytes, int, bytes, bytes, tuple[RepRead, ...], tuple[SetRead, ...], ColdIdx]
@@ -301,6 +308,32 @@ class SqliteCold:
                 if k == key and r == role]
         return out
 
+    def key(self, d: int, key: bytes) -> tuple[CKey, bytes] | None:
+        """(canonical key, partition) of `key` in merged dict number `d`, if cold."""
+        self._flush()
+        for pk, row in self._puts.items():
+            for dd, k, sk in row[6].keys:
+                if k == key and dd == d:
+                    return sk, pk
+        r = self.db.execute("SELECT ts, author, seq, pk FROM keys WHERE d = ? AND key = ?",
+                            (d, key)).fetchone()
+        if r is None or r[3] in self._taken:
+            return None
+        return (r[0], r[1], r[2]), r[3]
+
+    def ordered(self, d: int) -> list[tuple[CKey, bytes, bytes]]:
+        """(canonical key, key, partition) of dict `d`'s cold keys, in that order."""
+        self._flush()
+        taken = self._taken
+        got = [((t, a, s), k, pk) for t, a, s, k, pk in self.db.execute(
+            "SELECT ts, author, seq, key, pk FROM keys WHERE d = ? "
+            "ORDER BY ts, author, seq, key", (d,)) if pk not in taken]
+        if self._puts:
+            held = sorted((sk, k, pk) for pk, row in self._puts.items()
+                          for dd, k, sk in row[6].keys if dd == d)
+            got = list(heapq.merge(got, held))
+        return got
+
     def rating_keys(self) -> set[tuple[bytes, str]]:
         self._flush()
         got = {(k, r) for k, r, pk in self.db.execute("SELECT key, role, pk FROM ratings")
@@ -407,7 +440,8 @@ class SqliteCold:
 _KEYS = {"deadlines": "dl = ? AND pk = ?", "movers": "id = ? AND pk = ?",
          "settles": "party = ? AND at_ts = ? AND at_author = ? AND at_seq = ? AND pk = ?",
          "leases": "party = ? AND lease = ? AND pk = ?",
-         "ratings": "key = ? AND role = ? AND pk = ? AND i = ?"}
+         "ratings": "key = ? AND role = ? AND pk = ? AND i = ?",
+         "keys": "d = ? AND key = ?"}
 
 
 def _idx_rows(rows: list[Any]) -> list[tuple[str, int, list[tuple[Any, ...]]]]:
@@ -422,6 +456,7 @@ def _idx_rows(rows: list[Any]) -> list[tuple[str, int, list[tuple[Any, ...]]]]:
         ("leases", 6, [(k, lease, pk, *sk) for pk, ix in ixs for k, sk, lease in ix.leases]),
         ("ratings", 6, [(k, role, pk, i, ts, a) for pk, ix in ixs
                         for i, (k, role, ts, a) in enumerate(ix.ratings)]),
+        ("keys", 6, [(d, k, *sk, pk) for pk, ix in ixs for d, k, sk in ix.keys]),
     ]
 
 

@@ -10,6 +10,7 @@ from fold_helpers import history, snapshot
 
 from node.auction import derive
 from node.auction.fold import IncrementalMarket, ckey
+from node.auction.foldstate import LAZY_DICTS
 from node.events import Event
 from node.marketcold import SqliteCold
 
@@ -193,22 +194,58 @@ def test_cold_partitions_leave_memory_and_late_events_and_forks_bring_them_back(
     assert evs[0].id in eng or evs[0].id not in present
 
 
-def test_a_lazy_dict_shows_real_values_through_every_read() -> None:
-    from node.auction.foldstate import ColdRef, ColdValues, LazyDict
+def test_a_lazy_dict_merges_its_hot_entries_with_the_stores_keys_in_order() -> None:
+    """The dict's storage holds the hot entries only; the cold ones are rows of the
+    store's key table, their values in their partition's pickled values. Every read
+    sees both, in canonical order, also while the store is held for a snapshot."""
+    import pickle
 
-    class Store:  # what ColdValues asks of a store: the pickled values of a partition
-        def values(self, pk: bytes) -> bytes | None:
-            import pickle
-            return pickle.dumps({"x": {b"k": 5}}) if pk == b"p" else None
+    from node.auction.foldstate import SK, ColdIdx, ColdValues, LazyDict
 
-    d: LazyDict[bytes, int] = LazyDict("x")
-    dict.__setitem__(d, b"a", 1)
-    dict.__setitem__(d, b"k", ColdRef(b"p"))  # type: ignore[arg-type]
-    d.load = ColdValues(Store())  # type: ignore[arg-type]
-    real = {b"a": 1, b"k": 5}
-    assert d[b"k"] == 5 and d.get(b"k") == 5 and d.get(b"z", 7) == 7
-    assert list(d.items()) == list(real.items()) and list(d.values()) == [1, 5]
-    assert d == real and (d != real) is False and d.copy() == real and list(d) == [b"a", b"k"]
+    a = b"a" * 32
+    cold = SqliteCold()
+    d: LazyDict[bytes, int] = LazyDict("awards")
+    for k, sk, v in ((b"h1", (1, a, 1), 10), (b"h5", (5, a, 5), 50)):
+        dict.__setitem__(d, k, v)
+        d.pos[k] = sk
+
+    def put(pk: bytes, vals: dict[bytes, tuple[int, int]]) -> None:
+        sks = {k: (t, a, t) for k, (t, _) in vals.items()}
+        blob = pickle.dumps({"awards": {k: v for k, (_, v) in vals.items()},
+                             SK: {"awards": sks}})
+        keys = tuple((d.idx, k, sk) for k, sk in sks.items())
+        cold.put(pk, 9, b"s" + pk, blob, (), (), ColdIdx(None, keys=keys))
+        d.ncold += len(vals)
+
+    put(b"p", {b"c3": (3, 30), b"c7": (7, 70)})
+    d.load = ColdValues(cold)
+    real = {b"h1": 10, b"c3": 30, b"h5": 50, b"c7": 70}
+
+    def same(want: dict[bytes, int]) -> None:
+        assert list(d) == d.keys() == list(want) and d.items() == list(want.items())
+        assert d.values() == list(want.values()) and list(reversed(d)) == list(want)[::-1]
+        assert len(d) == len(want) and d == want and (d != want) is False and d.copy() == want
+        for k, v in want.items():
+            assert k in d and d[k] == v and d.get(k) == v
+        assert b"zz" not in d and d.get(b"zz", 7) == 7 and 5 not in d  # type: ignore[comparison-overlap]
+        with pytest.raises(KeyError):
+            d[b"zz"]
+
+    same(real)
+    assert dict.__len__(d) == 2  # the cold keys are not in the dict
+    cold.hold()  # a snapshot's child reads the file: takes and puts stay in memory
+    assert cold.take(b"p") == b"sp"
+    d.ncold -= 2
+    d.load.forget(b"p")
+    same({b"h1": 10, b"h5": 50})
+    put(b"q", {b"c3": (3, 31), b"c9": (9, 90)})
+    same({b"h1": 10, b"c3": 31, b"h5": 50, b"c9": 90})
+    cold.release()
+    same({b"h1": 10, b"c3": 31, b"h5": 50, b"c9": 90})
+    assert cold.take(b"q") == b"sq" and cold.key(d.idx, b"c3") is None
+    d.ncold -= 2
+    same({b"h1": 10, b"h5": 50})
+    cold.close()
 
 
 def _only_hot_in_memory(eng: IncrementalMarket) -> None:
@@ -223,6 +260,10 @@ def _only_hot_in_memory(eng: IncrementalMarket) -> None:
     assert {k for v in eng._leases_of.values() for k in v} <= hot_leases
     n_ratings = sum(len(p.out_r) for p in hot.values())
     assert sum(len(h.ts) for h in eng.rep._hist.values()) == n_ratings
+    for name in LAZY_DICTS:  # the merged dicts' own storage: hot entries only
+        d = eng._ord[name].d
+        assert set(dict.keys(d)) == {k for p in hot.values() for k in p.linked.get(name, ())}
+        assert set(eng._ord[name].pos) == set(dict.keys(d))
 
 
 @pytest.mark.parametrize("case", range(4))

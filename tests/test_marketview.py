@@ -318,11 +318,13 @@ def test_cold_store_held_for_a_snapshot_keeps_its_file_and_catches_up_on_release
     every answer is as if they had been written; release writes them."""
     import sqlite3
 
+    from node.auction.foldstate import ColdIdx
     from node.marketcold import SqliteCold
 
     store = SqliteCold(tmp_path)
     at = (5, b"a" * 32, 1)
-    store.put(b"A" * 32, 5, b"sA", b"vA", ((b"k", "provider", 3, at),), ((b"k", at, 4),))
+    store.put(b"A" * 32, 5, b"sA", b"vA", ((b"k", "provider", 3, at),), ((b"k", at, 4),),
+              ColdIdx(None, keys=((0, b"kA", at),)))
     store.hold()
     outside = sqlite3.connect(store.path)  # what a child's own connection sees
 
@@ -331,18 +333,28 @@ def test_cold_store_held_for_a_snapshot_keeps_its_file_and_catches_up_on_release
 
     assert file_pks() == {b"A" * 32}  # committed before the hold
     assert store.rep_readers(b"k", "provider", 3) == [(at, b"A" * 32)]
+    assert store.key(0, b"kA") == (at, b"A" * 32)
+    assert store.ordered(0) == [(at, b"kA", b"A" * 32)]
     assert store.take(b"A" * 32) == b"sA"
     assert store.take(b"A" * 32) is None and store.values(b"A" * 32) is None
     assert store.rep_readers(b"k", "provider", 0) == []
     assert store.set_readers(b"k", (0, b"", 0), 4) == []
-    store.put(b"B" * 32, 9, b"sB", b"vB", (), ((b"k", (9, b"b" * 32, 1), 8),))
+    assert store.key(0, b"kA") is None and store.ordered(0) == []
+    at_b = (9, b"b" * 32, 1)
+    store.put(b"B" * 32, 9, b"sB", b"vB", (), ((b"k", at_b, 8),),
+              ColdIdx(None, keys=((0, b"kB", at_b),)))
     assert store.values(b"B" * 32) == b"vB" and store.max_top() == 9
-    assert store.set_readers(b"k", (0, b"", 0), 8) == [((9, b"b" * 32, 1), b"B" * 32)]
+    assert store.set_readers(b"k", (0, b"", 0), 8) == [(at_b, b"B" * 32)]
+    assert store.key(0, b"kB") == (at_b, b"B" * 32) and store.key(1, b"kB") is None
+    assert store.ordered(0) == [(at_b, b"kB", b"B" * 32)]
     assert file_pks() == {b"A" * 32}  # the file did not change
-    assert [r[0] for r in store.rows()] == [b"B" * 32]
+    assert [(r[0], r[6].keys) for r in store.rows()] == [(b"B" * 32, ((0, b"kB", at_b),))]
     store.release()
     assert file_pks() == {b"B" * 32}
+    assert store.ordered(0) == [(at_b, b"kB", b"B" * 32)] and store.key(0, b"kA") is None
+    assert outside.execute("SELECT COUNT(*) FROM keys").fetchone()[0] == 1
     assert store.take(b"B" * 32) == b"sB"
+    assert store.ordered(0) == [] and store.key(0, b"kB") is None
     outside.close()
     store.close()
 

@@ -161,7 +161,7 @@ class IncrementalMarket(ColdTier):
     from `source` when an event reaches it again, then re-derives. Memory then follows
     the active auctions, not the history; results do not change. With a `cold`
     store too, an evicted auction `cold_after_ms` older than the latest event moves
-    its bookkeeping and merged values there (`foldcold.ColdTier`)."""
+    its bookkeeping and merged entries there (`foldcold.ColdTier`)."""
 
     def __init__(self, policy: Policy | None = None, *, source: Source | None = None,
                  offers: OfferSource | None = None, max_loaded: int = 4096,

@@ -17,7 +17,7 @@ from .foldstate import (
     SK,
     CKey,
     ColdIdx,
-    ColdRef,
+    ColdKey,
     ColdStore,
     ColdValues,
     LazyDict,
@@ -67,9 +67,10 @@ class ColdTier:
         self._cold_values = ColdValues(cold) if cold is not None else _NO_VALUES
         self.rep.attach_cold(cold)
         for name in LAZY_DICTS:
-            d = self._ord[name].d
-            if isinstance(d, LazyDict):
-                d.load = self._cold_values if cold is not None else None
+            o = self._ord[name]
+            if isinstance(o.d, LazyDict):
+                o.d.load = self._cold_values if cold is not None else None
+                o.d.pos = o.pos
 
     def _cool(self) -> None:
         """Move evicted, clean partitions whose events are all older than the cold
@@ -96,20 +97,26 @@ class ColdTier:
             movers = tuple((i, *t) for i in p.ids if (t := self._movers.pop(i, None)))
             state = (p.ids, p.top, p.applied, p.linked, p.ign, p.evd, rr, rs, p.out_r, p.out_s,
                      movers)
-            # Its merged entries keep their keys and places; their values and
-            # canonical keys go too (`SK`: by dict name, the canonical key of each key).
+            # Its merged entries leave the dicts: their values (with the canonical key
+            # of each, `SK`, for a thaw) to the store, and their keys to its key table
+            # (`ColdIdx.keys`), which serves the dicts' reads from then on.
             vals: dict[str, dict[Any, Any]] = {}
             sks: dict[str, dict[Any, CKey]] = {}
-            ref = ColdRef(pk)
-            for name in LAZY_DICTS:
-                keys = p.linked.get(name)
-                if keys:
+            keys: list[ColdKey] = []
+            for di, name in enumerate(LAZY_DICTS):
+                got = p.linked.get(name)
+                if got:
                     o = self._ord[name]
-                    vals[name] = {k: dict.__getitem__(o.d, k) for k in keys}
-                    sks[name] = {k: o.pos.pop(k) for k in keys}
-                    for k in keys:
-                        dict.__setitem__(o.d, k, ref)
-            idx = self._cool_idx(p, vals, sks, movers)
+                    d = o.d
+                    assert isinstance(d, LazyDict)
+                    vals[name] = {k: dict.pop(d, k) for k in got}
+                    if o.late:  # (none after `fix()`, where `market()` cools)
+                        for k in got:
+                            o.late.pop(k, None)
+                    sks[name] = {k: o.pos.pop(k) for k in got}
+                    keys += [(di, k, sk) for k, sk in sks[name].items()]
+                    d.ncold += len(got)
+            idx = self._cool_idx(p, vals, sks, movers)._replace(keys=tuple(keys))
             vals[SK] = sks
             cold.put(pk, p.top, pickle.dumps(state, pickle.HIGHEST_PROTOCOL),
                      pickle.dumps(vals, pickle.HIGHEST_PROTOCOL), rr, rs, idx)
@@ -128,13 +135,18 @@ class ColdTier:
         self._cold_values.forget(pk)
         blob = self._cold.take(pk)
         assert blob is not None
+        # Its entries come back to the dicts, at the end of their storage: noted as
+        # late, they move to their places at the end of `market()`.
         for name, kv in vals.items():
             if name != SK:
-                d = self._ord[name].d
+                o = self._ord[name]
+                d = o.d
+                assert isinstance(d, LazyDict)
                 for k, v in kv.items():
                     dict.__setitem__(d, k, v)
-        for name, sk in vals[SK].items():
-            self._ord[name].pos.update(sk)
+                d.ncold -= len(kv)
+                o.pos.update(vals[SK][name])
+                o.late.update(dict.fromkeys(kv))
         p = _Part(pk)
         (ids, p.top, p.applied, p.linked, p.ign, p.evd, p.reads_rep, p.reads_set, p.out_r,
          p.out_s, movers) = pickle.loads(blob)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pickle
 from bisect import bisect_left, insort
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 from ..events import Body, Event
@@ -40,17 +40,23 @@ class _Ordered:
     inserted out of order is noted (`late`) and the dict is rebuilt in place once, at
     the end of `market()`: O(its size), only when back-dated events arrived. No list
     of the order is kept (it cost ~64 bytes a key, cold ones included): the keys not
-    late are in order in the dict already, the late ones are inserted among them."""
+    late are in order in the dict already, the late ones are inserted among them.
+    With a cold store the dict (a `LazyDict`) holds the hot entries only: `pos`,
+    `late` and the rebuild are theirs; cold keys are the store's."""
 
     __slots__ = ("d", "late", "pos", "top", "watch")
 
     def __init__(self, d: dict[Any, Any]) -> None:
         self.d = d
         self.pos: dict[Any, CKey] = {}
-        self.late: list[Any] = []  # keys put before `top` since the last rebuild
+        # Keys put before `top` (or thawed) since the last rebuild (a dict: an ordered
+        # set, as a thaw can add many).
+        self.late: dict[Any, None] = {}
         self.top: tuple[CKey, Any] | None = None  # the greatest (sk, key) put so far
         # Told (key, old value, new value) of every change: keeps an index current.
         self.watch: Callable[[Any, Any, Any], None] | None = None
+        if isinstance(d, LazyDict):
+            d.pos = self.pos
 
     @property
     def stale(self) -> bool:
@@ -58,12 +64,14 @@ class _Ordered:
 
     def sk(self, k: Any) -> CKey:
         """The canonical key of the event that first set `k` (of a cold entry: from
-        the store, which keeps them with its values)."""
+        the store's key table)."""
         got = self.pos.get(k)
         if got is None:
-            ref, d = dict.__getitem__(self.d, k), self.d
-            assert type(ref) is ColdRef and isinstance(d, LazyDict) and d.load is not None
-            got = d.load(ref.pk)[SK][d.name][k]
+            d = self.d
+            assert isinstance(d, LazyDict)
+            at = d.where(k)
+            assert at is not None, "a key of the dict is hot or in the store"
+            got = at[0]
         return got
 
     def put(self, k: Any, sk: CKey, v: Any) -> None:
@@ -81,15 +89,15 @@ class _Ordered:
         self.pos[k] = sk
         ent = (sk, k)
         if self.top is not None and ent < self.top:
-            self.late.append(k)
+            self.late[k] = None
         else:
             self.top = ent
         d[k] = v
 
     def remove(self, k: Any) -> None:
         del self.pos[k]
-        if self.late and k in self.late:
-            self.late.remove(k)
+        if self.late:
+            self.late.pop(k, None)
         if self.watch is not None:
             self.watch(k, self.d[k], None)
         del self.d[k]
@@ -97,33 +105,20 @@ class _Ordered:
     def fix(self) -> None:
         if not self.late:
             return
-        d, sk = self.d, self.sk
-        late = set(self.late)
+        d, sk, late = self.d, self.sk, self.late
 
         def order(k: Any) -> tuple[CKey, Any]:
             return sk(k), k
 
-        keys = [k for k in d if k not in late]  # appended in order: still in order
+        # As stored (a LazyDict's hot entries): appended in order, still in order.
+        keys = [k for k in dict.keys(d) if k not in late]
         for k in sorted(late, key=order):
             insort(keys, k, key=order)
-        get = dict.__getitem__  # as stored: cold values stay placeholders
+        get = dict.__getitem__
         items = [(k, get(d, k)) for k in keys]
-        d.clear()
-        d.update(items)
-        self.late = []
-
-
-class ColdRef:
-    """The value of a merged dict's entry whose partition is cold (one per partition,
-    shared by its entries): `LazyDict` reads the real one from the store."""
-
-    __slots__ = ("pk",)
-
-    def __init__(self, pk: bytes) -> None:
-        self.pk = pk
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return ColdRef, (self.pk,)
+        dict.clear(d)
+        dict.update(d, items)
+        self.late = {}
 
 
 K = TypeVar("K")
@@ -131,36 +126,105 @@ V = TypeVar("V")
 
 
 class LazyDict(dict[K, V]):
-    """A merged dict of an engine with a cold store: a cold partition's entries keep
-    their key and place, their value is a `ColdRef` until read (`load(pk)`: that
-    partition's values by dict name). Reads through the dict methods see real values;
-    the engine writes and reorders entries with the plain dict methods."""
+    """A merged dict of an engine with a cold store. The dict itself (its storage, as
+    the engine writes it with the plain dict methods) holds the hot entries only; the
+    keys of cold partitions are rows of the store's key table (dict, key, canonical
+    key, partition), their values in the partition's pickled values (`load(pk)`).
+    Every read through the mapping methods sees both, in the canonical order (hot
+    entries by `pos`, the canonical key of each, merged with the table's order), so a
+    cold entry costs no memory, and `Market`'s types and every reader stay as they
+    are. Keys are bytes (event ids) in every such dict."""
 
-    __slots__ = ("load", "name")
+    __slots__ = ("idx", "load", "name", "ncold", "pos")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, ncold: int = 0) -> None:
         super().__init__()
         self.name = name
+        self.idx = LAZY_DICTS.index(name)  # the dict's number in the key table
+        self.ncold = ncold  # keys in the store
         self.load: ColdValues | None = None
+        self.pos: dict[Any, CKey] = {}  # the engine's `_Ordered.pos` (hot keys)
 
-    def _real(self, k: Any, v: Any) -> Any:
-        if type(v) is ColdRef:
-            assert self.load is not None, "a cold entry needs the store attached"
-            return self.load(v.pk)[self.name][k]
-        return v
+    # ---------------------------------------------------------- cold part
+
+    def where(self, k: Any) -> tuple[CKey, bytes] | None:
+        """(canonical key, partition) of a cold key; None if `k` is not cold."""
+        if not self.ncold or type(k) is not bytes:
+            return None
+        assert self.load is not None, "a cold entry needs the store attached"
+        return self.load.where(self.idx, k)
+
+    def _cold(self, k: Any) -> Any:
+        at = self.where(k)
+        if at is None:
+            return _MISSING
+        assert self.load is not None
+        return self.load(at[1])[self.name][k]
+
+    def _entries(self) -> list[tuple[Any, bytes | None]]:
+        """(key, None for a hot entry or its cold partition) in the canonical order."""
+        if not self.ncold:
+            return [(k, None) for k in dict.keys(self)]
+        assert self.load is not None, "a cold entry needs the store attached"
+        pos = self.pos
+        # Sorted, not trusted: between a thaw and the next `market()` the thawed keys
+        # sit at the end of the storage (otherwise sorted: timsort makes it one pass).
+        hot: list[tuple[CKey, Any]] = sorted((pos[k], k) for k in dict.keys(self))
+        cold = self.load.ordered(self.idx)
+        out: list[tuple[Any, bytes | None]] = []
+        i = 0
+        for sk, k, pk in cold:
+            while i < len(hot) and hot[i] < (sk, k):
+                out.append((hot[i][1], None))
+                i += 1
+            out.append((k, pk))
+        out += [(k, None) for _, k in hot[i:]]
+        return out
+
+    def _value(self, k: Any, pk: bytes | None) -> Any:
+        if pk is None:
+            return dict.__getitem__(self, k)
+        assert self.load is not None
+        return self.load(pk)[self.name][k]
+
+    # ---------------------------------------------------------- the mapping
 
     def __getitem__(self, k: K) -> V:
-        return cast(V, self._real(k, dict.__getitem__(self, k)))
+        v = dict.get(self, k, _MISSING)
+        if v is _MISSING:
+            v = self._cold(k)
+            if v is _MISSING:
+                raise KeyError(k)
+        return cast(V, v)
 
     def get(self, k: K, default: Any = None) -> Any:
         v = dict.get(self, k, _MISSING)
-        return default if v is _MISSING else self._real(k, v)
+        if v is _MISSING:
+            v = self._cold(k)
+        return default if v is _MISSING else v
+
+    def __contains__(self, k: object) -> bool:
+        return dict.__contains__(self, k) or self.where(k) is not None
+
+    def __len__(self) -> int:
+        return dict.__len__(self) + self.ncold
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self.keys())
+
+    def __reversed__(self) -> Iterator[K]:
+        return reversed(self.keys())
+
+    def keys(self) -> list[K]:  # type: ignore[override]
+        if not self.ncold:
+            return list(dict.keys(self))
+        return [k for k, _ in self._entries()]
 
     def values(self) -> list[V]:  # type: ignore[override]
-        return [self._real(k, v) for k, v in dict.items(self)]
+        return [self._value(k, pk) for k, pk in self._entries()]
 
     def items(self) -> list[tuple[K, V]]:  # type: ignore[override]
-        return [(k, self._real(k, v)) for k, v in dict.items(self)]
+        return [(k, self._value(k, pk)) for k, pk in self._entries()]
 
     def copy(self) -> dict[K, V]:
         return dict(self.items())
@@ -171,16 +235,20 @@ class LazyDict(dict[K, V]):
     def __ne__(self, other: object) -> bool:
         return not self == other
 
+    def __repr__(self) -> str:
+        return f"LazyDict({self.name!r}, {dict.__len__(self)} hot, {self.ncold} cold)"
+
     __hash__ = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # As stored (placeholders), without the loader: the engine attaches it again.
-        return _lazy_dict, (self.name,), None, None, iter(dict.items(self))
+        # The hot entries and the count of cold ones, without the loader and `pos`:
+        # the engine attaches them again.
+        return _lazy_dict, (self.name, self.ncold), None, None, iter(dict.items(self))
 
 
 _MISSING = object()
-# The merged dicts whose cold entries are placeholders (`offers` holds no partition's
-# entries).
+# The merged dicts whose cold entries live in the store (`offers` holds no partition's
+# entries). Their index here numbers them in the store's key table.
 LAZY_DICTS = ("auctions", "awards", "leases", "paid", "payments", "ratings", "subcontracts",
               "usage")
 SK = "_sk"  # in a cold partition's values: {dict name: {key: its canonical key}}
@@ -188,7 +256,8 @@ VALUES_CACHE = 64  # cold partitions' values kept after a read (readers ask in r
 
 
 class ColdValues:
-    """Reads cold partitions' merged values from the store, the last few kept."""
+    """Reads cold partitions' merged values from the store, the last few kept, and
+    their keys from its key table."""
 
     def __init__(self, cold: ColdStore | None) -> None:
         self.cold = cold
@@ -205,12 +274,20 @@ class ColdValues:
                 self.cache.popitem(last=False)
         return got
 
+    def where(self, d: int, key: bytes) -> tuple[CKey, bytes] | None:
+        assert self.cold is not None
+        return self.cold.key(d, key)
+
+    def ordered(self, d: int) -> Iterable[tuple[CKey, bytes, bytes]]:
+        assert self.cold is not None
+        return self.cold.ordered(d)
+
     def forget(self, pk: bytes) -> None:
         self.cache.pop(pk, None)
 
 
-def _lazy_dict(name: str) -> LazyDict[Any, Any]:
-    return LazyDict(name)
+def _lazy_dict(name: str, ncold: int = 0) -> LazyDict[Any, Any]:
+    return LazyDict(name, ncold)
 
 
 # (key of the event whose fold appended the entry, its index in its partition's list,
@@ -248,6 +325,7 @@ _SetRead = tuple[bytes, CKey, int]  # key, read at, ended by
 _Settle = tuple[tuple[bytes, ...], int, bytes]  # parties, end_ms, lease id
 RepRead = _RepRead
 SetRead = _SetRead
+ColdKey = tuple[int, bytes, CKey]  # merged dict number (of LAZY_DICTS), key, canonical key
 
 
 class ColdIdx(NamedTuple):
@@ -260,6 +338,7 @@ class ColdIdx(NamedTuple):
     settles: tuple[tuple[bytes, CKey, int, bytes], ...] = ()  # (party, at, end_ms, lease)
     leases: tuple[tuple[bytes, CKey, bytes], ...] = ()  # (party, canonical key, lease)
     ratings: tuple[tuple[bytes, str, int, int], ...] = ()  # (subject, role, ts_ms, attrs)
+    keys: tuple[ColdKey, ...] = ()  # its keys in the merged dicts (`LazyDict`)
 
 
 NO_IDX = ColdIdx(None)
@@ -314,6 +393,14 @@ class ColdStore(Protocol):
 
     def max_rating_ts(self) -> int:
         """The latest ts_ms of a cold rating (0: none)."""
+
+    def key(self, d: int, key: bytes) -> tuple[CKey, bytes] | None:
+        """(canonical key, partition) of `key` in merged dict number `d` (of
+        `LAZY_DICTS`), if a partition in the store holds it (`ColdIdx.keys`)."""
+
+    def ordered(self, d: int) -> Iterable[tuple[CKey, bytes, bytes]]:
+        """(canonical key, key, partition) of every key of dict `d` in the store, in
+        the order of (canonical key, key)."""
 
 
 class _Part:

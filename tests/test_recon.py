@@ -275,3 +275,7 @@ def test_pages_walk_every_author_in_order() -> None:
     assert got == sorted(items)
     assert idx.page(None, 1000) == (sorted(items), False)
     assert idx.page(b"\xff" * 32, 5) == ([], False)
+    assert idx.page(None, 700) == (sorted(items), False)
+    assert idx.page(None, 699) == (sorted(items)[:699], True)
+    empty = index_of({})
+    assert empty.page(None, 5) == ([], False) and len(empty) == 0

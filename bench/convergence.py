@@ -347,7 +347,8 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                                             "gossip_delay_s", "validate_s", "mesh_peers",
                                             "topic_peers", "pubsub_streams", "mesh_lost",
                                             "mesh_regrafts", "mesh_empty_s", "concurrent_copies",
-                                            "late_copies", "copies_held_back")}
+                                            "late_copies", "copies_held_back",
+                                            "iwant_spared")}
                          for s in stats],
         }
     finally:

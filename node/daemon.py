@@ -246,7 +246,8 @@ class Node:
                        # Batches dropped on arrival, before py-libp2p handled them
                        # (over budget, malformed, ingest full, blocked forwarder).
                        "refused_early": rep.topic.refused_early,
-                       "copies_held_back": rep.pubsub.copies_held_back},
+                       "copies_held_back": rep.pubsub.copies_held_back,
+                       "iwant_spared": rep.pubsub.iwant_spared},
             "resources": self.host.guard.status(),
             "services": services,
             "started_at": self.started_at,

@@ -748,6 +748,50 @@ async def test_a_message_is_not_forwarded_to_a_peer_that_sent_a_copy_meanwhile()
         nursery.cancel_scope.cancel()
 
 
+async def test_an_ihave_for_a_message_in_hand_asks_no_iwant() -> None:
+    """Heartbeat gossip naming a message whose copy is being validated: that id is
+    not asked for again (its copy would only be dropped); the others still are."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+
+    async with gossip_net(2) as (hs, pss), trio.open_nursery() as nursery:
+        a = hs[0]
+        topic = pss[1].topic("ihave")
+        release = trio.Event()
+
+        async def validator(forwarder: ID, origin: ID, data: bytes) -> bool:
+            await release.wait()
+            return True
+
+        topic.set_async_validator(validator)
+        nursery.start_soon(collect, await topic.subscribe(), [])
+        signer: Any = pss[0].pubsub
+        msg = rpc_pb2.Message(data=b"held", topicIDs=["ihave"], from_id=a.peer_id.to_bytes(),
+                              seqno=(7).to_bytes(8, "big"))
+        msg.signature = signer.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode()
+                                             + msg.SerializeToString())
+        msg.key = a.libp2p.get_public_key().serialize()
+        upstream: Any = pss[1].pubsub
+        router: Any = pss[1].router
+        asked: list[list[bytes]] = []
+        emit_iwant = router.emit_iwant
+
+        async def record(msg_ids: list[bytes], to_peer: ID) -> None:
+            asked.append(list(msg_ids))
+            await emit_iwant(msg_ids, to_peer)
+
+        router.emit_iwant = record
+        nursery.start_soon(upstream.push_msg, a.peer_id, msg)
+        await wait_until(lambda: len(topic._validating) == 1)
+        held, other = upstream.get_message_id(msg), a.peer_id.to_bytes() + bytes(8)
+        await router.handle_ihave(rpc_pb2.ControlIHave(topicID="ihave",
+                                                       messageIDs=[held, other]), a.peer_id)
+        assert asked == [[other]] and pss[1].iwant_spared == 1
+        release.set()
+        nursery.cancel_scope.cancel()
+
+
 async def test_queue_drained_wakes_on_the_pop_that_goes_below_the_mark() -> None:
     """Publish backpressure waits on this instead of polling the queues every 2 ms."""
     from libp2p.pubsub.pb import rpc_pb2

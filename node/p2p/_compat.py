@@ -86,6 +86,7 @@ from libp2p.pubsub import gossipsub as _gossipsub_module
 from libp2p.pubsub import pubsub as _pubsub_module
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.rpc_queue import RpcQueue
+from libp2p.pubsub.utils import safe_bytes_from_hex
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 from ..errors import OperationError
@@ -342,7 +343,8 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
                        dropped: Callable[[rpc_pb2.Message], None],
                        admit: Admit | None = None, *,
                        router: GossipSubInternals | None = None,
-                       held_back: Callable[[int], None] | None = None) -> None:
+                       held_back: Callable[[int], None] | None = None,
+                       spared: Callable[[int], None] | None = None) -> None:
     """Drop a received message while another copy of it is being handled, and (with
     `admit`) a message our own cheap checks refuse, before upstream handles it; (with
     `router`) do not forward a message to the peers whose copies were dropped so.
@@ -374,9 +376,17 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
     out when it is forwarded, as gossipsub v1.2's IDONTWANT would have them (upstream
     sends those only after validating, too late to spare anything); `held_back(n)`
     is told how many sends that saved. A forged copy (dropped unchecked) only costs
-    its sender the real message from us. Wrapped on these instances only (upstream
-    schedules `self.push_msg` per message and calls `self._get_peers_to_send`); a
-    second call does nothing."""
+    its sender the real message from us.
+
+    Likewise an IHAVE (heartbeat gossip from a peer outside our mesh) naming a
+    message in hand: upstream's `handle_ihave` asks IWANT for every id not in the
+    seen-cache, which a message being validated is not yet, and the full copy that
+    comes back is decoded and dropped. Such ids are left out of the IHAVE before
+    upstream reads it (`spared(n)` told how many); the IHAVE itself still goes
+    through upstream, rate limits included. Wrapped on these instances only
+    (upstream schedules `self.push_msg` per message and calls
+    `self._get_peers_to_send` and `self.handle_ihave`); a second call does
+    nothing."""
     upstream_push = pubsub.push_msg
     if is_ours(upstream_push):
         return
@@ -425,6 +435,20 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
         return out
 
     setattr(router, "_get_peers_to_send", peers_to_send)  # noqa: B010
+    upstream_ihave = router.handle_ihave
+
+    @_mark
+    async def handle_ihave(ihave_msg: rpc_pb2.ControlIHave, sender_peer_id: ID) -> None:
+        if in_flight:
+            ids = ihave_msg.messageIDs
+            keep = [i for i in ids if safe_bytes_from_hex(i) not in in_flight]
+            if len(keep) < len(ids):
+                if spared is not None:
+                    spared(len(ids) - len(keep))
+                ihave_msg = rpc_pb2.ControlIHave(topicID=ihave_msg.topicID, messageIDs=keep)
+        await upstream_ihave(ihave_msg, sender_peer_id)
+
+    setattr(router, "handle_ihave", handle_ihave)  # noqa: B010
 
 
 def prune_at_random(router: GossipSubInternals, rng: random.Random) -> None:

@@ -376,8 +376,11 @@ class PubSub:
         self.copies_held_back = 0
         """Sends of a message we did not make: the peer had sent us a copy of it while
         ours was being handled (`_compat.one_copy_at_a_time`)."""
+        self.iwant_spared = 0
+        """Ids left out of peers' IHAVEs (not asked for with IWANT): a copy of the
+        message was being handled (`_compat.one_copy_at_a_time`)."""
         _compat.one_copy_at_a_time(pubsub, self._copy_dropped, self._admit, router=router,
-                                   held_back=self._held_back)
+                                   held_back=self._held_back, spared=self._spared)
 
     def _copy_dropped(self, msg: rpc_pb2.Message) -> None:
         for name in msg.topicIDs:
@@ -387,6 +390,9 @@ class PubSub:
 
     def _held_back(self, n: int) -> None:
         self.copies_held_back += n
+
+    def _spared(self, n: int) -> None:
+        self.iwant_spared += n
 
     def _admit(self, forwarder: ID, msg: rpc_pb2.Message) -> Callable[[], None] | None:
         """Each topic's precheck of a message on its arrival (`Topic._admit`)."""

@@ -72,3 +72,40 @@ class Unpicklable:
 
     def process(self, data: bytes, ctx: ProcessContext) -> bytes:
         return data
+
+
+def _loaded(path: str) -> Loaded:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return Loaded(path)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Writes the pid of every process that loads (unpickles) it to `path`: a worker
+    does so for each job, and when warmed up."""
+
+    path: str
+    name: str = "loaded"
+
+    def process(self, data: bytes, ctx: ProcessContext) -> bytes:
+        return data
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return _loaded, (self.path,)
+
+
+@dataclass(frozen=True)
+class FlakyAesGcm:
+    """aes-gcm that corrupts one byte of every third segment: well-formed, plausible,
+    and wrong."""
+
+    name: str = "aes-gcm"
+
+    def process(self, data: bytes, ctx: ProcessContext) -> bytes:
+        from node.processors.builtin import AesGcm
+
+        out = AesGcm().process(data, ctx)
+        if ctx.seq % 3 == 1:
+            out = out[:-1] + bytes([out[-1] ^ 1])
+        return out

@@ -8,10 +8,11 @@ import os
 import random
 import shutil
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import zstandard
-from proc_helpers import Boom, Crash, Reverse, Spin
+from proc_helpers import Boom, Crash, Loaded, Reverse, Spin
 
 from node.errors import ConfigError, ProcessingError, UsageError
 from node.processors import ProcessContext, Processor, load_processors, run_chain
@@ -418,6 +419,17 @@ async def test_pool_jobs_queued_behind_a_crash_fail_and_the_pool_recovers() -> N
         assert await p.run("reverse", DATA, CTX) == DATA[::-1]
         names = p.slot_names
     assert not any(_shm_exists(n) for n in names)
+
+
+async def test_pool_start_loads_the_processors_in_every_worker(tmp_path: Path) -> None:
+    """A processor's module is imported where it is unpickled: start() has every worker
+    load them, so the first segment does not pay a plugin's imports (seconds of CPU,
+    on a loaded host longer than a contractor's timeout)."""
+    loads = tmp_path / "loads"
+    async with WorkerPool({"loaded": Loaded(str(loads))}, workers=2) as p:
+        await p.start()
+        assert sorted(int(x) for x in loads.read_text().split()) == sorted(p.worker_pids)
+        assert await p.run("loaded", b"abc", CTX) == b"abc"
 
 
 async def test_pool_replaces_a_worker_killed_while_idle() -> None:

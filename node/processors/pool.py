@@ -122,7 +122,9 @@ def _serve(sock: socket.socket) -> None:
             body = jobs.read(_LEN.unpack(head)[0])
             try:
                 job = pickle.loads(body)
-                reply: tuple[bool, object] = (True, _work(*job) if job else 0)
+                # Anything but a tuple warms the worker up (`WorkerPool.start`): loading
+                # it imported the modules of the processors it holds.
+                reply: tuple[bool, object] = (True, _work(*job) if isinstance(job, tuple) else 0)
             except ProcessingError as e:
                 reply = (False, e)
             except Exception as e:  # e.g. a plugin class this worker cannot import
@@ -426,12 +428,18 @@ class WorkerPool:
     # -------------------------------------------------------------------- API
 
     async def start(self) -> None:
-        """Start every worker now rather than on first use (first-segment latency)."""
+        """Start every worker now rather than on first use (first-segment latency), and
+        have each load the pool's processors: a job unpickles its processor, which
+        imports the processor's module in the worker, and a plugin's imports can cost
+        seconds of CPU (far more on a loaded host) that the first segment would pay."""
         if self._closed:
             raise UsageError("WorkerPool is closed")
         for _ in range(self.workers - len(self._live)):
             self._spawn()
-        frame = pickle.dumps(None)
+        try:
+            frame = pickle.dumps(list(self.processors.values()), pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an unpicklable processor: run_chain will say so per call
+            frame = pickle.dumps(None)
         async with trio.open_nursery() as nursery:
             for worker in list(self._live):
                 nursery.start_soon(self._warm, worker, _LEN.pack(len(frame)) + frame)

@@ -182,22 +182,3 @@ def seed_ledger(p: Proc, wires: list[bytes]) -> None:
     with Ledger(p.data_dir / "ledger.db", network=NETWORK) as led:
         for res in led.append_many(wires):
             assert res.accepted or res.status.value == "duplicate", res
-
-
-# ------------------------------------------------------------------ a subtle liar
-
-
-@dataclasses.dataclass(frozen=True)
-class FlakyAesGcm:
-    """aes-gcm that corrupts one byte of every third segment: well-formed, plausible,
-    and wrong. (Top-level and picklable: it runs in worker processes.)"""
-
-    name: str = "aes-gcm"
-
-    def process(self, data: bytes, ctx: Any) -> bytes:
-        from node.processors.builtin import AesGcm
-
-        out = AesGcm().process(data, ctx)
-        if ctx.seq % 3 == 1:
-            out = out[:-1] + bytes([out[-1] ^ 1])
-        return out

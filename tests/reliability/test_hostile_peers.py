@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 from daemon_helpers import ROOT, Cluster, Proc, cluster, wait_for
+from proc_helpers import FlakyAesGcm
 from test_dataplane import make_lease as dp_lease
 from test_dataplane import packets, reference, subcontracts, world
 
@@ -30,7 +31,7 @@ from node.ledger import Ledger
 from node.p2p import P2PHost, RequestRefused, make_pubsub, open_host, read_frame, request
 from node.processors.pool import WorkerPool
 
-from .faultnet import NETWORK, FlakyAesGcm, assert_verified, lease_events, stored, wait_converged
+from .faultnet import NETWORK, assert_verified, lease_events, stored, wait_converged
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("procs")]
 
@@ -276,10 +277,12 @@ async def test_subcontractor_returning_wrong_results_is_redispatched() -> None:
     async with flaky, world({"A": [("zstd", 1)], "B": [("aes-gcm", 1)], "C": [("aes-gcm", 5)]},
                             pools={"B": flaky}) as w:
         w.leases[lease.id] = lease
-        # Workers up first: on a loaded host starting them took longer than the
-        # subcontract timeout (5 s), and C, not only B, was judged too slow.
-        await flaky.start()
-        await w.pool.start()
+        # Workers up and their processors loaded first: on a loaded host starting them
+        # took longer than the subcontract timeout (5 s), and B (or C) timed out before
+        # it ever answered.
+        with trio.fail_after(300):
+            await flaky.start()
+            await w.pool.start()
         with trio.fail_after(120):
             res = await w.stream("M", lease, pkts)
         assert res.trailer.ok and res.output == reference(pkts, lease, res.stream_id)

@@ -7,6 +7,10 @@ machine, so the bounds are generous and a timeout names what was awaited.
 
 * `wait_until` (async, trio): in-process hosts and nodes.
 * `wait_for` (blocking): node processes driven from the test's thread.
+* Failure reports: an exception from inside nested trio nurseries (a test's hosts,
+  upstream's services) arrives wrapped in more ExceptionGroups than Python prints
+  ("max_group_depth is 10"); each failed test's report then ends with a "leaf
+  exceptions" section holding every innermost exception with its traceback.
 * `fake_net` (fixture): the seeded fake networks of tests/fakenet.py in the test's
   tmp_path, on trio's virtual clock (use with `autojump_clock`): `await
   fake_net(seed)` runs `fakenet.run_fake`; `fake_net.mesh(n, seed)` builds a
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +80,22 @@ def fake_net(tmp_path: Path) -> FakeNetRunner:
     """`await fake_net(seed, **kw)` or `fake_net.mesh(n, seed, **kw)`: see
     `FakeNetRunner`."""
     return FakeNetRunner(tmp_path)
+
+
+def _leaves(e: BaseException, depth: int = 0) -> Iterator[BaseException]:
+    if isinstance(e, BaseExceptionGroup) and depth < 100:
+        for sub in e.exceptions:
+            yield from _leaves(sub, depth + 1)
+    else:
+        yield e
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and call.excinfo is not None \
+            and isinstance(call.excinfo.value, BaseExceptionGroup):
+        text = "\n".join("".join(traceback.format_exception(leaf))
+                         for leaf in _leaves(call.excinfo.value))
+        report.sections.append(("leaf exceptions", text))
+    return report

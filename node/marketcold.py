@@ -8,7 +8,8 @@ re-derived when a rating or settlement changes), and the cold parts of the engin
 other indexes (`ColdIdx`: deadlines, routing's movers, settlements, leases of a
 party, ratings, and the merged market's dicts' keys: `keys`, by key for lookups and
 by canonical key for the dicts' ordered reads), in a temporary file of the process
-(derived data: a restart rebuilds it or restores it from the market snapshot).
+(derived data: a restart rebuilds it, or restores it from the market snapshot, which
+carries the file itself).
 
 **Reclaimed**: a partition taken back leaves every table, and the file is created
 with incremental auto-vacuum: after a commit, when more than a quarter of its pages
@@ -33,7 +34,7 @@ import tempfile
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .auction.foldstate import NO_IDX, CKey, ColdIdx, RepRead, SetRead
 
@@ -103,37 +104,45 @@ def _sweep(directory: Path) -> None:
             continue  # not ours, or another user's process
 
 
-def open_beside(ledger_path: Path) -> SqliteCold:
+def open_beside(ledger_path: Path, image: BinaryIO | None = None) -> SqliteCold:
     """A store in the ledger's directory (the node's data dir, on disk), else in the
     temp dir. Not the temp dir first: it is often a tmpfs, where a large node's cold
-    partitions would sit in RAM again, only no longer counted in its RSS."""
+    partitions would sit in RAM again, only no longer counted in its RSS. `image`: see
+    `SqliteCold` (a stream cannot be read twice: no fallback then)."""
     d = ledger_path.parent
     if str(ledger_path) != ":memory:" and d.is_dir():
+        if image is not None:
+            return SqliteCold(d, image)
         try:
             return SqliteCold(d)
         except (OSError, sqlite3.Error):
             pass  # a read-only directory (another user's data dir read by the CLI)
-    return SqliteCold()
+    return SqliteCold(None, image)
 
 
 class SqliteCold:
     """A `ColdStore` in a temporary SQLite file, deleted with the object."""
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, image: BinaryIO | None = None) -> None:
+        """A new, empty store; or, with `image`, one whose file is the copy
+        `copy_file` wrote to that stream (read from it)."""
         d = Path(directory or tempfile.gettempdir())
         if d not in _swept:
             _swept.add(d)
             _sweep(d)
         fd, self.path = tempfile.mkstemp(prefix=f"bidmesh-cold-{os.getpid()}-", suffix=".db",
                                          dir=d)
-        os.close(fd)
         self._fin = weakref.finalize(self, _unlink, self.path, os.getpid())
+        with open(fd, "wb") as out:
+            if image is not None:
+                _copy(image, out, int.from_bytes(_read(image, 8), "big"))
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self.db.execute("PRAGMA synchronous=OFF")  # derived, rebuilt after a crash
         self.db.execute("PRAGMA journal_mode=OFF")
-        self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table
-        self.db.executescript(_SCHEMA)
+        if image is None:
+            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table
+            self.db.executescript(_SCHEMA)
         self._held = False
         self._puts: dict[bytes, Row] = {}  # put while held: not in the file yet
         # Put, to be written at the next read or commit: a cooling pass puts many
@@ -390,6 +399,20 @@ class SqliteCold:
             if db is not self.db:
                 db.close()
 
+    def copy_file(self, out: BinaryIO, path: str | None = None) -> int:
+        """Write the store's file to `out`, its size first (8 bytes): for a snapshot,
+        restored by `SqliteCold(image=...)` with no B-tree work at either end, unlike
+        `rows`/`load`. `path`: as in `rows` (a forked child reads the held file).
+        Returns the size."""
+        if path is None:
+            self.commit()  # this process's own store: written out first
+        src = path or self.path
+        size = os.path.getsize(src)
+        out.write(size.to_bytes(8, "big"))
+        with open(src, "rb") as f:
+            _copy(f, out, size)
+        return size
+
     def load(self, rows: list[Row]) -> None:
         """Add partitions (from a snapshot)."""
         self._write(rows)
@@ -458,6 +481,20 @@ def _idx_rows(rows: list[Any]) -> list[tuple[str, int, list[tuple[Any, ...]]]]:
                         for i, (k, role, ts, a) in enumerate(ix.ratings)]),
         ("keys", 6, [(d, k, *sk, pk) for pk, ix in ixs for d, k, sk in ix.keys]),
     ]
+
+
+def _read(src: BinaryIO, n: int) -> bytes:
+    got = src.read(n)
+    if len(got) != n:
+        raise EOFError("the store's image ends early")
+    return got
+
+
+def _copy(src: BinaryIO, out: BinaryIO, n: int) -> None:
+    while n > 0:
+        got = _read(src, min(n, 1 << 20))
+        out.write(got)
+        n -= len(got)
 
 
 def _unidx(blob: bytes) -> ColdIdx:

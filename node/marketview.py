@@ -51,7 +51,7 @@ from .auction import Market
 from .auction.fold import IncrementalMarket
 from .events import Event, decode_stored
 from .ledger import Ledger, idk
-from .marketcold import Row, open_beside
+from .marketcold import open_beside
 from .reputation import Policy
 
 DEFAULT_SKEW_MS = 300_000  # node.max_clock_skew_s default: 5 minutes
@@ -246,7 +246,7 @@ class LiveMarket:
 
 # ------------------------------------------------------------------ snapshots
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 _MAGIC = b"bidmesh-market-snapshot\n"
 
 
@@ -279,12 +279,10 @@ def _header(view: MarketView, cursor: int) -> dict[str, Any]:
             "ids": int(ids or 0)}
 
 
-COLD_CHUNK = 2048  # cold partitions per pickled list after the engine
-
-
 def _dump(view: MarketView, f: BinaryIO, cold_path: str | None = None) -> None:
-    """The view's state: the engine (its hot part) pickled, then the cold store's
-    partitions in lists of COLD_CHUNK, then None."""
+    """The view's state: the engine (its hot part) pickled, then the cold store's file
+    (`SqliteCold.copy_file`: restoring it costs a file copy, not rebuilding its tables
+    row by row), then None."""
     eng = view.engine
     attached = eng._source, eng._offer_source, eng._cold
     # Bound to the ledger and the store's file: re-attached on load.
@@ -296,14 +294,7 @@ def _dump(view: MarketView, f: BinaryIO, cold_path: str | None = None) -> None:
     finally:
         eng._source, eng._offer_source = attached[:2]
         eng.attach_cold(attached[2])
-    chunk: list[Row] = []
-    for row in view.cold.rows(cold_path):
-        chunk.append(row)
-        if len(chunk) >= COLD_CHUNK:
-            pickle.dump(chunk, f, protocol=pickle.HIGHEST_PROTOCOL)
-            chunk = []
-    if chunk:
-        pickle.dump(chunk, f, protocol=pickle.HIGHEST_PROTOCOL)
+    view.cold.copy_file(f, cold_path)
     pickle.dump(None, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -385,21 +376,21 @@ def load_snapshot(ledger: Ledger, path: Path, *, skew_ms: int = DEFAULT_SKEW_MS,
             return None
         gc_was = gc.isenabled()
         gc.disable()  # millions of long-lived objects, no cycles to find (as in the build)
-        cold = open_beside(ledger.path)
+        cold = None
         try:
             # From the file, not from one bytes object: no second copy in memory.
             eng, forks, horizon, authors, refolds = pickle.load(f)
-            while (chunk := pickle.load(f)) is not None:
-                cold.load(chunk)
+            cold = open_beside(ledger.path, f)
+            if pickle.load(f) is not None or not isinstance(eng, IncrementalMarket) or \
+                    cold.db.execute("SELECT COUNT(*) FROM parts").fetchone()[0] != eng.cold():
+                raise ValueError("not the store this engine left")
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError,
                 IndexError, KeyError, ValueError, TypeError, sqlite3.Error):
-            cold.close()
+            if cold is not None:
+                cold.close()
             return None  # a damaged file: build instead
         finally:
             _gc_resume(gc_was)
-    if not isinstance(eng, IncrementalMarket):
-        cold.close()
-        return None
     eng._source, eng._offer_source = view._load, view._offer
     eng.attach_cold(cold)
     view.cold = cold

@@ -134,13 +134,13 @@ class GossipBudget:
     fill the forwarding budget, or flooders its subnet's, which only drop.
 
     A peer's (or subnet's) forwarding buckets start with `first_s` seconds of each
-    rate, not a whole burst (`None`: a whole burst), from when it is `met` (its
-    connection) or first charged; they grow to `burst_s` while it stays under the
-    rate, so a peer connected for a few seconds has its whole burst. A full burst
-    for every new identity was what a flood got beyond the rate (bench/hostile.py
-    `gossip_flood`: 1 500-3 000 events/s stored for 1.5 s against 1 000/s, from a
-    peer that had just connected) and what rotating identities multiply. The own
-    buckets start full: a newcomer's first paced burst is no fault.
+    rate, not a whole burst (`None`: a whole burst), at its first batch; they grow
+    to `burst_s` while it stays under the rate. A full burst for every new identity
+    was what a flood got beyond the rate (bench/hostile.py `gossip_flood`:
+    1 500-3 000 events/s stored for 1.5 s against 1 000/s) and what rotating
+    identities multiply. `first_s` should hold an honest publisher's paced burst
+    (`gossip.publish_burst_s`); the own buckets start full: a newcomer's first paced
+    burst is no fault.
 
     Bytes are charged for the whole batch as received (before any decoding),
     events only for records we do not already hold (duplicates cost a hash and an
@@ -189,13 +189,6 @@ class GossipBudget:
         else:
             self._use.move_to_end(peer)
         return u
-
-    def met(self, peer: Hashable) -> None:
-        """A peer connected: its forwarding budget starts now (with `first_s` of it),
-        unless it has one already."""
-        now = self.clock()
-        for name in ("events", "bytes"):
-            self._scopes[name].bucket(peer, now)
 
     def charge_bytes(self, peer: Hashable, n: int, own: bool = False,
                      subnet: Hashable | None = None) -> GossipVerdict:

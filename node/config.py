@@ -250,7 +250,7 @@ class LimitsConfig:
     peerstore_max: int = _opt(512, int, _range(16, 900))
     # Replication budgets (node/budget.py, node/gossip.py, node/query.py, node/ledger.py;
     # docs/RELIABILITY.md section 5). Gossip per forwarding peer, bursts of gossip_burst_s
-    # (a peer that has just connected starts with gossip_first_burst_s of it),
+    # (a forwarder new to us starts with gossip_first_burst_s of it),
     # and per subnet of the peers' addresses (/24, /56; loopback included).
     gossip_peer_events_per_s: int = _opt(1000, int, _range(1, 1_000_000))
     gossip_peer_bytes_per_s: int = _opt(1 << 20, int, _range(64 * 1024, 1 << 30))

@@ -22,7 +22,6 @@ from typing import cast
 import trio
 
 from . import p2p, sync
-from .budget import GossipBudget
 from .config import Config
 from .errors import BidmeshError, InvalidMessage, OperationError
 from .events import Event
@@ -64,7 +63,6 @@ class PullSync:
     stats: Stats
     limits: SyncLimits
     ingest: FairIngest[p2p.PeerId, Event | AppendResult]
-    budget: GossipBudget
     sync_peers: SyncPeers
     sync_record: SyncRecord
     sync_slots: SlotGate
@@ -297,7 +295,6 @@ class PullSync:
             changed = self.host.connections_event()
             new = self.policy.connected(set(self.host.connected_peers()))
             for peer in new:
-                self.budget.met(peer)  # its gossip budget builds up from now (node/budget.py)
                 self.sync_record.reconnected(peer)
                 if self.cfg.sync.on_connect:
                     self._spawn_sync(peer)

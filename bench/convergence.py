@@ -348,7 +348,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                                             "topic_peers", "pubsub_streams", "mesh_lost",
                                             "mesh_regrafts", "mesh_empty_s", "concurrent_copies",
                                             "late_copies", "copies_held_back",
-                                            "iwant_spared")}
+                                            "iwant_spared", "seen_copies")}
                          for s in stats],
         }
     finally:

@@ -247,7 +247,8 @@ class Node:
                        # (over budget, malformed, ingest full, blocked forwarder).
                        "refused_early": rep.topic.refused_early,
                        "copies_held_back": rep.pubsub.copies_held_back,
-                       "iwant_spared": rep.pubsub.iwant_spared},
+                       "iwant_spared": rep.pubsub.iwant_spared,
+                       "seen_copies": rep.pubsub.seen_copies},
             "resources": self.host.guard.status(),
             "services": services,
             "started_at": self.started_at,

@@ -792,6 +792,27 @@ async def test_an_ihave_for_a_message_in_hand_asks_no_iwant() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_copy_of_a_seen_message_gets_no_task() -> None:
+    """The stream reader asks whether we want a message before giving it a task: a
+    message already seen is refused there (upstream's push_msg would only drop it)."""
+    from libp2p.pubsub.pb import rpc_pb2
+
+    async with open_host(seed(47)) as h, make_pubsub(h) as ps:
+        sub = await ps.topic("seen").subscribe()
+        upstream: Any = ps.pubsub
+        origin = peer_id_from_pubkey(bytes(seed(48))).to_bytes()
+        msg = rpc_pb2.Message(from_id=origin, seqno=(1).to_bytes(8, "big"), data=b"x",
+                              topicIDs=["seen"])
+        elsewhere = rpc_pb2.Message(from_id=origin, seqno=(2).to_bytes(8, "big"), data=b"y",
+                                    topicIDs=["other"])
+        assert upstream._is_subscribed_to_msg(msg) is True
+        assert upstream._is_subscribed_to_msg(elsewhere) is False
+        upstream._mark_msg_seen(msg)
+        assert upstream._is_subscribed_to_msg(msg) is False
+        assert ps.seen_copies == 1
+        await sub.aclose()
+
+
 async def test_queue_drained_wakes_on_the_pop_that_goes_below_the_mark() -> None:
     """Publish backpressure waits on this instead of polling the queues every 2 ms."""
     from libp2p.pubsub.pb import rpc_pb2

@@ -344,7 +344,8 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
                        admit: Admit | None = None, *,
                        router: GossipSubInternals | None = None,
                        held_back: Callable[[int], None] | None = None,
-                       spared: Callable[[int], None] | None = None) -> None:
+                       spared: Callable[[int], None] | None = None,
+                       seen: Callable[[], None] | None = None) -> None:
     """Drop a received message while another copy of it is being handled, and (with
     `admit`) a message our own cheap checks refuse, before upstream handles it; (with
     `router`) do not forward a message to the peers whose copies were dropped so.
@@ -383,7 +384,15 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
     seen-cache, which a message being validated is not yet, and the full copy that
     comes back is decoded and dropped. Such ids are left out of the IHAVE before
     upstream reads it (`spared(n)` told how many); the IHAVE itself still goes
-    through upstream, rate limits included. Wrapped on these instances only
+    through upstream, rate limits included.
+
+    A copy of a message already seen (validated and forwarded: most of a node's
+    copies) went on to a task of its own before upstream's `push_msg` dropped it, and
+    upstream's task spawn (`manager.run_task`) walks the whole task tree to find the
+    caller's task: a cost per copy that grows with the tasks alive, the backlog.
+    The stream reader asks `_is_subscribed_to_msg(msg)` before it spawns; a seen
+    message now answers no there (`seen()` told), which drops it where `push_msg`
+    would have, without the task. Wrapped on these instances only
     (upstream schedules `self.push_msg` per message and calls
     `self._get_peers_to_send` and `self.handle_ihave`); a second call does
     nothing."""
@@ -417,6 +426,19 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
                 release()
 
     setattr(pubsub, "push_msg", push_msg)  # noqa: B010
+    upstream_subscribed = pubsub._is_subscribed_to_msg
+
+    @_mark
+    def subscribed_and_unseen(msg: rpc_pb2.Message) -> bool:
+        if not upstream_subscribed(msg):
+            return False
+        if pubsub.seen_messages.has(pubsub.get_message_id(msg)):
+            if seen is not None:
+                seen()
+            return False
+        return True
+
+    setattr(pubsub, "_is_subscribed_to_msg", subscribed_and_unseen)  # noqa: B010
     if router is None:
         return
     upstream_peers = router._get_peers_to_send

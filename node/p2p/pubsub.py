@@ -379,8 +379,11 @@ class PubSub:
         self.iwant_spared = 0
         """Ids left out of peers' IHAVEs (not asked for with IWANT): a copy of the
         message was being handled (`_compat.one_copy_at_a_time`)."""
+        self.seen_copies = 0
+        """Copies of messages already seen, dropped before upstream gave each a task."""
         _compat.one_copy_at_a_time(pubsub, self._copy_dropped, self._admit, router=router,
-                                   held_back=self._held_back, spared=self._spared)
+                                   held_back=self._held_back, spared=self._spared,
+                                   seen=self._seen_copy)
 
     def _copy_dropped(self, msg: rpc_pb2.Message) -> None:
         for name in msg.topicIDs:
@@ -393,6 +396,9 @@ class PubSub:
 
     def _spared(self, n: int) -> None:
         self.iwant_spared += n
+
+    def _seen_copy(self) -> None:
+        self.seen_copies += 1
 
     def _admit(self, forwarder: ID, msg: rpc_pb2.Message) -> Callable[[], None] | None:
         """Each topic's precheck of a message on its arrival (`Topic._admit`)."""

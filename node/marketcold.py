@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .auction.foldstate import NO_IDX, CKey, ColdIdx, RepRead, SetRead
+from .errors import UsageError
 
 CACHE_KIB = 4096  # page cache of the store: part of the RSS budget
 WRITE_BATCH = 1024  # partitions written (or taken) per transaction
@@ -405,6 +406,9 @@ class SqliteCold:
         `rows`/`load`. `path`: as in `rows` (a forked child reads the held file).
         Returns the size."""
         if path is None:
+            if self._held:  # its puts and takes since the hold are not in the file
+                raise UsageError("the cold store is held for a snapshot's child: copy its "
+                                 "file from that child, or after release()")
             self.commit()  # this process's own store: written out first
         src = path or self.path
         size = os.path.getsize(src)

@@ -255,8 +255,8 @@ def _code_hash() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
     files = sorted([*(here / "auction").glob("*.py"),
-                    *(here / f"{m}.py" for m in ("codec", "events", "marketview", "reputation",
-                                                 "schema"))])
+                    *(here / f"{m}.py" for m in ("codec", "events", "marketcold", "marketview",
+                                                 "reputation", "schema"))])
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()

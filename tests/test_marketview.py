@@ -316,9 +316,11 @@ def test_cold_store_held_for_a_snapshot_keeps_its_file_and_catches_up_on_release
         tmp_path: Path) -> None:
     """While held (a forked child reads the file), takes and puts stay in memory and
     every answer is as if they had been written; release writes them."""
+    import io
     import sqlite3
 
     from node.auction.foldstate import ColdIdx
+    from node.errors import UsageError
     from node.marketcold import SqliteCold
 
     store = SqliteCold(tmp_path)
@@ -349,6 +351,8 @@ def test_cold_store_held_for_a_snapshot_keeps_its_file_and_catches_up_on_release
     assert store.ordered(0) == [(at_b, b"kB", b"B" * 32)]
     assert file_pks() == {b"A" * 32}  # the file did not change
     assert [(r[0], r[6].keys) for r in store.rows()] == [(b"B" * 32, ((0, b"kB", at_b),))]
+    with pytest.raises(UsageError):  # the file is not the whole store while held
+        store.copy_file(io.BytesIO())
     store.release()
     assert file_pks() == {b"B" * 32}
     assert store.ordered(0) == [(at_b, b"kB", b"B" * 32)] and store.key(0, b"kA") is None

@@ -149,9 +149,9 @@ class NodeConfig:
     # whole ledger (~4x less CPU; a restored process holds more RSS, docs/decisions.md).
     market_snapshot: bool = _opt(True, bool)
     # The ledger's SQLite page cache, MiB: part of the RSS (it fills as the ledger file
-    # grows, then stays at this size). Larger makes ingest into a large ledger slightly
-    # cheaper (docs/operations.md "Memory").
-    ledger_cache_mib: int = _opt(32, int, _range(1, 4096))
+    # grows, then stays at this size). Larger makes ingest into a large ledger and
+    # lookups of old events slightly cheaper (docs/operations.md "Sizing").
+    ledger_cache_mib: int = _opt(8, int, _range(1, 4096))
     # Measure the CPU time of every event-loop step; status.loop_steps then lists the
     # longest step per second (node/loopstats.py). A diagnostic: costs ~1 us per step.
     loop_stats: bool = _opt(False, bool)

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""CPU per event of a fresh node catching up by sync, in one process.
+
+    .venv/bin/python bench/catchup.py [--events N] [--authors A] [--profile [N]]
+
+A server ledger (a real SQLite file) holds N signed events from A authors; a fresh
+ledger pulls them with one /sync/2 session (`ReconSession`, node/sync_recon.py) the
+way `PullSync._session` (node/gossip_pull.py) drives it: each request is served by
+`sync.serve` and both messages go through their encodings; the records of each
+answer are checked by `check_records` (the daemon does it on a worker thread), then
+stored by `on_response` inside `ledger.prechecked`. The network (py-libp2p's
+streams, noise, yamux) is not included.
+
+Puller CPU is thread CPU time (time.thread_time) of everything but the server's
+`sync.serve` and the answer's encoding, which are the other node's cost (reported
+as `serve_us_per_event`). `--profile N`: cProfile the puller with a thread-CPU
+clock and print the top N functions (own time) in microseconds per event; the JSON
+figures come from an unprofiled pass.
+
+`cpu_us_per_event` = puller CPU / events stored; `verify_us` = one Ed25519 check of
+the same events (PyNaCl, as the node verifies), thread CPU in the same process;
+`cpu_vs_verify_ratio` = their ratio (1.0: the signature check alone). The machine's
+load average goes in the JSON: every CPU figure grows with it. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import nacl.bindings
+
+from node import sync
+from node.events import Event, Offer, domain_tag, sign_event
+from node.gossip_pull import _records_of
+from node.ledger import Ledger, check_records
+from node.sync_recon import ReconSession
+from node.sync_session import SyncLimits
+
+NETWORK = "bench"
+NOTE = "x" * 40
+
+
+def make_chains(authors: int, per_author: int) -> list[list[Event]]:
+    now = int(time.time() * 1000) - 3_600_000  # old events: nothing is "live"
+    chains = []
+    for a in range(authors):
+        seed = bytes([171, a % 256]) * 16
+        prev, chain = None, []
+        for s in range(1, per_author + 1):
+            body = Offer(services=(), currency="EUR", addrs=(), note=f"{a}-{s}-{NOTE}")
+            ev = sign_event(seed, s, prev, now + s, body, NETWORK)
+            chain.append(ev)
+            prev = ev.id
+        chains.append(chain)
+    return chains
+
+
+def verify_us(chains: list[list[Event]], rounds: int = 7) -> float:
+    tag = domain_tag(NETWORK)
+    msgs = [(ev.sig + tag + ev.signed, ev.author) for c in chains for ev in c[:200]]
+    times = []
+    for _ in range(rounds):
+        t0 = time.thread_time()
+        for m, pk in msgs:
+            nacl.bindings.crypto_sign_open(m, pk)
+        times.append((time.thread_time() - t0) / len(msgs) * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+def pull(server: Ledger, fresh: Ledger, prof: cProfile.Profile | None) -> dict[str, Any]:
+    s = ReconSession(fresh, SyncLimits(), clock=time.monotonic)
+    cpu = serve_cpu = 0.0
+    t0 = time.thread_time()
+    if prof is not None:
+        prof.enable()
+    while (req := s.next_request()) is not None:
+        data = req.encode()
+        if prof is not None:
+            prof.disable()
+        t1 = time.thread_time()
+        answer = sync.serve(server, sync.decode_request(data, 2), 2).encode()
+        serve_cpu += time.thread_time() - t1
+        cpu -= time.thread_time() - t1
+        if prof is not None:
+            prof.enable()
+        resp = sync.decode_response(answer, 2)
+        records = _records_of(resp)
+        if records:
+            checked = check_records(records, NETWORK)
+            with fresh.prechecked(records, checked):
+                s.on_response(resp)
+        else:
+            s.on_response(resp)
+    if prof is not None:
+        prof.disable()
+    cpu += time.thread_time() - t0
+    return {"accepted": len(s.accepted), "requests": s.stats.requests, "failed": s.failed,
+            "cpu_s": cpu, "serve_s": serve_cpu}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--authors", type=int, default=20)
+    ap.add_argument("--profile", type=int, nargs="?", const=30, default=None)
+    args = ap.parse_args()
+    chains = make_chains(args.authors, args.events // args.authors)
+    n = sum(len(c) for c in chains)
+    with tempfile.TemporaryDirectory(prefix="bidmesh-catchup-") as tmp:
+        server = Ledger(Path(tmp) / "server.db", network=NETWORK)
+        for c in chains:
+            for i in range(0, len(c), 500):
+                server.append_signed(c[i:i + 500])
+        runs = []
+        for k in range(2 if args.profile is not None else 1):
+            prof = cProfile.Profile(time.thread_time) if k == 1 else None
+            fresh = Ledger(Path(tmp) / f"fresh{k}.db", network=NETWORK)
+            try:
+                r = pull(server, fresh, prof)
+                r["digests_match"] = fresh.digest() == server.digest()
+                r["stored"] = fresh.count()
+            finally:
+                fresh.close()
+            runs.append(r)
+            if prof is not None:
+                st = pstats.Stats(prof)
+                rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
+                print(f"top {args.profile} by own thread-CPU time, us per event:")
+                for (file, line, fn), (_cc, nc, tt, ct, _) in rows[:args.profile]:
+                    print(f"{tt / n * 1e6:8.2f} own {ct / n * 1e6:8.2f} cum {nc:8d} calls  "
+                          f"{Path(file).name}:{line} {fn}")
+        server.close()
+    v = verify_us(chains)
+    r = runs[0]
+    cpu_us = r["cpu_s"] / max(1, r["stored"]) * 1e6
+    out = {"events": n, "authors": args.authors, "stored": r["stored"],
+           "digests_match": r["digests_match"], "requests": r["requests"],
+           "failed": r["failed"], "cpu_us_per_event": round(cpu_us, 1),
+           "serve_us_per_event": round(r["serve_s"] / max(1, r["stored"]) * 1e6, 1),
+           "verify_us": round(v, 1), "cpu_vs_verify_ratio": round(cpu_us / v, 2),
+           "load": os.getloadavg()[0]}
+    print(json.dumps(out))
+    return 0 if r["digests_match"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

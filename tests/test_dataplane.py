@@ -226,7 +226,10 @@ async def test_contractor_killed_mid_stream_moves_to_next() -> None:
         subs = {s.contractor: s for s in subcontracts(w.nodes["A"])}
         assert C.public in subs and subs[C.public].segments > 0
         assert sum(s.segments for s in subs.values()) == res.frames
-        assert w.nodes["A"].svc.counters["contractor_failed"] >= 1
+        # B went away (reset, closed, or cut off mid-answer: whichever A saw first); it
+        # did not lie.
+        counters = w.nodes["A"].svc.counters
+        assert counters["contractor_failed"] >= 1 and counters["contractor_garbage"] == 0
 
 
 async def test_garbage_from_contractor_is_redispatched() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from node import codec
 from node.dataplane import Contracts, ProcessRequest, SegmentLimits, StreamHeader, Trailer
+from node.dataplane.dispatch import failure_kind
 from node.dataplane.wire import (
     SESSION_ERROR_ID,
     SessionResponse,
@@ -19,7 +20,18 @@ from node.dataplane.wire import (
     lease_key,
     session_response_parts,
 )
-from node.errors import InvalidMessage, PeerError, ProcessingError, UsageError
+from node.errors import (
+    InvalidMessage,
+    OperationError,
+    PeerError,
+    ProcessingError,
+    Reason,
+    RemoteError,
+    RequestRefused,
+    StreamClosed,
+    StreamTimeout,
+    UsageError,
+)
 from node.keys import Identity
 from node.processors import ProcessContext, load_processors, verify_result
 from node.processors.builtin import Exec
@@ -200,3 +212,15 @@ def test_encode_lp_roundtrips_through_the_parser() -> None:
     parser = new_parser("lp", n_chains=2)
     assert parser.feed(encode_lp(pkts)) + parser.end() == pkts
     assert encode_lp([b"ab"]) == b"\x00\x00\x00\x02\x00ab"
+
+
+def test_a_contractor_that_went_away_failed_one_that_answered_wrong_sent_garbage() -> None:
+    for e in (OperationError("cannot reach"), StreamTimeout("no answer"),
+              RemoteError("reset"), StreamClosed("closed before a frame"),
+              RequestRefused("busy", Reason.BUSY),
+              InvalidMessage("stream ended inside a frame body", Reason.TRUNCATED)):
+        assert failure_kind(e) == "failed", e
+    for e in (InvalidMessage("not in flight", Reason.BAD_RESPONSE),
+              InvalidMessage("too long", Reason.OVERSIZED_RESPONSE),
+              ProcessingError("does not verify")):
+        assert failure_kind(e) == "garbage", e

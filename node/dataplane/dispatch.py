@@ -33,7 +33,7 @@ from .egress import EgressPolicy
 from .session import ProcessSession
 from .wire import ProcessRequest, decode_outputs, process_protocol, session_protocol
 
-__all__ = ["Contracts", "Dispatcher"]
+__all__ = ["Contracts", "Dispatcher", "failure_kind"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,18 @@ class _Work:
     seqs: set[int] = field(default_factory=set)
     bytes_in: int = 0
     digests: dict[tuple[int, int], bytes] = field(default_factory=dict)
+
+
+def failure_kind(e: BidmeshError) -> str:
+    """How a failed remote attempt is counted: "garbage" when the contractor's answer
+    came whole and was wrong (malformed, oversized, not verifying), "failed" when no
+    answer came: unreachable, refused, timed out, reset, or cut off inside a frame. A
+    contractor whose host goes away mid-answer is cut off or reset depending on which
+    reaches us first; it is the same failure either way."""
+    if isinstance(e, RequestRefused) or (isinstance(e, PeerError)
+                                         and e.reason == Reason.TRUNCATED):
+        return "failed"
+    return "garbage" if isinstance(e, ProcessingError | PeerError) else "failed"
 
 
 class Contracts:
@@ -228,9 +240,7 @@ class Dispatcher:
                     await trio.sleep(_LEASE_RETRY_S)
                     waited += _LEASE_RETRY_S
                     continue
-                kind = "garbage" if isinstance(e, ProcessingError | PeerError) and not isinstance(
-                    e, RequestRefused) else "failed"
-                self.counters[f"contractor_{kind}"] += 1
+                self.counters[f"contractor_{failure_kind(e)}"] += 1
                 if isinstance(e, PeerError) and e.reason in (Reason.OVERSIZED,
                                                              Reason.OVERSIZED_RESPONSE):
                     self.counters["contractor_oversized"] += 1  # refused unread

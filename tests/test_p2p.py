@@ -813,6 +813,30 @@ async def test_a_copy_of_a_seen_message_gets_no_task() -> None:
         await sub.aclose()
 
 
+async def test_score_gates_answer_without_scores_only_at_open_thresholds() -> None:
+    """With every threshold at -inf the gates' answers do not depend on a score:
+    allowed for any topic list but an empty one, never graylisted. A router whose
+    thresholds are set keeps upstream's gates."""
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.score import ScoreParams
+
+    from node.p2p import _compat
+
+    async with open_host(seed(49)) as h, make_pubsub(h) as ps:
+        scorer: Any = ps.router.scorer
+        gate = scorer.allow_publish
+        assert _compat.is_ours(gate) and _compat.is_ours(scorer.is_graylisted)
+        peer = peer_id_from_pubkey(bytes(seed(50)))
+        assert scorer.allow_publish(peer, ["t"]) and scorer.allow_gossip(peer, ["t", "u"])
+        assert not scorer.allow_publish(peer, []) and not scorer.is_graylisted(peer, ["t"])
+        _compat.open_score_gates(ps.router)
+        assert scorer.allow_publish is gate
+    strict = GossipSub(protocols=[PROTOCOL_ID_V11], degree=3, degree_low=2, degree_high=4,
+                       score_params=ScoreParams(publish_threshold=0.0))
+    _compat.open_score_gates(strict)  # type: ignore[arg-type]
+    assert not _compat.is_ours(strict.scorer.allow_publish)  # type: ignore[union-attr]
+
+
 async def test_queue_drained_wakes_on_the_pop_that_goes_below_the_mark() -> None:
     """Publish backpressure waits on this instead of polling the queues every 2 ms."""
     from libp2p.pubsub.pb import rpc_pb2

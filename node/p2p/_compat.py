@@ -473,6 +473,37 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
     setattr(router, "handle_ihave", handle_ihave)  # noqa: B010
 
 
+def open_score_gates(router: GossipSubInternals) -> None:
+    """Answer the peer scorer's gates without computing scores while every threshold
+    is -inf (upstream's default `ScoreParams`, ours: scoring has no weights here).
+
+    Upstream asks them per message and per peer (`push_msg`: `allow_publish` of the
+    forwarder; `_get_peers_to_send`: `allow_gossip` and `is_graylisted` of each mesh
+    peer; `GossipSub.publish`: `allow_publish` of each receiver), and each computes
+    the peer's topic score, ~1.5% of a loaded node's loop CPU, to compare it with
+    -inf. The answers stay the same: allowed for any topic list but an empty one,
+    never graylisted. Scores themselves (mesh upkeep in the heartbeat) are left alone.
+    Bound on this scorer instance only; a second call does nothing."""
+    scorer = router.scorer
+    if scorer is None or is_ours(scorer.allow_publish):
+        return
+    p = scorer.params
+    if not p.publish_threshold == p.gossip_threshold == p.graylist_threshold == -math.inf:
+        return
+
+    @_mark
+    def allowed(peer: ID, topics: list[str]) -> bool:
+        return bool(topics)
+
+    @_mark
+    def graylisted(peer: ID, topics: list[str]) -> bool:
+        return False
+
+    setattr(scorer, "allow_publish", allowed)  # noqa: B010
+    setattr(scorer, "allow_gossip", allowed)  # noqa: B010
+    setattr(scorer, "is_graylisted", graylisted)  # noqa: B010
+
+
 def prune_at_random(router: GossipSubInternals, rng: random.Random) -> None:
     """Choose the peers an over-full mesh PRUNEs at random, as the spec says.
 

@@ -139,10 +139,25 @@ class PubsubInternals(Protocol):
                                           timeout: float | None = None) -> None: ...
 
 
+class _ScoreThresholds(Protocol):
+    publish_threshold: float
+    gossip_threshold: float
+    graylist_threshold: float
+
+
 class _MeshScorer(Protocol):
+    @property
+    def params(self) -> _ScoreThresholds: ...
+
     def on_join_mesh(self, peer: ID, topic: str) -> None: ...
 
     def on_leave_mesh(self, peer: ID, topic: str) -> None: ...
+
+    def allow_publish(self, peer: ID, topics: list[str]) -> bool: ...
+
+    def allow_gossip(self, peer: ID, topics: list[str]) -> bool: ...
+
+    def is_graylisted(self, peer: ID, topics: list[str]) -> bool: ...
 
 
 class GossipSubInternals(Protocol):

@@ -373,6 +373,7 @@ class PubSub:
         self._pruned_us: _compat.PruneBook = {}
         _compat.track_prunes(router, self._pruned, self._pruned_us)
         _compat.prune_at_random(router, random.Random())
+        _compat.open_score_gates(router)
         self.copies_held_back = 0
         """Sends of a message we did not make: the peer had sent us a copy of it while
         ours was being handled (`_compat.one_copy_at_a_time`)."""

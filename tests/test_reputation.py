@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from market_helpers import World, award, key, payment, rating, request
 
@@ -204,6 +204,7 @@ def test_removing_an_unknown_rating_is_refused() -> None:
     assert fold.keys() == [] and fold.score(K, "provider", 9).ratings == 0
 
 
+@settings(deadline=None)  # a SQLite file per example; timing is not under test
 @given(_ROWS, st.lists(st.integers(0, 8 * DAY), min_size=1, max_size=8),
        st.integers(0, 2**32 - 1))
 def test_cold_ratings_answer_as_if_in_memory(

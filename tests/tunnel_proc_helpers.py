@@ -167,7 +167,10 @@ class TunnelCmd:
 
 @contextmanager
 def client_tunnel(client_dir: Path, node_addr: str, network: str, lease_hex: str,
-                  *extra: str, ready_timeout: float = 60.0) -> Iterator[TunnelCmd]:
+                  *extra: str, ready_timeout: float = 60.0,
+                  wait_ready: bool = True) -> Iterator[TunnelCmd]:
+    """`bidmesh client tunnel` under the lease, yielded once its proxy listens (with
+    `wait_ready=False` at once: a lease that has not started keeps it waiting)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     popen = subprocess.Popen(
         client_cmd(client_dir, node_addr, network, "tunnel", lease_hex, "--socks",
@@ -177,7 +180,9 @@ def client_tunnel(client_dir: Path, node_addr: str, network: str, lease_hex: str
     cmd._thread = threading.Thread(target=cmd._collect, daemon=True)
     cmd._thread.start()
     try:
-        cmd.port = int(cmd.wait_line(r"SOCKS5 proxy on 127\.0\.0\.1:(\d+)", ready_timeout)[1])
+        if wait_ready:
+            cmd.port = int(cmd.wait_line(r"SOCKS5 proxy on 127\.0\.0\.1:(\d+)",
+                                         ready_timeout)[1])
         yield cmd
     finally:
         cmd.close()

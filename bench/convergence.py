@@ -331,7 +331,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
             "accepted_via_sync": sum(s["events"].get("accepted_sync", 0) for s in stats),
             "gossip_errors": sum(s["gossip_errors"] for s in stats),
             # Copies of gossip messages: dropped while another copy was being handled,
-            # and sends left out because the peer had sent us one (node/p2p/_compat.py).
+            # and sends left out because the peer had sent us one (node/p2p/_compat_gossipsub.py).
             "concurrent_copies": sum(s.get("concurrent_copies", 0) for s in stats),
             "copies_held_back": sum(s.get("copies_held_back", 0) for s in stats),
             # Mesh health (node/replication.py watchdog): times a node saw its mesh

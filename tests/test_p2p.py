@@ -531,7 +531,7 @@ def test_upstream_replacements_are_installed_once() -> None:
 async def test_per_object_edits_are_made_once() -> None:
     import random
 
-    from node.p2p import _compat
+    from node.p2p import _compat, _compat_gossipsub
 
     async with open_host(seed(40)) as h, make_pubsub(h) as ps:
         swarm: Any = h._swarm
@@ -543,11 +543,11 @@ async def test_per_object_edits_are_made_once() -> None:
         assert _compat.is_ours(push)
         peers_to_send = router._get_peers_to_send
         assert _compat.is_ours(peers_to_send)
-        _compat.one_copy_at_a_time(ps.pubsub, lambda msg: None, router=ps.router)
+        _compat_gossipsub.one_copy_at_a_time(ps.pubsub, lambda msg: None, router=ps.router)
         assert ps.pubsub.push_msg is push and router._get_peers_to_send is peers_to_send
         _compat.limit_inbound_handshakes(swarm)  # again: not a second queue around the first
-        _compat.track_prunes(ps.router, {}, {})
-        _compat.prune_at_random(ps.router, random.Random(1))
+        _compat_gossipsub.track_prunes(ps.router, {}, {})
+        _compat_gossipsub.prune_at_random(ps.router, random.Random(1))
         assert swarm.upgrade_inbound_raw_conn is upgrade
         assert router.handle_prune is handle and router._select_peers_for_pruning is select
 
@@ -820,7 +820,7 @@ async def test_score_gates_answer_without_scores_only_at_open_thresholds() -> No
     from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
     from libp2p.pubsub.score import ScoreParams
 
-    from node.p2p import _compat
+    from node.p2p import _compat, _compat_gossipsub
 
     async with open_host(seed(49)) as h, make_pubsub(h) as ps:
         scorer: Any = ps.router.scorer
@@ -829,11 +829,11 @@ async def test_score_gates_answer_without_scores_only_at_open_thresholds() -> No
         peer = peer_id_from_pubkey(bytes(seed(50)))
         assert scorer.allow_publish(peer, ["t"]) and scorer.allow_gossip(peer, ["t", "u"])
         assert not scorer.allow_publish(peer, []) and not scorer.is_graylisted(peer, ["t"])
-        _compat.open_score_gates(ps.router)
+        _compat_gossipsub.open_score_gates(ps.router)
         assert scorer.allow_publish is gate
     strict = GossipSub(protocols=[PROTOCOL_ID_V11], degree=3, degree_low=2, degree_high=4,
                        score_params=ScoreParams(publish_threshold=0.0))
-    _compat.open_score_gates(strict)  # type: ignore[arg-type]
+    _compat_gossipsub.open_score_gates(strict)  # type: ignore[arg-type]
     assert not _compat.is_ours(strict.scorer.allow_publish)  # type: ignore[union-attr]
 
 

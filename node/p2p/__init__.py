@@ -17,6 +17,7 @@ Modules (the names below are re-exported here; import them from `node.p2p`):
     mdns      LAN discovery (zeroconf) feeding dial addresses to a callback
     _compat   every replacement of an upstream function and edit of its private
               state, the version check
+    _compat_gossipsub  the gossipsub router's mesh and message-path edits
     _upstream_types  typed Protocols for the upstream members used
 
 Host::

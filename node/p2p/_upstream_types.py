@@ -6,7 +6,7 @@ queues, gossipsub's mesh and back-offs), so each concrete class the package reac
 into is named here as a Protocol listing exactly the members used. `_conforms`
 makes mypy check them against the installed classes: an upstream change of one of
 them fails the type check, not a handler at run time. The replacements and edits
-that use these types are node/p2p/_compat.py.
+that use these types are node/p2p/_compat.py and node/p2p/_compat_gossipsub.py.
 
 Importing any module of node/p2p runs the package's `__init__`, which imports
 `_compat` first: its version check runs before the libp2p imports below.

@@ -29,7 +29,7 @@ from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, OutBoundQueueSize
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import InvalidMessage, UsageError
-from . import _compat
+from . import _compat, _compat_gossipsub
 from ._upstream_types import GossipSubInternals, PubsubInternals
 from .host import P2PHost
 from .ids import pubkey_from_peer_id
@@ -119,7 +119,7 @@ class Topic:
         self.concurrent_copies = 0
         """Copies of a message that arrived while another copy was being handled
         (dropped or rejected: that copy's verdict decides; see `set_async_validator`
-        and `_compat.one_copy_at_a_time`)."""
+        and `_compat_gossipsub.one_copy_at_a_time`)."""
         self.late_copies = 0
         """Copies of a message that waited for a validator slot while another copy was
         validated and delivered (rejected; see `set_async_validator`)."""
@@ -149,12 +149,12 @@ class Topic:
         if self.name not in router.mesh:
             return 0
         welcome = {p for p in self.peers() if not self._owner.backs_off(p, self.name)}
-        _compat.forget_back_off(router, self.name, welcome)
+        _compat_gossipsub.forget_back_off(router, self.name, welcome)
         grafted = 0
         for peer in peers:
             if grafted >= want:
                 break
-            if peer in welcome and await _compat.graft(router, self.name, peer):
+            if peer in welcome and await _compat_gossipsub.graft(router, self.name, peer):
                 grafted += 1
         return grafted
 
@@ -162,7 +162,7 @@ class Topic:
         """Drop `peer` from our mesh for this topic and send it PRUNE, as upstream's
         heartbeat does to an over-full mesh. For tests and attack tools that need
         a node pushed out of the mesh."""
-        await _compat.prune(self._owner.router, self.name, peer)
+        await _compat_gossipsub.prune(self._owner.router, self.name, peer)
 
     async def publish(self, data: bytes, timeout: float = 1.0) -> int:
         """Publish `data`, first waiting (at most `timeout` s) while a receiving peer's
@@ -234,7 +234,7 @@ class Topic:
         (counted in `refused_early`), anything else is what `fn` gets in place of
         `data`. Upstream's rejection path costs the origin's signature check and
         the formatting of the whole message into the error text (see
-        `_compat.one_copy_at_a_time`), ~1 ms per gossip batch: refusals a cheap
+        `_compat_gossipsub.one_copy_at_a_time`), ~1 ms per gossip batch: refusals a cheap
         check can make (a budget, a malformed batch, a blocked forwarder) are made
         before it. A dropped message is not marked seen nor its verdict cached:
         another peer's copy is judged on its own. `origin` is not verified yet when
@@ -260,8 +260,9 @@ class Topic:
         self._owner.pubsub.set_topic_validator(self.name, self._validate_async, True)
 
     def _admit(self, forwarder: ID, msg: rpc_pb2.Message) -> Callable[[], None] | None:
-        """The precheck of a message on its arrival (`_compat.one_copy_at_a_time`):
-        None to drop it, else the release of what it left for the validator."""
+        """The precheck of a message on its arrival
+        (`_compat_gossipsub.one_copy_at_a_time`): None to drop it, else the release of
+        what it left for the validator."""
         if self._precheck is None or forwarder == self._owner.host.peer_id:
             return _nothing
         key = bytes(msg.from_id) + bytes(msg.seqno)
@@ -369,22 +370,22 @@ class PubSub:
         self._topics: dict[str, Topic] = {}
         self.closing = False
         # Both ends of every PRUNE (docs/libp2p-notes.md, "Mesh loss").
-        self._pruned: _compat.PruneBook = {}
-        self._pruned_us: _compat.PruneBook = {}
-        _compat.track_prunes(router, self._pruned, self._pruned_us)
-        _compat.prune_at_random(router, random.Random())
-        _compat.open_score_gates(router)
+        self._pruned: _compat_gossipsub.PruneBook = {}
+        self._pruned_us: _compat_gossipsub.PruneBook = {}
+        _compat_gossipsub.track_prunes(router, self._pruned, self._pruned_us)
+        _compat_gossipsub.prune_at_random(router, random.Random())
+        _compat_gossipsub.open_score_gates(router)
         self.copies_held_back = 0
         """Sends of a message we did not make: the peer had sent us a copy of it while
-        ours was being handled (`_compat.one_copy_at_a_time`)."""
+        ours was being handled (`_compat_gossipsub.one_copy_at_a_time`)."""
         self.iwant_spared = 0
         """Ids left out of peers' IHAVEs (not asked for with IWANT): a copy of the
-        message was being handled (`_compat.one_copy_at_a_time`)."""
+        message was being handled (`_compat_gossipsub.one_copy_at_a_time`)."""
         self.seen_copies = 0
         """Copies of messages already seen, dropped before upstream gave each a task."""
-        _compat.one_copy_at_a_time(pubsub, self._copy_dropped, self._admit, router=router,
-                                   held_back=self._held_back, spared=self._spared,
-                                   seen=self._seen_copy)
+        _compat_gossipsub.one_copy_at_a_time(pubsub, self._copy_dropped, self._admit,
+                                             router=router, held_back=self._held_back,
+                                             spared=self._spared, seen=self._seen_copy)
 
     def _copy_dropped(self, msg: rpc_pb2.Message) -> None:
         for name in msg.topicIDs:

@@ -56,8 +56,8 @@ __all__ = [
 
 
 # SQLite page cache of the writer: part of the RSS budget (it fills as the file grows,
-# then stays). 32 MiB made ingest into a 400,000-event ledger 1.7% cheaper in CPU and
-# random lookups of old records ~5 us cheaper than 8 (docs/decisions.md).
+# then stays). Ingest into a 400,000-event ledger: 32 MiB 1.7% cheaper in CPU than 8,
+# 4 MiB 8% dearer (docs/decisions.md).
 CACHE_KIB = 8 << 10
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MiB of WAL between automatic checkpoints
 TOUCHED_MAX = 1 << 17  # authors awaiting a gap summary before the set is pruned

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CPU per event of a fresh node catching up by sync, in one process.
 
-    .venv/bin/python bench/catchup.py [--events N] [--authors A] [--profile [N]]
+    .venv/bin/python bench/catchup.py [--events N] [--authors A] [--range-limit R]
+                                      [--profile [N]] [--daemons]
 
 A server ledger (a real SQLite file) holds N signed events from A authors; a fresh
 ledger pulls them with one /sync/2 session (`ReconSession`, node/sync_recon.py) the
@@ -21,6 +22,15 @@ figures come from an unprofiled pass.
 the same events (PyNaCl, as the node verifies), thread CPU in the same process;
 `cpu_vs_verify_ratio` = their ratio (1.0: the signature check alone). The machine's
 load average goes in the JSON: every CPU figure grows with it. Last line: JSON.
+
+`--daemons`: the same with two real node processes (tests/daemon_helpers.Cluster):
+one publishes N events (its own, in one chain) and has gossiped them (to no one:
+its outbox is empty), then the fresh one connects to it and
+pulls them by its on-connect session; `cpu_us_per_event` is the puller's process
+CPU until the digests match, less its idle CPU per second (measured just before)
+over that time, per event; `server_us_per_event` the other node's. This includes
+everything a node spends (py-libp2p's streams, noise, yamux; the loop), not only
+the session.
 """
 
 from __future__ import annotations
@@ -78,9 +88,10 @@ def verify_us(chains: list[list[Event]], rounds: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def pull(server: Ledger, fresh: Ledger, prof: cProfile.Profile | None) -> dict[str, Any]:
-    s = ReconSession(fresh, SyncLimits(), clock=time.monotonic)
-    cpu = serve_cpu = 0.0
+def pull(server: Ledger, fresh: Ledger, prof: cProfile.Profile | None,
+         limits: SyncLimits) -> dict[str, Any]:
+    s = ReconSession(fresh, limits, clock=time.monotonic)
+    cpu = serve_cpu = check_cpu = 0.0
     t0 = time.thread_time()
     if prof is not None:
         prof.enable()
@@ -97,7 +108,9 @@ def pull(server: Ledger, fresh: Ledger, prof: cProfile.Profile | None) -> dict[s
         resp = sync.decode_response(answer, 2)
         records = _records_of(resp)
         if records:
+            t1 = time.thread_time()
             checked = check_records(records, NETWORK)
+            check_cpu += time.thread_time() - t1
             with fresh.prechecked(records, checked):
                 s.on_response(resp)
         else:
@@ -106,15 +119,73 @@ def pull(server: Ledger, fresh: Ledger, prof: cProfile.Profile | None) -> dict[s
         prof.disable()
     cpu += time.thread_time() - t0
     return {"accepted": len(s.accepted), "requests": s.stats.requests, "failed": s.failed,
-            "cpu_s": cpu, "serve_s": serve_cpu}
+            "cpu_s": cpu, "serve_s": serve_cpu, "check_s": check_cpu}
+
+
+def _proc_cpu(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemons(n: int, range_limit: int) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from daemon_helpers import Cluster  # type: ignore[import-not-found]
+
+    with tempfile.TemporaryDirectory(prefix="bidmesh-catchup-") as tmp:
+        c = Cluster(Path(tmp), 2, bootstrap=lambda i, procs: [],
+                    overrides={"sync": {"range_limit": range_limit, "interval_s": 5.0}})
+        try:
+            c.start_all()
+            server, fresh = c.procs
+            for i in range(0, n, 1000):
+                c.publish(server, min(1000, n - i), tag=f"{i}-")
+            # The server gossips its own events, paced; connecting before it is done
+            # would bring the rest by gossip too (out of order: pending, drained).
+            t0 = time.monotonic()
+            while c.status(server)["outbox"] and time.monotonic() - t0 < 600:
+                time.sleep(0.5)
+            want = c.status(server)["digest"]
+            assert server.popen is not None and fresh.popen is not None
+            time.sleep(2.0)
+            c0, w0 = _proc_cpu(fresh.popen.pid), time.monotonic()
+            time.sleep(3.0)
+            idle = (_proc_cpu(fresh.popen.pid) - c0) / (time.monotonic() - w0)
+            c0, s0, t0 = _proc_cpu(fresh.popen.pid), _proc_cpu(server.popen.pid), time.monotonic()
+            fresh.call({"op": "connect", "addr": server.addr})
+            while c.status(fresh)["digest"] != want:
+                if time.monotonic() - t0 > 600:
+                    raise SystemExit("the fresh node did not catch up within 600 s")
+                time.sleep(0.2)
+            wall = time.monotonic() - t0
+            used = _proc_cpu(fresh.popen.pid) - c0 - idle * wall
+            served = _proc_cpu(server.popen.pid) - s0
+            st = c.status(fresh)
+        finally:
+            c.stop_all()
+    return {"mode": "daemons", "events": n, "stored": st["events"], "range_limit": range_limit,
+            "wall_s": round(wall, 2), "cpu_us_per_event": round(used / n * 1e6, 1),
+            "server_us_per_event": round(served / n * 1e6, 1),
+            "idle_cpu_per_s": round(idle, 4), "sync_rounds": st["sync"]["rounds"],
+            # What the fresh node's replicator counted: by sync, by gossip, duplicates.
+            "puller_events": st["gossip"]["events"]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--authors", type=int, default=20)
+    ap.add_argument("--range-limit", type=int, default=SyncLimits.range_limit,
+                    help="records per answer asked for (node default: [sync] range_limit)")
     ap.add_argument("--profile", type=int, nargs="?", const=30, default=None)
+    ap.add_argument("--daemons", action="store_true", help="two real node processes")
     args = ap.parse_args()
+    if args.daemons:
+        out = daemons(args.events, args.range_limit)
+        v = verify_us(make_chains(1, 200))
+        out.update(verify_us=round(v, 1), cpu_vs_verify_ratio=round(out["cpu_us_per_event"] / v, 2),
+                   load=os.getloadavg()[0])
+        print(json.dumps(out))
+        return 0 if out["stored"] >= args.events else 1
     chains = make_chains(args.authors, args.events // args.authors)
     n = sum(len(c) for c in chains)
     with tempfile.TemporaryDirectory(prefix="bidmesh-catchup-") as tmp:
@@ -127,7 +198,7 @@ def main() -> int:
             prof = cProfile.Profile(time.thread_time) if k == 1 else None
             fresh = Ledger(Path(tmp) / f"fresh{k}.db", network=NETWORK)
             try:
-                r = pull(server, fresh, prof)
+                r = pull(server, fresh, prof, SyncLimits(range_limit=args.range_limit))
                 r["digests_match"] = fresh.digest() == server.digest()
                 r["stored"] = fresh.count()
             finally:
@@ -144,9 +215,11 @@ def main() -> int:
     v = verify_us(chains)
     r = runs[0]
     cpu_us = r["cpu_s"] / max(1, r["stored"]) * 1e6
-    out = {"events": n, "authors": args.authors, "stored": r["stored"],
+    out = {"events": n, "authors": args.authors, "range_limit": args.range_limit,
+           "stored": r["stored"],
            "digests_match": r["digests_match"], "requests": r["requests"],
            "failed": r["failed"], "cpu_us_per_event": round(cpu_us, 1),
+           "check_us_per_event": round(r["check_s"] / max(1, r["stored"]) * 1e6, 1),
            "serve_us_per_event": round(r["serve_s"] / max(1, r["stored"]) * 1e6, 1),
            "verify_us": round(v, 1), "cpu_vs_verify_ratio": round(cpu_us / v, 2),
            "load": os.getloadavg()[0]}

@@ -1,18 +1,27 @@
 """Auctions, awards, leases, payments, ratings, groups and offers (pure core).
 
-`market` holds the fold (`Market`, `derive`, `verify_award`, `rank_offers`), `lease`
-the object the dataplane checks, `views` the JSON-able output. Rules: docs/auctions.md.
+`market` holds the fold (`Market`, `derive`, `verify_award`, `rank_offers`), `records`
+the records it keeps (`Auction`, `BidEntry`, ...), `lease` the object the dataplane
+checks, `views` the JSON-able output. Rules: docs/auctions.md.
 """
 
 from .lease import DELEGATION_TAG, DeviceAdmission, Lease, make_delegation
 from .market import (
     BEST_VALUE_K,
+    Market,
+    clear,
+    derive,
+    find_auction,
+    find_lease,
+    rank_offers,
+    verify_award,
+)
+from .records import (
     Auction,
     AwardCheck,
     BidEntry,
     Evidence,
     Ignored,
-    Market,
     OfferRecord,
     PartyLog,
     PaymentRecord,
@@ -20,12 +29,6 @@ from .market import (
     RankedOffer,
     RatingRecord,
     SubcontractRecord,
-    clear,
-    derive,
-    find_auction,
-    find_lease,
-    rank_offers,
-    verify_award,
 )
 
 __all__ = [

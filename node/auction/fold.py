@@ -70,7 +70,8 @@ from .foldstate import (
     kept,
 )
 from .lease import Lease
-from .market import Auction, Market, OfferRecord, PartyLog, RatingRecord, SubcontractRecord
+from .market import Market
+from .records import Auction, OfferRecord, PartyLog, RatingRecord, SubcontractRecord
 
 __all__ = ["COLD_AFTER_MS", "CKey", "ColdStore", "FoldedMarket", "IncrementalMarket",
            "OfferSource", "Source", "ckey"]

@@ -8,7 +8,8 @@ from typing import Any
 from ..events import jsonable
 from ..reputation import Score
 from .lease import Lease
-from .market import Auction, AwardCheck, BidEntry, Market, rank_offers
+from .market import Market, rank_offers
+from .records import Auction, AwardCheck, BidEntry
 
 JSON = dict[str, Any]
 

@@ -55,10 +55,7 @@ __all__ = [
 ]
 
 
-# SQLite page cache of the writer: part of the RSS budget (it fills as the file grows,
-# then stays). Ingest into a 400,000-event ledger: 32 MiB 1.7% cheaper in CPU than 8,
-# 4 MiB 8% dearer (docs/decisions.md).
-CACHE_KIB = 8 << 10
+CACHE_KIB = 8 << 10  # the writer's page cache: in the RSS once full (docs/decisions.md)
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MiB of WAL between automatic checkpoints
 TOUCHED_MAX = 1 << 17  # authors awaiting a gap summary before the set is pruned
 
@@ -81,10 +78,7 @@ class _Batch:
 
 
 class Ledger(StoredReads):
-    """One network's ledger in one SQLite file. Use from a single thread.
-
-    `cache_kib`: the writer's SQLite page cache (default `CACHE_KIB`; the daemon passes
-    `node.ledger_cache_mib`). It fills as the file grows and then stays at its cap."""
+    """One network's ledger in one SQLite file. Use from a single thread."""
 
     def __init__(
         self,
@@ -96,7 +90,7 @@ class Ledger(StoredReads):
         pending_total: int = 65_536,
         pending: PendingLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
-        cache_kib: int | None = None,
+        cache_kib: int | None = None,  # page cache (default CACHE_KIB; node.ledger_cache_mib)
     ) -> None:
         self.path = Path(path)
         self.network = network

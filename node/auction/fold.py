@@ -46,6 +46,7 @@ from ..errors import UsageError
 from ..events import Event, Offer
 from ..reputation import FoldReputation, Policy
 from .foldcold import ColdTier
+from .foldidx import FoldIndexes
 from .foldstate import (
     _DICTS,
     _KIND_DICTS,
@@ -53,7 +54,6 @@ from .foldstate import (
     _REASSIGNED,
     LAZY_DICTS,
     CKey,
-    ColdIdx,
     ColdStore,
     Kept,
     LazyDict,
@@ -71,7 +71,7 @@ from .foldstate import (
 )
 from .lease import Lease
 from .market import Market
-from .records import Auction, OfferRecord, PartyLog, RatingRecord, SubcontractRecord
+from .records import Auction, OfferRecord, PartyLog, RatingRecord
 
 __all__ = ["COLD_AFTER_MS", "CKey", "ColdStore", "FoldedMarket", "IncrementalMarket",
            "OfferSource", "Source", "ckey"]
@@ -149,7 +149,7 @@ class FoldedMarket(Market):
         return self._engine._party_log(key)
 
 
-class IncrementalMarket(ColdTier):
+class IncrementalMarket(ColdTier, FoldIndexes):
     """`derive()` kept current under insertions and removals in any order.
 
     `add(events)` / `remove(ids)` in any order; `market()` brings the merged market up
@@ -162,7 +162,8 @@ class IncrementalMarket(ColdTier):
     from `source` when an event reaches it again, then re-derives. Memory then follows
     the active auctions, not the history; results do not change. With a `cold`
     store too, an evicted auction `cold_after_ms` older than the latest event moves
-    its bookkeeping and merged entries there (`foldcold.ColdTier`)."""
+    its bookkeeping and merged entries there (`foldcold.ColdTier`). The indexes
+    readers ask are kept by `foldidx.FoldIndexes`."""
 
     def __init__(self, policy: Policy | None = None, *, source: Source | None = None,
                  offers: OfferSource | None = None, max_loaded: int = 4096,
@@ -194,7 +195,7 @@ class IncrementalMarket(ColdTier):
         self._queue: list[tuple[CKey, bytes]] = []
         self._now = 0  # the latest ts_ms of any present event (the fold's now_ms)
         self._now_stale = False  # an event at _now was removed
-        self.merged = FoldedMarket(self)
+        self.merged: FoldedMarket = FoldedMarket(self)
         m = self.merged
         self._ord = {name: _Ordered(getattr(m, name)) for name in _DICTS}
         self._ign = _Merged(m.ignored)
@@ -304,121 +305,6 @@ class IncrementalMarket(ColdTier):
     def __len__(self) -> int:
         """Present events in partitions, plus the offers the engine keeps."""
         return len(self._part_of) + self._cold_events + len(self._offer_of)
-
-    # ------------------------------------------------------------ reader indexes
-
-    def _watch_auction(self, k: bytes, old: Auction | None, new: Auction | None) -> None:
-        dl_old = old.deadline_ms if old is not None else None
-        dl_new = new.deadline_ms if new is not None else None
-        if dl_old == dl_new:
-            return
-        if dl_old is not None:
-            i = bisect_left(self._deadlines, (dl_old, k))
-            if i < len(self._deadlines) and self._deadlines[i] == (dl_old, k):
-                del self._deadlines[i]  # (pruned already if it ended before _open_from)
-        if dl_new is not None and dl_new >= self._open_from:
-            insort(self._deadlines, (dl_new, k))
-
-    def _open_auctions(self, now_ms: int) -> list[Auction]:
-        """Auctions whose deadline is at or after `now_ms`, in canonical order. Those
-        that ended before the latest time asked for are dropped from the index; asking
-        for an earlier time than ever before scans every auction once."""
-        d = self.merged.auctions
-        if now_ms < self._open_from:
-            return [a for a in d.values() if a.deadline_ms >= now_ms]
-        dl = self._deadlines
-        cut = bisect_left(dl, (now_ms,))
-        del dl[:cut]
-        self._open_from = now_ms
-        sk = self._ord["auctions"].sk
-        keys = [k for _, k in dl]
-        if self._cold_parts:  # cold auctions ended an hour ago, as a rule: none here
-            assert self._cold is not None
-            keys += self._cold.open_from(now_ms)
-        return [d[k] for k in sorted(keys, key=sk)]
-
-    def _watch_lease(self, k: bytes, old: Lease | None, new: Lease | None) -> None:
-        if old is not None:
-            self._index_lease(k, old, False)
-        if new is not None:
-            self._index_lease(k, new, True)
-        logs = self._logs
-        if logs:
-            for x in (old, new):
-                if x is not None:
-                    for p in {x.provider, *x.keys}:
-                        if p in logs:
-                            logs[p].note("leases", k)
-
-    def _index_lease(self, k: bytes, lease: Lease, add: bool) -> None:
-        for p in {lease.provider, *lease.keys}:
-            if add:
-                self._leases_of.setdefault(p, []).append(k)
-            else:
-                lst = self._leases_of[p]
-                lst.remove(k)
-                if not lst:
-                    del self._leases_of[p]
-
-    def _watch_subcontract(self, k: bytes, old: SubcontractRecord | None,
-                           new: SubcontractRecord | None) -> None:
-        logs = self._logs
-        for x in (old, new):
-            if x is not None and x.provider in logs:
-                logs[x.provider].note("subcontracts", k)
-
-    def _party_log(self, key: bytes) -> PartyLog:
-        old = self._logs.get(key)
-        if old is not None:
-            old.ended = True
-        log = self._logs[key] = PartyLog()
-        return log
-
-    # ------------------------------------------------------------ cold indexes
-
-    def _cool_idx(self, p: _Part, vals: dict[str, dict[Any, Any]],
-                  sks: dict[str, dict[Any, CKey]],
-                  movers: tuple[tuple[bytes, str, bytes | None], ...]) -> ColdIdx:
-        """Take a partition going cold out of the in-memory indexes; what it had there
-        goes to the store's tables (`ColdIdx`), where the readers find it."""
-        a = vals.get("auctions", {}).get(p.key)
-        if a is not None:
-            self._watch_auction(p.key, a, None)
-        settles = []
-        for ck, (parties, end, lease_id) in p.out_s.items():
-            self._settle_remove(parties, ck)
-            settles += [(k, ck, end, lease_id) for k in parties]
-        leases = []
-        for k, lease in vals.get("leases", {}).items():
-            self._index_lease(k, lease, False)
-            leases += [(party, sks["leases"][k], k) for party in {lease.provider, *lease.keys}]
-        ratings = [(subj, role, ck[0], self.rep.cool(subj, role, ck[0], sat, score, w))
-                   for ck, (subj, role, sat, score, w) in p.out_r.items()]
-        return ColdIdx(None if a is None else a.deadline_ms, movers, tuple(settles),
-                       tuple(leases), tuple(ratings))
-
-    def _thaw_idx(self, p: _Part, vals: dict[str, dict[Any, Any]],
-                  movers: tuple[tuple[bytes, str, bytes | None], ...]) -> None:
-        """The reverse of `_cool_idx` (the store forgets its rows)."""
-        for i, kind, ref in movers:
-            self._movers[i] = (kind, ref)
-        a = vals.get("auctions", {}).get(p.key)
-        if a is not None:
-            self._watch_auction(p.key, None, a)
-        for ck, (parties, end, lease_id) in p.out_s.items():
-            self._settle_add(parties, ck, end, lease_id)
-        for k, lease in vals.get("leases", {}).items():
-            self._index_lease(k, lease, True)
-        for ck, (subj, role, sat, score, w) in p.out_r.items():
-            self.rep.thaw(subj, role, ck[0], sat, score, w)
-
-    def _mover(self, event_id: bytes) -> tuple[str, bytes | None] | None:
-        """(kind, ref) of a present commit, award or subcontract (cold ones: the store)."""
-        t = self._movers.get(event_id)
-        if t is None and self._cold_parts:
-            assert self._cold is not None
-            t = self._cold.mover(event_id)
-        return t
 
     # ------------------------------------------------------------ offers
 
@@ -764,14 +650,3 @@ class IncrementalMarket(ColdTier):
             assert self._cold is not None
             n += self._cold.settled(key, at, at_ms, cap - n)
         return n
-
-    def _settle_add(self, parties: tuple[bytes, ...], ck: CKey, end: int, lease: bytes) -> None:
-        for k in parties:
-            insort(self._settles.setdefault(k, []), (ck, end, lease))
-
-    def _settle_remove(self, parties: tuple[bytes, ...], ck: CKey) -> None:
-        for k in parties:
-            lst = self._settles[k]
-            del lst[bisect_left(lst, ck, key=lambda e: e[0])]
-            if not lst:
-                del self._settles[k]

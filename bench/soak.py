@@ -4,6 +4,7 @@ load; does memory, file descriptors and task count stay flat?
 
     .venv/bin/python bench/soak.py [--quick] [--minutes M | --duration S] [--nodes N]
                                    [--rate R] [--auction-every S] [--past-auctions A]
+                                   [--cache-mib M] [--keep]
 
 N `bidmesh run` daemons (default 3), full mesh. Load for `--minutes` (or `--duration`
 seconds; `--quick`: 60 s, default 30 minutes):
@@ -32,6 +33,9 @@ are the largest over the nodes. Baseline for the ratio: RSS of an idle node
 squares over the samples, worst node; `baseline_kib_per_kevent` the baseline's): what
 a shorter run extrapolates with, e.g. to the default run's ~180,000 events.
 
+The nodes' directory (/tmp/bidmesh-soak-*, 100-400 MB) is removed at exit unless
+`--keep`.
+
 Last line: JSON with `duration_s`, `rss_start_mb`, `rss_end_mb`, `rss_growth_mb`,
 `rss_kib_per_kevent`, `fds_growth`, `tasks_growth`, `threads_growth`, `events`, ...
 """
@@ -42,6 +46,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -306,6 +311,17 @@ def _fin(x: float) -> float | None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="bidmesh-soak-"))
+    try:
+        return await _run(args, base)
+    finally:
+        # Ledgers of three nodes and the baseline: 100-400 MB a run.
+        if args.keep:
+            print(f"kept {base}", flush=True)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+async def _run(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     c, lease = setup(base, args.nodes, args.past_auctions, args.cache_mib)
     await trio.to_thread.run_sync(c.start_all)
     try:
@@ -429,6 +445,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="60 s")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the nodes' directory (removed at exit otherwise)")
     ap.add_argument("--duration", type=float, default=1800.0, help="seconds of load")
     ap.add_argument("--minutes", type=float, default=None,
                     help="minutes of load (instead of --duration)")

@@ -127,7 +127,7 @@ def _proc_cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def daemons(n: int, range_limit: int) -> dict[str, Any]:
+def daemons(n: int, range_limit: int, gossip_beside: bool) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from daemon_helpers import Cluster  # type: ignore[import-not-found]
 
@@ -142,7 +142,8 @@ def daemons(n: int, range_limit: int) -> dict[str, Any]:
             # The server gossips its own events, paced; connecting before it is done
             # would bring the rest by gossip too (out of order: pending, drained).
             t0 = time.monotonic()
-            while c.status(server)["outbox"] and time.monotonic() - t0 < 600:
+            while (not gossip_beside and c.status(server)["outbox"]
+                   and time.monotonic() - t0 < 600):
                 time.sleep(0.5)
             want = c.status(server)["digest"]
             assert server.popen is not None and fresh.popen is not None
@@ -178,9 +179,11 @@ def main() -> int:
                     help="records per answer asked for (node default: [sync] range_limit)")
     ap.add_argument("--profile", type=int, nargs="?", const=30, default=None)
     ap.add_argument("--daemons", action="store_true", help="two real node processes")
+    ap.add_argument("--gossip-beside", action="store_true",
+                    help="--daemons: connect while the server still gossips its events")
     args = ap.parse_args()
     if args.daemons:
-        out = daemons(args.events, args.range_limit)
+        out = daemons(args.events, args.range_limit, args.gossip_beside)
         v = verify_us(make_chains(1, 200))
         out.update(verify_us=round(v, 1), cpu_vs_verify_ratio=round(out["cpu_us_per_event"] / v, 2),
                    load=os.getloadavg()[0])

@@ -188,7 +188,9 @@ class PullSync:
                 self.stats.sync_v1_fallbacks += 1
                 return await self._session(peer, gaps, live_after_ms, 1)
             try:
-                records = _records_of(resp)
+                # Records stored meanwhile (gossip delivering the same events) need no
+                # check: the store finds them held, byte for byte (`Ledger.holds`).
+                records = [w for w in _records_of(resp) if not self.ledger.holds(w)]
                 if records:
                     # The session stores them inside on_response: check them on the
                     # ingest thread first, so the loop only stores (node/ingest.py).

@@ -331,3 +331,38 @@ async def test_a_long_chain_a_gap_releases_is_stored_in_slices(tmp_path: Path) -
         drained = 450 - 2 - gossip.DRAIN_SLICE
         assert b.rep.stats.events["accepted_drained"] == drained == len(heard) == len(set(heard))
         assert pushed == [e.wire for e in sub[1 + gossip.DRAIN_SLICE:]]  # SUBMIT's rest only
+
+
+async def test_sync_does_not_check_records_gossip_stored_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records of a sync answer that the ledger holds by the time the answer arrives
+    (gossip stored them while it was on its way) skip the signature check; the rest
+    are checked and stored as before."""
+    from node import gossip_pull
+    from node.ledger import check_records
+
+    async with tnodes(tmp_path, 2, sync={"on_connect": False, "interval_s": 3600}) as ns:
+        a, b = ns
+        ident = Identity.from_seed(bytes([81]) * 32)
+        wires = [a.ledger.publish(ident, body(i), 1000 + i).wire for i in range(30)]
+        checked: list[bytes] = []
+
+        def spy(records: list[bytes], network: str) -> list[Any]:
+            checked.extend(records)
+            return check_records(records, network)
+
+        monkeypatch.setattr(gossip_pull, "check_records", spy)
+        send = b.rep._send
+
+        async def send_then_gossip(*args: Any) -> Any:
+            resp = await send(*args)
+            if gossip_pull._records_of(resp) and not b.ledger.count():
+                b.ledger.append_many(wires[:12])  # as if gossip delivered these meanwhile
+            return resp
+
+        monkeypatch.setattr(b.rep, "_send", send_then_gossip)
+        await b.host.connect(a.host.addrs[0])
+        s = await b.rep.sync_with(a.host.peer_id)
+        assert s is not None and s.failed is None
+        assert b.ledger.digest() == a.ledger.digest() and b.ledger.count() == 30
+        assert checked == wires[12:] and len(s.accepted) == 18

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from testkit import NETWORK, Chain, fake_id, raw_event, sample_bodies, seed, wire_of
 
-from node import codec
+from node import codec, ledger_append
 from node import ledger as ledger_mod
 from node.errors import UsageError
 from node.events import MAX_SEQ, MAX_SIGNED, Bid, Event, Offer, decode_wire, peek_chain_position
@@ -297,13 +297,13 @@ def test_a_stored_record_is_a_duplicate_without_decoding_again(
     evs = [c.next() for _ in range(3)]
     assert all(r.status is Status.ACCEPTED for r in ledger.append_many([e.wire for e in evs]))
     checked: list[bytes] = []
-    real = ledger_mod._decode_all
+    real = ledger_append._decode_all
 
     def spy(wires: list[bytes], network: str) -> list[Event | AppendResult]:
         checked.extend(wires)
         return real(wires, network)
 
-    monkeypatch.setattr(ledger_mod, "_decode_all", spy)
+    monkeypatch.setattr(ledger_append, "_decode_all", spy)
     nxt = c.next()
     res = ledger.append_many([evs[0].wire, nxt.wire, evs[2].wire])
     assert [r.status for r in res] == [Status.DUPLICATE, Status.ACCEPTED, Status.DUPLICATE]

@@ -318,7 +318,7 @@ async def test_submit_over_the_protocol_checks_off_the_loop_after_the_budget(
     stores them without checking again on the loop. Outcomes are those of `answer`."""
     import threading
 
-    import node.ledger as ledger_mod
+    import node.ledger_append as ledger_mod
 
     w = World(tmp_path)
     svc = _service(w, submit_rate=1.0, submit_burst=16.0, clock=lambda: 0.0)

@@ -43,10 +43,11 @@ from itertools import islice
 from typing import Any
 
 from ..errors import UsageError
-from ..events import Event, Offer
+from ..events import Event
 from ..reputation import FoldReputation, Policy
 from .foldcold import ColdTier
 from .foldidx import FoldIndexes
+from .foldoffers import FoldOffers
 from .foldstate import (
     _DICTS,
     _KIND_DICTS,
@@ -55,11 +56,9 @@ from .foldstate import (
     LAZY_DICTS,
     CKey,
     ColdStore,
-    Kept,
     LazyDict,
     OfferSource,
     Source,
-    _ent,
     _Merged,
     _Offers,
     _Ordered,
@@ -67,11 +66,10 @@ from .foldstate import (
     _Rating,
     _Settle,
     ckey,
-    kept,
 )
 from .lease import Lease
 from .market import Market
-from .records import Auction, OfferRecord, PartyLog, RatingRecord
+from .records import Auction, PartyLog, RatingRecord
 
 __all__ = ["COLD_AFTER_MS", "CKey", "ColdStore", "FoldedMarket", "IncrementalMarket",
            "OfferSource", "Source", "ckey"]
@@ -149,7 +147,7 @@ class FoldedMarket(Market):
         return self._engine._party_log(key)
 
 
-class IncrementalMarket(ColdTier, FoldIndexes):
+class IncrementalMarket(ColdTier, FoldIndexes, FoldOffers):
     """`derive()` kept current under insertions and removals in any order.
 
     `add(events)` / `remove(ids)` in any order; `market()` brings the merged market up
@@ -163,7 +161,8 @@ class IncrementalMarket(ColdTier, FoldIndexes):
     the active auctions, not the history; results do not change. With a `cold`
     store too, an evicted auction `cold_after_ms` older than the latest event moves
     its bookkeeping and merged entries there (`foldcold.ColdTier`). The indexes
-    readers ask are kept by `foldidx.FoldIndexes`."""
+    readers ask are kept by `foldidx.FoldIndexes`, the offers by
+    `foldoffers.FoldOffers`."""
 
     def __init__(self, policy: Policy | None = None, *, source: Source | None = None,
                  offers: OfferSource | None = None, max_loaded: int = 4096,
@@ -305,84 +304,6 @@ class IncrementalMarket(ColdTier, FoldIndexes):
     def __len__(self) -> int:
         """Present events in partitions, plus the offers the engine keeps."""
         return len(self._part_of) + self._cold_events + len(self._offer_of)
-
-    # ------------------------------------------------------------ offers
-
-    def _add_offer(self, ev: Event) -> int:
-        ck = ckey(ev)
-        o = self._offers.get(ev.author)
-        if o is None:
-            o = self._offers[ev.author] = _Offers((ck, ev), self._offer_source is None)
-            self._offer_of[ev.id] = ev.author
-            self._offers_changed(ev.author, o)
-            return 1
-        if o.all is not None:
-            i = bisect_left(o.all, ck, key=lambda e: e[0])
-            if i < len(o.all) and o.all[i][0] == ck:
-                return 0
-            o.all.insert(i, (ck, ev))
-            self._offer_of[ev.id] = ev.author
-            o.first, o.last = o.all[0], o.all[-1]
-        elif ck < o.first[0]:
-            self._keep_offers(o, (ck, ev), o.last)
-        elif ck > o.last[0]:
-            self._keep_offers(o, o.first, (ck, ev))
-        else:
-            return int(ck != o.first[0] and ck != o.last[0])  # between: changes nothing
-        self._offers_changed(ev.author, o)
-        return 1
-
-    def _remove_offer(self, event_id: bytes) -> None:
-        author = self._offer_of.pop(event_id)
-        o = self._offers[author]
-        if o.last[1].id == event_id and o.last[0][0] == self._now:
-            self._now_stale = True
-        left = True
-        if o.all is not None:
-            o.all = [e for e in o.all if e[1].id != event_id]
-            if o.all:
-                o.first, o.last = o.all[0], o.all[-1]
-            left = bool(o.all)
-        else:
-            src = self._offer_source
-            assert src is not None
-            first = o.first if o.first[1].id != event_id else _ent(src(author, False))
-            last = o.last if o.last[1].id != event_id else _ent(src(author, True))
-            if first is None or last is None:
-                # The other one we keep is going too (later in this removal): the
-                # source, which no longer has either, decides.
-                first, last = _ent(src(author, False)), _ent(src(author, True))
-            if first is not None and last is not None:
-                self._keep_offers(o, first, last)
-            elif first is None and last is None:
-                for e in (o.first, o.last):
-                    self._offer_of.pop(e[1].id, None)
-                left = False
-            else:
-                raise UsageError("the offer source found an earliest but no latest offer")
-        if not left:
-            del self._offers[author]
-            self._ord["offers"].remove(author)
-            return
-        self._offers_changed(author, o)
-
-    def _keep_offers(self, o: _Offers, first: tuple[CKey, Event | Kept],
-                     last: tuple[CKey, Event | Kept]) -> None:
-        for e in (o.first, o.last):
-            if e[1].id not in (first[1].id, last[1].id):
-                self._offer_of.pop(e[1].id, None)
-        same = first[1].id == last[1].id
-        o.last = (last[0], kept(last[1]))
-        o.first = o.last if same else (first[0], kept(first[1], body=False))
-        self._offer_of[first[1].id] = first[1].author
-        self._offer_of[last[1].id] = last[1].author
-
-    def _offers_changed(self, author: bytes, o: _Offers) -> None:
-        """The merged market's entry, as `Market._offer` leaves it after a full fold."""
-        ev = o.last[1]
-        body = ev.body
-        assert isinstance(body, Offer)
-        self._ord["offers"].put(author, o.first[0], OfferRecord(ev.id, author, ev.ts_ms, body))
 
     # ------------------------------------------------------------ eviction
 

@@ -47,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # testkit
 
-import nacl.bindings
+from testkit import verify_us
 
 from node import sync
-from node.events import Event, Offer, domain_tag, sign_event
+from node.events import Event, Offer, sign_event
 from node.gossip_pull import _records_of
 from node.ledger import Ledger, check_records
 from node.sync_recon import ReconSession
@@ -74,18 +75,6 @@ def make_chains(authors: int, per_author: int) -> list[list[Event]]:
             prev = ev.id
         chains.append(chain)
     return chains
-
-
-def verify_us(chains: list[list[Event]], rounds: int = 7) -> float:
-    tag = domain_tag(NETWORK)
-    msgs = [(ev.sig + tag + ev.signed, ev.author) for c in chains for ev in c[:200]]
-    times = []
-    for _ in range(rounds):
-        t0 = time.thread_time()
-        for m, pk in msgs:
-            nacl.bindings.crypto_sign_open(m, pk)
-        times.append((time.thread_time() - t0) / len(msgs) * 1e6)
-    return sorted(times)[len(times) // 2]
 
 
 def pull(server: Ledger, fresh: Ledger, prof: cProfile.Profile | None,
@@ -184,7 +173,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.daemons:
         out = daemons(args.events, args.range_limit, args.gossip_beside)
-        v = verify_us(make_chains(1, 200))
+        v = verify_us(make_chains(1, 200), NETWORK)
         out.update(verify_us=round(v, 1), cpu_vs_verify_ratio=round(out["cpu_us_per_event"] / v, 2),
                    load=os.getloadavg()[0])
         print(json.dumps(out))
@@ -215,7 +204,7 @@ def main() -> int:
                     print(f"{tt / n * 1e6:8.2f} own {ct / n * 1e6:8.2f} cum {nc:8d} calls  "
                           f"{Path(file).name}:{line} {fn}")
         server.close()
-    v = verify_us(chains)
+    v = verify_us(chains, NETWORK)
     r = runs[0]
     cpu_us = r["cpu_s"] / max(1, r["stored"]) * 1e6
     out = {"events": n, "authors": args.authors, "range_limit": args.range_limit,

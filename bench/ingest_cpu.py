@@ -41,12 +41,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # testkit
 
-import nacl.bindings
 import trio
+from testkit import verify_us
 
 from node import config, gossip
-from node.events import Event, Offer, domain_tag, sign_event
+from node.events import Event, Offer, sign_event
 from node.keys import Identity
 from node.ledger import Ledger
 from node.marketview import LiveMarket
@@ -81,18 +82,6 @@ def make_batches(chains: list[list[Event]], batch: int) -> list[bytes]:
             if part:
                 out.append(gossip.encode_batch([ev.wire for ev in part]))
     return out
-
-
-def verify_us(chains: list[list[Event]], rounds: int = 7) -> float:
-    tag = domain_tag(NETWORK)
-    msgs = [(ev.sig + tag + ev.signed, ev.author) for c in chains for ev in c[:200]]
-    times = []
-    for _ in range(rounds):
-        t0 = time.thread_time()
-        for m, pk in msgs:
-            nacl.bindings.crypto_sign_open(m, pk)
-        times.append((time.thread_time() - t0) / len(msgs) * 1e6)
-    return sorted(times)[len(times) // 2]
 
 
 async def ingest(tmp: Path, batches: list[bytes], market: bool,
@@ -151,7 +140,7 @@ def main() -> int:
     batches = make_batches(chains, a.batch)
     base = Path(tempfile.mkdtemp(prefix="bm-ingest-"))
     r = trio.run(ingest, base / "a", batches, a.market, None)
-    v = verify_us(chains)
+    v = verify_us(chains, NETWORK)
     us = r["cpu_s"] / max(1, r["stored"]) * 1e6
     print(f"  {r['stored']}/{n} stored in {len(batches)} batches: {us:.1f} us CPU per event "
           f"({r['wall_s']:.2f} s wall), one verify {v:.1f} us: ratio {us / v:.2f}", flush=True)

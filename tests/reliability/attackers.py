@@ -100,6 +100,19 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args)
 
 
+async def run_limited(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> None:
+    """`one(0)` .. `one(n - 1)`, at most `concurrency` of them at a time."""
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def limited(i: int) -> None:
+        async with limiter:
+            await one(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(limited, i)
+
+
 async def call(p: Proc, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any] | None:
     """A control call that returns None instead of raising (the victim may be down)."""
     try:
@@ -420,26 +433,22 @@ async def many_identities(t: Target, scale: dict[str, Any]) -> Outcome:
     o = Outcome()
     n, conc = int(scale["identities"]), int(scale.get("concurrency", 48))
     ok = fail = 0
-    limiter = trio.CapacityLimiter(conc)
 
     async def one(i: int) -> None:
         nonlocal ok, fail
-        async with limiter:
-            try:
-                with trio.fail_after(15):
-                    async with p2p.open_host(ident("crowd", i).seed) as h:
-                        await h.connect(t.victim.addr, timeout=10)
-                        ok += 1
-                        # Stay until the victim has identified us (our listen
-                        # addresses in its peerstore), as a real peer would.
-                        await trio.sleep(float(scale.get("crowd_hold_s", 1.0)))
-            except ANY_UPSTREAM:
-                fail += 1
+        try:
+            with trio.fail_after(15):
+                async with p2p.open_host(ident("crowd", i).seed) as h:
+                    await h.connect(t.victim.addr, timeout=10)
+                    ok += 1
+                    # Stay until the victim has identified us (our listen
+                    # addresses in its peerstore), as a real peer would.
+                    await trio.sleep(float(scale.get("crowd_hold_s", 1.0)))
+        except ANY_UPSTREAM:
+            fail += 1
 
     t0 = time.monotonic()
-    async with trio.open_nursery() as nursery:
-        for i in range(n):
-            nursery.start_soon(one, i)
+    await run_limited(n, conc, one)
     o.figures.update(identities=n, connected=ok, failed=fail,
                      seconds=round(time.monotonic() - t0, 1))
     return o
@@ -757,15 +766,7 @@ async def gossip_flood_rotating(t: Target, scale: dict[str, Any]) -> Outcome:
 
         ends.append(await run_gossiper(t, f"rotflood-{i}", body))
 
-    limiter = trio.CapacityLimiter(int(scale.get("rotating_concurrency", 4)))
-
-    async def limited(i: int) -> None:
-        async with limiter:
-            await one(i)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(n):
-            nursery.start_soon(limited, i)
+    await run_limited(n, int(scale.get("rotating_concurrency", 4)), one)
     took = max(0.1, trio.current_time() - t0)
     st1 = await call(t.victim, {"op": "status"})
     o.figures.update(identities=n, events_sent=sent, seconds=round(took, 1),
@@ -822,15 +823,7 @@ async def submit_flood(t: Target, scale: dict[str, Any]) -> Outcome:
         except ANY_UPSTREAM:
             errors += 1
 
-    limiter = trio.CapacityLimiter(8)
-
-    async def limited(i: int) -> None:
-        async with limiter:
-            await one(i)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(n):
-            nursery.start_soon(limited, i)
+    await run_limited(n, 8, one)
     took = max(0.1, trio.current_time() - t0)
     rate = float(scale.get("submit_rate", 50.0))
     o.figures.update(identities=n, accepted=accepted, refused=refused, errors=errors,

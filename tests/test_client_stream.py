@@ -252,20 +252,28 @@ async def test_interrupted_stream_keeps_partial_output_aside(tmp_path: Path) -> 
         assert 0 < partial.stat().st_size < 2 * len(block)
 
 
-# Known: in the full suite (pytest -n 2), and only there, the client ignores SIGINT at a
-# fixed point of this stream (257.2 of 301.5 KiB acknowledged; three SIGINTs 5 s apart
-# all unanswered; passes alone and with its neighbours). Not a flake to retry: the next
-# stop finds what leaves the spawned client's SIGINT ignored or blocked.
-@pytest.mark.xfail(strict=False, reason="SIGINT unanswered in the full suite only (stop 22)")
+# A Ctrl-C at a terminal reaches a client whose SIGINT is at its default. A test run
+# started in the background by a shell without job control (`pytest ... &` in a script,
+# nohup'd or CI-launched runs) has SIGINT (and SIGQUIT) ignored, and an ignored signal
+# stays ignored across fork and exec: the client would inherit that, Python then installs
+# no KeyboardInterrupt handler (nor does trio), and a SIGINT is dropped by the kernel.
+# (That is the Unix convention the client keeps, docs/client.md; it made this test fail
+# whenever the suite was started in the background, and only then.) So the client starts
+# as from a terminal, whatever started the tests.
+AS_FROM_A_TERMINAL = ("import signal, sys; "
+                      "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "from node.cli import main; sys.exit(main())")
+
+
 async def test_ctrl_c_says_so_and_keeps_partial_output(tmp_path: Path) -> None:
     alice = tmp_path / "alice"
     async with provider_node(tmp_path) as p:
         lease = await lease_for(p, alice, chain=["identity"])
         out = tmp_path / "out.bin"
         partial = tmp_path / "out.bin.partial"
-        cmd = [sys.executable, "-m", "node.cli", "client", "--dir", str(alice), "--node",
-               p.addr, "--network", NET, "stream", lease.hex()[:16], "--out", str(out),
-               "--packet", "1024"]
+        cmd = [sys.executable, "-c", AS_FROM_A_TERMINAL, "client", "--dir", str(alice),
+               "--node", p.addr, "--network", NET, "stream", lease.hex()[:16], "--out",
+               str(out), "--packet", "1024"]
         with open(tmp_path / "stderr", "wb") as err, trio.fail_after(120):
             proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stderr=err,
                                                     stdout=subprocess.DEVNULL)
@@ -273,19 +281,11 @@ async def test_ctrl_c_says_so_and_keeps_partial_output(tmp_path: Path) -> None:
             await proc.stdin.send_all(bytes(range(256)) * 1200)
             while not (partial.exists() and partial.stat().st_size > 0):
                 await trio.sleep(0.05)
-            # stdin stays open: the read is abandoned. A Ctrl-C that lands in the very
-            # first moments of the output can go unanswered (seen only in the full
-            # suite, deterministically at one point of the stream; not yet understood,
-            # see the stop-22 note): press it again, as a user would, at most 3 times.
-            rc = None
-            for _ in range(3):
-                proc.send_signal(signal.SIGINT)
-                with trio.move_on_after(5):
-                    rc = await proc.wait()
-                if rc is not None:
-                    break
-            if rc is None:
-                rc = await proc.wait()
+            # stdin stays open: the read is abandoned. One Ctrl-C: unanswered, the stream
+            # would stall on its unfinished last segment until the client's frame timeout
+            # (exit 1, "stream failed (timeout)").
+            proc.send_signal(signal.SIGINT)
+            rc = await proc.wait()
             await proc.stdin.aclose()
         text = (tmp_path / "stderr").read_text()
         assert rc == 130, text

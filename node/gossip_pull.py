@@ -49,6 +49,16 @@ def _records_of(resp: sync.SyncResponse | None) -> list[bytes]:
     return []
 
 
+class _Ahead:
+    """A sync request sent ahead of the session (`PullSync._pull`) and its answer."""
+
+    def __init__(self, req: sync.SyncRequest) -> None:
+        self.req = req
+        self.resp: sync.SyncResponse | None = None
+        self.done = trio.Event()
+        self.scope = trio.CancelScope()
+
+
 class PullSync:
     """The sync side of `node.gossip.Replicator` (its base class)."""
 
@@ -178,36 +188,20 @@ class PullSync:
         else:
             s = SyncSession(self.ledger, self.limits, gaps=gaps,
                             live_after_ms=live_after_ms, clock=self.clock.now)
-        store_failed = False
-        while (req := s.next_request()) is not None:
-            resp = await self._send(peer, req, version)
-            if (resp is None and version == 2 and s.stats.requests == 1
-                    and self._send_errors.get(peer, ("",))[0] == "lacks_protocol"):
-                # An older node: multistream answered "na" to /sync/2.
-                del self._send_errors[peer]
-                self.stats.sync_v1_fallbacks += 1
-                return await self._session(peer, gaps, live_after_ms, 1)
-            try:
-                # Records stored meanwhile (gossip delivering the same events) need no
-                # check: the store finds them held, byte for byte (`Ledger.holds`).
-                records = [w for w in _records_of(resp) if not self.ledger.holds(w)]
-                if records:
-                    # The session stores them inside on_response: check them on the
-                    # ingest thread first, so the loop only stores (node/ingest.py).
-                    checked = await trio.to_thread.run_sync(
-                        check_records, records, self.network, limiter=self.ingest.limiter)
-                    with self.ledger.prechecked(records, checked):
-                        s.on_response(resp)
-                else:
-                    s.on_response(resp)
-            except sqlite3.Error as e:
-                # Our disk (full, or gone read-only), not the peer: end this session;
-                # the batch was rolled back and a later session fetches it again.
-                log.error("storing synced events failed", extra={"peer": str(peer),
-                                                                "error": str(e)})
-                self.stats.events["store_error"] += 1
-                store_failed = True
-                break
+        async with trio.open_nursery() as nursery:
+            ended = await self._pull(peer, s, version, nursery)
+            nursery.cancel_scope.cancel()  # a page asked ahead for nothing
+            if ended != "v1":
+                # Before the nursery's exit waits for that page's task: the session's
+                # outcome is counted in the step that stored its last answer.
+                self._finish(peer, s, version, ended == "store_error")
+        if ended == "v1":
+            return await self._session(peer, gaps, live_after_ms, 1)
+        return s
+
+    def _finish(self, peer: p2p.PeerId, s: SyncSession, version: int,
+                store_failed: bool) -> None:
+        """Count a finished session, back off or fault its peer, spread its events."""
         self.stats.sync_rounds += 1
         self.stats.sync_reconciled += version == 2
         self.stats.last_sync_at = self.clock.wall()
@@ -252,7 +246,86 @@ class PullSync:
             self._regossip(s.accepted)
             log.info("synced events", extra={"peer": str(peer), "events": len(s.accepted),
                                              "requests": s.stats.requests})
-        return s
+
+    async def _pull(self, peer: p2p.PeerId, s: SyncSession, version: int,
+                    nursery: trio.Nursery) -> str | None:
+        """Run `s` against `peer`: "v1" when the peer lacks /sync/2 (start again on
+        /sync/1), "store_error" when our disk failed, else None.
+
+        Pages are pipelined: while an answer's records are checked and stored, the
+        request that follows if they all store (`next_if_stored`) is already on its
+        way, so the peer serves the next page meanwhile; a catch-up then costs the
+        larger of the two sides' work per page rather than their sum plus a round
+        trip (under load, each round trip is several waits for a CPU). At most one
+        request is asked ahead; an answer the session ends up not asking for is
+        dropped unread."""
+        now = self.clock.now
+        ahead: _Ahead | None = None
+        try:
+            while (req := s.next_request()) is not None:
+                t0 = now()
+                if ahead is not None and ahead.req == req:
+                    await ahead.done.wait()
+                    resp = ahead.resp
+                else:
+                    if ahead is not None:
+                        self._drop_ahead(peer, ahead)
+                    resp = await self._send(peer, req, version)
+                ahead = None
+                t1 = now()
+                self.stats.sync_wait_s += t1 - t0
+                if (resp is None and version == 2 and s.stats.requests == 1
+                        and self._send_errors.get(peer, ("",))[0] == "lacks_protocol"):
+                    # An older node: multistream answered "na" to /sync/2.
+                    del self._send_errors[peer]
+                    self.stats.sync_v1_fallbacks += 1
+                    return "v1"
+                nxt = s.next_if_stored(resp)
+                if nxt is not None:
+                    ahead = _Ahead(nxt)
+                    self.stats.sync_ahead += 1
+                    nursery.start_soon(self._ask_ahead, peer, ahead, version)
+                try:
+                    # Records stored meanwhile (gossip delivering the same events) need
+                    # no check: the store finds them held, byte for byte (`Ledger.holds`).
+                    records = [w for w in _records_of(resp) if not self.ledger.holds(w)]
+                    if records:
+                        # The session stores them inside on_response: check them on the
+                        # ingest thread first, so the loop only stores (node/ingest.py).
+                        checked = await trio.to_thread.run_sync(
+                            check_records, records, self.network, limiter=self.ingest.limiter)
+                        t2 = now()
+                        self.stats.sync_check_s += t2 - t1
+                        t1 = t2
+                        with self.ledger.prechecked(records, checked):
+                            s.on_response(resp)
+                    else:
+                        s.on_response(resp)
+                    self.stats.sync_store_s += now() - t1
+                except sqlite3.Error as e:
+                    # Our disk (full, or gone read-only), not the peer: end this session;
+                    # the batch was rolled back and a later session fetches it again.
+                    log.error("storing synced events failed", extra={"peer": str(peer),
+                                                                    "error": str(e)})
+                    self.stats.events["store_error"] += 1
+                    return "store_error"
+            return None
+        finally:
+            if ahead is not None:
+                self._drop_ahead(peer, ahead)
+
+    async def _ask_ahead(self, peer: p2p.PeerId, ahead: _Ahead, version: int) -> None:
+        with ahead.scope:
+            ahead.resp = await self._send(peer, ahead.req, version)
+        ahead.done.set()
+
+    def _drop_ahead(self, peer: p2p.PeerId, ahead: _Ahead) -> None:
+        """A page asked ahead that the session did not ask for after all."""
+        self.stats.sync_ahead_dropped += 1
+        ahead.scope.cancel()
+        if ahead.done.is_set() and ahead.resp is None:
+            # Its failure is not the session's: `_send` noted it for the peer.
+            self._send_errors.pop(peer, None)
 
     def _regossip(self, events: list[Event]) -> None:
         """Push pulled events gossip clearly failed to deliver (policy), so peers that

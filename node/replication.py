@@ -126,6 +126,13 @@ class Stats:
     sync_reconciled: int = 0  # sessions on /sync/2 (set reconciliation)
     sync_v1_fallbacks: int = 0  # /sync/2 refused ("na"): the session ran on /sync/1
     sync_no_slot: int = 0  # sessions given up: no sync slot came free in session_s
+    # Where our sessions' time goes (wall s): waiting for answers, checking records on
+    # the ingest thread, storing them (the session's on_response) on the loop.
+    sync_wait_s: float = 0.0
+    sync_check_s: float = 0.0
+    sync_store_s: float = 0.0
+    sync_ahead: int = 0  # pages asked ahead while the previous one was stored (pipelining)
+    sync_ahead_dropped: int = 0  # of those, pages the session did not ask for after all
     gap_syncs: int = 0
     pending_expired: int = 0  # events dropped from the pending buffer unfilled
     last_sync_at: float | None = None

@@ -23,13 +23,14 @@ with made-up fingerprints (endless splitting) is cut as idle.
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import recon
 from .errors import Reason
-from .events import MAX_SEQ
+from .events import MAX_SEQ, peek_chain_position
 from .ledger import Ledger
 from .recon import Node, Reconciler
 from .sync import (
@@ -112,17 +113,10 @@ class ReconSession(SyncSession):
             self._wants.remove(forks)
             self._wants.appendleft(forks)
             return ForksRequest(forks.author)
-        reconciling = self._phase == "heads" and not (self.recon.done and not self._listing)
         fetch = self._fetch_request()
-        # Fetch once a FETCH would be full anyway (as many wants as records it may
-        # bring), so a lossy link that ends sessions early still stores something.
-        full = min(FETCH_ENTRIES_MAX, self.limits.range_limit)
-        if fetch is not None and (not reconciling or len(fetch.entries) >= full
-                                  or self._stall_near()):
-            return fetch
-        if self._listing:
-            lst = self._listing[0]
-            return HeadsRequest(lst.after, max(1, min(lst.remaining, self.limits.heads_page)))
+        req = self._fetch_or_listing(fetch, self._stall_near())
+        if req is not None:
+            return req
         if self._phase == "heads":
             batch = self.recon.batch()
             if batch is not None:
@@ -137,6 +131,20 @@ class ReconSession(SyncSession):
             self._phase = "heads_done"
         return fetch
 
+    def _fetch_or_listing(self, fetch: FetchRequest | None,
+                          stall_near: bool) -> FetchRequest | HeadsRequest | None:
+        """`fetch` or the next listing page, whichever comes first; None: reconcile."""
+        reconciling = self._phase == "heads" and not (self.recon.done and not self._listing)
+        # Fetch once a FETCH would be full anyway (as many wants as records it may
+        # bring), so a lossy link that ends sessions early still stores something.
+        full = min(FETCH_ENTRIES_MAX, self.limits.range_limit)
+        if fetch is not None and (not reconciling or len(fetch.entries) >= full or stall_near):
+            return fetch
+        if self._listing:
+            lst = self._listing[0]
+            return HeadsRequest(lst.after, max(1, min(lst.remaining, self.limits.heads_page)))
+        return None
+
     def _stall_near(self) -> bool:
         """Half the stall time passed without storing anything: fetch what we know of
         before reconciling further (a slow honest peer is not cut for it)."""
@@ -144,40 +152,76 @@ class ReconSession(SyncSession):
             self.clock() - self.progress_at >= self.limits.stall_s / 2)
 
     def _fetch_request(self) -> FetchRequest | None:
+        picked = self._fetch_entries()
+        if not picked:
+            return None
+        self._fetching = [w for _, w in picked]
+        return FetchRequest(tuple(e for e, _ in picked), self.limits.range_limit,
+                            self.limits.range_bytes)
+
+    def _fetch_entries(self, heads: dict[bytes, tuple[int, bytes]] | None = None,
+                       done: frozenset[int] = frozenset()) -> list[tuple[FetchEntry, _Want]]:
+        """The next FETCH's entries, in author order; wants with nothing left to
+        fetch are dropped. With `heads` ((seq, id) to assume for some authors) and
+        `done` (ids of wants to leave out): what they would be then, changing nothing."""
         entries: dict[bytes, tuple[FetchEntry, _Want]] = {}
         for w in list(self._wants):
-            if w.forks:
+            if w.forks or id(w) in done:
                 continue
-            e = self._entry(w)
+            e = self._entry(w, heads)
             if e is None:
-                self._wants.remove(w)
+                if heads is None:
+                    self._wants.remove(w)
                 continue
             if w.author not in entries:
                 entries[w.author] = (e, w)
             if len(entries) >= FETCH_ENTRIES_MAX:
                 break
-        if not entries:
-            return None
-        picked = [entries[a] for a in sorted(entries)]
-        self._fetching = [w for _, w in picked]
-        return FetchRequest(tuple(e for e, _ in picked), self.limits.range_limit,
-                            self.limits.range_bytes)
+        return [entries[a] for a in sorted(entries)]
 
-    def _entry(self, w: _Want) -> FetchEntry | None:
+    def _entry(self, w: _Want,
+               heads: dict[bytes, tuple[int, bytes]] | None = None) -> FetchEntry | None:
         forked_at = self.ledger.forked().get(w.author)
         if w.probe:
             if w.started or forked_at is not None:
                 return None
             held = self.ledger.id_at(w.author, w.target)
             return FetchEntry(w.author, w.target, held[:SKIP_ID_BYTES] if held else None)
-        head = self.ledger.head(w.author)
-        have = head.seq if head else 0
+        head = (heads or {}).get(w.author)
+        if head is None and (h := self.ledger.head(w.author)) is not None:
+            head = (h.seq, h.id)
+        have = head[0] if head else 0
         target = w.target if forked_at is None else min(w.target, forked_at - 1)
         if have >= target:
             return None
         # From our head: the peer leaves it out when it holds the same record, and
         # sends its own when not, so a diverging branch arrives as a fork proof.
-        return FetchEntry(w.author, max(1, have), head.id[:SKIP_ID_BYTES] if head else None)
+        return FetchEntry(w.author, max(1, have), head[1][:SKIP_ID_BYTES] if head else None)
+
+    def next_if_stored(self, resp: SyncResponse | None) -> SyncRequest | None:
+        """As `SyncSession.next_if_stored`, for FETCH: the same wants, each reached
+        one from the last record the answer brought for it (read from the bytes)."""
+        req = self._pending
+        if not isinstance(req, FetchRequest) or not isinstance(resp, FetchResponse):
+            return super().next_if_stored(resp)
+        if (self.failed or len(resp.records) > len(self._fetching)
+                or any(w.forks and not w.started for w in self._wants)):
+            return None  # a FORKS request comes first
+        heads: dict[bytes, tuple[int, bytes]] = {}
+        done: set[int] = set()
+        for w, recs in zip(self._fetching, resp.records, strict=False):
+            if w.probe or not recs:
+                done.add(id(w))
+                continue
+            pos = peek_chain_position(recs[-1])
+            if pos is None or pos[0] != w.author:
+                return None
+            heads[w.author] = (pos[1], hashlib.sha256(pos[2]).digest())
+        picked = self._fetch_entries(heads, frozenset(done))
+        fetch = FetchRequest(tuple(e for e, _ in picked), self.limits.range_limit,
+                             self.limits.range_bytes) if picked else None
+        # Storing them is progress: the stall is not near then.
+        return self._fetch_or_listing(fetch, False)
 
     # ---------------------------------------------------------- answers
 

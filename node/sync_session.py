@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import InvalidEvent, Reason
-from .events import Event, decode_wire
+from .events import Event, decode_wire, peek_chain_position
 from .ledger import Ledger, Status
 from .sync import (
     CHAIN_REASONS,
@@ -228,6 +228,37 @@ class SyncSession:
         # fork proof rather than as a chain error.
         from_seq = have + 1 if w.started else max(1, have)
         return RangeRequest(w.author, from_seq, self.limits.range_limit, self.limits.range_bytes)
+
+    def next_if_stored(self, resp: SyncResponse | None) -> SyncRequest | None:
+        """The request `next_request()` will return after `on_response(resp)` if every
+        record of `resp` is stored, asked before it is (no state changes); None when
+        that cannot be told, or the next one would not continue a page. The shell
+        sends it while it checks and stores `resp` (pipelining: the peer serves the
+        next page meanwhile) and uses its answer only if `next_request()` returns the
+        same request; a wrong guess costs the peer one page it served for nothing."""
+        req = self._pending
+        if (self.failed or not isinstance(req, RangeRequest)
+                or not isinstance(resp, RangeResponse) or not resp.records
+                or len(resp.records) > req.limit or not self._wants):
+            return None
+        w = self._wants[0]
+        if w.probe or w.forks or w.author != req.author:
+            return None
+        seq = self._last_seq(w.author, resp.records)
+        if seq is None or seq >= self._target(w):
+            return None  # done with this author: the next request is another's
+        return RangeRequest(w.author, seq + 1, self.limits.range_limit, self.limits.range_bytes)
+
+    @staticmethod
+    def _last_seq(author: bytes, records: Sequence[bytes]) -> int | None:
+        """The seq of the last record, if it is `author`'s (read from the bytes,
+        unchecked: only a guess at where our head will be once they are stored)."""
+        pos = peek_chain_position(records[-1])
+        return pos[1] if pos is not None and pos[0] == author else None
+
+    def _target(self, w: _Want) -> int:
+        forked_at = self.ledger.forked().get(w.author)
+        return w.target if forked_at is None else min(w.target, forked_at - 1)
 
     def on_response(self, resp: SyncResponse | None) -> None:
         """Feed the answer to the last request; None means it was lost or timed out."""

@@ -13,7 +13,7 @@ import pytest
 import trio
 from conftest import wait_until
 
-from node import codec, config, discovery, gossip
+from node import codec, config, discovery, gossip, sync
 from node.errors import InvalidMessage
 from node.events import Offer
 from node.keys import Identity
@@ -366,3 +366,33 @@ async def test_sync_does_not_check_records_gossip_stored_meanwhile(
         assert s is not None and s.failed is None
         assert b.ledger.digest() == a.ledger.digest() and b.ledger.count() == 30
         assert checked == wires[12:] and len(s.accepted) == 18
+
+
+async def test_catch_up_pages_are_pipelined(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh node pulling a long chain asks for each page while it still checks and
+    stores the one before (the peer serves it meanwhile): every page after the first
+    goes out before our head has reached where it starts, and none is asked for
+    nothing."""
+    async with tnodes(tmp_path, 2, sync={"on_connect": False, "interval_s": 3600,
+                                         "range_limit": 64}) as ns:
+        a, b = ns
+        ident = Identity.from_seed(bytes([82]) * 32)
+        for i in range(640):
+            a.ledger.publish(ident, body(i), 1000 + i)
+        early: list[bool] = []  # per FETCH: sent before the page it follows was stored
+        send = b.rep._send
+
+        async def spy(peer: Any, req: Any, version: int = 1) -> Any:
+            if isinstance(req, sync.FetchRequest):
+                head = b.ledger.head(ident.public)
+                early.append((head.seq if head else 0) < req.entries[0].from_seq)
+            return await send(peer, req, version)
+
+        monkeypatch.setattr(b.rep, "_send", spy)
+        await b.host.connect(a.host.addrs[0])
+        s = await b.rep.sync_with(a.host.peer_id)
+        assert s is not None and s.failed is None
+        assert b.ledger.digest() == a.ledger.digest()
+        assert len(early) == 10 and all(early[1:])
+        assert (b.rep.stats.sync_ahead, b.rep.stats.sync_ahead_dropped) == (9, 0)

@@ -249,6 +249,71 @@ def test_live_authors_left_to_gossip(tmp_path: Path) -> None:
     assert a.head(live.public).seq == 3 and a.head(quiet.public).seq == 6  # type: ignore[union-attr]
 
 
+def guessing_run(local: Ledger, remote: Ledger, limits: SyncLimits,
+                 version: int = 2) -> tuple[SyncSession, list[bool], int]:
+    """As `run`, asking `next_if_stored` before each answer is stored (as the shell's
+    pipelining does): (session, whether each guess was the next request, pages)."""
+    s: SyncSession = (ReconSession(local, limits, salt=SALT) if version == 2
+                      else SyncSession(local, limits))
+    right: list[bool] = []
+    guess: sync.SyncRequest | None = None
+    pages = 0
+    while (req := s.next_request()) is not None:
+        if guess is not None:
+            right.append(guess == req)
+        pages += isinstance(req, (FetchRequest, sync.RangeRequest))
+        resp = sync.decode_response(sync.handle(remote, req.encode(), version), version)
+        guess = s.next_if_stored(resp)
+        s.on_response(resp)
+    if guess is not None:
+        right.append(False)  # asked ahead, then the session ended
+    return s, right, pages
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_next_page_is_known_before_the_answer_is_stored(tmp_path: Path, version: int) -> None:
+    """A catch-up's pages are asked for while the previous one is checked and stored
+    (node/gossip_pull.py pipelines them): the guess from an answer's last records is
+    the request the session then makes, for one long chain (RANGE, FETCH) and for
+    many short ones (FETCH: the next authors)."""
+    a = ledger(tmp_path, "a")
+    long = Identity.generate()
+    for i in range(700):
+        a.publish(long, body(i), 1000 + i)
+    for i in range(300 if version == 2 else 0):
+        a.publish(Identity.generate(), body(i), 1000)
+    fresh = ledger(tmp_path, "fresh")
+    s, right, pages = guessing_run(fresh, a, SyncLimits(heads_page=100, range_limit=64), version)
+    assert s.failed is None and fresh.digest() == a.digest()
+    assert pages >= 700 // 64
+    # Every page but the first is asked ahead; at most the last guess is wasted.
+    assert right.count(True) >= pages - 2 and right.count(False) <= 1
+
+
+def test_a_guess_is_not_taken_for_records_that_do_not_store(tmp_path: Path) -> None:
+    """An answer with a record that does not store (here: a bad signature) ends the
+    session: the page asked ahead is not the next request (there is none)."""
+    a = ledger(tmp_path, "a")
+    me = Identity.generate()
+    for i in range(100):
+        a.publish(me, body(i), 1000 + i)
+    fresh = ledger(tmp_path, "fresh")
+    s = ReconSession(fresh, SyncLimits(range_limit=32), salt=SALT)
+    while not isinstance(req := s.next_request(), FetchRequest):
+        assert req is not None
+        s.on_response(sync.decode_response(sync.handle(a, req.encode(), 2), 2))
+    resp = sync.decode_response(sync.handle(a, req.encode(), 2), 2)
+    assert isinstance(resp, FetchResponse)
+    recs = list(resp.records[0])
+    signed, _sig = codec.unpack(recs[5], 1 << 20)
+    recs[5] = codec.pack([signed, bytes(64)])
+    bad = FetchResponse((tuple(recs),))
+    guess = s.next_if_stored(bad)
+    assert isinstance(guess, FetchRequest) and guess.entries[0].from_seq == 32
+    s.on_response(bad)
+    assert s.failed and s.next_request() is None and fresh.head(me.public).seq == 5  # type: ignore[union-attr]
+
+
 # ------------------------------------------------------------------ lying peers
 
 

@@ -1052,10 +1052,15 @@ async def fill_connections(t: Target, scale: dict[str, Any]) -> Outcome:
 
 async def idle_streams(t: Target, scale: dict[str, Any]) -> Outcome:
     """One peer holds 64 idle streams on each request protocol (re-opening what the
-    victim closes) while an honest peer makes requests."""
+    victim closes) while an honest peer makes requests for `idle_streams_s`, and on
+    for up to `idle_cut_off_wait_s` more until the victim has cut the hog off (a
+    loaded victim takes a while to see enough refusals: the figure then says whether
+    it did, not whether it did within a fixed time)."""
     o = Outcome()
     per = int(scale.get("idle_streams", 64))
     seconds = float(scale.get("idle_streams_s", 4.0))
+    cut_off_wait = float(scale.get("idle_cut_off_wait_s", 0.0))
+    honest_timeout = float(scale.get("idle_honest_timeout_s", 5.0))
     protos = [query.protocol_id(t.network), sync.protocol_id(t.network),
               process_protocol(t.network), session_protocol(t.network),
               stream_protocol(t.network)][:int(scale.get("idle_protocols", 5))]
@@ -1099,11 +1104,14 @@ async def idle_streams(t: Target, scale: dict[str, Any]) -> Outcome:
                     await trio.sleep(0.05)
             await trio.sleep(0.5)  # the first refusals and resets land
             deadline = trio.current_time() + seconds
-            while trio.current_time() < deadline:
-                ok, why = await honest_digest(good, t.victim)
+            last = deadline + cut_off_wait
+            while trio.current_time() < deadline or (
+                    trio.current_time() < last and hog.is_connected(t.victim.peer_id)):
+                ok, why = await honest_digest(good, t.victim, honest_timeout)
                 try:
                     await p2p.request(good, t.victim.peer_id, sync.protocol_id(t.network),
-                                      sync.DigestRequest().encode(), sync.MAX_RESPONSE, 5)
+                                      sync.DigestRequest().encode(), sync.MAX_RESPONSE,
+                                      honest_timeout)
                 except p2p.RequestRefused as e:
                     ok, why = False, f"sync refused {e.reason}"
                 except ATTACK_ERRORS as e:

@@ -120,8 +120,15 @@ async def test_malformed_meshsub_frame(two: Cluster) -> None:
 
 
 async def test_idle_streams_from_one_peer(two: Cluster) -> None:
-    out = await run(A.idle_streams, target(two), idle_streams=64, idle_streams_s=1.5,
-                    idle_protocols=2)
+    # Honest requests go on until the hog is cut off (at most 60 s more): at load 25
+    # the victim had not yet seen the 20 refusals of its cut-off after the 1.5 s of
+    # honest requests (streams_opened 0: every hog stream was still negotiating).
+    # An honest request may take long there, never be refused.
+    with trio.fail_after(300):
+        out = await A.idle_streams(target(two), {
+            "idle_streams": 64, "idle_streams_s": 1.5, "idle_protocols": 2,
+            "idle_cut_off_wait_s": 60.0, "idle_honest_timeout_s": 30.0})
+    print(out.figures)
     await trio.to_thread.run_sync(alive, two, two.procs[0])
     # The attack was played (the victim refuses most of these streams) ...
     assert out.figures["streams_attempted"] >= 64 * 2, out.figures

@@ -5,7 +5,9 @@
 
 Phase 1 (bidmesh): N `bidmesh run` daemons, full bootstrap mesh. Every node gets
 `publish` calls over its control socket (each call a burst of `rate/N/ticks`
-events every 1/ticks s; the daemon gossips what arrived within its pacing interval
+events every 1/ticks s, on one connection per node as an application publishing
+ten times a second would keep: node/control.ControlConnection; `--connect-per-call`
+opens one per call, as the CLI does; the daemon gossips what arrived within its pacing interval
 `gossip.batch_ms` as one batch), for S seconds. `--set KEY=VALUE` overrides a
 `[gossip]` option of the nodes (`--set SECTION.KEY=VALUE` another section's);
 `--verbose` prints per-node stats and CPU. The nodes run with the default
@@ -34,6 +36,13 @@ clock (its event loop's thread: the checking thread's signature checks are not i
 it), profiling only the CPU window of each run; the top K functions by own time
 are printed in microseconds per event that node stored (profiling inflates the
 node's CPU, so this run's cpu figures are not comparable; use a separate run).
+`--by-task` (with --profile-node): node I's loop-thread CPU per trio task instead
+(a trio instrument reads the thread-CPU clock around every task step: little
+overhead, so the figures stand beside the other nodes'; tasks run by py-libp2p's
+service manager are named `manager: <function>`); what is not in a task step is
+trio's own scheduling and I/O polling. `--verbose` prints every node's window CPU
+and its loop thread's part (the rest is worker threads: the signature checks on the
+ingest thread, status writes).
 `--spy PATH` (with --profile-node): sample node I with the py-spy binary at PATH
 instead (`py-spy record --pid`, CPU-active samples of all its threads, little
 overhead) over the same window; the collapsed stacks go to `node<I>.spy` in the
@@ -66,6 +75,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +87,7 @@ import psutil  # noqa: E402
 from daemon_helpers import NETWORK, Cluster, Proc, free_port, wait_for  # noqa: E402
 
 from node.config import Config  # noqa: E402
+from node.control import ControlConnection  # noqa: E402
 from node.errors import OperationError, RemoteError  # noqa: E402
 
 EVENT_NOTE = "x" * 40  # makes an event ~210 bytes on the wire
@@ -139,14 +150,42 @@ class Poller(threading.Thread):
 # Runs `bidmesh run` under cProfile (thread-CPU clock: the loop thread's own work);
 # SIGUSR1 starts profiling, SIGUSR2 stops it and writes the stats to argv[1].
 PROFILED_NODE = r"""
-import cProfile, signal, sys, time
+import cProfile, json, signal, sys, time
 sys.path.insert(0, sys.argv[2])
-prof = cProfile.Profile(time.thread_time)
-def start(*_):
-    prof.enable()
-def stop(*_):
-    prof.disable()
-    prof.dump_stats(sys.argv[1])
+by_task = sys.argv[1].endswith(".tasks.json")
+if by_task:
+    # CPU of each trio task step, by task (the coroutine's qualified name): a
+    # thread-CPU clock read around every step, little overhead, no call tracing.
+    import trio
+    steps = {}
+    window = {"on": False, "t0": 0.0, "loop": 0.0}
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task):
+            self.t = time.thread_time()
+        def after_task_step(self, task):
+            if window["on"]:
+                code = getattr(task.coro, "cr_code", None)
+                key = code.co_qualname if code is not None else task.name
+                if key == "TrioManager._run_and_manage_task":  # upstream's task runner
+                    key = "manager: " + task.name.split("[")[0].split("(")[0][:60]
+                k = steps.setdefault(key, [0.0, 0])
+                k[0] += time.thread_time() - self.t
+                k[1] += 1
+    upstream_run = trio.run
+    trio.run = lambda *a, **kw: upstream_run(*a, instruments=[Steps()], **kw)
+    def start(*_):
+        window.update(on=True, t0=time.thread_time())
+    def stop(*_):
+        window["on"] = False
+        out = {"loop_s": time.thread_time() - window["t0"], "steps": steps}
+        open(sys.argv[1], "w").write(json.dumps(out))
+else:
+    prof = cProfile.Profile(time.thread_time)
+    def start(*_):
+        prof.enable()
+    def stop(*_):
+        prof.disable()
+        prof.dump_stats(sys.argv[1])
 signal.signal(signal.SIGUSR1, start)
 signal.signal(signal.SIGUSR2, stop)
 from node.cli import main
@@ -157,10 +196,12 @@ sys.exit(main(sys.argv[3:]))
 class ProfiledCluster(Cluster):
     """A cluster whose node `profiled` runs under PROFILED_NODE."""
 
-    def __init__(self, base: Path, n: int, profiled: int, **kw: Any) -> None:
+    def __init__(self, base: Path, n: int, profiled: int, by_task: bool = False,
+                 **kw: Any) -> None:
         super().__init__(base, n, **kw)
         self.profiled = profiled
-        self.stats_path = base / f"node{profiled}.prof"
+        self.stats_path = base / (f"node{profiled}.tasks.json" if by_task
+                                  else f"node{profiled}.prof")
 
     def start(self, p: Proc, wait: bool = True) -> None:
         if p.index != self.profiled:
@@ -180,6 +221,18 @@ class ProfiledCluster(Cluster):
 def print_profile(path: Path, events: int, top: int) -> None:
     import pstats
 
+    if path.name.endswith(".tasks.json"):
+        got = json.loads(path.read_text())
+        steps = sorted(got["steps"].items(), key=lambda kv: -kv[1][0])
+        in_steps = sum(v[0] for _, v in steps)
+        print(f"  profiled node: loop-thread CPU {got['loop_s']:.2f} s = "
+              f"{got['loop_s'] / events * 1e6:.0f} us per stored event, of which task steps "
+              f"{in_steps / events * 1e6:.0f} (the rest: trio's scheduler and I/O wait "
+              f"handling); top {top} tasks (us/event, steps/event, us/step):")
+        for name, (cpu, n) in steps[:top]:
+            print(f"    {cpu / events * 1e6:8.1f} {n / events:7.3f} {cpu / n * 1e6:8.1f}  {name}")
+        return
+
     st = pstats.Stats(str(path))
     rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])
     total = sum(v[2] for v in st.stats.values())
@@ -193,7 +246,8 @@ def print_profile(path: Path, events: int, top: int) -> None:
 
 def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                 gossip: dict[str, Any], profile: int | None = None,
-                profile_top: int = 40, spy: str | None = None) -> dict[str, Any]:
+                profile_top: int = 40, spy: str | None = None,
+                by_task: bool = False, connect_per_call: bool = False) -> dict[str, Any]:
     # Nodes as deployed: tests/daemon_helpers.Cluster runs periodic sync every 1 s so
     # that tests converge fast; a node's default is 5 s (each round costs both ends a
     # stream and a session, ~6 ms/s of a 4-node cluster's idle CPU per node at 1 s).
@@ -204,7 +258,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         section, _, name = key.rpartition(".")
         overrides.setdefault(section or "gossip", {})[name] = value
     c = (Cluster(base, n, overrides=overrides) if profile is None or spy
-         else ProfiledCluster(base, n, profile, overrides=overrides))
+         else ProfiledCluster(base, n, profile, by_task, overrides=overrides))
     spy_proc: subprocess.Popen[bytes] | None = None
     try:
         c.start_all()
@@ -222,7 +276,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         lock = threading.Lock()
         errors: list[str] = []
         sampler = VerifySampler()
-        cpu0 = node_cpu(nodes)
+        cpu0, loop0 = node_cpu(nodes), loop_thread_cpu(nodes)
         if profile is not None and spy:
             spy_out = base / f"node{profile}.spy"
             spy_proc = subprocess.Popen(
@@ -236,6 +290,21 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         t_end = t_start + seconds
 
         def publisher(p: Proc) -> None:
+            # One control connection per publisher, as an application calling ten
+            # times a second would keep (`--connect-per-call`: the CLI's way).
+            try:
+                conn = None if connect_per_call else ControlConnection(p.data_dir)
+            except OperationError as e:
+                errors.append(f"node {p.index}: {e}")
+                return
+            call = p.call if conn is None else conn.call
+            try:
+                publish_loop(p, call)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+        def publish_loop(p: Proc, call: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
             k = 0
             nxt = t_start + (p.index / n) / ticks  # spread nodes across the tick
             while nxt < t_end:
@@ -246,7 +315,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
                                      "note": f"{p.index}-{k}-{j}-{EVENT_NOTE}"}]
                           for j in range(per_call)]
                 try:
-                    ids = p.call({"op": "publish", "events": events})["ids"]
+                    ids = call({"op": "publish", "events": events})["ids"]
                 except (OperationError, RemoteError) as e:  # a failed publish is a finding
                     errors.append(f"node {p.index}: {e}")
                     return
@@ -270,6 +339,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
             missing = [i for i in missing if not all(i in s for s in poller.seen)]
             time.sleep(0.02)
         cpu_s = [b - a for a, b in zip(cpu0, node_cpu(nodes), strict=True)]
+        loop_s = [b - a for a, b in zip(loop0, loop_thread_cpu(nodes), strict=True)]
         cpu_window_s = time.time() - t_start
         if spy_proc is not None:
             spy_proc.send_signal(signal.SIGINT)
@@ -318,6 +388,7 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
             "cpu_window_s": cpu_window_s,
             "verify_us": sampler.verifier.median(),
             "cpu_window_s_per_node": [round(x, 2) for x in cpu_s],
+            "loop_cpu_window_s_per_node": [round(x, 2) for x in loop_s],
             "idle_cpu_ms_per_s": (sum(idle_cpu) / len(idle_cpu) / idle_s * 1000
                                   if idle_cpu else float("nan")),
             "events_per_s": len(acked) / publish_s if not lost else 0.0,
@@ -353,6 +424,20 @@ def run_bidmesh(base: Path, n: int, rate: float, seconds: float, ticks: int,
         }
     finally:
         c.stop_all()
+
+
+def loop_thread_cpu(procs: list[psutil.Process]) -> list[float]:
+    """CPU seconds of each node's main thread (trio's event loop: libp2p, gossip,
+    control socket, timers) so far; the rest is worker threads (signature checks and
+    the store on the ingest thread, status writes)."""
+    out = []
+    for p in procs:
+        try:
+            out.append(next((t.user_time + t.system_time for t in p.threads() if t.id == p.pid),
+                            0.0))
+        except psutil.NoSuchProcess:
+            out.append(0.0)
+    return out
 
 
 def node_cpu(procs: list[psutil.Process]) -> list[float]:
@@ -546,6 +631,10 @@ def main() -> int:
                     help="run node I under cProfile (loop thread) and print its top functions")
     ap.add_argument("--profile-top", type=int, default=40, metavar="K")
     ap.add_argument("--spy", metavar="PATH", help="with --profile-node: sample with py-spy")
+    ap.add_argument("--connect-per-call", action="store_true",
+                    help="publishers open a control connection per call (the CLI's way)")
+    ap.add_argument("--by-task", action="store_true",
+                    help="with --profile-node: loop-thread CPU per trio task, not cProfile")
     a = ap.parse_args()
     n = a.nodes or (4 if a.quick else 10)
     seconds = a.seconds or (8.0 if a.quick else 20.0)
@@ -561,7 +650,7 @@ def main() -> int:
         print(f"bidmesh: {n} nodes, {rate:.0f} events/s offered for {seconds:.0f} s "
               f"(run {k + 1}/{max(1, a.runs)}, load {os.getloadavg()[0]:.2f}) ...", flush=True)
         r = run_bidmesh(base / f"b{k}", n, rate, seconds, a.ticks, gossip, a.profile_node,
-                        a.profile_top, a.spy)
+                        a.profile_top, a.spy, a.by_task, a.connect_per_call)
         after = Verifier(400)
         for _ in range(9):
             after.round()
@@ -580,7 +669,8 @@ def main() -> int:
             print("  publish error:", e)
         if a.verbose:
             print("  cpu s per node:", r["cpu_s"], "in the window:", r["cpu_window_s_per_node"],
-                  "bench process:", r["bench_cpu_s"])
+                  "of which the loop thread:", r["loop_cpu_window_s_per_node"],
+                  f"(window {r['cpu_window_s']:.1f} s)", "bench process:", r["bench_cpu_s"])
             for i, pn in enumerate(r["per_node"]):
                 print(f"  node {i}: {json.dumps(pn)}")
     r = max(runs, key=lambda x: x["p99_ms"])  # the worst run speaks for the set

@@ -19,6 +19,9 @@ from .errors import InvalidMessage, OperationError, UsageError
 
 log = logging.getLogger("bidmesh.gossip")  # the logger name it had in gossip.py (log filters)
 
+RECHECK_S = 30.0
+"""How often a connected address is checked without a connection change to wake us."""
+
 
 class Discovery:
     """Keeps connections to bootstrap peers (and mDNS finds) with backoff."""
@@ -29,6 +32,9 @@ class Discovery:
         self.cfg = config.p2p
         self.addrs: dict[str, float] = {}  # multiaddr -> next attempt (trio time)
         self.failures: collections.Counter[str] = collections.Counter()
+        # Addresses whose next check is a recheck of a connected peer (or of the cap),
+        # not a redial after a failure: a connection change makes them due at once.
+        self._rechecking: set[str] = set()
         self._wake = trio.Event()
         self._rng = rng or random.Random()  # redial jitter
         for a in self.cfg.bootstrap:
@@ -48,28 +54,53 @@ class Discovery:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_connections)
             while True:
                 now = trio.current_time()
                 for maddr, due in list(self.addrs.items()):
-                    if due <= now:
+                    if due <= now and not self._still_connected(maddr, now):
                         self.addrs[maddr] = now + 1e9  # in flight
                         nursery.start_soon(self._dial, maddr)
-                with trio.move_on_after(0.5):
+                # Asleep until an address is due, one is added, or a connection
+                # opens or closes (`_watch_connections`).
+                with trio.move_on_at(min(self.addrs.values(), default=now + RECHECK_S)):
                     await self._wake.wait()
                 self._wake = trio.Event()
 
-    async def _dial(self, maddr: str) -> None:
+    def _still_connected(self, maddr: str, now: float) -> bool:
+        """Whether a due address needs no dial: connected already, or the connection
+        cap is reached (checked again at the next connection change or RECHECK_S).
+        These checks used to be a task per address every second, each a trio task
+        spawn and a peer id decoded, for addresses that stay connected for days."""
         peer_str = maddr.rsplit("/p2p/", 1)[-1]
         try:
             connected = self.host.is_connected(peer_str)
         except InvalidMessage:
             log.error("bad bootstrap address", extra={"addr": maddr})
             del self.addrs[maddr]
-            return
+            self._rechecking.discard(maddr)
+            return True
         if connected or len(self.host.connected_peers()) >= self.cfg.max_connections:
             self.failures[maddr] = 0
-            self.addrs[maddr] = trio.current_time() + 1.0  # check again soon
-            return
+            self.addrs[maddr] = now + RECHECK_S
+            self._rechecking.add(maddr)
+            return True
+        self._rechecking.discard(maddr)
+        return False
+
+    async def _watch_connections(self) -> None:
+        """Make every address waiting on a connected peer (or on the cap) due at the
+        next connection change, so a dropped connection is redialed at once."""
+        while True:
+            changed = self.host.connections_event()
+            await changed.wait()
+            now = trio.current_time()
+            for maddr in self._rechecking:  # not those backing off after a failed dial
+                if maddr in self.addrs:
+                    self.addrs[maddr] = min(self.addrs[maddr], now)
+            self._wake.set()
+
+    async def _dial(self, maddr: str) -> None:
         try:
             await self.host.connect(maddr, timeout=10.0)
         except UsageError as e:
@@ -89,7 +120,8 @@ class Discovery:
         if self.failures[maddr]:
             log.info("connected", extra={"addr": maddr, "after_attempts": self.failures[maddr]})
         self.failures[maddr] = 0
-        self.addrs[maddr] = trio.current_time() + 1.0
+        self.addrs[maddr] = trio.current_time() + RECHECK_S
+        self._rechecking.add(maddr)
 
 
 async def run_mdns(host: p2p.P2PHost, discovery: Discovery, network: str) -> None:

@@ -249,6 +249,32 @@ async def test_mdns_discovers_lan_peers(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_discovery_redials_a_dropped_bootstrap_peer_at_once() -> None:
+    """A connected bootstrap address is not polled (only checked again after
+    `discovery.RECHECK_S`, 30 s): a closed connection wakes discovery, which redials
+    it at once, every time."""
+    cfg = config.from_dict({"p2p": {"reconnect_min_s": 0.2, "reconnect_max_s": 1.0}})
+    async with open_host(bytes([73]) * 32) as a, open_host(bytes([74]) * 32) as b, \
+            trio.open_nursery() as nursery:
+        disc = discovery.Discovery(a, cfg)
+        disc.add(b.addrs[0])
+        nursery.start_soon(disc.run)
+
+        def conns() -> list[object]:
+            return list(a._swarm.connections.get(b.peer_id, []))
+
+        await wait_until(lambda: a.is_connected(b.peer_id), 20, "the first dial")
+        for _ in range(2):
+            before = conns()
+
+            def redialed(before: list[object] = before) -> bool:
+                return a.is_connected(b.peer_id) and not any(c in before for c in conns())
+
+            await b.disconnect(a.peer_id)  # the far end hangs up
+            await wait_until(redialed, 15, "a redial")
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_sync_peer_that_lets_requests_time_out_is_backed_off(tmp_path: Path) -> None:
     """Issue 12: a peer that takes our sync requests and never answers held a sync slot
     for the whole request timeout every time it was picked; now it is backed off."""

@@ -31,7 +31,9 @@ each attack, the p99 during the attack and the time after it, at least MIN_WINDO
 in all and until the window holds WINDOW_SAMPLES per target (at most MAX_WINDOW_S;
 `*_digest_samples`), divided by the baseline (floored at IDLE_FLOOR_MS: timer and
 scheduling noise), for V and for H, the larger of the two;
-`honest_digest_p99_ratio` is the largest over all attacks (target <= 3). Both sides
+`honest_digest_p99_ratio` is the largest over all attacks (target <= 3; each
+result has both, `victim_p99_ratio` and `honest_peer_p99_ratio`, and
+`honest_peer_digest_p99_ratio` is the largest of H's alone). Both sides
 hold hundreds of samples because a p99 over ~100 is their largest one: a single
 stall of the machine or of the prober (all three targets slow at once) moved it 2-3x
 between runs of the same commit, on attacks that cost the nodes nothing. The prober
@@ -705,6 +707,9 @@ class Bench:
             q = result[f"{name}_digest_p99_ms"]
             base = max(idle[name], IDLE_FLOOR_MS)
             ratios.append(q / base if q == q else float("inf"))
+            # V's and H's apart (the figure below is the larger of the two).
+            result["victim_p99_ratio" if name == "victim" else "honest_peer_p99_ratio"] = (
+                round(ratios[-1], 2))
         result["digest_p99_ratio"] = round(max(ratios), 2)
         if "window" in result:
             # The same in loop CPU (load-independent): the longest wait per second.
@@ -1561,6 +1566,12 @@ def _run(a: argparse.Namespace, todo: list[Attack], scale: dict[str, Any], base:
         "crashes": sum(r["crashed"] for r in results),
         "max_rss_mb": round(max_rss, 1),
         "honest_digest_p99_ratio": ratio,
+        # H's alone: with --victim-with-attackers V shares a CPU with the attackers,
+        # so its own ratio also holds their CPU; H's holds what the attack makes H do.
+        "honest_peer_digest_p99_ratio": max(
+            (r["honest_peer_p99_ratio"] for r in results
+             if "honest_peer_p99_ratio" in r and not r.get("background")),
+            default=float("nan")),
         "honest_digest_vs_control_ratio": max(
             (r.get("digest_vs_control_ratio", float("nan")) for r in results
              if not r.get("background")), default=float("nan")),

@@ -96,8 +96,26 @@ def wait_converged(c: Cluster, procs: list[Proc] | None = None, timeout: float =
         except NODE_ERRORS:
             return False
 
-    wait_for(same, timeout, f"digests of nodes {[p.index for p in procs]} equal")
+    try:
+        wait_for(same, timeout, f"digests of nodes {[p.index for p in procs]} equal")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; {convergence_state(c, procs)}") from None
     return time.monotonic() - t0
+
+
+def convergence_state(c: Cluster, procs: list[Proc]) -> dict[int, Any]:
+    """What each node holds and how its syncs went (for a failure message)."""
+    out: dict[int, Any] = {}
+    for p in procs:
+        try:
+            st = c.status(p)
+        except NODE_ERRORS as e:
+            out[p.index] = f"no status: {e}"
+            continue
+        out[p.index] = {"events": st["events"], "pending": st["pending"], "gaps": st["gaps"],
+                        "peers": len(st["peers"]),
+                        "sync": {k: v for k, v in st["sync"].items() if k != "limits"}}
+    return out
 
 
 class Publisher(threading.Thread):
@@ -105,7 +123,9 @@ class Publisher(threading.Thread):
 
     `acked` holds the id of every acknowledged event; a batch whose call fails (the
     node was killed, is stopping, or the disk is full) is not acknowledged and not
-    counted. `errors` counts those failures."""
+    counted. `errors` counts those failures. With `limit` set it idles once that many
+    events are acknowledged (raise it to go on): without a bound, the backlog a test
+    leaves grows with the time its steps take, i.e. with the machine's load."""
 
     def __init__(self, procs: list[Proc], batch: int = 20, interval: float = 0.05,
                  tag: str = "p") -> None:
@@ -113,6 +133,7 @@ class Publisher(threading.Thread):
         self.procs, self.batch, self.interval, self.tag = procs, batch, interval, tag
         self.acked: list[bytes] = []
         self.errors = 0
+        self.limit: int | None = None
         self.stop_event = threading.Event()
         self.paused = threading.Event()
         self._idle = threading.Event()
@@ -130,7 +151,8 @@ class Publisher(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            if self.paused.is_set():
+            if self.paused.is_set() or (self.limit is not None
+                                        and len(self.acked) >= self.limit):
                 self._idle.set()
                 self.stop_event.wait(0.02)
                 continue

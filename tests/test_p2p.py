@@ -792,6 +792,39 @@ async def test_an_ihave_for_a_message_in_hand_asks_no_iwant() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_an_id_asked_of_one_peer_is_not_asked_of_the_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upstream asks IWANT of every peer that announces a message not yet seen; an id
+    asked within `IWANT_FOLLOWUP_S` is left out of later IHAVEs, and asked again
+    once that time has passed without the message."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+
+    from node.p2p import _compat_gossipsub
+
+    async with gossip_net(2) as (hs, pss):
+        a = hs[0]
+        router: Any = pss[1].router
+        asked: list[list[bytes]] = []
+        emit_iwant = router.emit_iwant
+
+        async def record(msg_ids: list[bytes], to_peer: ID) -> None:
+            asked.append(list(msg_ids))
+            await emit_iwant(msg_ids, to_peer)
+
+        router.emit_iwant = record
+        wanted, other = a.peer_id.to_bytes() + bytes(8), a.peer_id.to_bytes() + bytes(7) + b"\x01"
+        ihave = rpc_pb2.ControlIHave(topicID="t", messageIDs=[wanted])
+        await router.handle_ihave(ihave, a.peer_id)
+        await router.handle_ihave(rpc_pb2.ControlIHave(topicID="t", messageIDs=[wanted, other]),
+                                  a.peer_id)
+        assert asked == [[wanted], [other]] and pss[1].iwant_spared == 1
+        # Read at each IHAVE: as if the follow-up time had passed without the message.
+        monkeypatch.setattr(_compat_gossipsub, "IWANT_FOLLOWUP_S", 0.0)
+        await router.handle_ihave(ihave, a.peer_id)
+        assert asked[-1] == [wanted]
+
+
 async def test_a_copy_of_a_seen_message_gets_no_task() -> None:
     """The stream reader asks whether we want a message before giving it a task: a
     message already seen is refused there (upstream's push_msg would only drop it)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from libp2p.peer.id import ID
@@ -95,6 +95,10 @@ def track_prunes(router: GossipSubInternals, sent: PruneBook, received: PruneBoo
 
 # ------------------------------------------------------------------ message path
 
+IWANT_FOLLOWUP_S: Final = 3.0
+"""How long an id we asked a peer for (IWANT) is not asked of another."""
+ASKED_MAX: Final = 4096  # asked ids kept before expired ones are dropped
+
 Admit = Callable[[ID, rpc_pb2.Message], Callable[[], None] | None]
 """`admit(forwarder, msg)`: None to drop the message, else the release to call once
 upstream is done with it."""
@@ -145,7 +149,12 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
     seen-cache, which a message being validated is not yet, and the full copy that
     comes back is decoded and dropped. Such ids are left out of the IHAVE before
     upstream reads it (`spared(n)` told how many); the IHAVE itself still goes
-    through upstream, rate limits included.
+    through upstream, rate limits included. So are ids we asked another peer for
+    (IWANT) within the last `IWANT_FOLLOWUP_S`: upstream asks every peer that
+    announces a message not yet seen, and each answers with the full message (the
+    answers arrive at once, all but the first dropped as copies); if the peer asked
+    does not deliver, the next IHAVE after that time asks again (go-libp2p's IWANT
+    follow-up time is the same 3 s), and pull sync fetches what gossip missed.
 
     A copy of a message already seen (validated and forwarded: most of a node's
     copies) went on to a task of its own before upstream's `push_msg` dropped it, and
@@ -219,18 +228,38 @@ def one_copy_at_a_time(pubsub: PubsubInternals,
 
     setattr(router, "_get_peers_to_send", peers_to_send)  # noqa: B010
     upstream_ihave = router.handle_ihave
+    upstream_iwant = router.emit_iwant
+    asked: dict[bytes, float] = {}  # message id -> when we last asked a peer for it
+
+    @_mark
+    async def emit_iwant(msg_ids: Sequence[bytes], to_peer: ID) -> None:
+        now = time.monotonic()
+        for i in msg_ids:
+            asked[bytes(i)] = now
+        if len(asked) > ASKED_MAX:
+            for key in [k for k, t in asked.items() if now - t >= IWANT_FOLLOWUP_S]:
+                del asked[key]
+        await upstream_iwant(msg_ids, to_peer)
 
     @_mark
     async def handle_ihave(ihave_msg: rpc_pb2.ControlIHave, sender_peer_id: ID) -> None:
-        if in_flight:
+        if in_flight or asked:
+            now = time.monotonic()
             ids = ihave_msg.messageIDs
-            keep = [i for i in ids if safe_bytes_from_hex(i) not in in_flight]
+            keep = []
+            for i in ids:
+                b = safe_bytes_from_hex(i)
+                if b is not None and (b in in_flight
+                                      or now - asked.get(b, -math.inf) < IWANT_FOLLOWUP_S):
+                    continue
+                keep.append(i)
             if len(keep) < len(ids):
                 if spared is not None:
                     spared(len(ids) - len(keep))
                 ihave_msg = rpc_pb2.ControlIHave(topicID=ihave_msg.topicID, messageIDs=keep)
         await upstream_ihave(ihave_msg, sender_peer_id)
 
+    setattr(router, "emit_iwant", emit_iwant)  # noqa: B010
     setattr(router, "handle_ihave", handle_ihave)  # noqa: B010
 
 

@@ -14,7 +14,7 @@ Importing any module of node/p2p runs the package's `__init__`, which imports
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -188,6 +188,8 @@ class GossipSubInternals(Protocol):
     async def handle_ihave(self, ihave_msg: rpc_pb2.ControlIHave, sender_peer_id: ID) -> None: ...
 
     async def emit_graft(self, topic: str, id: ID) -> None: ...
+
+    async def emit_iwant(self, msg_ids: Sequence[bytes], to_peer: ID) -> None: ...
 
     def _add_back_off(self, peer: ID, topic: str, is_unsubscribe: bool,
                       backoff_duration: int = 0) -> None: ...

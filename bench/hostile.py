@@ -924,15 +924,26 @@ async def sync_tarpit(t: A.Target, scale: dict[str, Any]) -> A.Outcome:
                       else [b.f_tarpit])
     timeout_s = 5.0  # the cluster's sync.request_timeout_s
 
+    cpu: dict[str, float | None] = {}
+
     async def fetch(f: Proc) -> float | None:
-        t0 = time.monotonic()
-        await A.call(f, {"op": "connect", "addr": b.h.addr})
-        while time.monotonic() - t0 < cap:
-            st = await A.call(f, {"op": "status"})
-            if st is not None and st["events"] >= want:
-                return time.monotonic() - t0
-            await trio.sleep(0.1)
-        return None
+        t0, w0 = time.monotonic(), time.time()
+        try:
+            await A.call(f, {"op": "connect", "addr": b.h.addr})
+            while time.monotonic() - t0 < cap:
+                st = await A.call(f, {"op": "status"})
+                if st is not None and st["events"] >= want:
+                    return time.monotonic() - t0
+                await trio.sleep(0.1)
+            return None
+        finally:
+            # CPU s the fresh node and H spent meanwhile: on a shared machine the
+            # wall time is mostly the CPU share these got (sampled every 0.25 s).
+            w1 = time.time() + 0.3
+            await trio.sleep(0.3)
+            who = "idle" if f is b.f_idle else "tarpit"
+            cpu[f"{who}_fresh"] = _r(b.sampler.cpu_s(f.index, w0, w1))
+            cpu[f"{who}_honest"] = _r(b.sampler.cpu_s(b.h.index, w0, w1))
 
     if scale.get("tarpit_baseline", True):
         b.sync_idle_s = await fetch(b.f_idle)
@@ -947,7 +958,7 @@ async def sync_tarpit(t: A.Target, scale: dict[str, Any]) -> A.Outcome:
         stop.set()
     o.figures.update(events=want, sync_idle_s=_r(b.sync_idle_s), sync_under_tarpit_s=_r(
         b.sync_tarpit_s), tarpits=len(pits), tarpit_requests=sum(p.requests for p in pits),
-        fresh_node_events_at_cap=got)
+        fresh_node_events_at_cap=got, sync_cpu_s=cpu)
     o.check(b.sync_tarpit_s is not None and b.sync_tarpit_s <= TARPIT_MAX_S,
             f"the fresh node had {got}/{want} events after {cap:.0f} s with a tarpit connected")
     return o
